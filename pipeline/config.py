@@ -1,0 +1,281 @@
+"""Typed configuration, parsed once from ``params.yaml``.
+
+Every setting of the pipeline lives in ``params.yaml``; stages call :func:`load_params` and get a
+validated :class:`Params`. Any problem (unknown key, wrong type, missing model folder, unknown loss
+or loss hyperparameter) raises :class:`ConfigError` whose message names the offending key, e.g.
+``params.yaml: train.variants.dpo.beta: Input should be a valid number``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad setting in params.yaml; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------- prepare
+class ReasoningGymSource(_Strict):
+    task: str = "chain_sum"
+    config: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 1234
+
+
+class FileSource(_Strict):
+    path: str | None = None
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    # gsm8k: {question, answer: "<reasoning> #### <final>"}; math: {problem, solution with \boxed{}}
+    preset: Literal["gsm8k", "math"] | None = None
+    fields: dict[str, str | None] = Field(default_factory=dict)
+
+
+class PrepareParams(_Strict):
+    source: Literal["reasoning_gym", "file"] = "reasoning_gym"
+    reasoning_gym: ReasoningGymSource = ReasoningGymSource()
+    file: FileSource = FileSource()
+    instruction: str = " Give the final answer as 'Answer: <number>'."
+    n_train: int = Field(128, ge=1)
+    n_test: int = Field(64, ge=1)
+    n_warmup: int = Field(128, ge=0)
+    split_seed: int = 0
+    on_bad_rows: Literal["error", "quarantine"] = "error"
+
+
+# --------------------------------------------------------------------------------------------- policy
+class GenerationParams(_Strict):
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class WarmupParams(_Strict):
+    enabled: bool = True
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(128, ge=8)
+    seed: int = 0
+
+
+class PolicyParams(_Strict):
+    # A builtin name ("smollm2-135m-instruct"), a local model folder, or "hf:<org>/<name>" (network).
+    model: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    warmup: WarmupParams = WarmupParams()
+    eval: GenerationParams = GenerationParams()
+
+
+# --------------------------------------------------------------------------------------------- sample
+class SampleParams(_Strict):
+    backend: Literal["transformers"] = "transformers"
+    n: int = Field(4, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------- judge
+class JudgeParams(_Strict):
+    backend: Literal["rule"] = "rule"
+    # Minimum score gap between best and worst; groups below it count as ties and are dropped.
+    min_gap: float = Field(1e-9, gt=0)
+
+
+# --------------------------------------------------------------------------------------------- pairs
+class PairsParams(_Strict):
+    scenario: Literal[1, 2, 3, 4] = 1
+    heldout_fraction: float = Field(0.2, ge=0, lt=1)
+    seed: int = 0
+    # Edges of the normalised-edit-distance buckets used by evaluate and the report.
+    distance_buckets: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
+
+    @field_validator("distance_buckets")
+    @classmethod
+    def _sorted(cls, v: list[float]) -> list[float]:
+        if sorted(v) != v or any(not 0 < x < 1 for x in v):
+            raise ValueError("must be increasing values strictly between 0 and 1")
+        return v
+
+
+class ReferenceParams(_Strict):
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(256, ge=8)
+
+
+# --------------------------------------------------------------------------------------------- train
+TRAIN_SETTINGS = ("lr", "epochs", "batch_size", "grad_accum", "max_length", "seed", "weight_decay",
+                  "warmup_steps", "max_grad_norm")
+
+
+class LossTerm(_Strict):
+    name: str
+    weight: float = 1.0
+    hp: dict[str, float] = Field(default_factory=dict)
+
+
+class TrainSettings(_Strict):
+    lr: float = Field(1e-5, gt=0)
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)  # global batch in pairs, independent of processes
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(256, ge=8)
+    seed: int = 0
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(10.0, gt=0)
+
+
+class Variant(_Strict):
+    name: str
+    losses: tuple[LossTerm, ...]
+    settings: TrainSettings
+
+
+class TrainParams(_Strict):
+    model_config = ConfigDict(extra="allow", frozen=True)  # 'variants' parsed by hand below
+    lr: float = Field(1e-5, gt=0)
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(256, ge=8)
+    seed: int = 0
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(10.0, gt=0)
+    variants: dict[str, Any] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- rest
+class EvaluateParams(_Strict):
+    generation: GenerationParams = GenerationParams()
+    batch_size: int = Field(16, ge=1)
+
+
+class ReportParams(_Strict):
+    title: str = "DPO-family report"
+
+
+class Params(_Strict):
+    prepare: PrepareParams = PrepareParams()
+    policy: PolicyParams = PolicyParams()
+    sample: SampleParams = SampleParams()
+    judge: JudgeParams = JudgeParams()
+    pairs: PairsParams = PairsParams()
+    reference: ReferenceParams = ReferenceParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    report: ReportParams = ReportParams()
+    variants: dict[str, Variant] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- parsing
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _parse_variant(name: str, raw: Any, common: TrainParams) -> Variant:
+    """Accepts ``{loss: dpo, beta: 0.1, lr: ...}`` or ``{loss: [{name: dpo, weight: 1, beta: 0.1}, ...]}``."""
+    from pipeline import losses as loss_registry  # local import: losses imports torch
+
+    key = f"train.variants.{name}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: must be a mapping with at least a 'loss' key, got {type(raw).__name__}")
+    raw = dict(raw)
+    if "loss" not in raw:
+        raise ConfigError(f"{key}.loss: missing (name of a loss, or a list of weighted loss terms)")
+    loss = raw.pop("loss")
+    overrides = {k: raw.pop(k) for k in list(raw) if k in TRAIN_SETTINGS}
+    base = common.model_dump(exclude={"variants"})
+    try:
+        settings = TrainSettings(**{**base, **overrides})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"{key}.{_loc(err['loc'])}: {err['msg']}") from None
+
+    terms: list[LossTerm] = []
+    if isinstance(loss, str):
+        specs = [(f"{key}", {"name": loss, **raw})]
+    elif isinstance(loss, list):
+        if raw:
+            raise ConfigError(f"{key}.{next(iter(raw))}: unknown key (with a list of loss terms, put "
+                              "hyperparameters inside each term)")
+        specs = [(f"{key}.loss[{i}]", t) for i, t in enumerate(loss)]
+    else:
+        raise ConfigError(f"{key}.loss: must be a loss name or a list of terms, got {type(loss).__name__}")
+    for where, spec in specs:
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ConfigError(f"{where}.name: missing loss name")
+        spec = dict(spec)
+        lname, weight = spec.pop("name"), spec.pop("weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+            raise ConfigError(f"{where}.weight: must be a number, got {weight!r}")
+        try:
+            hp = loss_registry.validate_hparams(lname, spec)
+        except loss_registry.LossConfigError as e:
+            field = getattr(e, "key", None)
+            raise ConfigError(f"{where}{'.' + field if field else ''}: {e}") from None
+        terms.append(LossTerm(name=lname, weight=float(weight), hp=hp))
+    return Variant(name=name, losses=tuple(terms), settings=settings)
+
+
+def parse_params(raw: dict[str, Any] | None, source: str = DEFAULT_PARAMS) -> Params:
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping")
+    try:
+        params = Params(**{k: v for k, v in raw.items() if k != "variants"})
+    except ValidationError as e:
+        err = e.errors()[0]
+        value = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        raise ConfigError(f"{source}: {_loc(err['loc'])}: {err['msg']}{value}") from None
+    try:
+        variants = {n: _parse_variant(n, v, params.train) for n, v in params.train.variants.items()}
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    for name in variants:
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{source}: train.variants.{name}: variant names may use letters, digits, - and _")
+    _check_model(params.policy.model, "policy.model", source)
+    if params.pairs.scenario in (3, 4):
+        raise ConfigError(f"{source}: pairs.scenario: scenarios 3 and 4 need samples from another model, "
+                          "which this version does not sample yet; use 1 or 2")
+    return params.model_copy(update={"variants": variants})
+
+
+def _check_model(spec: str, key: str, source: str) -> None:
+    from pipeline.modeling import BUILTIN_MODELS
+
+    if spec in BUILTIN_MODELS or spec.startswith("hf:"):
+        return
+    path = Path(spec)
+    if not path.is_dir():
+        raise ConfigError(f"{source}: {key}: model folder {spec!r} does not exist (use a local folder with "
+                          f"config.json, a builtin name {sorted(BUILTIN_MODELS)}, or 'hf:<org>/<name>')")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{source}: {key}: {spec!r} has no config.json, so it is not a model folder")
+
+
+def load_params(path: str | os.PathLike = DEFAULT_PARAMS) -> Params:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_params(raw, str(path))

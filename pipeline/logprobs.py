@@ -1,0 +1,121 @@
+"""Per-sequence log-probs of responses given prompts.
+
+Only response tokens count (prompt tokens and padding are masked out). The language-model head
+runs only on the hidden states that predict a response token, so the full ``[B, T, V]`` logits
+tensor over prompt and padding positions is never materialised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a user turn plus the assistant header, via the model's chat template."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                            add_generation_prompt=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """Token ids of a response written as text (e.g. a gold solution), ending with EOS."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+            max_length: int | None = None):
+    """Right-padded ``input_ids``, ``attention_mask`` and a mask of response-token positions.
+
+    Sequences longer than ``max_length`` lose prompt tokens from the left first (the response is
+    what the loss is about), then response tokens from the right.
+    """
+    seqs, resp_lens = [], []
+    for p, r in zip(prompts, responses):
+        p, r = list(p), list(r)
+        if max_length is not None and len(p) + len(r) > max_length:
+            keep_p = max(max_length - len(r), min(len(p), max_length // 4))
+            p = p[len(p) - keep_p:] if keep_p else []
+            r = r[: max_length - len(p)]
+        seqs.append(p + r)
+        resp_lens.append(len(r))
+    T = max(len(s) for s in seqs)
+    B = len(seqs)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    response = torch.zeros((B, T), dtype=torch.bool)
+    for i, (s, rl) in enumerate(zip(seqs, resp_lens)):
+        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attention[i, : len(s)] = 1
+        response[i, len(s) - rl: len(s)] = True
+    return input_ids, attention, response
+
+
+def _head(model):
+    return model.get_output_embeddings()
+
+
+def _body(model):
+    return model.get_decoder()
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_mask: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of the response tokens of each row, and the number of response tokens.
+
+    Differentiable (used by training) and batched; returns float32 tensors of shape ``[B]``.
+    """
+    hidden = _body(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # Position t predicts token t+1: a response token at t+1 is scored from hidden state t.
+    target_mask = response_mask[:, 1:]
+    rows = target_mask.nonzero(as_tuple=True)[0]
+    h = hidden[:, :-1][target_mask]
+    targets = input_ids[:, 1:][target_mask]
+    head = _head(model)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    token_lp = []
+    for s in range(0, h.shape[0], chunk):  # bound the [N, V] logits the head produces at once
+        logits = head(h[s: s + chunk]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        lp = logits.gather(-1, targets[s: s + chunk, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+        token_lp.append(lp)
+    token_lp = torch.cat(token_lp) if token_lp else hidden.new_zeros(0, dtype=torch.float32)
+    B = input_ids.shape[0]
+    sums = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_lp)
+    counts = target_mask.sum(-1).to(torch.float32)
+    return sums, counts
+
+
+@torch.no_grad()
+def batched_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                     pad_id: int, batch_size: int = 16, max_length: int | None = None,
+                     progress: str | None = None) -> tuple[list[float], list[int]]:
+    """Summed response log-probs for many (prompt, response) pairs, batched by similar length."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    sums = [0.0] * len(prompts)
+    counts = [0] * len(prompts)
+    device = next(model.parameters()).device
+    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+    for idx in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
+        ids, att, resp = collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id, max_length)
+        s, c = sequence_logprobs(model, ids.to(device), att.to(device), resp.to(device))
+        for j, i in enumerate(idx):
+            sums[i] = float(s[j])
+            counts[i] = int(c[j])
+    return sums, counts
+
+
+def reference_check(model, input_ids, attention_mask, response_mask) -> torch.Tensor:
+    """Plain full-logits computation of the same quantity, for tests of :func:`sequence_logprobs`."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    lp = F.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (lp * response_mask[:, 1:]).sum(-1)

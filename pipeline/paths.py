@@ -1,0 +1,32 @@
+"""Where stages read and write (the same paths appear in dvc.yaml)."""
+
+PROMPTS = "data/prompts.parquet"
+QUARANTINE = "data/quarantine.jsonl"
+POLICY_DIR = "models/policy"
+POLICY_GENERATIONS = "data/policy/generations.parquet"
+CANDIDATES = "data/candidates.parquet"
+SCORES = "data/judge/scores.parquet"
+SELECTIONS = "data/judge/selections.parquet"
+PAIRS = "data/pairs.parquet"
+REFERENCE = "data/reference.parquet"
+METRICS = "metrics"
+
+
+def model_dir(variant: str) -> str:
+    return f"models/{variant}"
+
+
+def live_dir(variant: str) -> str:
+    return f"dvclive/train/{variant}"
+
+
+def eval_table(variant: str) -> str:
+    return f"data/eval/{variant}/pairs.parquet"
+
+
+def eval_generations(variant: str) -> str:
+    return f"data/eval/{variant}/generations.parquet"
+
+
+def metrics_file(stage: str) -> str:
+    return f"{METRICS}/{stage}.json"

@@ -1,0 +1,153 @@
+"""The Markdown report that puts the training variants side by side, with PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# A pair whose summed log-prob moved by less than this (nats) is treated as unchanged in the words.
+DISPLACEMENT_TOL = 0.05
+
+
+def read_live_history(live_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-step metrics that dvclive wrote as ``plots/metrics/<name>.tsv``."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for f in sorted(Path(live_dir, "plots", "metrics").glob("*.tsv")):
+        with f.open() as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        out[f.stem] = [(int(r["step"]), float(r[f.stem])) for r in rows]
+    return out
+
+
+def _f(x: Any, nd: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def plot_curves(histories: dict[str, dict], keys: list[str], path: Path, title: str) -> None:
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, hist in histories.items():
+            if key in hist:
+                steps, vals = zip(*hist[key])
+                ax.plot(steps, vals, label=name)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(values: dict[str, float], path: Path, title: str, ylabel: str) -> None:
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(values), 3.4))
+    ax.bar(list(values), list(values.values()), color="tab:blue")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def findings(name: str, ev: dict, hist: dict) -> list[str]:
+    """Plain-words statements of what the figures show for one variant."""
+    h = ev["heldout"]
+    out = []
+    if h.get("n_pairs"):
+        dw, dl = h["delta_w"], h["delta_l"]
+        if dw < -DISPLACEMENT_TOL:
+            out.append(f"**likelihood displacement**: mean held-out lp_w fell by {-dw:.2f} nats "
+                       f"({100 * h['displaced_share']:.0f}% of pairs below the reference) while the margin "
+                       f"{'grew' if dw - dl > 0 else 'did not grow'} (Δlp_l = {dl:+.2f}).")
+        elif dw > DISPLACEMENT_TOL:
+            out.append(f"lp_w stayed above the reference: mean held-out lp_w rose by {dw:.2f} nats "
+                       f"({100 * h['displaced_share']:.0f}% of pairs below the reference).")
+        else:
+            out.append(f"lp_w is unchanged within {DISPLACEMENT_TOL} nats (Δ = {dw:+.3f}).")
+    if "lp_w" in hist and len(hist["lp_w"]) >= 4:
+        vals = [v for _, v in hist["lp_w"]]
+        peak = max(range(len(vals)), key=vals.__getitem__)
+        if 0 < peak < len(vals) - 1 and vals[peak] - vals[-1] > DISPLACEMENT_TOL:
+            out.append(f"**degradation**: training-batch lp_w peaked at step {peak} ({vals[peak]:.2f}) and then "
+                       f"fell to {vals[-1]:.2f}.")
+    return out
+
+
+def build_report(title: str, policy: dict, evals: dict[str, dict], histories: dict[str, dict],
+                 pipeline_metrics: dict[str, dict], out_dir: Path) -> str:
+    """Write PNGs into ``out_dir`` and return the Markdown text (image links relative to it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(evals)
+    lines = [f"# {title}", ""]
+
+    pm = pipeline_metrics
+    lines += ["## Data", "",
+              f"- prompts: {pm.get('prepare', {}).get('splits', {})}; quarantined "
+              f"{pm.get('prepare', {}).get('quarantined', {}).get('total', 0)}",
+              f"- candidates: {pm.get('sample', {}).get('n_candidates', 'n/a')} "
+              f"(mean {_f(pm.get('sample', {}).get('mean_tokens'), 1)} tokens)",
+              f"- judge `{pm.get('judge', {}).get('judge', '?')}`: {pm.get('judge', {}).get('kept', 'n/a')} groups kept, "
+              f"{pm.get('judge', {}).get('dropped_tie', 'n/a')} dropped as ties, candidate accuracy "
+              f"{_f(100 * (pm.get('judge', {}).get('candidate_accuracy') or 0), 1)}%",
+              f"- pairs (scenario {pm.get('pairs', {}).get('scenario', '?')}): {pm.get('pairs', {}).get('n_train', 'n/a')} "
+              f"train, {pm.get('pairs', {}).get('n_heldout', 'n/a')} held out; mean normalised edit distance "
+              f"{_f(pm.get('pairs', {}).get('mean_edit_distance_norm'))}", ""]
+
+    lines += ["## Accuracy (greedy, test prompts)", "",
+              "| model | accuracy |", "|---|---|",
+              f"| starting policy | {_f(100 * policy['test_accuracy'], 1)}% |"]
+    lines += [f"| {n} | {_f(100 * evals[n]['test_accuracy'], 1)}% |" for n in names]
+    plot_bars({"start": 100 * policy["test_accuracy"], **{n: 100 * evals[n]["test_accuracy"] for n in names}},
+              out_dir / "accuracy.png", "greedy test accuracy", "%")
+    lines += ["", "![accuracy](accuracy.png)", ""]
+
+    lines += ["## Log-probabilities of held-out pairs before and after training (cf. seed 001, Table 1)", "",
+              "Mean summed log-probs (per-token in brackets); *before* is the reference (the starting policy).", "",
+              "| variant | pairs | chosen before | chosen after | rejected before | rejected after | Δ chosen | "
+              "Δ rejected | lp_w < ref_w | pair acc. |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        h = evals[n]["heldout"]
+        if not h.get("n_pairs"):
+            lines.append(f"| {n} | 0 | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {n} | {h['n_pairs']} | {_f(h['ref_w'])} ({_f(h['ref_w_per_token'], 3)}) | {_f(h['lp_w'])} "
+            f"({_f(h['lp_w_per_token'], 3)}) | {_f(h['ref_l'])} ({_f(h['ref_l_per_token'], 3)}) | {_f(h['lp_l'])} "
+            f"({_f(h['lp_l_per_token'], 3)}) | {h['delta_w']:+.2f} | {h['delta_l']:+.2f} | "
+            f"{_f(100 * h['displaced_share'], 0)}% | {_f(100 * h['pair_accuracy'], 0)}% |")
+    lines += ["", "### Change of lp_w by normalised edit distance (held-out pairs)", ""]
+    buckets = sorted({b for n in names for b in evals[n]["heldout"].get("by_distance", {})})
+    if buckets:
+        lines += ["| variant | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)]
+        for n in names:
+            bd = evals[n]["heldout"].get("by_distance", {})
+            cells = [f"{bd[b]['delta_w']:+.2f} (n={bd[b]['n']})" if bd.get(b, {}).get("n") else "–" for b in buckets]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines.append("")
+
+    if histories:
+        plot_curves(histories, ["lp_w", "lp_l", "margin"], out_dir / "logprobs.png",
+                    "training batches: summed log-probs and margin")
+        plot_curves(histories, ["delta_w", "delta_l", "displaced_share"], out_dir / "displacement.png",
+                    "log-ratio to the reference and share of pairs with lp_w < ref_w")
+        plot_curves(histories, ["loss", "accuracy"], out_dir / "loss.png", "loss and pair accuracy")
+        lines += ["## Training curves", "", "![log-probs](logprobs.png)", "", "![displacement](displacement.png)", "",
+                  "![loss](loss.png)", ""]
+
+    lines += ["## Findings", ""]
+    for n in names:
+        for f in findings(n, evals[n], histories.get(n, {})) or ["no notable effect in these figures."]:
+            lines.append(f"- `{n}`: {f}")
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Sampling N candidates per prompt behind one interface.
+
+A backend implements :class:`Sampler`; :func:`get_sampler` picks one by the name in
+``params.yaml`` (``sample.backend``). The transformers backend runs anywhere; a GPU backend
+(vLLM) plugs into the same registry and must return the same :class:`Candidate` records.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from pipeline.logprobs import encode_prompt
+
+log = logging.getLogger("pipeline.sampling")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    n: int = 1
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    token_ids: tuple[int, ...]  # generated tokens, ending with EOS when finish_reason == "stop"
+    logprob_sum: float  # summed log-prob of token_ids under the model's own distribution (T = 1)
+    finish_reason: str  # "stop" | "length"
+
+
+class Sampler(Protocol):
+    model_id: str
+
+    def generate(self, prompts: Sequence[str], settings: GenerationSettings,
+                 on_batch: Callable[[int, list[list[Candidate]]], None] | None = None) -> list[list[Candidate]]:
+        """Return ``settings.n`` candidates for each prompt, in prompt order."""
+
+
+class TransformersSampler:
+    """Batched ``generate`` with left padding; deterministic for a given seed and batch size."""
+
+    def __init__(self, model_path: str, batch_size: int = 16, dtype: str = "float32", device: str = "auto",
+                 model_id: str | None = None):
+        from pipeline import modeling
+
+        self.device = modeling.device_for(device)
+        self.tokenizer = modeling.load_tokenizer(model_path)
+        self.model = modeling.load_model(model_path, dtype, self.device).eval()
+        self.batch_size = batch_size
+        self.model_id = model_id or modeling.fingerprint(model_path)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, model_id: str, batch_size: int = 16) -> "TransformersSampler":
+        """Wrap a model already in memory (e.g. right after training) without reloading it."""
+        self = cls.__new__(cls)
+        self.model, self.tokenizer, self.model_id, self.batch_size = model, tokenizer, model_id, batch_size
+        self.device = next(model.parameters()).device
+        return self
+
+    @torch.no_grad()
+    def generate(self, prompts, settings, on_batch=None, progress: str | None = "sampling"):
+        from tqdm.auto import tqdm
+
+        tok, model = self.tokenizer, self.model
+        eos = tok.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        encoded = [encode_prompt(tok, p) for p in prompts]
+        # Sort by length so each batch pads little; results are put back in prompt order.
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        per_batch = max(1, self.batch_size // max(1, settings.n))
+        batches = [order[s: s + per_batch] for s in range(0, len(order), per_batch)]
+        results: list[list[Candidate] | None] = [None] * len(prompts)
+        bar = tqdm(total=len(prompts), desc=progress, disable=progress is None, unit="prompt")
+        for b, idx in enumerate(batches):
+            L = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), L), pad, dtype=torch.long)
+            att = torch.zeros_like(ids)
+            for r, i in enumerate(idx):
+                ids[r, L - len(encoded[i]):] = torch.tensor(encoded[i])
+                att[r, L - len(encoded[i]):] = 1
+            greedy = settings.temperature == 0
+            torch.manual_seed(settings.seed * 1_000_003 + b)
+            out = model.generate(
+                input_ids=ids.to(self.device), attention_mask=att.to(self.device),
+                do_sample=not greedy, temperature=None if greedy else settings.temperature,
+                top_p=None if greedy else settings.top_p, top_k=None if greedy else 0,
+                num_return_sequences=settings.n, max_new_tokens=settings.max_new_tokens,
+                pad_token_id=pad, eos_token_id=eos, return_dict_in_generate=True, output_logits=True)
+            gen = out.sequences[:, L:].cpu()
+            # Raw logits (before temperature / top-p): the policy's own log-prob of each token.
+            logits = torch.stack(out.logits, 1).float().cpu()
+            lps = torch.log_softmax(logits, -1).gather(-1, gen[..., None]).squeeze(-1)
+            batch_out: list[list[Candidate]] = []
+            for r, i in enumerate(idx):
+                cands = []
+                for k in range(settings.n):
+                    row = r * settings.n + k
+                    toks = gen[row].tolist()
+                    stop = eos in toks
+                    n_tok = toks.index(eos) + 1 if stop else len(toks)
+                    toks = toks[:n_tok]
+                    cands.append(Candidate(
+                        text=tok.decode(toks, skip_special_tokens=True).strip(),
+                        token_ids=tuple(toks), logprob_sum=float(lps[row, :n_tok].sum()),
+                        finish_reason="stop" if stop else "length"))
+                results[i] = cands
+                batch_out.append(cands)
+            if on_batch is not None:
+                on_batch(b, batch_out)
+            bar.update(len(idx))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+
+def get_sampler(backend: str, model_path: str, **kwargs) -> Sampler:
+    if backend == "transformers":
+        return TransformersSampler(model_path, **kwargs)
+    raise ValueError(f"sample.backend: unknown backend {backend!r} (available: transformers)")

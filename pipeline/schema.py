@@ -1,0 +1,163 @@
+"""The columns and types of every table that passes between stages.
+
+Stages write tables with :func:`pipeline.io.write_table` and read them with
+:func:`pipeline.io.read_table`, which validates against the schemas here. A missing column, a
+wrong type or a null in a required field raises :class:`SchemaError` naming the file, the row and
+the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+IDS = pl.List(pl.Int32)
+
+
+@dataclass(frozen=True)
+class Column:
+    dtype: pl.DataType
+    nullable: bool = False
+
+
+C = Column
+
+TABLES: dict[str, dict[str, Column]] = {
+    # prepare -> everything downstream. One row per problem.
+    "prompts": {
+        "prompt_id": C(pl.String),
+        "split": C(pl.String),  # train | test | warmup
+        "question": C(pl.String),
+        "prompt": C(pl.String),  # question plus the answer-format instruction; what the model sees
+        "answer": C(pl.String),  # gold final answer
+        "solution": C(pl.String, nullable=True),  # gold worked solution, used by warm-up and scenario 2
+        "source": C(pl.String),
+    },
+    # sample: N candidates per prompt.
+    "candidates": {
+        "prompt_id": C(pl.String),
+        "candidate_idx": C(pl.Int32),
+        "text": C(pl.String),
+        "token_ids": C(IDS),
+        "num_tokens": C(pl.Int32),
+        "logprob_sum": C(pl.Float64),  # summed log-prob of the sampled tokens under the sampler
+        "finish_reason": C(pl.String),  # stop | length
+        "source": C(pl.String),  # policy | other
+        "model": C(pl.String),  # model folder fingerprint the candidate was sampled from
+    },
+    # judge: one score per candidate.
+    "scores": {
+        "prompt_id": C(pl.String),
+        "candidate_idx": C(pl.Int32),
+        "score": C(pl.Float64),
+        "correct": C(pl.Boolean, nullable=True),
+        "extracted_answer": C(pl.String, nullable=True),
+        "judge": C(pl.String),
+    },
+    # judge: best and worst per group; status ok | tie (all equally good or bad) | failed.
+    "selections": {
+        "prompt_id": C(pl.String),
+        "status": C(pl.String),
+        "best_idx": C(pl.Int32, nullable=True),
+        "worst_idx": C(pl.Int32, nullable=True),
+        "best_score": C(pl.Float64, nullable=True),
+        "worst_score": C(pl.Float64, nullable=True),
+        "best_correct": C(pl.Boolean, nullable=True),
+        "worst_correct": C(pl.Boolean, nullable=True),
+    },
+    # pairs: chosen/rejected with tags; token ids are what training and the reference see.
+    "pairs": {
+        "pair_id": C(pl.String),
+        "prompt_id": C(pl.String),
+        "split": C(pl.String),  # train | heldout
+        "prompt_ids": C(IDS),
+        "chosen_ids": C(IDS),
+        "rejected_ids": C(IDS),
+        "chosen_text": C(pl.String),
+        "rejected_text": C(pl.String),
+        "chosen_source": C(pl.String),  # policy | gold | other
+        "rejected_source": C(pl.String),
+        "chosen_correct": C(pl.Boolean, nullable=True),
+        "rejected_correct": C(pl.Boolean, nullable=True),
+        "chosen_sampler_logprob": C(pl.Float64, nullable=True),  # null for gold text
+        "rejected_sampler_logprob": C(pl.Float64, nullable=True),
+        "scenario": C(pl.Int8),
+        "edit_distance": C(pl.Int32),  # token-level Levenshtein distance
+        "edit_distance_norm": C(pl.Float64),  # / max(len_w, len_l)
+        "first_diff": C(pl.Int32),  # first differing token position (= min length if one is a prefix)
+        "len_w": C(pl.Int32),
+        "len_l": C(pl.Int32),
+    },
+    # reference: log-probs under the frozen reference model, computed once.
+    "reference": {
+        "pair_id": C(pl.String),
+        "ref_w": C(pl.Float64),
+        "ref_l": C(pl.Float64),
+        "len_w": C(pl.Int32),
+        "len_l": C(pl.Int32),
+    },
+    # evaluate: per held-out pair, before (reference) and after (trained policy).
+    "pair_eval": {
+        "pair_id": C(pl.String),
+        "variant": C(pl.String),
+        "ref_w": C(pl.Float64),
+        "ref_l": C(pl.Float64),
+        "lp_w": C(pl.Float64),
+        "lp_l": C(pl.Float64),
+        "len_w": C(pl.Int32),
+        "len_l": C(pl.Int32),
+        "edit_distance_norm": C(pl.Float64),
+        "distance_bucket": C(pl.String),
+    },
+    # policy / evaluate: greedy answers on the test prompts.
+    "generations": {
+        "prompt_id": C(pl.String),
+        "model": C(pl.String),
+        "text": C(pl.String),
+        "extracted_answer": C(pl.String, nullable=True),
+        "correct": C(pl.Boolean),
+    },
+}
+
+
+class SchemaError(ValueError):
+    """A table that does not match its schema; the message names file, row and field."""
+
+
+def schema_of(table: str) -> dict[str, pl.DataType]:
+    return {name: col.dtype for name, col in TABLES[table].items()}
+
+
+def empty(table: str) -> pl.DataFrame:
+    return pl.DataFrame(schema=schema_of(table))
+
+
+def conform(df: pl.DataFrame, table: str, where: str = "<memory>") -> pl.DataFrame:
+    """Check ``df`` against ``table``'s schema, cast to the exact dtypes and order the columns.
+
+    Raises :class:`SchemaError` naming ``where`` (usually the file), the first bad row and field.
+    """
+    spec = TABLES[table]
+    missing = [c for c in spec if c not in df.columns]
+    if missing:
+        raise SchemaError(f"{where}: table '{table}' is missing column(s) {missing}")
+    out = {}
+    for name, col in spec.items():
+        s = df.get_column(name)
+        if s.dtype != col.dtype:
+            try:
+                cast = s.cast(col.dtype, strict=True)
+            except Exception:  # noqa: BLE001 - polars raises several types; find the row below
+                cast = s.cast(col.dtype, strict=False)
+            bad = cast.is_null() & s.is_not_null()
+            if bad.any():
+                row = int(bad.arg_max())
+                raise SchemaError(f"{where}: row {row}, field '{name}': expected {col.dtype}, "
+                                  f"got {s[row]!r}")
+            s = cast
+        if not col.nullable and s.null_count():
+            row = int(s.is_null().arg_max())
+            raise SchemaError(f"{where}: row {row}, field '{name}': null in a required field")
+        out[name] = s
+    return pl.DataFrame(out)

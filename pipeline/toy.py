@@ -1,0 +1,342 @@
+"""The toy model of the 3D-properties paper (seed 001 §3.2), for every loss in :mod:`pipeline.losses`.
+
+Setup (REFERENCE.md, last section). 4 prompts, given to the policy as one-hot vectors; 10
+responses; the policy is a 3-layer MLP (``4 → hidden → hidden → 10``, ReLU) whose softmax is a
+categorical distribution over the responses. Responses are numbered from 0 here:
+
+- 0–3 are the chosen responses (response ``i`` is the optimal one for prompt ``i``);
+- 4–7 are the rejected responses (each pair takes one of them at random, from ``seed``);
+- 8–9 are never in the data ("unseen").
+
+Step 1 ("SFT") fits the MLP to a specified initial distribution (cross-entropy towards a target
+distribution, i.e. KL(target‖π) up to a constant). Step 2 trains it with a preference loss on the
+log-probs of the chosen and rejected responses; the reference is the SFT model, frozen. All
+responses have length 1 (for ``dpo_sft`` and ``simpo``).
+
+The four scenarios (seed 001 §3.2, §5.2 and Table 4) differ in the initial distribution, i.e. in
+where the chosen and rejected mass starts; see :data:`DEFAULT_SCENARIOS`.
+
+Recorded at every step (before the update; step 0 is the SFT model): the mean probability of the
+chosen response, of the rejected response of each pair, the dispersed mass (everything that is
+neither the prompt's chosen response nor any rejected response: the two unseen responses plus the
+other prompts' chosen ones), and the gradient magnitudes with respect to the PROBABILITIES,
+``|∂L/∂π(y_w)|`` and ``|∂L/∂π(y_l)|`` (per pair, by the chain rule ``∂L/∂π = (∂L/∂log π) / π`` on
+the autograd gradient w.r.t. the log-probs), and their ratio ``|∂L/∂π(y_l)| / |∂L/∂π(y_w)|``.
+For DPO the ratio equals ``π(y_w)/π(y_l)`` (seed 001 Corollary 1), recorded as ``prob_ratio``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline import losses as L
+
+N_PROMPTS = 4
+N_RESPONSES = 10
+CHOSEN = tuple(range(0, 4))
+REJECTED = tuple(range(4, 8))
+UNSEEN = (8, 9)
+
+HISTORY_COLUMNS = ("loss", "scenario", "step", "p_chosen", "p_rejected", "p_dispersed", "grad_w",
+                   "grad_l", "grad_ratio", "prob_ratio")
+
+
+class ScenarioInit(BaseModel):
+    """The SFT target for one scenario, the same for every prompt ``i``: ``p_chosen`` on response
+    ``i``, ``p_rejected`` on EACH of the rejected responses 4–7, the rest spread evenly over the
+    other five (the three other prompts' chosen responses and the two unseen ones)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    p_chosen: float = Field(gt=0, lt=1)
+    p_rejected: float = Field(gt=0, lt=0.25)
+
+    @model_validator(mode="after")
+    def _mass_left(self) -> "ScenarioInit":
+        rest = 1.0 - self.p_chosen - len(REJECTED) * self.p_rejected
+        if rest <= 0:
+            raise ValueError(f"p_chosen + 4·p_rejected must be < 1 (got {1.0 - rest:g})")
+        return self
+
+
+# Seed 001 Table 4 sources, turned into initial probabilities (per prompt). "From the policy" means
+# a response the policy itself likes (high probability); "from the dataset" / "another model"
+# means a response the policy finds unlikely (low probability), the policy's own mass then sits
+# on responses outside the preference data.
+DEFAULT_SCENARIOS: dict[int, ScenarioInit] = {
+    # 1: chosen and rejected both sampled from the policy (on-policy): both start high.
+    #    chosen 0.30, each rejected 0.125 (0.5 in all), the other 5 responses 0.04 each.
+    1: ScenarioInit(p_chosen=0.30, p_rejected=0.125),
+    # 2: chosen = the dataset's reference solution (low), rejected from the policy (high).
+    #    chosen 0.02, each rejected 0.15, the other 5 responses 0.076 each.
+    2: ScenarioInit(p_chosen=0.02, p_rejected=0.15),
+    # 3: chosen from the policy (high), rejected from another model (low).
+    #    chosen 0.30, each rejected 0.02, the other 5 responses 0.124 each.
+    3: ScenarioInit(p_chosen=0.30, p_rejected=0.02),
+    # 4: chosen from the dataset (low), rejected from another model (low).
+    #    chosen 0.02, each rejected 0.02, the other 5 responses 0.18 each.
+    4: ScenarioInit(p_chosen=0.02, p_rejected=0.02),
+}
+
+# Hyperparameters for the toy. β is larger than the LLM value (0.1) so the 3D-properties show
+# within a few hundred full-batch steps; the regularised variants use the same β as DPO.
+DEFAULT_HPARAMS: dict[str, dict[str, float]] = {
+    "dpo": {"beta": 0.5},
+    "cdpo": {"beta": 0.5, "label_smoothing": 0.1},
+    "dpop": {"beta": 0.5, "dpop_lambda": 50.0},
+    "ipo": {"tau": 0.1},  # target margin Δw − Δl = 1/(2τ) = 5
+    "slic": {"delta": 5.0, "reg_weight": 0.1},
+    "flex_dpo": {"beta_w": 0.5, "beta_l": 0.1},
+    "dpo_sft": {"beta": 0.5, "sft_weight": 0.5},
+    "gamma_dpo": {"beta": 0.5, "gamma": 0.1},
+    "hinge": {"beta": 1.0, "gamma": 3.0},  # learns until lp_w − lp_l ≥ 3 (ref_w − ref_l), then stops
+    "simpo": {"beta": 0.5, "margin": 1.0},
+}
+
+
+class ToyParams(BaseModel):
+    """The ``toy:`` section of params.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(400, ge=1)  # preference-optimisation steps (full batch)
+    lr: float = Field(1e-2, gt=0)  # preference-step learning rate
+    optimizer: Literal["adam", "sgd"] = "adam"  # preference step (SFT always uses Adam)
+    sft_steps: int = Field(600, ge=1)  # Adam steps fitting the initial distribution
+    sft_lr: float = Field(1e-2, gt=0)
+    hidden: int = Field(32, ge=1)  # MLP width
+    seed: int = 0  # MLP init and the choice of rejected responses
+    pairs_per_prompt: int = Field(1, ge=1)  # each pair draws its rejected response from 4-7
+    losses: tuple[str, ...] = L.LOSS_NAMES
+    # per loss; a loss given here replaces its whole default entry, the others keep the defaults
+    hparams: dict[str, dict[str, Any]] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_HPARAMS))
+    scenarios: tuple[int, ...] = (1, 2, 3, 4)
+    scenario_init: dict[int, ScenarioInit] = Field(default_factory=lambda: dict(DEFAULT_SCENARIOS))
+
+    @field_validator("hparams", mode="before")
+    @classmethod
+    def _merge_defaults(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {**copy.deepcopy(DEFAULT_HPARAMS), **v}
+        return v
+
+    @field_validator("losses")
+    @classmethod
+    def _known_losses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if name not in L.LOSSES:
+                raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(L.LOSS_NAMES)}")
+        if len(set(v)) != len(v):
+            raise ValueError("losses: duplicate entries")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "ToyParams":
+        for name in self.hparams:
+            if name not in L.LOSSES:
+                raise ValueError(f"hparams.{name}: unknown loss; known losses: {', '.join(L.LOSS_NAMES)}")
+        for name in self.losses:
+            if name not in self.hparams:
+                raise ValueError(f"hparams.{name}: missing (hyperparameters for loss '{name}')")
+            try:
+                L.validate_hparams(name, self.hparams[name])
+            except L.LossConfigError as e:
+                raise ValueError(f"hparams.{name}{'.' + e.key if e.key else ''}: {e}") from None
+        for s in self.scenarios:
+            if s not in self.scenario_init:
+                raise ValueError(f"scenarios: {s} has no entry in scenario_init")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- model
+def make_mlp(hidden: int) -> torch.nn.Sequential:
+    """The 3-layer MLP policy: one-hot prompt (4) → logits over the 10 responses."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(N_PROMPTS, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(hidden, N_RESPONSES),
+    ).double()
+
+
+def target_distribution(init: ScenarioInit) -> torch.Tensor:
+    """``[4, 10]`` SFT target: row ``i`` is the initial distribution for prompt ``i``."""
+    others = N_RESPONSES - 1 - len(REJECTED)
+    rest = (1.0 - init.p_chosen - len(REJECTED) * init.p_rejected) / others
+    t = torch.full((N_PROMPTS, N_RESPONSES), rest, dtype=torch.float64)
+    t[:, list(REJECTED)] = init.p_rejected
+    for i in range(N_PROMPTS):
+        t[i, CHOSEN[i]] = init.p_chosen
+    return t
+
+
+def make_pairs(params: ToyParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs as index tensors (prompt, chosen, rejected); the rejected response is drawn at random."""
+    g = torch.Generator().manual_seed(params.seed + 1)
+    prompt = torch.arange(N_PROMPTS).repeat_interleave(params.pairs_per_prompt)
+    chosen = prompt.clone()
+    rejected = torch.randint(REJECTED[0], REJECTED[-1] + 1, (len(prompt),), generator=g)
+    return prompt, chosen, rejected
+
+
+def sft(params: ToyParams, init: ScenarioInit) -> tuple[torch.nn.Module, float]:
+    """Step 1: fit a fresh MLP (seeded) to the scenario's initial distribution. Returns (model, KL)."""
+    torch.manual_seed(params.seed)
+    model = make_mlp(params.hidden)
+    x = torch.eye(N_PROMPTS, dtype=torch.float64)
+    target = target_distribution(init)
+    opt = torch.optim.Adam(model.parameters(), lr=params.sft_lr)
+    for _ in range(params.sft_steps):
+        opt.zero_grad(set_to_none=True)
+        logp = torch.log_softmax(model(x), dim=-1)
+        loss = -(target * logp).sum(-1).mean()  # cross-entropy = KL(target‖π) + H(target)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x), dim=-1)
+        kl = (target * (target.log() - logp)).sum(-1).max().item()
+    return model, kl
+
+
+def run_one(params: ToyParams, loss: str, sft_model: torch.nn.Module,
+            pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Step 2 for one loss, starting from (a copy of) ``sft_model``. Returns per-step series."""
+    hp = L.validate_hparams(loss, params.hparams[loss])
+    fn = L.LOSSES[loss].fn
+    prompt, chosen, rejected = pairs
+    n = len(prompt)
+    x = torch.eye(N_PROMPTS, dtype=torch.float64)
+    ones = torch.ones(n, dtype=torch.float64)
+    with torch.no_grad():
+        ref = torch.log_softmax(sft_model(x), dim=-1)
+    ref_w, ref_l = ref[prompt, chosen], ref[prompt, rejected]
+    model = copy.deepcopy(sft_model)
+    if params.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=params.lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=params.lr)
+    # the dispersed set of prompt i: neither its chosen response nor any rejected response
+    disp_mask = torch.ones(N_PROMPTS, N_RESPONSES, dtype=torch.bool)
+    disp_mask[:, list(REJECTED)] = False
+    disp_mask[torch.arange(N_PROMPTS), torch.tensor(CHOSEN)] = False
+
+    rec: list[torch.Tensor] = []
+    for step in range(params.steps + 1):
+        logp = torch.log_softmax(model(x), dim=-1)
+        lp_w, lp_l = logp[prompt, chosen], logp[prompt, rejected]
+        per_pair = fn(lp_w, lp_l, ref_w, ref_l, ones, ones, **hp)
+        total = per_pair.mean()
+        # ∂L/∂log π, then the chain rule to the probabilities: ∂L/∂π = (∂L/∂log π) / π
+        g_lw, g_ll = torch.autograd.grad(total, (lp_w, lp_l), retain_graph=step < params.steps)
+        with torch.no_grad():
+            p = logp.exp()
+            p_w, p_l = p[prompt, chosen], p[prompt, rejected]
+            gw = g_lw.abs() / p_w
+            gl = g_ll.abs() / p_l
+            ratio = torch.where(gw > 0, gl / gw, torch.full_like(gw, math.nan))
+            rec.append(torch.stack([
+                p_w.mean(), p_l.mean(), (p * disp_mask).sum(-1).mean(), gw.mean(), gl.mean(),
+                ratio.mean(), (p_w / p_l).mean(),
+            ]))
+        if step == params.steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+    out = torch.stack(rec)
+    names = ("p_chosen", "p_rejected", "p_dispersed", "grad_w", "grad_l", "grad_ratio", "prob_ratio")
+    return {k: out[:, j] for j, k in enumerate(names)}
+
+
+def run_toy(params: ToyParams) -> pl.DataFrame:
+    """Run every loss × scenario; a long table with one row per (loss, scenario, step)."""
+    torch.set_num_threads(1)  # tiny matrices: threading only adds overhead
+    pairs = make_pairs(params)
+    frames = []
+    for scenario in params.scenarios:
+        sft_model, kl = sft(params, params.scenario_init[scenario])
+        for loss in params.losses:
+            series = run_one(params, loss, sft_model, pairs)
+            frames.append(pl.DataFrame({
+                "loss": [loss] * (params.steps + 1),
+                "scenario": pl.Series([scenario] * (params.steps + 1), dtype=pl.Int32),
+                "step": pl.Series(range(params.steps + 1), dtype=pl.Int32),
+                **{k: v.numpy() for k, v in series.items()},
+            }))
+    return pl.concat(frames).select(HISTORY_COLUMNS)
+
+
+def final_metrics(df: pl.DataFrame) -> dict[str, Any]:
+    """``{loss: {"scenario_<s>": {initial/peak/final probabilities, final grad ratio}}}``."""
+    out: dict[str, Any] = {}
+    for (loss, scenario), g in df.sort("step").group_by(["loss", "scenario"], maintain_order=True):
+        first, last = g.row(0, named=True), g.row(-1, named=True)
+        out.setdefault(loss, {})[f"scenario_{scenario}"] = {
+            "p_chosen_init": first["p_chosen"],
+            "p_chosen_peak": g["p_chosen"].max(),
+            "p_chosen": last["p_chosen"],
+            "p_rejected_init": first["p_rejected"],
+            "p_rejected": last["p_rejected"],
+            "p_dispersed_init": first["p_dispersed"],
+            "p_dispersed": last["p_dispersed"],
+            "grad_ratio": last["grad_ratio"] if math.isfinite(last["grad_ratio"]) else None,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------- plots
+def plot_toy(df: pl.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
+    """One PNG per scenario (``scenario_<s>.png``): for each loss a panel with the chosen, rejected
+    and dispersed probabilities over steps, and a last panel with the gradient ratio
+    ``|∂L/∂π(y_l)| / |∂L/∂π(y_w)|`` of every loss (log scale). Files are written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.io import atomic_path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    losses = list(dict.fromkeys(df["loss"].to_list()))
+    for scenario in sorted(set(df["scenario"].to_list())):
+        sub = df.filter(pl.col("scenario") == scenario).sort("step")
+        n = len(losses) + 1
+        cols = min(4, n)
+        rows = math.ceil(n / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+        flat = axes.ravel()
+        for ax, loss in zip(flat, losses):
+            d = sub.filter(pl.col("loss") == loss)
+            ax.plot(d["step"], d["p_chosen"], label="chosen", color="tab:green")
+            ax.plot(d["step"], d["p_rejected"], label="rejected", color="tab:red")
+            ax.plot(d["step"], d["p_dispersed"], label="dispersed", color="tab:blue")
+            ax.set_title(loss)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("step")
+        flat[0].legend(fontsize=7)
+        ax = flat[len(losses)]
+        for loss in losses:
+            d = sub.filter(pl.col("loss") == loss)
+            ax.plot(d["step"], d["grad_ratio"], label=loss)
+        ax.set_yscale("log")
+        ax.set_title("|dL/dπ(y_l)| / |dL/dπ(y_w)|")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=6, ncol=2)
+        for extra in flat[n:]:
+            extra.axis("off")
+        fig.suptitle(f"toy model, scenario {scenario}")
+        fig.tight_layout()
+        path = out_dir / f"scenario_{scenario}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written

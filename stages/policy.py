@@ -1,0 +1,67 @@
+"""Stage `policy`: the starting policy as a local model folder, optionally warmed up by SFT on gold
+solutions, and its greedy accuracy on the test prompts."""
+
+from __future__ import annotations
+
+import logging
+
+import polars as pl
+
+from pipeline import modeling, paths
+from pipeline.cli import setup_logging, stage_parser
+from pipeline.config import load_params
+from pipeline.evaluation import greedy_eval
+from pipeline.io import read_table, write_json, write_table
+from pipeline.logprobs import encode_prompt, encode_response
+from pipeline.sampling import TransformersSampler
+from pipeline.training import train_sft
+
+log = logging.getLogger("pipeline.policy")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage_parser(__doc__).parse_args(argv)
+    setup_logging()
+    # Inputs and params
+    params = load_params(args.params).policy
+    prompts = read_table(paths.PROMPTS, "prompts")
+
+    # Load (the builtin GGUF model is converted once and cached)
+    source = modeling.resolve(params.model)
+    tokenizer = modeling.load_tokenizer(source)
+    model = modeling.load_model(source, params.dtype, modeling.device_for())
+
+    # Optional SFT warm-up on the gold solutions of the warm-up split
+    warm = prompts.filter((pl.col("split") == "warmup") & pl.col("solution").is_not_null())
+    sft_losses: list[float] = []
+    if params.warmup.enabled:
+        if len(warm) == 0:
+            raise ValueError(f"policy.warmup.enabled: no warm-up prompts with a gold solution in {paths.PROMPTS} "
+                             "(set prepare.n_warmup > 0, or disable the warm-up)")
+        w = params.warmup
+        sft_losses = train_sft(model, [encode_prompt(tokenizer, p) for p in warm["prompt"]],
+                               [encode_response(tokenizer, s) for s in warm["solution"]],
+                               lr=w.lr, epochs=w.epochs, batch_size=w.batch_size, max_length=w.max_length,
+                               seed=w.seed, pad_id=tokenizer.pad_token_id)
+
+    # Outputs: the model folder, then its greedy accuracy on the test prompts
+    modeling.save_model(model, tokenizer, paths.POLICY_DIR,
+                        {"source": params.model, "warmup": params.warmup.model_dump() if params.warmup.enabled
+                         else None})
+    model_id = modeling.fingerprint(paths.POLICY_DIR)
+    sampler = TransformersSampler.from_model(model, tokenizer, model_id, params.eval.batch_size)
+    test = prompts.filter(pl.col("split") == "test")
+    gens, accuracy = greedy_eval(sampler, test, params.eval.max_new_tokens, "policy")
+    write_table(gens, paths.POLICY_GENERATIONS, "generations")
+    metrics = {"test_accuracy": accuracy, "n_test": len(test), "model_fingerprint": model_id,
+               "warmup_steps": len(sft_losses), "warmup_final_loss": sft_losses[-1] if sft_losses else None,
+               "warmup_first_loss": sft_losses[0] if sft_losses else None}
+    write_json(metrics, paths.metrics_file("policy"))
+    log.info("starting policy %s: greedy test accuracy %.1f%% on %d prompts", model_id, 100 * accuracy, len(test))
+    if not 0.2 <= accuracy <= 0.7:
+        log.warning("greedy accuracy %.1f%% is outside 20-70%%: candidates may be all right or all wrong, "
+                    "and most groups will tie", 100 * accuracy)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Shared fixtures: a real tokenizer (SmolLM2's, from the offline GGUF) and a tiny random model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# One converted copy of the builtin model per machine, shared by tests and the pipeline.
+os.environ.setdefault("DPO_PIPELINE_CACHE", str(Path.home() / ".cache" / "dpo-pipeline"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from pipeline.modeling import convert_builtin
+
+    return convert_builtin("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    from pipeline.modeling import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", smollm2_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    from pipeline.modeling import load_tokenizer
+
+    return load_tokenizer(smollm2_dir)
