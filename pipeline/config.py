@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -88,10 +88,61 @@ class SampleParams(_Strict):
 
 
 # --------------------------------------------------------------------------------------------- judge
+class JudgePrice(_Strict):
+    """US dollars per 1,000 tokens; only used for the estimated cost in metrics and the dry run."""
+    input_per_1k: float = Field(ge=0)
+    output_per_1k: float = Field(ge=0)
+
+
+class LLMJudgeParams(_Strict):
+    """An LLM judge behind any OpenAI-compatible Chat Completions endpoint (see pipeline/llm_judge.py)."""
+    # rubric: every candidate scored 1-5 on its own; listwise: the N candidates shown together (in a
+    # seeded shuffled order), the judge names the best and the worst.
+    mode: Literal["rubric", "listwise"] = "rubric"
+    model: str = "gpt-4o-2024-08-06"
+    base_url: str | None = None  # None: OpenAI; e.g. http://localhost:8000/v1 for a vLLM server
+    # The NAME of the environment variable that holds the key, never the key; null: no key (a local
+    # server without auth).
+    api_key_env: str | None = "OPENAI_API_KEY"
+    show_reference: bool = True  # show the gold final answer to the judge
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(64, ge=1)
+    timeout_s: float = Field(60.0, gt=0)  # per HTTP attempt; a timeout is retried by the client
+    max_in_flight: int = Field(8, ge=1)  # concurrent requests
+    max_retries: int = Field(6, ge=0)  # client retries on 408/409/429/5xx/timeouts (backoff, jitter, Retry-After)
+    max_parse_retries: int = Field(2, ge=0)  # extra requests after a malformed answer, then a failure
+    # A group with a failed candidate: drop_group (status failed) or ignore_failed (judge the group on
+    # the candidates that got a score; failed if fewer than 2). Listwise failures fail the whole group.
+    on_failure: Literal["drop_group", "ignore_failed"] = "drop_group"
+    # Abort (no outputs, answers kept in the cache) when more than this share of requests failed.
+    max_failed_fraction: float = Field(0.2, ge=0, le=1)
+    seed: int = 0  # shuffle of the candidate order shown to the judge (listwise)
+    structured_output: bool = True  # ask for a JSON schema; falls back to plain text if the server refuses
+    prices: dict[str, JudgePrice] = Field(default_factory=dict)  # model -> price
+    # Answer cache, outside every DVC output so that `dvc repro` never deletes it. A relative path is
+    # taken from the repository root (also from a `dvc exp run --temp`/queue workspace under
+    # .dvc/tmp/exps, which is resolved back to the main repository); the environment variable
+    # DPO_JUDGE_CACHE, or an absolute path here, overrides it.
+    cache_dir: str = ".cache/judge"
+    dry_run: bool = False  # print the number of requests and estimated tokens, send nothing
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_env_is_a_name(cls, data: Any) -> Any:
+        # Checked on the whole mapping so that a pasted key is never echoed in the error message.
+        name = data.get("api_key_env") if isinstance(data, dict) else None
+        if name is not None and not (isinstance(name, str) and name.isascii() and name.isidentifier()
+                                 and len(name) <= 128):
+            raise ValueError("api_key_env must be the name of an environment variable (e.g. OPENAI_API_KEY), "
+                             "not the key itself")
+        return data
+
+
 class JudgeParams(_Strict):
-    backend: Literal["rule"] = "rule"
+    backend: Literal["rule", "llm"] = "rule"
     # Minimum score gap between best and worst; groups below it count as ties and are dropped.
     min_gap: float = Field(1e-9, gt=0)
+    llm: LLMJudgeParams = LLMJudgeParams()
 
 
 # --------------------------------------------------------------------------------------------- pairs
@@ -164,6 +215,9 @@ class EvaluateParams(_Strict):
     batch_size: int = Field(16, ge=1)
 
 
+from pipeline.toy import ToyParams  # noqa: E402  (the toy stage's own section)
+
+
 class ReportParams(_Strict):
     title: str = "DPO-family report"
 
@@ -178,6 +232,7 @@ class Params(_Strict):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     report: ReportParams = ReportParams()
+    toy: ToyParams = ToyParams()
     variants: dict[str, Variant] = Field(default_factory=dict)
 
 

@@ -134,7 +134,7 @@ def test_gamma_dpo_values():
 def test_hinge_values():
     b, g = 1.0, 2.0
     exp = [max(0.0, g * (rw - rl) - b * (w - l)) for w, l, rw, rl, *_ in rows()]
-    # pair 0: 2*(-0.5) - 1 = -2 -> 0 ; pair 1: 2*(-2) - (-3.5) = -0.5 -> 0; use g=0.5, b=2 too
+    # both margins met: pair 0: 2*(-0.5) - 1 = -2 -> 0 ; pair 1: 2*(-2) - (-3.5) = -0.5 -> 0
     check("hinge", exp, beta=b, gamma=g)
     b, g = 2.0, 0.5
     exp = [max(0.0, g * (rw - rl) - b * (w - l)) for w, l, rw, rl, *_ in rows()]
