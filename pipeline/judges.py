@@ -137,7 +137,13 @@ class RuleVerifier:
         return out
 
 
-def get_judge(backend: str, **kwargs) -> Judge:
+def get_judge(backend: str, *, llm=None, **kwargs) -> Judge:
+    """``rule`` or ``llm`` (``llm``: the ``judge.llm`` params, :class:`pipeline.config.LLMJudgeParams`)."""
     if backend == "rule":
         return RuleVerifier(**kwargs)
-    raise ValueError(f"judge.backend: unknown judge {backend!r} (available: rule)")
+    if backend == "llm":
+        from pipeline.config import LLMJudgeParams
+        from pipeline.llm_judge import LLMJudge  # lazy: imports the openai client
+
+        return LLMJudge(llm if llm is not None else LLMJudgeParams(), **kwargs)
+    raise ValueError(f"judge.backend: unknown judge {backend!r} (available: rule, llm)")

@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
+from pathlib import Path
 
 import polars as pl
 
 from pipeline import paths
 from pipeline.cli import setup_logging, stage_parser
 from pipeline.config import load_params
-from pipeline.io import read_table, write_json, write_table
+from pipeline.io import read_table, write_json, write_table, write_text
 from pipeline.judges import CandidateView, Group, get_judge
+from pipeline.schema import schema_of
 
 log = logging.getLogger("pipeline.judge")
 
+# LLM backend only: per group, the order the candidates were shown in, the picks and the failures.
+JUDGEMENTS = "data/judge/llm_judgements.jsonl"
+
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_parser(__doc__).parse_args(argv)
+    parser = stage_parser(__doc__)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the number of requests and the estimated tokens and exit without sending any")
+    args = parser.parse_args(argv)
     setup_logging()
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # the openai client's transport
     # Inputs and params
     params = load_params(args.params).judge
     prompts = read_table(paths.PROMPTS, "prompts")
@@ -32,29 +42,48 @@ def main(argv: list[str] | None = None) -> None:
         groups.append(Group(pid, p["prompt"], p["answer"], tuple(
             CandidateView(r["candidate_idx"], r["text"], r["num_tokens"], r["finish_reason"])
             for r in g.iter_rows(named=True))))
-    judge = get_judge(params.backend, min_gap=params.min_gap)
+    judge = get_judge(params.backend, min_gap=params.min_gap, llm=params.llm)
+    if args.dry_run or (params.backend == "llm" and params.llm.dry_run):
+        plan = judge.dry_run(groups) if hasattr(judge, "dry_run") else {"requests": 0, "to_send": 0,
+                                                                         "est_input_tokens": 0}
+        print(f"dry run ({judge.name}): {plan['to_send']} requests to send of {plan['requests']} "
+              f"({plan.get('cached', 0)} cached), ~{plan['est_input_tokens']} input tokens, "
+              f"~{plan.get('est_output_tokens', 0)} output tokens (at most {plan.get('max_output_tokens', 0)}), "
+              f"estimated cost {plan.get('est_cost_usd')} USD (at most {plan.get('max_cost_usd')}); nothing sent")
+        print(json.dumps({"dry_run": plan}, sort_keys=True))
+        return
     verdicts = judge.judge(groups)
 
     # Outputs
     score_rows, sel_rows = [], []
     for v in verdicts:
         by_idx = {s.idx: s for s in v.scores}
+        # A candidate the judge failed on has no score row (never a made-up score); it is counted below.
         score_rows += [{"prompt_id": v.prompt_id, "candidate_idx": s.idx, "score": s.score, "correct": s.correct,
-                        "extracted_answer": s.extracted_answer, "judge": judge.name} for s in v.scores]
+                        "extracted_answer": s.extracted_answer, "judge": judge.name}
+                       for s in v.scores if s.score is not None]
         best, worst = by_idx.get(v.best), by_idx.get(v.worst)
         sel_rows.append({"prompt_id": v.prompt_id, "status": v.status,
                          "best_idx": v.best, "worst_idx": v.worst,
                          "best_score": best.score if best else None, "worst_score": worst.score if worst else None,
                          "best_correct": best.correct if best else None,
                          "worst_correct": worst.correct if worst else None})
-    scores = write_table(pl.DataFrame(score_rows), paths.SCORES, "scores")
+    scores = write_table(pl.DataFrame(score_rows, schema=schema_of("scores")), paths.SCORES, "scores")
     write_table(pl.DataFrame(sel_rows, infer_schema_length=None), paths.SELECTIONS, "selections")
     status = Counter(v.status for v in verdicts)
     metrics = {"judge": judge.name, "n_groups": len(verdicts), "kept": status.get("ok", 0),
                "dropped_tie": status.get("tie", 0), "dropped_failed": status.get("failed", 0),
                "candidate_accuracy": scores["correct"].cast(pl.Float64).mean(),
                "groups_with_mixed_correctness": sum(
-                   1 for v in verdicts if len({s.correct for s in v.scores}) > 1)}
+                   1 for v in verdicts if len({s.correct for s in v.scores}) > 1),
+               "failed_candidates": sum(s.score is None for v in verdicts for s in v.scores)}
+    if params.backend == "llm":
+        metrics["llm"] = judge.metrics  # usage, cost, failures, cache hits, position bias
+        write_text("".join(json.dumps({"prompt_id": v.prompt_id, "status": v.status, "best_idx": v.best,
+                                       "worst_idx": v.worst, "scores": {str(s.idx): s.score for s in v.scores},
+                                       **v.extra}, sort_keys=True) + "\n" for v in verdicts), JUDGEMENTS)
+    elif Path(JUDGEMENTS).exists():
+        Path(JUDGEMENTS).unlink()  # a stale log of an earlier LLM run
     write_json(metrics, paths.metrics_file("judge"))
     log.info("judged %d groups: %d kept, %d dropped as ties, %d failed; candidate accuracy %.1f%%",
              len(verdicts), metrics["kept"], metrics["dropped_tie"], metrics["dropped_failed"],
