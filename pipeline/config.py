@@ -168,7 +168,7 @@ class ReferenceParams(_Strict):
 
 # --------------------------------------------------------------------------------------------- train
 TRAIN_SETTINGS = ("lr", "epochs", "batch_size", "grad_accum", "max_length", "seed", "weight_decay",
-                  "warmup_steps", "max_grad_norm")
+                  "warmup_steps", "max_grad_norm", "bf16", "probe_every", "probe_prompts")
 
 
 class LossTerm(_Strict):
@@ -187,6 +187,19 @@ class TrainSettings(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(10.0, gt=0)
+    bf16: bool = True  # bf16 autocast on GPU; ignored on CPU
+    probe_every: int = Field(4, ge=0)  # re-score the greedy decode of the probe prompts every K steps (0: off)
+    probe_prompts: int = Field(8, ge=1)
+
+
+class RuntimeParams(_Strict):
+    """How to run, not what to compute: not a DVC param of the train stage, so changing it reruns nothing."""
+
+    nproc: int = Field(1, ge=1)  # processes; > 1 relaunches the stage under torchrun
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPUs, gloo on CPU
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 fully_shard, for models that do not fit one GPU
+    checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints (0: none); a rerun resumes
+    checkpoint_dir: str = ".cache/checkpoints"
 
 
 class Variant(_Strict):
@@ -206,6 +219,10 @@ class TrainParams(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(10.0, gt=0)
+    bf16: bool = True
+    probe_every: int = Field(4, ge=0)
+    probe_prompts: int = Field(8, ge=1)
+    runtime: RuntimeParams = RuntimeParams()
     variants: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -253,7 +270,7 @@ def _parse_variant(name: str, raw: Any, common: TrainParams) -> Variant:
         raise ConfigError(f"{key}.loss: missing (name of a loss, or a list of weighted loss terms)")
     loss = raw.pop("loss")
     overrides = {k: raw.pop(k) for k in list(raw) if k in TRAIN_SETTINGS}
-    base = common.model_dump(exclude={"variants"})
+    base = common.model_dump(exclude={"variants", "runtime"})
     try:
         settings = TrainSettings(**{**base, **overrides})
     except ValidationError as e:

@@ -119,3 +119,30 @@ def reference_check(model, input_ids, attention_mask, response_mask) -> torch.Te
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     lp = F.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return (lp * response_mask[:, 1:]).sum(-1)
+
+
+class ResponseLogprobs(torch.nn.Module):
+    """``forward(input_ids, attention_mask, response_mask) -> (sums, counts)`` as a module, so DDP
+    can wrap the whole computation (its gradient hooks need the work to run inside ``forward``)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, response_mask):
+        return sequence_logprobs(self.lm, input_ids, attention_mask, response_mask)
+
+
+def sequence_logprobs_via_forward(model, input_ids, attention_mask, response_mask):
+    """Same as :func:`sequence_logprobs` through the model's own ``forward`` (needed by FSDP2,
+    whose all-gathers hang on the root module's forward). ``logits_to_keep`` skips every column
+    before the earliest response token, so most prompt positions never reach the LM head."""
+    first = int(response_mask.float().argmax(-1).min())
+    start = max(first - 1, 0)
+    T = input_ids.shape[1]
+    keep = torch.arange(start, T - 1, device=input_ids.device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits.float()
+    targets = input_ids[:, start + 1:]
+    mask = response_mask[:, start + 1:]
+    lp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    return (lp * mask).sum(-1), mask.sum(-1).to(torch.float32)

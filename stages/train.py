@@ -1,69 +1,117 @@
-"""Stage `train@<variant>`: preference training of the starting policy with one variant's loss."""
+"""Stage `train@<variant>`: preference training of the starting policy with one variant's loss.
+
+Launched the same way on a laptop and on a GPU node: with `train.runtime.nproc > 1` the stage
+re-executes itself under torchrun (DDP, or FSDP2 by `train.runtime.strategy`)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import sys
+from pathlib import Path
 
 import polars as pl
 
-from pipeline import modeling, paths
+from pipeline import distributed as D
+from pipeline import modeling, paths, tagging
 from pipeline.cli import setup_logging, stage_parser
 from pipeline.config import ConfigError, load_params
 from pipeline.io import read_table
-from pipeline.training import PairExample, train_preference
+from pipeline.training import Checkpointing, PairExample, Probe, train_preference
 
 log = logging.getLogger("pipeline.train")
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = stage_parser(__doc__)
     parser.add_argument("--variant", required=True, help="a key of train.variants in params.yaml")
     args = parser.parse_args(argv)
     setup_logging()
-    # Inputs and params
+    # Params (and, for several processes, the torchrun relaunch)
     cfg = load_params(args.params)
     if args.variant not in cfg.variants:
         raise ConfigError(f"{args.params}: train.variants.{args.variant}: no such variant "
                           f"(have {sorted(cfg.variants)})")
-    variant = cfg.variants[args.variant]
+    variant, rt = cfg.variants[args.variant], cfg.train.runtime
     s = variant.settings
+    if rt.nproc > 1 and not D.under_torchrun():
+        sys.exit(D.relaunch_with_torchrun(rt.nproc, "stages.train", argv))
+    ctx = D.init(rt.backend, rt.strategy)
+
+    # Inputs
     pairs = read_table(paths.PAIRS, "pairs").filter(pl.col("split") == "train")
     ref = read_table(paths.REFERENCE, "reference")
+    prompts = read_table(paths.PROMPTS, "prompts")
     data = pairs.join(ref.select("pair_id", "ref_w", "ref_l"), on="pair_id", how="left")
     if data["ref_w"].null_count():
         raise ValueError(f"{paths.REFERENCE}: missing reference log-probs for "
                          f"{data['ref_w'].null_count()} training pairs; rerun the reference stage")
     examples = [PairExample(tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"]),
                             r["ref_w"], r["ref_l"]) for r in data.iter_rows(named=True)]
-    model = modeling.load_model(paths.POLICY_DIR, cfg.policy.dtype, modeling.device_for())
+    buckets = [tagging.bucket_of(v, cfg.pairs.distance_buckets) for v in data["edit_distance_norm"]]
+    probe_set = prompts.filter(pl.col("split") == "test").sort("prompt_id").head(s.probe_prompts)
+    probe = Probe(tuple(probe_set["prompt"]), s.probe_every, cfg.evaluate.generation.max_new_tokens) \
+        if s.probe_every else None
+    model = modeling.load_model(paths.POLICY_DIR, cfg.policy.dtype, ctx.device)
     tokenizer = modeling.load_tokenizer(paths.POLICY_DIR)
+    checkpoint = None
+    if rt.checkpoint_every:
+        key = _run_key(variant.model_dump(), [paths.PAIRS, paths.REFERENCE, paths.PROMPTS, paths.POLICY_DIR])
+        checkpoint = Checkpointing(str(Path(rt.checkpoint_dir) / f"{args.variant}-{key}.pt"), rt.checkpoint_every, key)
 
-    # Work: metrics go to dvclive step by step (curves in `dvc plots`)
+    # Work: metrics go to dvclive step by step (curves in `dvc plots`), from rank 0 only
     from dvclive import Live
 
-    with Live(dir=paths.live_dir(args.variant), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+    live = Live(dir=paths.live_dir(args.variant), dvcyaml=None, save_dvc_exp=False, report=None) \
+        if ctx.is_main else None
+    if live is not None:
         live.log_params({"variant": args.variant, "losses": [t.model_dump() for t in variant.losses],
-                         **s.model_dump(), "n_pairs": len(examples)})
+                         **s.model_dump(), "n_pairs": len(examples), "world_size": ctx.world})
 
-        def log_step(step: int, metrics: dict[str, float]) -> None:
-            for k, v in metrics.items():
-                live.log_metric(k, v)
-            live.next_step()
+    def log_step(step: int, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            live.log_metric(k, v)
+        live.next_step()
 
-        history = train_preference(model, examples, variant.losses, lr=s.lr, epochs=s.epochs,
-                                   batch_size=s.batch_size, grad_accum=s.grad_accum, max_length=s.max_length,
-                                   seed=s.seed, pad_id=tokenizer.pad_token_id, weight_decay=s.weight_decay,
-                                   warmup_steps=s.warmup_steps, max_grad_norm=s.max_grad_norm, log_fn=log_step,
-                                   progress=f"train {args.variant}")
+    history = train_preference(model, examples, variant.losses, lr=s.lr, epochs=s.epochs, batch_size=s.batch_size,
+                               grad_accum=s.grad_accum, max_length=s.max_length, seed=s.seed,
+                               pad_id=tokenizer.pad_token_id, weight_decay=s.weight_decay,
+                               warmup_steps=s.warmup_steps, max_grad_norm=s.max_grad_norm,
+                               log_fn=log_step if live else None, progress=f"train {args.variant}", ctx=ctx,
+                               bf16=s.bf16, buckets=buckets, probe=probe, tokenizer=tokenizer, checkpoint=checkpoint)
 
-    # Outputs
-    modeling.save_model(model, tokenizer, paths.model_dir(args.variant),
-                        {"variant": args.variant, "losses": [t.model_dump() for t in variant.losses],
-                         "settings": s.model_dump(), "steps": len(history),
-                         "base_fingerprint": modeling.fingerprint(paths.POLICY_DIR)})
-    last = history[-1]
-    log.info("%s: %d steps, final loss %.4f, lp_w %.2f, lp_l %.2f, accuracy %.2f", args.variant, len(history),
-             last["loss"], last["lp_w"], last["lp_l"], last["accuracy"])
+    # Outputs (the full state dict is gathered on every rank; rank 0 writes)
+    state = D.full_state_dict(model, ctx)
+    if ctx.is_main:
+        live.end()
+        out = modeling.load_model(paths.POLICY_DIR, cfg.policy.dtype) if ctx.strategy == "fsdp" and ctx.distributed \
+            else D.unwrap(model)
+        out.load_state_dict(state)
+        modeling.save_model(out.to("cpu"), tokenizer, paths.model_dir(args.variant),
+                            {"variant": args.variant, "losses": [t.model_dump() for t in variant.losses],
+                             "settings": s.model_dump(), "steps": len(history), "world_size": ctx.world,
+                             "base_fingerprint": modeling.fingerprint(paths.POLICY_DIR)})
+        if checkpoint is not None:
+            Path(checkpoint.path).unlink(missing_ok=True)
+        last = history[-1]
+        log.info("%s: %d steps on %d process(es), final loss %.4f, lp_w %.2f, lp_l %.2f, accuracy %.2f",
+                 args.variant, len(history), ctx.world, last["loss"], last["lp_w"], last["lp_l"], last["accuracy"])
+    D.shutdown(ctx)
+
+
+def _run_key(variant: dict, inputs: list[str]) -> str:
+    """Ties a checkpoint to the settings and inputs of the run that wrote it."""
+    h = hashlib.sha1(json.dumps(variant, sort_keys=True).encode())
+    for p in inputs:
+        path = Path(p)
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for f in files:
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
 
 
 if __name__ == "__main__":

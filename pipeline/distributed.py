@@ -1,0 +1,159 @@
+"""Process-group plumbing for training under ``torchrun``: DDP by default, FSDP2 by a param.
+
+The train stage is launched the same way everywhere (``python -m stages.train``). With
+``train.runtime.nproc > 1`` it re-executes itself under ``torch.distributed.run``; each worker then
+calls :func:`init` which reads the ``RANK``/``WORLD_SIZE`` environment torchrun sets. NCCL is used
+on GPUs and gloo on CPU unless ``train.runtime.backend`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+    strategy: str = "none"  # none | ddp | fsdp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def relaunch_with_torchrun(nproc: int, module: str, argv: list[str]) -> int:
+    """Run ``python -m module argv`` under torchrun with ``nproc`` local workers; return its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", module, *argv]
+    return subprocess.call(cmd)
+
+
+def init(backend: str = "auto", strategy: str = "ddp") -> Context:
+    """Join the process group torchrun prepared (or run single-process when not under torchrun)."""
+    if not under_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return Context(device=device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local)
+    device = f"cuda:{local}" if use_cuda else "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Context(rank=rank, world=world, local_rank=local, device=device, strategy=strategy)
+
+
+def wrap(model, ctx: Context):
+    """Wrap for data parallelism: DDP, or FSDP2 (``fully_shard`` per decoder layer, then the root)."""
+    if not ctx.distributed:
+        return model
+    if ctx.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in getattr(model.get_decoder(), "layers", []):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [ctx.local_rank] if ctx.device.startswith("cuda") else None
+    return DDP(model, device_ids=ids)
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+class no_grad_sync:
+    """Skip the gradient all-reduce for all but the last micro-batch of a step (DDP and FSDP2)."""
+
+    def __init__(self, model, ctx: Context, skip: bool):
+        self.model, self.ctx, self.skip = model, ctx, skip and ctx.distributed
+        self._cm = None
+
+    def __enter__(self):
+        if not self.skip:
+            return self
+        if self.ctx.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(False)
+        else:
+            self._cm = self.model.no_sync()
+            self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if not self.skip:
+            return False
+        if self.ctx.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(True)
+        else:
+            self._cm.__exit__(*exc)
+        return False
+
+
+def gather_tensor(t: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Concatenate a 1-D tensor of possibly different lengths from every rank (rank order)."""
+    if not ctx.distributed:
+        return t
+    parts: list = [None] * ctx.world
+    dist.all_gather_object(parts, t.detach().cpu())
+    return torch.cat(parts).to(t.device)
+
+
+def full_state_dict(model, ctx: Context) -> dict:
+    """The full (unsharded) model state dict on CPU, identical on every rank."""
+    if ctx.strategy == "fsdp" and ctx.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def optimizer_state(model, opt, ctx: Context) -> dict:
+    if ctx.strategy == "fsdp" and ctx.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def load_states(model, opt, model_sd: dict, opt_sd: dict, ctx: Context) -> None:
+    if ctx.strategy == "fsdp" and ctx.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_sd, options=opts)
+        set_optimizer_state_dict(model, opt, opt_sd, options=opts)
+        return
+    unwrap(model).load_state_dict(model_sd)
+    opt.load_state_dict(opt_sd)
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def shutdown(ctx: Context) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
