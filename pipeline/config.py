@@ -230,6 +230,8 @@ class TrainParams(_Strict):
 class EvaluateParams(_Strict):
     generation: GenerationParams = GenerationParams()
     batch_size: int = Field(16, ge=1)
+    # Also score the greedy answers 1-5 with the LLM judge of judge.llm ("5 points", "4 & 5 points").
+    llm_rubric: bool = False
 
 
 from pipeline.toy import ToyParams  # noqa: E402  (the toy stage's own section)

@@ -63,3 +63,14 @@ def summarise_pair_eval(df: pl.DataFrame, buckets: Sequence[str]) -> dict:
 def bucketise(pairs: pl.DataFrame, edges: Sequence[float]) -> pl.Series:
     return pl.Series("distance_bucket", [tagging.bucket_of(v, edges) for v in pairs["edit_distance_norm"]],
                      dtype=pl.String)
+
+
+def rubric_eval(judge, generations: pl.DataFrame, prompts: pl.DataFrame) -> dict:
+    """Seed 001's "5 points" and "4 & 5 points" rates of greedy answers, scored 1–5 by an LLM judge."""
+    from pipeline.llm_judge import rubric_rates
+
+    by_id = {r["prompt_id"]: r for r in prompts.iter_rows(named=True)}
+    groups = [judges.Group(r["prompt_id"], by_id[r["prompt_id"]]["prompt"], by_id[r["prompt_id"]]["answer"],
+                           (judges.CandidateView(0, r["text"], 0, "stop"),)) for r in generations.iter_rows(named=True)]
+    scores = judge.score_candidates(groups)
+    return {**rubric_rates(scores.values()), "failed": sum(v is None for v in scores.values())}

@@ -60,6 +60,17 @@ def plot_bars(values: dict[str, float], path: Path, title: str, ylabel: str) -> 
     plt.close(fig)
 
 
+def _early_late(series: list[tuple[int, float]]) -> tuple[float, float]:
+    vals = [v for _, v in series]
+    q = max(1, len(vals) // 4)
+    early, late = vals[:q], vals[len(vals) // 2:]
+    return sum(early) / len(early), sum(late) / len(late)
+
+
+def _smooth(vals: list[float], k: int = 3) -> list[float]:
+    return [sum(vals[max(0, i - k + 1): i + 1]) / len(vals[max(0, i - k + 1): i + 1]) for i in range(len(vals))]
+
+
 def findings(name: str, ev: dict, hist: dict) -> list[str]:
     """Plain-words statements of what the figures show for one variant."""
     h = ev["heldout"]
@@ -75,12 +86,23 @@ def findings(name: str, ev: dict, hist: dict) -> list[str]:
                        f"({100 * h['displaced_share']:.0f}% of pairs below the reference).")
         else:
             out.append(f"lp_w is unchanged within {DISPLACEMENT_TOL} nats (Δ = {dw:+.3f}).")
-    if "lp_w" in hist and len(hist["lp_w"]) >= 4:
-        vals = [v for _, v in hist["lp_w"]]
+    if "log10_grad_ratio" in hist and len(hist["log10_grad_ratio"]) >= 4:
+        r0, r1 = _early_late(hist["log10_grad_ratio"])
+        if r1 - r0 >= 1.0:
+            out.append(f"**drastic drop** (3D-properties): measured against the probabilities, the gradient on the "
+                       f"rejected side went from 10^{r0:.1f} to 10^{r1:.1f} times the chosen side's (batch median; "
+                       f"mean of the first quarter vs the second half of training) as π(y_l) fell.")
+    if "probe_greedy_lp" in hist and len(hist["probe_greedy_lp"]) >= 2 and h.get("n_pairs"):
+        p0, p1 = hist["probe_greedy_lp"][0][1], hist["probe_greedy_lp"][-1][1]
+        if p1 - p0 > DISPLACEMENT_TOL and h["delta_w"] < 0 and h["delta_l"] < 0:
+            out.append(f"**squeezing**: the log-prob of the probe prompts' greedy decode rose {p0:.2f} → {p1:.2f} "
+                       f"while held-out chosen and rejected both fell.")
+    if "delta_w" in hist and len(hist["delta_w"]) >= 6:
+        vals = _smooth([v for _, v in hist["delta_w"]])
         peak = max(range(len(vals)), key=vals.__getitem__)
-        if 0 < peak < len(vals) - 1 and vals[peak] - vals[-1] > DISPLACEMENT_TOL:
-            out.append(f"**degradation**: training-batch lp_w peaked at step {peak} ({vals[peak]:.2f}) and then "
-                       f"fell to {vals[-1]:.2f}.")
+        if 0 < peak < len(vals) - 1 and vals[peak] > 0 and vals[peak] - vals[-1] > DISPLACEMENT_TOL:
+            out.append(f"**degradation**: the chosen log-ratio to the reference (lp_w − ref_w, training batches, "
+                       f"3-step moving mean) rose to {vals[peak]:+.2f} at step {peak} and then fell to {vals[-1]:+.2f}.")
     return out
 
 
@@ -142,8 +164,26 @@ def build_report(title: str, policy: dict, evals: dict[str, dict], histories: di
         plot_curves(histories, ["delta_w", "delta_l", "displaced_share"], out_dir / "displacement.png",
                     "log-ratio to the reference and share of pairs with lp_w < ref_w")
         plot_curves(histories, ["loss", "accuracy"], out_dir / "loss.png", "loss and pair accuracy")
+        plot_curves(histories, ["log10_grad_prob_w", "log10_grad_prob_l", "log10_grad_ratio"], out_dir / "gradients.png",
+                    "log10 |∂L/∂π(y)|: chosen, rejected, and their ratio (rejected / chosen)")
+        plot_curves(histories, ["probe_greedy_lp", "delta_w", "delta_l"], out_dir / "squeezing.png",
+                    "greedy decode of probe prompts vs chosen/rejected log-ratio")
         lines += ["## Training curves", "", "![log-probs](logprobs.png)", "", "![displacement](displacement.png)", "",
-                  "![loss](loss.png)", ""]
+                  "![loss](loss.png)", "",
+                  "## 3D-properties and squeezing", "",
+                  "Gradient magnitudes measured against the probabilities (REFERENCE claim 2a; for DPO the ratio is "
+                  "π(y_w)/π(y_l)), and the log-prob of the greedy decode of fixed probe prompts (claim 5).", "",
+                  "![gradients](gradients.png)", "", "![squeezing](squeezing.png)", ""]
+        bucket_keys = sorted({k for hh in histories.values() for k in hh if k.startswith("displaced_share_")})
+        if bucket_keys:
+            lines += ["Share of training-batch pairs with lp_w < ref_w by normalised edit distance (mean over steps):", "",
+                      "| variant | " + " | ".join(k.removeprefix("displaced_share_") for k in bucket_keys) + " |",
+                      "|---|" + "---|" * len(bucket_keys)]
+            for n, hh in histories.items():
+                cells = [f"{100 * sum(v for _, v in hh[k]) / len(hh[k]):.0f}% ({len(hh[k])} steps)" if hh.get(k) else "–"
+                         for k in bucket_keys]
+                lines.append(f"| {n} | " + " | ".join(cells) + " |")
+            lines.append("")
 
     lines += ["## Findings", ""]
     for n in names:

@@ -51,3 +51,8 @@ def bucket_of(value: float, edges: Sequence[float]) -> str:
 def bucket_labels(edges: Sequence[float]) -> list[str]:
     bounds = [0.0, *edges, 1.0]
     return [f"[{lo:.2f},{hi:.2f}{']' if hi == 1.0 else ')'}" for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def bucket_slug(label: str) -> str:
+    """A file-name-safe form of a bucket label: ``[0.25,0.50)`` -> ``0.25-0.50``."""
+    return label.strip("[]()").replace(",", "-")

@@ -10,7 +10,7 @@ import polars as pl
 from pipeline import modeling, paths, tagging
 from pipeline.cli import setup_logging, stage_parser
 from pipeline.config import ConfigError, load_params
-from pipeline.evaluation import bucketise, greedy_eval, pair_logprobs, summarise_pair_eval
+from pipeline.evaluation import bucketise, greedy_eval, pair_logprobs, rubric_eval, summarise_pair_eval
 from pipeline.io import read_json, read_table, write_json, write_table
 from pipeline.sampling import TransformersSampler
 
@@ -47,12 +47,18 @@ def main(argv: list[str] | None = None) -> None:
         pl.Series("lp_w", lw, dtype=pl.Float64), pl.Series("lp_l", ll, dtype=pl.Float64),
         pl.lit(args.variant).alias("variant"), bucketise(pairs, cfg.pairs.distance_buckets))
     summary = summarise_pair_eval(table, tagging.bucket_labels(cfg.pairs.distance_buckets))
+    rubric = None
+    if params.llm_rubric:
+        from pipeline.judges import get_judge
+
+        judge = get_judge("llm", min_gap=cfg.judge.min_gap, llm=cfg.judge.llm)
+        rubric = {**rubric_eval(judge, gens, prompts), "judge": judge.name}
 
     # Outputs
     write_table(gens, paths.eval_generations(args.variant), "generations")
     write_table(table, paths.eval_table(args.variant), "pair_eval")
     metrics = {"variant": args.variant, "test_accuracy": accuracy, "test_accuracy_before": before["test_accuracy"],
-               "heldout": summary}
+               "heldout": summary, "llm_rubric": rubric}
     write_json(metrics, paths.metrics_file(f"eval/{args.variant}"))
     log.info("%s: test accuracy %.1f%% (before %.1f%%); held-out lp_w %s -> %s", args.variant, 100 * accuracy,
              100 * before["test_accuracy"], _fmt(summary.get("ref_w")), _fmt(summary.get("lp_w")))

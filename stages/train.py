@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"{data['ref_w'].null_count()} training pairs; rerun the reference stage")
     examples = [PairExample(tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"]),
                             r["ref_w"], r["ref_l"]) for r in data.iter_rows(named=True)]
-    buckets = [tagging.bucket_of(v, cfg.pairs.distance_buckets) for v in data["edit_distance_norm"]]
+    buckets = [tagging.bucket_slug(tagging.bucket_of(v, cfg.pairs.distance_buckets)) for v in data["edit_distance_norm"]]
     probe_set = prompts.filter(pl.col("split") == "test").sort("prompt_id").head(s.probe_prompts)
     probe = Probe(tuple(probe_set["prompt"]), s.probe_every, cfg.evaluate.generation.max_new_tokens) \
         if s.probe_every else None

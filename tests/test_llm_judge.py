@@ -417,3 +417,16 @@ def test_sigkill_mid_run_then_rerun_repeats_no_answered_request(tmp_path):
     text = all_text_under(tmp_path)
     assert "Sending HTTP Request" in text  # run2 logged at DEBUG
     assert KEY not in text and KEY[8:] not in text
+
+
+def test_evaluation_rubric_eval_over_greedy_generations(tmp_path, monkeypatch):
+    from pipeline.evaluation import rubric_eval
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    prompts = pl.DataFrame([{"prompt_id": f"e{i}", "prompt": f"qid=e{i} what?", "answer": "1"} for i in range(4)])
+    gens = pl.DataFrame([{"prompt_id": f"e{i}", "model": "dpo", "text": f"cid=e{i}-c0 q={s} Answer: 1",
+                          "extracted_answer": "1", "correct": True} for i, s in enumerate([5, 4, 2, 7])])
+    with FakeOpenAI(KEY, faults={"e3-c0": ["range"] * 10}) as srv:  # e3: an out-of-range score, every time
+        out = rubric_eval(make_judge(srv.base_url, tmp_path), gens, prompts)
+    assert out["n_scored"] == 3 and out["failed"] == 1
+    assert out["five_point_rate"] == pytest.approx(1 / 3) and out["four_five_point_rate"] == pytest.approx(2 / 3)
