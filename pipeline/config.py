@@ -167,8 +167,6 @@ class ReferenceParams(_Strict):
 
 
 # --------------------------------------------------------------------------------------------- train
-TRAIN_SETTINGS = ("lr", "epochs", "batch_size", "grad_accum", "max_length", "seed", "weight_decay",
-                  "warmup_steps", "max_grad_norm", "bf16", "probe_every", "probe_prompts")
 
 
 class LossTerm(_Strict):
@@ -202,26 +200,18 @@ class RuntimeParams(_Strict):
     checkpoint_dir: str = ".cache/checkpoints"
 
 
+TRAIN_SETTINGS = tuple(TrainSettings.model_fields)
+
+
 class Variant(_Strict):
     name: str
     losses: tuple[LossTerm, ...]
     settings: TrainSettings
 
 
-class TrainParams(_Strict):
-    model_config = ConfigDict(extra="allow", frozen=True)  # 'variants' parsed by hand below
-    lr: float = Field(1e-5, gt=0)
-    epochs: int = Field(2, ge=1)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(256, ge=8)
-    seed: int = 0
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float = Field(10.0, gt=0)
-    bf16: bool = True
-    probe_every: int = Field(4, ge=0)
-    probe_prompts: int = Field(8, ge=1)
+class TrainParams(TrainSettings):
+    """Settings shared by all variants (a variant may override any), the runtime, and the variants."""
+
     runtime: RuntimeParams = RuntimeParams()
     variants: dict[str, Any] = Field(default_factory=dict)
 

@@ -79,3 +79,8 @@ def test_variant_overrides_and_combined_terms():
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_unknown_train_key_is_refused():
+    with pytest.raises(ConfigError, match=r"train\.lrr"):
+        parse_params(_with("train.lrr", 1e-5))
