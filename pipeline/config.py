@@ -224,6 +224,7 @@ class EvaluateParams(_Strict):
     llm_rubric: bool = False
 
 
+from pipeline.dvc_runner import FlowParams  # noqa: E402  (Prefect flows; no Prefect import)
 from pipeline.toy import ToyParams  # noqa: E402  (the toy stage's own section)
 
 
@@ -242,6 +243,7 @@ class Params(_Strict):
     evaluate: EvaluateParams = EvaluateParams()
     report: ReportParams = ReportParams()
     toy: ToyParams = ToyParams()
+    flows: FlowParams = FlowParams()
     variants: dict[str, Variant] = Field(default_factory=dict)
 
 
