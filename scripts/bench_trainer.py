@@ -16,9 +16,12 @@ no eval, no logging, no saving. One warm-up step runs first and is not timed.
 tokens/s = (prompt + chosen + rejected tokens of the timed steps' pairs, counted from the data) /
 training-loop wall time. Memory: ``train peak`` is the peak RSS of the training loop minus the RSS
 right after the policy was loaded (a TRL reference model loaded later counts as training memory);
-``abs peak`` is the whole child process's peak RSS. Needs the ``bench`` extra (``pip install -e .[bench]``).
+``abs peak`` is the whole child process's peak RSS. ``CPU s`` / ``tok/CPU-s`` use the process CPU time
+instead of wall time: a cross-check when other processes share the CPU (then also try ``--threads 1``:
+with every core busy, OpenMP threads waiting for a descheduled sibling distort wall times badly).
+Needs the ``bench`` extra (``pip install -e '.[bench]'``).
 
-    python scripts/bench_trainer.py --steps 12 --batch-size 8 --max-length 160 --out reports/bench_trainer.json
+    python scripts/bench_trainer.py --steps 12 --batch-size 8 --max-length 160 --out bench_trainer.json
 """
 
 from __future__ import annotations
@@ -241,7 +244,7 @@ def child(spec_path: str, config: str, result_path: str) -> None:
         data = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "chosen": [r["chosen"] for r in rows],
                                   "rejected": [r["rejected"] for r in rows]})
         cfg = DPOConfig(
-            output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=total_steps,
+            output_dir=str(Path(spec_path).parent / f"trl-{config}"), max_steps=total_steps,
             per_device_train_batch_size=bs, gradient_accumulation_steps=1, learning_rate=a["lr"],
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=a["max_grad_norm"],
             beta=a["beta"], loss_type=["sigmoid"], max_length=L, bf16=False, fp16=False,
@@ -270,12 +273,13 @@ def child(spec_path: str, config: str, result_path: str) -> None:
     if len(stamps) != total_steps:
         raise RuntimeError(f"{config}: {len(stamps)} step stamps for {total_steps} steps")
     seconds = stamps[-1] - stamps[0]  # steps 1..N: the warm-up step 0 ends at stamps[0]
+    cpu_s = cpu_stamps[-1] - cpu_stamps[0]
     timed = seen[bs: total_steps * bs]
     tokens, seq_tokens, truncated = _tokens_of(timed, L)
     out.update({
         "tokens": tokens, "seq_tokens": seq_tokens, "truncated_tokens": truncated, "seconds": seconds,
-        "tokens_per_s": tokens / seconds, "cpu_s": cpu_stamps[-1] - cpu_stamps[0],
-        "tokens_per_cpu_s": tokens / (cpu_stamps[-1] - cpu_stamps[0]), "step_s": [b - a_ for a_, b in zip(stamps, stamps[1:])],
+        "tokens_per_s": tokens / seconds, "cpu_s": cpu_s, "tokens_per_cpu_s": tokens / cpu_s,
+        "step_s": [b - a_ for a_, b in zip(stamps, stamps[1:])],
         "train_peak_mb": hwm_train - rss_loaded if can_reset else None,
         "abs_peak_mb": max(hwm_load, hwm_init, hwm_train), "init_s": init_s,
         "init_peak_mb": hwm_init, "peak_reset_supported": can_reset, "threads": torch.get_num_threads(),
