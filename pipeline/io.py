@@ -29,12 +29,18 @@ def _tmp_sibling(path: Path, suffix: str = "") -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary file path; on success it replaces ``path``, on error it is removed."""
+def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path; on success it replaces ``path``, on error it is removed.
+
+    ``fsync=True`` flushes the file to disk before the rename (for records that must survive a
+    crash of the machine, not just of the process)."""
     path = Path(path)
     tmp = _tmp_sibling(path, path.suffix)
     try:
         yield tmp
+        if fsync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

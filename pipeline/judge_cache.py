@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from pipeline.io import atomic_path
 
 CACHE_ENV = "DPO_JUDGE_CACHE"
 FORMAT = 1
@@ -77,19 +78,8 @@ class JudgeCache:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = (json.dumps({**record, "key": key}, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        with atomic_path(path, fsync=True) as tmp:
+            tmp.write_bytes(data)
 
     def keys(self) -> list[str]:
         if not self.dir.is_dir():

@@ -8,7 +8,7 @@ A backend implements :class:`Sampler`; :func:`get_sampler` picks one by the name
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,8 +39,7 @@ class Candidate:
 class Sampler(Protocol):
     model_id: str
 
-    def generate(self, prompts: Sequence[str], settings: GenerationSettings,
-                 on_batch: Callable[[int, list[list[Candidate]]], None] | None = None) -> list[list[Candidate]]:
+    def generate(self, prompts: Sequence[str], settings: GenerationSettings) -> list[list[Candidate]]:
         """Return ``settings.n`` candidates for each prompt, in prompt order."""
 
 
@@ -66,7 +65,7 @@ class TransformersSampler:
         return self
 
     @torch.no_grad()
-    def generate(self, prompts, settings, on_batch=None, progress: str | None = "sampling"):
+    def generate(self, prompts, settings, progress: str | None = "sampling"):
         from tqdm.auto import tqdm
 
         tok, model = self.tokenizer, self.model
@@ -98,7 +97,6 @@ class TransformersSampler:
             # Raw logits (before temperature / top-p): the policy's own log-prob of each token.
             logits = torch.stack(out.logits, 1).float().cpu()
             lps = torch.log_softmax(logits, -1).gather(-1, gen[..., None]).squeeze(-1)
-            batch_out: list[list[Candidate]] = []
             for r, i in enumerate(idx):
                 cands = []
                 for k in range(settings.n):
@@ -112,9 +110,6 @@ class TransformersSampler:
                         token_ids=tuple(toks), logprob_sum=float(lps[row, :n_tok].sum()),
                         finish_reason="stop" if stop else "length"))
                 results[i] = cands
-                batch_out.append(cands)
-            if on_batch is not None:
-                on_batch(b, batch_out)
             bar.update(len(idx))
         bar.close()
         return results  # type: ignore[return-value]

@@ -52,5 +52,4 @@ def test_dvc_repro_end_to_end_and_reruns(repo):
     # sampling temperature: from sampling on, not before
     set_param(repo, "sample.temperature", 1.2)
     again = ran(run(["dvc", "repro"], repo))
-    assert {"sample", "judge", "pairs"} <= again and not again & {"prepare", "policy"}
-    assert "report" in again or "reference" in again
+    assert {"sample", "judge", "pairs"} <= again <= ALL - {"prepare", "policy", "toy"}
