@@ -55,8 +55,10 @@ class PrepareParams(_Strict):
 
 # --------------------------------------------------------------------------------------------- policy
 class GenerationParams(_Strict):
+    """Greedy decoding of the test prompts (policy.eval before training, evaluate.generation after)."""
+    backend: Literal["transformers", "vllm"] = "transformers"
     max_new_tokens: int = Field(48, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)  # transformers: sequences per generate call
 
 
 class WarmupParams(_Strict):
@@ -78,13 +80,42 @@ class PolicyParams(_Strict):
 
 # --------------------------------------------------------------------------------------------- sample
 class SampleParams(_Strict):
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["transformers", "vllm"] = "transformers"
     n: int = Field(4, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(48, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)  # transformers: sequences per generate call
     seed: int = 0
+    # Prompts per saved chunk: a killed stage reruns only the chunks it had not finished.
+    chunk_size: int = Field(64, ge=1)
+    # Candidates whose sampler log-prob is re-computed by the training code (the difference is reported).
+    logprob_check: int = Field(64, ge=0)
+    # Finished chunks, outside every DVC output (a relative path is taken from the repository root,
+    # also from a `dvc exp` temp workspace); not a DVC param, changing it reruns nothing.
+    cache_dir: str = ".cache/samples"
+
+
+class OtherSampleParams(SampleParams):
+    """Candidates of another model: the rejected side of scenarios 3 and 4 (stage sample_other)."""
+    # A builtin name, a local model folder or hf:<org>/<name>. Sampled only when pairs.scenario is 3
+    # or 4; otherwise the stage writes an empty table.
+    model: str = "smollm2-135m-instruct"
+
+
+class VLLMParams(_Strict):
+    """vLLM engines (sample.backend / sample_other.backend / *.eval backend: vllm). How to run, not
+    what: not a DVC param of any stage."""
+    tensor_parallel_size: int = Field(1, ge=1)  # GPUs per engine
+    data_parallel_size: int = Field(1, ge=0)  # engines, each on a shard of the prompts; 0: all visible GPUs
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: int = Field(1024, ge=16)  # prompt + response tokens per sequence
+    max_num_seqs: int = Field(256, ge=1)  # sequences per engine step
+    enforce_eager: bool = True  # false: torch.compile (faster on GPUs, slow to start on small CPUs)
+    cpu_kvcache_space_gb: float = Field(2.0, gt=0)  # CPU build only (VLLM_CPU_KVCACHE_SPACE)
+
+    def sampler_kwargs(self) -> dict:
+        return self.model_dump()
 
 
 # --------------------------------------------------------------------------------------------- judge
@@ -236,6 +267,8 @@ class Params(_Strict):
     prepare: PrepareParams = PrepareParams()
     policy: PolicyParams = PolicyParams()
     sample: SampleParams = SampleParams()
+    sample_other: OtherSampleParams = OtherSampleParams()
+    vllm: VLLMParams = VLLMParams()
     judge: JudgeParams = JudgeParams()
     pairs: PairsParams = PairsParams()
     reference: ReferenceParams = ReferenceParams()
@@ -315,9 +348,15 @@ def parse_params(raw: dict[str, Any] | None, source: str = DEFAULT_PARAMS) -> Pa
         if not name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"{source}: train.variants.{name}: variant names may use letters, digits, - and _")
     _check_model(params.policy.model, "policy.model", source)
-    if params.pairs.scenario in (3, 4):
-        raise ConfigError(f"{source}: pairs.scenario: scenarios 3 and 4 need samples from another model, "
-                          "which this version does not sample yet; use 1 or 2")
+    _check_model(params.sample_other.model, "sample_other.model", source)
+    if params.policy.eval.backend != params.evaluate.generation.backend:
+        raise ConfigError(f"{source}: evaluate.generation.backend: {params.evaluate.generation.backend!r} differs "
+                          f"from policy.eval.backend {params.policy.eval.backend!r}; accuracy before and after "
+                          "training must come from the same decoder")
+    if params.pairs.scenario == 3 and params.judge.backend == "llm" and params.judge.llm.mode == "listwise":
+        raise ConfigError(f"{source}: pairs.scenario: scenario 3 compares the policy's best with the other "
+                          "model's worst across two judged groups, which needs absolute scores: use "
+                          "judge.backend rule or judge.llm.mode rubric")
     return params.model_copy(update={"variants": variants})
 
 

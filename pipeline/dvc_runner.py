@@ -91,6 +91,40 @@ class RoundsParams(_Strict):
     save_experiments: bool = True  # also record each round as a DVC experiment <name>-round-<r>
 
 
+Scenarios = list[int]  # (an alias: ScenariosParams has a field named `list`)
+
+
+class ScenariosParams(_Strict):
+    """``python -m pipeline.flows scenarios``: one DVC experiment per ``pairs.scenario`` (seed 001's four
+    data scenarios), one train variant, compared side by side in a report."""
+    list: Scenarios = Field(default_factory=lambda: [1, 2, 3, 4])  # pairs.scenario values, one experiment each
+    variant: str = "dpo"  # the train.variants entry (the loss) compared across scenarios: targets evaluate@<variant>
+    max_parallel: int = Field(1, ge=1)  # experiments at once (`dvc exp run --temp` each)
+    report: str = "reports/scenarios.md"  # the side-by-side report (also a Prefect markdown artifact)
+    timeout_s: float = Field(0.0, ge=0)  # per experiment; 0: none
+    retries: int = Field(0, ge=0)  # per experiment
+
+    @field_validator("list")
+    @classmethod
+    def _scenarios(cls, v: Scenarios) -> Scenarios:
+        if not v:
+            raise ValueError("needs at least one scenario (1, 2, 3 or 4)")
+        bad = [k for k in v if k not in (1, 2, 3, 4)]
+        if bad:
+            raise ValueError(f"unknown scenario(s) {bad}: each must be 1, 2, 3 or 4")
+        dup = sorted({k for k in v if v.count(k) > 1})
+        if dup:
+            raise ValueError(f"scenario(s) {dup} listed more than once")
+        return v
+
+    @field_validator("variant")
+    @classmethod
+    def _variant(cls, v: str) -> str:
+        if not v or not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
+            raise ValueError(f"{v!r} is not a train.variants name")
+        return v
+
+
 class FlowParams(_Strict):
     """The ``flows:`` section of params.yaml: how Prefect runs the DVC stages. No stage depends on it."""
     defaults: StageTaskSettings = StageTaskSettings()
@@ -114,6 +148,7 @@ class FlowParams(_Strict):
         "cpu": "dpo-pipeline/k8s-cpu-stages", "gpu": "dpo-pipeline/k8s-gpu-stages"})
     sweep: SweepParams = SweepParams()
     rounds: RoundsParams = RoundsParams()
+    scenarios: ScenariosParams = ScenariosParams()
 
     def for_stage(self, stage: str) -> StageTaskSettings:
         merged = self.defaults.model_dump()
@@ -467,8 +502,9 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def experiments(repo: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every experiment of ``dvc exp show --json``: {name, rev, baseline, params, metrics}, with params
-    flattened to dotted keys (of params.yaml) and metrics to ``<file>:<dotted key>``."""
+    """Every experiment of ``dvc exp show --json``: {name, rev, baseline, params, metrics, metric_files},
+    with params flattened to dotted keys (of params.yaml), metrics to ``<file>:<dotted key>``, and
+    metric_files each metrics file's content as it was written (``{"metrics/pairs.json": {...}}``)."""
     data = json.loads(dvc_output(["exp", "show", "--json"], repo) or "[]")
     out: list[dict[str, Any]] = []
     for base in data:
@@ -479,10 +515,11 @@ def experiments(repo: str | os.PathLike) -> list[dict[str, Any]]:
                 for file, content in (d.get("params") or {}).items():
                     for k, v in flatten(content.get("data") or {}).items():
                         params[k if file == PARAMS_FILE else f"{file}:{k}"] = v
-                metrics = {f"{file}:{k}": v for file, content in (d.get("metrics") or {}).items()
-                           for k, v in flatten(content.get("data") or {}).items()}
+                metric_files = {file: (content or {}).get("data") or {}
+                                for file, content in (d.get("metrics") or {}).items()}
+                metrics = {f"{file}:{k}": v for file, content in metric_files.items() for k, v in flatten(content).items()}
                 out.append({"name": rev.get("name"), "rev": rev.get("rev"), "baseline": base.get("name"),
-                            "params": params, "metrics": metrics})
+                            "params": params, "metrics": metrics, "metric_files": metric_files})
     return out
 
 

@@ -10,6 +10,8 @@ per-stage retries and timeouts, the stage logs in the run log, and artifacts.
   recorded as a DVC experiment (``dvc exp show``, ``dvc exp apply <name>``).
 - :func:`sweep_flow`: a grid of params, one ``dvc exp run --temp`` experiment per point, at most
   ``max_parallel`` at once; ends with a comparison table artifact.
+- :func:`scenarios_flow`: seed 001's data scenarios (``pairs.scenario`` 1-4) for one loss, one experiment
+  each (the sweep machinery), compared side by side in ``reports/scenarios.md``.
 - :func:`rounds_flow`: iterative (on-policy) DPO: round r > 1 starts from round r-1's trained model.
 - :func:`cluster_flow`: the pipeline split into CPU and GPU segments, each run by its own deployment.
 
@@ -26,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ from pipeline.dvc_runner import (  # noqa: F401  (re-exported: the settings live
     FlowParams,
     FlowParamsError,
     RoundsParams,
+    ScenariosParams,
     StageFailed,
     StageTaskSettings,
     SweepParams,
@@ -47,8 +51,8 @@ from pipeline.dvc_runner import (  # noqa: F401  (re-exported: the settings live
     parse_flow_params,
 )
 
-__all__ = ["FlowParams", "StageFailed", "pipeline_flow", "sweep_flow", "rounds_flow", "cluster_flow",
-           "load_flow_params", "kubernetes_job_template"]
+__all__ = ["FlowParams", "StageFailed", "pipeline_flow", "sweep_flow", "scenarios_flow", "rounds_flow",
+           "cluster_flow", "load_flow_params", "kubernetes_job_template"]
 
 
 # ============================================================================================ tasks
@@ -203,6 +207,34 @@ def _wait_any(futures: list) -> None:
                 return
 
 
+def _run_experiments(root: Path, fp: FlowParams, names: list[str], points: list[dict[str, Any]],
+                     targets: list[str], parallel: int, warm_start: bool, retries: int,
+                     timeout_s: float) -> list[str]:
+    """One ``dvc exp run --temp`` task per point, at most ``parallel`` at once; with ``warm_start`` the
+    first point runs alone, so the stages every point shares land in DVC's run-cache once. Each finished
+    experiment is pushed (``flows.git_remote``). Returns the names of the experiments that failed."""
+    exp_task = dvc_experiment.with_options(retries=retries)
+    futures, pending = [], []
+    for i, (exp, point) in enumerate(zip(names, points)):
+        if len(pending) >= parallel:
+            _wait_any(pending)
+            pending = [f for f in pending if not f.state.is_final()]
+        fut = exp_task.with_options(task_run_name=exp).submit(exp, str(root), point, targets, timeout_s,
+                                                              fp.log_tail_lines)
+        futures.append(fut)
+        pending.append(fut)
+        if i == 0 and warm_start and len(points) > 1:
+            fut.wait()  # its stages go to the run-cache before the other points start
+    failed = []
+    for exp, fut in zip(names, futures):
+        fut.wait()
+        if not fut.state.is_completed():
+            failed.append(exp)
+        else:
+            _push_experiment(root, fp, exp)
+    return failed
+
+
 @flow(name="dpo-sweep")
 def sweep_flow(grid: dict[str, list[Any]] | None = None, max_parallel: int | None = None,
                targets: list[str] | None = None, name: str | None = None, repo: str = ".") -> dict[str, Any]:
@@ -226,26 +258,7 @@ def sweep_flow(grid: dict[str, list[Any]] | None = None, max_parallel: int | Non
     points = dvc_runner.grid_points(grid)
     names = [f"{prefix}-{i + 1}" for i in range(len(points))]
     logger.info("sweep %s: %d experiments over %s, %d at a time", prefix, len(points), ", ".join(grid), parallel)
-    exp_task = dvc_experiment.with_options(retries=sp.retries)
-
-    futures, pending = [], []
-    for i, (exp, point) in enumerate(zip(names, points)):
-        if len(pending) >= parallel:
-            _wait_any(pending)
-            pending = [f for f in pending if not f.state.is_final()]
-        fut = exp_task.with_options(task_run_name=exp).submit(exp, str(root), point, targets, sp.timeout_s,
-                                                              fp.log_tail_lines)
-        futures.append(fut)
-        pending.append(fut)
-        if i == 0 and sp.warm_start and len(points) > 1:
-            fut.wait()  # its stages go to the run-cache before the other points start
-    failed = []
-    for exp, fut in zip(names, futures):
-        fut.wait()
-        if not fut.state.is_completed():
-            failed.append(exp)
-        else:
-            _push_experiment(root, fp, exp)
+    failed = _run_experiments(root, fp, names, points, targets, parallel, sp.warm_start, sp.retries, sp.timeout_s)
 
     by_name = {e["name"]: e for e in dvc_runner.experiments(root)}
     rows = []
@@ -265,6 +278,90 @@ def sweep_flow(grid: dict[str, list[Any]] | None = None, max_parallel: int | Non
         # the failing tasks already raised with the experiment's name and log tail
         raise RuntimeError(f"sweep {prefix}: {len(failed)} of {len(points)} experiments failed: {', '.join(failed)}")
     return {"name": prefix, "experiments": names, "table": rows, "markdown": table}
+
+
+# ============================================================================================ scenarios
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``: a reader sees
+    the old report or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _scenario_rows(exps: list[dict[str, Any]], names: Mapping[int, str], failed: list[str],
+                   variant: str) -> list[dict[str, Any]]:
+    """The input of :func:`pipeline.report.scenario_table`: per scenario its experiment's status and the
+    contents of metrics/pairs.json and metrics/eval/<variant>.json (from ``dvc exp show``)."""
+    by_name = {e["name"]: e for e in exps}
+    rows = []
+    for k, exp in names.items():
+        files = (by_name.get(exp) or {}).get("metric_files") or {}
+        rows.append({"scenario": k, "status": "failed" if exp in failed else "done", "experiment": exp,
+                     "pairs": files.get("metrics/pairs.json") or {},
+                     "eval": files.get(f"metrics/eval/{variant}.json") or {}})
+    return rows
+
+
+@flow(name="dpo-scenarios")
+def scenarios_flow(scenarios: list[int] | None = None, variant: str | None = None, name: str | None = None,
+                   repo: str = ".") -> dict[str, Any]:
+    """Seed 001's data scenarios side by side for one loss: one DVC experiment per ``pairs.scenario``
+    (default ``flows.scenarios.list``), each ``dvc exp run --temp -S pairs.scenario=<k> evaluate@<variant>``
+    (so only the stages that variant needs run), at most ``flows.scenarios.max_parallel`` at once after
+    the first (which runs alone: prepare, policy, sample and judge are shared and land in DVC's
+    run-cache once). Then ``flows.scenarios.report`` (and the markdown artifact ``dpo-scenarios``) puts
+    the experiments' pair and evaluation metrics side by side, one column per scenario. The same
+    experiments as a sweep with ``flows.sweep.grid: {pairs.scenario: [1, 2, 3, 4]}``."""
+    from pipeline.report import scenario_table
+
+    logger = get_run_logger()
+    root = Path(repo).resolve()
+    fp = load_flow_params(root)
+    settings = fp.scenarios.model_dump()
+    if scenarios is not None:
+        settings["list"] = list(scenarios)
+    if variant:
+        settings["variant"] = variant
+    sc = parse_flow_params({"scenarios": settings}, source="scenarios_flow").scenarios  # validated
+    variant = sc.variant
+    targets = [f"evaluate@{variant}"]
+    nodes, _ = dvc_runner.stage_graph(root)
+    if targets[0] not in nodes:  # fail early on a typo
+        known = sorted(n.split("@", 1)[1] for n in nodes if dvc_runner.group_of(n) == "evaluate" and "@" in n)
+        raise ValueError(f"scenarios_flow: no stage {targets[0]!r}: variant {variant!r} is not in train.variants "
+                         f"(known: {', '.join(known) or 'none'})")
+    prefix = name or f"scenarios-{_flow_run_name()}"
+    names = {k: f"{prefix}-s{k}" for k in sc.list}
+    points = [{"pairs.scenario": k} for k in sc.list]
+    logger.info("scenarios %s: %s with %s, %d at a time", prefix, ", ".join(map(str, sc.list)), variant,
+                sc.max_parallel)
+    failed = _run_experiments(root, fp, list(names.values()), points, targets, sc.max_parallel, True, sc.retries,
+                              sc.timeout_s)
+    try:
+        exps = dvc_runner.experiments(root)
+    except RuntimeError as e:
+        logger.warning("dvc exp show failed, the report has no metrics: %s", e)
+        exps = []
+    rows = _scenario_rows(exps, names, failed, variant)
+    markdown = scenario_table(rows, variant)
+    report = root / sc.report
+    _write_atomic(report, markdown)
+    create_markdown_artifact(markdown=markdown, key="dpo-scenarios",
+                             description=f"scenarios {prefix}: {variant} on pairs.scenario {sc.list} ({sc.report})")
+    logger.info("scenarios report: %s\n%s", report, markdown)
+    if failed:
+        raise RuntimeError(f"scenarios {prefix}: {len(failed)} of {len(names)} experiments failed: "
+                           f"{', '.join(failed)} (report: {report})")
+    return {"name": prefix, "variant": variant, "experiments": list(names.values()), "rows": rows,
+            "report": str(report), "markdown": markdown}
 
 
 # ============================================================================================ rounds
@@ -477,6 +574,11 @@ def main(argv: list[str] | None = None) -> Any:
     s.add_argument("-j", "--max-parallel", type=int)
     s.add_argument("-n", "--name")
     s.add_argument("targets", nargs="*")
+    c = sub.add_parser("scenarios", help="one DVC experiment per pairs.scenario for one loss, side by side")
+    c.add_argument("--variant", help="the train variant (loss) compared (default: flows.scenarios.variant)")
+    c.add_argument("--list", dest="scenarios", type=int, nargs="+", choices=(1, 2, 3, 4), metavar="K",
+                   help="scenarios to run, e.g. --list 1 3 (default: flows.scenarios.list)")
+    c.add_argument("-n", "--name", help="experiment name prefix (experiments <name>-s<k>)")
     o = sub.add_parser("rounds", help="on-policy rounds (iterative DPO)")
     o.add_argument("-R", "--rounds", type=int)
     o.add_argument("--variant")
@@ -495,6 +597,10 @@ def main(argv: list[str] | None = None) -> Any:
             raise SystemExit("each --grid value must be a list, e.g. train.variants.dpo.beta=[0.1,0.3]")
         res = sweep_flow(grid=grid, max_parallel=a.max_parallel, targets=a.targets or None, name=a.name,
                          repo=a.repo)
+        print(res["markdown"])
+        return res
+    elif a.cmd == "scenarios":
+        res = scenarios_flow(scenarios=a.scenarios, variant=a.variant, name=a.name, repo=a.repo)
         print(res["markdown"])
         return res
     elif a.cmd == "rounds":

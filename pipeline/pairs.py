@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Callable
 
 import polars as pl
 
@@ -19,42 +20,62 @@ def is_heldout(prompt_id: str, fraction: float, seed: int) -> bool:
 
 def build_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.DataFrame,
                 selections: pl.DataFrame, tokenizer, scenario: int, heldout_fraction: float,
-                seed: int) -> tuple[pl.DataFrame, dict]:
+                seed: int, policy_logprobs: Callable[[list[list[int]], list[list[int]]], list[float]],
+                min_gap: float = 1e-9) -> tuple[pl.DataFrame, dict]:
     """One pair per usable prompt; returns the pairs table and counts of what was skipped and why.
 
-    Scenario 1: the judge's best and worst policy samples of a group with a clear winner (tied
-    groups are dropped). Scenario 2: the gold solution against the judge's worst policy sample,
-    provided that sample is not correct (tied groups qualify: all-wrong groups are the point).
+    The chosen side comes from the policy (the judge's best sample) or the dataset (the gold
+    solution), the rejected side from the policy or another model (the judge's worst sample of that
+    model's group), as seed 001's Table 4 scenarios ask (``tagging.SCENARIO_SOURCES``):
+
+    1. policy best vs policy worst of a group with a clear winner (tied groups are dropped);
+    2. gold vs the policy's worst, provided that sample is not correct (all-wrong groups qualify);
+    3. policy best vs the other model's worst, provided the judge scores them at least ``min_gap`` apart;
+    4. gold vs the other model's worst, provided that sample is not correct.
+
+    ``policy_logprobs(prompt_ids, response_ids)`` gives summed log-probs under the starting policy:
+    every pair records both sides' log-prob under it, so how on-policy a pair is can be read off.
     """
     chosen_src, rejected_src = tagging.SCENARIO_SOURCES[scenario]
-    if "other" in (chosen_src, rejected_src):
-        raise ValueError(f"pairs.scenario: scenario {scenario} needs samples from another model")
-    cand = {(r["prompt_id"], r["candidate_idx"]): r for r in candidates.iter_rows(named=True)}
-    corr = {(r["prompt_id"], r["candidate_idx"]): r["correct"] for r in scores.iter_rows(named=True)}
+    cand = {(r["prompt_id"], r["source"], r["candidate_idx"]): r for r in candidates.iter_rows(named=True)}
+    score = {(r["prompt_id"], r["source"], r["candidate_idx"]): r for r in scores.iter_rows(named=True)}
+    sel = {(r["prompt_id"], r["source"]): r for r in selections.iter_rows(named=True)}
     prm = {r["prompt_id"]: r for r in prompts.iter_rows(named=True)}
     skipped: Counter[str] = Counter()
     rows = []
-    for sel in selections.sort("prompt_id").iter_rows(named=True):
-        pid = sel["prompt_id"]
+    for pid in sorted({k[0] for k in sel}):
         p = prm.get(pid)
         if p is None:
             raise ValueError(f"selections: prompt_id {pid!r} is not in the prompts table")
-        if sel["status"] == "failed":
-            skipped["judge_failed"] += 1
+        rej_sel = sel.get((pid, rejected_src))
+        if rej_sel is None:
+            skipped[f"no_{rejected_src}_samples"] += 1
             continue
-        worst = cand[(pid, sel["worst_idx"])]
-        if scenario == 1:
-            if sel["status"] != "ok":
+        if rej_sel["status"] == "failed":
+            skipped[f"judge_failed_{rejected_src}"] += 1
+            continue
+        rkey = (pid, rejected_src, rej_sel["worst_idx"])
+        worst, worst_correct = cand[rkey], score[rkey]["correct"]
+        if chosen_src == "policy":
+            ch_sel = sel.get((pid, "policy"))
+            if ch_sel is None or ch_sel["status"] == "failed":
+                skipped["judge_failed_policy"] += 1
+                continue
+            if scenario == 1 and ch_sel["status"] != "ok":
                 skipped["tie"] += 1
                 continue
-            chosen = cand[(pid, sel["best_idx"])]
+            ckey = (pid, "policy", ch_sel["best_idx"])
+            if scenario == 3 and score[ckey]["score"] - score[rkey]["score"] < min_gap:
+                skipped["no_score_gap"] += 1
+                continue
+            chosen = cand[ckey]
             c_ids, c_text, c_lp = list(chosen["token_ids"]), chosen["text"], chosen["logprob_sum"]
-            c_correct = corr.get((pid, sel["best_idx"]))
+            c_correct = score[ckey]["correct"]
         else:
             if p["solution"] is None:
                 skipped["no_gold_solution"] += 1
                 continue
-            if corr.get((pid, sel["worst_idx"])):
+            if worst_correct:
                 skipped["worst_is_correct"] += 1
                 continue
             c_text = p["solution"]
@@ -75,7 +96,7 @@ def build_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.Data
             "chosen_source": chosen_src,
             "rejected_source": rejected_src,
             "chosen_correct": c_correct,
-            "rejected_correct": corr.get((pid, sel["worst_idx"])),
+            "rejected_correct": worst_correct,
             "chosen_sampler_logprob": c_lp,
             "rejected_sampler_logprob": worst["logprob_sum"],
             "scenario": scenario,
@@ -87,5 +108,26 @@ def build_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.Data
         })
     from pipeline.schema import empty, schema_of
 
-    df = pl.DataFrame(rows, schema=schema_of("pairs")) if rows else empty("pairs")
-    return df, dict(skipped)
+    if not rows:
+        return empty("pairs"), dict(skipped)
+    prompts_ids = [r["prompt_ids"] for r in rows]
+    lw = policy_logprobs(prompts_ids, [r["chosen_ids"] for r in rows])
+    ll = policy_logprobs(prompts_ids, [r["rejected_ids"] for r in rows])
+    for r, w, l in zip(rows, lw, ll):
+        r["chosen_policy_logprob"], r["rejected_policy_logprob"] = float(w), float(l)
+    return pl.DataFrame(rows, schema=schema_of("pairs")), dict(skipped)
+
+
+def on_policy_summary(pairs: pl.DataFrame) -> dict:
+    """How on-policy the pairs are: mean per-token log-prob of each side under the starting policy,
+    and, for sides the policy sampled itself, how far the sampler's log-prob is from the policy's."""
+    if len(pairs) == 0:
+        return {}
+    out = {}
+    for side, n in (("chosen", "len_w"), ("rejected", "len_l")):
+        out[f"{side}_policy_logprob_per_token"] = (pairs[f"{side}_policy_logprob"] / pairs[n]).mean()
+        own = pairs.filter(pl.col(f"{side}_source") == "policy")
+        if len(own):
+            d = (own[f"{side}_sampler_logprob"] - own[f"{side}_policy_logprob"]).abs()
+            out[f"{side}_sampler_vs_policy_abs_diff"] = {"mean": d.mean(), "max": d.max(), "n": len(own)}
+    return out

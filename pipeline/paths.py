@@ -5,6 +5,7 @@ QUARANTINE = "data/quarantine.jsonl"
 POLICY_DIR = "models/policy"
 POLICY_GENERATIONS = "data/policy/generations.parquet"
 CANDIDATES = "data/candidates.parquet"
+CANDIDATES_OTHER = "data/candidates_other.parquet"
 SCORES = "data/judge/scores.parquet"
 SELECTIONS = "data/judge/selections.parquet"
 PAIRS = "data/pairs.parquet"
@@ -30,3 +31,8 @@ def eval_generations(variant: str) -> str:
 
 def metrics_file(stage: str) -> str:
     return f"{METRICS}/{stage}.json"
+
+
+def candidates(source: str) -> str:
+    """The policy's candidates, or another model's (scenarios 3 and 4)."""
+    return {"policy": CANDIDATES, "other": CANDIDATES_OTHER}[source]

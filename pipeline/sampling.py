@@ -1,15 +1,16 @@
 """Sampling N candidates per prompt behind one interface.
 
 A backend implements :class:`Sampler`; :func:`get_sampler` picks one by the name in
-``params.yaml`` (``sample.backend``). The transformers backend runs anywhere; a GPU backend
-(vLLM) plugs into the same registry and must return the same :class:`Candidate` records.
+``params.yaml`` (``sample.backend``, ``evaluate.generation.backend``). ``transformers`` runs
+anywhere; ``vllm`` (:mod:`pipeline.vllm_backend`, an optional extra imported only when selected)
+returns the same :class:`Candidate` records.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import torch
@@ -39,8 +40,12 @@ class Candidate:
 class Sampler(Protocol):
     model_id: str
 
-    def generate(self, prompts: Sequence[str], settings: GenerationSettings) -> list[list[Candidate]]:
+    def generate(self, prompts: Sequence[str], settings: GenerationSettings,
+                 progress: str | None = "sampling") -> list[list[Candidate]]:
         """Return ``settings.n`` candidates for each prompt, in prompt order."""
+
+    def close(self) -> None:
+        """Free the model / engines (GPU memory) before the caller loads another model."""
 
 
 class TransformersSampler:
@@ -63,6 +68,9 @@ class TransformersSampler:
         self.model, self.tokenizer, self.model_id, self.batch_size = model, tokenizer, model_id, batch_size
         self.device = next(model.parameters()).device
         return self
+
+    def close(self) -> None:
+        self.model = None
 
     @torch.no_grad()
     def generate(self, prompts, settings, progress: str | None = "sampling"):
@@ -115,7 +123,121 @@ class TransformersSampler:
         return results  # type: ignore[return-value]
 
 
+def _vllm(model_path: str, **kwargs) -> Sampler:
+    from pipeline.vllm_backend import VLLMSampler  # vLLM itself is imported only when an engine starts
+
+    return VLLMSampler(model_path, **kwargs)
+
+
+SAMPLERS = {"transformers": TransformersSampler, "vllm": _vllm}
+
+
 def get_sampler(backend: str, model_path: str, **kwargs) -> Sampler:
-    if backend == "transformers":
-        return TransformersSampler(model_path, **kwargs)
-    raise ValueError(f"sample.backend: unknown backend {backend!r} (available: transformers)")
+    if backend not in SAMPLERS:
+        raise ValueError(f"sample.backend: unknown backend {backend!r} (available: {sorted(SAMPLERS)})")
+    return SAMPLERS[backend](model_path, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- resume
+CHUNK_COLUMNS = ("prompt_id", "candidate_idx", "text", "token_ids", "logprob_sum", "finish_reason")
+
+
+def chunk_key(material: dict) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:24]
+
+
+def sample_resumable(sampler: Sampler, prompt_ids: Sequence[str], prompts: Sequence[str],
+                     settings: GenerationSettings, chunk_size: int, cache_dir, identity: dict,
+                     progress: str | None = "sampling") -> tuple[list[list[Candidate]], dict]:
+    """Sample ``prompts`` in chunks of ``chunk_size``, each chunk saved (atomically) as soon as it is done.
+
+    A chunk's file name is a hash of everything that determines its candidates: ``identity`` (the
+    model fingerprint, backend, dtype, batch size ...), ``settings`` and the chunk's prompt ids and
+    texts. A rerun after a crash finds the finished chunks and samples only the rest; the chunks are
+    fixed by the prompt order, so the resumed result is the one an uninterrupted run gives.
+    Returns the candidates in prompt order and ``{chunks, chunks_reused, prompts_reused}``.
+    """
+    from pathlib import Path
+
+    import polars as pl
+    from tqdm.auto import tqdm
+
+    from pipeline.io import atomic_path
+
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    base = {"identity": identity, "settings": asdict(settings)}
+    results: list[list[Candidate]] = []
+    reused = reused_prompts = 0
+    starts = range(0, len(prompts), chunk_size)
+    bar = tqdm(total=len(prompts), desc=progress, disable=progress is None, unit="prompt")
+    for s in starts:
+        ids, texts = list(prompt_ids[s: s + chunk_size]), list(prompts[s: s + chunk_size])
+        path = cache / f"chunk-{chunk_key({**base, 'prompt_ids': ids, 'prompts': texts})}.parquet"
+        cands = _read_chunk(path, ids, settings.n) if path.exists() else None
+        if cands is not None:
+            reused += 1
+            reused_prompts += len(ids)
+        else:
+            cands = sampler.generate(texts, settings, progress=None)
+            rows = [{"prompt_id": pid, "candidate_idx": k, "text": c.text, "token_ids": list(c.token_ids),
+                     "logprob_sum": c.logprob_sum, "finish_reason": c.finish_reason}
+                    for pid, per in zip(ids, cands) for k, c in enumerate(per)]
+            with atomic_path(path, fsync=True) as tmp:
+                pl.DataFrame(rows, schema={"prompt_id": pl.String, "candidate_idx": pl.Int32, "text": pl.String,
+                                           "token_ids": pl.List(pl.Int32), "logprob_sum": pl.Float64,
+                                           "finish_reason": pl.String}).write_parquet(tmp)
+        results.extend(cands)
+        bar.update(len(ids))
+    bar.close()
+    return results, {"chunks": len(starts), "chunks_reused": reused, "prompts_reused": reused_prompts,
+                     "cache_dir": str(cache)}
+
+
+def _read_chunk(path, ids: list[str], n: int) -> list[list[Candidate]] | None:
+    """A saved chunk, or None (and a warning) if it is unreadable or not the expected prompts."""
+    import polars as pl
+
+    try:
+        df = pl.read_parquet(path)
+        groups = {pid: g.sort("candidate_idx") for (pid,), g in df.group_by("prompt_id")}
+        if set(groups) != set(ids) or any(len(g) != n for g in groups.values()):
+            raise ValueError("prompts or candidate counts differ from the chunk's key")
+    except Exception as e:  # noqa: BLE001 - a damaged chunk is resampled, never trusted
+        log.warning("ignoring cached chunk %s (%s); sampling it again", path, e)
+        return None
+    return [[Candidate(r["text"], tuple(r["token_ids"]), r["logprob_sum"], r["finish_reason"])
+             for r in groups[pid].iter_rows(named=True)] for pid in ids]
+
+
+def sampler_for(backend: str, model_path: str, *, dtype: str, batch_size: int, vllm=None,
+                model_id: str | None = None) -> Sampler:
+    """The sampler a stage asks for in params: transformers (batch_size) or vLLM (the ``vllm`` section)."""
+    if backend == "vllm":
+        return get_sampler("vllm", model_path, dtype=dtype, model_id=model_id,
+                           **(vllm.sampler_kwargs() if vllm is not None else {}))
+    return get_sampler(backend, model_path, dtype=dtype, batch_size=batch_size, model_id=model_id)
+
+
+def logprob_check(model_path: str, dtype: str, prompts: Sequence[str], candidates: Sequence[Candidate],
+                  batch_size: int = 16) -> dict:
+    """Re-score sampled tokens with the training code path; report how far the sampler's log-probs are off."""
+    from pipeline import modeling
+    from pipeline.logprobs import batched_logprobs
+
+    if not candidates:
+        return {"n": 0}
+    tok = modeling.load_tokenizer(model_path)
+    model = modeling.load_model(model_path, dtype, modeling.device_for()).eval()
+    prompt_ids = [encode_prompt(tok, p) for p in prompts]
+    resp = [list(c.token_ids) for c in candidates]
+    longest = max(len(p) + len(r) for p, r in zip(prompt_ids, resp))
+    train_lp, n_tok = batched_logprobs(model, prompt_ids, resp, tok.pad_token_id, batch_size, longest)
+    diffs = [c.logprob_sum - t for c, t in zip(candidates, train_lp)]
+    per_tok = [abs(d) / max(1, n) for d, n in zip(diffs, n_tok)]
+    return {"n": len(diffs), "mean_diff": sum(diffs) / len(diffs), "mean_abs_diff": sum(map(abs, diffs)) / len(diffs),
+            "max_abs_diff": max(map(abs, diffs)), "mean_abs_diff_per_token": sum(per_tok) / len(per_tok),
+            "dtype": dtype}

@@ -46,18 +46,21 @@ TABLES: dict[str, dict[str, Column]] = {
         "source": C(pl.String),  # policy | other
         "model": C(pl.String),  # model folder fingerprint the candidate was sampled from
     },
-    # judge: one score per candidate.
+    # judge: one score per candidate (a candidate is (prompt_id, source, candidate_idx)).
     "scores": {
         "prompt_id": C(pl.String),
+        "source": C(pl.String),  # policy | other
         "candidate_idx": C(pl.Int32),
         "score": C(pl.Float64),
         "correct": C(pl.Boolean, nullable=True),
         "extracted_answer": C(pl.String, nullable=True),
         "judge": C(pl.String),
     },
-    # judge: best and worst per group; status ok | tie (all equally good or bad) | failed.
+    # judge: best and worst per group (a prompt's candidates from one source);
+    # status ok | tie (all equally good or bad) | failed.
     "selections": {
         "prompt_id": C(pl.String),
+        "source": C(pl.String),  # policy | other
         "status": C(pl.String),
         "best_idx": C(pl.Int32, nullable=True),
         "worst_idx": C(pl.Int32, nullable=True),
@@ -80,8 +83,11 @@ TABLES: dict[str, dict[str, Column]] = {
         "rejected_source": C(pl.String),
         "chosen_correct": C(pl.Boolean, nullable=True),
         "rejected_correct": C(pl.Boolean, nullable=True),
-        "chosen_sampler_logprob": C(pl.Float64, nullable=True),  # null for gold text
+        "chosen_sampler_logprob": C(pl.Float64, nullable=True),  # under the model that sampled it; null for gold
         "rejected_sampler_logprob": C(pl.Float64, nullable=True),
+        # Under the starting policy: how on-policy each side is (policy samples: ~ the sampler's own).
+        "chosen_policy_logprob": C(pl.Float64),
+        "rejected_policy_logprob": C(pl.Float64),
         "scenario": C(pl.Int8),
         "edit_distance": C(pl.Int32),  # token-level Levenshtein distance
         "edit_distance_norm": C(pl.Float64),  # / max(len_w, len_l)

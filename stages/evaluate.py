@@ -12,7 +12,7 @@ from pipeline.cli import setup_logging, stage_parser
 from pipeline.config import ConfigError, load_params
 from pipeline.evaluation import bucketise, greedy_eval, pair_logprobs, rubric_eval, summarise_pair_eval
 from pipeline.io import read_json, read_table, write_json, write_table
-from pipeline.sampling import TransformersSampler
+from pipeline.sampling import sampler_for
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -32,14 +32,19 @@ def main(argv: list[str] | None = None) -> None:
     ref = read_table(paths.REFERENCE, "reference")
     before = read_json(paths.metrics_file("policy"))
     model_dir = paths.model_dir(args.variant)
-    model = modeling.load_model(model_dir, cfg.policy.dtype, modeling.device_for()).eval()
     tokenizer = modeling.load_tokenizer(model_dir)
 
-    # Work: greedy accuracy, then held-out log-probs against the reference ("before")
-    sampler = TransformersSampler.from_model(model, tokenizer, modeling.fingerprint(model_dir),
-                                             params.generation.batch_size)
-    gens, accuracy = greedy_eval(sampler, prompts, params.generation.max_new_tokens, args.variant,
-                                 progress=f"eval {args.variant}")
+    # Work: greedy accuracy (the generation backend gets the device alone), then held-out log-probs
+    # against the reference ("before")
+    gen = params.generation
+    sampler = sampler_for(gen.backend, model_dir, dtype=cfg.policy.dtype, batch_size=gen.batch_size,
+                          vllm=cfg.vllm, model_id=modeling.fingerprint(model_dir))
+    try:
+        gens, accuracy = greedy_eval(sampler, prompts, gen.max_new_tokens, args.variant,
+                                     progress=f"eval {args.variant}")
+    finally:
+        sampler.close()
+    model = modeling.load_model(model_dir, cfg.policy.dtype, modeling.device_for()).eval()
     lw, ll, _, _ = pair_logprobs(model, pairs, tokenizer.pad_token_id, params.batch_size,
                                  cfg.reference.max_length, progress=f"eval {args.variant}")
     table = pairs.select("pair_id", "len_w", "len_l", "edit_distance_norm").join(

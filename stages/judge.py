@@ -32,14 +32,21 @@ def main(argv: list[str] | None = None) -> None:
     # Inputs and params
     params = load_params(args.params).judge
     prompts = read_table(paths.PROMPTS, "prompts")
-    candidates = read_table(paths.CANDIDATES, "candidates")
+    # The other model's candidates are empty unless pairs.scenario is 3 or 4.
+    candidates = pl.concat([read_table(paths.candidates(src), "candidates") for src in ("policy", "other")])
 
-    # Work: one group per prompt, candidates in index order
+    # Work: one group per prompt and source, candidates in index order. A group's id is the prompt id
+    # for the policy's candidates and "<prompt id>@<source>" for another source's.
     by_prompt = {r["prompt_id"]: r for r in prompts.iter_rows(named=True)}
-    groups = []
-    for (pid,), g in candidates.sort("prompt_id", "candidate_idx").group_by("prompt_id", maintain_order=True):
-        p = by_prompt[pid]
-        groups.append(Group(pid, p["prompt"], p["answer"], tuple(
+    groups, group_key = [], {}
+    for (pid, src), g in candidates.sort("source", "prompt_id", "candidate_idx").group_by(
+            "prompt_id", "source", maintain_order=True):
+        p = by_prompt.get(pid)
+        if p is None:
+            raise ValueError(f"{paths.candidates(src)}: prompt_id {pid!r} is not in {paths.PROMPTS}")
+        gid = pid if src == "policy" else f"{pid}@{src}"
+        group_key[gid] = (pid, src)
+        groups.append(Group(gid, p["prompt"], p["answer"], tuple(
             CandidateView(r["candidate_idx"], r["text"], r["num_tokens"], r["finish_reason"])
             for r in g.iter_rows(named=True))))
     judge = get_judge(params.backend, min_gap=params.min_gap, llm=params.llm)
@@ -57,29 +64,37 @@ def main(argv: list[str] | None = None) -> None:
     # Outputs
     score_rows, sel_rows = [], []
     for v in verdicts:
+        pid, src = group_key[v.prompt_id]
         by_idx = {s.idx: s for s in v.scores}
         # A candidate the judge failed on has no score row (never a made-up score); it is counted below.
-        score_rows += [{"prompt_id": v.prompt_id, "candidate_idx": s.idx, "score": s.score, "correct": s.correct,
-                        "extracted_answer": s.extracted_answer, "judge": judge.name}
+        score_rows += [{"prompt_id": pid, "source": src, "candidate_idx": s.idx, "score": s.score,
+                        "correct": s.correct, "extracted_answer": s.extracted_answer, "judge": judge.name}
                        for s in v.scores if s.score is not None]
         best, worst = by_idx.get(v.best), by_idx.get(v.worst)
-        sel_rows.append({"prompt_id": v.prompt_id, "status": v.status,
+        sel_rows.append({"prompt_id": pid, "source": src, "status": v.status,
                          "best_idx": v.best, "worst_idx": v.worst,
                          "best_score": best.score if best else None, "worst_score": worst.score if worst else None,
                          "best_correct": best.correct if best else None,
                          "worst_correct": worst.correct if worst else None})
     scores = write_table(pl.DataFrame(score_rows, schema=schema_of("scores")), paths.SCORES, "scores")
     write_table(pl.DataFrame(sel_rows, infer_schema_length=None), paths.SELECTIONS, "selections")
-    status = Counter(v.status for v in verdicts)
-    metrics = {"judge": judge.name, "n_groups": len(verdicts), "kept": status.get("ok", 0),
+    policy_verdicts = [v for v in verdicts if group_key[v.prompt_id][1] == "policy"]
+    status = Counter(v.status for v in policy_verdicts)
+    metrics = {"judge": judge.name, "n_groups": len(policy_verdicts), "kept": status.get("ok", 0),
                "dropped_tie": status.get("tie", 0), "dropped_failed": status.get("failed", 0),
-               "candidate_accuracy": scores["correct"].cast(pl.Float64).mean(),
+               "candidate_accuracy": scores.filter(pl.col("source") == "policy")["correct"].cast(pl.Float64).mean(),
                "groups_with_mixed_correctness": sum(
-                   1 for v in verdicts if len({s.correct for s in v.scores}) > 1),
+                   1 for v in policy_verdicts if len({s.correct for s in v.scores}) > 1),
                "failed_candidates": sum(s.score is None for v in verdicts for s in v.scores)}
+    other = [v for v in verdicts if group_key[v.prompt_id][1] != "policy"]
+    if other:
+        metrics["other"] = {"n_groups": len(other), "failed": sum(v.status == "failed" for v in other),
+                            "candidate_accuracy": scores.filter(pl.col("source") != "policy")["correct"]
+                            .cast(pl.Float64).mean()}
     if params.backend == "llm":
         metrics["llm"] = judge.metrics  # usage, cost, failures, cache hits, position bias
-        write_text("".join(json.dumps({"prompt_id": v.prompt_id, "status": v.status, "best_idx": v.best,
+        write_text("".join(json.dumps({"prompt_id": group_key[v.prompt_id][0], "source": group_key[v.prompt_id][1],
+                                       "status": v.status, "best_idx": v.best,
                                        "worst_idx": v.worst, "scores": {str(s.idx): s.score for s in v.scores},
                                        **v.extra}, sort_keys=True) + "\n" for v in verdicts), JUDGEMENTS)
     elif Path(JUDGEMENTS).exists():

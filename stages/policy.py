@@ -13,7 +13,7 @@ from pipeline.config import load_params
 from pipeline.evaluation import greedy_eval
 from pipeline.io import read_table, write_json, write_table
 from pipeline.logprobs import encode_prompt, encode_response
-from pipeline.sampling import TransformersSampler
+from pipeline.sampling import TransformersSampler, sampler_for
 from pipeline.training import train_sft
 
 log = logging.getLogger("pipeline.policy")
@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__).parse_args(argv)
     setup_logging()
     # Inputs and params
-    params = load_params(args.params).policy
+    cfg = load_params(args.params)
+    params = cfg.policy
     prompts = read_table(paths.PROMPTS, "prompts")
 
     # Load (the builtin GGUF model is converted once and cached)
@@ -49,9 +50,17 @@ def main(argv: list[str] | None = None) -> None:
                         {"source": params.model, "warmup": params.warmup.model_dump() if params.warmup.enabled
                          else None})
     model_id = modeling.fingerprint(paths.POLICY_DIR)
-    sampler = TransformersSampler.from_model(model, tokenizer, model_id, params.eval.batch_size)
+    if params.eval.backend == "transformers":
+        sampler = TransformersSampler.from_model(model, tokenizer, model_id, params.eval.batch_size)
+    else:
+        del model  # free the device for the vLLM engine
+        sampler = sampler_for(params.eval.backend, paths.POLICY_DIR, dtype=params.dtype,
+                              batch_size=params.eval.batch_size, vllm=cfg.vllm, model_id=model_id)
     test = prompts.filter(pl.col("split") == "test")
-    gens, accuracy = greedy_eval(sampler, test, params.eval.max_new_tokens, "policy")
+    try:
+        gens, accuracy = greedy_eval(sampler, test, params.eval.max_new_tokens, "policy")
+    finally:
+        sampler.close()
     write_table(gens, paths.POLICY_GENERATIONS, "generations")
     metrics = {"test_accuracy": accuracy, "n_test": len(test), "model_fingerprint": model_id,
                "warmup_steps": len(sft_losses), "warmup_final_loss": sft_losses[-1] if sft_losses else None,

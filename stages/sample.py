@@ -1,8 +1,14 @@
-"""Stage `sample`: N candidates per train prompt from the starting policy."""
+"""Stage `sample` / `sample_other`: N candidates per train prompt, from the starting policy
+(``--source policy``, params ``sample``) or from another model (``--source other``, params
+``sample_other``; only when ``pairs.scenario`` is 3 or 4, else an empty table).
+
+Finished chunks of prompts are kept under ``<section>.cache_dir``, so a stage killed half-way and
+rerun samples only what it had not finished."""
 
 from __future__ import annotations
 
 import logging
+import random
 
 import polars as pl
 
@@ -10,37 +16,66 @@ from pipeline import modeling, paths
 from pipeline.cli import setup_logging, stage_parser
 from pipeline.config import load_params
 from pipeline.io import read_table, write_json, write_table
-from pipeline.sampling import GenerationSettings, get_sampler
+from pipeline.judge_cache import resolve_cache_dir
+from pipeline.sampling import GenerationSettings, logprob_check, sample_resumable, sampler_for
+from pipeline.schema import empty
 
 log = logging.getLogger("pipeline.sample")
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_parser(__doc__).parse_args(argv)
+    parser = stage_parser(__doc__)
+    parser.add_argument("--source", choices=["policy", "other"], default="policy")
+    args = parser.parse_args(argv)
     setup_logging()
     # Inputs and params
     cfg = load_params(args.params)
-    params = cfg.sample
-    prompts = read_table(paths.PROMPTS, "prompts").filter(pl.col("split") == "train")
+    params = cfg.sample if args.source == "policy" else cfg.sample_other
+    out_path, metrics_path = paths.candidates(args.source), paths.metrics_file(
+        "sample" if args.source == "policy" else "sample_other")
+    prompts = read_table(paths.PROMPTS, "prompts").filter(pl.col("split") == "train").sort("prompt_id")
+    if args.source == "other" and cfg.pairs.scenario not in (3, 4):
+        write_table(empty("candidates"), out_path, "candidates")
+        write_json({"source": "other", "sampled": False, "reason": f"pairs.scenario is {cfg.pairs.scenario}"},
+                   metrics_path)
+        log.info("pairs.scenario %d uses no other-model samples; wrote an empty %s", cfg.pairs.scenario, out_path)
+        return
+    model_path = paths.POLICY_DIR if args.source == "policy" else modeling.resolve(params.model)
 
-    # Work
-    sampler = get_sampler(params.backend, paths.POLICY_DIR, batch_size=params.batch_size, dtype=cfg.policy.dtype)
+    # Work: sample in resumable chunks, then re-score a few candidates with the training code
+    model_id = modeling.fingerprint(model_path)
     settings = GenerationSettings(n=params.n, temperature=params.temperature, top_p=params.top_p,
                                   max_new_tokens=params.max_new_tokens, seed=params.seed)
-    outs = sampler.generate(prompts["prompt"].to_list(), settings)
+    identity = {"model": model_id, "backend": params.backend, "dtype": cfg.policy.dtype,
+                **({"batch_size": params.batch_size} if params.backend == "transformers" else {})}
+    sampler = sampler_for(params.backend, model_path, dtype=cfg.policy.dtype, batch_size=params.batch_size,
+                          vllm=cfg.vllm, model_id=model_id)
+    try:
+        outs, resume = sample_resumable(sampler, prompts["prompt_id"].to_list(), prompts["prompt"].to_list(),
+                                        settings, params.chunk_size,
+                                        resolve_cache_dir(params.cache_dir) / args.source, identity,
+                                        progress=f"sample {args.source}")
+    finally:
+        sampler.close()
     rows = [{"prompt_id": pid, "candidate_idx": k, "text": c.text, "token_ids": list(c.token_ids),
              "num_tokens": len(c.token_ids), "logprob_sum": c.logprob_sum, "finish_reason": c.finish_reason,
-             "source": "policy", "model": sampler.model_id}
+             "source": args.source, "model": model_id}
             for pid, cands in zip(prompts["prompt_id"], outs) for k, c in enumerate(cands)]
+    flat = [(p, c) for p, cands in zip(prompts["prompt"], outs) for c in cands]
+    picked = random.Random(params.seed).sample(flat, min(params.logprob_check, len(flat)))
+    check = logprob_check(model_path, cfg.policy.dtype, [p for p, _ in picked], [c for _, c in picked])
 
     # Outputs
-    df = write_table(pl.DataFrame(rows), paths.CANDIDATES, "candidates")
-    metrics = {"n_prompts": len(prompts), "n_candidates": len(df),
-               "mean_tokens": df["num_tokens"].mean(), "stopped_share": (df["finish_reason"] == "stop").mean(),
-               "mean_logprob": df["logprob_sum"].mean(), "model_fingerprint": sampler.model_id}
-    write_json(metrics, paths.metrics_file("sample"))
-    log.info("sampled %d candidates for %d prompts (mean %.1f tokens, %.0f%% stopped)", len(df), len(prompts),
-             metrics["mean_tokens"], 100 * metrics["stopped_share"])
+    df = write_table(pl.DataFrame(rows), out_path, "candidates")
+    metrics = {"source": args.source, "sampled": True, "backend": params.backend, "n_prompts": len(prompts),
+               "n_candidates": len(df), "mean_tokens": df["num_tokens"].mean(),
+               "stopped_share": (df["finish_reason"] == "stop").mean(), "mean_logprob": df["logprob_sum"].mean(),
+               "model_fingerprint": model_id, "resume": resume, "sampler_vs_training_logprob": check}
+    write_json(metrics, metrics_path)
+    log.info("sampled %d candidates for %d prompts with %s (mean %.1f tokens, %.0f%% stopped; %d/%d chunks "
+             "reused); sampler vs training log-prob: mean |diff| %.4f over %d candidates", len(df), len(prompts),
+             params.backend, metrics["mean_tokens"], 100 * metrics["stopped_share"], resume["chunks_reused"],
+             resume["chunks"], check.get("mean_abs_diff", float("nan")), check["n"])
 
 
 if __name__ == "__main__":

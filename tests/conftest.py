@@ -32,3 +32,11 @@ def tokenizer(smollm2_dir):
     from pipeline.modeling import load_tokenizer
 
     return load_tokenizer(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A second tiny random model: "another model" for scenarios 3 and 4."""
+    from pipeline.modeling import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_other") / "model", smollm2_dir, seed=1)

@@ -14,13 +14,17 @@ import yaml
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-def tiny_params(model_dir: Path) -> dict:
+def tiny_params(model_dir: Path, other_dir: Path | None = None) -> dict:
     p = yaml.safe_load((PROJECT / "params.yaml").read_text())
     p["prepare"].update(n_train=10, n_test=4, n_warmup=4)
     p["policy"].update(model=str(model_dir))
     p["policy"]["warmup"].update(batch_size=4, lr=1e-3)
     p["policy"]["eval"].update(max_new_tokens=6, batch_size=8)
-    p["sample"].update(n=3, max_new_tokens=6, batch_size=12)
+    # transformers: a tiny model samples in less time than a vLLM engine takes to start
+    p["sample"].update(backend="transformers", n=3, max_new_tokens=6, batch_size=12, logprob_check=4)
+    # Scenarios 3 and 4: another model's samples (a second tiny random model)
+    p["sample_other"].update(model=str(other_dir or model_dir), backend="transformers", n=2, max_new_tokens=6, batch_size=12,
+                             logprob_check=4)
     # A random tiny model gets every answer wrong, so all its groups tie: pair the gold solution
     # against its worst sample (scenario 2) to have something to train on.
     p["pairs"].update(scenario=2, heldout_fraction=0.3)

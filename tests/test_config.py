@@ -84,3 +84,23 @@ def test_missing_params_file(tmp_path):
 def test_unknown_train_key_is_refused():
     with pytest.raises(ConfigError, match=r"train\.lrr"):
         parse_params(_with("train.lrr", 1e-5))
+
+
+def test_backends_and_scenarios_are_checked(tmp_path):
+    assert parse_params(_with("sample.backend", "vllm")).sample.backend == "vllm"
+    with pytest.raises(ConfigError, match=r"sample\.backend"):
+        parse_params(_with("sample.backend", "tgi"))
+    with pytest.raises(ConfigError, match=r"vllm\.gpu_memory_utilization"):
+        parse_params(_with("vllm.gpu_memory_utilization", 1.5))
+    # accuracy before and after training must come from the same decoder
+    with pytest.raises(ConfigError, match=r"evaluate\.generation\.backend.*policy\.eval\.backend"):
+        parse_params(_with("evaluate.generation.backend", "vllm"))
+    with pytest.raises(ConfigError, match=r"sample_other\.model.*does not exist"):
+        parse_params(_with("sample_other.model", str(tmp_path / "nope")))
+    for k in (1, 2, 3, 4):
+        assert parse_params(_with("pairs.scenario", k)).pairs.scenario == k
+    raw = _with("pairs.scenario", 3)
+    raw["judge"].update(backend="llm")
+    raw["judge"]["llm"].update(mode="listwise")
+    with pytest.raises(ConfigError, match=r"pairs\.scenario.*absolute scores"):
+        parse_params(raw)

@@ -42,7 +42,8 @@ def workspace(tmp_path_factory, tiny_model_dir) -> Path:
                       "prompt_ids": encode_prompt(tok, q), "chosen_ids": w, "rejected_ids": l_,
                       "chosen_text": "", "rejected_text": "", "chosen_source": "policy", "rejected_source": "policy",
                       "chosen_correct": True, "rejected_correct": False, "chosen_sampler_logprob": None,
-                      "rejected_sampler_logprob": None, "scenario": 1, "edit_distance": 1,
+                      "rejected_sampler_logprob": None, "chosen_policy_logprob": -1.0,
+                      "rejected_policy_logprob": -2.0, "scenario": 1, "edit_distance": 1,
                       "edit_distance_norm": 1 / len(w), "first_diff": 2, "len_w": len(w), "len_l": len(l_)})
     pairs_df = pl.DataFrame(pairs)
     (rw, rl) = (batched_logprobs(model, pairs_df["prompt_ids"].to_list(), pairs_df[c].to_list(), tok.pad_token_id)[0]

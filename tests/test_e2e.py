@@ -7,13 +7,13 @@ import polars as pl
 import pytest
 from repo_utils import make_repo, ran, run, set_param, tiny_params
 
-ALL = {"prepare", "policy", "sample", "judge", "pairs", "reference", "train@dpo", "train@dpop",
+ALL = {"prepare", "policy", "sample", "sample_other", "judge", "pairs", "reference", "train@dpo", "train@dpop",
        "evaluate@dpo", "evaluate@dpop", "report", "toy"}
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_model_dir):
-    return make_repo(tmp_path_factory.mktemp("e2e"), tiny_params(tiny_model_dir))
+def repo(tmp_path_factory, tiny_model_dir, other_tiny_model_dir):
+    return make_repo(tmp_path_factory.mktemp("e2e"), tiny_params(tiny_model_dir, other_tiny_model_dir))
 
 
 def test_dvc_repro_end_to_end_and_reruns(repo):
@@ -52,4 +52,18 @@ def test_dvc_repro_end_to_end_and_reruns(repo):
     # sampling temperature: from sampling on, not before
     set_param(repo, "sample.temperature", 1.2)
     again = ran(run(["dvc", "repro"], repo))
-    assert {"sample", "judge", "pairs"} <= again <= ALL - {"prepare", "policy", "toy"}
+    assert {"sample", "judge", "pairs"} <= again <= ALL - {"prepare", "policy", "toy", "sample_other"}
+
+    # scenario 4: the other model is sampled (it was an empty table), judged, and rejects are its samples
+    assert len(read_table(repo / "data/candidates_other.parquet", "candidates")) == 0
+    set_param(repo, "pairs.scenario", 4)
+    assert ran(run(["dvc", "repro", "pairs"], repo)) == {"sample_other", "judge", "pairs"}
+    other = read_table(repo / "data/candidates_other.parquet", "candidates")
+    assert len(other) == 10 * 2 and set(other["source"]) == {"other"}
+    pairs = read_table(repo / "data/pairs.parquet", "pairs")
+    assert len(pairs) > 0 and set(pairs["rejected_source"]) == {"other"} and set(pairs["scenario"]) == {4}
+    by_pid = {r["prompt_id"]: r for r in other.filter(pl.col("candidate_idx") == 0).iter_rows(named=True)}
+    assert all(r["rejected_text"] in set(other.filter(pl.col("prompt_id") == r["prompt_id"])["text"])
+               for r in pairs.iter_rows(named=True)) and by_pid
+    pm = read_json(repo / "metrics/pairs.json")
+    assert pm["scenario"] == 4 and pm["on_policy"]["rejected_policy_logprob_per_token"] < 0

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Benchmark the sampling backends on the same prompts in one run (not a test).
+
+Both backends go through the pipeline's own samplers (``TransformersSampler``, ``VLLMSampler``)
+exactly as the sample stage calls them: the same model folder, dtype, prompts (reasoning-gym
+problems with the pipeline's instruction, chat template applied), ``n`` candidates per prompt,
+temperature, top-p and ``max_new_tokens``. Each backend runs in a fresh subprocess.
+
+tokens/s = generated tokens (every candidate's tokens, EOS included) / wall time of the
+``generate`` calls, after one untimed warm-up call on the first few prompts. Engine start-up
+(model load, KV-cache allocation, compilation) is printed separately, together with the
+end-to-end figure (start-up + warm-up + timed calls) that decides which backend makes a short
+pipeline run faster.
+
+    python scripts/bench_sampling.py --prompts 64 --n 8 --max-new-tokens 32 --out bench_sampling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _child(args) -> dict:
+    from pipeline import modeling
+    from pipeline.prompts import generate_reasoning_gym, make_prompt
+    from pipeline.sampling import GenerationSettings, get_sampler
+
+    torch_threads = None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        torch_threads = torch.get_num_threads()
+    model = str(modeling.resolve(args.model))
+    rows = generate_reasoning_gym("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
+                                  seed=1234, n=args.prompts + args.warmup_prompts)
+    prompts = [make_prompt(r["question"], " Give the final answer as 'Answer: <number>'.") for r in rows]
+    warm, timed = prompts[:args.warmup_prompts], prompts[args.warmup_prompts:]
+    settings = GenerationSettings(n=args.n, temperature=args.temperature, top_p=1.0,
+                                  max_new_tokens=args.max_new_tokens, seed=0)
+    t0 = time.perf_counter()
+    kwargs = ({"batch_size": args.batch_size} if args.backend == "transformers"
+              else {"enforce_eager": not args.compiled, "max_model_len": 512, "max_num_seqs": args.max_num_seqs})
+    sampler = get_sampler(args.backend, model, dtype=args.dtype, **kwargs)
+    startup = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    sampler.generate(warm, settings, progress=None)
+    warmup = time.perf_counter() - t1
+    t2, c2 = time.perf_counter(), time.process_time()
+    outs = sampler.generate(timed, settings, progress=None)
+    wall, cpu = time.perf_counter() - t2, time.process_time() - c2
+    tokens = sum(len(c.token_ids) for cands in outs for c in cands)
+    stopped = sum(c.finish_reason == "stop" for cands in outs for c in cands)
+    if hasattr(sampler, "close"):
+        sampler.close()
+    return {"backend": args.backend, "startup_s": startup, "warmup_s": warmup, "wall_s": wall,
+            "cpu_s_main_process": cpu, "tokens": tokens, "sequences": sum(len(c) for c in outs),
+            "stopped": stopped, "tok_per_s": tokens / wall, "end_to_end_s": startup + warmup + wall,
+            "torch_threads": torch_threads}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="builtin name or model folder")
+    ap.add_argument("--backends", default="transformers,vllm")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--warmup-prompts", type=int, default=4)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--batch-size", type=int, default=32, help="transformers: sequences per generate call")
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="vLLM: sequences per engine step")
+    ap.add_argument("--compiled", action="store_true", help="vLLM: torch.compile instead of enforce_eager")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in the transformers child (0: default)")
+    ap.add_argument("--out", help="write the figures as JSON here")
+    ap.add_argument("--backend", help=argparse.SUPPRESS)  # internal: run one backend in this process
+    args = ap.parse_args()
+
+    if args.backend:
+        print("RESULT " + json.dumps(_child(args)), flush=True)
+        return
+
+    results = {}
+    for backend in args.backends.split(","):
+        cmd = [sys.executable, __file__, "--backend", backend, *sys.argv[1:]]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ})
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"{backend}: failed (exit {proc.returncode})")
+        results[backend] = json.loads(line[len("RESULT "):])
+
+    print(f"model {args.model}, {args.dtype}, {args.prompts} prompts x n={args.n}, T={args.temperature}, "
+          f"max_new_tokens={args.max_new_tokens}; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'backend':<13}{'startup s':>10}{'gen s':>9}{'tokens':>8}{'tok/s':>9}{'end-to-end s':>14}")
+    for r in results.values():
+        print(f"{r['backend']:<13}{r['startup_s']:>10.1f}{r['wall_s']:>9.1f}{r['tokens']:>8d}"
+              f"{r['tok_per_s']:>9.1f}{r['end_to_end_s']:>14.1f}")
+    if {"transformers", "vllm"} <= results.keys():
+        t, v = results["transformers"], results["vllm"]
+        ratio = v["tok_per_s"] / t["tok_per_s"]
+        print(f"vllm / transformers: {ratio:.2f}x tokens/s; end-to-end {t['end_to_end_s'] / v['end_to_end_s']:.2f}x")
+        results["ratio_tok_per_s"] = ratio
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
