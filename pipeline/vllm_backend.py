@@ -219,7 +219,8 @@ class EnginePool:
         devices = list(devices) if devices is not None else [None] * n
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(n)]
-        self.procs = [ctx.Process(target=_engine_process, daemon=True, name=f"vllm-engine-{i}",
+        # Not daemonic: a vLLM engine starts processes of its own, which daemonic processes may not.
+        self.procs = [ctx.Process(target=_engine_process, daemon=False, name=f"vllm-engine-{i}",
                                   args=(i, devices[i], factory, asdict(engine_settings), eos_id,
                                         self.inboxes[i], self.outbox)) for i in range(n)]
         for p in self.procs:
