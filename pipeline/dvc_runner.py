@@ -142,7 +142,7 @@ class FlowParams(_Strict):
     # resource class of each stage (name or foreach group); cluster_flow sends each run of consecutive
     # stages of one class to that class's deployment
     resources: dict[str, Literal["cpu", "gpu"]] = Field(default_factory=lambda: {
-        "prepare": "cpu", "policy": "gpu", "sample": "gpu", "judge": "cpu", "pairs": "cpu",
+        "prepare": "cpu", "policy": "gpu", "sample": "gpu", "sample_other": "gpu", "judge": "cpu", "pairs": "cpu",
         "reference": "gpu", "train": "gpu", "evaluate": "gpu", "report": "cpu", "toy": "cpu"})
     deployments: dict[Literal["cpu", "gpu"], str] = Field(default_factory=lambda: {
         "cpu": "dpo-pipeline/k8s-cpu-stages", "gpu": "dpo-pipeline/k8s-gpu-stages"})

@@ -96,7 +96,7 @@ def single_process_run(workspace, tmp_path_factory) -> Path:
     return one
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_two_gloo_processes_match_one_process(workspace, single_process_run, tmp_path, strategy):
     one = single_process_run
     two = make_run(workspace, tmp_path / "two", nproc=2, backend="gloo", strategy=strategy)

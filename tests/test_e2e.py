@@ -49,11 +49,6 @@ def test_dvc_repro_end_to_end_and_reruns(repo):
     set_param(repo, "train.variants.dpo.beta", 0.3)
     assert ran(run(["dvc", "repro"], repo)) == {"train@dpo", "evaluate@dpo", "report"}
 
-    # sampling temperature: from sampling on, not before
-    set_param(repo, "sample.temperature", 1.2)
-    again = ran(run(["dvc", "repro"], repo))
-    assert {"sample", "judge", "pairs"} <= again <= ALL - {"prepare", "policy", "toy", "sample_other"}
-
     # scenario 4: the other model is sampled (it was an empty table), judged, and rejects are its samples
     assert len(read_table(repo / "data/candidates_other.parquet", "candidates")) == 0
     set_param(repo, "pairs.scenario", 4)
@@ -67,3 +62,12 @@ def test_dvc_repro_end_to_end_and_reruns(repo):
                for r in pairs.iter_rows(named=True)) and by_pid
     pm = read_json(repo / "metrics/pairs.json")
     assert pm["scenario"] == 4 and pm["on_policy"]["rejected_policy_logprob_per_token"] < 0
+
+
+@pytest.mark.slow
+def test_sampling_change_reruns_from_sampling_on(repo):
+    run(["dvc", "repro"], repo)
+    # sampling temperature: from sampling on, not before
+    set_param(repo, "sample.temperature", 1.2)
+    again = ran(run(["dvc", "repro"], repo))
+    assert {"sample", "judge", "pairs"} <= again <= ALL - {"prepare", "policy", "toy", "sample_other"}

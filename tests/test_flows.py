@@ -16,7 +16,7 @@ import pytest
 import yaml
 from repo_utils import make_repo, ran, run, tiny_params
 
-ALL = {"prepare", "policy", "sample", "judge", "pairs", "reference", "train@dpo", "train@dpop",
+ALL = {"prepare", "policy", "sample", "sample_other", "judge", "pairs", "reference", "train@dpo", "train@dpop",
        "evaluate@dpo", "evaluate@dpop", "report", "toy"}
 
 
@@ -339,6 +339,7 @@ def flowed_repo(tmp_path_factory, tiny_model_dir, prefect_harness):
     return repo, pipeline_flow(repo=str(repo))
 
 
+@pytest.mark.slow  # the real pipeline once more (test_e2e runs it with `dvc repro` in the default suite)
 def test_pipeline_flow_end_to_end_then_nothing(flowed_repo):
     repo, first = flowed_repo
     assert set(first["ran"]) == ALL and set(first["order"]) == ALL
