@@ -96,7 +96,9 @@ def single_process_run(workspace, tmp_path_factory) -> Path:
     return one
 
 
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+# Slow (2-3 min on 2 cores together): `make test-all` runs them.
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one_process(workspace, single_process_run, tmp_path, strategy):
     one = single_process_run
     two = make_run(workspace, tmp_path / "two", nproc=2, backend="gloo", strategy=strategy)
@@ -115,6 +117,7 @@ def test_two_gloo_processes_match_one_process(workspace, single_process_run, tmp
     assert json.loads((two / "models/dpo/pipeline.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(workspace, tmp_path):
     full = make_run(workspace, tmp_path / "full", checkpoint_every=3)
     run_stage(full)

@@ -58,6 +58,7 @@ def write_inputs(root: Path, groups: list[Group]) -> None:
                            "source": "policy", "model": "m"} for g in groups for c in g.candidates])
     write_table(prompts, root / "data/prompts.parquet", "prompts")
     write_table(cands, root / "data/candidates.parquet", "candidates")
+    write_table(cands.clear(), root / "data/candidates_other.parquet", "candidates")  # scenarios 1-2: empty
 
 
 def llm_params(base_url: str, cache_dir: Path, **kw) -> dict:
