@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -281,21 +280,6 @@ def sweep_flow(grid: dict[str, list[Any]] | None = None, max_parallel: int | Non
 
 
 # ============================================================================================ scenarios
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``: a reader sees
-    the old report or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _scenario_rows(exps: list[dict[str, Any]], names: Mapping[int, str], failed: list[str],
                    variant: str) -> list[dict[str, Any]]:
     """The input of :func:`pipeline.report.scenario_table`: per scenario its experiment's status and the
@@ -320,6 +304,7 @@ def scenarios_flow(scenarios: list[int] | None = None, variant: str | None = Non
     run-cache once). Then ``flows.scenarios.report`` (and the markdown artifact ``dpo-scenarios``) puts
     the experiments' pair and evaluation metrics side by side, one column per scenario. The same
     experiments as a sweep with ``flows.sweep.grid: {pairs.scenario: [1, 2, 3, 4]}``."""
+    from pipeline.io import write_text
     from pipeline.report import scenario_table
 
     logger = get_run_logger()
@@ -353,7 +338,7 @@ def scenarios_flow(scenarios: list[int] | None = None, variant: str | None = Non
     rows = _scenario_rows(exps, names, failed, variant)
     markdown = scenario_table(rows, variant)
     report = root / sc.report
-    _write_atomic(report, markdown)
+    write_text(markdown, report)  # atomic: a reader sees the old report or the new one
     create_markdown_artifact(markdown=markdown, key="dpo-scenarios",
                              description=f"scenarios {prefix}: {variant} on pairs.scenario {sc.list} ({sc.report})")
     logger.info("scenarios report: %s\n%s", report, markdown)

@@ -9,6 +9,8 @@ from typing import Any
 
 import matplotlib
 
+from pipeline import tagging
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -26,10 +28,10 @@ def read_live_history(live_dir: str | Path) -> dict[str, list[tuple[int, float]]
     return out
 
 
-def _f(x: Any, nd: int = 2) -> str:
+def _f(x: Any, nd: int = 2, signed: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
-    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+    return (f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}") if isinstance(x, float) else str(x)
 
 
 def plot_curves(histories: dict[str, dict], keys: list[str], path: Path, title: str) -> None:
@@ -194,44 +196,34 @@ def build_report(title: str, policy: dict, evals: dict[str, dict], histories: di
 
 
 # ============================================================================================ scenarios
-# seed 001's data scenarios: where the chosen / rejected responses come from (pipeline.tagging.SCENARIO_SOURCES)
-SCENARIO_LABELS = {1: "policy/policy", 2: "gold/policy", 3: "policy/other", 4: "gold/other"}
+# seed 001's data scenarios: where the chosen / rejected responses come from, e.g. "gold/policy"
+SCENARIO_LABELS = {k: f"{c}/{r}" for k, (c, r) in tagging.SCENARIO_SOURCES.items()}
 
 
 def _pct(x: Any, nd: int = 0) -> str:
     return "n/a" if not isinstance(x, (int, float)) or isinstance(x, bool) or math.isnan(x) else f"{100 * x:.{nd}f}%"
 
 
-def _num(x: Any, nd: int = 2, signed: bool = False) -> str:
-    if not isinstance(x, (int, float)) or isinstance(x, bool) or math.isnan(x):
-        return "n/a"
-    return f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}"
-
-
-def _count(x: Any) -> str:
-    return str(int(x)) if isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x) else "n/a"
-
-
 # (row label, value of one scenario's {"pairs": ..., "eval": ...} as text)
 _SCENARIO_ROWS: list[tuple[str, Any]] = [
-    ("train pairs", lambda p, e: _count(p.get("n_train"))),
-    ("held-out pairs", lambda p, e: _count(p.get("n_heldout"))),
+    ("train pairs", lambda p, e: _f(p.get("n_train"))),
+    ("held-out pairs", lambda p, e: _f(p.get("n_heldout"))),
     ("chosen: log-prob per token under the starting policy",
-     lambda p, e: _num((p.get("on_policy") or {}).get("chosen_policy_logprob_per_token"), 3)),
+     lambda p, e: _f((p.get("on_policy") or {}).get("chosen_policy_logprob_per_token"), 3)),
     ("rejected: log-prob per token under the starting policy",
-     lambda p, e: _num((p.get("on_policy") or {}).get("rejected_policy_logprob_per_token"), 3)),
-    ("held-out chosen before (ref_w)", lambda p, e: _num((e.get("heldout") or {}).get("ref_w"))),
-    ("held-out chosen after (lp_w)", lambda p, e: _num((e.get("heldout") or {}).get("lp_w"))),
-    ("Δ chosen (lp_w − ref_w)", lambda p, e: _num((e.get("heldout") or {}).get("delta_w"), signed=True)),
-    ("held-out rejected before (ref_l)", lambda p, e: _num((e.get("heldout") or {}).get("ref_l"))),
-    ("held-out rejected after (lp_l)", lambda p, e: _num((e.get("heldout") or {}).get("lp_l"))),
-    ("Δ rejected (lp_l − ref_l)", lambda p, e: _num((e.get("heldout") or {}).get("delta_l"), signed=True)),
+     lambda p, e: _f((p.get("on_policy") or {}).get("rejected_policy_logprob_per_token"), 3)),
+    ("held-out chosen before (ref_w)", lambda p, e: _f((e.get("heldout") or {}).get("ref_w"))),
+    ("held-out chosen after (lp_w)", lambda p, e: _f((e.get("heldout") or {}).get("lp_w"))),
+    ("Δ chosen (lp_w − ref_w)", lambda p, e: _f((e.get("heldout") or {}).get("delta_w"), signed=True)),
+    ("held-out rejected before (ref_l)", lambda p, e: _f((e.get("heldout") or {}).get("ref_l"))),
+    ("held-out rejected after (lp_l)", lambda p, e: _f((e.get("heldout") or {}).get("lp_l"))),
+    ("Δ rejected (lp_l − ref_l)", lambda p, e: _f((e.get("heldout") or {}).get("delta_l"), signed=True)),
     ("held-out pairs with lp_w < ref_w", lambda p, e: _pct((e.get("heldout") or {}).get("displaced_share"))),
     ("held-out pair accuracy (lp_w − lp_l > ref_w − ref_l)",
      lambda p, e: _pct((e.get("heldout") or {}).get("pair_accuracy"))),
     ("test accuracy before (starting policy)", lambda p, e: _pct(e.get("test_accuracy_before"), 1)),
     ("test accuracy after", lambda p, e: _pct(e.get("test_accuracy"), 1)),
-    ("mean normalised edit distance chosen↔rejected", lambda p, e: _num(p.get("mean_edit_distance_norm"), 3)),
+    ("mean normalised edit distance chosen↔rejected", lambda p, e: _f(p.get("mean_edit_distance_norm"), 3)),
 ]
 
 

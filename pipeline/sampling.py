@@ -144,9 +144,10 @@ CHUNK_COLUMNS = ("prompt_id", "candidate_idx", "text", "token_ids", "logprob_sum
 
 def chunk_key(material: dict) -> str:
     import hashlib
-    import json
 
-    return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:24]
+    from pipeline.judge_cache import canonical_json
+
+    return hashlib.sha256(canonical_json(material).encode()).hexdigest()[:24]
 
 
 def sample_resumable(sampler: Sampler, prompt_ids: Sequence[str], prompts: Sequence[str],

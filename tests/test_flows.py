@@ -254,12 +254,6 @@ def test_scenarios_settings_rows_and_cli(tmp_path, monkeypatch, capsys):
                      "eval": {"test_accuracy": 0.5}},
                     {"scenario": 3, "status": "failed", "experiment": "c-s3", "pairs": {}, "eval": {}}]
 
-    # the report is replaced in one rename, no temporary file left behind
-    report = tmp_path / "reports" / "scenarios.md"
-    flows._write_atomic(report, "old\n")
-    flows._write_atomic(report, "new\n")
-    assert report.read_text() == "new\n" and [p.name for p in report.parent.iterdir()] == ["scenarios.md"]
-
     # the CLI: python -m pipeline.flows scenarios [--variant V] [--list K ...] [-n NAME]
     calls = []
     monkeypatch.setattr(flows, "scenarios_flow", lambda **kw: calls.append(kw) or {"markdown": "| table |"})
