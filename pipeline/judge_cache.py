@@ -46,9 +46,11 @@ def repo_root(start: str | os.PathLike | None = None) -> Path:
     return cwd
 
 
-def resolve_cache_dir(configured: str | os.PathLike, start: str | os.PathLike | None = None) -> Path:
-    """``$DPO_JUDGE_CACHE`` if set, else ``configured`` (absolute as is, relative to :func:`repo_root`)."""
-    env = os.environ.get(CACHE_ENV)
+def resolve_cache_dir(configured: str | os.PathLike, start: str | os.PathLike | None = None,
+                      env_var: str | None = CACHE_ENV) -> Path:
+    """``$<env_var>`` (default ``DPO_JUDGE_CACHE``) if set, else ``configured`` (absolute as is, relative
+    to :func:`repo_root`). Other caches (the sample chunks) pass their own variable or None."""
+    env = os.environ.get(env_var) if env_var else None
     path = Path(env or configured).expanduser()
     return path if path.is_absolute() else repo_root(start) / path
 

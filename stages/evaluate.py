@@ -12,7 +12,7 @@ from pipeline.cli import setup_logging, stage_parser
 from pipeline.config import ConfigError, load_params
 from pipeline.evaluation import bucketise, greedy_eval, pair_logprobs, rubric_eval, summarise_pair_eval
 from pipeline.io import read_json, read_table, write_json, write_table
-from pipeline.sampling import sampler_for
+from pipeline.sampling import TransformersSampler, sampler_for
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -36,15 +36,20 @@ def main(argv: list[str] | None = None) -> None:
 
     # Work: greedy accuracy (the generation backend gets the device alone), then held-out log-probs
     # against the reference ("before")
-    gen = params.generation
-    sampler = sampler_for(gen.backend, model_dir, dtype=cfg.policy.dtype, batch_size=gen.batch_size,
-                          vllm=cfg.vllm, model_id=modeling.fingerprint(model_dir))
+    gen, model_id = params.generation, modeling.fingerprint(model_dir)
+    if gen.backend == "transformers":  # one model for both halves
+        model = modeling.load_model(model_dir, cfg.policy.dtype, modeling.device_for()).eval()
+        sampler = TransformersSampler.from_model(model, tokenizer, model_id, gen.batch_size)
+    else:
+        sampler = sampler_for(gen.backend, model_dir, dtype=cfg.policy.dtype, batch_size=gen.batch_size,
+                              vllm=cfg.vllm, model_id=model_id)
     try:
         gens, accuracy = greedy_eval(sampler, prompts, gen.max_new_tokens, args.variant,
                                      progress=f"eval {args.variant}")
     finally:
         sampler.close()
-    model = modeling.load_model(model_dir, cfg.policy.dtype, modeling.device_for()).eval()
+    if gen.backend != "transformers":  # loaded after the engine is gone
+        model = modeling.load_model(model_dir, cfg.policy.dtype, modeling.device_for()).eval()
     lw, ll, _, _ = pair_logprobs(model, pairs, tokenizer.pad_token_id, params.batch_size,
                                  cfg.reference.max_length, progress=f"eval {args.variant}")
     table = pairs.select("pair_id", "len_w", "len_l", "edit_distance_norm").join(

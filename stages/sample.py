@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         outs, resume = sample_resumable(sampler, prompts["prompt_id"].to_list(), prompts["prompt"].to_list(),
                                         settings, params.chunk_size,
-                                        resolve_cache_dir(params.cache_dir) / args.source, identity,
+                                        resolve_cache_dir(params.cache_dir, env_var=None) / args.source, identity,
                                         progress=f"sample {args.source}")
     finally:
         sampler.close()

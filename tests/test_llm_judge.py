@@ -431,3 +431,9 @@ def test_evaluation_rubric_eval_over_greedy_generations(tmp_path, monkeypatch):
         out = rubric_eval(make_judge(srv.base_url, tmp_path), gens, prompts)
     assert out["n_scored"] == 3 and out["failed"] == 1
     assert out["five_point_rate"] == pytest.approx(1 / 3) and out["four_five_point_rate"] == pytest.approx(2 / 3)
+
+
+def test_other_caches_do_not_follow_the_judge_cache_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "judge"))
+    assert resolve_cache_dir(".cache/samples", start=tmp_path, env_var=None) == tmp_path.resolve() / ".cache/samples"
+    assert resolve_cache_dir(".cache/judge", start=tmp_path) == tmp_path / "judge"
