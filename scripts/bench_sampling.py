@@ -13,6 +13,11 @@ end-to-end figure (start-up + warm-up + timed calls) that decides which backend 
 pipeline run faster.
 
     python scripts/bench_sampling.py --prompts 64 --n 8 --max-new-tokens 32 --out bench_sampling.json
+
+On a machine without reasoning-gym (a bare GPU box), write the prompts here and pass the file there:
+
+    python scripts/bench_sampling.py --prompts 1024 --write-prompts prompts.json
+    python scripts/bench_sampling.py --prompts-file prompts.json --prompts 1024 ...
 """
 
 from __future__ import annotations
@@ -29,9 +34,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _prompts(args) -> list[str]:
+    """Warm-up prompts then timed prompts: reasoning-gym problems with the pipeline's instruction."""
+    if args.prompts_file:
+        prompts = json.loads(Path(args.prompts_file).read_text())
+        need = args.prompts + args.warmup_prompts
+        if len(prompts) < need:
+            raise SystemExit(f"{args.prompts_file}: {len(prompts)} prompts, need {need}")
+        return prompts[:need]
+    from pipeline.prompts import generate_reasoning_gym, make_prompt
+
+    rows = generate_reasoning_gym("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
+                                  seed=1234, n=args.prompts + args.warmup_prompts)
+    return [make_prompt(r["question"], " Give the final answer as 'Answer: <number>'.") for r in rows]
+
+
 def _child(args) -> dict:
     from pipeline import modeling
-    from pipeline.prompts import generate_reasoning_gym, make_prompt
     from pipeline.sampling import GenerationSettings, get_sampler
 
     torch_threads = None
@@ -41,15 +60,14 @@ def _child(args) -> dict:
         torch.set_num_threads(args.threads)
         torch_threads = torch.get_num_threads()
     model = str(modeling.resolve(args.model))
-    rows = generate_reasoning_gym("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
-                                  seed=1234, n=args.prompts + args.warmup_prompts)
-    prompts = [make_prompt(r["question"], " Give the final answer as 'Answer: <number>'.") for r in rows]
+    prompts = _prompts(args)
     warm, timed = prompts[:args.warmup_prompts], prompts[args.warmup_prompts:]
     settings = GenerationSettings(n=args.n, temperature=args.temperature, top_p=1.0,
                                   max_new_tokens=args.max_new_tokens, seed=0)
     t0 = time.perf_counter()
     kwargs = ({"batch_size": args.batch_size} if args.backend == "transformers"
-              else {"enforce_eager": not args.compiled, "max_model_len": 512, "max_num_seqs": args.max_num_seqs})
+              else {"enforce_eager": not args.compiled, "max_model_len": 512, "max_num_seqs": args.max_num_seqs,
+                 "gpu_memory_utilization": args.gpu_memory_utilization})
     sampler = get_sampler(args.backend, model, dtype=args.dtype, **kwargs)
     startup = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -62,7 +80,13 @@ def _child(args) -> dict:
     stopped = sum(c.finish_reason == "stop" for cands in outs for c in cands)
     if hasattr(sampler, "close"):
         sampler.close()
-    return {"backend": args.backend, "startup_s": startup, "warmup_s": warmup, "wall_s": wall,
+    check = None
+    if args.logprob_check and args.backend != "transformers":
+        from pipeline.sampling import logprob_check
+
+        pairs = [(p, c) for p, cands in zip(timed, outs) for c in cands][:args.logprob_check]
+        check = logprob_check(model, args.dtype, [p for p, _ in pairs], [c for _, c in pairs])
+    return {"logprob_check": check, "backend": args.backend, "startup_s": startup, "warmup_s": warmup, "wall_s": wall,
             "cpu_s_main_process": cpu, "tokens": tokens, "sequences": sum(len(c) for c in outs),
             "stopped": stopped, "tok_per_s": tokens / wall, "end_to_end_s": startup + warmup + wall,
             "torch_threads": torch_threads}
@@ -82,10 +106,18 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256, help="vLLM: sequences per engine step")
     ap.add_argument("--compiled", action="store_true", help="vLLM: torch.compile instead of enforce_eager")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the transformers child (0: default)")
+    ap.add_argument("--prompts-file", help="JSON list of prompt strings (from --write-prompts) instead of reasoning-gym")
+    ap.add_argument("--write-prompts", help="write the prompts as JSON here and exit")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM on a GPU")
+    ap.add_argument("--logprob-check", type=int, default=0,
+                    help="re-score this many vLLM candidates with the training code path (sampling.logprob_check)")
     ap.add_argument("--out", help="write the figures as JSON here")
     ap.add_argument("--backend", help=argparse.SUPPRESS)  # internal: run one backend in this process
     args = ap.parse_args()
 
+    if args.write_prompts:
+        Path(args.write_prompts).write_text(json.dumps(_prompts(args)))
+        return
     if args.backend:
         print("RESULT " + json.dumps(_child(args)), flush=True)
         return
@@ -99,6 +131,7 @@ def main() -> None:
             sys.stderr.write(proc.stderr[-4000:])
             raise SystemExit(f"{backend}: failed (exit {proc.returncode})")
         results[backend] = json.loads(line[len("RESULT "):])
+        print(f"{backend}: {json.dumps(results[backend])}", flush=True)  # kept if a later backend fails
 
     print(f"model {args.model}, {args.dtype}, {args.prompts} prompts x n={args.n}, T={args.temperature}, "
           f"max_new_tokens={args.max_new_tokens}; {platform.processor() or platform.machine()}, "
@@ -112,6 +145,12 @@ def main() -> None:
         ratio = v["tok_per_s"] / t["tok_per_s"]
         print(f"vllm / transformers: {ratio:.2f}x tokens/s; end-to-end {t['end_to_end_s'] / v['end_to_end_s']:.2f}x")
         results["ratio_tok_per_s"] = ratio
+    for r in results.values():
+        if isinstance(r, dict) and r.get("logprob_check"):
+            c = r["logprob_check"]
+            print(f"{r['backend']} log-prob vs training path ({c['dtype']}, {c['n']} candidates): mean |diff| "
+                  f"{c['mean_abs_diff']:.2e} nats/seq, max {c['max_abs_diff']:.2e}, "
+                  f"{c['mean_abs_diff_per_token']:.2e} per token")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
