@@ -33,9 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
+
+# A flow run with no server starts a temporary one, which would send usage data at start-up: no
+# network at run time. Set before Prefect reads its settings; an explicit user setting wins.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from pipeline import dvc_runner
 from pipeline.dvc_runner import (  # noqa: F401  (re-exported: the settings live with the flows)

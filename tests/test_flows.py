@@ -412,3 +412,19 @@ def test_rounds_flow_r2_samples_from_round1_policy(flowed_repo):
     assert {"onpol-round-1", "onpol-round-2"} <= _exp_names(repo)
     assert (repo / "params.yaml").read_text() == before
     assert "rounds" not in run(["git", "status", "--porcelain"], repo)  # kept out of git
+
+
+@pytest.mark.parametrize("env, expected", [(None, "False"), ("true", "True")])
+def test_flows_turn_off_server_analytics_unless_set(env, expected):
+    """The temporary Prefect server a flow starts must not send usage data (no network at run time)."""
+    import subprocess
+    import sys
+
+    e = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
+    if env is not None:
+        e["PREFECT_SERVER_ANALYTICS_ENABLED"] = env
+    code = ("import pipeline.flows; from prefect.settings import get_current_settings; "
+            "print(get_current_settings().server.analytics_enabled)")
+    out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip().splitlines()[-1] == expected
