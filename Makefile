@@ -15,8 +15,10 @@ repro: setup
 	bash scripts/ensure_dvc.sh
 	dvc repro
 
+# Two workers (pytest-xdist), one test file each at a time: the suite is mostly stage and DVC
+# subprocesses, and module fixtures (the e2e repo, the vLLM engine) stay on one worker.
 test: setup
-	python -m pytest -m "not slow" -q
+	python -m pytest -m "not slow" -q -n 2 --dist loadfile
 
 test-all: setup
-	python -m pytest -q
+	python -m pytest -q -n 2 --dist loadfile

@@ -52,8 +52,6 @@ def _package_dir(package: str) -> Path:
 
 def convert_builtin(name: str) -> Path:
     """Convert a builtin GGUF model to a Hugging Face folder once; return the cached folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     builtin = BUILTIN_MODELS[name]
     gguf_dir = _package_dir(builtin.package)
     gguf_path = gguf_dir / builtin.gguf_file
@@ -62,6 +60,22 @@ def convert_builtin(name: str) -> Path:
     target = cache_root() / "models" / f"{name}-{key}"
     if (target / "config.json").is_file():
         return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Parallel experiments or test workers on a fresh machine: one converts, the others wait and reuse it
+    # (a second conversion would swap the folder out from under a reader).
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        _convert_gguf(name, builtin, gguf_dir, target)
+    return target
+
+
+def _convert_gguf(name: str, builtin, gguf_dir: Path, target: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = gguf_dir / builtin.gguf_file
     log.info("converting %s from %s (once; cached at %s)", name, gguf_path, target)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=builtin.gguf_file)
     quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=builtin.gguf_file)
@@ -78,7 +92,6 @@ def convert_builtin(name: str) -> Path:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    return target
 
 
 def resolve(spec: str) -> str:

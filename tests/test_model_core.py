@@ -99,3 +99,35 @@ def test_loss_registry_is_what_training_calls():
     lp_w, lp_l, ref_w, ref_l = (torch.tensor([x]) for x in (-1.0, -2.0, -1.5, -1.5))
     per = losses.combined_loss([("dpo", 1.0, {"beta": 1.0})], lp_w, lp_l, ref_w, ref_l)
     assert per.item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(1.0)).item())
+
+
+def test_builtin_conversion_runs_once_under_concurrent_callers(tmp_path, monkeypatch):
+    """Parallel experiments (or test workers) on a fresh machine: one converts, the others reuse it."""
+    import threading
+    import time
+
+    monkeypatch.setenv("DPO_PIPELINE_CACHE", str(tmp_path))
+    calls = []
+
+    def slow_convert(name, builtin, gguf_dir, target):
+        calls.append(name)
+        time.sleep(0.5)  # long enough for the other callers to arrive while this one works
+        with modeling.atomic_dir(target) as tmp:
+            (tmp / "config.json").write_text("{}")
+
+    monkeypatch.setattr(modeling, "_convert_gguf", slow_convert)
+    results, errors = [], []
+
+    def call():
+        try:
+            results.append(modeling.convert_builtin("smollm2-135m-instruct"))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and calls == ["smollm2-135m-instruct"]
+    assert len(set(results)) == 1 and (results[0] / "config.json").is_file()
