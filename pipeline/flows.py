@@ -34,9 +34,11 @@ from typing import Any
 
 import yaml
 
-# A flow run with no server starts a temporary one, which would send usage data at start-up: no
-# network at run time. Set before Prefect reads its settings; an explicit user setting wins.
+# A flow run with no server starts a temporary one. It would send usage data at start-up (no network
+# at run time), and its 20 s start-up limit was too short once on a busy 2-core machine. Set before
+# Prefect reads its settings; an explicit user setting wins.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402

@@ -414,17 +414,19 @@ def test_rounds_flow_r2_samples_from_round1_policy(flowed_repo):
     assert "rounds" not in run(["git", "status", "--porcelain"], repo)  # kept out of git
 
 
-@pytest.mark.parametrize("env, expected", [(None, "False"), ("true", "True")])
-def test_flows_turn_off_server_analytics_unless_set(env, expected):
-    """The temporary Prefect server a flow starts must not send usage data (no network at run time)."""
+@pytest.mark.parametrize("env, expected", [({}, "False 120"),
+                                           ({"PREFECT_SERVER_ANALYTICS_ENABLED": "true",
+                                             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "30"}, "True 30")])
+def test_flows_set_temporary_server_defaults_unless_set(env, expected):
+    """The temporary Prefect server a flow starts sends no usage data (no network at run time) and gets
+    120 s to start; a user's own settings win."""
     import subprocess
     import sys
 
-    e = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
-    if env is not None:
-        e["PREFECT_SERVER_ANALYTICS_ENABLED"] = env
-    code = ("import pipeline.flows; from prefect.settings import get_current_settings; "
-            "print(get_current_settings().server.analytics_enabled)")
+    keys = ("PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+    e = {k: v for k, v in os.environ.items() if k not in keys} | env
+    code = ("import pipeline.flows; from prefect.settings import get_current_settings; s = get_current_settings(); "
+            "print(s.server.analytics_enabled, s.server.ephemeral.startup_timeout_seconds)")
     out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip().splitlines()[-1] == expected
