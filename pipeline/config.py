@@ -126,7 +126,7 @@ class JudgePrice(_Strict):
 
 
 class LLMJudgeParams(_Strict):
-    """An LLM judge behind any OpenAI-compatible Chat Completions endpoint (see pipeline/llm_judge.py)."""
+    """An LLM judge behind any OpenAI-compatible Chat Completions endpoint (see pipeline/judging/llm.py)."""
     # rubric: every candidate scored 1-5 on its own; listwise: the N candidates shown together (in a
     # seeded shuffled order), the judge names the best and the worst.
     mode: Literal["rubric", "listwise"] = "rubric"
@@ -255,8 +255,8 @@ class EvaluateParams(_Strict):
     llm_rubric: bool = False
 
 
-from pipeline.dvc_runner import FlowParams  # noqa: E402  (Prefect flows; no Prefect import)
-from pipeline.toy import ToyParams  # noqa: E402  (the toy stage's own section)
+from pipeline.flows.dvc_runner import FlowParams  # noqa: E402  (Prefect flows; no Prefect import)
+from pipeline.analysis.toy import ToyParams  # noqa: E402  (the toy stage's own section)
 
 
 class ReportParams(_Strict):
@@ -287,7 +287,7 @@ def _loc(loc: tuple) -> str:
 
 def _parse_variant(name: str, raw: Any, common: TrainParams) -> Variant:
     """Accepts ``{loss: dpo, beta: 0.1, lr: ...}`` or ``{loss: [{name: dpo, weight: 1, beta: 0.1}, ...]}``."""
-    from pipeline import losses as loss_registry  # local import: losses imports torch
+    from pipeline.training import losses as loss_registry  # local import: losses imports torch
 
     key = f"train.variants.{name}"
     if not isinstance(raw, dict):
@@ -361,7 +361,7 @@ def parse_params(raw: dict[str, Any] | None, source: str = DEFAULT_PARAMS) -> Pa
 
 
 def _check_model(spec: str, key: str, source: str) -> None:
-    from pipeline.modeling import BUILTIN_MODELS
+    from pipeline.model.loading import BUILTIN_MODELS
 
     if spec in BUILTIN_MODELS or spec.startswith("hf:"):
         return

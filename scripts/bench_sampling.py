@@ -42,7 +42,7 @@ def _prompts(args) -> list[str]:
         if len(prompts) < need:
             raise SystemExit(f"{args.prompts_file}: {len(prompts)} prompts, need {need}")
         return prompts[:need]
-    from pipeline.prompts import generate_reasoning_gym, make_prompt
+    from pipeline.data.prompts import generate_reasoning_gym, make_prompt
 
     rows = generate_reasoning_gym("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
                                   seed=1234, n=args.prompts + args.warmup_prompts)
@@ -50,8 +50,8 @@ def _prompts(args) -> list[str]:
 
 
 def _child(args) -> dict:
-    from pipeline import modeling
-    from pipeline.sampling import GenerationSettings, get_sampler
+    from pipeline.model import loading
+    from pipeline.generation.sampling import GenerationSettings, get_sampler
 
     torch_threads = None
     if args.threads:
@@ -59,7 +59,7 @@ def _child(args) -> dict:
 
         torch.set_num_threads(args.threads)
         torch_threads = torch.get_num_threads()
-    model = str(modeling.resolve(args.model))
+    model = str(loading.resolve(args.model))
     prompts = _prompts(args)
     warm, timed = prompts[:args.warmup_prompts], prompts[args.warmup_prompts:]
     settings = GenerationSettings(n=args.n, temperature=args.temperature, top_p=1.0,
@@ -82,7 +82,7 @@ def _child(args) -> dict:
         sampler.close()
     check = None
     if args.logprob_check and args.backend != "transformers":
-        from pipeline.sampling import logprob_check
+        from pipeline.generation.sampling import logprob_check
 
         pairs = [(p, c) for p, cands in zip(timed, outs) for c in cands][:args.logprob_check]
         check = logprob_check(model, args.dtype, [p for p, _ in pairs], [c for _, c in pairs])

@@ -4,7 +4,7 @@
 Three configurations train the same model on the same pairs, in the same per-step batches, for the
 same number of steps, each in a fresh subprocess so that memory is measured per configuration:
 
-- ``ours``: :func:`pipeline.training.train_preference` (reference log-probs precomputed, LM head on
+- ``ours``: :func:`pipeline.training.trainer.train_preference` (reference log-probs precomputed, LM head on
   response positions only);
 - ``trl_default``: ``DPOTrainer`` with its defaults (a reference model forward every step);
 - ``trl_precompute``: ``DPOTrainer`` with ``precompute_ref_log_probs=True`` (its precompute pass runs
@@ -87,7 +87,7 @@ def reset_hwm() -> bool:
 # ----------------------------------------------------------------------------------------- data
 def _synth_pairs(tok, n: int, seed: int) -> list[dict]:
     """Arithmetic prompts (reasoning-gym chain_sum style) with a correct and a wrong worked answer."""
-    from pipeline.logprobs import encode_prompt, encode_response
+    from pipeline.model.logprobs import encode_prompt, encode_response
 
     rng = random.Random(seed)
     out = []
@@ -129,8 +129,8 @@ def fill_reference(pairs: list[dict], model_path: str, pad_id: int, max_length: 
     todo = [p for p in pairs if p["ref_w"] is None or p["ref_l"] is None]
     if not todo:
         return 0
-    from pipeline.logprobs import batched_logprobs
-    from pipeline.modeling import load_model
+    from pipeline.model.logprobs import batched_logprobs
+    from pipeline.model.loading import load_model
 
     model = load_model(model_path, "float32").eval()
     prompts = [p["prompt_ids"] for p in todo]
@@ -185,7 +185,7 @@ def child(spec_path: str, config: str, result_path: str) -> None:
 
     _set_threads(a["threads"])
     torch.manual_seed(a["seed"])
-    from pipeline.modeling import load_model, load_tokenizer
+    from pipeline.model.loading import load_model, load_tokenizer
 
     if config != "ours":  # import TRL (and datasets, pandas) before the baseline, like torch for ours
         import trl  # noqa: F401
@@ -205,7 +205,7 @@ def child(spec_path: str, config: str, result_path: str) -> None:
     if config == "ours":
         import importlib
 
-        from pipeline.training import PairExample, step_batches
+        from pipeline.training.trainer import PairExample, step_batches
 
         mod, fn = a["ours_fn"].split(":")
         train_preference = getattr(importlib.import_module(mod), fn)
@@ -349,7 +349,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     ap.add_argument("--profile", type=int, default=0, help="print the top-N ops (torch.profiler) of the timed steps")
-    ap.add_argument("--ours-fn", default="pipeline.training:train_preference",
+    ap.add_argument("--ours-fn", default="pipeline.training.trainer:train_preference",
                     help="module:function with train_preference's signature, to try a candidate change of ours")
     ap.add_argument("--verbose", action="store_true", help="show the children's output (TRL's logs, warnings)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -366,8 +366,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown configs {bad}; choose from {CONFIGS}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pipeline.modeling import load_tokenizer, resolve
-    from pipeline.training import step_batches
+    from pipeline.model.loading import load_tokenizer, resolve
+    from pipeline.training.trainer import step_batches
 
     model_path = resolve(args.model)
     tok = load_tokenizer(model_path)

@@ -7,12 +7,14 @@ import logging
 
 import polars as pl
 
-from pipeline import modeling, paths, tagging
+from pipeline import paths
+from pipeline.model import loading
+from pipeline.data import tagging
 from pipeline.cli import setup_logging, stage_parser
 from pipeline.config import ConfigError, load_params
-from pipeline.evaluation import bucketise, greedy_eval, pair_logprobs, rubric_eval, summarise_pair_eval
+from pipeline.analysis.evaluation import bucketise, greedy_eval, pair_logprobs, rubric_eval, summarise_pair_eval
 from pipeline.io import read_json, read_table, write_json, write_table
-from pipeline.sampling import TransformersSampler, sampler_for
+from pipeline.generation.sampling import TransformersSampler, sampler_for
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -32,13 +34,13 @@ def main(argv: list[str] | None = None) -> None:
     ref = read_table(paths.REFERENCE, "reference")
     before = read_json(paths.metrics_file("policy"))
     model_dir = paths.model_dir(args.variant)
-    tokenizer = modeling.load_tokenizer(model_dir)
+    tokenizer = loading.load_tokenizer(model_dir)
 
     # Work: greedy accuracy (the generation backend gets the device alone), then held-out log-probs
     # against the reference ("before")
-    gen, model_id = params.generation, modeling.fingerprint(model_dir)
+    gen, model_id = params.generation, loading.fingerprint(model_dir)
     if gen.backend == "transformers":  # one model for both halves
-        model = modeling.load_model(model_dir, cfg.policy.dtype, modeling.device_for()).eval()
+        model = loading.load_model(model_dir, cfg.policy.dtype, loading.device_for()).eval()
         sampler = TransformersSampler.from_model(model, tokenizer, model_id, gen.batch_size)
     else:
         sampler = sampler_for(gen.backend, model_dir, dtype=cfg.policy.dtype, batch_size=gen.batch_size,
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         sampler.close()
     if gen.backend != "transformers":  # loaded after the engine is gone
-        model = modeling.load_model(model_dir, cfg.policy.dtype, modeling.device_for()).eval()
+        model = loading.load_model(model_dir, cfg.policy.dtype, loading.device_for()).eval()
     lw, ll, _, _ = pair_logprobs(model, pairs, tokenizer.pad_token_id, params.batch_size,
                                  cfg.reference.max_length, progress=f"eval {args.variant}")
     table = pairs.select("pair_id", "len_w", "len_l", "edit_distance_norm").join(
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarise_pair_eval(table, tagging.bucket_labels(cfg.pairs.distance_buckets))
     rubric = None
     if params.llm_rubric:
-        from pipeline.judges import get_judge
+        from pipeline.judging.rule import get_judge
 
         judge = get_judge("llm", min_gap=cfg.judge.min_gap, llm=cfg.judge.llm)
         rubric = {**rubric_eval(judge, gens, prompts), "judge": judge.name}

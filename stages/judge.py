@@ -13,7 +13,7 @@ from pipeline import paths
 from pipeline.cli import setup_logging, stage_parser
 from pipeline.config import load_params
 from pipeline.io import read_table, write_json, write_table, write_text
-from pipeline.judges import CandidateView, Group, get_judge
+from pipeline.judging.rule import CandidateView, Group, get_judge
 from pipeline.schema import schema_of
 
 log = logging.getLogger("pipeline.judge")

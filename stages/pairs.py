@@ -6,14 +6,15 @@ import logging
 
 import polars as pl
 
-from pipeline import modeling, paths
+from pipeline import paths
+from pipeline.model import loading
 from pipeline.cli import setup_logging, stage_parser
 from pipeline.config import load_params
 from pipeline.io import read_table, write_json, write_table
-from pipeline.logprobs import batched_logprobs
-from pipeline.pairs import build_pairs, on_policy_summary
+from pipeline.model.logprobs import batched_logprobs
+from pipeline.data.pairs import build_pairs, on_policy_summary
 
-log = logging.getLogger("pipeline.pairs")
+log = logging.getLogger("pipeline.data.pairs")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,8 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     candidates = pl.concat([read_table(paths.candidates(src), "candidates") for src in ("policy", "other")])
     scores = read_table(paths.SCORES, "scores")
     selections = read_table(paths.SELECTIONS, "selections")
-    tokenizer = modeling.load_tokenizer(paths.POLICY_DIR)
-    policy = modeling.load_model(paths.POLICY_DIR, cfg.policy.dtype, modeling.device_for()).eval()
+    tokenizer = loading.load_tokenizer(paths.POLICY_DIR)
+    policy = loading.load_model(paths.POLICY_DIR, cfg.policy.dtype, loading.device_for()).eval()
 
     # Work: pairs of the scenario's sources, each side tagged with its log-prob under the starting policy
     def policy_logprobs(prompt_ids, response_ids):

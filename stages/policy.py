@@ -7,14 +7,15 @@ import logging
 
 import polars as pl
 
-from pipeline import modeling, paths
+from pipeline import paths
+from pipeline.model import loading
 from pipeline.cli import setup_logging, stage_parser
 from pipeline.config import load_params
-from pipeline.evaluation import greedy_eval
+from pipeline.analysis.evaluation import greedy_eval
 from pipeline.io import read_table, write_json, write_table
-from pipeline.logprobs import encode_prompt, encode_response
-from pipeline.sampling import TransformersSampler, sampler_for
-from pipeline.training import train_sft
+from pipeline.model.logprobs import encode_prompt, encode_response
+from pipeline.generation.sampling import TransformersSampler, sampler_for
+from pipeline.training.trainer import train_sft
 
 log = logging.getLogger("pipeline.policy")
 
@@ -28,9 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_table(paths.PROMPTS, "prompts")
 
     # Load (the builtin GGUF model is converted once and cached)
-    source = modeling.resolve(params.model)
-    tokenizer = modeling.load_tokenizer(source)
-    model = modeling.load_model(source, params.dtype, modeling.device_for())
+    source = loading.resolve(params.model)
+    tokenizer = loading.load_tokenizer(source)
+    model = loading.load_model(source, params.dtype, loading.device_for())
 
     # Optional SFT warm-up on the gold solutions of the warm-up split
     warm = prompts.filter((pl.col("split") == "warmup") & pl.col("solution").is_not_null())
@@ -46,10 +47,10 @@ def main(argv: list[str] | None = None) -> None:
                                seed=w.seed, pad_id=tokenizer.pad_token_id)
 
     # Outputs: the model folder, then its greedy accuracy on the test prompts
-    modeling.save_model(model, tokenizer, paths.POLICY_DIR,
+    loading.save_model(model, tokenizer, paths.POLICY_DIR,
                         {"source": params.model, "warmup": params.warmup.model_dump() if params.warmup.enabled
                          else None})
-    model_id = modeling.fingerprint(paths.POLICY_DIR)
+    model_id = loading.fingerprint(paths.POLICY_DIR)
     if params.eval.backend == "transformers":
         sampler = TransformersSampler.from_model(model, tokenizer, model_id, params.eval.batch_size)
     else:

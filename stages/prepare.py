@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 
-from pipeline import prompts
+from pipeline.data import prompts
 from pipeline.config import DEFAULT_PARAMS, load_params
 from pipeline.io import atomic_path, write_json, write_table
 

@@ -6,10 +6,11 @@ import logging
 
 import polars as pl
 
-from pipeline import modeling, paths
+from pipeline import paths
+from pipeline.model import loading
 from pipeline.cli import setup_logging, stage_parser
 from pipeline.config import load_params
-from pipeline.evaluation import pair_logprobs
+from pipeline.analysis.evaluation import pair_logprobs
 from pipeline.io import read_table, write_json, write_table
 
 log = logging.getLogger("pipeline.reference")
@@ -22,8 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_params(args.params)
     params = cfg.reference
     pairs = read_table(paths.PAIRS, "pairs")
-    model = modeling.load_model(paths.POLICY_DIR, cfg.policy.dtype, modeling.device_for()).eval()
-    tokenizer = modeling.load_tokenizer(paths.POLICY_DIR)
+    model = loading.load_model(paths.POLICY_DIR, cfg.policy.dtype, loading.device_for()).eval()
+    tokenizer = loading.load_tokenizer(paths.POLICY_DIR)
 
     # Work
     lw, ll, nw, nl = pair_logprobs(model, pairs, tokenizer.pad_token_id, params.batch_size, params.max_length,
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     df = write_table(pl.DataFrame({"pair_id": pairs["pair_id"], "ref_w": lw, "ref_l": ll, "len_w": nw,
                                    "len_l": nl}), paths.REFERENCE, "reference")
     write_json({"n_pairs": len(df), "ref_w": df["ref_w"].mean(), "ref_l": df["ref_l"].mean(),
-                "model_fingerprint": modeling.fingerprint(paths.POLICY_DIR)}, paths.metrics_file("reference"))
+                "model_fingerprint": loading.fingerprint(paths.POLICY_DIR)}, paths.metrics_file("reference"))
     log.info("reference log-probs for %d pairs: mean ref_w %.2f, ref_l %.2f", len(df), df["ref_w"].mean() or 0,
              df["ref_l"].mean() or 0)
 

@@ -9,9 +9,9 @@ from pipeline import paths
 from pipeline.cli import setup_logging, stage_parser
 from pipeline.config import load_params
 from pipeline.io import atomic_dir, read_json
-from pipeline.report import build_report, read_live_history
+from pipeline.analysis.report import build_report, read_live_history
 
-log = logging.getLogger("pipeline.report")
+log = logging.getLogger("pipeline.analysis.report")
 REPORT_DIR = Path("reports/main")
 
 

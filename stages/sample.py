@@ -12,12 +12,13 @@ import random
 
 import polars as pl
 
-from pipeline import modeling, paths
+from pipeline import paths
+from pipeline.model import loading
 from pipeline.cli import setup_logging, stage_parser
 from pipeline.config import load_params
 from pipeline.io import read_table, write_json, write_table
-from pipeline.judge_cache import resolve_cache_dir
-from pipeline.sampling import GenerationSettings, logprob_check, sample_resumable, sampler_for
+from pipeline.judging.cache import resolve_cache_dir
+from pipeline.generation.sampling import GenerationSettings, logprob_check, sample_resumable, sampler_for
 from pipeline.schema import empty
 
 log = logging.getLogger("pipeline.sample")
@@ -40,10 +41,10 @@ def main(argv: list[str] | None = None) -> None:
                    metrics_path)
         log.info("pairs.scenario %d uses no other-model samples; wrote an empty %s", cfg.pairs.scenario, out_path)
         return
-    model_path = paths.POLICY_DIR if args.source == "policy" else modeling.resolve(params.model)
+    model_path = paths.POLICY_DIR if args.source == "policy" else loading.resolve(params.model)
 
     # Work: sample in resumable chunks, then re-score a few candidates with the training code
-    model_id = modeling.fingerprint(model_path)
+    model_id = loading.fingerprint(model_path)
     settings = GenerationSettings(n=params.n, temperature=params.temperature, top_p=params.top_p,
                                   max_new_tokens=params.max_new_tokens, seed=params.seed)
     identity = {"model": model_id, "backend": params.backend, "dtype": cfg.policy.dtype,

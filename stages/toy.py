@@ -1,9 +1,9 @@
 """DVC stage ``toy``: the 3D-properties toy model (seed 001 §3.2) for every loss × scenario.
 
-Reads the ``toy:`` section of ``params.yaml`` (:class:`pipeline.toy.ToyParams`) and writes, each
+Reads the ``toy:`` section of ``params.yaml`` (:class:`pipeline.analysis.toy.ToyParams`) and writes, each
 atomically:
 
-- ``data/toy/history.parquet``: the long per-step table of :func:`pipeline.toy.run_toy`;
+- ``data/toy/history.parquet``: the long per-step table of :func:`pipeline.analysis.toy.run_toy`;
 - ``reports/toy/scenario_<s>.png``: one figure per scenario (the folder is replaced as a whole);
 - ``metrics/toy.json``: initial, peak and final probabilities per loss and scenario.
 
@@ -19,9 +19,9 @@ from pathlib import Path
 from pipeline.cli import setup_logging, stage_parser
 from pipeline.config import load_params
 from pipeline.io import atomic_dir, atomic_path, write_json
-from pipeline.toy import final_metrics, plot_toy, run_toy
+from pipeline.analysis.toy import final_metrics, plot_toy, run_toy
 
-log = logging.getLogger("pipeline.toy")
+log = logging.getLogger("pipeline.analysis.toy")
 HISTORY = Path("data/toy/history.parquet")
 REPORTS = Path("reports/toy")
 METRICS = Path("metrics/toy.json")

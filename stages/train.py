@@ -13,12 +13,14 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline import distributed as D
-from pipeline import modeling, paths, tagging
+from pipeline.training import distributed as D
+from pipeline import paths
+from pipeline.model import loading
+from pipeline.data import tagging
 from pipeline.cli import setup_logging, stage_parser
 from pipeline.config import ConfigError, load_params
 from pipeline.io import read_table
-from pipeline.training import Checkpointing, PairExample, Probe, train_preference
+from pipeline.training.trainer import Checkpointing, PairExample, Probe, train_preference
 
 log = logging.getLogger("pipeline.train")
 
@@ -54,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     probe_set = prompts.filter(pl.col("split") == "test").sort("prompt_id").head(s.probe_prompts)
     probe = Probe(tuple(probe_set["prompt"]), s.probe_every, cfg.evaluate.generation.max_new_tokens) \
         if s.probe_every else None
-    model = modeling.load_model(paths.POLICY_DIR, cfg.policy.dtype, ctx.device)
-    tokenizer = modeling.load_tokenizer(paths.POLICY_DIR)
+    model = loading.load_model(paths.POLICY_DIR, cfg.policy.dtype, ctx.device)
+    tokenizer = loading.load_tokenizer(paths.POLICY_DIR)
     checkpoint = None
     if rt.checkpoint_every:
         key = _run_key(variant.model_dump(), [paths.PAIRS, paths.REFERENCE, paths.PROMPTS, paths.POLICY_DIR])
@@ -86,13 +88,13 @@ def main(argv: list[str] | None = None) -> None:
     state = D.full_state_dict(model, ctx)
     if ctx.is_main:
         live.end()
-        out = modeling.load_model(paths.POLICY_DIR, cfg.policy.dtype) if ctx.strategy == "fsdp" and ctx.distributed \
+        out = loading.load_model(paths.POLICY_DIR, cfg.policy.dtype) if ctx.strategy == "fsdp" and ctx.distributed \
             else D.unwrap(model)
         out.load_state_dict(state)
-        modeling.save_model(out.to("cpu"), tokenizer, paths.model_dir(args.variant),
+        loading.save_model(out.to("cpu"), tokenizer, paths.model_dir(args.variant),
                             {"variant": args.variant, "losses": [t.model_dump() for t in variant.losses],
                              "settings": s.model_dump(), "steps": len(history), "world_size": ctx.world,
-                             "base_fingerprint": modeling.fingerprint(paths.POLICY_DIR)})
+                             "base_fingerprint": loading.fingerprint(paths.POLICY_DIR)})
         if checkpoint is not None:
             Path(checkpoint.path).unlink(missing_ok=True)
         last = history[-1]

@@ -15,21 +15,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from pipeline.modeling import convert_builtin
+    from pipeline.model.loading import convert_builtin
 
     return convert_builtin("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
-    from pipeline.modeling import make_tiny_model
+    from pipeline.model.loading import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", smollm2_dir, seed=0)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(smollm2_dir):
-    from pipeline.modeling import load_tokenizer
+    from pipeline.model.loading import load_tokenizer
 
     return load_tokenizer(smollm2_dir)
 
@@ -37,6 +37,6 @@ def tokenizer(smollm2_dir):
 @pytest.fixture(scope="session")
 def other_tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     """A second tiny random model: "another model" for scenarios 3 and 4."""
-    from pipeline.modeling import make_tiny_model
+    from pipeline.model.loading import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_other") / "model", smollm2_dir, seed=1)

@@ -17,9 +17,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import modeling
+from pipeline.model import loading
 from pipeline.io import write_table
-from pipeline.logprobs import batched_logprobs, encode_prompt, encode_response
+from pipeline.model.logprobs import batched_logprobs, encode_prompt, encode_response
 
 PROJECT = Path(__file__).resolve().parents[1]
 N_PAIRS = 24
@@ -30,8 +30,8 @@ def workspace(tmp_path_factory, tiny_model_dir) -> Path:
     """Inputs of the train stage: a policy folder and valid prompts, pairs and reference tables."""
     root = tmp_path_factory.mktemp("train_ws")
     shutil.copytree(tiny_model_dir, root / "models/policy")
-    tok = modeling.load_tokenizer(tiny_model_dir)
-    model = modeling.load_model(tiny_model_dir).eval()
+    tok = loading.load_tokenizer(tiny_model_dir)
+    model = loading.load_model(tiny_model_dir).eval()
     prompts, pairs = [], []
     for i in range(N_PAIRS):
         q = f"What is {i} + {i + 1}?"

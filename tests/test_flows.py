@@ -52,7 +52,7 @@ def _task_runs(name: str) -> list:
 
 
 def _exp_names(repo: Path) -> set[str]:
-    from pipeline.dvc_runner import experiments
+    from pipeline.flows.dvc_runner import experiments
 
     return {e["name"] for e in experiments(repo)}
 
@@ -107,7 +107,7 @@ def shell_repo(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------------------ cheap
 def test_order_settings_overrides_and_job_template(shell_repo):
-    from pipeline import dvc_runner
+    from pipeline.flows import dvc_runner
     from pipeline.flows import FlowParams, kubernetes_job_template, load_flow_params
 
     # dvc dag order, foreach stages expanded; targets bring their upstream
@@ -158,7 +158,7 @@ def test_order_settings_overrides_and_job_template(shell_repo):
 
 
 def test_flow_retries_overrides_and_failures(shell_repo, prefect_harness):
-    from pipeline.dvc_runner import experiments
+    from pipeline.flows.dvc_runner import experiments
     from pipeline.flows import StageFailed, pipeline_flow
 
     # first run: every stage runs; `flaky` fails once and its retry succeeds
@@ -227,7 +227,8 @@ SCENARIOS_PARAMS_BLOCK = textwrap.dedent("""\
 
 
 def test_scenarios_settings_rows_and_cli(tmp_path, monkeypatch, capsys):
-    from pipeline import dvc_runner, flows
+    from pipeline import flows
+    from pipeline.flows import dvc_runner
 
     # the defaults are the params.yaml block
     sc = dvc_runner.parse_flow_params(yaml.safe_load(SCENARIOS_PARAMS_BLOCK)).scenarios
@@ -391,7 +392,7 @@ def test_rounds_flow_r2_samples_from_round1_policy(flowed_repo):
     import polars as pl
 
     from pipeline.flows import rounds_flow
-    from pipeline.modeling import fingerprint
+    from pipeline.model.loading import fingerprint
 
     repo, _ = flowed_repo
     before = (repo / "params.yaml").read_text()

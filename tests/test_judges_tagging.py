@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline import tagging
-from pipeline.judges import CandidateView, Group, RuleVerifier, Score, extract_answer, normalise_number, select_best_worst
+from pipeline.data import tagging
+from pipeline.judging.rule import CandidateView, Group, RuleVerifier, Score, extract_answer, normalise_number, select_best_worst
 
 
 @pytest.mark.parametrize("text,expected", [

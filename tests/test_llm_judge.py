@@ -20,9 +20,9 @@ import yaml
 from fake_openai_server import FakeOpenAI
 from pipeline.config import ConfigError, JudgeParams, LLMJudgeParams, parse_params
 from pipeline.io import write_table
-from pipeline.judge_cache import CACHE_ENV, JudgeCache, cache_key, repo_root, resolve_cache_dir
-from pipeline.judges import CandidateView, Group, RuleVerifier, get_judge
-from pipeline.llm_judge import LLMJudge, LLMJudgeError, ParseError, parse_listwise, parse_rubric, rubric_rates
+from pipeline.judging.cache import CACHE_ENV, JudgeCache, cache_key, repo_root, resolve_cache_dir
+from pipeline.judging.rule import CandidateView, Group, RuleVerifier, get_judge
+from pipeline.judging.llm import LLMJudge, LLMJudgeError, ParseError, parse_listwise, parse_rubric, rubric_rates
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-test-SECRET-7f3a9c1e5b"
@@ -421,7 +421,7 @@ def test_sigkill_mid_run_then_rerun_repeats_no_answered_request(tmp_path):
 
 
 def test_evaluation_rubric_eval_over_greedy_generations(tmp_path, monkeypatch):
-    from pipeline.evaluation import rubric_eval
+    from pipeline.analysis.evaluation import rubric_eval
 
     monkeypatch.setenv(KEY_ENV, KEY)
     prompts = pl.DataFrame([{"prompt_id": f"e{i}", "prompt": f"qid=e{i} what?", "answer": "1"} for i in range(4)])

@@ -1,4 +1,4 @@
-"""Hand-computed values, sign facts and config validation for pipeline.losses."""
+"""Hand-computed values, sign facts and config validation for pipeline.training.losses."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections import namedtuple
 import pytest
 import torch
 
-from pipeline import losses as L
-from pipeline.losses import LossConfigError, combined_loss, preference_loss, validate_hparams
+from pipeline.training import losses as L
+from pipeline.training.losses import LossConfigError, combined_loss, preference_loss, validate_hparams
 
 # Two pairs, float64 so hand-computed values match to ~1e-12.
 LP_W = [-2.0, -5.0]

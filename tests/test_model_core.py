@@ -3,15 +3,16 @@
 import pytest
 import torch
 
-from pipeline import losses, modeling
-from pipeline.logprobs import batched_logprobs, collate, encode_prompt, encode_response, reference_check, sequence_logprobs
-from pipeline.sampling import GenerationSettings, TransformersSampler
-from pipeline.training import PairExample, step_batches, train_preference
+from pipeline.training import losses
+from pipeline.model import loading
+from pipeline.model.logprobs import batched_logprobs, collate, encode_prompt, encode_response, reference_check, sequence_logprobs
+from pipeline.generation.sampling import GenerationSettings, TransformersSampler
+from pipeline.training.trainer import PairExample, step_batches, train_preference
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    return modeling.load_model(tiny_model_dir).eval(), modeling.load_tokenizer(tiny_model_dir)
+    return loading.load_model(tiny_model_dir).eval(), loading.load_tokenizer(tiny_model_dir)
 
 
 def test_response_only_logprobs_match_full_logits(tiny):
@@ -70,8 +71,8 @@ def _examples(model, tok, n=6):
 
 
 def test_dpo_training_raises_the_margin(tiny_model_dir):
-    model = modeling.load_model(tiny_model_dir)
-    tok = modeling.load_tokenizer(tiny_model_dir)
+    model = loading.load_model(tiny_model_dir)
+    tok = loading.load_tokenizer(tiny_model_dir)
     ex = _examples(model, tok)
     terms = [("dpo", 1.0, {"beta": 0.5})]
     hist = train_preference(model, ex, terms, lr=1e-3, epochs=6, batch_size=6, grad_accum=1, max_length=64, seed=0,
@@ -82,10 +83,10 @@ def test_dpo_training_raises_the_margin(tiny_model_dir):
 
 
 def test_grad_accumulation_matches_one_big_batch(tiny_model_dir):
-    tok = modeling.load_tokenizer(tiny_model_dir)
+    tok = loading.load_tokenizer(tiny_model_dir)
     results = []
     for accum in (1, 3):
-        model = modeling.load_model(tiny_model_dir)
+        model = loading.load_model(tiny_model_dir)
         ex = _examples(model, tok)
         hist = train_preference(model, ex, [("dpop", 1.0, {"beta": 0.5, "dpop_lambda": 5.0})], lr=1e-3, epochs=1,
                                 batch_size=6, grad_accum=accum, max_length=64, seed=0, pad_id=tok.pad_token_id,
@@ -112,7 +113,7 @@ def test_builtin_conversion_runs_once_under_concurrent_callers(tmp_path, monkeyp
     def slow_convert(name, builtin, gguf_dir, target):
         calls.append(name)
         time.sleep(0.5)  # long enough for the other callers to arrive while this one works
-        with modeling.atomic_dir(target) as tmp:
+        with loading.atomic_dir(target) as tmp:
             (tmp / "config.json").write_text("{}")
 
     monkeypatch.setattr(modeling, "_convert_gguf", slow_convert)
@@ -120,7 +121,7 @@ def test_builtin_conversion_runs_once_under_concurrent_callers(tmp_path, monkeyp
 
     def call():
         try:
-            results.append(modeling.convert_builtin("smollm2-135m-instruct"))
+            results.append(loading.convert_builtin("smollm2-135m-instruct"))
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from pipeline.logprobs import encode_response
-from pipeline.pairs import build_pairs, on_policy_summary
+from pipeline.model.logprobs import encode_response
+from pipeline.data.pairs import build_pairs, on_policy_summary
 from pipeline.schema import conform
 
 # Two prompts. p1: the policy has a right and a wrong sample, the other model two wrong ones.

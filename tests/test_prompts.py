@@ -1,4 +1,4 @@
-"""Tests for pipeline/prompts.py and the prepare stage."""
+"""Tests for pipeline/data/prompts.py and the prepare stage."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import logging
 import polars as pl
 import pytest
 
-from pipeline import prompts as P
-from pipeline.prompts import PromptFileError
+from pipeline.data import prompts as P
+from pipeline.data.prompts import PromptFileError
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from pipeline.report import build_report, findings
+from pipeline.analysis.report import build_report, findings
 
 
 def _ev(dw, dl, share=0.5):
@@ -42,7 +42,7 @@ def test_build_report_writes_plots_and_tables(tmp_path: Path):
 
 
 def test_scenario_table_side_by_side():
-    from pipeline.report import scenario_table
+    from pipeline.analysis.report import scenario_table
 
     def ev(dw):
         return {"test_accuracy_before": 0.25, "test_accuracy": 0.5,

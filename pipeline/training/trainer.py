@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import losses
-from pipeline.logprobs import ResponseLogprobs, collate, sequence_logprobs, sequence_logprobs_via_forward
+from pipeline.training import losses
+from pipeline.model.logprobs import ResponseLogprobs, collate, sequence_logprobs, sequence_logprobs_via_forward
 
-log = logging.getLogger("pipeline.training")
+log = logging.getLogger("pipeline.training.trainer")
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def gradient_diagnostics(g_w: torch.Tensor, g_l: torch.Tensor, lp_w: torch.Tenso
 
 def _probe_logprob(model, tokenizer, probe: Probe) -> tuple[float, float]:
     """Mean summed (and per-token) log-prob of the current greedy decode of the probe prompts."""
-    from pipeline.sampling import GenerationSettings, TransformersSampler
+    from pipeline.generation.sampling import GenerationSettings, TransformersSampler
 
     sampler = TransformersSampler.from_model(model, tokenizer, "probe", batch_size=len(probe.prompts))
     was_training = model.training
@@ -126,7 +126,7 @@ def _probe_logprob(model, tokenizer, probe: Probe) -> tuple[float, float]:
 
 
 def _save_checkpoint(ck: Checkpointing, step: int, model, opt, sched, history, ctx) -> None:
-    from pipeline import distributed as D
+    from pipeline.training import distributed as D
     from pipeline.io import atomic_path
 
     state = {"key": ck.key, "step": step, "model": D.full_state_dict(model, ctx),
@@ -167,7 +167,7 @@ def train_preference(model, examples: Sequence[PairExample], terms, *, lr: float
     """
     from tqdm.auto import tqdm
 
-    from pipeline import distributed as D
+    from pipeline.training import distributed as D
 
     ctx = ctx or D.Context(device=str(next(model.parameters()).device))
     if not examples:

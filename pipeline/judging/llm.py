@@ -4,7 +4,7 @@ Selected with ``judge.backend: llm``; settings in ``judge.llm`` (:class:`pipelin
 Two modes, both with the rubric of the 3D paper (seed 001 §5.2):
 
 - ``rubric``: one request per candidate, scored 1-5. Best = highest score, worst = lowest; ties are
-  broken by :func:`pipeline.judges.select_best_worst` (best: shortest, then lowest index; worst:
+  broken by :func:`pipeline.judging.rule.select_best_worst` (best: shortest, then lowest index; worst:
   longest, then highest index), and a group whose scores are all equal is a ``tie``.
 - ``listwise``: one request per group, the candidates shown together in an order shuffled by
   ``seed`` and the prompt id (recorded as ``shown_order``); the judge names the best and the worst
@@ -16,7 +16,7 @@ parsed strictly: a JSON schema is requested (``response_format``), plain text is
 tolerant fallback (JSON anywhere in the text, or ``score: 4``), and a score outside 1-5, a missing
 field or prose without a score is malformed: the request is repeated up to ``max_parse_retries``
 times and then counted as a failure, never read as a score. Valid answers are cached
-(:mod:`pipeline.judge_cache`) as soon as they arrive; failures are not cached, so a rerun asks again
+(:mod:`pipeline.judging.cache`) as soon as they arrive; failures are not cached, so a rerun asks again
 for exactly those. The API key is read from the environment variable named by ``api_key_env`` and
 never logged, stored or put into an exception message.
 """
@@ -36,10 +36,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.judge_cache import JudgeCache, cache_key, resolve_cache_dir
-from pipeline.judges import CandidateView, Group, Score, Verdict, is_correct, select_best_worst
+from pipeline.judging.cache import JudgeCache, cache_key, resolve_cache_dir
+from pipeline.judging.rule import CandidateView, Group, Score, Verdict, is_correct, select_best_worst
 
-log = logging.getLogger("pipeline.llm_judge")
+log = logging.getLogger("pipeline.judging.llm")
 
 TEMPLATE_VERSION = "v1"
 

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.io import atomic_dir
 
-log = logging.getLogger("pipeline.modeling")
+log = logging.getLogger("pipeline.model.loading")
 
 
 @dataclass(frozen=True)

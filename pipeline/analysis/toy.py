@@ -1,4 +1,4 @@
-"""The toy model of the 3D-properties paper (seed 001 §3.2), for every loss in :mod:`pipeline.losses`.
+"""The toy model of the 3D-properties paper (seed 001 §3.2), for every loss in :mod:`pipeline.training.losses`.
 
 Setup (REFERENCE.md, last section). 4 prompts, given to the policy as one-hot vectors; 10
 responses; the policy is a 3-layer MLP (``4 → hidden → hidden → 10``, ReLU) whose softmax is a
@@ -53,7 +53,7 @@ import polars as pl
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline import losses as L
+from pipeline.training import losses as L
 
 N_PROMPTS = 4
 N_RESPONSES = 10

@@ -6,9 +6,10 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from pipeline import judges, tagging
-from pipeline.logprobs import batched_logprobs
-from pipeline.sampling import GenerationSettings
+from pipeline.judging import rule
+from pipeline.data import tagging
+from pipeline.model.logprobs import batched_logprobs
+from pipeline.generation.sampling import GenerationSettings
 
 
 def greedy_eval(sampler, prompts: pl.DataFrame, max_new_tokens: int, label: str,
@@ -18,7 +19,7 @@ def greedy_eval(sampler, prompts: pl.DataFrame, max_new_tokens: int, label: str,
     outs = sampler.generate(prompts["prompt"].to_list(), settings, progress=progress)
     rows = []
     for p, cands in zip(prompts.iter_rows(named=True), outs):
-        ok, pred, _ = judges.is_correct(cands[0].text, p["answer"])
+        ok, pred, _ = rule.is_correct(cands[0].text, p["answer"])
         rows.append({"prompt_id": p["prompt_id"], "model": label, "text": cands[0].text,
                      "extracted_answer": pred, "correct": ok})
     df = pl.DataFrame(rows)
@@ -67,10 +68,10 @@ def bucketise(pairs: pl.DataFrame, edges: Sequence[float]) -> pl.Series:
 
 def rubric_eval(judge, generations: pl.DataFrame, prompts: pl.DataFrame) -> dict:
     """Seed 001's "5 points" and "4 & 5 points" rates of greedy answers, scored 1–5 by an LLM judge."""
-    from pipeline.llm_judge import rubric_rates
+    from pipeline.judging.llm import rubric_rates
 
     by_id = {r["prompt_id"]: r for r in prompts.iter_rows(named=True)}
-    groups = [judges.Group(r["prompt_id"], by_id[r["prompt_id"]]["prompt"], by_id[r["prompt_id"]]["answer"],
-                           (judges.CandidateView(0, r["text"], 0, "stop"),)) for r in generations.iter_rows(named=True)]
+    groups = [rule.Group(r["prompt_id"], by_id[r["prompt_id"]]["prompt"], by_id[r["prompt_id"]]["answer"],
+                           (rule.CandidateView(0, r["text"], 0, "stop"),)) for r in generations.iter_rows(named=True)]
     scores = judge.score_candidates(groups)
     return {**rubric_rates(scores.values()), "failed": sum(v is None for v in scores.values())}

@@ -2,7 +2,7 @@
 
 A backend implements :class:`Sampler`; :func:`get_sampler` picks one by the name in
 ``params.yaml`` (``sample.backend``, ``evaluate.generation.backend``). ``transformers`` runs
-anywhere; ``vllm`` (:mod:`pipeline.vllm_backend`, an optional extra imported only when selected)
+anywhere; ``vllm`` (:mod:`pipeline.generation.vllm_backend`, an optional extra imported only when selected)
 returns the same :class:`Candidate` records.
 """
 
@@ -15,9 +15,9 @@ from typing import Protocol
 
 import torch
 
-from pipeline.logprobs import encode_prompt
+from pipeline.model.logprobs import encode_prompt
 
-log = logging.getLogger("pipeline.sampling")
+log = logging.getLogger("pipeline.generation.sampling")
 
 
 @dataclass(frozen=True)
@@ -53,13 +53,13 @@ class TransformersSampler:
 
     def __init__(self, model_path: str, batch_size: int = 16, dtype: str = "float32", device: str = "auto",
                  model_id: str | None = None):
-        from pipeline import modeling
+        from pipeline.model import loading
 
-        self.device = modeling.device_for(device)
-        self.tokenizer = modeling.load_tokenizer(model_path)
-        self.model = modeling.load_model(model_path, dtype, self.device).eval()
+        self.device = loading.device_for(device)
+        self.tokenizer = loading.load_tokenizer(model_path)
+        self.model = loading.load_model(model_path, dtype, self.device).eval()
         self.batch_size = batch_size
-        self.model_id = model_id or modeling.fingerprint(model_path)
+        self.model_id = model_id or loading.fingerprint(model_path)
 
     @classmethod
     def from_model(cls, model, tokenizer, model_id: str, batch_size: int = 16) -> "TransformersSampler":
@@ -124,7 +124,7 @@ class TransformersSampler:
 
 
 def _vllm(model_path: str, **kwargs) -> Sampler:
-    from pipeline.vllm_backend import VLLMSampler  # vLLM itself is imported only when an engine starts
+    from pipeline.generation.vllm_backend import VLLMSampler  # vLLM itself is imported only when an engine starts
 
     return VLLMSampler(model_path, **kwargs)
 
@@ -145,7 +145,7 @@ CHUNK_COLUMNS = ("prompt_id", "candidate_idx", "text", "token_ids", "logprob_sum
 def chunk_key(material: dict) -> str:
     import hashlib
 
-    from pipeline.judge_cache import canonical_json
+    from pipeline.judging.cache import canonical_json
 
     return hashlib.sha256(canonical_json(material).encode()).hexdigest()[:24]
 
@@ -226,13 +226,13 @@ def sampler_for(backend: str, model_path: str, *, dtype: str, batch_size: int, v
 def logprob_check(model_path: str, dtype: str, prompts: Sequence[str], candidates: Sequence[Candidate],
                   batch_size: int = 16) -> dict:
     """Re-score sampled tokens with the training code path; report how far the sampler's log-probs are off."""
-    from pipeline import modeling
-    from pipeline.logprobs import batched_logprobs
+    from pipeline.model import loading
+    from pipeline.model.logprobs import batched_logprobs
 
     if not candidates:
         return {"n": 0}
-    tok = modeling.load_tokenizer(model_path)
-    model = modeling.load_model(model_path, dtype, modeling.device_for()).eval()
+    tok = loading.load_tokenizer(model_path)
+    model = loading.load_model(model_path, dtype, loading.device_for()).eval()
     prompt_ids = [encode_prompt(tok, p) for p in prompts]
     resp = [list(c.token_ids) for c in candidates]
     longest = max(len(p) + len(r) for p, r in zip(prompt_ids, resp))

@@ -9,7 +9,7 @@ from typing import Any
 
 import matplotlib
 
-from pipeline import tagging
+from pipeline.data import tagging
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -143,7 +143,7 @@ def get_judge(backend: str, *, llm=None, **kwargs) -> Judge:
         return RuleVerifier(**kwargs)
     if backend == "llm":
         from pipeline.config import LLMJudgeParams
-        from pipeline.llm_judge import LLMJudge  # lazy: imports the openai client
+        from pipeline.judging.llm import LLMJudge  # lazy: imports the openai client
 
         return LLMJudge(llm if llm is not None else LLMJudgeParams(), **kwargs)
     raise ValueError(f"judge.backend: unknown judge {backend!r} (available: rule, llm)")

@@ -44,8 +44,8 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from pipeline import dvc_runner
-from pipeline.dvc_runner import (  # noqa: F401  (re-exported: the settings live with the flows)
+from pipeline.flows import dvc_runner
+from pipeline.flows.dvc_runner import (  # noqa: F401  (re-exported: the settings live with the flows)
     FlowParams,
     FlowParamsError,
     RoundsParams,
@@ -289,7 +289,7 @@ def sweep_flow(grid: dict[str, list[Any]] | None = None, max_parallel: int | Non
 # ============================================================================================ scenarios
 def _scenario_rows(exps: list[dict[str, Any]], names: Mapping[int, str], failed: list[str],
                    variant: str) -> list[dict[str, Any]]:
-    """The input of :func:`pipeline.report.scenario_table`: per scenario its experiment's status and the
+    """The input of :func:`pipeline.analysis.report.scenario_table`: per scenario its experiment's status and the
     contents of metrics/pairs.json and metrics/eval/<variant>.json (from ``dvc exp show``)."""
     by_name = {e["name"]: e for e in exps}
     rows = []
@@ -312,7 +312,7 @@ def scenarios_flow(scenarios: list[int] | None = None, variant: str | None = Non
     the experiments' pair and evaluation metrics side by side, one column per scenario. The same
     experiments as a sweep with ``flows.sweep.grid: {pairs.scenario: [1, 2, 3, 4]}``."""
     from pipeline.io import write_text
-    from pipeline.report import scenario_table
+    from pipeline.analysis.report import scenario_table
 
     logger = get_run_logger()
     root = Path(repo).resolve()
@@ -409,7 +409,8 @@ def rounds_flow(rounds: int | None = None, variant: str | None = None, overrides
     so the path changes whenever the weights do and DVC's run-cache stays right) with the warm-up off.
     Each round's outputs are copied to ``rounds/round_<r>/`` and recorded as the DVC experiment
     ``<name>-round-<r>``; ``rounds/report.md`` compares them. params.yaml is restored at the end."""
-    from pipeline import modeling, paths
+    from pipeline import paths
+    from pipeline.model import loading
 
     logger = get_run_logger()
     root = Path(repo).resolve()
@@ -439,7 +440,7 @@ def rounds_flow(rounds: int | None = None, variant: str | None = None, overrides
             results = _run_stages(root, order, fp, fp.remote, label=f"r{r}-")
             info = _archive_round(root, out_dir / f"round_{r}", variant)
             trained = root / paths.model_dir(variant)
-            trained_fp = modeling.fingerprint(trained)
+            trained_fp = loading.fingerprint(trained)
             keep = out_dir / "models" / f"{variant}-{trained_fp}"
             if not keep.exists():
                 shutil.copytree(trained, keep)

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import polars as pl
 
-from pipeline import tagging
-from pipeline.logprobs import encode_prompt, encode_response
+from pipeline.data import tagging
+from pipeline.model.logprobs import encode_prompt, encode_response
 
 
 def is_heldout(prompt_id: str, fraction: float, seed: int) -> bool:

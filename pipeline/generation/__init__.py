@@ -1,0 +1,1 @@
+"""Generation: N candidates per prompt (transformers or vLLM), resumable in chunks."""
