@@ -4,16 +4,29 @@ Every setting of the pipeline lives in ``params.yaml``; stages call :func:`load_
 validated :class:`Params`. Any problem (unknown key, wrong type, missing model folder, unknown loss
 or loss hyperparameter) raises :class:`ConfigError` whose message names the offending key, e.g.
 ``params.yaml: train.variants.dpo.beta: Input should be a valid number``.
+
+``params.yaml`` is also the one source of every default: no field here has a default value (a key
+missing from the file is an error that names it), and no other module repeats a value that
+params.yaml sets. This module is the ground floor of the package: it imports pydantic, yaml and
+the two leaf tables it validates against (:mod:`pipeline.model.builtin`, the loss
+hyperparameters below), never torch, so every stage can load its params in milliseconds.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
+import math
+import numbers
+from collections.abc import Mapping
+
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.model.builtin import BUILTIN_MODELS
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -28,91 +41,91 @@ class _Strict(BaseModel):
 
 # --------------------------------------------------------------------------------------------- prepare
 class ReasoningGymSource(_Strict):
-    task: str = "chain_sum"
-    config: dict[str, Any] = Field(default_factory=dict)
-    seed: int = 1234
+    task: str
+    config: dict[str, Any]
+    seed: int
 
 
 class FileSource(_Strict):
-    path: str | None = None
-    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    path: str | None
+    format: Literal["auto", "jsonl", "parquet"]
     # gsm8k: {question, answer: "<reasoning> #### <final>"}; math: {problem, solution with \boxed{}}
-    preset: Literal["gsm8k", "math"] | None = None
-    fields: dict[str, str | None] = Field(default_factory=dict)
+    preset: Literal["gsm8k", "math"] | None
+    fields: dict[str, str | None]
 
 
 class PrepareParams(_Strict):
-    source: Literal["reasoning_gym", "file"] = "reasoning_gym"
-    reasoning_gym: ReasoningGymSource = ReasoningGymSource()
-    file: FileSource = FileSource()
-    instruction: str = " Give the final answer as 'Answer: <number>'."
-    n_train: int = Field(128, ge=1)
-    n_test: int = Field(64, ge=1)
-    n_warmup: int = Field(128, ge=0)
-    split_seed: int = 0
-    on_bad_rows: Literal["error", "quarantine"] = "error"
+    source: Literal["reasoning_gym", "file"]
+    reasoning_gym: ReasoningGymSource
+    file: FileSource
+    instruction: str
+    n_train: int = Field(ge=1)
+    n_test: int = Field(ge=1)
+    n_warmup: int = Field(ge=0)
+    split_seed: int
+    on_bad_rows: Literal["error", "quarantine"]
 
 
 # --------------------------------------------------------------------------------------------- policy
 class GenerationParams(_Strict):
     """Greedy decoding of the test prompts (policy.eval before training, evaluate.generation after)."""
-    backend: Literal["transformers", "vllm"] = "transformers"
-    max_new_tokens: int = Field(48, ge=1)
-    batch_size: int = Field(16, ge=1)  # transformers: sequences per generate call
+    backend: Literal["transformers", "vllm"]
+    max_new_tokens: int = Field(ge=1)
+    batch_size: int = Field(ge=1)  # transformers: sequences per generate call
 
 
 class WarmupParams(_Strict):
-    enabled: bool = True
-    epochs: int = Field(1, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    batch_size: int = Field(8, ge=1)
-    max_length: int = Field(128, ge=8)
-    seed: int = 0
+    enabled: bool
+    epochs: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    max_length: int = Field(ge=8)
+    seed: int
 
 
 class PolicyParams(_Strict):
     # A builtin name ("smollm2-135m-instruct"), a local model folder, or "hf:<org>/<name>" (network).
-    model: str = "smollm2-135m-instruct"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    warmup: WarmupParams = WarmupParams()
-    eval: GenerationParams = GenerationParams()
+    model: str
+    dtype: Literal["float32", "bfloat16"]
+    warmup: WarmupParams
+    eval: GenerationParams
 
 
 # --------------------------------------------------------------------------------------------- sample
 class SampleParams(_Strict):
-    backend: Literal["transformers", "vllm"] = "transformers"
-    n: int = Field(4, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(48, ge=1)
-    batch_size: int = Field(16, ge=1)  # transformers: sequences per generate call
-    seed: int = 0
+    backend: Literal["transformers", "vllm"]
+    n: int = Field(ge=1)
+    temperature: float = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+    max_new_tokens: int = Field(ge=1)
+    batch_size: int = Field(ge=1)  # transformers: sequences per generate call
+    seed: int
     # Prompts per saved chunk: a killed stage reruns only the chunks it had not finished.
-    chunk_size: int = Field(64, ge=1)
+    chunk_size: int = Field(ge=1)
     # Candidates whose sampler log-prob is re-computed by the training code (the difference is reported).
-    logprob_check: int = Field(64, ge=0)
+    logprob_check: int = Field(ge=0)
     # Finished chunks, outside every DVC output (a relative path is taken from the repository root,
     # also from a `dvc exp` temp workspace); not a DVC param, changing it reruns nothing.
-    cache_dir: str = ".cache/samples"
+    cache_dir: str
 
 
 class OtherSampleParams(SampleParams):
     """Candidates of another model: the rejected side of scenarios 3 and 4 (stage sample_other)."""
     # A builtin name, a local model folder or hf:<org>/<name>. Sampled only when pairs.scenario is 3
     # or 4; otherwise the stage writes an empty table.
-    model: str = "smollm2-135m-instruct"
+    model: str
 
 
 class VLLMParams(_Strict):
     """vLLM engines (sample.backend / sample_other.backend / *.eval backend: vllm). How to run, not
     what: not a DVC param of any stage."""
-    tensor_parallel_size: int = Field(1, ge=1)  # GPUs per engine
-    data_parallel_size: int = Field(1, ge=0)  # engines, each on a shard of the prompts; 0: all visible GPUs
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    max_model_len: int = Field(1024, ge=16)  # prompt + response tokens per sequence
-    max_num_seqs: int = Field(256, ge=1)  # sequences per engine step
-    enforce_eager: bool = True  # false: torch.compile (faster on GPUs, slow to start on small CPUs)
-    cpu_kvcache_space_gb: float = Field(2.0, gt=0)  # CPU build only (VLLM_CPU_KVCACHE_SPACE)
+    tensor_parallel_size: int = Field(ge=1)  # GPUs per engine
+    data_parallel_size: int = Field(ge=0)  # engines, each on a shard of the prompts; 0: all visible GPUs
+    gpu_memory_utilization: float = Field(gt=0, le=1)
+    max_model_len: int = Field(ge=16)  # prompt + response tokens per sequence
+    max_num_seqs: int = Field(ge=1)  # sequences per engine step
+    enforce_eager: bool  # false: torch.compile (faster on GPUs, slow to start on small CPUs)
+    cpu_kvcache_space_gb: float = Field(gt=0)  # CPU build only (VLLM_CPU_KVCACHE_SPACE)
 
     def sampler_kwargs(self) -> dict:
         return self.model_dump()
@@ -126,36 +139,36 @@ class JudgePrice(_Strict):
 
 
 class LLMJudgeParams(_Strict):
-    """An LLM judge behind any OpenAI-compatible Chat Completions endpoint (see pipeline/judging/llm.py)."""
+    """An LLM judge behind any OpenAI-compatible Chat Completions endpoint (see pipeline/judging/llm/)."""
     # rubric: every candidate scored 1-5 on its own; listwise: the N candidates shown together (in a
     # seeded shuffled order), the judge names the best and the worst.
-    mode: Literal["rubric", "listwise"] = "rubric"
-    model: str = "gpt-4o-2024-08-06"
-    base_url: str | None = None  # None: OpenAI; e.g. http://localhost:8000/v1 for a vLLM server
+    mode: Literal["rubric", "listwise"]
+    model: str
+    base_url: str | None  # None: OpenAI; e.g. http://localhost:8000/v1 for a vLLM server
     # The NAME of the environment variable that holds the key, never the key; null: no key (a local
     # server without auth).
-    api_key_env: str | None = "OPENAI_API_KEY"
-    show_reference: bool = True  # show the gold final answer to the judge
-    temperature: float = Field(0.0, ge=0, le=2)
-    max_tokens: int = Field(64, ge=1)
-    timeout_s: float = Field(60.0, gt=0)  # per HTTP attempt; a timeout is retried by the client
-    max_in_flight: int = Field(8, ge=1)  # concurrent requests
-    max_retries: int = Field(6, ge=0)  # client retries on 408/409/429/5xx/timeouts (backoff, jitter, Retry-After)
-    max_parse_retries: int = Field(2, ge=0)  # extra requests after a malformed answer, then a failure
+    api_key_env: str | None
+    show_reference: bool  # show the gold final answer to the judge
+    temperature: float = Field(ge=0, le=2)
+    max_tokens: int = Field(ge=1)
+    timeout_s: float = Field(gt=0)  # per HTTP attempt; a timeout is retried by the client
+    max_in_flight: int = Field(ge=1)  # concurrent requests
+    max_retries: int = Field(ge=0)  # client retries on 408/409/429/5xx/timeouts (backoff, jitter, Retry-After)
+    max_parse_retries: int = Field(ge=0)  # extra requests after a malformed answer, then a failure
     # A group with a failed candidate: drop_group (status failed) or ignore_failed (judge the group on
     # the candidates that got a score; failed if fewer than 2). Listwise failures fail the whole group.
-    on_failure: Literal["drop_group", "ignore_failed"] = "drop_group"
+    on_failure: Literal["drop_group", "ignore_failed"]
     # Abort (no outputs, answers kept in the cache) when more than this share of requests failed.
-    max_failed_fraction: float = Field(0.2, ge=0, le=1)
-    seed: int = 0  # shuffle of the candidate order shown to the judge (listwise)
-    structured_output: bool = True  # ask for a JSON schema; falls back to plain text if the server refuses
-    prices: dict[str, JudgePrice] = Field(default_factory=dict)  # model -> price
+    max_failed_fraction: float = Field(ge=0, le=1)
+    seed: int  # shuffle of the candidate order shown to the judge (listwise)
+    structured_output: bool  # ask for a JSON schema; falls back to plain text if the server refuses
+    prices: dict[str, JudgePrice]  # model -> price
     # Answer cache, outside every DVC output so that `dvc repro` never deletes it. A relative path is
     # taken from the repository root (also from a `dvc exp run --temp`/queue workspace under
     # .dvc/tmp/exps, which is resolved back to the main repository); the environment variable
     # DPO_JUDGE_CACHE, or an absolute path here, overrides it.
-    cache_dir: str = ".cache/judge"
-    dry_run: bool = False  # print the number of requests and estimated tokens, send nothing
+    cache_dir: str
+    dry_run: bool  # print the number of requests and estimated tokens, send nothing
 
     @model_validator(mode="before")
     @classmethod
@@ -170,19 +183,19 @@ class LLMJudgeParams(_Strict):
 
 
 class JudgeParams(_Strict):
-    backend: Literal["rule", "llm"] = "rule"
+    backend: Literal["rule", "llm"]
     # Minimum score gap between best and worst; groups below it count as ties and are dropped.
-    min_gap: float = Field(1e-9, gt=0)
-    llm: LLMJudgeParams = LLMJudgeParams()
+    min_gap: float = Field(gt=0)
+    llm: LLMJudgeParams
 
 
 # --------------------------------------------------------------------------------------------- pairs
 class PairsParams(_Strict):
-    scenario: Literal[1, 2, 3, 4] = 1
-    heldout_fraction: float = Field(0.2, ge=0, lt=1)
-    seed: int = 0
+    scenario: Literal[1, 2, 3, 4]
+    heldout_fraction: float = Field(ge=0, lt=1)
+    seed: int
     # Edges of the normalised-edit-distance buckets used by evaluate and the report.
-    distance_buckets: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
+    distance_buckets: list[float]
 
     @field_validator("distance_buckets")
     @classmethod
@@ -193,8 +206,8 @@ class PairsParams(_Strict):
 
 
 class ReferenceParams(_Strict):
-    batch_size: int = Field(16, ge=1)
-    max_length: int = Field(256, ge=8)
+    batch_size: int = Field(ge=1)
+    max_length: int = Field(ge=8)
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -202,33 +215,33 @@ class ReferenceParams(_Strict):
 
 class LossTerm(_Strict):
     name: str
-    weight: float = 1.0
-    hp: dict[str, float] = Field(default_factory=dict)
+    weight: float
+    hp: dict[str, float]
 
 
 class TrainSettings(_Strict):
-    lr: float = Field(1e-5, gt=0)
-    epochs: int = Field(2, ge=1)
-    batch_size: int = Field(8, ge=1)  # global batch in pairs, independent of processes
-    grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(256, ge=8)
-    seed: int = 0
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float = Field(10.0, gt=0)
-    bf16: bool = True  # bf16 autocast on GPU; ignored on CPU
-    probe_every: int = Field(4, ge=0)  # re-score the greedy decode of the probe prompts every K steps (0: off)
-    probe_prompts: int = Field(8, ge=1)
+    lr: float = Field(gt=0)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)  # global batch in pairs, independent of processes
+    grad_accum: int = Field(ge=1)
+    max_length: int = Field(ge=8)
+    seed: int
+    weight_decay: float = Field(ge=0)
+    warmup_steps: int = Field(ge=0)
+    max_grad_norm: float = Field(gt=0)
+    bf16: bool  # bf16 autocast on GPU; ignored on CPU
+    probe_every: int = Field(ge=0)  # re-score the greedy decode of the probe prompts every K steps (0: off)
+    probe_prompts: int = Field(ge=1)
 
 
 class RuntimeParams(_Strict):
     """How to run, not what to compute: not a DVC param of the train stage, so changing it reruns nothing."""
 
-    nproc: int = Field(1, ge=1)  # processes; > 1 relaunches the stage under torchrun
-    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPUs, gloo on CPU
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 fully_shard, for models that do not fit one GPU
-    checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints (0: none); a rerun resumes
-    checkpoint_dir: str = ".cache/checkpoints"
+    nproc: int = Field(ge=1)  # processes; > 1 relaunches the stage under torchrun
+    backend: Literal["auto", "nccl", "gloo"]  # auto: nccl on GPUs, gloo on CPU
+    strategy: Literal["ddp", "fsdp"]  # fsdp: FSDP2 fully_shard, for models that do not fit one GPU
+    checkpoint_every: int = Field(ge=0)  # steps between checkpoints (0: none); a rerun resumes
+    checkpoint_dir: str
 
 
 TRAIN_SETTINGS = tuple(TrainSettings.model_fields)
@@ -243,40 +256,282 @@ class Variant(_Strict):
 class TrainParams(TrainSettings):
     """Settings shared by all variants (a variant may override any), the runtime, and the variants."""
 
-    runtime: RuntimeParams = RuntimeParams()
-    variants: dict[str, Any] = Field(default_factory=dict)
+    runtime: RuntimeParams
+    variants: dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------------- rest
 class EvaluateParams(_Strict):
-    generation: GenerationParams = GenerationParams()
-    batch_size: int = Field(16, ge=1)
+    generation: GenerationParams
+    batch_size: int = Field(ge=1)
     # Also score the greedy answers 1-5 with the LLM judge of judge.llm ("5 points", "4 & 5 points").
-    llm_rubric: bool = False
+    llm_rubric: bool
 
 
-from pipeline.flows.dvc_runner import FlowParams  # noqa: E402  (Prefect flows; no Prefect import)
-from pipeline.analysis.toy import ToyParams  # noqa: E402  (the toy stage's own section)
+# --------------------------------------------------------------------------------------------- losses
+class LossConfigError(ValueError):
+    """A bad loss name or hyperparameter. ``.key`` names the hyperparameter (None: the loss name)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+_POSITIVE = (0.0, False, math.inf)  # (low, low inclusive, high exclusive): > 0
+_NONNEG = (0.0, True, math.inf)  # >= 0
+_SMOOTHING = (0.0, True, 0.5)  # [0, 0.5)
+
+# Each loss's hyperparameters and their allowed ranges: the typed configuration of
+# pipeline/training/losses.py, whose registry binds each name to its function (a test checks that
+# both agree). Kept here, free of torch, so that params.yaml is validated whole before any stage runs.
+LOSS_HPARAMS: dict[str, dict[str, tuple[float, bool, float]]] = {
+    "dpo": {"beta": _POSITIVE},
+    "cdpo": {"beta": _POSITIVE, "label_smoothing": _SMOOTHING},
+    "dpop": {"beta": _POSITIVE, "dpop_lambda": _NONNEG},
+    "ipo": {"tau": _POSITIVE},
+    "slic": {"delta": _NONNEG, "reg_weight": _NONNEG},
+    "flex_dpo": {"beta_w": _POSITIVE, "beta_l": _POSITIVE},
+    "dpo_sft": {"beta": _POSITIVE, "sft_weight": _NONNEG},
+    "gamma_dpo": {"beta": _POSITIVE, "gamma": _NONNEG},
+    "hinge": {"beta": _POSITIVE, "gamma": _NONNEG},
+    "simpo": {"beta": _POSITIVE, "margin": _NONNEG},
+}
+LOSS_NAMES: tuple[str, ...] = tuple(LOSS_HPARAMS)
+
+
+def _range_text(rng: tuple[float, bool, float]) -> str:
+    low, inclusive, high = rng
+    if high == math.inf:
+        return f"{'>=' if inclusive else '>'} {low:g}"
+    return f"in [{low:g}, {high:g})"
+
+
+def validate_loss_hparams(name: Any, hp: Mapping[str, Any]) -> dict[str, float]:
+    """Check the hyperparameters of loss ``name``; return them as floats.
+
+    Raises :class:`LossConfigError` for an unknown loss (``key=None``), an unknown, missing,
+    non-numeric (bools included) or out-of-range hyperparameter (``key`` = that hyperparameter).
+    Hyperparameters have no defaults: every one must be given.
+    """
+    if not isinstance(name, str) or name not in LOSS_HPARAMS:
+        raise LossConfigError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES)}", key=None)
+    if not isinstance(hp, Mapping):
+        raise LossConfigError(f"loss '{name}': hyperparameters must be a mapping, got {type(hp).__name__}")
+    allowed = LOSS_HPARAMS[name]
+    for key in hp:
+        if key not in allowed:
+            raise LossConfigError(f"unknown hyperparameter {key!r} for loss '{name}' "
+                                  f"(expected: {', '.join(allowed)})", key=str(key))
+    out: dict[str, float] = {}
+    for key, rng in allowed.items():
+        if key not in hp:
+            raise LossConfigError(f"missing hyperparameter {key!r} for loss '{name}' "
+                                  f"(required: {', '.join(allowed)})", key=key)
+        value = hp[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise LossConfigError(f"hyperparameter {key!r} of loss '{name}' must be a number, "
+                                  f"got {value!r} ({type(value).__name__})", key=key)
+        value = float(value)
+        low, inclusive, high = rng
+        ok = math.isfinite(value) and (value >= low if inclusive else value > low) and value < high
+        if not ok:
+            raise LossConfigError(f"hyperparameter {key!r} of loss '{name}' must be {_range_text(rng)}, "
+                                  f"got {value:g}", key=key)
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------- toy
+TOY_REJECTED = 4  # responses 4-7 are the rejected ones (pipeline/analysis/toy.py)
+
+
+class ScenarioInit(_Strict):
+    """The toy's SFT target for one scenario, the same for every prompt ``i``: ``p_chosen`` on response
+    ``i``, ``p_rejected`` on EACH of the rejected responses 4–7, the rest spread evenly over the
+    other five (the three other prompts' chosen responses and the two unseen ones)."""
+
+    p_chosen: float = Field(gt=0, lt=1)
+    p_rejected: float = Field(gt=0, lt=1 / TOY_REJECTED)
+
+    @model_validator(mode="after")
+    def _mass_left(self) -> "ScenarioInit":
+        rest = 1.0 - self.p_chosen - TOY_REJECTED * self.p_rejected
+        if rest <= 0:
+            raise ValueError(f"p_chosen + {TOY_REJECTED}·p_rejected must be < 1 (got {1.0 - rest:g})")
+        return self
+
+
+class ToyParams(_Strict):
+    """The ``toy:`` section: the toy model of the 3D-properties paper (pipeline/analysis/toy.py)."""
+
+    steps: int = Field(ge=1)  # preference-optimisation steps (full batch, all pairs)
+    lr: float = Field(gt=0)
+    optimizer: Literal["adam", "sgd"]  # preference step; SFT always uses Adam
+    sft_steps: int = Field(ge=1)
+    sft_lr: float = Field(gt=0)
+    hidden: int = Field(ge=1)
+    seed: int
+    pairs_per_prompt: int = Field(ge=1)
+    losses: tuple[str, ...]
+    hparams: dict[str, dict[str, Any]]  # one entry per loss in `losses`, every hyperparameter given
+    scenarios: tuple[int, ...]
+    scenario_init: dict[int, ScenarioInit]
+
+    @field_validator("losses")
+    @classmethod
+    def _known_losses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if name not in LOSS_HPARAMS:
+                raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES)}")
+        if len(set(v)) != len(v):
+            raise ValueError("duplicate entries")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "ToyParams":
+        for name in self.losses:
+            if name not in self.hparams:
+                raise ValueError(f"hparams.{name}: missing (every loss in toy.losses needs its hyperparameters)")
+        for name, hp in self.hparams.items():
+            try:
+                validate_loss_hparams(name, hp)
+            except LossConfigError as e:
+                raise ValueError(f"hparams.{name}{'.' + e.key if e.key else ''}: {e}") from None
+        for s in self.scenarios:
+            if s not in self.scenario_init:
+                raise ValueError(f"scenarios: {s} has no entry in scenario_init")
+        if len(set(self.scenarios)) != len(self.scenarios):
+            raise ValueError("scenarios: duplicate entries")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- flows
+def group_of(stage: str) -> str:
+    """``train@dpo`` -> ``train`` (a DVC foreach group); other names unchanged."""
+    return stage.split("@", 1)[0]
+
+
+class StageTaskSettings(_Strict):
+    """How the Prefect task of one DVC stage is run."""
+    retries: int = Field(ge=0)  # extra tries after a failure (each one is `dvc repro -s <stage>` again)
+    retry_delay_s: float = Field(ge=0)  # pause between tries
+    timeout_s: float = Field(ge=0)  # wall-clock limit of one try, the DVC process group is killed; 0: none
+
+
+class StageTaskOverride(_Strict):
+    """Per-stage (or per foreach group) changes to :class:`StageTaskSettings`; a key left out inherits."""
+    retries: int | None = Field(None, ge=0)
+    retry_delay_s: float | None = Field(None, ge=0)
+    timeout_s: float | None = Field(None, ge=0)
+
+
+class SweepParams(_Strict):
+    # param -> values; one DVC experiment per combination (the product)
+    grid: dict[str, list[Any]]
+    max_parallel: int = Field(ge=1)  # experiments running at once (`dvc exp run --temp` each)
+    targets: list[str]  # stages to reproduce per point; []: the whole pipeline
+    warm_start: bool  # first point alone, so the stages every point shares are computed once
+    retries: int = Field(ge=0)  # per experiment
+    timeout_s: float = Field(ge=0)  # per experiment; 0: none
+    metrics: list[str]  # comparison-table columns, <file glob>:<dotted key glob>; []: every metric
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            if not values:
+                raise ValueError(f"{key}: needs at least one value")
+        return v
+
+
+class RoundsParams(_Strict):
+    count: int = Field(ge=1)  # rounds of sample -> judge -> pairs -> reference -> train -> evaluate
+    variant: str  # the train.variants entry whose trained model starts the next round
+    dir: str  # per-round copies of the outputs and the comparison report (git-ignored)
+    save_experiments: bool  # also record each round as a DVC experiment <name>-round-<r>
+
+
+Scenarios = list[int]  # (an alias: ScenariosParams has a field named `list`)
+
+
+class ScenariosParams(_Strict):
+    """``python -m pipeline.flows scenarios``: one DVC experiment per ``pairs.scenario``, one train
+    variant, compared side by side in a report."""
+    list: Scenarios
+    variant: str
+    max_parallel: int = Field(ge=1)
+    report: str
+    timeout_s: float = Field(ge=0)
+    retries: int = Field(ge=0)
+
+    @field_validator("list")
+    @classmethod
+    def _scenarios(cls, v: Scenarios) -> Scenarios:
+        if not v:
+            raise ValueError("needs at least one scenario (1, 2, 3 or 4)")
+        bad = [k for k in v if k not in (1, 2, 3, 4)]
+        if bad:
+            raise ValueError(f"unknown scenario(s) {bad}: each must be 1, 2, 3 or 4")
+        dup = sorted({k for k in v if v.count(k) > 1})
+        if dup:
+            raise ValueError(f"scenario(s) {dup} listed more than once")
+        return v
+
+    @field_validator("variant")
+    @classmethod
+    def _variant(cls, v: str) -> str:
+        if not v or not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
+            raise ValueError(f"{v!r} is not a train.variants name")
+        return v
+
+
+class FlowParams(_Strict):
+    """The ``flows:`` section: how Prefect runs the DVC stages. No stage depends on it."""
+    defaults: StageTaskSettings
+    stages: dict[str, StageTaskOverride]  # stage name (train@dpo) or foreach group (train) -> overrides
+    log_tail_lines: int = Field(ge=1)
+    keep_overrides: bool
+    remote: str | None
+    git_remote: str | None
+    report: str
+    resources: dict[str, Literal["cpu", "gpu"]]  # stage or foreach group -> resource class (cluster_flow)
+    deployments: dict[Literal["cpu", "gpu"], str]  # resource class -> Prefect deployment (cluster_flow)
+    sweep: SweepParams
+    rounds: RoundsParams
+    scenarios: ScenariosParams
+
+    def for_stage(self, stage: str) -> StageTaskSettings:
+        merged = self.defaults.model_dump()
+        for key in (group_of(stage), stage):
+            if key in self.stages:
+                merged.update({k: v for k, v in self.stages[key].model_dump().items() if v is not None})
+        return StageTaskSettings(**merged)
+
+    def resource_of(self, stage: str) -> Literal["cpu", "gpu"]:
+        return self.resources.get(stage, self.resources.get(group_of(stage), "cpu"))
+
+
 
 
 class ReportParams(_Strict):
-    title: str = "DPO-family report"
+    title: str
 
 
 class Params(_Strict):
-    prepare: PrepareParams = PrepareParams()
-    policy: PolicyParams = PolicyParams()
-    sample: SampleParams = SampleParams()
-    sample_other: OtherSampleParams = OtherSampleParams()
-    vllm: VLLMParams = VLLMParams()
-    judge: JudgeParams = JudgeParams()
-    pairs: PairsParams = PairsParams()
-    reference: ReferenceParams = ReferenceParams()
-    train: TrainParams = TrainParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    report: ReportParams = ReportParams()
-    toy: ToyParams = ToyParams()
-    flows: FlowParams = FlowParams()
+    prepare: PrepareParams
+    policy: PolicyParams
+    sample: SampleParams
+    sample_other: OtherSampleParams
+    vllm: VLLMParams
+    judge: JudgeParams
+    pairs: PairsParams
+    reference: ReferenceParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    report: ReportParams
+    toy: ToyParams
+    flows: FlowParams
+    # Derived from train.variants by parse_params (not a key of params.yaml).
     variants: dict[str, Variant] = Field(default_factory=dict)
 
 
@@ -287,8 +542,6 @@ def _loc(loc: tuple) -> str:
 
 def _parse_variant(name: str, raw: Any, common: TrainParams) -> Variant:
     """Accepts ``{loss: dpo, beta: 0.1, lr: ...}`` or ``{loss: [{name: dpo, weight: 1, beta: 0.1}, ...]}``."""
-    from pipeline.training import losses as loss_registry  # local import: losses imports torch
-
     key = f"train.variants.{name}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{key}: must be a mapping with at least a 'loss' key, got {type(raw).__name__}")
@@ -322,8 +575,8 @@ def _parse_variant(name: str, raw: Any, common: TrainParams) -> Variant:
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise ConfigError(f"{where}.weight: must be a number, got {weight!r}")
         try:
-            hp = loss_registry.validate_hparams(lname, spec)
-        except loss_registry.LossConfigError as e:
+            hp = validate_loss_hparams(lname, spec)
+        except LossConfigError as e:
             field = getattr(e, "key", None)
             raise ConfigError(f"{where}{'.' + field if field else ''}: {e}") from None
         terms.append(LossTerm(name=lname, weight=float(weight), hp=hp))
@@ -361,8 +614,6 @@ def parse_params(raw: dict[str, Any] | None, source: str = DEFAULT_PARAMS) -> Pa
 
 
 def _check_model(spec: str, key: str, source: str) -> None:
-    from pipeline.model.loading import BUILTIN_MODELS
-
     if spec in BUILTIN_MODELS or spec.startswith("hf:"):
         return
     path = Path(spec)
@@ -384,3 +635,35 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS) -> Params:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return parse_params(raw, str(path))
+
+
+class FlowParamsError(ConfigError):
+    """A bad setting under ``flows:`` in params.yaml; the message names the key."""
+
+
+def parse_flow_params(raw: Any, source: str = DEFAULT_PARAMS) -> FlowParams:
+    """The ``flows:`` section alone (the flows read it without validating the stages' sections)."""
+    try:
+        return FlowParams(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise FlowParamsError(f"{source}: flows.{_loc(err['loc'])}: {err['msg']}") from None
+    except TypeError:
+        raise FlowParamsError(f"{source}: flows: must be a mapping") from None
+
+
+def load_flow_params(repo: str | os.PathLike = ".") -> FlowParams:
+    path = Path(repo) / DEFAULT_PARAMS
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise FlowParamsError(f"{path}: not found") from None
+    return parse_flow_params(raw.get("flows") if isinstance(raw, dict) else None, str(path))
+
+
+def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in key by key (nested mappings merged, the rest replaced)."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = merged(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out

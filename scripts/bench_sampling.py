@@ -49,9 +49,23 @@ def _prompts(args) -> list[str]:
     return [make_prompt(r["question"], " Give the final answer as 'Answer: <number>'.") for r in rows]
 
 
+def _vllm_kwargs(args) -> dict:
+    """The engine settings of params.yaml's ``vllm`` section, with this run's command-line overrides."""
+    import yaml
+
+    kwargs = dict(yaml.safe_load((ROOT / "params.yaml").read_text())["vllm"], max_model_len=512)
+    if args.compiled:
+        kwargs["enforce_eager"] = False
+    for key in ("max_num_seqs", "gpu_memory_utilization"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    return kwargs
+
+
 def _child(args) -> dict:
     from pipeline.model import loading
-    from pipeline.generation.sampling import GenerationSettings, get_sampler
+    from pipeline.generation.registry import get_sampler
+    from pipeline.generation.types import GenerationSettings
 
     torch_threads = None
     if args.threads:
@@ -65,9 +79,7 @@ def _child(args) -> dict:
     settings = GenerationSettings(n=args.n, temperature=args.temperature, top_p=1.0,
                                   max_new_tokens=args.max_new_tokens, seed=0)
     t0 = time.perf_counter()
-    kwargs = ({"batch_size": args.batch_size} if args.backend == "transformers"
-              else {"enforce_eager": not args.compiled, "max_model_len": 512, "max_num_seqs": args.max_num_seqs,
-                 "gpu_memory_utilization": args.gpu_memory_utilization})
+    kwargs = ({"batch_size": args.batch_size} if args.backend == "transformers" else _vllm_kwargs(args))
     sampler = get_sampler(args.backend, model, dtype=args.dtype, **kwargs)
     startup = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -82,10 +94,11 @@ def _child(args) -> dict:
         sampler.close()
     check = None
     if args.logprob_check and args.backend != "transformers":
-        from pipeline.generation.sampling import logprob_check
+        from pipeline.generation.logprob_check import logprob_check
 
         pairs = [(p, c) for p, cands in zip(timed, outs) for c in cands][:args.logprob_check]
-        check = logprob_check(model, args.dtype, [p for p, _ in pairs], [c for _, c in pairs])
+        check = logprob_check(model, args.dtype, [p for p, _ in pairs], [c for _, c in pairs],
+                              batch_size=args.batch_size)
     return {"logprob_check": check, "backend": args.backend, "startup_s": startup, "warmup_s": warmup, "wall_s": wall,
             "cpu_s_main_process": cpu, "tokens": tokens, "sequences": sum(len(c) for c in outs),
             "stopped": stopped, "tok_per_s": tokens / wall, "end_to_end_s": startup + warmup + wall,
@@ -103,14 +116,14 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--batch-size", type=int, default=32, help="transformers: sequences per generate call")
-    ap.add_argument("--max-num-seqs", type=int, default=256, help="vLLM: sequences per engine step")
+    ap.add_argument("--max-num-seqs", type=int, help="vLLM: sequences per engine step (default: params.yaml)")
     ap.add_argument("--compiled", action="store_true", help="vLLM: torch.compile instead of enforce_eager")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the transformers child (0: default)")
     ap.add_argument("--prompts-file", help="JSON list of prompt strings (from --write-prompts) instead of reasoning-gym")
     ap.add_argument("--write-prompts", help="write the prompts as JSON here and exit")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM on a GPU")
+    ap.add_argument("--gpu-memory-utilization", type=float, help="vLLM on a GPU (default: params.yaml)")
     ap.add_argument("--logprob-check", type=int, default=0,
-                    help="re-score this many vLLM candidates with the training code path (sampling.logprob_check)")
+                    help="re-score this many vLLM candidates with the training code path (generation.logprob_check)")
     ap.add_argument("--out", help="write the figures as JSON here")
     ap.add_argument("--backend", help=argparse.SUPPRESS)  # internal: run one backend in this process
     args = ap.parse_args()

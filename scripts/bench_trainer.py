@@ -134,8 +134,8 @@ def fill_reference(pairs: list[dict], model_path: str, pad_id: int, max_length: 
 
     model = load_model(model_path, "float32").eval()
     prompts = [p["prompt_ids"] for p in todo]
-    w, _ = batched_logprobs(model, prompts, [p["chosen_ids"] for p in todo], pad_id, max_length=max_length)
-    l, _ = batched_logprobs(model, prompts, [p["rejected_ids"] for p in todo], pad_id, max_length=max_length)
+    w, _ = batched_logprobs(model, prompts, [p["chosen_ids"] for p in todo], pad_id, 16, max_length=max_length)
+    l, _ = batched_logprobs(model, prompts, [p["rejected_ids"] for p in todo], pad_id, 16, max_length=max_length)
     for p, a, b in zip(todo, w, l):
         p["ref_w"], p["ref_l"] = a, b
     return len(todo)
@@ -205,7 +205,9 @@ def child(spec_path: str, config: str, result_path: str) -> None:
     if config == "ours":
         import importlib
 
-        from pipeline.training.trainer import PairExample, step_batches
+        from pipeline.config import TrainSettings
+        from pipeline.training.batching import step_batches
+        from pipeline.training.trainer import PairExample
 
         mod, fn = a["ours_fn"].split(":")
         train_preference = getattr(importlib.import_module(mod), fn)
@@ -224,9 +226,12 @@ def child(spec_path: str, config: str, result_path: str) -> None:
             if step == 0 and a["profile"]:
                 prof.__enter__()
 
-        train_preference(model, ex, [("dpo", 1.0, {"beta": a["beta"]})], lr=a["lr"], epochs=1, batch_size=bs,
-                         grad_accum=1, max_length=L, seed=a["seed"], pad_id=tok.pad_token_id,
-                         max_grad_norm=a["max_grad_norm"], log_fn=log_fn, progress=None)
+        # The benchmark's own settings (the same ones TRL gets below), not the pipeline's params.
+        settings = TrainSettings(lr=a["lr"], epochs=1, batch_size=bs, grad_accum=1, max_length=L, seed=a["seed"],
+                                 weight_decay=0.0, warmup_steps=0, max_grad_norm=a["max_grad_norm"], bf16=False,
+                                 probe_every=0, probe_prompts=1)
+        train_preference(model, ex, [("dpo", 1.0, {"beta": a["beta"]})], settings, pad_id=tok.pad_token_id,
+                         log_fn=log_fn, progress=None)
         seen = rows
         out["ids_identical_to_ours"] = len(rows)
     else:
@@ -367,7 +372,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from pipeline.model.loading import load_tokenizer, resolve
-    from pipeline.training.trainer import step_batches
+    from pipeline.training.batching import step_batches
 
     model_path = resolve(args.model)
     tok = load_tokenizer(model_path)

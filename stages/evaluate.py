@@ -10,11 +10,15 @@ import polars as pl
 from pipeline import paths
 from pipeline.model import loading
 from pipeline.data import tagging
-from pipeline.cli import setup_logging, stage_parser
+from pipeline.cli import run_stage, stage_parser
 from pipeline.config import ConfigError, load_params
-from pipeline.analysis.evaluation import bucketise, greedy_eval, pair_logprobs, rubric_eval, summarise_pair_eval
+from pipeline.analysis.accuracy import greedy_eval
+from pipeline.analysis.heldout import bucketise, summarise_pair_eval
+from pipeline.judging.llm.metrics import rubric_eval
+from pipeline.model.logprobs import pair_logprobs
 from pipeline.io import read_json, read_table, write_json, write_table
-from pipeline.generation.sampling import TransformersSampler, sampler_for
+from pipeline.generation.registry import sampler_for
+from pipeline.generation.transformers_backend import TransformersSampler
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -23,7 +27,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--variant", required=True)
     args = parser.parse_args(argv)
-    setup_logging()
     # Inputs and params
     cfg = load_params(args.params)
     if args.variant not in cfg.variants:
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarise_pair_eval(table, tagging.bucket_labels(cfg.pairs.distance_buckets))
     rubric = None
     if params.llm_rubric:
-        from pipeline.judging.rule import get_judge
+        from pipeline.judging.registry import get_judge
 
         judge = get_judge("llm", min_gap=cfg.judge.min_gap, llm=cfg.judge.llm)
         rubric = {**rubric_eval(judge, gens, prompts), "judge": judge.name}
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     write_table(table, paths.eval_table(args.variant), "pair_eval")
     metrics = {"variant": args.variant, "test_accuracy": accuracy, "test_accuracy_before": before["test_accuracy"],
                "heldout": summary, "llm_rubric": rubric}
-    write_json(metrics, paths.metrics_file(f"eval/{args.variant}"))
+    write_json(metrics, paths.eval_metrics(args.variant))
     log.info("%s: test accuracy %.1f%% (before %.1f%%); held-out lp_w %s -> %s", args.variant, 100 * accuracy,
              100 * before["test_accuracy"], _fmt(summary.get("ref_w")), _fmt(summary.get("lp_w")))
 
@@ -81,4 +84,4 @@ def _fmt(x) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -10,16 +10,16 @@ from pathlib import Path
 import polars as pl
 
 from pipeline import paths
-from pipeline.cli import setup_logging, stage_parser
+from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.io import read_table, write_json, write_table, write_text
-from pipeline.judging.rule import CandidateView, Group, get_judge
+from pipeline.judging.registry import get_judge
+from pipeline.judging.types import CandidateView, Group
 from pipeline.schema import schema_of
 
 log = logging.getLogger("pipeline.judge")
 
 # LLM backend only: per group, the order the candidates were shown in, the picks and the failures.
-JUDGEMENTS = "data/judge/llm_judgements.jsonl"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +27,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the number of requests and the estimated tokens and exit without sending any")
     args = parser.parse_args(argv)
-    setup_logging()
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # the openai client's transport
     # Inputs and params
     params = load_params(args.params).judge
@@ -96,9 +95,9 @@ def main(argv: list[str] | None = None) -> None:
         write_text("".join(json.dumps({"prompt_id": group_key[v.prompt_id][0], "source": group_key[v.prompt_id][1],
                                        "status": v.status, "best_idx": v.best,
                                        "worst_idx": v.worst, "scores": {str(s.idx): s.score for s in v.scores},
-                                       **v.extra}, sort_keys=True) + "\n" for v in verdicts), JUDGEMENTS)
-    elif Path(JUDGEMENTS).exists():
-        Path(JUDGEMENTS).unlink()  # a stale log of an earlier LLM run
+                                       **v.extra}, sort_keys=True) + "\n" for v in verdicts), paths.JUDGEMENTS)
+    elif Path(paths.JUDGEMENTS).exists():
+        Path(paths.JUDGEMENTS).unlink()  # a stale log of an earlier LLM run
     write_json(metrics, paths.metrics_file("judge"))
     log.info("judged %d groups: %d kept, %d dropped as ties, %d failed; candidate accuracy %.1f%%",
              len(verdicts), metrics["kept"], metrics["dropped_tie"], metrics["dropped_failed"],
@@ -106,4 +105,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

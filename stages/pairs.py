@@ -8,7 +8,7 @@ import polars as pl
 
 from pipeline import paths
 from pipeline.model import loading
-from pipeline.cli import setup_logging, stage_parser
+from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.io import read_table, write_json, write_table
 from pipeline.model.logprobs import batched_logprobs
@@ -19,7 +19,6 @@ log = logging.getLogger("pipeline.data.pairs")
 
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__).parse_args(argv)
-    setup_logging()
     # Inputs and params
     cfg = load_params(args.params)
     params = cfg.pairs
@@ -55,4 +54,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -9,20 +9,20 @@ import polars as pl
 
 from pipeline import paths
 from pipeline.model import loading
-from pipeline.cli import setup_logging, stage_parser
+from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
-from pipeline.analysis.evaluation import greedy_eval
+from pipeline.analysis.accuracy import greedy_eval
 from pipeline.io import read_table, write_json, write_table
 from pipeline.model.logprobs import encode_prompt, encode_response
-from pipeline.generation.sampling import TransformersSampler, sampler_for
-from pipeline.training.trainer import train_sft
+from pipeline.generation.registry import sampler_for
+from pipeline.generation.transformers_backend import TransformersSampler
+from pipeline.training.sft import train_sft
 
 log = logging.getLogger("pipeline.policy")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__).parse_args(argv)
-    setup_logging()
     # Inputs and params
     cfg = load_params(args.params)
     params = cfg.policy
@@ -40,11 +40,9 @@ def main(argv: list[str] | None = None) -> None:
         if len(warm) == 0:
             raise ValueError(f"policy.warmup.enabled: no warm-up prompts with a gold solution in {paths.PROMPTS} "
                              "(set prepare.n_warmup > 0, or disable the warm-up)")
-        w = params.warmup
         sft_losses = train_sft(model, [encode_prompt(tokenizer, p) for p in warm["prompt"]],
                                [encode_response(tokenizer, s) for s in warm["solution"]],
-                               lr=w.lr, epochs=w.epochs, batch_size=w.batch_size, max_length=w.max_length,
-                               seed=w.seed, pad_id=tokenizer.pad_token_id)
+                               params.warmup, pad_id=tokenizer.pad_token_id)
 
     # Outputs: the model folder, then its greedy accuracy on the test prompts
     loading.save_model(model, tokenizer, paths.POLICY_DIR,
@@ -74,4 +72,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

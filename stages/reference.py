@@ -8,9 +8,9 @@ import polars as pl
 
 from pipeline import paths
 from pipeline.model import loading
-from pipeline.cli import setup_logging, stage_parser
+from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
-from pipeline.analysis.evaluation import pair_logprobs
+from pipeline.model.logprobs import pair_logprobs
 from pipeline.io import read_table, write_json, write_table
 
 log = logging.getLogger("pipeline.reference")
@@ -18,7 +18,6 @@ log = logging.getLogger("pipeline.reference")
 
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__).parse_args(argv)
-    setup_logging()
     # Inputs and params: the reference is the starting policy
     cfg = load_params(args.params)
     params = cfg.reference
@@ -40,4 +39,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -14,11 +14,14 @@ import polars as pl
 
 from pipeline import paths
 from pipeline.model import loading
-from pipeline.cli import setup_logging, stage_parser
+from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.io import read_table, write_json, write_table
-from pipeline.judging.cache import resolve_cache_dir
-from pipeline.generation.sampling import GenerationSettings, logprob_check, sample_resumable, sampler_for
+from pipeline.paths import repo_root, resolve_cache_dir
+from pipeline.generation.logprob_check import logprob_check
+from pipeline.generation.registry import sampler_for
+from pipeline.generation.resumable import sample_resumable
+from pipeline.generation.types import GenerationSettings
 from pipeline.schema import empty
 
 log = logging.getLogger("pipeline.sample")
@@ -28,7 +31,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--source", choices=["policy", "other"], default="policy")
     args = parser.parse_args(argv)
-    setup_logging()
     # Inputs and params
     cfg = load_params(args.params)
     params = cfg.sample if args.source == "policy" else cfg.sample_other
@@ -51,20 +53,25 @@ def main(argv: list[str] | None = None) -> None:
                 **({"batch_size": params.batch_size} if params.backend == "transformers" else {})}
     sampler = sampler_for(params.backend, model_path, dtype=cfg.policy.dtype, batch_size=params.batch_size,
                           vllm=cfg.vllm, model_id=model_id)
+    cache_dir = resolve_cache_dir(params.cache_dir, env_var=None) / args.source
     try:
         outs, resume = sample_resumable(sampler, prompts["prompt_id"].to_list(), prompts["prompt"].to_list(),
-                                        settings, params.chunk_size,
-                                        resolve_cache_dir(params.cache_dir, env_var=None) / args.source, identity,
+                                        settings, params.chunk_size, cache_dir, identity,
                                         progress=f"sample {args.source}")
     finally:
         sampler.close()
+    # The metrics file is committed: the chunk folder relative to the repository root (None when it
+    # lies outside it); the log line below names the full path.
+    root = repo_root()
+    resume["cache_dir"] = cache_dir.relative_to(root).as_posix() if cache_dir.is_relative_to(root) else None
     rows = [{"prompt_id": pid, "candidate_idx": k, "text": c.text, "token_ids": list(c.token_ids),
              "num_tokens": len(c.token_ids), "logprob_sum": c.logprob_sum, "finish_reason": c.finish_reason,
              "source": args.source, "model": model_id}
             for pid, cands in zip(prompts["prompt_id"], outs) for k, c in enumerate(cands)]
     flat = [(p, c) for p, cands in zip(prompts["prompt"], outs) for c in cands]
     picked = random.Random(params.seed).sample(flat, min(params.logprob_check, len(flat)))
-    check = logprob_check(model_path, cfg.policy.dtype, [p for p, _ in picked], [c for _, c in picked])
+    check = logprob_check(model_path, cfg.policy.dtype, [p for p, _ in picked], [c for _, c in picked],
+                          batch_size=params.batch_size)
 
     # Outputs
     df = write_table(pl.DataFrame(rows), out_path, "candidates")
@@ -74,10 +81,11 @@ def main(argv: list[str] | None = None) -> None:
                "model_fingerprint": model_id, "resume": resume, "sampler_vs_training_logprob": check}
     write_json(metrics, metrics_path)
     log.info("sampled %d candidates for %d prompts with %s (mean %.1f tokens, %.0f%% stopped; %d/%d chunks "
-             "reused); sampler vs training log-prob: mean |diff| %.4f over %d candidates", len(df), len(prompts),
-             params.backend, metrics["mean_tokens"], 100 * metrics["stopped_share"], resume["chunks_reused"],
-             resume["chunks"], check.get("mean_abs_diff", float("nan")), check["n"])
+             "reused from %s); sampler vs training log-prob: mean |diff| %.4f over %d candidates", len(df),
+             len(prompts), params.backend, metrics["mean_tokens"], 100 * metrics["stopped_share"],
+             resume["chunks_reused"], resume["chunks"], cache_dir, check.get("mean_abs_diff", float("nan")),
+             check["n"])
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

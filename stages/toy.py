@@ -1,6 +1,7 @@
-"""DVC stage ``toy``: the 3D-properties toy model (seed 001 §3.2) for every loss × scenario.
+"""Stage `toy`: the toy model of the 3D-properties paper (Yan et al. 2024, arXiv 2406.07327, §3.2)
+for every loss × scenario.
 
-Reads the ``toy:`` section of ``params.yaml`` (:class:`pipeline.analysis.toy.ToyParams`) and writes, each
+Reads the ``toy:`` section of ``params.yaml`` (:class:`pipeline.config.ToyParams`) and writes, each
 atomically:
 
 - ``data/toy/history.parquet``: the long per-step table of :func:`pipeline.analysis.toy.run_toy`;
@@ -16,22 +17,20 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.cli import setup_logging, stage_parser
+from pipeline import paths
+from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.io import atomic_dir, atomic_path, write_json
 from pipeline.analysis.toy import final_metrics, plot_toy, run_toy
 
-log = logging.getLogger("pipeline.analysis.toy")
-HISTORY = Path("data/toy/history.parquet")
-REPORTS = Path("reports/toy")
-METRICS = Path("metrics/toy.json")
+log = logging.getLogger("pipeline.toy")
 
 
 def main(argv: list[str] | None = None, root: str | Path = ".") -> dict:
-    args = stage_parser(__doc__.splitlines()[0]).parse_args(argv)
-    setup_logging()
+    args = stage_parser(__doc__).parse_args(argv)
     # Params
     root = Path(root)
+    history, reports, metrics_path = root / paths.TOY_HISTORY, root / paths.TOY_REPORTS, root / paths.metrics_file("toy")
     params = load_params(args.params).toy
 
     # Work
@@ -40,16 +39,16 @@ def main(argv: list[str] | None = None, root: str | Path = ".") -> dict:
     elapsed = time.perf_counter() - t0
 
     # Outputs
-    with atomic_path(root / HISTORY) as tmp:
+    with atomic_path(history) as tmp:
         df.write_parquet(tmp)
-    with atomic_dir(root / REPORTS) as tmp_dir:
+    with atomic_dir(reports) as tmp_dir:
         plot_toy(df, tmp_dir)
     metrics = final_metrics(df)
-    write_json(metrics, root / METRICS)
+    write_json(metrics, metrics_path)
     log.info("%d losses x %d scenarios x %d steps in %.1fs -> %s, %s/, %s", len(params.losses),
-             len(params.scenarios), params.steps, elapsed, root / HISTORY, root / REPORTS, root / METRICS)
+             len(params.scenarios), params.steps, elapsed, history, reports, metrics_path)
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -17,7 +17,7 @@ from pipeline.training import distributed as D
 from pipeline import paths
 from pipeline.model import loading
 from pipeline.data import tagging
-from pipeline.cli import setup_logging, stage_parser
+from pipeline.cli import run_stage, stage_parser
 from pipeline.config import ConfigError, load_params
 from pipeline.io import read_table
 from pipeline.training.trainer import Checkpointing, PairExample, Probe, train_preference
@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--variant", required=True, help="a key of train.variants in params.yaml")
     args = parser.parse_args(argv)
-    setup_logging()
     # Params (and, for several processes, the torchrun relaunch)
     cfg = load_params(args.params)
     if args.variant not in cfg.variants:
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     s = variant.settings
     if rt.nproc > 1 and not D.under_torchrun():
         sys.exit(D.relaunch_with_torchrun(rt.nproc, "stages.train", argv))
-    ctx = D.init(rt.backend, rt.strategy)
+    ctx = D.init(rt)
 
     # Inputs
     pairs = read_table(paths.PAIRS, "pairs").filter(pl.col("split") == "train")
@@ -77,12 +76,9 @@ def main(argv: list[str] | None = None) -> None:
             live.log_metric(k, v)
         live.next_step()
 
-    history = train_preference(model, examples, variant.losses, lr=s.lr, epochs=s.epochs, batch_size=s.batch_size,
-                               grad_accum=s.grad_accum, max_length=s.max_length, seed=s.seed,
-                               pad_id=tokenizer.pad_token_id, weight_decay=s.weight_decay,
-                               warmup_steps=s.warmup_steps, max_grad_norm=s.max_grad_norm,
-                               log_fn=log_step if live else None, progress=f"train {args.variant}", ctx=ctx,
-                               bf16=s.bf16, buckets=buckets, probe=probe, tokenizer=tokenizer, checkpoint=checkpoint)
+    history = train_preference(model, examples, variant.losses, s, pad_id=tokenizer.pad_token_id, ctx=ctx,
+                               log_fn=log_step if live else None, progress=f"train {args.variant}",
+                               buckets=buckets, probe=probe, tokenizer=tokenizer, checkpoint=checkpoint)
 
     # Outputs (the full state dict is gathered on every rank; rank 0 writes)
     state = D.full_state_dict(model, ctx)
@@ -117,4 +113,4 @@ def _run_key(variant: dict, inputs: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -14,8 +14,20 @@ import yaml
 PROJECT = Path(__file__).resolve().parents[1]
 
 
+def repo_params(overrides: dict | None = None) -> dict:
+    """The repository's params.yaml (the one source of every default) with ``overrides`` merged in."""
+    from pipeline.config import merged
+
+    return merged(yaml.safe_load((PROJECT / "params.yaml").read_text()), overrides or {})
+
+
+def write_params(path: Path, overrides: dict | None = None) -> Path:
+    path.write_text(yaml.safe_dump(repo_params(overrides), sort_keys=False))
+    return path
+
+
 def tiny_params(model_dir: Path, other_dir: Path | None = None) -> dict:
-    p = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    p = repo_params()
     p["prepare"].update(n_train=10, n_test=4, n_warmup=4)
     p["policy"].update(model=str(model_dir))
     p["policy"]["warmup"].update(batch_size=4, lr=1e-3)

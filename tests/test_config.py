@@ -1,9 +1,14 @@
+import ast
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from pipeline.config import ConfigError, load_params, parse_params
+from pipeline.config import ConfigError, Params, load_params, parse_params
 
 BASE = yaml.safe_load(open("params.yaml"))
 
@@ -104,3 +109,102 @@ def test_backends_and_scenarios_are_checked(tmp_path):
     raw["judge"]["llm"].update(mode="listwise")
     with pytest.raises(ConfigError, match=r"pairs\.scenario.*absolute scores"):
         parse_params(raw)
+
+
+# --------------------------------------------------------------------------------------------- ground floor
+def test_config_module_does_not_import_torch():
+    # In a fresh interpreter: the test process itself has torch loaded by other tests.
+    code = ("import sys; import pipeline.config as c; c.load_params('params.yaml'); "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'prefect', "
+            "'polars', 'dvc')); "
+            "print(heavy); print(sorted(m for m in sys.modules if m.startswith('pipeline')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    heavy, ours = out.splitlines()
+    assert heavy == "[]", heavy
+    assert ours == "['pipeline', 'pipeline.config', 'pipeline.model', 'pipeline.model.builtin']", ours
+
+
+def test_a_missing_key_is_named_not_defaulted():
+    raw = copy.deepcopy(BASE)
+    del raw["train"]["lr"]
+    with pytest.raises(ConfigError, match=r"train\.lr: Field required"):
+        parse_params(raw)
+    raw = copy.deepcopy(BASE)
+    del raw["toy"]
+    with pytest.raises(ConfigError, match=r"toy: Field required"):
+        parse_params(raw)
+
+
+# Fields whose default is not a setting of params.yaml: "inherit" markers and derived values.
+DEFAULT_ALLOWED = {
+    ("StageTaskOverride", "retries"), ("StageTaskOverride", "retry_delay_s"), ("StageTaskOverride", "timeout_s"),
+    ("Params", "variants"),  # built from train.variants by parse_params
+}
+
+
+def _models(model, seen=None):
+    seen = set() if seen is None else seen
+    if model in seen:
+        return seen
+    seen.add(model)
+    for f in model.model_fields.values():
+        for arg in (f.annotation, *getattr(f.annotation, "__args__", ())):
+            for t in (arg, *getattr(arg, "__args__", ())):
+                if isinstance(t, type) and issubclass(t, BaseModel):
+                    _models(t, seen)
+    return seen
+
+
+def test_config_models_have_no_defaults():
+    found = []
+    for model in _models(Params):
+        for name, f in model.model_fields.items():
+            if not f.is_required() and (model.__name__, name) not in DEFAULT_ALLOWED:
+                found.append(f"{model.__name__}.{name}")
+    assert not found, f"defaults outside params.yaml: {found}"
+    assert {m.__name__ for m in _models(Params)} >= {"ToyParams", "FlowParams", "TrainParams", "VLLMParams"}
+
+
+def _params_keys(node, out=None):
+    out = set() if out is None else out
+    for k, v in node.items():
+        out.add(str(k))
+        if isinstance(v, dict):
+            _params_keys(v, out)
+    return out
+
+
+# (file, function or class, parameter): a default named like a params.yaml key that is not that setting.
+SAME_NAME_ALLOWED = {
+    ("pipeline/training/distributed.py", "Context", "strategy"),  # "none": one process, not a runtime.strategy
+    ("pipeline/model/loading.py", "make_tiny_model", "seed"),  # a tiny random model for tests
+    ("pipeline/model/loading.py", "make_tiny_model", "hidden"),
+}
+
+
+def test_no_default_that_params_yaml_sets_is_written_in_code():
+    """A function parameter or dataclass field named like a params.yaml key may not carry its own
+    default: the value must come from the typed params (params.yaml is the one source)."""
+    keys = _params_keys(BASE)
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for path in sorted([*root.joinpath("pipeline").rglob("*.py"), *root.joinpath("stages").rglob("*.py")]):
+        rel = path.relative_to(root).as_posix()
+        if rel == "pipeline/config.py":
+            continue  # checked by test_config_models_have_no_defaults
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            pairs = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                pos = a.posonlyargs + a.args
+                pairs = list(zip(pos[len(pos) - len(a.defaults):], a.defaults))
+                pairs += [(k, d) for k, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
+                pairs = [(arg.arg, d) for arg, d in pairs]
+            elif isinstance(node, ast.ClassDef):
+                pairs = [(st.target.id, st.value) for st in node.body if isinstance(st, ast.AnnAssign)
+                         and isinstance(st.target, ast.Name) and st.value is not None]
+            for name, default in pairs:
+                literal = isinstance(default, ast.Constant) and default.value is not None
+                if name in keys and literal and (rel, node.name, name) not in SAME_NAME_ALLOWED:
+                    found.append(f"{rel}:{default.lineno} {node.name}({name}={default.value!r})")
+    assert not found, "defaults that params.yaml sets, written in code:\n" + "\n".join(found)

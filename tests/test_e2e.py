@@ -3,9 +3,23 @@ repo: all outputs appear, a second repro does nothing, and a params change rerun
 
 from __future__ import annotations
 
+import importlib.util
+
 import polars as pl
 import pytest
-from repo_utils import make_repo, ran, run, set_param, tiny_params
+from repo_utils import PROJECT, make_repo, ran, run, set_param, tiny_params
+
+def stages_importing(module: str) -> set[str]:
+    """Stages (foreach expanded) whose code imports ``module``, by the import walk of scripts/stage_deps.py."""
+    spec = importlib.util.spec_from_file_location("stage_deps", PROJECT / "scripts/stage_deps.py")
+    stage_deps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage_deps)
+    out = set()
+    for name, (mod, _) in stage_deps.stage_modules(PROJECT / "dvc.yaml").items():
+        if module in stage_deps.closure(mod):
+            out |= {s for s in ALL if s == name or s.startswith(name + "@")}
+    return out
+
 
 ALL = {"prepare", "policy", "sample", "sample_other", "judge", "pairs", "reference", "train@dpo", "train@dpop",
        "evaluate@dpo", "evaluate@dpop", "report", "toy"}
@@ -43,6 +57,16 @@ def test_dvc_repro_end_to_end_and_reruns(repo):
     assert "dpop" in run(["dvc", "plots", "show", "--json"], repo)
 
     # Nothing changed: nothing reruns
+    assert ran(run(["dvc", "repro"], repo)) == set()
+
+    # Editing one module reruns exactly the stages whose code imports it (their outputs are the same,
+    # so nothing downstream of them reruns for it)
+    for module in ("pipeline/analysis/report.py", "pipeline/data/tagging.py"):
+        expected = stages_importing(module)
+        assert expected and expected != ALL, (module, expected)
+        with (repo / module).open("a") as f:
+            f.write("\n# an edit that changes no behaviour\n")
+        assert ran(run(["dvc", "repro"], repo)) == expected, module
     assert ran(run(["dvc", "repro"], repo)) == set()
 
     # scenario 4: the other model is sampled (it was an empty table), judged, and rejects are its samples

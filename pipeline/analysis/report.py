@@ -136,7 +136,7 @@ def build_report(title: str, policy: dict, evals: dict[str, dict], histories: di
               out_dir / "accuracy.png", "greedy test accuracy", "%")
     lines += ["", "![accuracy](accuracy.png)", ""]
 
-    lines += ["## Log-probabilities of held-out pairs before and after training (cf. seed 001, Table 1)", "",
+    lines += ["## Log-probabilities of held-out pairs before and after training (cf. the 3D-properties paper, Table 1)", "",
               "Mean summed log-probs (per-token in brackets); *before* is the reference (the starting policy).", "",
               "| variant | pairs | chosen before | chosen after | rejected before | rejected after | Δ chosen | "
               "Δ rejected | lp_w < ref_w | pair acc. |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -196,7 +196,8 @@ def build_report(title: str, policy: dict, evals: dict[str, dict], histories: di
 
 
 # ============================================================================================ scenarios
-# seed 001's data scenarios: where the chosen / rejected responses come from, e.g. "gold/policy"
+# The data scenarios of the 3D-properties paper (Yan et al. 2024, arXiv 2406.07327): where the chosen /
+# rejected responses come from, e.g. "gold/policy"
 SCENARIO_LABELS = {k: f"{c}/{r}" for k, (c, r) in tagging.SCENARIO_SOURCES.items()}
 
 
@@ -228,8 +229,8 @@ _SCENARIO_ROWS: list[tuple[str, Any]] = [
 
 
 def scenario_table(rows: list[dict], variant: str) -> str:
-    """Seed 001's data scenarios side by side for one train variant (cf. its Tables 1 and 2): one column
-    per scenario, one row per quantity. Each row of ``rows`` is one experiment: ``{"scenario": k,
+    """The data scenarios of Yan et al. 2024 (arXiv 2406.07327) side by side for one train variant (cf. its
+    Tables 1 and 2): one column per scenario, one row per quantity. Each row of ``rows`` is one experiment: ``{"scenario": k,
     "status": "done" | "failed", "experiment": name, "pairs": <metrics/pairs.json>, "eval":
     <metrics/eval/<variant>.json>}``. A missing value reads n/a, a failed experiment's column failed."""
     rows = sorted(rows, key=lambda r: r["scenario"])

@@ -1,4 +1,5 @@
-"""The toy model of the 3D-properties paper (seed 001 §3.2), for every loss in :mod:`pipeline.training.losses`.
+"""The toy model of the 3D-properties paper (Yan et al. 2024, "3D-Properties: Identifying Challenges in
+DPO and Charting a Path Forward", arXiv 2406.07327, §3.2), for every loss in :mod:`pipeline.training.losses`.
 
 Setup (REFERENCE.md, last section). 4 prompts, given to the policy as one-hot vectors; 10
 responses; the policy is a 3-layer MLP (``4 → hidden → hidden → 10``, ReLU) whose softmax is a
@@ -13,8 +14,8 @@ distribution, i.e. KL(target‖π) up to a constant). Step 2 trains it with a pr
 log-probs of the chosen and rejected responses; the reference is the SFT model, frozen. All
 responses have length 1 (for ``dpo_sft`` and ``simpo``).
 
-The four scenarios (seed 001 §3.2, §5.2 and Table 4) differ in the initial distribution, i.e. in
-where the chosen and rejected mass starts; see :data:`DEFAULT_SCENARIOS`.
+The four scenarios (the paper's §3.2, §5.2 and Table 4) differ in the initial distribution, i.e. in
+where the chosen and rejected mass starts: ``toy.scenario_init`` in params.yaml.
 
 Recorded at every step (before the update; step 0 is the SFT model): the mean probability of the
 chosen response, of the rejected response of each pair, the dispersed mass (everything that is
@@ -24,19 +25,14 @@ other prompts' chosen ones), and the gradient magnitudes with respect to the PRO
 the autograd gradient w.r.t. the log-probs), and their ratio ``|∂L/∂π(y_l)| / |∂L/∂π(y_w)|``.
 ``grad_w``/``grad_l`` are means over pairs of the per-pair magnitudes (of the batch-mean loss),
 ``grad_ratio`` the mean over pairs of the per-pair ratio (NaN where ``∂L/∂π(y_w)`` is 0, e.g. a
-satisfied hinge). For DPO the ratio equals ``π(y_w)/π(y_l)`` (seed 001 Corollary 1); that mean
+satisfied hinge). For DPO the ratio equals ``π(y_w)/π(y_l)`` (the paper's Corollary 1); that mean
 ratio is recorded as ``prob_ratio``.
 
-What the defaults show (seed 0; the tests check the first three):
-- DPO, scenario 1: π(y_w) rises to ~1, then falls (to ~0.56 by step 600) while π(y_l) → 0 and the
-  dispersed mass climbs back from ~0 (to ~0.44): drastic drop, degradation, dispersion.
-- DPOP, DPO+SFT, IPO, cDPO and SLiC end scenario 1 with π(y_w) ≥ 0.93.
-- The gradient ratio explodes (1e10 and more) as π(y_l) → 0.
-- Scenario 1 is the mildest: DPO's chosen peak is ~1 there, ~0.2–0.6 in scenarios 2–4, and the
-  final dispersed mass is lowest.
-- flex_dpo (β_l < β_w) keeps π(y_w) high and the dispersion low, but under Adam it drives π(y_l)
-  down FASTER than DPO: Adam normalises away the smaller gradient scale β_l that the paper's
-  argument (|∂L/∂π(y_l)| ∝ β_l) relies on, and the loss only saturates at a larger −Δl.
+The tests check what the paper reports for its toy setting: DPO in scenario 1 drives π(y_w) up
+and then down while π(y_l) → 0 and the dispersed mass grows back (drastic drop, degradation,
+dispersion); DPOP, DPO+SFT, IPO, cDPO and SLiC keep π(y_w) high; the gradient ratio explodes as
+π(y_l) → 0. Under Adam, flex_dpo (β_l < β_w) does not slow the fall of π(y_l): Adam normalises away
+the smaller gradient scale β_l that the paper's argument (|∂L/∂π(y_l)| ∝ β_l) relies on.
 """
 
 from __future__ import annotations
@@ -47,134 +43,22 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import polars as pl
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.config import TOY_REJECTED, ScenarioInit, ToyParams, validate_loss_hparams
 from pipeline.training import losses as L
 
 N_PROMPTS = 4
 N_RESPONSES = 10
 CHOSEN = tuple(range(0, 4))
-REJECTED = tuple(range(4, 8))
+REJECTED = tuple(range(4, 4 + TOY_REJECTED))
 UNSEEN = (8, 9)
 
 HISTORY_COLUMNS = ("loss", "scenario", "step", "p_chosen", "p_rejected", "p_dispersed", "grad_w",
                    "grad_l", "grad_ratio", "prob_ratio")
-
-
-class ScenarioInit(BaseModel):
-    """The SFT target for one scenario, the same for every prompt ``i``: ``p_chosen`` on response
-    ``i``, ``p_rejected`` on EACH of the rejected responses 4–7, the rest spread evenly over the
-    other five (the three other prompts' chosen responses and the two unseen ones)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    p_chosen: float = Field(gt=0, lt=1)
-    p_rejected: float = Field(gt=0, lt=0.25)
-
-    @model_validator(mode="after")
-    def _mass_left(self) -> "ScenarioInit":
-        rest = 1.0 - self.p_chosen - len(REJECTED) * self.p_rejected
-        if rest <= 0:
-            raise ValueError(f"p_chosen + 4·p_rejected must be < 1 (got {1.0 - rest:g})")
-        return self
-
-
-# Seed 001 Table 4 sources, turned into initial probabilities (per prompt). "From the policy" means
-# a response the policy itself likes (high probability); "from the dataset" / "another model"
-# means a response the policy finds unlikely (low probability), the policy's own mass then sits
-# on responses outside the preference data.
-DEFAULT_SCENARIOS: dict[int, ScenarioInit] = {
-    # 1: chosen and rejected both sampled from the policy (on-policy): both start high.
-    #    chosen 0.30, each rejected 0.125 (0.5 in all), the other 5 responses 0.04 each.
-    1: ScenarioInit(p_chosen=0.30, p_rejected=0.125),
-    # 2: chosen = the dataset's reference solution (low), rejected from the policy (high).
-    #    chosen 0.02, each rejected 0.15, the other 5 responses 0.076 each.
-    2: ScenarioInit(p_chosen=0.02, p_rejected=0.15),
-    # 3: chosen from the policy (high), rejected from another model (low).
-    #    chosen 0.30, each rejected 0.02, the other 5 responses 0.124 each.
-    3: ScenarioInit(p_chosen=0.30, p_rejected=0.02),
-    # 4: chosen from the dataset (low), rejected from another model (low).
-    #    chosen 0.02, each rejected 0.02, the other 5 responses 0.18 each.
-    4: ScenarioInit(p_chosen=0.02, p_rejected=0.02),
-}
-
-# Hyperparameters for the toy (tuned so the effects show within the default step budget). β is
-# larger than the LLM value (0.1) so the 3D-properties show within a few hundred full-batch steps;
-# the DPO-derived variants use the same β as DPO.
-DEFAULT_HPARAMS: dict[str, dict[str, float]] = {
-    "dpo": {"beta": 0.5},
-    "cdpo": {"beta": 0.5, "label_smoothing": 0.1},  # converges to a finite margin
-    "dpop": {"beta": 0.5, "dpop_lambda": 50.0},  # λ = 50, the paper's default
-    "ipo": {"tau": 0.1},  # target margin Δw − Δl = 1/(2τ) = 5
-    "slic": {"delta": 5.0, "reg_weight": 0.1},
-    "flex_dpo": {"beta_w": 0.5, "beta_l": 0.1},  # β_l < β_w
-    "dpo_sft": {"beta": 0.5, "sft_weight": 0.5},
-    "gamma_dpo": {"beta": 0.5, "gamma": 0.1},  # γ < β: the reference counts less
-    # learns until lp_w − lp_l ≥ 3 (ref_w − ref_l), then stops; a pair the reference ranks wrongly
-    # (scenario 2) is already satisfied at the start, so nothing is learnt (seed 002)
-    "hinge": {"beta": 1.0, "gamma": 3.0},
-    "simpo": {"beta": 0.5, "margin": 1.0},
-}
-
-
-class ToyParams(BaseModel):
-    """The ``toy:`` section of params.yaml.
-
-    ``hparams`` and ``scenario_init`` are merged over the defaults key by key: an entry given
-    replaces that loss's (scenario's) whole default entry, the others keep theirs.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    steps: int = Field(600, ge=1)  # preference-optimisation steps (full batch, all pairs)
-    lr: float = Field(5e-3, gt=0)  # preference-step learning rate
-    optimizer: Literal["adam", "sgd"] = "adam"  # preference step; SFT always uses Adam
-    sft_steps: int = Field(300, ge=1)  # Adam steps fitting the initial distribution
-    sft_lr: float = Field(1e-2, gt=0)
-    hidden: int = Field(16, ge=1)  # MLP width (both hidden layers)
-    seed: int = 0  # MLP initialisation and the draw of the rejected responses
-    pairs_per_prompt: int = Field(1, ge=1)  # each pair draws its rejected response from 4–7
-    losses: tuple[str, ...] = L.LOSS_NAMES
-    hparams: dict[str, dict[str, Any]] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_HPARAMS))
-    scenarios: tuple[int, ...] = (1, 2, 3, 4)
-    scenario_init: dict[int, ScenarioInit] = Field(default_factory=lambda: dict(DEFAULT_SCENARIOS))
-
-    @field_validator("hparams", mode="before")
-    @classmethod
-    def _merge_hparams(cls, v: Any) -> Any:
-        return {**copy.deepcopy(DEFAULT_HPARAMS), **v} if isinstance(v, dict) else v
-
-    @field_validator("scenario_init", mode="before")
-    @classmethod
-    def _merge_scenarios(cls, v: Any) -> Any:
-        return {**DEFAULT_SCENARIOS, **v} if isinstance(v, dict) else v
-
-    @field_validator("losses")
-    @classmethod
-    def _known_losses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for name in v:
-            if name not in L.LOSSES:
-                raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(L.LOSS_NAMES)}")
-        if len(set(v)) != len(v):
-            raise ValueError("duplicate entries")
-        return v
-
-    @model_validator(mode="after")
-    def _check(self) -> "ToyParams":
-        for name, hp in self.hparams.items():
-            try:
-                L.validate_hparams(name, hp)
-            except L.LossConfigError as e:
-                raise ValueError(f"hparams.{name}{'.' + e.key if e.key else ''}: {e}") from None
-        for s in self.scenarios:
-            if s not in self.scenario_init:
-                raise ValueError(f"scenarios: {s} has no entry in scenario_init")
-        if len(set(self.scenarios)) != len(self.scenarios):
-            raise ValueError("scenarios: duplicate entries")
-        return self
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -246,7 +130,7 @@ def _sft(params: ToyParams, init: ScenarioInit) -> tuple[torch.nn.Module, float]
 def run_one(params: ToyParams, loss: str, sft_model: torch.nn.Module,
             pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Step 2 for one loss, starting from (a copy of) ``sft_model``. Returns per-step series."""
-    hp = L.validate_hparams(loss, params.hparams[loss])
+    hp = validate_loss_hparams(loss, params.hparams[loss])
     fn = L.LOSSES[loss].fn
     prompt, chosen, rejected = pairs
     n = len(prompt)

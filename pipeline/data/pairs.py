@@ -1,4 +1,5 @@
-"""Chosen/rejected pairs from judged candidates, for one of seed 001's scenarios."""
+"""Chosen/rejected pairs from judged candidates, for one of the data scenarios of the 3D-properties
+paper (Yan et al. 2024, arXiv 2406.07327)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ def is_heldout(prompt_id: str, fraction: float, seed: int) -> bool:
 def build_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.DataFrame,
                 selections: pl.DataFrame, tokenizer, scenario: int, heldout_fraction: float,
                 seed: int, policy_logprobs: Callable[[list[list[int]], list[list[int]]], list[float]],
-                min_gap: float = 1e-9) -> tuple[pl.DataFrame, dict]:
+                min_gap: float) -> tuple[pl.DataFrame, dict]:
     """One pair per usable prompt; returns the pairs table and counts of what was skipped and why.
 
     The chosen side comes from the policy (the judge's best sample) or the dataset (the gold
     solution), the rejected side from the policy or another model (the judge's worst sample of that
-    model's group), as seed 001's Table 4 scenarios ask (``tagging.SCENARIO_SOURCES``):
+    model's group), as the paper's Table 4 scenarios ask (``tagging.SCENARIO_SOURCES``):
 
     1. policy best vs policy worst of a group with a clear winner (tied groups are dropped);
     2. gold vs the policy's worst, provided that sample is not correct (all-wrong groups qualify);

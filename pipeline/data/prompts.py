@@ -380,9 +380,9 @@ def _parquet_records(path: Path):
         yield idx, f"row {idx} (0-based index)", raw, obj
 
 
-def load_prompt_file(path: str | os.PathLike, format: Literal["auto", "jsonl", "parquet"] = "auto",
-                     preset: str | None = None, fields: dict[str, str | None] | None = None,
-                     on_bad_rows: Literal["error", "quarantine"] = "error") -> tuple[list[dict], list[dict]]:
+def load_prompt_file(path: str | os.PathLike, *, format: Literal["auto", "jsonl", "parquet"], preset: str | None,
+                     fields: dict[str, str | None] | None,
+                     on_bad_rows: Literal["error", "quarantine"]) -> tuple[list[dict], list[dict]]:
     """Read and validate a prompt file; returns (good rows, quarantined rows).
 
     Good rows have ``question``, ``answer``, ``solution``, ``source`` (and ``id`` when mapped).
@@ -473,7 +473,8 @@ def collect_prompts(prep: Any) -> tuple[list[dict], list[dict], dict]:
         read, dups = stats.get("generated", len(rows)), stats.get("duplicates", 0)
     elif prep.source == "file":
         f = prep.file
-        rows, quarantine = load_prompt_file(f.path, f.format, f.preset, dict(f.fields), prep.on_bad_rows)
+        rows, quarantine = load_prompt_file(f.path, format=f.format, preset=f.preset, fields=dict(f.fields),
+                                           on_bad_rows=prep.on_bad_rows)
         read = len(rows) + len(quarantine)
         dups = sum(q["reason"] == R_DUP for q in quarantine)
     else:

@@ -1,4 +1,5 @@
-"""Pair tags: token-level edit distance, first difference, sources and seed 001's scenario.
+"""Pair tags: token-level edit distance, first difference, sources and the data scenario of the
+3D-properties paper (Yan et al. 2024, arXiv 2406.07327).
 
 Scenarios (REFERENCE, "Data distribution"): 1 = chosen and rejected both sampled from the policy,
 2 = chosen is the dataset's gold solution and rejected from the policy, 3 = chosen from the

@@ -1,5 +1,5 @@
-"""`python -m pipeline.flows <command>`: the flows CLI."""
+"""`python -m pipeline.flows <command>`: the flows CLI (:mod:`pipeline.flows.cli`)."""
 
-from pipeline.flows import main
+from pipeline.flows.cli import main
 
 main()

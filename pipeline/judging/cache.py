@@ -9,7 +9,7 @@ ever write the same answer for the same key, and readers never see a partial fil
 Only valid, parsed answers are stored. Failures (malformed answers after the retries, HTTP errors
 after the client's retries) are not: a rerun asks again for exactly those.
 
-Where the directory lives: :func:`resolve_cache_dir`.
+Where the directory lives: :func:`pipeline.paths.resolve_cache_dir` with ``env_var=CACHE_ENV``.
 """
 
 from __future__ import annotations
@@ -20,39 +20,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, canonical_json
 
-CACHE_ENV = "DPO_JUDGE_CACHE"
+CACHE_ENV = "DPO_JUDGE_CACHE"  # overrides judge.llm.cache_dir when set
 FORMAT = 1
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 def cache_key(material: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of everything that determines the answer."""
     return hashlib.sha256(canonical_json({"cache_format": FORMAT, **material}).encode("utf-8")).hexdigest()
-
-
-def repo_root(start: str | os.PathLike | None = None) -> Path:
-    """The directory a relative cache path is taken from: the current directory (DVC runs stages at the
-    repository root), except inside a ``dvc exp`` temporary workspace (``<repo>/.dvc/tmp/exps/...``),
-    which is mapped back to ``<repo>`` so that experiments share the main repository's cache."""
-    cwd = Path(start or os.getcwd()).resolve()
-    for p in (cwd, *cwd.parents):
-        if p.name == "exps" and p.parent.name == "tmp" and p.parent.parent.name == ".dvc":
-            return p.parent.parent.parent
-    return cwd
-
-
-def resolve_cache_dir(configured: str | os.PathLike, start: str | os.PathLike | None = None,
-                      env_var: str | None = CACHE_ENV) -> Path:
-    """``$<env_var>`` (default ``DPO_JUDGE_CACHE``) if set, else ``configured`` (absolute as is, relative
-    to :func:`repo_root`). Other caches (the sample chunks) pass their own variable or None."""
-    env = os.environ.get(env_var) if env_var else None
-    path = Path(env or configured).expanduser()
-    return path if path.is_absolute() else repo_root(start) / path
 
 
 class JudgeCache:

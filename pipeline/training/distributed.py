@@ -11,10 +11,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from pipeline.config import RuntimeParams
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ def relaunch_with_torchrun(nproc: int, module: str, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
-def init(backend: str = "auto", strategy: str = "ddp") -> Context:
+def init(runtime: RuntimeParams) -> Context:
     """Join the process group torchrun prepared (or run single-process when not under torchrun)."""
     if not under_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,6 +58,7 @@ def init(backend: str = "auto", strategy: str = "ddp") -> Context:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available()
+    backend, strategy = runtime.backend, runtime.strategy
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
@@ -78,6 +84,28 @@ def wrap(model, ctx: Context):
 
     ids = [ctx.local_rank] if ctx.device.startswith("cuda") else None
     return DDP(model, device_ids=ids)
+
+
+def wrap_policy(model, ctx: Context) -> tuple[Callable, torch.nn.Module]:
+    """The policy's ``(input_ids, attention_mask, response_mask) -> (log-prob sums, counts)``, ready
+    for data parallelism, and the module whose gradient sync :class:`no_grad_sync` switches.
+
+    DDP wraps a :class:`~pipeline.model.logprobs.ResponseLogprobs` module, so that its gradient
+    hooks see the whole computation. FSDP2 shards ``model`` in place (generation and saving go
+    through the same module) and scores through the model's own forward, since its all-gathers
+    hang on the root module's forward.
+    """
+    from pipeline.model.logprobs import ResponseLogprobs, sequence_logprobs_via_forward
+
+    if ctx.distributed and ctx.strategy == "fsdp":
+        wrap(model, ctx)
+
+        def forward(ids, att, resp):
+            return sequence_logprobs_via_forward(model, ids, att, resp)
+
+        return forward, model
+    module = wrap(ResponseLogprobs(model), ctx)
+    return module, module
 
 
 def unwrap(model):

@@ -1,9 +1,16 @@
-"""Preference training over precomputed reference log-probs, and the SFT warm-up.
+"""Preference training over precomputed reference log-probs.
 
 The reference model is never loaded here: ``ref_w``/``ref_l`` come from the reference stage.
+:func:`train_preference` is the recipe; one optimiser step reads::
+
+    for step, idx in enumerate(batches[start:], start):
+        result = trainer.train_step(examples, idx)      # micro-batches, loss, backward, clip, step
+        metrics = trainer.step_metrics(result, buckets)  # diagnostics, gathered over ranks
+        maybe probe; log; maybe checkpoint
+
 Chosen and rejected go through the policy in one forward pass. Per-step diagnostics (log-probs,
 implicit rewards, margin, accuracy, the share of pairs pushed below the reference) are handed
-to a ``log`` callback (dvclive in the train stage).
+to a ``log_fn`` callback (dvclive in the train stage).
 """
 
 from __future__ import annotations
@@ -11,18 +18,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 
+from pipeline.model.logprobs import collate
+from pipeline.training.batching import step_batches
+from pipeline.training import distributed as D
 from pipeline.training import losses
-from pipeline.model.logprobs import ResponseLogprobs, collate, sequence_logprobs, sequence_logprobs_via_forward
+
+if TYPE_CHECKING:
+    from pipeline.config import TrainSettings
 
 log = logging.getLogger("pipeline.training.trainer")
 
+LogFn = Callable[[int, dict[str, float]], None]
 
+
+# --------------------------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class PairExample:
     prompt_ids: tuple[int, ...]
@@ -32,31 +49,20 @@ class PairExample:
     ref_l: float
 
 
-def _implicit_beta(terms) -> float:
-    """β of the first term that has one: the scale of the logged implicit rewards (1 if none)."""
-    for t in terms:
-        hp = t.hp if hasattr(t, "hp") else t[2]
-        for k in ("beta", "beta_w"):
-            if k in hp:
-                return float(hp[k])
-    return 1.0
+def micro_batches(idx: Sequence[int], ctx: D.Context, grad_accum: int) -> list[list[int]]:
+    """This rank's share of a global batch (every ``world``-th pair), split into ``grad_accum`` parts."""
+    mine = list(idx[ctx.rank::ctx.world])
+    return [mine[i::grad_accum] for i in range(grad_accum) if mine[i::grad_accum]]
 
 
-def _set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+def collate_pairs(ex: Sequence[PairExample], pad_id: int, max_length: int):
+    """One batch holding the chosen responses, then the rejected ones, each after its prompt."""
+    prompts = [e.prompt_ids for e in ex] * 2
+    responses = [e.chosen_ids for e in ex] + [e.rejected_ids for e in ex]
+    return collate(prompts, responses, pad_id, max_length)
 
 
-def step_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
-    """Index lists of each optimiser step: a fresh seeded shuffle per epoch; a short tail batch kept."""
-    out = []
-    for epoch in range(epochs):
-        order = list(range(n))
-        random.Random(seed * 7919 + epoch).shuffle(order)
-        out += [order[s: s + batch_size] for s in range(0, n, batch_size)]
-    return out
-
-
+# --------------------------------------------------------------------------------------------- diagnostics
 def preference_metrics(lp_w, lp_l, ref_w, ref_l, len_w, len_l, beta: float) -> dict[str, float]:
     d_w, d_l = lp_w - ref_w, lp_l - ref_l
     return {
@@ -66,26 +72,9 @@ def preference_metrics(lp_w, lp_l, ref_w, ref_l, len_w, len_l, beta: float) -> d
         "reward_w": (beta * d_w).mean().item(), "reward_l": (beta * d_l).mean().item(),
         "margin": (beta * (d_w - d_l)).mean().item(),
         "accuracy": (d_w > d_l).float().mean().item(),
+        # The failure mode DPO-Positive targets: Pal et al. 2024, "Smaug" (arXiv 2402.13228).
         "displaced_share": (lp_w < ref_w).float().mean().item(),
     }
-
-
-@dataclass(frozen=True)
-class Probe:
-    """A fixed set of prompts whose greedy decode is re-scored every ``every`` steps (squeezing)."""
-
-    prompts: tuple[str, ...]
-    every: int
-    max_new_tokens: int = 32
-
-
-@dataclass(frozen=True)
-class Checkpointing:
-    """Where and how often to checkpoint; ``key`` ties a checkpoint to the run that wrote it."""
-
-    path: str
-    every: int
-    key: str
 
 
 def _log10_abs(t: torch.Tensor) -> torch.Tensor:
@@ -93,7 +82,8 @@ def _log10_abs(t: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_diagnostics(g_w: torch.Tensor, g_l: torch.Tensor, lp_w: torch.Tensor, lp_l: torch.Tensor) -> dict:
-    """3D-properties, drastic drop (seed 001): gradient magnitudes w.r.t. the probabilities.
+    """Gradient magnitudes w.r.t. the probabilities: the "drastic drop" of the rejected likelihood in
+    Yan et al. 2024, "3D-Properties: Identifying Challenges in DPO" (arXiv 2406.07327).
 
     With ``g = ∂L/∂log π``, ``∂L/∂π = g / π``; so
     ``log10 |∂L/∂π(y_l)| / |∂L/∂π(y_w)| = log10|g_l| − log10|g_w| + (lp_w − lp_l) / ln 10``.
@@ -110,182 +100,261 @@ def gradient_diagnostics(g_w: torch.Tensor, g_l: torch.Tensor, lp_w: torch.Tenso
     }
 
 
-def _probe_logprob(model, tokenizer, probe: Probe) -> tuple[float, float]:
+def bucket_displaced_shares(lp_w: torch.Tensor, ref_w: torch.Tensor, order: Sequence[int],
+                            buckets: Sequence[str]) -> dict[str, float]:
+    """``displaced_share_<bucket>``: the share of the step's pairs of each bucket with ``lp_w < ref_w``."""
+    below = (lp_w < ref_w).tolist()
+    out = {}
+    for b in sorted({buckets[i] for i in order}):
+        sel = [below[j] for j, i in enumerate(order) if buckets[i] == b]
+        out[f"displaced_share_{b}"] = sum(sel) / len(sel)
+    return out
+
+
+def _implicit_beta(terms) -> float:
+    """β of the first term that has one: the scale of the logged implicit rewards (1 if none)."""
+    for t in terms:
+        hp = t.hp if hasattr(t, "hp") else t[2]
+        for k in ("beta", "beta_w"):
+            if k in hp:
+                return float(hp[k])
+    return 1.0
+
+
+# --------------------------------------------------------------------------------------------- probe
+@dataclass(frozen=True)
+class Probe:
+    """Fixed prompts whose greedy decode is re-scored every ``every`` steps: the "squeezing effect"
+    of Ren & Sutherland 2024, "Learning Dynamics of LLM Finetuning" (arXiv 2407.10490)."""
+
+    prompts: tuple[str, ...]
+    every: int
+    max_new_tokens: int
+
+    def due(self, step: int, n_steps: int) -> bool:
+        return step % self.every == 0 or step == n_steps - 1
+
+
+def probe_metrics(model, tokenizer, probe: Probe) -> dict[str, float]:
     """Mean summed (and per-token) log-prob of the current greedy decode of the probe prompts."""
-    from pipeline.generation.sampling import GenerationSettings, TransformersSampler
+    from pipeline.generation.transformers_backend import TransformersSampler
+    from pipeline.generation.types import GenerationSettings
 
     sampler = TransformersSampler.from_model(model, tokenizer, "probe", batch_size=len(probe.prompts))
     was_training = model.training
     model.eval()
-    outs = sampler.generate(list(probe.prompts), GenerationSettings(n=1, temperature=0.0,
-                                                                    max_new_tokens=probe.max_new_tokens), progress=None)
+    outs = sampler.generate(list(probe.prompts), GenerationSettings.greedy(probe.max_new_tokens), progress=None)
     model.train(was_training)
     lps = [c[0].logprob_sum for c in outs]
     toks = [max(1, len(c[0].token_ids)) for c in outs]
-    return sum(lps) / len(lps), sum(lp / n for lp, n in zip(lps, toks)) / len(lps)
+    return {"probe_greedy_lp": sum(lps) / len(lps),
+            "probe_greedy_lp_per_token": sum(lp / n for lp, n in zip(lps, toks)) / len(lps)}
 
 
-def _save_checkpoint(ck: Checkpointing, step: int, model, opt, sched, history, ctx) -> None:
-    from pipeline.training import distributed as D
-    from pipeline.io import atomic_path
+# --------------------------------------------------------------------------------------------- checkpoints
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often to checkpoint; ``key`` ties a checkpoint to the run that wrote it."""
 
-    state = {"key": ck.key, "step": step, "model": D.full_state_dict(model, ctx),
-             "optim": D.optimizer_state(model, opt, ctx), "sched": sched.state_dict(), "history": history}
-    if ctx.is_main:
-        with atomic_path(ck.path) as tmp:
-            torch.save(state, tmp)
-    D.barrier(ctx)
+    path: str
+    every: int
+    key: str
+
+    def due(self, done: int, n_steps: int) -> bool:
+        """After ``done`` steps; never after the last one (the stage's outputs replace the checkpoint)."""
+        return bool(self.every) and done % self.every == 0 and done < n_steps
+
+    def load(self) -> dict | None:
+        """The saved state if there is one and this run wrote it, else None."""
+        if not os.path.isfile(self.path):
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("key") != self.key:
+            log.warning("ignoring checkpoint %s: written by a run with other inputs or settings", self.path)
+            return None
+        return state
 
 
-def _load_checkpoint(ck: Checkpointing | None) -> dict | None:
-    import os
+# --------------------------------------------------------------------------------------------- the trainer
+@dataclass
+class PairStats:
+    """Per-pair tensors of one step on this rank, in the order of ``pairs``."""
 
-    if ck is None or not os.path.isfile(ck.path):
-        return None
-    state = torch.load(ck.path, map_location="cpu", weights_only=False)
-    if state.get("key") != ck.key:
-        log.warning("ignoring checkpoint %s: written by a run with other inputs or settings", ck.path)
-        return None
-    return state
+    lp_w: torch.Tensor
+    lp_l: torch.Tensor
+    ref_w: torch.Tensor
+    ref_l: torch.Tensor
+    len_w: torch.Tensor
+    len_l: torch.Tensor
+    g_w: torch.Tensor  # ∂ℓ/∂log π(y_w) of each pair's own loss
+    g_l: torch.Tensor
+
+    @classmethod
+    def cat(cls, parts: Sequence[PairStats]) -> PairStats:
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+    def gather(self, ctx: D.Context) -> PairStats:
+        return PairStats(**{f.name: D.gather_tensor(getattr(self, f.name), ctx) for f in fields(self)})
 
 
-def train_preference(model, examples: Sequence[PairExample], terms, *, lr: float, epochs: int,
-                     batch_size: int, grad_accum: int, max_length: int, seed: int, pad_id: int,
-                     weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float = 10.0,
-                     log_fn: Callable[[int, dict[str, float]], None] | None = None,
-                     progress: str | None = "train", ctx=None, bf16: bool = False,
+@dataclass
+class StepResult:
+    stats: PairStats  # this rank's pairs
+    pairs: list[int]  # their example indices
+    loss: torch.Tensor  # this rank's share of the global mean loss
+    grad_norm: float
+    lr: float
+
+
+def build_optimizer(model, settings: TrainSettings):
+    """AdamW and its schedule: the learning rate rises linearly over ``warmup_steps``, then stays."""
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    warmup = settings.warmup_steps
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+
+
+class PreferenceTrainer:
+    """The policy wrapped for data parallelism, AdamW and a linear warm-up: one optimiser step at a time.
+
+    ``settings.batch_size`` pairs make one step whatever the number of processes: each rank takes
+    every ``world``-th pair of the step and the loss is scaled so that the averaged gradient equals
+    the single-process one; each rank's share is split into ``settings.grad_accum`` micro-batches.
+    """
+
+    def __init__(self, model, terms, settings: TrainSettings, *, pad_id: int, ctx: D.Context):
+        self.model, self.terms, self.settings, self.pad_id, self.ctx = model, terms, settings, pad_id, ctx
+        self.device = torch.device(ctx.device)
+        self.beta = _implicit_beta(terms)
+        model.train()
+        self.forward, self.sync_module = D.wrap_policy(model, ctx)
+        # After wrapping: FSDP2 replaces the parameters with sharded ones.
+        self.opt, self.sched = build_optimizer(model, settings)
+
+    def _autocast(self):
+        if self.settings.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, examples: Sequence[PairExample], idx: Sequence[int]) -> StepResult:
+        """Forward and backward every micro-batch of this rank's share of ``idx``, then one optimiser step."""
+        micro = micro_batches(idx, self.ctx, self.settings.grad_accum)
+        parts: list[PairStats] = []
+        pairs: list[int] = []
+        loss = torch.zeros((), device=self.device)
+        for m, mb in enumerate(micro):
+            # Gradients are all-reduced once per step, on the last micro-batch.
+            with D.no_grad_sync(self.sync_module, self.ctx, skip=m < len(micro) - 1):
+                per_pair, stats = self._forward_backward([examples[i] for i in mb], len(idx))
+            loss += per_pair.sum() / len(idx)
+            parts.append(stats)
+            pairs += mb
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return StepResult(PairStats.cat(parts), pairs, loss, float(grad_norm), self.sched.get_last_lr()[0])
+
+    def _forward_backward(self, ex: Sequence[PairExample], global_batch: int) -> tuple[torch.Tensor, PairStats]:
+        """Loss of one micro-batch via the loss registry, backpropagated; its per-pair tensors."""
+        ids, att, resp = collate_pairs(ex, self.pad_id, self.settings.max_length)
+        with self._autocast():
+            lp, n_tok = self.forward(ids.to(self.device), att.to(self.device), resp.to(self.device))
+        lp.retain_grad()
+        k = len(ex)
+        lp_w, lp_l, len_w, len_l = lp[:k], lp[k:], n_tok[:k], n_tok[k:]
+        ref_w = torch.tensor([e.ref_w for e in ex], device=self.device)
+        ref_l = torch.tensor([e.ref_l for e in ex], device=self.device)
+        per_pair = losses.combined_loss(self.terms, lp_w, lp_l, ref_w, ref_l, len_w, len_l)
+        # Mean over the whole global batch: ranks average gradients, hence the world factor.
+        (per_pair.sum() * self.ctx.world / global_batch).backward()
+        g = lp.grad * global_batch / self.ctx.world  # per-pair ∂ℓ/∂log π, undoing the batch scaling
+        stats = PairStats(*(t.detach().float() for t in (lp_w, lp_l, ref_w, ref_l, len_w, len_l, g[:k], g[k:])))
+        return per_pair.detach(), stats
+
+    def step_metrics(self, result: StepResult, buckets: Sequence[str] | None = None) -> dict[str, float]:
+        """The step's loss and diagnostics over the whole global batch (a collective under torchrun)."""
+        s = result.stats.gather(self.ctx)
+        order = D.gather_tensor(torch.tensor(result.pairs, dtype=torch.float32), self.ctx).long().tolist()
+        loss = result.loss
+        if self.ctx.distributed:
+            torch.distributed.all_reduce(loss)
+        metrics = {"loss": loss.item(), "grad_norm": result.grad_norm, "lr": result.lr,
+                   **preference_metrics(s.lp_w, s.lp_l, s.ref_w, s.ref_l, s.len_w, s.len_l, self.beta),
+                   **gradient_diagnostics(s.g_w, s.g_l, s.lp_w, s.lp_l)}
+        if buckets is not None:
+            metrics.update(bucket_displaced_shares(s.lp_w, s.ref_w, order, buckets))
+        return metrics
+
+    def save_checkpoint(self, ck: Checkpointing, done: int, history: list[dict[str, float]]) -> None:
+        from pipeline.io import atomic_path
+
+        # Every rank takes part in gathering the full states; rank 0 writes.
+        state = {"key": ck.key, "step": done, "model": D.full_state_dict(self.model, self.ctx),
+                 "optim": D.optimizer_state(self.model, self.opt, self.ctx), "sched": self.sched.state_dict(),
+                 "history": history}
+        if self.ctx.is_main:
+            with atomic_path(ck.path) as tmp:
+                torch.save(state, tmp)
+        D.barrier(self.ctx)
+
+    def resume(self, ck: Checkpointing | None) -> tuple[list[dict[str, float]], int]:
+        """Restore model, optimiser and schedule from a matching checkpoint: (its history, steps done)."""
+        state = ck.load() if ck is not None else None
+        if state is None:
+            return [], 0
+        D.load_states(self.model, self.opt, state["model"], state["optim"], self.ctx)
+        self.sched.load_state_dict(state["sched"])
+        return list(state["history"]), state["step"]
+
+
+def train_preference(model, examples: Sequence[PairExample], terms, settings: TrainSettings, *, pad_id: int,
+                     ctx: D.Context | None = None, log_fn: LogFn | None = None, progress: str | None = "train",
                      buckets: Sequence[str] | None = None, probe: Probe | None = None, tokenizer=None,
                      checkpoint: Checkpointing | None = None) -> list[dict[str, float]]:
     """Train ``model`` in place on ``examples`` with the weighted loss ``terms``; return the history.
 
-    ``batch_size`` pairs make one optimiser step whatever the number of processes: under
-    ``torchrun`` each rank takes every ``world``-th pair of the step and the loss is scaled so that
-    the averaged gradient equals the single-process one; each rank's share is split into
-    ``grad_accum`` micro-batches. ``buckets`` (one label per example) adds the per-bucket share of
-    pairs pushed below the reference; ``probe`` logs the log-prob of a fixed greedy decode every
-    K steps; ``checkpoint`` saves every K steps and resumes from a matching checkpoint.
+    ``settings`` is the variant's :class:`~pipeline.config.TrainSettings`. ``buckets`` (one label
+    per example) adds the per-bucket share of pairs pushed below the reference; ``probe`` (with
+    ``tokenizer``) logs the log-prob of a fixed greedy decode; ``checkpoint`` saves every K steps and
+    resumes from a matching checkpoint. ``log_fn(step, metrics)`` is called on rank 0 only.
     """
     from tqdm.auto import tqdm
 
-    from pipeline.training import distributed as D
-
-    ctx = ctx or D.Context(device=str(next(model.parameters()).device))
     if not examples:
         raise ValueError("no training pairs: check the pairs stage's counts (all groups tied?)")
-    _set_seed(seed)
-    device = torch.device(ctx.device)
-    model.train()
-    if ctx.distributed and ctx.strategy == "fsdp":
-        D.wrap(model, ctx)  # shards in place; generation and saving go through the same module
+    ctx = ctx or D.Context(device=str(next(model.parameters()).device))
+    random.seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    trainer = PreferenceTrainer(model, terms, settings, pad_id=pad_id, ctx=ctx)
+    batches = step_batches(len(examples), settings.batch_size, settings.epochs, settings.seed)
+    log_fn = log_fn if ctx.is_main else None
 
-        def forward(ids, att, resp):
-            return sequence_logprobs_via_forward(model, ids, att, resp)
-    else:
-        forward = D.wrap(ResponseLogprobs(model), ctx)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = step_batches(len(examples), batch_size, epochs, seed)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
-    beta = _implicit_beta(terms)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda"
-                else contextlib.nullcontext())
-    history: list[dict[str, float]] = []
-    start = 0
-    state = _load_checkpoint(checkpoint)
-    if state is not None:
-        D.load_states(model, opt, state["model"], state["optim"], ctx)
-        sched.load_state_dict(state["sched"])
-        history, start = list(state["history"]), state["step"]
-        log.info("resuming from checkpoint %s at step %d of %d", checkpoint.path, start, len(steps))
-        if log_fn is not None and ctx.is_main:
+    history, start = trainer.resume(checkpoint)
+    if start:
+        log.info("resuming from checkpoint %s at step %d of %d", checkpoint.path, start, len(batches))
+        if log_fn is not None:
             for i, m in enumerate(history):  # a restarted stage re-logs what its outputs lost
                 log_fn(i, m)
-    bar = tqdm(total=len(steps), initial=start, desc=progress, disable=progress is None or not ctx.is_main,
+
+    bar = tqdm(total=len(batches), initial=start, desc=progress, disable=progress is None or not ctx.is_main,
                unit="step")
-    for step in range(start, len(steps)):
-        idx = steps[step]
-        mine = idx[ctx.rank::ctx.world]
-        micro = [mine[i::grad_accum] for i in range(grad_accum) if mine[i::grad_accum]]
-        collected: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                                    ("lp_w", "lp_l", "ref_w", "ref_l", "len_w", "len_l", "g_w", "g_l")}
-        mine_order: list[int] = []
-        loss_sum = torch.zeros((), device=device)
-        for m, mb in enumerate(micro):
-            ex = [examples[i] for i in mb]
-            prompts = [e.prompt_ids for e in ex] * 2
-            responses = [e.chosen_ids for e in ex] + [e.rejected_ids for e in ex]
-            ids, att, resp = collate(prompts, responses, pad_id, max_length)
-            with D.no_grad_sync(model if ctx.strategy == "fsdp" else forward, ctx, skip=m < len(micro) - 1):
-                with autocast:
-                    lp, n_tok = forward(ids.to(device), att.to(device), resp.to(device))
-                lp.retain_grad()
-                k = len(ex)
-                lp_w, lp_l, len_w, len_l = lp[:k], lp[k:], n_tok[:k], n_tok[k:]
-                ref_w = torch.tensor([e.ref_w for e in ex], device=device)
-                ref_l = torch.tensor([e.ref_l for e in ex], device=device)
-                per_pair = losses.combined_loss(terms, lp_w, lp_l, ref_w, ref_l, len_w, len_l)
-                # Mean over the whole global batch: ranks average gradients, hence the world factor.
-                loss = per_pair.sum() * ctx.world / len(idx)
-                loss.backward()
-            loss_sum += per_pair.detach().sum() / len(idx)
-            g = lp.grad * len(idx) / ctx.world  # per-pair ∂ℓ/∂log π, undoing the batch scaling
-            for name, t in (("lp_w", lp_w), ("lp_l", lp_l), ("ref_w", ref_w), ("ref_l", ref_l),
-                            ("len_w", len_w), ("len_l", len_l), ("g_w", g[:k]), ("g_l", g[k:])):
-                collected[name].append(t.detach().float())
-            mine_order += mb
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-            grad_norm = grad_norm.full_tensor()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        cat = {k: D.gather_tensor(torch.cat(v), ctx) for k, v in collected.items()}
-        order = D.gather_tensor(torch.tensor(mine_order, dtype=torch.float32), ctx).long().tolist()
-        if ctx.distributed:
-            torch.distributed.all_reduce(loss_sum)
-        metrics = {"loss": loss_sum.item(), "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
-                   **preference_metrics(cat["lp_w"], cat["lp_l"], cat["ref_w"], cat["ref_l"],
-                                        cat["len_w"], cat["len_l"], beta),
-                   **gradient_diagnostics(cat["g_w"], cat["g_l"], cat["lp_w"], cat["lp_l"])}
-        if buckets is not None:
-            below = (cat["lp_w"] < cat["ref_w"]).tolist()
-            for b in sorted({buckets[i] for i in order}):
-                sel = [below[j] for j, i in enumerate(order) if buckets[i] == b]
-                metrics[f"displaced_share_{b}"] = sum(sel) / len(sel)
-        if probe is not None and tokenizer is not None and (step % probe.every == 0 or step == len(steps) - 1):
-            metrics["probe_greedy_lp"], metrics["probe_greedy_lp_per_token"] = _probe_logprob(model, tokenizer, probe)
+    for step, idx in enumerate(batches[start:], start):
+        metrics = trainer.step_metrics(trainer.train_step(examples, idx), buckets)
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss became {metrics['loss']} at step {step}; lower train.lr")
+        if probe is not None and tokenizer is not None and probe.due(step, len(batches)):
+            metrics.update(probe_metrics(model, tokenizer, probe))
         history.append(metrics)
-        if log_fn is not None and ctx.is_main:
+        if log_fn is not None:
             log_fn(step, metrics)
-        if checkpoint is not None and checkpoint.every and (step + 1) % checkpoint.every == 0 and step + 1 < len(steps):
-            _save_checkpoint(checkpoint, step + 1, model, opt, sched, history, ctx)
+        if checkpoint is not None and checkpoint.due(step + 1, len(batches)):
+            trainer.save_checkpoint(checkpoint, step + 1, history)
         bar.update(1)
     bar.close()
     model.eval()
     return history
 
 
-def train_sft(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, lr: float,
-              epochs: int, batch_size: int, max_length: int, seed: int, pad_id: int,
-              progress: str | None = "warm-up") -> list[float]:
-    """Token-level NLL of ``responses`` given ``prompts`` (the SFT warm-up on gold solutions)."""
-    from tqdm.auto import tqdm
-
-    _set_seed(seed)
-    device = next(model.parameters()).device
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    losses_ = []
-    for idx in tqdm(step_batches(len(prompts), batch_size, epochs, seed), desc=progress,
-                    disable=progress is None, unit="step"):
-        ids, att, resp = collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id, max_length)
-        lp, n_tok = sequence_logprobs(model, ids.to(device), att.to(device), resp.to(device))
-        loss = -lp.sum() / n_tok.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses_.append(loss.item())
-    model.eval()
-    return losses_
+# --------------------------------------------------------------------------------------------- SFT warm-up

@@ -1,0 +1,100 @@
+"""``python -m pipeline.flows <command>``: run the Prefect flows over the DVC stages from a shell.
+
+Each command imports only what it needs: ``order`` prints the stage order without starting Prefect;
+the flow commands start a temporary Prefect server when none is configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """``["a.b=1", "c=[x, y]"]`` -> ``{"a.b": 1, "c": ["x", "y"]}`` (values parsed as YAML)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected key=value, got {item!r}")
+        out[key] = yaml.safe_load(value) if value else ""
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.flows",
+                                description="Prefect flows over the DVC stages: scheduled runs, sweeps, "
+                                            "on-policy rounds, GPU-cluster deployment.")
+    p.add_argument("--repo", default=".", help="the DVC repository (default: .)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="the pipeline flow (one task per DVC stage)")
+    r.add_argument("-S", "--set-param", action="append", metavar="KEY=VALUE", help="param override (repeatable)")
+    r.add_argument("targets", nargs="*", help="stages to reproduce with their upstream (default: all)")
+    r.add_argument("-n", "--name", help="DVC experiment name")
+    s = sub.add_parser("sweep", help="a grid of DVC experiments")
+    s.add_argument("-G", "--grid", action="append", metavar="KEY=[V1,V2]", help="a grid axis (default: flows.sweep.grid)")
+    s.add_argument("-j", "--max-parallel", type=int)
+    s.add_argument("-n", "--name")
+    s.add_argument("targets", nargs="*")
+    c = sub.add_parser("scenarios", help="one DVC experiment per pairs.scenario for one loss, side by side")
+    c.add_argument("--variant", help="the train variant (loss) compared (default: flows.scenarios.variant)")
+    c.add_argument("--list", dest="scenarios", type=int, nargs="+", choices=(1, 2, 3, 4), metavar="K",
+                   help="scenarios to run, e.g. --list 1 3 (default: flows.scenarios.list)")
+    c.add_argument("-n", "--name", help="experiment name prefix (experiments <name>-s<k>)")
+    o = sub.add_parser("rounds", help="on-policy rounds (iterative DPO)")
+    o.add_argument("-R", "--rounds", type=int)
+    o.add_argument("--variant")
+    o.add_argument("-S", "--set-param", action="append", metavar="KEY=VALUE")
+    o.add_argument("-n", "--name")
+    sub.add_parser("order", help="print the stages in dvc dag order")
+    k = sub.add_parser("k8s-template", help="print a Kubernetes base job template with GPU requests")
+    k.add_argument("--gpus", type=int, default=1)
+    return p
+
+
+def main(argv: list[str] | None = None) -> Any:
+    a = parser().parse_args(argv)
+    if a.cmd == "run":
+        from pipeline.flows import run
+
+        res = run.pipeline_flow(overrides=_parse_sets(a.set_param) or None, targets=a.targets or None,
+                                experiment=a.name, repo=a.repo)
+    elif a.cmd == "sweep":
+        from pipeline.flows import sweep
+
+        grid = _parse_sets(a.grid) or None
+        if grid and not all(isinstance(v, list) for v in grid.values()):
+            raise SystemExit("each --grid value must be a list, e.g. train.variants.dpo.beta=[0.1,0.3]")
+        res = sweep.sweep_flow(grid=grid, max_parallel=a.max_parallel, targets=a.targets or None, name=a.name,
+                               repo=a.repo)
+        print(res["markdown"])
+        return res
+    elif a.cmd == "scenarios":
+        from pipeline.flows import scenarios
+
+        res = scenarios.scenarios_flow(scenarios=a.scenarios, variant=a.variant, name=a.name, repo=a.repo)
+        print(res["markdown"])
+        return res
+    elif a.cmd == "rounds":
+        from pipeline.flows import rounds
+
+        res = rounds.rounds_flow(rounds=a.rounds, variant=a.variant, overrides=_parse_sets(a.set_param) or None,
+                                 name=a.name, repo=a.repo)
+        print(Path(res["report"]).read_text())
+        return res
+    elif a.cmd == "order":
+        from pipeline.flows.dag import stage_order
+
+        print("\n".join(stage_order(a.repo)))
+        return None
+    else:
+        from pipeline.flows.cluster import kubernetes_job_template
+
+        print(json.dumps(kubernetes_job_template(a.gpus), indent=2))
+        return None
+    print(json.dumps(res, indent=2, default=str))
+    return res

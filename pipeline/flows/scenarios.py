@@ -1,0 +1,90 @@
+"""``scenarios_flow``: the four data scenarios of Yan et al., "3D-Properties: Identifying Challenges
+in DPO and Charting a Path Forward" (arXiv:2406.07327, Table 4: where chosen and rejected come from)
+for one loss, one DVC experiment each, compared side by side in a report (``python -m pipeline.flows
+scenarios``; deployment ``gpu-box-scenarios``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from pipeline import paths
+from pipeline.config import group_of, load_flow_params, merged, parse_flow_params
+from pipeline.flows.dag import stage_graph
+from pipeline.flows.experiments import experiments
+from pipeline.flows.tasks import flow_run_name, run_experiments
+
+
+def scenario_rows(exps: list[dict[str, Any]], names: Mapping[int, str], failed: list[str],
+                  variant: str) -> list[dict[str, Any]]:
+    """The input of :func:`pipeline.analysis.report.scenario_table`: per scenario its experiment's status and the
+    contents of metrics/pairs.json and metrics/eval/<variant>.json (from ``dvc exp show``)."""
+    by_name = {e["name"]: e for e in exps}
+    rows = []
+    for k, exp in names.items():
+        files = (by_name.get(exp) or {}).get("metric_files") or {}
+        rows.append({"scenario": k, "status": "failed" if exp in failed else "done", "experiment": exp,
+                     "pairs": files.get(paths.metrics_file("pairs")) or {},
+                     "eval": files.get(paths.eval_metrics(variant)) or {}})
+    return rows
+
+
+@flow(name="dpo-scenarios")
+def scenarios_flow(scenarios: list[int] | None = None, variant: str | None = None, name: str | None = None,
+                   repo: str = ".") -> dict[str, Any]:
+    """The data scenarios side by side for one loss: one DVC experiment per ``pairs.scenario``
+    (default ``flows.scenarios.list``), each ``dvc exp run --temp -S pairs.scenario=<k> evaluate@<variant>``
+    (so only the stages that variant needs run), at most ``flows.scenarios.max_parallel`` at once after
+    the first (which runs alone: prepare, policy, sample and judge are shared and land in DVC's
+    run-cache once). Then ``flows.scenarios.report`` (and the markdown artifact ``dpo-scenarios``) puts
+    the experiments' pair and evaluation metrics side by side, one column per scenario. The same
+    experiments as a sweep with ``flows.sweep.grid: {pairs.scenario: [1, 2, 3, 4]}``."""
+    from pipeline.analysis.report import scenario_table
+    from pipeline.io import write_text
+
+    logger = get_run_logger()
+    root = Path(repo).resolve()
+    changes: dict[str, Any] = {}
+    if scenarios is not None:
+        changes["list"] = list(scenarios)
+    if variant:
+        changes["variant"] = variant
+    # the arguments over flows.scenarios of params.yaml, validated together
+    fp = parse_flow_params(merged(load_flow_params(root).model_dump(), {"scenarios": changes}),
+                           source="scenarios_flow")
+    sc = fp.scenarios
+    variant = sc.variant
+    targets = [f"evaluate@{variant}"]
+    nodes, _ = stage_graph(root)
+    if targets[0] not in nodes:  # fail early on a typo
+        known = sorted(n.split("@", 1)[1] for n in nodes if group_of(n) == "evaluate" and "@" in n)
+        raise ValueError(f"scenarios_flow: no stage {targets[0]!r}: variant {variant!r} is not in train.variants "
+                         f"(known: {', '.join(known) or 'none'})")
+    prefix = name or f"scenarios-{flow_run_name()}"
+    names = {k: f"{prefix}-s{k}" for k in sc.list}
+    points = [{"pairs.scenario": k} for k in sc.list]
+    logger.info("scenarios %s: %s with %s, %d at a time", prefix, ", ".join(map(str, sc.list)), variant,
+                sc.max_parallel)
+    failed = run_experiments(root, fp, list(names.values()), points, targets, sc.max_parallel, True, sc.retries,
+                             sc.timeout_s)
+    try:
+        exps = experiments(root)
+    except RuntimeError as e:
+        logger.warning("dvc exp show failed, the report has no metrics: %s", e)
+        exps = []
+    rows = scenario_rows(exps, names, failed, variant)
+    markdown = scenario_table(rows, variant)
+    report = root / sc.report
+    write_text(markdown, report)  # atomic: a reader sees the old report or the new one
+    create_markdown_artifact(markdown=markdown, key="dpo-scenarios",
+                             description=f"scenarios {prefix}: {variant} on pairs.scenario {sc.list} ({sc.report})")
+    logger.info("scenarios report: %s\n%s", report, markdown)
+    if failed:
+        raise RuntimeError(f"scenarios {prefix}: {len(failed)} of {len(names)} experiments failed: "
+                           f"{', '.join(failed)} (report: {report})")
+    return {"name": prefix, "variant": variant, "experiments": list(names.values()), "rows": rows,
+            "report": str(report), "markdown": markdown}

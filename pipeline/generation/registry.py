@@ -1,0 +1,39 @@
+"""Pick a sampling backend by the name in params.yaml (``sample.backend``, ``policy.eval.backend``,
+``evaluate.generation.backend``).
+
+``transformers`` (:mod:`pipeline.generation.transformers_backend`) runs anywhere; ``vllm``
+(:mod:`pipeline.generation.vllm_backend`, an optional extra) is imported only when selected. Both
+return the same :class:`~pipeline.generation.types.Candidate` records.
+"""
+
+from __future__ import annotations
+
+from pipeline.generation.transformers_backend import TransformersSampler
+from pipeline.generation.types import Sampler
+
+
+def _vllm(model_path: str, **kwargs) -> Sampler:
+    from pipeline.generation.vllm_backend import VLLMSampler  # vLLM itself is imported only when an engine starts
+
+    return VLLMSampler(model_path, **kwargs)
+
+
+SAMPLERS = {"transformers": TransformersSampler, "vllm": _vllm}
+
+
+def get_sampler(backend: str, model_path: str, **kwargs) -> Sampler:
+    """The backend's sampler; ``kwargs`` are its settings (all required: they come from params.yaml)."""
+    if backend not in SAMPLERS:
+        raise ValueError(f"sample.backend: unknown backend {backend!r} (available: {sorted(SAMPLERS)})")
+    return SAMPLERS[backend](model_path, **kwargs)
+
+
+def sampler_for(backend: str, model_path: str, *, dtype: str, batch_size: int, vllm,
+                model_id: str | None = None) -> Sampler:
+    """The sampler a stage asks for in params: transformers (``batch_size``) or vLLM (``vllm``: the
+    params' ``vllm`` section, a :class:`pipeline.config.VLLMParams`; unused by transformers)."""
+    if backend == "vllm":
+        if vllm is None:
+            raise ValueError("backend vllm needs the engine settings of params.yaml's `vllm` section")
+        return get_sampler("vllm", model_path, dtype=dtype, model_id=model_id, **vllm.sampler_kwargs())
+    return get_sampler(backend, model_path, dtype=dtype, batch_size=batch_size, model_id=model_id)

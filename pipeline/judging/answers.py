@@ -1,0 +1,46 @@
+"""Final answers of math responses: extraction, normalisation and comparison with the gold answer.
+
+A leaf module (standard library only): used by the judges and by the evaluation's greedy accuracy.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+_ANSWER_RE = re.compile(r"answer\s*(?:is)?\s*[:=]?\s*\**\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"-?\d[\d,]*\.?\d*|-?\.\d+")
+
+
+def normalise_number(s: str | None) -> str | None:
+    """Canonical form of a numeric answer ("1,000.0" -> "1000"); non-numbers are stripped text."""
+    if s is None:
+        return None
+    t = s.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        d = Decimal(t)
+    except InvalidOperation:
+        return s.strip()
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def extract_answer(text: str) -> tuple[str | None, bool]:
+    """The stated final answer and whether it was in the requested ``Answer: <number>`` format.
+
+    Falls back to the last number in the text when no ``Answer:`` line is found.
+    """
+    m = None
+    for m in _ANSWER_RE.finditer(text):
+        pass
+    if m is not None:
+        return normalise_number(m.group(1)), True
+    nums = _NUMBER_RE.findall(text)
+    return (normalise_number(nums[-1]) if nums else None), False
+
+
+def is_correct(text: str, gold: str) -> tuple[bool, str | None, bool]:
+    """(correct, extracted answer, stated as ``Answer: <number>``) of a response against the gold answer."""
+    pred, formatted = extract_answer(text)
+    return pred is not None and pred == normalise_number(gold), pred, formatted

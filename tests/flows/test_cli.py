@@ -1,0 +1,42 @@
+"""pipeline/flows/cli.py: ``python -m pipeline.flows <command>`` hands its arguments to the flows."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.flows import cli
+
+
+def test_scenarios_command(tmp_path, monkeypatch, capsys):
+    # the CLI: python -m pipeline.flows scenarios [--variant V] [--list K ...] [-n NAME]
+    from pipeline.flows import scenarios
+
+    calls = []
+    monkeypatch.setattr(scenarios, "scenarios_flow", lambda **kw: calls.append(kw) or {"markdown": "| table |"})
+    cli.main(["--repo", str(tmp_path), "scenarios", "--variant", "dpop", "--list", "1", "3", "-n", "cmp"])
+    cli.main(["scenarios"])
+    assert calls == [{"scenarios": [1, 3], "variant": "dpop", "name": "cmp", "repo": str(tmp_path)},
+                     {"scenarios": None, "variant": None, "name": None, "repo": "."}]
+    assert "| table |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["scenarios", "--list", "5"])
+
+
+def test_order_and_param_commands(tmp_path, monkeypatch, capsys):
+    from pipeline.flows import dag, run, sweep
+
+    monkeypatch.setattr(dag, "stage_order", lambda repo: ["prepare", "train@dpo"] if repo == str(tmp_path) else [])
+    assert cli.main(["--repo", str(tmp_path), "order"]) is None
+    assert capsys.readouterr().out == "prepare\ntrain@dpo\n"
+
+    calls = []
+    monkeypatch.setattr(run, "pipeline_flow", lambda **kw: calls.append(kw) or {"ran": []})
+    cli.main(["run", "-S", "train.variants.dpo.beta=0.3", "-S", "pairs.scenario=2", "-n", "b", "evaluate@dpo"])
+    assert calls[-1] == {"overrides": {"train.variants.dpo.beta": 0.3, "pairs.scenario": 2},
+                         "targets": ["evaluate@dpo"], "experiment": "b", "repo": "."}
+    monkeypatch.setattr(sweep, "sweep_flow", lambda **kw: calls.append(kw) or {"markdown": ""})
+    cli.main(["sweep", "-G", "train.variants.dpo.beta=[0.1,0.3]", "-j", "2"])
+    assert calls[-1] == {"grid": {"train.variants.dpo.beta": [0.1, 0.3]}, "max_parallel": 2, "targets": None,
+                         "name": None, "repo": "."}
+    with pytest.raises(SystemExit, match="must be a list"):
+        cli.main(["sweep", "-G", "train.variants.dpo.beta=0.1"])

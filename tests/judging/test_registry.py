@@ -1,0 +1,37 @@
+"""Picking a judge by judge.backend (pipeline/judging/registry.py), with the repository's params.yaml."""
+
+import copy
+
+import pytest
+import yaml
+from repo_utils import PROJECT
+
+from pipeline.config import ConfigError, JudgeParams, LLMJudgeParams, parse_params
+from pipeline.judging.registry import get_judge
+from pipeline.judging.rule import RuleVerifier
+
+KEY = "sk-test-SECRET-7f3a9c1e5b"
+
+
+@pytest.fixture(scope="module")
+def repo_params() -> dict:
+    return yaml.safe_load((PROJECT / "params.yaml").read_text())
+
+
+def test_config_defaults_and_key_never_echoed(repo_params):
+    judge = repo_params["judge"]
+    assert JudgeParams(**judge).backend == "rule"
+    assert isinstance(get_judge("rule", min_gap=judge["min_gap"], llm=LLMJudgeParams(**judge["llm"])), RuleVerifier)
+    raw = copy.deepcopy(repo_params)
+    raw["judge"].update(backend="llm")
+    raw["judge"]["llm"].update(api_key_env=KEY)
+    with pytest.raises(ConfigError) as e:
+        parse_params(raw)
+    assert "api_key_env" in str(e.value) and KEY not in str(e.value)
+
+
+def test_llm_backend_needs_its_params_and_unknown_backends_are_named(repo_params):
+    with pytest.raises(ValueError, match="judge.llm"):
+        get_judge("llm", min_gap=repo_params["judge"]["min_gap"])
+    with pytest.raises(ValueError, match="available: rule, llm"):
+        get_judge("oracle", min_gap=repo_params["judge"]["min_gap"])

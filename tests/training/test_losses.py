@@ -1,0 +1,358 @@
+"""Hand-computed values, sign facts and config validation for pipeline.training.losses."""
+
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+
+import pytest
+import torch
+
+from pipeline.training import losses as L
+from pipeline.training.losses import LossConfigError, combined_loss, preference_loss, validate_hparams
+
+# Two pairs, float64 so hand-computed values match to ~1e-12.
+LP_W = [-2.0, -5.0]
+LP_L = [-3.0, -1.5]
+REF_W = [-2.5, -4.0]
+REF_L = [-2.0, -2.0]
+LEN_W = [4.0, 2.0]
+LEN_L = [3.0, 5.0]
+
+
+def t(xs, grad=False):
+    return torch.tensor(xs, dtype=torch.float64, requires_grad=grad)
+
+
+def inputs():
+    return t(LP_W), t(LP_L), t(REF_W), t(REF_L)
+
+
+def lens():
+    return t(LEN_W), t(LEN_L)
+
+
+def sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def nls(x: float) -> float:  # -log σ(x)
+    return -math.log(sig(x))
+
+
+def rows():
+    return list(zip(LP_W, LP_L, REF_W, REF_L, LEN_W, LEN_L))
+
+
+def check(name: str, expected: list[float], **hp):
+    lw, ll = lens()
+    got = preference_loss(name, *inputs(), lw, ll, **hp)
+    assert got.shape == (2,)
+    assert got.tolist() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------- values
+def test_dpo_values():
+    b = 0.5
+    exp = [nls(b * ((w - rw) - (l - rl))) for w, l, rw, rl, *_ in rows()]
+    # pair 0: Δw = 0.5, Δl = -1.0 -> -log σ(0.75)
+    assert exp[0] == pytest.approx(-math.log(1 / (1 + math.exp(-0.75))))
+    check("dpo", exp, beta=b)
+
+
+def test_cdpo_values():
+    b, e = 0.5, 0.2
+    exp = []
+    for w, l, rw, rl, *_ in rows():
+        d = (w - rw) - (l - rl)
+        exp.append((1 - e) * nls(b * d) + e * nls(-b * d))
+    check("cdpo", exp, beta=b, label_smoothing=e)
+
+
+def test_cdpo_zero_smoothing_is_dpo():
+    a = preference_loss("cdpo", *inputs(), beta=0.3, label_smoothing=0.0)
+    b = preference_loss("dpo", *inputs(), beta=0.3)
+    torch.testing.assert_close(a, b)
+
+
+def test_dpop_values():
+    b, lam = 0.5, 5.0
+    exp = []
+    for w, l, rw, rl, *_ in rows():
+        pen = max(0.0, rw - w)
+        exp.append(nls(b * ((w - rw) - (l - rl) - lam * pen)))
+    # pair 0 has lp_w > ref_w (no penalty), pair 1 lp_w < ref_w (penalty 1.0)
+    assert exp[1] == pytest.approx(nls(0.5 * ((-1.0) - 0.5 - 5.0)))
+    check("dpop", exp, beta=b, dpop_lambda=lam)
+
+
+def test_ipo_values():
+    tau = 0.25
+    exp = [((w - rw) - (l - rl) - 1 / (2 * tau)) ** 2 for w, l, rw, rl, *_ in rows()]
+    assert exp[0] == pytest.approx((1.5 - 2.0) ** 2)
+    check("ipo", exp, tau=tau)
+
+
+def test_slic_values():
+    delta, reg = 2.0, 0.1
+    exp = [max(0.0, delta - (w - l)) - reg * w for w, l, *_ in rows()]
+    # pair 0: margin 1 -> hinge 1 ; +0.2 ; pair 1: margin -3.5 -> 5.5 ; +0.5
+    assert exp == pytest.approx([1.2, 6.0])
+    check("slic", exp, delta=delta, reg_weight=reg)
+
+
+def test_slic_and_simpo_run_without_reference():
+    lp_w, lp_l, _, _ = inputs()
+    lw, ll = lens()
+    preference_loss("slic", lp_w, lp_l, None, None, delta=1.0, reg_weight=0.0)
+    preference_loss("simpo", lp_w, lp_l, None, None, lw, ll, beta=1.0, margin=0.5)
+    assert not L.needs_reference("slic") and not L.needs_reference("simpo")
+    assert L.needs_reference("dpo")
+    with pytest.raises(ValueError, match="reference"):
+        preference_loss("dpo", lp_w, lp_l, None, None, beta=0.1)
+
+
+def test_flex_dpo_values():
+    bw, bl = 0.5, 0.1
+    exp = [nls(bw * (w - rw) - bl * (l - rl)) for w, l, rw, rl, *_ in rows()]
+    check("flex_dpo", exp, beta_w=bw, beta_l=bl)
+
+
+def test_dpo_sft_values():
+    b, a = 0.5, 2.0
+    exp = [nls(b * ((w - rw) - (l - rl))) + a * (-w / nw) for w, l, rw, rl, nw, _ in rows()]
+    assert exp[0] == pytest.approx(nls(0.75) + 2.0 * 0.5)
+    check("dpo_sft", exp, beta=b, sft_weight=a)
+
+
+def test_gamma_dpo_values():
+    b, g = 0.5, 0.2
+    exp = [nls(b * (w - l) - g * (rw - rl)) for w, l, rw, rl, *_ in rows()]
+    check("gamma_dpo", exp, beta=b, gamma=g)
+
+
+def test_hinge_values():
+    b, g = 1.0, 2.0
+    exp = [max(0.0, g * (rw - rl) - b * (w - l)) for w, l, rw, rl, *_ in rows()]
+    # both margins met: pair 0: 2*(-0.5) - 1 = -2 -> 0 ; pair 1: 2*(-2) - (-3.5) = -0.5 -> 0
+    check("hinge", exp, beta=b, gamma=g)
+    b, g = 2.0, 0.5
+    exp = [max(0.0, g * (rw - rl) - b * (w - l)) for w, l, rw, rl, *_ in rows()]
+    assert exp == pytest.approx([0.0, 6.0])
+    check("hinge", exp, beta=b, gamma=g)
+
+
+def test_simpo_values():
+    b, m = 2.0, 0.5
+    exp = [nls(b * (w / nw - l / nl) - m) for w, l, _, _, nw, nl in rows()]
+    check("simpo", exp, beta=b, margin=m)
+
+
+@pytest.mark.parametrize("name", ["dpo_sft", "simpo"])
+def test_length_losses_need_lengths(name):
+    hp = {"dpo_sft": {"beta": 0.1, "sft_weight": 1.0}, "simpo": {"beta": 1.0, "margin": 0.0}}[name]
+    assert L.needs_lengths(name)
+    with pytest.raises(ValueError, match="len_w"):
+        preference_loss(name, *inputs(), **hp)
+    with pytest.raises(ValueError, match="len_w"):
+        preference_loss(name, *inputs(), t(LEN_W), None, **hp)
+
+
+def test_registry_complete():
+    assert set(L.LOSS_NAMES) == {"dpo", "cdpo", "dpop", "ipo", "slic", "flex_dpo", "dpo_sft",
+                                 "gamma_dpo", "hinge", "simpo"}
+    assert [n for n in L.LOSS_NAMES if L.needs_lengths(n)] == ["dpo_sft", "simpo"]
+    for spec in L.LOSSES.values():
+        assert spec.fn.__doc__ and "`" in spec.fn.__doc__
+
+
+# --------------------------------------------------------------------------------------------- sign facts
+def test_dpop_penalty_zero_while_above_reference():
+    lp_w = t([-1.0, -2.0, -3.0])
+    ref_w = t([-1.0, -2.5, -4.0])  # lp_w >= ref_w everywhere
+    lp_l, ref_l = t([-2.0, -1.0, -0.5]), t([-1.5, -1.5, -1.5])
+    for lam in (5.0, 50.0, 500.0):
+        a = preference_loss("dpop", lp_w, lp_l, ref_w, ref_l, beta=0.1, dpop_lambda=lam)
+        b = preference_loss("dpo", lp_w, lp_l, ref_w, ref_l, beta=0.1)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # and it does bite below the reference
+    below = preference_loss("dpop", ref_w - 1.0, lp_l, ref_w, ref_l, beta=0.1, dpop_lambda=50.0)
+    plain = preference_loss("dpo", ref_w - 1.0, lp_l, ref_w, ref_l, beta=0.1)
+    assert torch.all(below > plain)
+
+
+def test_dpop_gradient_pushes_chosen_up_below_reference():
+    # lp_w < ref_w and the rejected side already far down: DPO's own push on lp_w is tiny.
+    lp_w = t([-3.0, -10.0], grad=True)
+    ref_w, lp_l, ref_l = t([-2.0, -4.0]), t([-20.0, -30.0]), t([-2.0, -3.0])
+    loss = preference_loss("dpop", lp_w, lp_l, ref_w, ref_l, beta=0.1, dpop_lambda=50.0).sum()
+    (g,) = torch.autograd.grad(loss, lp_w)
+    assert torch.all(g < 0)
+    # analytic: dL/dlp_w = -β(1+λ) σ(-z)
+    for i in range(2):
+        w, rw, ll, rl = lp_w[i].item(), ref_w[i].item(), lp_l[i].item(), ref_l[i].item()
+        z = 0.1 * ((w - rw) - (ll - rl) - 50.0 * (rw - w))
+        assert g[i].item() == pytest.approx(-0.1 * 51.0 * sig(-z), rel=1e-9)
+
+
+def test_gamma_dpo_with_gamma_equal_beta_is_dpo():
+    for beta in (0.05, 0.1, 1.0):
+        a = preference_loss("gamma_dpo", *inputs(), beta=beta, gamma=beta)
+        b = preference_loss("dpo", *inputs(), beta=beta)
+        torch.testing.assert_close(a, b)
+
+
+def test_hinge_zero_when_margin_met():
+    lp_w, lp_l = t([-1.0, -1.0]), t([-3.0, -1.5])
+    ref_w, ref_l = t([-2.0, -2.0]), t([-2.5, -2.2])
+    # margin needed: (γ/β)(ref_w - ref_l) = 0.5 and 0.2; margins achieved 2.0 and 0.5
+    out = preference_loss("hinge", lp_w, lp_l, ref_w, ref_l, beta=1.0, gamma=1.0)
+    assert out.tolist() == [0.0, 0.0]
+    lp_w = t([-1.0], grad=True)
+    out = preference_loss("hinge", lp_w, t([-3.0]), t([-2.0]), t([-2.5]), beta=1.0, gamma=1.0)
+    (g,) = torch.autograd.grad(out.sum(), lp_w)
+    assert g.item() == 0.0
+
+
+def test_dpo_gradient_matches_analytic():
+    beta = 0.3
+    lp_w, lp_l = t(LP_W, grad=True), t(LP_L, grad=True)
+    ref_w, ref_l = t(REF_W), t(REF_L)
+    loss = preference_loss("dpo", lp_w, lp_l, ref_w, ref_l, beta=beta).sum()
+    gw, gl = torch.autograd.grad(loss, (lp_w, lp_l))
+    for i, (w, l, rw, rl, *_) in enumerate(rows()):
+        m = (w - rw) - (l - rl)
+        assert gw[i].item() == pytest.approx(-beta * sig(-beta * m), rel=1e-12)
+        assert gl[i].item() == pytest.approx(beta * sig(-beta * m), rel=1e-12)
+
+
+def test_dpo_numerically_stable_for_large_margins():
+    big = preference_loss("dpo", t([0.0]), t([-1e4]), t([0.0]), t([0.0]), beta=1.0)
+    small = preference_loss("dpo", t([-1e4]), t([0.0]), t([0.0]), t([0.0]), beta=1.0)
+    assert big.item() == pytest.approx(0.0, abs=1e-300)
+    assert small.item() == pytest.approx(1e4)
+    assert torch.isfinite(big).all() and torch.isfinite(small).all()
+
+
+# --------------------------------------------------------------------------------------------- validation
+def test_validate_unknown_name():
+    with pytest.raises(LossConfigError) as e:
+        validate_hparams("dpoo", {"beta": 0.1})
+    assert e.value.key is None
+    assert "dpoo" in str(e.value) and "dpo" in str(e.value) and "simpo" in str(e.value)
+    assert isinstance(e.value, ValueError)
+    with pytest.raises(LossConfigError):
+        preference_loss("nope", *inputs(), beta=0.1)
+
+
+def test_validate_unknown_key():
+    with pytest.raises(LossConfigError) as e:
+        validate_hparams("dpo", {"beta": 0.1, "lambda": 3})
+    assert e.value.key == "lambda"
+    assert "lambda" in str(e.value) and "unknown" in str(e.value)
+
+
+def test_validate_missing_key():
+    with pytest.raises(LossConfigError) as e:
+        validate_hparams("dpop", {"beta": 0.1})
+    assert e.value.key == "dpop_lambda"
+    assert "missing" in str(e.value) and "dpop_lambda" in str(e.value)
+
+
+@pytest.mark.parametrize("bad", ["0.1", None, [0.1]])
+def test_validate_wrong_type(bad):
+    with pytest.raises(LossConfigError) as e:
+        validate_hparams("ipo", {"tau": bad})
+    assert e.value.key == "tau"
+    assert "must be a number" in str(e.value)
+
+
+def test_validate_bool_rejected():
+    with pytest.raises(LossConfigError) as e:
+        validate_hparams("cdpo", {"beta": 0.1, "label_smoothing": True})
+    assert e.value.key == "label_smoothing"
+    assert "must be a number" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "name,hp,key",
+    [
+        ("dpo", {"beta": 0.0}, "beta"),
+        ("dpo", {"beta": -1}, "beta"),
+        ("dpo", {"beta": float("nan")}, "beta"),
+        ("ipo", {"tau": 0}, "tau"),
+        ("flex_dpo", {"beta_w": 0.1, "beta_l": 0.0}, "beta_l"),
+        ("cdpo", {"beta": 0.1, "label_smoothing": 0.5}, "label_smoothing"),
+        ("cdpo", {"beta": 0.1, "label_smoothing": -0.1}, "label_smoothing"),
+        ("dpop", {"beta": 0.1, "dpop_lambda": -5}, "dpop_lambda"),
+        ("dpo_sft", {"beta": 0.1, "sft_weight": -1.0}, "sft_weight"),
+        ("slic", {"delta": -1.0, "reg_weight": 0.0}, "delta"),
+        ("slic", {"delta": 1.0, "reg_weight": -0.1}, "reg_weight"),
+        ("gamma_dpo", {"beta": 0.1, "gamma": -0.1}, "gamma"),
+        ("simpo", {"beta": 1.0, "margin": -0.5}, "margin"),
+    ],
+)
+def test_validate_out_of_range(name, hp, key):
+    with pytest.raises(LossConfigError) as e:
+        validate_hparams(name, hp)
+    assert e.value.key == key
+    assert key in str(e.value) and "must be" in str(e.value)
+
+
+def test_validate_returns_floats_and_accepts_boundaries():
+    out = validate_hparams("cdpo", {"beta": 1, "label_smoothing": 0})
+    assert out == {"beta": 1.0, "label_smoothing": 0.0}
+    assert all(type(v) is float for v in out.values())
+    assert validate_hparams("dpop", {"beta": 0.1, "dpop_lambda": 0}) == {"beta": 0.1, "dpop_lambda": 0.0}
+
+
+def test_preference_loss_validates():
+    with pytest.raises(LossConfigError) as e:
+        preference_loss("dpo", *inputs(), beta=0.1, gamma=1.0)
+    assert e.value.key == "gamma"
+
+
+# --------------------------------------------------------------------------------------------- combined
+def test_combined_loss_weighted_sum_tuples_and_objects():
+    lw, ll = lens()
+    Term = namedtuple("Term", "name weight hp")
+
+    class Obj:
+        def __init__(self, name, weight, hp):
+            self.name, self.weight, self.hp = name, weight, hp
+
+    spec = [("dpo", 1.0, {"beta": 0.1}), ("ipo", 0.5, {"tau": 0.25}), ("simpo", 2.0, {"beta": 1.0, "margin": 0.3})]
+    expected = sum(w * preference_loss(n, *inputs(), lw, ll, **hp) for n, w, hp in spec)
+    for terms in (spec, [Term(*s) for s in spec], [Obj(*s) for s in spec]):
+        got = combined_loss(terms, *inputs(), lw, ll)
+        assert got.shape == (2,)
+        torch.testing.assert_close(got, expected)
+    # and by hand for the first pair
+    w, l, rw, rl, nw, nl = rows()[0]
+    d = (w - rw) - (l - rl)
+    by_hand = nls(0.1 * d) + 0.5 * (d - 2.0) ** 2 + 2.0 * nls(1.0 * (w / nw - l / nl) - 0.3)
+    assert got[0].item() == pytest.approx(by_hand, rel=1e-10)
+
+
+def test_combined_loss_errors():
+    with pytest.raises(ValueError):
+        combined_loss([], *inputs())
+    with pytest.raises(LossConfigError) as e:
+        combined_loss([("dpo", 1.0, {"beta": -1})], *inputs())
+    assert e.value.key == "beta"
+
+
+def test_registry_matches_the_typed_config():
+    """One registry: every loss of pipeline.config.LOSS_HPARAMS has a function whose keyword-only
+    arguments are exactly its hyperparameters, a docstring with the formula's paper, and no other loss."""
+    import inspect
+
+    from pipeline.config import LOSS_HPARAMS, LOSS_NAMES
+    from pipeline.training.losses import LOSSES
+
+    assert tuple(LOSSES) == LOSS_NAMES == tuple(LOSS_HPARAMS)
+    for name, spec in LOSSES.items():
+        kw = [p.name for p in inspect.signature(spec.fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        assert kw == list(LOSS_HPARAMS[name]) == list(spec.hparams), name
+        doc = spec.fn.__doc__ or ""
+        assert "``" in doc and ("arXiv" in doc or "blog" in doc or "note" in doc), name
