@@ -1,0 +1,1 @@
+"""One module per DVC stage (python -m stages.<name>): read params and inputs, call pipeline/, write outputs."""

@@ -61,6 +61,13 @@ def make_repo(root: Path, params: dict) -> Path:
     return repo
 
 
+def copy_repo(src: Path, dst: Path) -> Path:
+    """A private copy of a built repository (git, DVC cache and outputs), so that a test can change it
+    without touching what other tests see."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
 def run(cmd: list[str], cwd: Path) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(cwd), "DVC_NO_ANALYTICS": "1"}

@@ -7,7 +7,7 @@ import importlib.util
 
 import polars as pl
 import pytest
-from repo_utils import PROJECT, make_repo, ran, run, set_param, tiny_params
+from repo_utils import PROJECT, copy_repo, make_repo, ran, run, set_param, tiny_params
 
 def stages_importing(module: str) -> set[str]:
     """Stages (foreach expanded) whose code imports ``module``, by the import walk of scripts/stage_deps.py."""
@@ -26,12 +26,20 @@ ALL = {"prepare", "policy", "sample", "sample_other", "judge", "pairs", "referen
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_model_dir, other_tiny_model_dir):
-    return make_repo(tmp_path_factory.mktemp("e2e"), tiny_params(tiny_model_dir, other_tiny_model_dir))
+def built(tmp_path_factory, tiny_model_dir, other_tiny_model_dir):
+    """The tiny config reproduced once (the module's tests share this run, never its folder)."""
+    repo = make_repo(tmp_path_factory.mktemp("e2e"), tiny_params(tiny_model_dir, other_tiny_model_dir))
+    return repo, run(["dvc", "repro"], repo)
 
 
-def test_dvc_repro_end_to_end_and_reruns(repo):
-    out = run(["dvc", "repro"], repo)
+@pytest.fixture
+def repo(built, tmp_path):
+    """A private copy of the reproduced repo: each test changes its own."""
+    return copy_repo(built[0], tmp_path / "repo")
+
+
+def test_dvc_repro_end_to_end_and_reruns(built, repo):
+    out = built[1]
     assert ran(out) == ALL, out[-3000:]
 
     # Outputs of every stage, valid against their schemas
@@ -85,7 +93,6 @@ def test_dvc_repro_end_to_end_and_reruns(repo):
 
 @pytest.mark.slow
 def test_param_changes_rerun_only_what_they_must(repo):
-    run(["dvc", "repro"], repo)
     # beta of one variant: only that variant and what comes after it
     set_param(repo, "train.variants.dpo.beta", 0.3)
     assert ran(run(["dvc", "repro"], repo)) == {"train@dpo", "evaluate@dpo", "report"}

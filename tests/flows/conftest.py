@@ -126,10 +126,10 @@ def shell_params(tmp_path) -> Path:
     return tmp_path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def shell_repo(tmp_path_factory) -> Path:
-    """A git + DVC repo whose stages are shell commands; `flaky` fails on its first try only. One per
-    test module: the tests of a module share it, in order."""
+    """A fresh git + DVC repo whose stages are shell commands (`flaky` fails on its first try only), one
+    per test: no test depends on what another left in it."""
     root = tmp_path_factory.mktemp("shellflows")
     repo = root / "repo"
     repo.mkdir()

@@ -1,5 +1,5 @@
-"""pipeline_flow and sweep_flow on a throwaway dvc.yaml of shell commands (the ``shell_repo`` of this
-module, used in order): stage order, retries, failures, timeouts, overrides recorded as experiments."""
+"""pipeline_flow and sweep_flow on a throwaway dvc.yaml of shell commands (a fresh ``shell_repo`` per
+test): stage order, retries, failures, timeouts, overrides recorded as experiments."""
 
 from __future__ import annotations
 
@@ -55,8 +55,6 @@ def test_flow_retries_overrides_and_failures(shell_repo, prefect_harness, artifa
 def test_sweep_flow_on_shell_pipeline(shell_repo, prefect_harness, artifacts, exp_names):
     from pipeline.flows import sweep_flow
 
-    run(["git", "add", "-A"], shell_repo)  # the sweep's temporary copies start from HEAD
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "sweep base"], shell_repo)
     res = sweep_flow(grid={"a.x": [1, 2], "b.y": [3, 4]}, max_parallel=2, targets=["second"], name="grid",
                      repo=str(shell_repo))
     assert res["experiments"] == ["grid-1", "grid-2", "grid-3", "grid-4"]

@@ -7,19 +7,25 @@ from __future__ import annotations
 import json
 
 import pytest
-from repo_utils import make_repo, ran, run, tiny_params
+from repo_utils import copy_repo, make_repo, ran, run, tiny_params
 
 ALL = {"prepare", "policy", "sample", "sample_other", "judge", "pairs", "reference", "train@dpo", "train@dpop",
        "evaluate@dpo", "evaluate@dpop", "report", "toy"}
 
 
 @pytest.fixture(scope="module")
-def flowed_repo(tmp_path_factory, tiny_model_dir, prefect_harness):
-    """The tiny config in a temporary git repo, after one pipeline flow run."""
+def flowed(tmp_path_factory, tiny_model_dir, prefect_harness):
+    """The tiny config in a temporary git repo, after one pipeline flow run (shared, never changed)."""
     from pipeline.flows import pipeline_flow
 
     repo = make_repo(tmp_path_factory.mktemp("flows"), tiny_params(tiny_model_dir))
     return repo, pipeline_flow(repo=str(repo))
+
+
+@pytest.fixture
+def flowed_repo(flowed, tmp_path):
+    """A private copy of the flowed repo and the first run's result: each test changes its own."""
+    return copy_repo(flowed[0], tmp_path / "repo"), flowed[1]
 
 
 @pytest.mark.slow  # the real pipeline once more (test_e2e runs it with `dvc repro` in the default suite)
