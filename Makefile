@@ -17,8 +17,15 @@ repro: setup
 
 # Two workers (pytest-xdist), one test file each at a time: the suite is mostly stage and DVC
 # subprocesses, and module fixtures (the e2e repo, the vLLM engine) stay on one worker.
+# Random order (pytest-randomly): `make test SEED=<n>` repeats the order a run printed.
+ifndef SEED
+SEED := $(shell python3 -c 'import random; print(random.randrange(10**9))')
+endif
+
 test: setup
-	python -m pytest -m "not slow" -q -n 2 --dist loadfile
+	@echo "test order: --randomly-seed=$(SEED)"
+	python -m pytest -m "not slow" -q -n 2 --dist loadfile -p randomly --randomly-seed=$(SEED)
 
 test-all: setup
-	python -m pytest -q -n 2 --dist loadfile
+	@echo "test order: --randomly-seed=$(SEED)"
+	python -m pytest -q -n 2 --dist loadfile -p randomly --randomly-seed=$(SEED)
