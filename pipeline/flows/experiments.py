@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
 from pipeline.config import DEFAULT_PARAMS as PARAMS_FILE
 from pipeline.flows.dvc_process import (
     TIMED_OUT,
@@ -101,11 +103,25 @@ def exp_push(repo: str | os.PathLike, git_remote: str, name: str, on_line: Calla
         raise StageFailed(name, run.returncode, run.tail, what="experiment push")
 
 
+# Points started side by side each take the main repository's DVC lock while DVC sets up their
+# temporary copy; on a loaded machine one can give up waiting ("Unable to acquire lock") before it
+# ran anything. Such a failure is tried again, a few times, with growing pauses.
+DVC_LOCK_MESSAGE = "Unable to acquire lock"
+LOCK_TRIES = 5
+
+
+def _lock_busy(e: BaseException) -> bool:
+    return isinstance(e, StageFailed) and not isinstance(e, StageTimeout) and \
+        any(DVC_LOCK_MESSAGE in line for line in e.tail)
+
+
+@retry(retry=retry_if_exception(_lock_busy), stop=stop_after_attempt(LOCK_TRIES),
+       wait=wait_exponential(multiplier=2, max=30), reraise=True)
 def exp_run_temp(repo: str | os.PathLike, name: str, overrides: Mapping[str, Any], targets: Iterable[str] = (),
                  on_line: Callable[[str], Any] | None = None, *, timeout_s: float, tail_lines: int) -> DvcRun:
     """One sweep point: ``dvc exp run --temp -n <name> -S k=v ... [targets]`` (a temporary copy of the
     repository, so points can run side by side; the cache and run-cache are shared). ``timeout_s``:
-    wall-clock limit, 0 for none."""
+    wall-clock limit, 0 for none. A start refused by DVC's repository lock is tried again."""
     args = ["exp", "run", "--temp", "-n", name]
     for a in override_args(overrides):
         args += ["-S", a]

@@ -3,6 +3,7 @@ own code; flattening and selecting metrics; grid points."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from pipeline.flows import experiments
@@ -27,3 +28,35 @@ def test_flatten_select_and_grid():
     assert experiments.select_metrics(metrics, []) == {"metrics/eval/dpo.json:test_accuracy": 0.5,
                                                        "metrics/pairs.json:n_train": 8}
     assert experiments.grid_points({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
+
+
+def test_a_point_refused_by_the_dvc_lock_is_tried_again(monkeypatch, tmp_path):
+    from pipeline.flows import experiments as E
+    from pipeline.flows.dvc_process import DvcRun, StageFailed
+
+    calls = []
+    lock_line = "ERROR: Unable to acquire lock. Most likely another DVC process is running"
+
+    def fake_run_dvc(args, cwd, on_line=None, timeout_s=None, *, tail_lines):
+        calls.append(args)
+        if len(calls) < 3:
+            return DvcRun(255, [lock_line], 0.1)
+        return DvcRun(0, ["done"], 0.1)
+
+    monkeypatch.setattr(E, "run_dvc", fake_run_dvc)
+    monkeypatch.setattr(E.exp_run_temp.retry, "sleep", lambda s: None)  # no real pauses in the test
+    run = E.exp_run_temp(tmp_path, "p1", {"a.x": 1}, timeout_s=0, tail_lines=5)
+    assert run.returncode == 0 and len(calls) == 3
+    assert calls[0][:5] == ["exp", "run", "--temp", "-n", "p1"]
+
+    # any other failure is not retried; a lock that stays busy fails after LOCK_TRIES attempts
+    calls.clear()
+    monkeypatch.setattr(E, "run_dvc", lambda args, *a, **k: calls.append(args) or DvcRun(1, ["boom"], 0.1))
+    with pytest.raises(StageFailed, match="boom"):
+        E.exp_run_temp(tmp_path, "p2", {}, timeout_s=0, tail_lines=5)
+    assert len(calls) == 1
+    calls.clear()
+    monkeypatch.setattr(E, "run_dvc", lambda args, *a, **k: calls.append(args) or DvcRun(255, [lock_line], 0.1))
+    with pytest.raises(StageFailed, match="Unable to acquire lock"):
+        E.exp_run_temp(tmp_path, "p3", {}, timeout_s=0, tail_lines=5)
+    assert len(calls) == E.LOCK_TRIES
