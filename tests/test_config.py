@@ -5,12 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from pydantic import BaseModel
+from repo_utils import repo_params
 
 from pipeline.config import ConfigError, Params, load_params, parse_params
 
-BASE = yaml.safe_load(open("params.yaml"))
+BASE = repo_params()
 
 
 def _with(path: str, value):

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 from repo_utils import PROJECT, copy_repo, make_repo, ran, run, set_param, tiny_params
 
+
 def stages_importing(module: str) -> set[str]:
     """Stages (foreach expanded) whose code imports ``module``, by the import walk of scripts/stage_deps.py."""
     spec = importlib.util.spec_from_file_location("stage_deps", PROJECT / "scripts/stage_deps.py")

@@ -3,13 +3,11 @@ claims, checked on the default parameters (params.yaml's `toy:` section)."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import polars as pl
 import pytest
 import torch
 from pydantic import ValidationError
-
 from repo_utils import repo_params
 
 from pipeline.analysis.toy import (
@@ -21,7 +19,6 @@ from pipeline.analysis.toy import (
     sft,
     target_distribution,
 )
-
 from pipeline.config import ToyParams
 from pipeline.training import losses as L
 

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 import yaml
-from repo_utils import PROJECT, run
+from repo_utils import repo_params, run
 
 from pipeline.config import merged
 
 
 def project_flows(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``flows:`` section of the project's params.yaml with ``overrides`` merged in."""
-    return merged(yaml.safe_load((PROJECT / "params.yaml").read_text())["flows"], overrides or {})
+    return merged(repo_params()["flows"], overrides or {})
 
 
 @pytest.fixture

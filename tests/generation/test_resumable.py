@@ -83,7 +83,7 @@ def test_a_damaged_chunk_is_resampled(tmp_path):
 def test_sample_stage_killed_half_way_resumes(tmp_path, tiny_model_dir):
     """The real stage on the tiny model: SIGKILL after the first chunk is saved, then rerun."""
     from pipeline.io import read_json, read_table, write_table
-    from pipeline.model.loading import save_model, load_model, load_tokenizer
+    from pipeline.model.loading import load_model, load_tokenizer, save_model
 
     root = Path(__file__).resolve().parents[2]
     params = yaml.safe_load((root / "params.yaml").read_text())

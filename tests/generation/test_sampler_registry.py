@@ -5,13 +5,12 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-import yaml
-from repo_utils import PROJECT
+from repo_utils import repo_params
 
 from pipeline.config import VLLMParams
 from pipeline.generation import registry
 
-VLLM = yaml.safe_load((PROJECT / "params.yaml").read_text())["vllm"]
+VLLM = repo_params()["vllm"]
 
 
 def test_unknown_backend_names_the_choices():

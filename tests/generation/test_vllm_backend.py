@@ -8,14 +8,13 @@ import importlib.util
 import inspect
 
 import pytest
-import yaml
-from repo_utils import PROJECT
+from repo_utils import repo_params
 
 from pipeline.generation import vllm_backend as vb
 from pipeline.generation.types import GenerationSettings
 
 # The engine settings of params.yaml, the one place their defaults are written.
-VLLM = yaml.safe_load((PROJECT / "params.yaml").read_text())["vllm"]
+VLLM = repo_params()["vllm"]
 
 
 def engine_settings(**over) -> vb.EngineSettings:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from fake_openai_server import FakeOpenAI
 from repo_utils import PROJECT as REPO
+from repo_utils import repo_params
 
 from pipeline.config import LLMJudgeParams
 from pipeline.io import write_table
@@ -63,11 +64,6 @@ def write_inputs(root: Path, groups: list[Group]) -> None:
     write_table(prompts, root / "data/prompts.parquet", "prompts")
     write_table(cands, root / "data/candidates.parquet", "candidates")
     write_table(cands.clear(), root / "data/candidates_other.parquet", "candidates")  # scenarios 1-2: empty
-
-
-def repo_params() -> dict:
-    """The repository's params.yaml: every setting a test does not override."""
-    return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
 def llm_params(base_url: str, cache_dir: Path, **kw) -> dict:

@@ -3,8 +3,7 @@
 import copy
 
 import pytest
-import yaml
-from repo_utils import PROJECT
+import repo_utils
 
 from pipeline.config import ConfigError, JudgeParams, LLMJudgeParams, parse_params
 from pipeline.judging.registry import get_judge
@@ -15,7 +14,7 @@ KEY = "sk-test-SECRET-7f3a9c1e5b"
 
 @pytest.fixture(scope="module")
 def repo_params() -> dict:
-    return yaml.safe_load((PROJECT / "params.yaml").read_text())
+    return repo_utils.repo_params()
 
 
 def test_config_defaults_and_key_never_echoed(repo_params):

@@ -1,8 +1,7 @@
 """The rule verifier (pipeline/judging/rule.py), with judge.min_gap from the repository's params.yaml."""
 
 import pytest
-import yaml
-from repo_utils import PROJECT
+from repo_utils import repo_params
 
 from pipeline.judging.rule import RuleVerifier
 from pipeline.judging.types import CandidateView, Group
@@ -10,7 +9,7 @@ from pipeline.judging.types import CandidateView, Group
 
 @pytest.fixture(scope="module")
 def min_gap() -> float:
-    return yaml.safe_load((PROJECT / "params.yaml").read_text())["judge"]["min_gap"]
+    return repo_params()["judge"]["min_gap"]
 
 
 def _group(texts, finish=None):

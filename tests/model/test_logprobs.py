@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from pipeline.model import loading
-from pipeline.model.logprobs import collate, encode_prompt, encode_response, reference_check, sequence_logprobs
+from pipeline.model.logprobs import (
+    collate,
+    encode_prompt,
+    encode_response,
+    reference_check,
+    sequence_logprobs,
+)
 
 
 @pytest.fixture(scope="module")

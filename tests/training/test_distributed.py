@@ -15,10 +15,11 @@ import polars as pl
 import pytest
 import torch
 import yaml
+from repo_utils import repo_params
 from safetensors.torch import load_file
 
-from pipeline.model import loading
 from pipeline.io import write_table
+from pipeline.model import loading
 from pipeline.model.logprobs import batched_logprobs, encode_prompt, encode_response
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -58,7 +59,7 @@ def workspace(tmp_path_factory, tiny_model_dir) -> Path:
 
 def make_run(workspace: Path, dest: Path, **runtime) -> Path:
     shutil.copytree(workspace, dest)
-    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params = repo_params()
     params["policy"]["model"] = str(dest / "models/policy")
     params["train"].update(lr=1e-3, epochs=4, batch_size=4, grad_accum=2, max_length=64, probe_every=6,
                            probe_prompts=2, variants={"dpo": {"loss": "dpo", "beta": 0.5}})

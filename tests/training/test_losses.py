@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from pipeline.training import losses as L
-from pipeline.training.losses import LossConfigError, combined_loss, preference_loss, validate_hparams
+from pipeline.training.losses import (
+    LossConfigError,
+    combined_loss,
+    preference_loss,
+    validate_hparams,
+)
 
 # Two pairs, float64 so hand-computed values match to ~1e-12.
 LP_W = [-2.0, -5.0]

@@ -1,10 +1,9 @@
 """Preference training and the SFT warm-up on a tiny random model with SmolLM2's real tokenizer."""
 
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from repo_utils import repo_params
 
 from pipeline.config import TrainSettings, WarmupParams
 from pipeline.model import loading
@@ -13,19 +12,22 @@ from pipeline.training import distributed as D
 from pipeline.training import losses
 from pipeline.training.batching import step_batches
 from pipeline.training.sft import train_sft
-from pipeline.training.trainer import Checkpointing, PairExample, micro_batches, train_preference
-
-PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+from pipeline.training.trainer import (
+    Checkpointing,
+    PairExample,
+    micro_batches,
+    train_preference,
+)
 
 
 def train_settings(**overrides) -> TrainSettings:
     """The repository's train settings (shared by the variants) with ``overrides``."""
-    base = {k: v for k, v in yaml.safe_load(PARAMS.read_text())["train"].items() if k not in ("variants", "runtime")}
+    base = {k: v for k, v in repo_params()["train"].items() if k not in ("variants", "runtime")}
     return TrainSettings(**{**base, **overrides})
 
 
 def warmup_settings(**overrides) -> WarmupParams:
-    return WarmupParams(**{**yaml.safe_load(PARAMS.read_text())["policy"]["warmup"], **overrides})
+    return WarmupParams(**{**repo_params()["policy"]["warmup"], **overrides})
 
 
 def test_step_batches_cover_every_pair_each_epoch():
