@@ -23,7 +23,10 @@ Underneath, without Prefect: :mod:`.dvc_process` (DVC subprocesses), :mod:`.dag`
 Prefect tasks the flows share, :mod:`.cli` the command line (``python -m pipeline.flows``).
 
 Settings come from the ``flows:`` section of params.yaml (:class:`pipeline.config.FlowParams`). No
-Prefect server is needed locally: ``python -m pipeline.flows run`` starts a temporary one. Nothing
+Prefect server is needed locally: ``python -m pipeline.flows run`` starts a temporary one
+(:func:`start_temporary_server`, :mod:`.server`: one process at a time per ``PREFECT_HOME``, so flows
+started side by side do not race on its SQLite database; call it first when you start flows from your
+own Python processes side by side). Nothing
 here is imported by the stages, and this package imports a flow (and Prefect) only when one is
 asked for, so ``dvc repro`` never pays Prefect's start-up.
 """
@@ -50,6 +53,7 @@ _EXPORTS = {
     "kubernetes_job_template": "cluster",
     "StageFailed": "dvc_process",
     "StageTimeout": "dvc_process",
+    "start_temporary_server": "server",
     "main": "cli",
 }
 

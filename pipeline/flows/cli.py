@@ -1,7 +1,8 @@
 """``python -m pipeline.flows <command>``: run the Prefect flows over the DVC stages from a shell.
 
 Each command imports only what it needs: ``order`` prints the stage order without starting Prefect;
-the flow commands start a temporary Prefect server when none is configured.
+the flow commands start a temporary Prefect server when none is configured, one process at a time
+per ``PREFECT_HOME`` (see :mod:`pipeline.flows.server`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Any:
     a = parser().parse_args(argv)
+    if a.cmd in ("run", "sweep", "scenarios", "rounds"):
+        from pipeline.flows.server import start_temporary_server
+
+        start_temporary_server()
     if a.cmd == "run":
         from pipeline.flows import run
 

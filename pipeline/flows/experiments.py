@@ -13,11 +13,12 @@ import fnmatch
 import itertools
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from pipeline.config import DEFAULT_PARAMS as PARAMS_FILE
 from pipeline.flows.dvc_process import (
@@ -104,10 +105,13 @@ def exp_push(repo: str | os.PathLike, git_remote: str, name: str, on_line: Calla
 
 
 # Points started side by side each take the main repository's DVC lock while DVC sets up their
-# temporary copy; on a loaded machine one can give up waiting ("Unable to acquire lock") before it
-# ran anything. Such a failure is tried again, a few times, with growing pauses.
+# temporary copy or collects their result; on a loaded machine one can give up waiting ("Unable to
+# acquire lock"). Such a failure is tried again, a few times, with growing pauses. A refused attempt
+# may already have recorded the experiment's name, so a retry first removes it (the flows check up
+# front that their names are new: the one removed is the refused attempt's own).
 DVC_LOCK_MESSAGE = "Unable to acquire lock"
 LOCK_TRIES = 5
+_pause = time.sleep  # tenacity's pause between tries (tests replace it)
 
 
 def _lock_busy(e: BaseException) -> bool:
@@ -115,8 +119,6 @@ def _lock_busy(e: BaseException) -> bool:
         any(DVC_LOCK_MESSAGE in line for line in e.tail)
 
 
-@retry(retry=retry_if_exception(_lock_busy), stop=stop_after_attempt(LOCK_TRIES),
-       wait=wait_exponential(multiplier=2, max=30), reraise=True)
 def exp_run_temp(repo: str | os.PathLike, name: str, overrides: Mapping[str, Any], targets: Iterable[str] = (),
                  on_line: Callable[[str], Any] | None = None, *, timeout_s: float, tail_lines: int) -> DvcRun:
     """One sweep point: ``dvc exp run --temp -n <name> -S k=v ... [targets]`` (a temporary copy of the
@@ -125,12 +127,23 @@ def exp_run_temp(repo: str | os.PathLike, name: str, overrides: Mapping[str, Any
     args = ["exp", "run", "--temp", "-n", name]
     for a in override_args(overrides):
         args += ["-S", a]
-    run = run_dvc([*args, *targets], repo, on_line, timeout_s or None, tail_lines=tail_lines)
-    if run.returncode == TIMED_OUT:
-        raise StageTimeout(name, None, run.tail, what="experiment", reason=f"timed out after {timeout_s:g} s")
-    if run.returncode:
-        raise StageFailed(name, run.returncode, run.tail, what="experiment")
+    for attempt in Retrying(retry=retry_if_exception(_lock_busy), stop=stop_after_attempt(LOCK_TRIES),
+                            wait=wait_exponential(multiplier=2, max=30), sleep=lambda s: _pause(s), reraise=True):
+        with attempt:
+            if attempt.retry_state.attempt_number > 1:
+                run_dvc(["exp", "remove", name], repo, on_line, tail_lines=tail_lines)  # absent: fails, fine
+            run = run_dvc([*args, *targets], repo, on_line, timeout_s or None, tail_lines=tail_lines)
+            if run.returncode == TIMED_OUT:
+                raise StageTimeout(name, None, run.tail, what="experiment", reason=f"timed out after {timeout_s:g} s")
+            if run.returncode:
+                raise StageFailed(name, run.returncode, run.tail, what="experiment")
     return run
+
+
+def taken_names(repo: str | os.PathLike, names: Iterable[str]) -> list[str]:
+    """Those of ``names`` that already name an experiment of the repository."""
+    have = {e["name"] for e in experiments(repo)}
+    return [n for n in names if n in have]
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import FlowParams, StageTaskSettings
 from pipeline.flows.dvc_process import StageFailed, repro_stage, run_dvc
-from pipeline.flows.experiments import exp_push, exp_run_temp, override_args
+from pipeline.flows.experiments import exp_push, exp_run_temp, override_args, taken_names
 from pipeline.flows.tables import metrics_rows
 
 
@@ -79,6 +79,10 @@ def run_experiments(root: Path, fp: FlowParams, names: list[str], points: list[d
     """One ``dvc exp run --temp`` task per point, at most ``parallel`` at once; with ``warm_start`` the
     first point runs alone, so the stages every point shares land in DVC's run-cache once. Each finished
     experiment is pushed (``flows.git_remote``). Returns the names of the experiments that failed."""
+    taken = taken_names(root, names)
+    if taken:
+        raise ValueError(f"experiment names already taken: {', '.join(taken)}; choose another name (-n) or "
+                         "remove them (dvc exp remove)")
     exp_task = dvc_experiment.with_options(retries=retries)
     futures, pending = [], []
     for i, (exp, point) in enumerate(zip(names, points)):

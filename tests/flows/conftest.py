@@ -32,6 +32,9 @@ def flows_section() -> Callable[..., dict[str, Any]]:
 def prefect_harness(tmp_path_factory):
     """One temporary Prefect server + database for the whole session."""
     os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect_home")))
+    # the project's settings for a temporary server (no telemetry: its start-up write raced the
+    # harness's own migrations, "database is locked") apply before this server starts, as in a flow run
+    import pipeline.flows  # noqa: F401
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
@@ -126,11 +129,9 @@ def shell_params(tmp_path) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def shell_repo(tmp_path_factory) -> Path:
-    """A fresh git + DVC repo whose stages are shell commands (`flaky` fails on its first try only), one
-    per test: no test depends on what another left in it."""
-    root = tmp_path_factory.mktemp("shellflows")
+def new_shell_repo(root: Path) -> Path:
+    """A git + DVC repo under ``root`` whose stages are shell commands (`flaky` fails on its first try
+    only), committed."""
     repo = root / "repo"
     repo.mkdir()
     (repo / "dvc.yaml").write_text(SHELL_DVC_YAML)
@@ -139,3 +140,15 @@ def shell_repo(tmp_path_factory) -> Path:
                 ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
         run(cmd, repo)
     return repo
+
+
+@pytest.fixture
+def shell_repo(tmp_path_factory) -> Path:
+    """A fresh shell-pipeline repo per test: no test depends on what another left in it."""
+    return new_shell_repo(tmp_path_factory.mktemp("shellflows"))
+
+
+@pytest.fixture
+def shell_repos(tmp_path_factory) -> Callable[[int], list[Path]]:
+    """``shell_repos(n)``: n fresh shell-pipeline repos."""
+    return lambda n: [new_shell_repo(tmp_path_factory.mktemp("shellflows")) for _ in range(n)]

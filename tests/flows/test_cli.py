@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.flows import cli
+from pipeline.flows import cli, server
+
+
+@pytest.fixture(autouse=True)
+def servers(monkeypatch) -> list[str]:
+    """The temporary-server starts the commands ask for (none really started: the flows are fakes)."""
+    started: list[str] = []
+    monkeypatch.setattr(server, "start_temporary_server", lambda: started.append("start"))
+    return started
 
 
 def test_scenarios_command(tmp_path, monkeypatch, capsys):
@@ -22,12 +30,13 @@ def test_scenarios_command(tmp_path, monkeypatch, capsys):
         cli.main(["scenarios", "--list", "5"])
 
 
-def test_order_and_param_commands(tmp_path, monkeypatch, capsys):
+def test_order_and_param_commands(tmp_path, monkeypatch, capsys, servers):
     from pipeline.flows import dag, run, sweep
 
     monkeypatch.setattr(dag, "stage_order", lambda repo: ["prepare", "train@dpo"] if repo == str(tmp_path) else [])
     assert cli.main(["--repo", str(tmp_path), "order"]) is None
     assert capsys.readouterr().out == "prepare\ntrain@dpo\n"
+    assert servers == []  # no flow, no server
 
     calls = []
     monkeypatch.setattr(run, "pipeline_flow", lambda **kw: calls.append(kw) or {"ran": []})
@@ -38,5 +47,6 @@ def test_order_and_param_commands(tmp_path, monkeypatch, capsys):
     cli.main(["sweep", "-G", "train.variants.dpo.beta=[0.1,0.3]", "-j", "2"])
     assert calls[-1] == {"grid": {"train.variants.dpo.beta": [0.1, 0.3]}, "max_parallel": 2, "targets": None,
                          "name": None, "repo": "."}
+    assert servers == ["start", "start"]  # each flow command starts its server under the lock first
     with pytest.raises(SystemExit, match="must be a list"):
         cli.main(["sweep", "-G", "train.variants.dpo.beta=0.1"])

@@ -39,15 +39,18 @@ def test_a_point_refused_by_the_dvc_lock_is_tried_again(monkeypatch, tmp_path):
 
     def fake_run_dvc(args, cwd, on_line=None, timeout_s=None, *, tail_lines):
         calls.append(args)
-        if len(calls) < 3:
+        if args[:2] == ["exp", "run"] and len(calls) < 4:
             return DvcRun(255, [lock_line], 0.1)
         return DvcRun(0, ["done"], 0.1)
 
     monkeypatch.setattr(E, "run_dvc", fake_run_dvc)
-    monkeypatch.setattr(E.exp_run_temp.retry, "sleep", lambda s: None)  # no real pauses in the test
+    monkeypatch.setattr(E, "_pause", lambda s: None)  # no real pauses in the test
     run = E.exp_run_temp(tmp_path, "p1", {"a.x": 1}, timeout_s=0, tail_lines=5)
-    assert run.returncode == 0 and len(calls) == 3
-    assert calls[0][:5] == ["exp", "run", "--temp", "-n", "p1"]
+    assert run.returncode == 0
+    # each retry first removes what the refused attempt may have recorded under the name
+    assert [c[:2] for c in calls] == [["exp", "run"], ["exp", "remove"], ["exp", "run"], ["exp", "remove"],
+                                      ["exp", "run"]]
+    assert calls[0][:5] == ["exp", "run", "--temp", "-n", "p1"] and calls[1] == ["exp", "remove", "p1"]
 
     # any other failure is not retried; a lock that stays busy fails after LOCK_TRIES attempts
     calls.clear()
@@ -59,4 +62,30 @@ def test_a_point_refused_by_the_dvc_lock_is_tried_again(monkeypatch, tmp_path):
     monkeypatch.setattr(E, "run_dvc", lambda args, *a, **k: calls.append(args) or DvcRun(255, [lock_line], 0.1))
     with pytest.raises(StageFailed, match="Unable to acquire lock"):
         E.exp_run_temp(tmp_path, "p3", {}, timeout_s=0, tail_lines=5)
-    assert len(calls) == E.LOCK_TRIES
+    assert len([c for c in calls if c[:2] == ["exp", "run"]]) == E.LOCK_TRIES
+
+
+def test_a_refused_attempt_that_recorded_its_experiment_is_retried_cleanly(shell_repo, monkeypatch):
+    """Seen with two sweeps side by side: DVC recorded the point's experiment, then gave up waiting for
+    its lock; the retry then failed with "Experiment conflicts with existing experiment"."""
+    from pipeline.flows import experiments as E
+    from pipeline.flows.dvc_process import DvcRun
+
+    real, refused = E.run_dvc, []
+
+    def run_dvc(args, *a, **k):
+        out = real(args, *a, **k)
+        if args[:2] == ["exp", "run"] and not refused:  # it ran and recorded, then "lost the lock"
+            assert out.returncode == 0, out.tail
+            refused.append(args)
+            return DvcRun(255, ["ERROR: Unable to acquire lock. Most likely another DVC process is running"], 0.1)
+        return out
+
+    monkeypatch.setattr(E, "run_dvc", run_dvc)
+    monkeypatch.setattr(E, "_pause", lambda s: None)
+    assert E.taken_names(shell_repo, ["pt", "other"]) == []
+    run = E.exp_run_temp(shell_repo, "pt", {"a.x": 7}, ["first"], timeout_s=0, tail_lines=20)
+    assert refused and run.returncode == 0, run.tail
+    assert E.taken_names(shell_repo, ["pt", "other"]) == ["pt"]
+    [exp] = [e for e in E.experiments(shell_repo) if e["name"] == "pt"]
+    assert exp["params"]["a.x"] == 7
