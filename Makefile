@@ -6,7 +6,7 @@ export DPO_PIPELINE_CACHE ?= $(CURDIR)/.cache/dpo-pipeline
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup repro test test-all
+.PHONY: setup repro test test-all test-slow
 
 setup:
 	bash scripts/setup.sh
@@ -29,3 +29,7 @@ test: setup
 test-all: setup
 	@echo "test order: --randomly-seed=$(SEED)"
 	python -m pytest -q -n 2 --dist loadfile -p randomly --randomly-seed=$(SEED)
+
+test-slow: setup
+	@echo "test order: --randomly-seed=$(SEED)"
+	python -m pytest -m slow -q -n 2 --dist loadfile -p randomly --randomly-seed=$(SEED)
