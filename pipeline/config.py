@@ -207,7 +207,7 @@ class PairsParams(_Strict):
 
 class ReferenceParams(_Strict):
     batch_size: int = Field(ge=1)
-    max_length: int = Field(ge=8)
+    max_length: int = Field(ge=8)  # must equal train.max_length (checked): both truncate alike
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -224,12 +224,17 @@ class TrainSettings(_Strict):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)  # global batch in pairs, independent of processes
     grad_accum: int = Field(ge=1)
-    max_length: int = Field(ge=8)
+    max_length: int = Field(ge=8)  # must equal reference.max_length, in every variant (checked)
     seed: int
     weight_decay: float = Field(ge=0)
     warmup_steps: int = Field(ge=0)
     max_grad_norm: float = Field(gt=0)
-    bf16: bool  # bf16 autocast on GPU; ignored on CPU
+    # bf16 autocast on GPU (fp32 on CPU), for training, the reference and evaluation's log-probs alike;
+    # a variant may not change it (the reference is computed once for all variants).
+    bf16: bool
+    # Largest |lp − ref| (nats per sequence) allowed on the first step of a fresh run, where the policy
+    # is the reference; above it training fails (reference computed differently).
+    ref_check_tol: float = Field(gt=0)
     probe_every: int = Field(ge=0)  # re-score the greedy decode of the probe prompts every K steps (0: off)
     probe_prompts: int = Field(ge=1)
 
@@ -254,7 +259,8 @@ class Variant(_Strict):
 
 
 class TrainParams(TrainSettings):
-    """Settings shared by all variants (a variant may override any), the runtime, and the variants."""
+    """Settings shared by all variants (a variant may override any but ``max_length`` and ``bf16``, which
+    the reference shares), the runtime, and the variants."""
 
     runtime: RuntimeParams
     variants: dict[str, Any]
@@ -600,6 +606,7 @@ def parse_params(raw: dict[str, Any] | None, source: str = DEFAULT_PARAMS) -> Pa
     for name in variants:
         if not name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"{source}: train.variants.{name}: variant names may use letters, digits, - and _")
+    _check_reference_matches_training(params, variants, source)
     _check_model(params.policy.model, "policy.model", source)
     _check_model(params.sample_other.model, "sample_other.model", source)
     if params.policy.eval.backend != params.evaluate.generation.backend:
@@ -611,6 +618,23 @@ def parse_params(raw: dict[str, Any] | None, source: str = DEFAULT_PARAMS) -> Pa
                           "model's worst across two judged groups, which needs absolute scores: use "
                           "judge.backend rule or judge.llm.mode rubric")
     return params.model_copy(update={"variants": variants})
+
+
+def _check_reference_matches_training(params: Params, variants: dict[str, Variant], source: str) -> None:
+    """The reference log-probs, computed once for all variants, must be truncated and rounded as each
+    variant's training computes its own: else ``lp − ref`` is not zero before the first step."""
+    ref_len, train = params.reference.max_length, params.train
+    if train.max_length != ref_len:
+        raise ConfigError(f"{source}: train.max_length: {train.max_length} differs from reference.max_length "
+                          f"{ref_len}; the reference and training must truncate the same sequences alike")
+    for name, v in variants.items():
+        if v.settings.max_length != ref_len:
+            raise ConfigError(f"{source}: train.variants.{name}.max_length: {v.settings.max_length} differs from "
+                              f"reference.max_length {ref_len} (the reference is computed once for all variants)")
+        if v.settings.bf16 != train.bf16:
+            raise ConfigError(f"{source}: train.variants.{name}.bf16: {v.settings.bf16} differs from train.bf16 "
+                              f"{train.bf16}, the precision of the reference log-probs (computed once for all "
+                              "variants)")
 
 
 def _check_model(spec: str, key: str, source: str) -> None:

@@ -1,4 +1,5 @@
-"""Stage `reference`: log-probs of chosen and rejected under the reference model, computed once."""
+"""Stage `reference`: log-probs of chosen and rejected under the reference model, computed once, at
+training's precision (`train.bf16`) and truncation (`reference.max_length` = `train.max_length`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pipeline import paths
 from pipeline.model import loading
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
-from pipeline.model.logprobs import pair_logprobs
+from pipeline.model.logprobs import pair_logprobs, uses_bf16_autocast
 from pipeline.io import read_table, write_json, write_table
 
 log = logging.getLogger("pipeline.reference")
@@ -22,17 +23,19 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_params(args.params)
     params = cfg.reference
     pairs = read_table(paths.PAIRS, "pairs")
-    model = loading.load_model(paths.POLICY_DIR, cfg.policy.dtype, loading.device_for()).eval()
+    device = loading.device_for()
+    model = loading.load_model(paths.POLICY_DIR, cfg.policy.dtype, device).eval()
     tokenizer = loading.load_tokenizer(paths.POLICY_DIR)
 
     # Work
     lw, ll, nw, nl = pair_logprobs(model, pairs, tokenizer.pad_token_id, params.batch_size, params.max_length,
-                                   progress="reference")
+                                   progress="reference", bf16=cfg.train.bf16)
 
     # Outputs
     df = write_table(pl.DataFrame({"pair_id": pairs["pair_id"], "ref_w": lw, "ref_l": ll, "len_w": nw,
                                    "len_l": nl}), paths.REFERENCE, "reference")
     write_json({"n_pairs": len(df), "ref_w": df["ref_w"].mean(), "ref_l": df["ref_l"].mean(),
+                "bf16_autocast": uses_bf16_autocast(device, cfg.train.bf16),
                 "model_fingerprint": loading.fingerprint(paths.POLICY_DIR)}, paths.metrics_file("reference"))
     log.info("reference log-probs for %d pairs: mean ref_w %.2f, ref_l %.2f", len(df), df["ref_w"].mean() or 0,
              df["ref_l"].mean() or 0)

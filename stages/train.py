@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     # Outputs (the full state dict is gathered on every rank; rank 0 writes)
     state = D.full_state_dict(model, ctx)
     if ctx.is_main:
+        live.summary["ref_check"] = ref_check(history, s.ref_check_tol)
         live.end()
         out = loading.load_model(paths.POLICY_DIR, cfg.policy.dtype) if ctx.strategy == "fsdp" and ctx.distributed \
             else D.unwrap(model)
@@ -97,6 +98,14 @@ def main(argv: list[str] | None = None) -> None:
         log.info("%s: %d steps on %d process(es), final loss %.4f, lp_w %.2f, lp_l %.2f, accuracy %.2f",
                  args.variant, len(history), ctx.world, last["loss"], last["lp_w"], last["lp_l"], last["accuracy"])
     D.shutdown(ctx)
+
+
+def ref_check(history: list[dict[str, float]], tol: float) -> dict:
+    """The first-step check of the policy against the reference (train_preference raises when it
+    fails), for the stage's metrics. ``history[0]`` is the first step also after a resume."""
+    first = history[0]
+    return {"gap_max": first["ref_gap_max"], "gap_mean": first["ref_gap_mean"], "tol": tol,
+            "passed": first["ref_gap_max"] <= tol}
 
 
 def _run_key(variant: dict, inputs: list[str]) -> str:

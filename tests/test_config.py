@@ -81,6 +81,37 @@ def test_variant_overrides_and_combined_terms():
     assert v.settings.lr == 1e-4 and v.settings.epochs == BASE["train"]["epochs"]
 
 
+def test_reference_and_training_must_truncate_and_round_alike():
+    """The reference log-probs are computed once, at reference.max_length and train.bf16: training
+    (every variant) must use the same, or lp − ref is not zero before the first step."""
+    raw = _with("train.max_length", BASE["reference"]["max_length"] - 32)
+    with pytest.raises(ConfigError, match=r"train\.max_length: \d+ differs from reference\.max_length \d+"):
+        parse_params(raw)
+    with pytest.raises(ConfigError, match=r"train\.variants\.dpo\.max_length: \d+ differs from reference\.max_length"):
+        parse_params(_with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "max_length": 96}))
+    bf16 = BASE["train"]["bf16"]
+    with pytest.raises(ConfigError, match=r"train\.variants\.dpop\.bf16: .* differs from train\.bf16"):
+        parse_params(_with("train.variants.dpop", {"loss": "dpop", "beta": 0.1, "dpop_lambda": 5.0,
+                                                   "bf16": not bf16}))
+    # Restating the shared values is fine; changing both sides together too.
+    same = _with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "bf16": bf16,
+                                        "max_length": BASE["reference"]["max_length"]})
+    assert parse_params(same).variants["dpo"].settings.bf16 == bf16
+    both = _with("train.max_length", 96)
+    both["reference"]["max_length"] = 96
+    assert parse_params(both).variants["dpo"].settings.max_length == 96
+
+
+def test_reference_check_tolerance_is_a_setting():
+    assert parse_params(BASE).train.ref_check_tol == BASE["train"]["ref_check_tol"] > 0
+    raw = copy.deepcopy(BASE)
+    del raw["train"]["ref_check_tol"]
+    with pytest.raises(ConfigError, match=r"train\.ref_check_tol: Field required"):
+        parse_params(raw)
+    with pytest.raises(ConfigError, match=r"train\.ref_check_tol"):
+        parse_params(_with("train.ref_check_tol", 0))
+
+
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "params.yaml")

@@ -161,8 +161,8 @@ def build_report(title: str, policy: dict, evals: dict[str, dict], histories: di
     lines.append("")
 
     if histories:
-        plot_curves(histories, ["lp_w", "lp_l", "margin"], out_dir / "logprobs.png",
-                    "training batches: summed log-probs and margin")
+        plot_curves(histories, ["lp_w", "lp_l", "delta_margin"], out_dir / "logprobs.png",
+                    "training batches: summed log-probs and the margin Δw − Δl (unscaled)")
         plot_curves(histories, ["delta_w", "delta_l", "displaced_share"], out_dir / "displacement.png",
                     "log-ratio to the reference and share of pairs with lp_w < ref_w")
         plot_curves(histories, ["loss", "accuracy"], out_dir / "loss.png", "loss and pair accuracy")

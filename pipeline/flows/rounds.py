@@ -26,7 +26,7 @@ from pipeline.flows.tasks import (
 )
 
 ROUND_COLUMNS = ["round", "policy_model", "policy_fingerprint", "policy_test_accuracy", "sample_fingerprint",
-                 "sample_mean_logprob", "candidate_accuracy", "n_pairs", "train_loss", "train_margin",
+                 "sample_mean_logprob", "candidate_accuracy", "n_pairs", "train_loss", "train_delta_margin",
                  "test_accuracy", "heldout_delta_w", "heldout_delta_l", "heldout_displaced_share",
                  "trained_fingerprint", "experiment"]
 
@@ -127,7 +127,7 @@ def rounds_flow(rounds: int | None = None, variant: str | None = None, overrides
                 "sample_mean_logprob": info["sample"].get("mean_logprob"),
                 "candidate_accuracy": info["judge"].get("candidate_accuracy"),
                 "n_pairs": info["pairs"].get("n_pairs"),
-                "train_loss": info["train"].get("loss"), "train_margin": info["train"].get("margin"),
+                "train_loss": info["train"].get("loss"), "train_delta_margin": info["train"].get("delta_margin"),
                 "test_accuracy": ev.get("test_accuracy"), "heldout_delta_w": held.get("delta_w"),
                 "heldout_delta_l": held.get("delta_l"), "heldout_displaced_share": held.get("displaced_share"),
                 "trained_fingerprint": trained_fp, "trained_from": info["trained_base"],

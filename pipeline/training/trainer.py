@@ -9,13 +9,14 @@ The reference model is never loaded here: ``ref_w``/``ref_l`` come from the refe
         maybe probe; log; maybe checkpoint
 
 Chosen and rejected go through the policy in one forward pass. Per-step diagnostics (log-probs,
-implicit rewards, margin, accuracy, the share of pairs pushed below the reference) are handed
-to a ``log_fn`` callback (dvclive in the train stage).
+the margin Δw − Δl, implicit rewards where the loss has them, accuracy, the share of pairs pushed
+below the reference) are handed to a ``log_fn`` callback (dvclive in the train stage). The first
+step of a fresh run checks that the policy's log-probs equal the reference's (see
+:func:`train_preference`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.model.logprobs import collate
+from pipeline.model.logprobs import autocast, collate
 from pipeline.training.batching import step_batches
 from pipeline.training import distributed as D
 from pipeline.training import losses
@@ -49,10 +50,18 @@ class PairExample:
     ref_l: float
 
 
-def micro_batches(idx: Sequence[int], ctx: D.Context, grad_accum: int) -> list[list[int]]:
-    """This rank's share of a global batch (every ``world``-th pair), split into ``grad_accum`` parts."""
+def micro_batches(idx: Sequence[int], ctx: D.Context, grad_accum: int) -> list[tuple[list[int], list[bool]]]:
+    """This rank's ``grad_accum`` micro-batches of a step, each ``(example indices, real-pair mask)``.
+
+    The rank's share is every ``world``-th pair of ``idx``, split into ``grad_accum`` parts. Every
+    rank must run the same number of forwards and backwards, whatever the step's size: DDP's
+    gradient all-reduce and FSDP2's all-gathers are collectives. So a part left empty (a short tail
+    batch, fewer pairs than ``world * grad_accum``) gets one padding row, a copy of the step's first
+    pair (finite when the real pairs are) masked False: trained with weight 0, never in the stats.
+    """
     mine = list(idx[ctx.rank::ctx.world])
-    return [mine[i::grad_accum] for i in range(grad_accum) if mine[i::grad_accum]]
+    parts = [mine[m::grad_accum] for m in range(grad_accum)]
+    return [(p, [True] * len(p)) if p else ([idx[0]], [False]) for p in parts]
 
 
 def collate_pairs(ex: Sequence[PairExample], pad_id: int, max_length: int):
@@ -63,18 +72,34 @@ def collate_pairs(ex: Sequence[PairExample], pad_id: int, max_length: int):
 
 
 # --------------------------------------------------------------------------------------------- diagnostics
-def preference_metrics(lp_w, lp_l, ref_w, ref_l, len_w, len_l, beta: float) -> dict[str, float]:
+def preference_metrics(lp_w, lp_l, ref_w, ref_l, len_w, len_l,
+                       beta: tuple[float, float] | None) -> dict[str, float]:
+    """Batch means of the per-pair diagnostics. ``delta_margin`` is the unscaled ``Δw − Δl`` whatever the
+    loss; ``reward_w``/``reward_l``/``reward_margin`` are the implicit rewards ``β_w·Δw``, ``β_l·Δl`` and
+    their difference, logged only when ``beta`` = (β_w, β_l) of the loss (:func:`_implicit_beta`).
+    ``ref_gap_max``/``ref_gap_mean``: max/mean ``|lp − ref|`` over both sides (0 up to rounding at the
+    first step, where the policy is the reference); ``ref_gap_lp``/``ref_gap_ref``: the sequence with
+    the largest gap (for the first-step check's message, not logged)."""
     d_w, d_l = lp_w - ref_w, lp_l - ref_l
-    return {
+    lp, ref = torch.cat([lp_w, lp_l]), torch.cat([ref_w, ref_l])
+    gap = (lp - ref).abs()
+    worst = int(gap.argmax())
+    out = {
         "lp_w": lp_w.mean().item(), "lp_l": lp_l.mean().item(),
         "lp_w_per_token": (lp_w / len_w).mean().item(), "lp_l_per_token": (lp_l / len_l).mean().item(),
         "delta_w": d_w.mean().item(), "delta_l": d_l.mean().item(),
-        "reward_w": (beta * d_w).mean().item(), "reward_l": (beta * d_l).mean().item(),
-        "margin": (beta * (d_w - d_l)).mean().item(),
+        "delta_margin": (d_w - d_l).mean().item(),
         "accuracy": (d_w > d_l).float().mean().item(),
         # The failure mode DPO-Positive targets: Pal et al. 2024, "Smaug" (arXiv 2402.13228).
         "displaced_share": (lp_w < ref_w).float().mean().item(),
+        "ref_gap_max": gap.max().item(), "ref_gap_mean": gap.mean().item(),
+        "ref_gap_lp": lp[worst].item(), "ref_gap_ref": ref[worst].item(),
     }
+    if beta is not None:
+        b_w, b_l = beta
+        out.update(reward_w=(b_w * d_w).mean().item(), reward_l=(b_l * d_l).mean().item(),
+                   reward_margin=(b_w * d_w - b_l * d_l).mean().item())
+    return out
 
 
 def _log10_abs(t: torch.Tensor) -> torch.Tensor:
@@ -111,14 +136,22 @@ def bucket_displaced_shares(lp_w: torch.Tensor, ref_w: torch.Tensor, order: Sequ
     return out
 
 
-def _implicit_beta(terms) -> float:
-    """β of the first term that has one: the scale of the logged implicit rewards (1 if none)."""
+def _implicit_beta(terms) -> tuple[float, float] | None:
+    """(β_w, β_l) of the implicit rewards ``β·Δ`` the loss optimises, or None when it has none.
+
+    dpo, cdpo, dpop and dpo_sft reward ``β·Δ`` on both sides, flex_dpo ``β_w·Δw`` and ``β_l·Δl``.
+    gamma_dpo and hinge scale ``lp`` and ``ref`` apart (β, γ), ipo has τ, slic and simpo no reference:
+    none of them has a ``β·Δ`` reward. A mix of terms has one only if every term has the same.
+    """
+    keys = {"dpo": ("beta", "beta"), "cdpo": ("beta", "beta"), "dpop": ("beta", "beta"),
+            "dpo_sft": ("beta", "beta"), "flex_dpo": ("beta_w", "beta_l")}
+    betas = set()
     for t in terms:
-        hp = t.hp if hasattr(t, "hp") else t[2]
-        for k in ("beta", "beta_w"):
-            if k in hp:
-                return float(hp[k])
-    return 1.0
+        name, hp = (t.name, t.hp) if hasattr(t, "hp") else (t[0], t[2])
+        if name not in keys:
+            return None
+        betas.add(tuple(float(hp[k]) for k in keys[name]))
+    return betas.pop() if len(betas) == 1 else None
 
 
 # --------------------------------------------------------------------------------------------- probe
@@ -178,7 +211,8 @@ class Checkpointing:
 # --------------------------------------------------------------------------------------------- the trainer
 @dataclass
 class PairStats:
-    """Per-pair tensors of one step on this rank, in the order of ``pairs``."""
+    """Per-pair tensors of one step on this rank, in the order of ``pairs``: real pairs only (padding
+    rows are dropped, so may be empty on a rank that held none)."""
 
     lp_w: torch.Tensor
     lp_l: torch.Tensor
@@ -199,7 +233,7 @@ class PairStats:
 
 @dataclass
 class StepResult:
-    stats: PairStats  # this rank's pairs
+    stats: PairStats  # this rank's real pairs (no padding)
     pairs: list[int]  # their example indices
     loss: torch.Tensor  # this rank's share of the global mean loss
     grad_norm: float
@@ -219,21 +253,24 @@ class PreferenceTrainer:
     ``settings.batch_size`` pairs make one step whatever the number of processes: each rank takes
     every ``world``-th pair of the step and the loss is scaled so that the averaged gradient equals
     the single-process one; each rank's share is split into ``settings.grad_accum`` micro-batches.
+    Every rank runs exactly ``grad_accum`` of them, each of at least one row, so that all take part in
+    every collective: a step with fewer pairs than ``world * grad_accum`` (a short tail batch) fills
+    the empty ones with padding rows of weight 0 (:func:`micro_batches`), which add nothing to the
+    loss, the gradient or the diagnostics; the loss stays the mean over the step's real pairs.
     """
 
     def __init__(self, model, terms, settings: TrainSettings, *, pad_id: int, ctx: D.Context):
         self.model, self.terms, self.settings, self.pad_id, self.ctx = model, terms, settings, pad_id, ctx
         self.device = torch.device(ctx.device)
-        self.beta = _implicit_beta(terms)
+        self.beta = _implicit_beta(terms)  # (β_w, β_l) of the logged implicit rewards; None: the loss has none
         model.train()
         self.forward, self.sync_module = D.wrap_policy(model, ctx)
         # After wrapping: FSDP2 replaces the parameters with sharded ones.
         self.opt, self.sched = build_optimizer(model, settings)
 
     def _autocast(self):
-        if self.settings.bf16 and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        # The reference stage and evaluation compute under the same choice (their ref_w/ref_l).
+        return autocast(self.device, self.settings.bf16)
 
     def train_step(self, examples: Sequence[PairExample], idx: Sequence[int]) -> StepResult:
         """Forward and backward every micro-batch of this rank's share of ``idx``, then one optimiser step."""
@@ -241,13 +278,13 @@ class PreferenceTrainer:
         parts: list[PairStats] = []
         pairs: list[int] = []
         loss = torch.zeros((), device=self.device)
-        for m, mb in enumerate(micro):
-            # Gradients are all-reduced once per step, on the last micro-batch.
+        for m, (mb, real) in enumerate(micro):
+            # Gradients are all-reduced once per step, on the last micro-batch (the same one on every rank).
             with D.no_grad_sync(self.sync_module, self.ctx, skip=m < len(micro) - 1):
-                per_pair, stats = self._forward_backward([examples[i] for i in mb], len(idx))
-            loss += per_pair.sum() / len(idx)
+                share, stats = self._forward_backward([examples[i] for i in mb], real, len(idx))
+            loss += share
             parts.append(stats)
-            pairs += mb
+            pairs += [i for i, r in zip(mb, real) if r]
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -256,8 +293,11 @@ class PreferenceTrainer:
         self.opt.zero_grad(set_to_none=True)
         return StepResult(PairStats.cat(parts), pairs, loss, float(grad_norm), self.sched.get_last_lr()[0])
 
-    def _forward_backward(self, ex: Sequence[PairExample], global_batch: int) -> tuple[torch.Tensor, PairStats]:
-        """Loss of one micro-batch via the loss registry, backpropagated; its per-pair tensors."""
+    def _forward_backward(self, ex: Sequence[PairExample], real: Sequence[bool],
+                          global_batch: int) -> tuple[torch.Tensor, PairStats]:
+        """Loss of one micro-batch via the loss registry, backpropagated: its share of the mean over the
+        step's ``global_batch`` real pairs, and the per-pair tensors of its real rows (``real`` False:
+        padding, weight 0)."""
         ids, att, resp = collate_pairs(ex, self.pad_id, self.settings.max_length)
         with self._autocast():
             lp, n_tok = self.forward(ids.to(self.device), att.to(self.device), resp.to(self.device))
@@ -267,16 +307,19 @@ class PreferenceTrainer:
         ref_w = torch.tensor([e.ref_w for e in ex], device=self.device)
         ref_l = torch.tensor([e.ref_l for e in ex], device=self.device)
         per_pair = losses.combined_loss(self.terms, lp_w, lp_l, ref_w, ref_l, len_w, len_l)
-        # Mean over the whole global batch: ranks average gradients, hence the world factor.
-        (per_pair.sum() * self.ctx.world / global_batch).backward()
+        # Weight 0 zeroes the loss and gradient of padding rows exactly: they copy a real pair, so are finite.
+        keep = torch.tensor(real, device=self.device)
+        share = (per_pair * keep).sum() / global_batch
+        # Mean over the step's real pairs: ranks average gradients, hence the world factor.
+        (share * self.ctx.world).backward()
         g = lp.grad * global_batch / self.ctx.world  # per-pair ∂ℓ/∂log π, undoing the batch scaling
-        stats = PairStats(*(t.detach().float() for t in (lp_w, lp_l, ref_w, ref_l, len_w, len_l, g[:k], g[k:])))
-        return per_pair.detach(), stats
+        stats = PairStats(*(t.detach().float()[keep] for t in (lp_w, lp_l, ref_w, ref_l, len_w, len_l, g[:k], g[k:])))
+        return share.detach(), stats
 
     def step_metrics(self, result: StepResult, buckets: Sequence[str] | None = None) -> dict[str, float]:
         """The step's loss and diagnostics over the whole global batch (a collective under torchrun)."""
         s = result.stats.gather(self.ctx)
-        order = D.gather_tensor(torch.tensor(result.pairs, dtype=torch.float32), self.ctx).long().tolist()
+        order = D.gather_tensor(torch.tensor(result.pairs, dtype=torch.long), self.ctx).tolist()
         loss = result.loss
         if self.ctx.distributed:
             torch.distributed.all_reduce(loss)
@@ -319,6 +362,10 @@ def train_preference(model, examples: Sequence[PairExample], terms, settings: Tr
     per example) adds the per-bucket share of pairs pushed below the reference; ``probe`` (with
     ``tokenizer``) logs the log-prob of a fixed greedy decode; ``checkpoint`` saves every K steps and
     resumes from a matching checkpoint. ``log_fn(step, metrics)`` is called on rank 0 only.
+
+    Before the first update the policy is the reference, so on the first step of a fresh run the
+    batch's ``lp`` must equal ``ref`` up to rounding: a ``ref_gap_max`` above ``settings.ref_check_tol``
+    raises ValueError (reference computed at another precision, truncation or model).
     """
     from tqdm.auto import tqdm
 
@@ -342,6 +389,15 @@ def train_preference(model, examples: Sequence[PairExample], terms, settings: Tr
                unit="step")
     for step, idx in enumerate(batches[start:], start):
         metrics = trainer.step_metrics(trainer.train_step(examples, idx), buckets)
+        worst_lp, worst_ref = metrics.pop("ref_gap_lp"), metrics.pop("ref_gap_ref")
+        # Its log-probs come from the forward before the optimiser step: the policy was the reference.
+        if step == 0 and metrics["ref_gap_max"] > settings.ref_check_tol:
+            raise ValueError(
+                f"first step: the policy's log-probs differ from the reference's by up to "
+                f"{metrics['ref_gap_max']:.4g} nats per sequence (mean {metrics['ref_gap_mean']:.4g}), above "
+                f"train.ref_check_tol = {settings.ref_check_tol:g} (worst sequence: lp {worst_lp:.4f}, ref "
+                f"{worst_ref:.4f}). Before any update they must agree: the reference was computed with another "
+                "precision (train.bf16), max_length or model; rerun the reference stage")
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss became {metrics['loss']} at step {step}; lower train.lr")
         if probe is not None and tokenizer is not None and probe.due(step, len(batches)):

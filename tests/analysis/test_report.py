@@ -30,7 +30,7 @@ def test_findings_flag_what_the_figures_show():
 
 
 def test_build_report_writes_plots_and_tables(tmp_path: Path):
-    hist = {"lp_w": _series([-1, -1.2]), "lp_l": _series([-2, -3]), "margin": _series([0, 0.3]),
+    hist = {"lp_w": _series([-1, -1.2]), "lp_l": _series([-2, -3]), "delta_margin": _series([0, 0.3]),
             "delta_w": _series([0, -0.2]), "delta_l": _series([0, -1]), "displaced_share": _series([0, 0.5]),
             "loss": _series([0.69, 0.6]), "accuracy": _series([0.5, 0.8]), "log10_grad_prob_w": _series([0, 0]),
             "log10_grad_prob_l": _series([0, 1]), "log10_grad_ratio": _series([0, 1]),

@@ -36,3 +36,22 @@ def test_response_only_logprobs_match_full_logits(tiny):
 def test_truncation_keeps_the_response():
     ids, att, resp = collate([[1] * 50], [[7, 8, 9]], pad_id=0, max_length=20)
     assert ids.shape[1] == 20 and resp.sum().item() == 3 and ids[0, -3:].tolist() == [7, 8, 9]
+
+
+def test_one_precision_choice_for_training_reference_and_evaluation(tiny, monkeypatch):
+    from pipeline.model import logprobs as LP
+
+    # train.bf16 keeps its meaning: bf16 autocast on GPU, fp32 on CPU.
+    assert LP.uses_bf16_autocast("cuda:0", True) and not LP.uses_bf16_autocast("cuda", False)
+    assert not LP.uses_bf16_autocast("cpu", True)
+    model, tok = tiny
+    prompts = [encode_prompt(tok, "What is 2 + 2?"), encode_prompt(tok, "Hi")]
+    responses = [encode_response(tok, "4, it is four"), encode_response(tok, "Hello there, friend")]
+    fp32, _ = LP.batched_logprobs(model, prompts, responses, tok.pad_token_id, 2)
+    assert LP.batched_logprobs(model, prompts, responses, tok.pad_token_id, 2, bf16=True)[0] == fp32
+    # Where it applies, batched_logprobs (the reference stage, evaluation) scores under bf16 autocast.
+    monkeypatch.setattr(LP, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
+    bf16, _ = LP.batched_logprobs(model, prompts, responses, tok.pad_token_id, 2, bf16=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, _ = sequence_logprobs(model, *collate(prompts, responses, tok.pad_token_id))
+    assert bf16 == pytest.approx(want.tolist(), abs=1e-4) and bf16 != pytest.approx(fp32, abs=1e-4)

@@ -1,13 +1,17 @@
 """Preference training and the SFT warm-up on a tiny random model with SmolLM2's real tokenizer."""
 
 
+import re
+
+import polars as pl
 import pytest
 import torch
 from repo_utils import repo_params
 
 from pipeline.config import TrainSettings, WarmupParams
 from pipeline.model import loading
-from pipeline.model.logprobs import batched_logprobs, encode_prompt, encode_response
+from pipeline.model import logprobs as LP
+from pipeline.model.logprobs import batched_logprobs, encode_prompt, encode_response, pair_logprobs
 from pipeline.training import distributed as D
 from pipeline.training import losses
 from pipeline.training.batching import step_batches
@@ -18,6 +22,8 @@ from pipeline.training.trainer import (
     micro_batches,
     train_preference,
 )
+
+REF_CHECK_TOL = repo_params()["train"]["ref_check_tol"]
 
 
 def train_settings(**overrides) -> TrainSettings:
@@ -38,10 +44,30 @@ def test_step_batches_cover_every_pair_each_epoch():
 
 def test_micro_batches_split_each_ranks_share():
     idx = [5, 3, 8, 1, 0, 9, 2]
-    assert micro_batches(idx, D.Context(), 3) == [[5, 1, 2], [3, 0], [8, 9]]
+    assert micro_batches(idx, D.Context(), 3) == [([5, 1, 2], [True] * 3), ([3, 0], [True] * 2), ([8, 9], [True] * 2)]
     ranks = [micro_batches(idx, D.Context(rank=r, world=2), 2) for r in range(2)]
-    assert ranks == [[[5, 0], [8, 2]], [[3, 9], [1]]]
-    assert sorted(i for r in ranks for mb in r for i in mb) == sorted(idx)
+    assert [[mb for mb, _ in r] for r in ranks] == [[[5, 0], [8, 2]], [[3, 9], [1]]]
+    assert all(all(real) for r in ranks for _, real in r)
+
+
+@pytest.mark.parametrize(("n", "world", "grad_accum"), [
+    (2, 8, 1),  # issue 13: 58 pairs, batch 8, 8 processes leave a tail of 2
+    (2, 3, 1), (2, 4, 2), (5, 3, 2), (7, 2, 3), (1, 1, 4), (8, 8, 1), (12, 3, 2),
+])
+def test_micro_batches_give_every_rank_the_same_number_of_nonempty_parts(n, world, grad_accum):
+    """Every rank runs ``grad_accum`` micro-batches of at least one row (so all take part in every
+    collective); every real pair of the step appears once; padding only fills an otherwise empty
+    part, as one masked copy of a pair of the step."""
+    idx = [3 * i + 1 for i in range(n)][::-1]
+    ranks = [micro_batches(idx, D.Context(rank=r, world=world), grad_accum) for r in range(world)]
+    assert all(len(r) == grad_accum for r in ranks)
+    assert sorted(i for r in ranks for mb, real in r for i, k in zip(mb, real) if k) == sorted(idx)
+    for r in ranks:
+        for mb, real in r:
+            assert len(mb) == len(real) >= 1
+            assert all(real) or (real == [False] and mb[0] in idx)
+    if n >= world * grad_accum:
+        assert all(all(real) for r in ranks for _, real in r)  # no padding when every part has a pair
 
 
 def _examples(model, tok, n=6):
@@ -62,22 +88,117 @@ def test_dpo_training_raises_the_margin(tiny_model_dir):
     s = train_settings(lr=1e-3, epochs=6, batch_size=6, grad_accum=1, max_length=64, seed=0)
     hist = train_preference(model, ex, terms, s, pad_id=tok.pad_token_id, progress=None)
     assert hist[0]["loss"] == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(0.0)).item(), abs=1e-4)
-    assert hist[-1]["margin"] > hist[0]["margin"] + 0.1 and hist[-1]["loss"] < hist[0]["loss"]
+    assert hist[-1]["delta_margin"] > hist[0]["delta_margin"] + 0.1 and hist[-1]["loss"] < hist[0]["loss"]
+    assert hist[-1]["reward_margin"] == pytest.approx(0.5 * hist[-1]["delta_margin"], rel=1e-5)
     assert hist[-1]["accuracy"] >= 0.5
+
+
+# Offsets of the references from the policy's own log-probs: Δw, Δl at the first step (before any update).
+OFF_W, OFF_L = [0.3, -0.2, 0.5, 0.1], [-0.4, 0.2, -0.1, -0.6]
+
+
+@pytest.mark.parametrize("terms,rewards", [
+    ([("gamma_dpo", 1.0, {"beta": 0.5, "gamma": 0.1})], None),  # σ(β(lp_w − lp_l) − γ(ref_w − ref_l)): no β·Δ
+    ([("ipo", 1.0, {"tau": 0.25})], None),  # τ sets the target margin, Δw − Δl is IPO's margin itself
+    ([("flex_dpo", 1.0, {"beta_w": 0.5, "beta_l": 0.1})], (0.5, 0.1)),
+    ([("dpo", 1.0, {"beta": 0.3})], (0.3, 0.3)),
+    ([("dpo", 1.0, {"beta": 0.3}), ("gamma_dpo", 1.0, {"beta": 0.3, "gamma": 0.3})], None),
+])
+def test_logged_margins_are_what_their_names_say(tiny_model_dir, terms, rewards):
+    """delta_margin is the unscaled Δw − Δl for every loss; reward_* only where the loss has the
+    implicit reward β·Δ, and then with its own β_w, β_l (the first term's β mislabelled them)."""
+    model = loading.load_model(tiny_model_dir, "float32")
+    tok = loading.load_tokenizer(tiny_model_dir)
+    ex = [PairExample(e.prompt_ids, e.chosen_ids, e.rejected_ids, e.ref_w - ow, e.ref_l - ol)
+          for e, ow, ol in zip(_examples(model, tok, 4), OFF_W, OFF_L)]
+    # The offsets would fail the first-step check on purpose, so it is widened here.
+    s = train_settings(lr=1e-3, epochs=1, batch_size=4, max_length=64, ref_check_tol=10.0)
+    m = train_preference(model, ex, terms, s, pad_id=tok.pad_token_id, progress=None)[0]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert m["delta_w"] == pytest.approx(mean(OFF_W), abs=1e-4)
+    if rewards is None:
+        assert not {"reward_w", "reward_l", "reward_margin"} & m.keys()
+    else:
+        b_w, b_l = rewards
+        assert m["reward_w"] == pytest.approx(b_w * mean(OFF_W), abs=1e-4)
+        assert m["reward_l"] == pytest.approx(b_l * mean(OFF_L), abs=1e-4)
+        assert m["reward_margin"] == pytest.approx(b_w * mean(OFF_W) - b_l * mean(OFF_L), abs=1e-4)
+    assert m["delta_margin"] == pytest.approx(mean(OFF_W) - mean(OFF_L), abs=1e-4)
+    assert "margin" not in m  # a name that says neither which margin nor which β
+
+
+def _pairs(tok, n: int) -> pl.DataFrame:
+    """Pairs of varied lengths, so the reference stage's batches (sorted by length, chosen and rejected
+    apart) and training's (chosen and rejected of one step together) have other shapes and padding."""
+    rows = []
+    for i in range(n):
+        p = encode_prompt(tok, f"What is {i} + {3 * i}?" + " Be brief." * (i % 3))
+        rows.append({"prompt_ids": p, "chosen_ids": encode_response(tok, "So" + " then" * (2 * i % 5) + f" {4 * i}"),
+                     "rejected_ids": encode_response(tok, f"It is {4 * i + 1}" + ", surely" * (i % 4))})
+    return pl.DataFrame(rows)
+
+
+def _first_step_check(tiny_model_dir, ref_bf16: bool, train_bf16: bool, tol: float = REF_CHECK_TOL):
+    """References as the reference stage computes them, then training with ``train_bf16``."""
+    model = loading.load_model(tiny_model_dir, "float32").eval()
+    tok = loading.load_tokenizer(tiny_model_dir)
+    pairs = _pairs(tok, 8)
+    params = repo_params()
+    rw, rl, _, _ = pair_logprobs(model, pairs, tok.pad_token_id, params["reference"]["batch_size"],
+                                 params["reference"]["max_length"], bf16=ref_bf16)
+    ex = [PairExample(tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"]), w, l_)
+          for r, w, l_ in zip(pairs.iter_rows(named=True), rw, rl)]
+    s = train_settings(lr=1e-3, epochs=1, batch_size=4, grad_accum=2, bf16=train_bf16, ref_check_tol=tol)
+    return train_preference(model, ex, [("dpo", 1.0, {"beta": 0.1})], s, pad_id=tok.pad_token_id, progress=None)
+
+
+@pytest.fixture
+def bf16_on_cpu(monkeypatch):
+    """train.bf16 autocasts on CPU too, as it does on a GPU."""
+    monkeypatch.setattr(LP, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
+
+
+# The tiny random model's logits are small, and so is its bf16 rounding: measured <= 3e-5 nats apart
+# for two bf16 computations, 2e-3 to 1e-2 (batch max) for bf16 against fp32. A tolerance between them.
+TINY_TOL = 1e-3
+
+
+@pytest.mark.parametrize("tol", [REF_CHECK_TOL, TINY_TOL])
+def test_first_step_passes_when_reference_and_training_share_the_precision(tiny_model_dir, bf16_on_cpu, tol):
+    hist = _first_step_check(tiny_model_dir, ref_bf16=True, train_bf16=True, tol=tol)
+    assert hist[0]["ref_gap_max"] <= tol
+    assert "ref_gap_lp" not in hist[0]  # the worst sequence's numbers are for the error message only
+
+
+def test_first_step_fails_on_an_fp32_reference_with_bf16_training(tiny_model_dir, bf16_on_cpu):
+    with pytest.raises(ValueError, match=r"train\.ref_check_tol = 0\.001") as err:
+        _first_step_check(tiny_model_dir, ref_bf16=False, train_bf16=True, tol=TINY_TOL)
+    msg = str(err.value)
+    gap, mean = (float(x) for x in re.search(r"by up to (\S+) nats per sequence \(mean (\S+)\)", msg).groups())
+    lp, ref = (float(x) for x in re.search(r"worst sequence: lp (\S+), ref (\S+)\)", msg).groups())
+    assert gap > TINY_TOL and 0 < mean <= gap
+    assert abs(lp - ref) == pytest.approx(gap, abs=2e-4)  # the message's pair is the worst one
 
 
 def test_grad_accumulation_matches_one_big_batch(tiny_model_dir):
     tok = loading.load_tokenizer(tiny_model_dir)
     results = []
-    for accum in (1, 3):
+    for accum in (1, 3, 8):  # 8 > 6 pairs: two micro-batches of padding, weight 0
         model = loading.load_model(tiny_model_dir, "float32")
         ex = _examples(model, tok)
         s = train_settings(lr=1e-3, epochs=1, batch_size=6, grad_accum=accum, max_length=64, seed=0)
         hist = train_preference(model, ex, [("dpop", 1.0, {"beta": 0.5, "dpop_lambda": 5.0})], s,
                                 pad_id=tok.pad_token_id, progress=None)
-        results.append((hist[0]["loss"], next(model.parameters()).detach().clone()))
-    assert results[0][0] == pytest.approx(results[1][0], abs=1e-5)
-    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+        results.append((hist[0], next(model.parameters()).detach().clone()))
+    for metrics, weights in results[1:]:
+        assert metrics["loss"] == pytest.approx(results[0][0]["loss"], abs=1e-5)
+        # Padding rows reach no diagnostic (the means would move towards the copied pair's). Accuracy
+        # and displaced share compare Δ's that are rounding noise before the first update: left out.
+        continuous = [k for k in metrics if not k.startswith(("accuracy", "displaced_share"))]
+        assert metrics.keys() == results[0][0].keys()
+        assert {k: metrics[k] for k in continuous} == pytest.approx({k: results[0][0][k] for k in continuous},
+                                                                    rel=1e-4, abs=1e-5)
+        assert torch.allclose(results[0][1], weights, atol=1e-6)
 
 
 def test_resume_from_a_checkpoint_continues_the_same_run(tiny_model_dir, tmp_path):
