@@ -103,8 +103,9 @@ def _run_workers(spec: dict, nproc: int, tmp: Path) -> dict[str, list[dict]]:
     return torch.load(tmp / "out.pt", weights_only=False)
 
 
-# 3 processes in the default suite (~1 min on 2 busy cores, mostly imports); 4 with `-m slow`.
-@pytest.mark.parametrize("nproc", [3, pytest.param(4, marks=pytest.mark.slow)])
+# the multi-process runs cost about a minute each on 2 cores: slow (the slot assignment is unit-tested above)
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [3, 4])
 def test_short_tails_match_one_process(spec, one_process, tmp_path, nproc):
     runs = _run_workers(spec, nproc, tmp_path)
     start = loading.load_model(spec["model"], "float32").state_dict()
