@@ -196,12 +196,31 @@ class PairsParams(_Strict):
     seed: int
     # Edges of the normalised-edit-distance buckets used by evaluate and the report.
     distance_buckets: list[float]
+    # "judged" (the judge's picks among the sampled candidates) or the path of a pairs file or folder
+    # in TRL's preference format (pipeline/data/trl_format.py).
+    source: str = Field(min_length=1)
+    # The stage's DVC data deps, interpolated into dvc.yaml (which cannot choose deps by a value), so
+    # they must follow `source`: a file's checked here, before any stage runs; the judged ones (paths
+    # of other stages' outputs, which this module does not import) by the pairs stage.
+    inputs: list[str] = Field(min_length=3, max_length=3)
+    on_bad_rows: Literal["error", "quarantine"]  # of a pairs file
 
     @field_validator("distance_buckets")
     @classmethod
     def _sorted(cls, v: list[float]) -> list[float]:
         if sorted(v) != v or any(not 0 < x < 1 for x in v):
             raise ValueError("must be increasing values strictly between 0 and 1")
+        return v
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_follow_source(cls, v: list[str], info) -> list[str]:
+        source = info.data.get("source")
+        if source in (None, "judged"):
+            return v  # source itself is invalid (that error is reported), or the stage checks
+        if any(os.path.normpath(p) != os.path.normpath(source) for p in v):
+            raise ValueError(f"must be {[source] * 3} when pairs.source is {source!r} (the stage's DVC deps: your "
+                             "file in each slot, so that no sampling or judging runs)")
         return v
 
 

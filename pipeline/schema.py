@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import polars as pl
 
 IDS = pl.List(pl.Int32)
+MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))  # chat messages (pairs_trl)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,35 @@ TABLES: dict[str, dict[str, Column]] = {
         "first_diff": C(pl.Int32),  # first differing token position (= min length if one is a prefix)
         "len_w": C(pl.Int32),
         "len_l": C(pl.Int32),
+    },
+    # pairs -> users: the pairs in TRL's conversational preference format (prompt, chosen, rejected) plus
+    # our tags, one file per split (pipeline/data/trl_format.py); what a `pairs.source` file may hold.
+    "pairs_trl": {
+        "prompt": C(MESSAGES),  # ending with the user's turn
+        "chosen": C(MESSAGES),  # one assistant message
+        "rejected": C(MESSAGES),
+        "pair_id": C(pl.String),
+        "prompt_id": C(pl.String),
+        "scenario": C(pl.Int8),  # 1-4 as in `pairs`; 0: imported from a file that did not say
+        "chosen_source": C(pl.String),  # policy | gold | other | imported
+        "rejected_source": C(pl.String),
+        "chosen_correct": C(pl.Boolean, nullable=True),
+        "rejected_correct": C(pl.Boolean, nullable=True),
+        "score_chosen": C(pl.Float64, nullable=True),  # the judge's score (UltraFeedback's names); null for gold
+        "score_rejected": C(pl.Float64, nullable=True),
+        "chosen_sampler_logprob": C(pl.Float64, nullable=True),
+        "rejected_sampler_logprob": C(pl.Float64, nullable=True),
+        "chosen_policy_logprob": C(pl.Float64),
+        "rejected_policy_logprob": C(pl.Float64),
+        "edit_distance": C(pl.Int32),
+        "edit_distance_norm": C(pl.Float64),
+        "first_diff": C(pl.Int32),
+        "len_w": C(pl.Int32),
+        "len_l": C(pl.Int32),
+        # The policy tokenizer's ids of each side (sampled ids need not be the text's tokenization); not
+        # TRL's prompt_ids/chosen_ids names, which would pass as the ids of whatever model loads the file.
+        "chosen_token_ids": C(IDS),
+        "rejected_token_ids": C(IDS),
     },
     # reference: log-probs under the frozen reference model, computed once.
     "reference": {

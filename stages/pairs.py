@@ -1,8 +1,20 @@
-"""Stage `pairs`: chosen/rejected pairs tagged with edit distance, sources and scenario."""
+"""Stage `pairs`: chosen/rejected pairs tagged with edit distance, sources and scenario, also written in
+TRL's preference format.
+
+Inputs:  ``pairs.source`` ``judged``: data/prompts.parquet, the candidates and the judge's picks
+         (data/judge); else the pairs file or folder it names (TRL format, pipeline/data/trl_format.py).
+         Both: models/policy (tokenizer, and each side's log-prob under the starting policy).
+Outputs: data/pairs.parquet (table ``pairs``); data/pairs_trl/{jsonl,parquet}/{train,test}.* (table
+         ``pairs_trl``, `datasets.load_dataset` reads each folder); data/pairs_quarantine.jsonl (a pairs
+         file's quarantined rows, always written, possibly empty); metrics/pairs.json.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from collections import Counter
 
 import polars as pl
 
@@ -10,11 +22,16 @@ from pipeline import paths
 from pipeline.model import loading
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
-from pipeline.io import read_table, write_json, write_table
+from pipeline.data import trl_format
+from pipeline.io import atomic_path, read_table, write_json, write_table
 from pipeline.model.logprobs import batched_logprobs
-from pipeline.data.pairs import build_pairs, on_policy_summary
+from pipeline.data.pairs import build_imported_pairs, build_pairs, judge_scores, on_policy_summary
 
 log = logging.getLogger("pipeline.data.pairs")
+
+# This stage's outputs besides paths.PAIRS (dvc.yaml repeats them).
+TRL_DIR = "data/pairs_trl"
+QUARANTINE = "data/pairs_quarantine.jsonl"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,35 +39,62 @@ def main(argv: list[str] | None = None) -> None:
     # Inputs and params
     cfg = load_params(args.params)
     params = cfg.pairs
-    prompts = read_table(paths.PROMPTS, "prompts")
-    candidates = pl.concat([read_table(paths.candidates(src), "candidates") for src in ("policy", "other")])
-    scores = read_table(paths.SCORES, "scores")
-    selections = read_table(paths.SELECTIONS, "selections")
+    judged = params.source == trl_format.JUDGED
+    if judged and [os.path.normpath(p) for p in params.inputs] != trl_format.judged_inputs():
+        raise ValueError(f"{args.params}: pairs.inputs: must be {trl_format.judged_inputs()} when pairs.source is "
+                         f"'judged' (the stage's DVC deps: the candidates and the judge's picks)")
     tokenizer = loading.load_tokenizer(paths.POLICY_DIR)
     policy = loading.load_model(paths.POLICY_DIR, cfg.policy.dtype, loading.device_for()).eval()
 
-    # Work: pairs of the scenario's sources, each side tagged with its log-prob under the starting policy
     def policy_logprobs(prompt_ids, response_ids):
         return batched_logprobs(policy, prompt_ids, response_ids, tokenizer.pad_token_id, cfg.reference.batch_size,
                                 progress="policy log-probs")[0]
 
-    pairs, skipped = build_pairs(prompts, candidates, scores, selections, tokenizer, params.scenario,
-                                 params.heldout_fraction, params.seed, policy_logprobs, cfg.judge.min_gap)
+    # Work: the scenario's pairs from the judge's picks, or the file's pairs; each side tagged with its
+    # log-prob under the starting policy
+    if judged:
+        prompts = read_table(paths.PROMPTS, "prompts")
+        candidates = pl.concat([read_table(paths.candidates(src), "candidates") for src in ("policy", "other")])
+        scores = read_table(paths.SCORES, "scores")
+        selections = read_table(paths.SELECTIONS, "selections")
+        pairs, skipped = build_pairs(prompts, candidates, scores, selections, tokenizer, params.scenario,
+                                     params.heldout_fraction, params.seed, policy_logprobs, cfg.judge.min_gap)
+        prompt_messages = {r["prompt_id"]: [{"role": "user", "content": r["prompt"]}]
+                           for r in prompts.iter_rows(named=True)}
+        pair_scores = judge_scores(pairs, selections)
+        quarantine, rows_read = [], None
+    else:
+        rows, quarantine, rows_read = trl_format.read_pairs_file(params.source, tokenizer, params.on_bad_rows)
+        pairs, skipped = build_imported_pairs(rows, params.heldout_fraction, params.seed, policy_logprobs), {}
+        prompt_messages = {r["prompt_id"]: r["prompt"] for r in rows}
+        pair_scores = {r["pair_id"]: (r["score_chosen"], r["score_rejected"]) for r in rows}
+    trl = trl_format.export_frame(pairs, prompt_messages, pair_scores)
 
     # Outputs
     pairs = write_table(pairs, paths.PAIRS, "pairs")
+    exported = trl_format.write_export(trl, pairs["split"], TRL_DIR)
+    with atomic_path(QUARANTINE) as tmp:
+        tmp.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine), encoding="utf-8")
     n_train = int((pairs["split"] == "train").sum())
-    metrics = {"scenario": params.scenario, "n_pairs": len(pairs), "n_train": n_train,
-               "n_heldout": len(pairs) - n_train, "skipped": skipped,
+    metrics = {"source": params.source, "scenario": params.scenario if judged else trl_format.IMPORTED,
+               "n_pairs": len(pairs), "n_train": n_train, "n_heldout": len(pairs) - n_train, "skipped": skipped,
+               "rows_read": rows_read, "quarantined": {"total": len(quarantine), "by_reason": dict(sorted(
+                   Counter(q["reason"] for q in quarantine).items()))}, "exported": exported,
                "mean_edit_distance": pairs["edit_distance"].mean(),
                "mean_edit_distance_norm": pairs["edit_distance_norm"].mean(),
                "mean_first_diff": pairs["first_diff"].mean(), "on_policy": on_policy_summary(pairs)}
     write_json(metrics, paths.metrics_file("pairs"))
-    log.info("built %d pairs (scenario %d: %d train, %d held out); skipped %s", len(pairs), params.scenario,
-             n_train, len(pairs) - n_train, skipped or "none")
+    log.info("built %d pairs (%s: %d train, %d held out); skipped %s", len(pairs),
+             f"scenario {params.scenario}" if judged else f"from {params.source}", n_train, len(pairs) - n_train,
+             skipped or "none")
+    if quarantine:
+        log.warning("%d bad pair row(s) quarantined (%s), see %s", len(quarantine),
+                    ", ".join(f"{k}: {v}" for k, v in metrics["quarantined"]["by_reason"].items()), QUARANTINE)
     if n_train == 0:
-        raise ValueError(f"{paths.PAIRS}: no training pairs (skipped: {skipped}); sample more candidates "
-                         "(sample.n), raise sample.temperature, or try another pairs.scenario")
+        raise ValueError(f"{paths.PAIRS}: no training pairs (skipped: {skipped}); "
+                         + ("sample more candidates (sample.n), raise sample.temperature, or try another "
+                            "pairs.scenario" if judged else f"{params.source} holds too few prompts for "
+                                                              "pairs.heldout_fraction"))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import polars as pl
 
 from pipeline.training import distributed as D
 from pipeline import paths
+from pipeline.model import card as model_card
 from pipeline.model import loading
 from pipeline.data import tagging
 from pipeline.cli import run_stage, stage_parser
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     ctx = D.init(rt)
 
     # Inputs
-    pairs = read_table(paths.PAIRS, "pairs").filter(pl.col("split") == "train")
+    all_pairs = read_table(paths.PAIRS, "pairs")
+    pairs = all_pairs.filter(pl.col("split") == "train")
     ref = read_table(paths.REFERENCE, "reference")
     prompts = read_table(paths.PROMPTS, "prompts")
     data = pairs.join(ref.select("pair_id", "ref_w", "ref_l"), on="pair_id", how="left")
@@ -51,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
                          f"{data['ref_w'].null_count()} training pairs; rerun the reference stage")
     examples = [PairExample(tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"]),
                             r["ref_w"], r["ref_l"]) for r in data.iter_rows(named=True)]
+    # What the model card records the model was trained on
+    fingerprint = model_card.data_fingerprint(paths.PAIRS, paths.REFERENCE, n_train=len(examples),
+                                              n_heldout=int((all_pairs["split"] == "heldout").sum()),
+                                              scenarios=all_pairs["scenario"].unique().to_list())
     buckets = [tagging.bucket_slug(tagging.bucket_of(v, cfg.pairs.distance_buckets)) for v in data["edit_distance_norm"]]
     probe_set = prompts.filter(pl.col("split") == "test").sort("prompt_id").head(s.probe_prompts)
     probe = Probe(tuple(probe_set["prompt"]), s.probe_every, cfg.evaluate.generation.max_new_tokens) \
@@ -83,15 +89,26 @@ def main(argv: list[str] | None = None) -> None:
     # Outputs (the full state dict is gathered on every rank; rank 0 writes)
     state = D.full_state_dict(model, ctx)
     if ctx.is_main:
-        live.summary["ref_check"] = ref_check(history, s.ref_check_tol)
+        check = live.summary["ref_check"] = ref_check(history, s.ref_check_tol)
         live.end()
         out = loading.load_model(paths.POLICY_DIR, cfg.policy.dtype) if ctx.strategy == "fsdp" and ctx.distributed \
             else D.unwrap(model)
         out.load_state_dict(state)
+        base_fingerprint = loading.fingerprint(paths.POLICY_DIR)
         loading.save_model(out.to("cpu"), tokenizer, paths.model_dir(args.variant),
                             {"variant": args.variant, "losses": [t.model_dump() for t in variant.losses],
                              "settings": s.model_dump(), "steps": len(history), "world_size": ctx.world,
-                             "base_fingerprint": loading.fingerprint(paths.POLICY_DIR)})
+                             "base_fingerprint": base_fingerprint})
+        # The Hub's model card (README.md): what a reader of the folder needs to know it was trained on.
+        # The export stage completes it with the evaluation figures.
+        card = model_card.training_card(
+            variant=args.variant, base_model=cfg.policy.model, base_fingerprint=base_fingerprint,
+            losses=[model_card.loss_record(t.name, t.weight, t.hp) for t in variant.losses],
+            hyperparameters=s.model_dump(),
+            data=fingerprint,
+            training={"steps": len(history), "world_size": ctx.world, "last_step": history[-1],
+                      "ref_check": check})
+        model_card.save(card, Path(paths.model_dir(args.variant)) / model_card.CARD_FILE)
         if checkpoint is not None:
             Path(checkpoint.path).unlink(missing_ok=True)
         last = history[-1]

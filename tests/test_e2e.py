@@ -7,7 +7,12 @@ import importlib.util
 
 import polars as pl
 import pytest
+import torch
+from huggingface_hub import ModelCard
 from repo_utils import PROJECT, copy_repo, make_repo, ran, run, set_param, tiny_params
+from transformers import AutoModelForCausalLM
+
+from pipeline.config import load_params
 
 
 def stages_importing(module: str) -> set[str]:
@@ -23,7 +28,7 @@ def stages_importing(module: str) -> set[str]:
 
 
 ALL = {"prepare", "policy", "sample", "sample_other", "judge", "pairs", "reference", "train@dpo", "train@dpop",
-       "evaluate@dpo", "evaluate@dpop", "report", "toy"}
+       "evaluate@dpo", "evaluate@dpop", "export@dpo", "export@dpop", "report", "toy"}
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +66,18 @@ def test_dvc_repro_end_to_end_and_reruns(built, repo):
         assert 0 <= ev["test_accuracy"] <= 1 and ev["heldout"]["n_pairs"] == int((pairs["split"] == "heldout").sum())
         lp_w = pl.read_csv(repo / f"dvclive/train/{v}/plots/metrics/lp_w.tsv", separator="\t")
         assert len(lp_w) >= 1 and lp_w["lp_w"].is_finite().all()
+        # the exported Hugging Face folder: its card records the variant's settings and its evaluation
+        card = ModelCard.load(repo / f"export/models/{v}/README.md").data.to_dict()["dpo_pipeline"]
+        assert card["hyperparameters"] == load_params(repo / "params.yaml").variants[v].settings.model_dump()
+        assert card["losses"][0]["name"] == v and card["evaluation"] == ev
     report = (repo / "reports/main/report.md").read_text()
     assert "| dpo |" in report and "| dpop |" in report and (repo / "reports/main/logprobs.png").is_file()
     assert "dpop" in run(["dvc", "plots", "show", "--json"], repo)
+
+    ids = torch.tensor([[1, 42, 7, 99, 3]])
+    with torch.no_grad():
+        assert torch.equal(*(AutoModelForCausalLM.from_pretrained(repo / d).eval()(ids).logits
+                             for d in ("models/dpo", "export/models/dpo")))
 
     # Nothing changed: nothing reruns
     assert ran(run(["dvc", "repro"], repo)) == set()
@@ -96,7 +110,7 @@ def test_dvc_repro_end_to_end_and_reruns(built, repo):
 def test_param_changes_rerun_only_what_they_must(repo):
     # beta of one variant: only that variant and what comes after it
     set_param(repo, "train.variants.dpo.beta", 0.3)
-    assert ran(run(["dvc", "repro"], repo)) == {"train@dpo", "evaluate@dpo", "report"}
+    assert ran(run(["dvc", "repro"], repo)) == {"train@dpo", "evaluate@dpo", "export@dpo", "report"}
 
     # sampling temperature: from sampling on, not before
     set_param(repo, "sample.temperature", 1.2)

@@ -1,5 +1,6 @@
 """Chosen/rejected pairs from judged candidates, for one of the data scenarios of the 3D-properties
-paper (Yan et al. 2024, arXiv 2406.07327)."""
+paper (Yan et al. 2024, arXiv 2406.07327), or read from a pairs file (:func:`build_imported_pairs`),
+tagged alike."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 import polars as pl
 
 from pipeline.data import tagging
+from pipeline.data.trl_format import IMPORTED, SCENARIO_IMPORTED
 from pipeline.model.logprobs import encode_prompt, encode_response
 
 
@@ -101,22 +103,75 @@ def build_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.Data
             "chosen_sampler_logprob": c_lp,
             "rejected_sampler_logprob": worst["logprob_sum"],
             "scenario": scenario,
-            "edit_distance": tagging.edit_distance(c_ids, r_ids),
-            "edit_distance_norm": tagging.normalised_distance(c_ids, r_ids),
-            "first_diff": tagging.first_difference(c_ids, r_ids),
-            "len_w": len(c_ids),
-            "len_l": len(r_ids),
+            **token_tags(c_ids, r_ids),
         })
+    return _with_policy_logprobs(rows, policy_logprobs), dict(skipped)
+
+
+def token_tags(chosen_ids: list[int], rejected_ids: list[int]) -> dict:
+    """The tags read off the two sides' token ids: edit distance, first difference, lengths."""
+    return {"edit_distance": tagging.edit_distance(chosen_ids, rejected_ids),
+            "edit_distance_norm": tagging.normalised_distance(chosen_ids, rejected_ids),
+            "first_diff": tagging.first_difference(chosen_ids, rejected_ids),
+            "len_w": len(chosen_ids), "len_l": len(rejected_ids)}
+
+
+def _with_policy_logprobs(rows: list[dict], policy_logprobs) -> pl.DataFrame:
+    """The ``pairs`` table of ``rows``, each side tagged with its log-prob under the starting policy."""
     from pipeline.schema import empty, schema_of
 
     if not rows:
-        return empty("pairs"), dict(skipped)
+        return empty("pairs")
     prompts_ids = [r["prompt_ids"] for r in rows]
     lw = policy_logprobs(prompts_ids, [r["chosen_ids"] for r in rows])
     ll = policy_logprobs(prompts_ids, [r["rejected_ids"] for r in rows])
     for r, w, l in zip(rows, lw, ll):
         r["chosen_policy_logprob"], r["rejected_policy_logprob"] = float(w), float(l)
-    return pl.DataFrame(rows, schema=schema_of("pairs")), dict(skipped)
+    return pl.DataFrame(rows, schema=schema_of("pairs"))
+
+
+def build_imported_pairs(rows: list[dict], heldout_fraction: float, seed: int,
+                         policy_logprobs: Callable[[list[list[int]], list[list[int]]], list[float]]) -> pl.DataFrame:
+    """The ``pairs`` table of pairs read from a file (``trl_format.read_pairs_file``'s rows).
+
+    They get what our pairs get: the held-out split by prompt (:func:`is_heldout`), the token tags and
+    both sides' log-prob under the starting policy. Tags the file carries (our export's) are kept; where
+    it does not say, the sources are ``imported`` and the scenario 0, and correctness and the sampler's
+    log-probs are null.
+    """
+    out = []
+    for r in rows:
+        out.append({
+            "pair_id": r["pair_id"],
+            "prompt_id": r["prompt_id"],
+            "split": "heldout" if is_heldout(r["prompt_id"], heldout_fraction, seed) else "train",
+            "prompt_ids": r["prompt_ids"],
+            "chosen_ids": r["chosen_ids"],
+            "rejected_ids": r["rejected_ids"],
+            "chosen_text": r["chosen_text"],
+            "rejected_text": r["rejected_text"],
+            "chosen_source": r["chosen_source"] or IMPORTED,
+            "rejected_source": r["rejected_source"] or IMPORTED,
+            "chosen_correct": r["chosen_correct"],
+            "rejected_correct": r["rejected_correct"],
+            "chosen_sampler_logprob": r["chosen_sampler_logprob"],
+            "rejected_sampler_logprob": r["rejected_sampler_logprob"],
+            "scenario": SCENARIO_IMPORTED if r["scenario"] is None else r["scenario"],
+            **token_tags(r["chosen_ids"], r["rejected_ids"]),
+        })
+    return _with_policy_logprobs(out, policy_logprobs)
+
+
+def judge_scores(pairs: pl.DataFrame, selections: pl.DataFrame) -> dict[str, tuple[float | None, float | None]]:
+    """pair_id -> (chosen score, rejected score) by the judge: its best and worst of the side's group
+    (the gold solution is not judged: None)."""
+    sel = {(r["prompt_id"], r["source"]): r for r in selections.iter_rows(named=True)}
+    out = {}
+    for p in pairs.iter_rows(named=True):
+        pid = p["prompt_id"]
+        chosen = sel[(pid, "policy")]["best_score"] if p["chosen_source"] == "policy" else None
+        out[p["pair_id"]] = (chosen, sel[(pid, p["rejected_source"])]["worst_score"])
+    return out
 
 
 def on_policy_summary(pairs: pl.DataFrame) -> dict:

@@ -10,7 +10,7 @@ import pytest
 from repo_utils import copy_repo, make_repo, ran, run, tiny_params
 
 ALL = {"prepare", "policy", "sample", "sample_other", "judge", "pairs", "reference", "train@dpo", "train@dpop",
-       "evaluate@dpo", "evaluate@dpop", "report", "toy"}
+       "evaluate@dpo", "evaluate@dpop", "export@dpo", "export@dpop", "report", "toy"}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_pipeline_flow_param_change_is_an_experiment(flowed_repo, exp_names):
     repo, _ = flowed_repo
     before = (repo / "params.yaml").read_text()
     res = pipeline_flow(overrides={"train.variants.dpo.beta": 0.3}, repo=str(repo))
-    assert set(res["ran"]) == {"train@dpo", "evaluate@dpo", "report"}
+    assert set(res["ran"]) == {"train@dpo", "evaluate@dpo", "export@dpo", "report"}
     assert res["experiment"] and res["experiment"] in exp_names(repo)
     show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo)
     assert res["experiment"] in show and "0.3" in show

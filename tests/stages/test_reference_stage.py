@@ -8,48 +8,14 @@ import json
 import shutil
 
 import polars as pl
-import pytest
-from repo_utils import write_params
 
 from pipeline.config import load_params
-from pipeline.io import read_table, write_table
+from pipeline.io import read_table
 from pipeline.model import loading
-from pipeline.model import logprobs as LP
-from pipeline.model.logprobs import encode_prompt, encode_response
 from pipeline.training.trainer import PairExample, train_preference
 
-N_PAIRS = 8
+N_PAIRS = 8  # the `workspace` fixture's pairs (tests/stages/conftest.py), half of them held out
 TINY_TOL = 1e-3
-
-
-@pytest.fixture
-def workspace(tmp_path, monkeypatch, tiny_model_dir):
-    """A policy folder, prompts and pairs (train and held-out); train.bf16 (the default) autocasts on CPU
-    as it does on a GPU."""
-    monkeypatch.setattr(LP, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
-    shutil.copytree(tiny_model_dir, tmp_path / "models/policy")
-    tok = loading.load_tokenizer(tiny_model_dir)
-    prompts, pairs = [], []
-    for i in range(N_PAIRS):
-        q = f"What is {i} + {3 * i}?" + " Be brief." * (i % 3)
-        split = "heldout" if i % 2 else "train"
-        prompts.append({"prompt_id": f"p{i}", "split": "test" if i % 2 else "train", "question": q, "prompt": q,
-                        "answer": str(4 * i), "solution": None, "source": "test"})
-        w = encode_response(tok, "So" + " then" * (2 * i % 5) + f" {4 * i}")
-        l_ = encode_response(tok, f"It is {4 * i + 1}" + ", surely" * (i % 4))
-        pairs.append({"pair_id": f"p{i}-s1", "prompt_id": f"p{i}", "split": split, "prompt_ids": encode_prompt(tok, q),
-                      "chosen_ids": w, "rejected_ids": l_, "chosen_text": "", "rejected_text": "",
-                      "chosen_source": "policy", "rejected_source": "policy", "chosen_correct": True,
-                      "rejected_correct": False, "chosen_sampler_logprob": None, "rejected_sampler_logprob": None,
-                      "chosen_policy_logprob": -1.0, "rejected_policy_logprob": -2.0, "scenario": 1,
-                      "edit_distance": 3, "edit_distance_norm": 0.3, "first_diff": 0, "len_w": len(w), "len_l": len(l_)})
-    write_table(pl.DataFrame(prompts), tmp_path / "data/prompts.parquet", "prompts")
-    write_table(pl.DataFrame(pairs), tmp_path / "data/pairs.parquet", "pairs")
-    write_params(tmp_path / "params.yaml", {
-        "policy": {"model": str(tmp_path / "models/policy")},
-        "evaluate": {"generation": {"max_new_tokens": 4, "batch_size": 4}}})
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def test_reference_stage_scores_at_trainings_precision(workspace):

@@ -1,0 +1,112 @@
+"""pipeline/model/card.py: model cards that huggingface_hub parses, with the loss, the resolved
+hyperparameters, the data fingerprint, and the evaluation figures once completed."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+
+import polars as pl
+import pytest
+from huggingface_hub import ModelCard
+from repo_utils import repo_params
+
+from pipeline.config import parse_params
+from pipeline.model import card as C
+from pipeline.training.losses import LOSSES
+
+TRAINING = {"steps": 3, "world_size": 1, "last_step": {"loss": 0.6931471805599453, "lp_w": -12.25, "accuracy": 0.5},
+            "ref_check": {"gap_max": 1.5e-5, "gap_mean": 4e-6, "tol": 0.1, "passed": True}}
+METRICS = {"variant": "mix", "test_accuracy": 0.3125, "test_accuracy_before": 0.25, "llm_rubric": None,
+           "heldout": {"n_pairs": 5, "delta_w": -0.123456789, "delta_l": -2.5, "pair_accuracy": 0.8,
+                       "displaced_share": 0.6, "lp_w": -20.0,
+                       "by_distance": {"0-0.25": {"n": 0}, "0.25-0.5": {"n": 5, "delta_w": -0.1, "delta_l": -2.5,
+                                                                      "displaced_share": 0.6}}}}
+
+
+def _pairs(tmp_path, value: float):
+    p = tmp_path / f"pairs-{value}.parquet"
+    pl.DataFrame({"pair_id": ["a", "b"], "edit_distance_norm": [0.1, value]}).write_parquet(p)
+    return p
+
+
+@pytest.fixture
+def variant():
+    """A variant of two loss terms that overrides the shared learning rate, resolved by the config."""
+    raw = repo_params({"train": {"variants": {"mix": {
+        "lr": 3.0e-4, "loss": [{"name": "dpop", "weight": 1.0, "beta": 0.2, "dpop_lambda": 5.0},
+                               {"name": "simpo", "weight": 0.5, "beta": 2.0, "margin": 1.0}]}}}})
+    return parse_params(raw).variants["mix"]
+
+
+@pytest.fixture
+def trained(tmp_path, variant):
+    data = C.data_fingerprint(_pairs(tmp_path, 0.5), _pairs(tmp_path, 0.9), n_train=7, n_heldout=2, scenarios=[2])
+    card = C.training_card(variant="mix", base_model="smollm2-135m-instruct", base_fingerprint="0123abcd",
+                           losses=[C.loss_record(t.name, t.weight, t.hp) for t in variant.losses],
+                           hyperparameters=variant.settings.model_dump(), data=data, training=TRAINING)
+    C.save(card, tmp_path / "README.md")
+    return tmp_path / "README.md"
+
+
+def test_training_card_parses_with_the_loss_and_resolved_hyperparameters(trained, variant):
+    card = ModelCard.load(trained)
+    d = card.data
+    assert d.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and d.library_name == "transformers"
+    assert d.pipeline_tag == "text-generation" and {"dpo", "dpop", "simpo"} <= set(d.tags)
+    rec = d.to_dict()[C.KEY]
+    assert rec["hyperparameters"] == variant.settings.model_dump()
+    assert rec["hyperparameters"]["lr"] == 3.0e-4  # the variant's override, not train.lr
+    assert [(t["name"], t["weight"], t["hyperparameters"]) for t in rec["losses"]] == [
+        (t.name, t.weight, t.hp) for t in variant.losses]
+    # the loss's description is the registry's docstring: formula first, then the paper
+    dpop = rec["losses"][0]
+    assert dpop["formula"].startswith("DPO-Positive:") and "2402.13228" in dpop["reference"]
+    assert " ".join(inspect.getdoc(LOSSES["dpop"].fn).split()) == f"{dpop['formula']} {dpop['reference']}"
+    assert rec["training"] == TRAINING and rec["evaluation"] is None and not d.eval_results
+    # and the body shows them to a reader
+    assert "## Loss" in card.text and "Smaug" in card.text and "| lr | 0.0003 |" in card.text
+    assert "Not evaluated in this folder" in card.text
+
+
+def test_data_fingerprint_hashes_the_files_and_changes_with_the_pairs(tmp_path):
+    pairs, ref = _pairs(tmp_path, 0.5), _pairs(tmp_path, 0.9)
+    fp = C.data_fingerprint(pairs, ref, n_train=7, n_heldout=2, scenarios=[2, 1, 2])
+    assert fp["pairs"]["sha256"] == hashlib.sha256(pairs.read_bytes()).hexdigest()
+    assert fp["reference"]["sha256"] == hashlib.sha256(ref.read_bytes()).hexdigest()
+    assert (fp["n_pairs_train"], fp["n_pairs_heldout"], fp["scenarios"]) == (7, 2, [1, 2])
+    changed = C.data_fingerprint(_pairs(tmp_path, 0.25), ref, n_train=7, n_heldout=2, scenarios=[2])
+    assert changed["pairs"]["sha256"] != fp["pairs"]["sha256"]
+    assert changed["reference"] == fp["reference"]
+
+
+def test_evaluation_completes_the_card(trained, tmp_path):
+    card = C.with_evaluation(C.load(trained), METRICS, source="metrics/eval/mix.json")
+    C.save(card, tmp_path / "out.md")
+    loaded = ModelCard.load(tmp_path / "out.md")
+    rec = loaded.data.to_dict()[C.KEY]
+    assert rec["evaluation"] == METRICS and rec["evaluation_source"] == "metrics/eval/mix.json"
+    assert rec["training"] == TRAINING  # the training record is kept
+    # the headline figures as the Hub's model-index results
+    results = {(r.dataset_split, r.metric_name): r.metric_value for r in loaded.data.eval_results}
+    assert results[("test", "greedy test accuracy")] == METRICS["test_accuracy"]
+    assert results[("heldout", "held-out pair accuracy (Δw > Δl)")] == METRICS["heldout"]["pair_accuracy"]
+    assert len(results) == 5 and loaded.data.model_name == "mix"
+    assert "| greedy test accuracy | 0.3125 |" in loaded.text and "| held-out delta_w | -0.1235 |" in loaded.text
+    assert "| 0.25-0.5 | 5 | -0.1 | -2.5 | 0.6 |" in loaded.text
+
+
+def test_evaluation_of_another_variant_or_a_card_without_record_is_refused(trained, tmp_path):
+    with pytest.raises(C.ModelCardError, match="metrics/eval/dpo.json: variant 'dpo' evaluated"):
+        C.with_evaluation(C.load(trained), {**METRICS, "variant": "dpo"}, source="metrics/eval/dpo.json")
+    (tmp_path / "plain.md").write_text("---\nlicense: mit\n---\n# a model\n")
+    with pytest.raises(C.ModelCardError, match="no 'dpo_pipeline' training record"):
+        C.with_evaluation(C.load(tmp_path / "plain.md"), METRICS, source="m.json")
+    with pytest.raises(C.ModelCardError, match="nothere/README.md: no model card"):
+        C.load(tmp_path / "nothere/README.md")
+
+
+def test_base_model_is_a_hub_id_or_left_out():
+    assert C.base_model_id("hf:org/name") == "org/name"
+    assert C.base_model_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert C.base_model_id("/data/models/mine") is None
