@@ -52,8 +52,10 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("-S", "--set-param", action="append", metavar="KEY=VALUE")
     o.add_argument("-n", "--name")
     sub.add_parser("order", help="print the stages in dvc dag order")
-    k = sub.add_parser("k8s-template", help="print a Kubernetes base job template with GPU requests")
-    k.add_argument("--gpus", type=int, default=1)
+    k = sub.add_parser("k8s-template", help="print the Kubernetes work pool's base job template (variable gpu_count: "
+                       "the pod's nvidia.com/gpu limit)")
+    k.add_argument("--gpus", type=int, default=0,
+                   help="GPUs of pods whose deployment sets no gpu_count (default 0: no GPU limit)")
     return p
 
 
