@@ -24,12 +24,12 @@ endif
 
 test: setup
 	@echo "test order: --randomly-seed=$(SEED)"
-	python -m pytest -m "not slow" -q -n 2 --dist loadfile -p randomly --randomly-seed=$(SEED)
+	python -m pytest -m "not slow" -q -n 2 --dist loadfile --no-loadscope-reorder -p randomly --randomly-seed=$(SEED)
 
 test-all: setup
 	@echo "test order: --randomly-seed=$(SEED)"
-	python -m pytest -q -n 2 --dist loadfile -p randomly --randomly-seed=$(SEED)
+	python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -p randomly --randomly-seed=$(SEED)
 
 test-slow: setup
 	@echo "test order: --randomly-seed=$(SEED)"
-	python -m pytest -m slow -q -n 2 --dist loadfile -p randomly --randomly-seed=$(SEED)
+	python -m pytest -m slow -q -n 2 --dist loadfile --no-loadscope-reorder -p randomly --randomly-seed=$(SEED)
