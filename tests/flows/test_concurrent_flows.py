@@ -37,7 +37,7 @@ def test_temporary_server_start_waits_for_the_lock_and_is_reused(tmp_path, monke
     import time
 
     from prefect.server.api import server as prefect_server
-    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     from pipeline.flows import server as ours
 
@@ -55,7 +55,8 @@ def test_temporary_server_start_waits_for_the_lock_and_is_reused(tmp_path, monke
          "    print('held', flush=True); time.sleep(1.5); print(time.time(), flush=True)"],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
-    with temporary_settings({PREFECT_HOME: str(tmp_path)}):
+    # no API URL, whatever ran before on this worker (the session harness sets one while it is up)
+    with temporary_settings({PREFECT_HOME: str(tmp_path)}, restore_defaults={PREFECT_API_URL}):
         url = ours.start_temporary_server()
     released = float(holder.stdout.readline())
     holder.wait(timeout=30)
