@@ -559,6 +559,12 @@ class Params(_Strict):
     # Derived from train.variants by parse_params (not a key of params.yaml).
     variants: dict[str, Variant] = Field(default_factory=dict)
 
+    def variant(self, name: str, source: str) -> Variant:
+        """The variant a stage's ``--variant`` names; the error names the key and the variants there are."""
+        if name not in self.variants:
+            raise ConfigError(f"{source}: train.variants.{name}: no such variant (have {sorted(self.variants)})")
+        return self.variants[name]
+
 
 # --------------------------------------------------------------------------------------------- parsing
 def _loc(loc: tuple) -> str:

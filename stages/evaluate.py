@@ -11,7 +11,7 @@ from pipeline import paths
 from pipeline.model import loading
 from pipeline.data import tagging
 from pipeline.cli import run_stage, stage_parser
-from pipeline.config import ConfigError, load_params
+from pipeline.config import load_params
 from pipeline.analysis.accuracy import greedy_eval
 from pipeline.analysis.heldout import bucketise, summarise_pair_eval
 from pipeline.judging.llm.metrics import rubric_eval
@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # Inputs and params
     cfg = load_params(args.params)
-    if args.variant not in cfg.variants:
-        raise ConfigError(f"{args.params}: train.variants.{args.variant}: no such variant")
+    cfg.variant(args.variant, args.params)  # an unknown name fails here, naming the key
     params = cfg.evaluate
     prompts = read_table(paths.PROMPTS, "prompts").filter(pl.col("split") == "test")
     pairs = read_table(paths.PAIRS, "pairs").filter(pl.col("split") == "heldout")

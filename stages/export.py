@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.cli import run_stage, stage_parser
-from pipeline.config import ConfigError, load_params
+from pipeline.config import load_params
 from pipeline.io import atomic_dir, read_json
 from pipeline.model import card as model_card
 
@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # Params and inputs
     cfg = load_params(args.params)
-    if args.variant not in cfg.variants:
-        raise ConfigError(f"{args.params}: train.variants.{args.variant}: no such variant "
-                          f"(have {sorted(cfg.variants)})")
+    cfg.variant(args.variant, args.params)  # an unknown name fails here, naming the key
     model_dir, metrics_file = Path(paths.model_dir(args.variant)), paths.eval_metrics(args.variant)
     card = model_card.load(model_dir / model_card.CARD_FILE)
     metrics = read_json(metrics_file)

@@ -19,7 +19,7 @@ from pipeline.model import card as model_card
 from pipeline.model import loading
 from pipeline.data import tagging
 from pipeline.cli import run_stage, stage_parser
-from pipeline.config import ConfigError, load_params
+from pipeline.config import load_params
 from pipeline.io import read_table
 from pipeline.training.trainer import Checkpointing, PairExample, Probe, train_preference
 
@@ -33,10 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # Params (and, for several processes, the torchrun relaunch)
     cfg = load_params(args.params)
-    if args.variant not in cfg.variants:
-        raise ConfigError(f"{args.params}: train.variants.{args.variant}: no such variant "
-                          f"(have {sorted(cfg.variants)})")
-    variant, rt = cfg.variants[args.variant], cfg.train.runtime
+    variant, rt = cfg.variant(args.variant, args.params), cfg.train.runtime
     s = variant.settings
     if rt.nproc > 1 and not D.under_torchrun():
         sys.exit(D.relaunch_with_torchrun(rt.nproc, "stages.train", argv))
