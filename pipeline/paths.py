@@ -18,6 +18,8 @@ CANDIDATES_OTHER = "data/candidates_other.parquet"
 SCORES = "data/judge/scores.parquet"
 SELECTIONS = "data/judge/selections.parquet"
 PAIRS = "data/pairs.parquet"
+PAIRS_TRL = "data/pairs_trl"  # the pairs in TRL's format: {jsonl,parquet}/{train,test}.*
+PAIRS_QUARANTINE = "data/pairs_quarantine.jsonl"  # an imported pairs file's quarantined rows
 REFERENCE = "data/reference.parquet"
 JUDGEMENTS = "data/judge/llm_judgements.jsonl"
 METRICS = "metrics"
@@ -28,6 +30,11 @@ TOY_REPORTS = "reports/toy"
 
 def model_dir(variant: str) -> str:
     return f"models/{variant}"
+
+
+def export_dir(variant: str) -> str:
+    """The shareable Hugging Face folder of ``export@<variant>``: the model with its completed card."""
+    return f"export/models/{variant}"
 
 
 def live_dir(variant: str) -> str:

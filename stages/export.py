@@ -25,10 +25,6 @@ from pipeline.model import card as model_card
 log = logging.getLogger("pipeline.export")
 
 
-def export_dir(variant: str) -> str:
-    return f"export/models/{variant}"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--variant", required=True, help="a key of train.variants in params.yaml")
@@ -44,11 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     card = model_card.with_evaluation(card, metrics, source=metrics_file)
 
     # Output: the model's files, then the completed card, renamed into place together
-    with atomic_dir(export_dir(args.variant)) as tmp:
+    with atomic_dir(paths.export_dir(args.variant)) as tmp:
         shutil.copytree(model_dir, tmp, dirs_exist_ok=True, copy_function=link_or_copy,
                         ignore=shutil.ignore_patterns(model_card.CARD_FILE))
         model_card.save(card, tmp / model_card.CARD_FILE)
-    log.info("%s: %s with its model card (test accuracy %.3f)", args.variant, export_dir(args.variant),
+    log.info("%s: %s with its model card (test accuracy %.3f)", args.variant, paths.export_dir(args.variant),
              metrics["test_accuracy"])
 
 

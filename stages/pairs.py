@@ -29,11 +29,6 @@ from pipeline.data.pairs import build_imported_pairs, build_pairs, judge_scores,
 
 log = logging.getLogger("pipeline.data.pairs")
 
-# This stage's outputs besides paths.PAIRS (dvc.yaml repeats them).
-TRL_DIR = "data/pairs_trl"
-QUARANTINE = "data/pairs_quarantine.jsonl"
-
-
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__).parse_args(argv)
     # Inputs and params
@@ -72,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # Outputs
     pairs = write_table(pairs, paths.PAIRS, "pairs")
-    exported = trl_format.write_export(trl, pairs["split"], TRL_DIR)
-    with atomic_path(QUARANTINE) as tmp:
+    exported = trl_format.write_export(trl, pairs["split"], paths.PAIRS_TRL)
+    with atomic_path(paths.PAIRS_QUARANTINE) as tmp:
         tmp.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine), encoding="utf-8")
     n_train = int((pairs["split"] == "train").sum())
     metrics = {"source": params.source, "scenario": params.scenario if judged else trl_format.IMPORTED,
@@ -88,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
              f"scenario {params.scenario}" if judged else f"from {params.source}", n_train, len(pairs) - n_train,
              skipped or "none")
     if quarantine:
-        log.warning("%d bad pair row(s) quarantined (%s), see %s", len(quarantine),
-                    ", ".join(f"{k}: {v}" for k, v in metrics["quarantined"]["by_reason"].items()), QUARANTINE)
+        log.warning("%d bad pair row(s) quarantined (%s), see %s", len(quarantine), ", ".join(
+            f"{k}: {v}" for k, v in metrics["quarantined"]["by_reason"].items()), paths.PAIRS_QUARANTINE)
     if n_train == 0:
         raise ValueError(f"{paths.PAIRS}: no training pairs (skipped: {skipped}); "
                          + ("sample more candidates (sample.n), raise sample.temperature, or try another "

@@ -9,15 +9,15 @@ and, for files with an id column, ``id``:
 
 Bad input rows are never dropped silently: they raise :class:`PromptFileError` (``on_bad_rows=
 "error"``) or come back as quarantine records (``"quarantine"``), always naming the file, the row
-and the field. :func:`collect_prompts` puts it together for the stage, :func:`split_prompts`
-assigns test / train / warmup and :func:`build_prompts_frame` makes the ``prompts`` table.
+and the field (the reading and that rule are :mod:`pipeline.data.rows`, shared with pairs files).
+:func:`collect_prompts` puts it together for the stage, :func:`split_prompts` assigns test / train /
+warmup and :func:`build_prompts_frame` makes the ``prompts`` table.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import math
 import os
 import random
@@ -28,6 +28,20 @@ from typing import Any, Literal
 
 import polars as pl
 
+from pipeline.data.rows import (  # noqa: F401 (reasons re-exported)
+    R_JSON,
+    R_MISSING,
+    R_TYPE,
+    R_UTF8,
+    WHOLE_LINE,
+    RowError,
+    check_on_bad_rows,
+    jsonl_records,
+    no_good_rows,
+    parquet_records,
+    validate_rows,
+)
+
 OUR_FIELDS = ("question", "answer", "solution", "id")
 PRESETS: dict[str, dict[str, str]] = {
     "gsm8k": {"question": "question", "answer": "answer"},
@@ -37,16 +51,11 @@ DEFAULT_FIELDS = {"question": "question", "answer": "answer", "solution": "solut
 SPLITS = ("test", "train", "warmup")  # assignment order
 
 # Short, countable reasons for quarantine records (the full text is in "message").
-R_MISSING = "missing field"
-R_TYPE = "wrong type"
 R_EMPTY_Q = "empty question"
 R_EMPTY_A = "empty answer"
 R_MALFORMED = "malformed answer"
 R_DUP = "duplicate question"
 R_DUP_ID = "duplicate id"
-R_UTF8 = "invalid utf-8"
-R_JSON = "invalid json"
-WHOLE_LINE = "(whole line)"
 
 
 class PromptFileError(ValueError):
@@ -241,66 +250,60 @@ def _number_to_str(v: int | float) -> str | None:
     return str(int(v)) if v.is_integer() else repr(v)
 
 
-class _RowError(Exception):
-    def __init__(self, field: str, reason: str, detail: str):
-        super().__init__(detail)
-        self.field, self.reason, self.detail = field, reason, detail
-
-
 def _col_label(ours: str, col: str) -> str:
     return f"'{col}'" if col == ours else f"'{col}' ({ours})"
 
 
 def _parse_row(obj: dict, mapping: dict[str, str | None], preset: str | None) -> dict:
-    """Validate one record; raises :class:`_RowError` on the first problem."""
+    """Validate one record; raises :class:`RowError` on the first problem."""
     qcol, acol = mapping["question"], mapping["answer"]
     scol, icol = mapping.get("solution"), mapping.get("id")
 
     if qcol not in obj:
-        raise _RowError(qcol, R_MISSING, f"field {_col_label('question', qcol)} is missing")
+        raise RowError(qcol, R_MISSING, f"field {_col_label('question', qcol)} is missing")
     q = obj[qcol]
     if not isinstance(q, str):
-        raise _RowError(qcol, R_TYPE, f"field {_col_label('question', qcol)} must be a string, "
+        raise RowError(qcol, R_TYPE, f"field {_col_label('question', qcol)} must be a string, "
                                       f"got {type(q).__name__} {q!r:.60}")
     if not q.strip():
-        raise _RowError(qcol, R_EMPTY_Q, f"field {_col_label('question', qcol)} is empty")
+        raise RowError(qcol, R_EMPTY_Q, f"field {_col_label('question', qcol)} is empty")
 
     if acol not in obj:
-        raise _RowError(acol, R_MISSING, f"field {_col_label('answer', acol)} is missing")
+        raise RowError(acol, R_MISSING, f"field {_col_label('answer', acol)} is missing")
     a = obj[acol]
     solution: str | None = None
     if isinstance(a, (int, float)) and not isinstance(a, bool):
         answer = _number_to_str(a)
         if answer is None:
-            raise _RowError(acol, R_TYPE, f"field {_col_label('answer', acol)} must be a finite number, got {a!r}")
+            raise RowError(acol, R_TYPE, f"field {_col_label('answer', acol)} must be a finite number, got {a!r}")
     elif isinstance(a, str):
         if not a.strip():
-            raise _RowError(acol, R_EMPTY_A, f"field {_col_label('answer', acol)} is empty")
+            raise RowError(acol, R_EMPTY_A, f"field {_col_label('answer', acol)} is empty")
         if preset == "gsm8k":
             parsed = split_gsm8k_answer(a)
             if parsed is None:
-                raise _RowError(acol, R_MALFORMED, f"field {_col_label('answer', acol)} has no '#### <answer>' "
+                raise RowError(acol, R_MALFORMED, f"field {_col_label('answer', acol)} has no '#### <answer>' "
                                                    "line (preset gsm8k)")
             answer, solution = parsed
         elif preset == "math":
             boxed = last_boxed(a)
             if boxed is None:
-                raise _RowError(acol, R_MALFORMED, f"field {_col_label('answer', acol)} has no complete "
+                raise RowError(acol, R_MALFORMED, f"field {_col_label('answer', acol)} has no complete "
                                                    "\\boxed{...} answer (preset math)")
             answer = boxed
             solution = f"{a.rstrip()}\n{answer_line(boxed)}"
         else:
             answer = a.strip()
         if not answer:
-            raise _RowError(acol, R_EMPTY_A, f"field {_col_label('answer', acol)}: the final answer is empty")
+            raise RowError(acol, R_EMPTY_A, f"field {_col_label('answer', acol)}: the final answer is empty")
     else:
-        raise _RowError(acol, R_TYPE, f"field {_col_label('answer', acol)} must be a string or a number, "
+        raise RowError(acol, R_TYPE, f"field {_col_label('answer', acol)} must be a string or a number, "
                                       f"got {type(a).__name__} {a!r:.60}")
 
     if scol and scol != acol and scol in obj:
         s = obj[scol]
         if s is not None and not isinstance(s, str):
-            raise _RowError(scol, R_TYPE, f"field {_col_label('solution', scol)} must be a string or null, "
+            raise RowError(scol, R_TYPE, f"field {_col_label('solution', scol)} must be a string or null, "
                                           f"got {type(s).__name__} {s!r:.60}")
         if isinstance(s, str) and s.strip():
             solution = _with_answer_line(s, answer)
@@ -308,10 +311,10 @@ def _parse_row(obj: dict, mapping: dict[str, str | None], preset: str | None) ->
     row = {"question": q.strip(), "answer": answer, "solution": solution}
     if icol:
         if icol not in obj:
-            raise _RowError(icol, R_MISSING, f"field {_col_label('id', icol)} is missing")
+            raise RowError(icol, R_MISSING, f"field {_col_label('id', icol)} is missing")
         i = obj[icol]
         if isinstance(i, bool) or not isinstance(i, (str, int)) or (isinstance(i, str) and not i.strip()):
-            raise _RowError(icol, R_TYPE, f"field {_col_label('id', icol)} must be a non-empty string or an "
+            raise RowError(icol, R_TYPE, f"field {_col_label('id', icol)} must be a non-empty string or an "
                                           f"integer, got {i!r:.60}")
         row["id"] = str(i).strip()
     return row
@@ -331,55 +334,6 @@ def _detect_format(path: Path, fmt: str) -> str:
                           "to jsonl or parquet")
 
 
-def _jsonl_records(path: Path, mapping: dict[str, str | None]):
-    """Yield (row, where, raw, obj | _RowError) for each non-blank line; rows are 1-based line numbers."""
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    for lineno, bline in enumerate(data.split(b"\n"), start=1):
-        bline = bline.rstrip(b"\r")
-        raw = bline.decode("utf-8", errors="replace")
-        if not raw.strip():
-            continue  # blank lines (e.g. a trailing newline) are not rows
-        where = f"line {lineno}"
-        try:
-            text = bline.decode("utf-8")
-        except UnicodeDecodeError as e:
-            field = WHOLE_LINE
-            try:  # name the field that holds the bad bytes when the rest of the line parses
-                obj = json.loads(raw)
-                if isinstance(obj, dict):
-                    field = next((c for c in [*mapping.values(), *obj] if c and isinstance(obj.get(c), str)
-                                  and "\ufffd" in obj[c]), WHOLE_LINE)
-            except ValueError:
-                pass
-            yield lineno, where, raw, _RowError(field, R_UTF8, f"invalid UTF-8 at byte {e.start} of the line")
-            continue
-        try:
-            obj = json.loads(text)
-        except ValueError as e:
-            yield lineno, where, raw, _RowError(WHOLE_LINE, R_JSON, f"not valid JSON ({e}); the file must be "
-                                                                    "JSON Lines, one object per line")
-            continue
-        if not isinstance(obj, dict):
-            yield lineno, where, raw, _RowError(WHOLE_LINE, R_JSON, f"expected a JSON object, got "
-                                                                    f"{type(obj).__name__}; the file must be JSON "
-                                                                    "Lines, one object per line")
-            continue
-        yield lineno, where, raw, obj
-
-
-def _parquet_records(path: Path):
-    """Yield (row, where, raw, obj) per row; rows are 0-based indices."""
-    try:
-        df = pl.read_parquet(path)
-    except Exception as e:  # noqa: BLE001 - polars/arrow raise many types
-        raise PromptFileError(f"{path}: cannot read as Parquet: {e}") from None
-    for idx, obj in enumerate(df.iter_rows(named=True)):
-        raw = json.dumps(obj, ensure_ascii=False, default=str)
-        yield idx, f"row {idx} (0-based index)", raw, obj
-
-
 def load_prompt_file(path: str | os.PathLike, *, format: Literal["auto", "jsonl", "parquet"], preset: str | None,
                      fields: dict[str, str | None] | None,
                      on_bad_rows: Literal["error", "quarantine"]) -> tuple[list[dict], list[dict]]:
@@ -390,8 +344,7 @@ def load_prompt_file(path: str | os.PathLike, *, format: Literal["auto", "jsonl"
     ``on_bad_rows="error"`` the first bad row raises :class:`PromptFileError`; a file with no valid
     row left raises in both modes.
     """
-    if on_bad_rows not in ("error", "quarantine"):
-        raise PromptFileError(f"prepare.on_bad_rows: must be 'error' or 'quarantine', got {on_bad_rows!r}")
+    check_on_bad_rows(on_bad_rows, "prepare.on_bad_rows", PromptFileError)
     if path is None or str(path) == "":
         raise PromptFileError("prepare.file.path: not set (needed when prepare.source is 'file')")
     path = Path(path)
@@ -399,39 +352,28 @@ def load_prompt_file(path: str | os.PathLike, *, format: Literal["auto", "jsonl"
         raise PromptFileError(f"{path}: prompt file not found (check prepare.file.path)")
     mapping = _resolve_fields(preset, fields)
     fmt = _detect_format(path, format)
-    records = _jsonl_records(path, mapping) if fmt == "jsonl" else _parquet_records(path)
+    records = (jsonl_records(path, mapping.values()) if fmt == "jsonl"
+               else parquet_records(path, PromptFileError))
 
-    good: list[dict] = []
-    bad: list[dict] = []
     first_q: dict[str, str] = {}  # normalised question -> where
     first_id: dict[str, str] = {}
     source = f"file:{path.name}"
-    for row, where, raw, obj in records:
-        try:
-            if isinstance(obj, _RowError):
-                raise obj
-            rec = _parse_row(obj, mapping, preset)
-            key = normalize_question(rec["question"])
-            if key in first_q:
-                raise _RowError(mapping["question"], R_DUP, f"duplicate question, first seen at {first_q[key]}")
-            if "id" in rec and rec["id"] in first_id:
-                raise _RowError(mapping["id"], R_DUP_ID, f"duplicate id {rec['id']!r}, first seen at "
-                                                         f"{first_id[rec['id']]}")
-        except _RowError as e:
-            message = f"{path}: {where}, field '{e.field}': {e.detail}"
-            if on_bad_rows == "error":
-                raise PromptFileError(message) from None
-            bad.append({"file": str(path), "row": row, "field": e.field, "reason": e.reason, "raw": raw,
-                        "message": message})
-            continue
+
+    def parse(obj: dict, where: str) -> dict:
+        rec = _parse_row(obj, mapping, preset)
+        key = normalize_question(rec["question"])
+        if key in first_q:
+            raise RowError(mapping["question"], R_DUP, f"duplicate question, first seen at {first_q[key]}")
+        if "id" in rec and rec["id"] in first_id:
+            raise RowError(mapping["id"], R_DUP_ID, f"duplicate id {rec['id']!r}, first seen at {first_id[rec['id']]}")
         first_q[key] = where
         if "id" in rec:
             first_id[rec["id"]] = where
-        rec["source"] = source
-        good.append(rec)
+        return {**rec, "source": source}
+
+    good, bad = validate_rows(records, parse, file=path, on_bad_rows=on_bad_rows, error=PromptFileError)
     if not good:
-        detail = f"; {len(bad)} bad row(s), the first: {bad[0]['message']}" if bad else ""
-        raise PromptFileError(f"{path}: no valid prompt rows{detail}")
+        raise PromptFileError(no_good_rows(path, "prompt rows", bad))
     return good, bad
 
 

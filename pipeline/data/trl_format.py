@@ -13,8 +13,7 @@ UltraFeedback-binarised sets, whose ``prompt`` string, when present, must be tha
 user turn). Other columns are ignored except ``prompt_id``, ``pair_id``, our tags (:data:`CARRIED`) and
 the token ids of our own export (used when they decode to the text, else the row is bad). Bad rows are
 never dropped silently: they raise :class:`PairsFileError` or come back as quarantine records naming
-the file, the row and the field, as prompt files' rows do (:mod:`pipeline.data.prompts`, whose line
-reader this module shares).
+the file, the row and the field, as prompt files' rows do (both read through :mod:`pipeline.data.rows`).
 """
 
 from __future__ import annotations
@@ -22,14 +21,25 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
 
 import polars as pl
 
 from pipeline import paths
-from pipeline.data.prompts import R_MISSING, R_TYPE, WHOLE_LINE, _jsonl_records, _parquet_records, _RowError
+from pipeline.data.rows import (
+    R_MISSING,
+    R_TYPE,
+    WHOLE_LINE,
+    OnBadRows,
+    Record,
+    RowError,
+    check_on_bad_rows,
+    jsonl_records,
+    no_good_rows,
+    parquet_records,
+    validate_rows,
+)
 from pipeline.io import atomic_dir, canonical_json
 from pipeline.model.logprobs import encode_prompt, encode_response
 from pipeline.schema import conform
@@ -86,33 +96,33 @@ TOKEN_IDS = {"chosen": "chosen_token_ids", "rejected": "rejected_token_ids"}
 # --------------------------------------------------------------------------------------------- rows
 def _messages(value, field: str) -> list[dict]:
     if not isinstance(value, list):
-        raise _RowError(field, R_TYPE, f"field '{field}' must be a string or a list of messages, "
+        raise RowError(field, R_TYPE, f"field '{field}' must be a string or a list of messages, "
                                        f"got {type(value).__name__} {value!r:.60}")
     if not value:
-        raise _RowError(field, R_EMPTY, f"field '{field}' is an empty list of messages")
+        raise RowError(field, R_EMPTY, f"field '{field}' is an empty list of messages")
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise _RowError(field, R_MESSAGES, f"field '{field}', message {i}: must be an object with 'role' and "
+            raise RowError(field, R_MESSAGES, f"field '{field}', message {i}: must be an object with 'role' and "
                                                f"'content', got {m!r:.60}")
         role, content = m["role"], m["content"]
         if role not in ROLES:
-            raise _RowError(field, R_MESSAGES, f"field '{field}', message {i}: role {role!r} is not one of {ROLES}")
+            raise RowError(field, R_MESSAGES, f"field '{field}', message {i}: role {role!r} is not one of {ROLES}")
         if not isinstance(content, str):
-            raise _RowError(field, R_TYPE, f"field '{field}', message {i}: content must be a string, got "
+            raise RowError(field, R_TYPE, f"field '{field}', message {i}: content must be a string, got "
                                            f"{type(content).__name__} {content!r:.60}")
         if role != "system" and not content.strip():
-            raise _RowError(field, R_EMPTY, f"field '{field}', message {i}: empty {role} content")
+            raise RowError(field, R_EMPTY, f"field '{field}', message {i}: empty {role} content")
         out.append({"role": role, "content": content})
     return out
 
 
 def _text(value, field: str) -> str:
     if not isinstance(value, str):
-        raise _RowError(field, R_TYPE, f"field '{field}' must be a string like the other fields, got "
+        raise RowError(field, R_TYPE, f"field '{field}' must be a string like the other fields, got "
                                        f"{type(value).__name__} {value!r:.60}")
     if not value.strip():
-        raise _RowError(field, R_EMPTY, f"field '{field}' is empty")
+        raise RowError(field, R_EMPTY, f"field '{field}' is empty")
     return value
 
 
@@ -120,14 +130,14 @@ def split_conversation(obj: dict) -> tuple[list[dict], str, str]:
     """(prompt messages, chosen text, rejected text) of one record in any of TRL's preference layouts."""
     for f in ("chosen", "rejected"):
         if obj.get(f) is None:
-            raise _RowError(f, R_MISSING, f"field '{f}' is missing")
+            raise RowError(f, R_MISSING, f"field '{f}' is missing")
     chosen, rejected, prompt = obj["chosen"], obj["rejected"], obj.get("prompt")
     if isinstance(chosen, str) != isinstance(rejected, str):
-        raise _RowError("rejected", R_TYPE, f"field 'rejected' must be of the same kind as 'chosen' (a string or a "
+        raise RowError("rejected", R_TYPE, f"field 'rejected' must be of the same kind as 'chosen' (a string or a "
                                             f"list of messages), got {type(rejected).__name__} {rejected!r:.60}")
     if isinstance(chosen, str):  # standard format: the prompt is one user turn
         if prompt is None:
-            raise _RowError("prompt", R_MISSING, "field 'prompt' is missing (needed when chosen is a string)")
+            raise RowError("prompt", R_MISSING, "field 'prompt' is missing (needed when chosen is a string)")
         return ([{"role": "user", "content": _text(prompt, "prompt")}], _text(chosen, "chosen"),
                 _text(rejected, "rejected"))
     cm, rm = _messages(chosen, "chosen"), _messages(rejected, "rejected")
@@ -142,19 +152,19 @@ def split_conversation(obj: dict) -> tuple[list[dict], str, str]:
             if not pm:
                 pm = [{"role": "user", "content": prompt}]
             elif pm[-1]["content"].strip() != prompt.strip():
-                raise _RowError("prompt", R_VALUE, f"field 'prompt' {prompt!r:.40} is not the last user turn "
+                raise RowError("prompt", R_VALUE, f"field 'prompt' {prompt!r:.40} is not the last user turn "
                                                    f"{pm[-1]['content']!r:.40} of the conversation in chosen/rejected")
         elif not pm:
-            raise _RowError("prompt", R_MISSING, "field 'prompt' is missing and chosen/rejected share no prompt turns")
+            raise RowError("prompt", R_MISSING, "field 'prompt' is missing and chosen/rejected share no prompt turns")
     else:
-        raise _RowError("prompt", R_TYPE, f"field 'prompt' must be a list of messages like chosen and rejected, got "
+        raise RowError("prompt", R_TYPE, f"field 'prompt' must be a list of messages like chosen and rejected, got "
                                           f"{type(prompt).__name__} {prompt!r:.60}")
     if pm[-1]["role"] != "user":
-        raise _RowError("prompt", R_MESSAGES, f"the prompt must end with a user turn, its last is "
+        raise RowError("prompt", R_MESSAGES, f"the prompt must end with a user turn, its last is "
                                               f"{pm[-1]['role']!r}")
     for f, side in (("chosen", cm), ("rejected", rm)):
         if len(side) != 1 or side[0]["role"] != "assistant":
-            raise _RowError(f, R_MESSAGES, f"field '{f}' must hold one assistant message after the prompt, got "
+            raise RowError(f, R_MESSAGES, f"field '{f}' must hold one assistant message after the prompt, got "
                                            f"roles {[m['role'] for m in side]}")
     return pm, cm[0]["content"], rm[0]["content"]
 
@@ -164,7 +174,7 @@ def _identifier(obj: dict, field: str) -> str | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (str, int)) or (isinstance(v, str) and not v.strip()):
-        raise _RowError(field, R_TYPE, f"field '{field}' must be a non-empty string or an integer, got {v!r:.60}")
+        raise RowError(field, R_TYPE, f"field '{field}' must be a non-empty string or an integer, got {v!r:.60}")
     return str(v).strip()
 
 
@@ -175,10 +185,10 @@ def _token_ids(obj: dict, field: str, text: str, tokenizer) -> list[int]:
         return encode_response(tokenizer, text)
     if not isinstance(ids, list) or not ids or any(isinstance(i, bool) or not isinstance(i, int) or not
                                                    0 <= i < len(tokenizer) for i in ids):
-        raise _RowError(field, R_TYPE, f"field '{field}' must be a non-empty list of token ids below the tokenizer's "
+        raise RowError(field, R_TYPE, f"field '{field}' must be a non-empty list of token ids below the tokenizer's "
                                        f"{len(tokenizer)}, got {ids!r:.60}")
     if tokenizer.decode(ids, skip_special_tokens=True).strip() != text.strip():
-        raise _RowError(field, R_IDS, f"field '{field}' does not decode to the text with the policy's tokenizer "
+        raise RowError(field, R_IDS, f"field '{field}' does not decode to the text with the policy's tokenizer "
                                       "(made with another tokenizer? drop the column to tokenize the text)")
     return list(ids)
 
@@ -188,28 +198,28 @@ def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
     if len(messages) == 1:
         return encode_prompt(tokenizer, messages[0]["content"])
     if not getattr(tokenizer, "chat_template", None):
-        raise _RowError("prompt", R_MESSAGES, "a prompt of several messages needs a chat template, and the policy's "
+        raise RowError("prompt", R_MESSAGES, "a prompt of several messages needs a chat template, and the policy's "
                                               "tokenizer has none")
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
 
 
 def parse_row(obj: dict, tokenizer) -> dict:
-    """One validated pair: prompt messages, texts, token ids, ids and carried tags; raises ``_RowError``."""
+    """One validated pair: prompt messages, texts, token ids, ids and carried tags; raises ``RowError``."""
     prompt, chosen, rejected = split_conversation(obj)
     if chosen.strip() == rejected.strip():
-        raise _RowError("rejected", R_IDENTICAL, "fields 'chosen' and 'rejected' hold the same text")
+        raise RowError("rejected", R_IDENTICAL, "fields 'chosen' and 'rejected' hold the same text")
     row = {"prompt": prompt, "chosen_text": chosen, "rejected_text": rejected}
     for col, (ok, what) in CARRIED.items():
         v = obj.get(col)
         if v is not None and not ok(v):
-            raise _RowError(col, R_TYPE, f"field '{col}' must be {what}, got {v!r:.60}")
+            raise RowError(col, R_TYPE, f"field '{col}' must be {what}, got {v!r:.60}")
         row[col] = v
     row["prompt_ids"] = encode_messages(tokenizer, prompt)
     row["chosen_ids"] = _token_ids(obj, TOKEN_IDS["chosen"], chosen, tokenizer)
     row["rejected_ids"] = _token_ids(obj, TOKEN_IDS["rejected"], rejected, tokenizer)
     if row["chosen_ids"] == row["rejected_ids"]:
-        raise _RowError("rejected", R_IDENTICAL, "fields 'chosen' and 'rejected' tokenize alike")
+        raise RowError("rejected", R_IDENTICAL, "fields 'chosen' and 'rejected' tokenize alike")
     row["prompt_id"] = _identifier(obj, "prompt_id") or hashlib.sha1(canonical_json(prompt).encode()).hexdigest()[:16]
     row["pair_id"] = _identifier(obj, "pair_id") or (
         f"{row['prompt_id']}-{hashlib.sha1(canonical_json([chosen, rejected]).encode()).hexdigest()[:8]}")
@@ -233,59 +243,46 @@ def pairs_files(path: str | os.PathLike) -> list[Path]:
     return [path]
 
 
-def _records(path: Path) -> Iterator[tuple[int, str, str, dict | _RowError]]:
+def _records(path: Path) -> Iterable[Record]:
     if SUFFIXES[path.suffix.lower()] == "jsonl":
-        return _jsonl_records(path, {f: f for f in ("prompt", "chosen", "rejected")})
-    try:
-        return iter(list(_parquet_records(path)))
-    except ValueError as e:
-        raise PairsFileError(str(e)) from None
+        return jsonl_records(path, ("prompt", "chosen", "rejected"))
+    return parquet_records(path, PairsFileError)
 
 
-def read_pairs_file(path: str | os.PathLike, tokenizer, on_bad_rows: Literal["error", "quarantine"]
-                    ) -> tuple[list[dict], list[dict], int]:
+def read_pairs_file(path: str | os.PathLike, tokenizer, on_bad_rows: OnBadRows) -> tuple[list[dict], list[dict], int]:
     """Read and validate pairs; returns (good rows, quarantine records, rows read).
 
-    Good rows are :func:`parse_row`'s plus ``where`` (file and row). Quarantine records are
-    ``{"file", "row", "field", "reason", "raw", "message"}`` as for prompt files. With
-    ``on_bad_rows="error"`` the first bad row raises :class:`PairsFileError`; no good row left raises in
-    both modes. Besides each row's own checks: a ``pair_id`` seen before, and a ``prompt_id`` seen
-    before with another prompt, make the later row bad.
+    Good rows are :func:`parse_row`'s plus ``where`` (file and row). Quarantine records and the
+    ``on_bad_rows`` rule are those of prompt files (:func:`pipeline.data.rows.validate_rows`); no good
+    row left raises :class:`PairsFileError` in both modes. Besides each row's own checks: a ``pair_id``
+    seen before, and a ``prompt_id`` seen before with another prompt, make the later row bad.
     """
+    check_on_bad_rows(on_bad_rows, "pairs.on_bad_rows", PairsFileError)
     good: list[dict] = []
     bad: list[dict] = []
     first_pair: dict[str, str] = {}
     first_prompt: dict[str, tuple[list, str]] = {}
-    read = 0
     for file in pairs_files(path):
-        for row, where, raw, obj in _records(file):
-            read += 1
+        def parse(obj: dict, where: str, file: Path = file) -> dict:
             at = f"{file}: {where}"
-            try:
-                if isinstance(obj, _RowError):
-                    raise obj
-                rec = parse_row(obj, tokenizer)
-                if rec["pair_id"] in first_pair:
-                    raise _RowError("pair_id" if "pair_id" in obj else WHOLE_LINE, R_DUP,
-                                    f"pair {rec['pair_id']!r} again, first seen at {first_pair[rec['pair_id']]}")
-                seen = first_prompt.get(rec["prompt_id"])
-                if seen is not None and seen[0] != rec["prompt"]:
-                    raise _RowError("prompt_id", R_PROMPT_ID, f"prompt_id {rec['prompt_id']!r} names another prompt "
-                                                              f"at {seen[1]}")
-            except _RowError as e:
-                message = f"{at}, field '{e.field}': {e.detail}"
-                if on_bad_rows == "error":
-                    raise PairsFileError(message) from None
-                bad.append({"file": str(file), "row": row, "field": e.field, "reason": e.reason, "raw": raw,
-                            "message": message})
-                continue
+            rec = parse_row(obj, tokenizer)
+            if rec["pair_id"] in first_pair:
+                raise RowError("pair_id" if "pair_id" in obj else WHOLE_LINE, R_DUP,
+                               f"pair {rec['pair_id']!r} again, first seen at {first_pair[rec['pair_id']]}")
+            seen = first_prompt.get(rec["prompt_id"])
+            if seen is not None and seen[0] != rec["prompt"]:
+                raise RowError("prompt_id", R_PROMPT_ID, f"prompt_id {rec['prompt_id']!r} names another prompt at "
+                                                         f"{seen[1]}")
             first_pair[rec["pair_id"]] = at
             first_prompt.setdefault(rec["prompt_id"], (rec["prompt"], at))
-            good.append({**rec, "where": at})
+            return {**rec, "where": at}
+
+        g, b = validate_rows(_records(file), parse, file=file, on_bad_rows=on_bad_rows, error=PairsFileError)
+        good += g
+        bad += b
     if not good:
-        detail = f"; {len(bad)} bad row(s), the first: {bad[0]['message']}" if bad else ""
-        raise PairsFileError(f"{path}: no valid pairs{detail}")
-    return good, bad, read
+        raise PairsFileError(no_good_rows(path, "pairs", bad))
+    return good, bad, len(good) + len(bad)
 
 
 # --------------------------------------------------------------------------------------------- export

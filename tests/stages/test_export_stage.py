@@ -42,7 +42,7 @@ def trained(workspace):
 def test_trained_and_exported_model_cards(trained):
     from transformers import AutoModelForCausalLM
 
-    from stages.export import export_dir
+    from pipeline.paths import export_dir
 
     cfg = load_params("params.yaml")
     variant = cfg.variants["dpo"]
