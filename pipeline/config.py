@@ -254,7 +254,13 @@ class TrainSettings(_Strict):
     # Largest |lp − ref| (nats per sequence) allowed on the first step of a fresh run, where the policy
     # is the reference; above it training fails (reference computed differently).
     ref_check_tol: float = Field(gt=0)
-    probe_every: int = Field(ge=0)  # re-score the greedy decode of the probe prompts every K steps (0: off)
+    # drop: each epoch's short last batch is dropped, so every step sees batch_size pairs; keep: trained
+    tail: Literal["drop", "keep"]
+    # Fixed sets (all held-out pairs and eval_train_pairs training pairs) scored at step 0, every K steps
+    # and after the last step (0: off); the probe prompts' greedy decode every probe_every steps likewise.
+    eval_every: int = Field(ge=0)
+    eval_train_pairs: int = Field(ge=0)
+    probe_every: int = Field(ge=0)
     probe_prompts: int = Field(ge=1)
 
 
@@ -540,6 +546,11 @@ class FlowParams(_Strict):
 
 class ReportParams(_Strict):
     title: str
+    alpha: float = Field(gt=0, lt=1)  # a finding is written only where its test's p-value is below this
+    confidence: float = Field(gt=0.5, lt=1)  # level of every interval
+    bootstrap_resamples: int = Field(ge=100)
+    seed: int  # of the bootstrap
+    drastic_drop_orders: float = Field(gt=0)  # the 3D-properties' drastic drop: median change, orders of magnitude
 
 
 class Params(_Strict):

@@ -41,6 +41,19 @@ def live_dir(variant: str) -> str:
     return f"dvclive/train/{variant}"
 
 
+def train_dir(variant: str) -> str:
+    """The train stage's tables besides the model: the fixed-set and probe curves."""
+    return f"data/train/{variant}"
+
+
+def fixed_curves(variant: str) -> str:
+    return f"{train_dir(variant)}/fixed_curves.parquet"
+
+
+def probe_curves(variant: str) -> str:
+    return f"{train_dir(variant)}/probe_curves.parquet"
+
+
 def eval_table(variant: str) -> str:
     return f"data/eval/{variant}/pairs.parquet"
 

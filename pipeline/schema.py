@@ -146,6 +146,28 @@ TABLES: dict[str, dict[str, Column]] = {
         "edit_distance_norm": C(pl.Float64),
         "distance_bucket": C(pl.String),
     },
+    # train -> report: the fixed sets (every held-out pair, a fixed subset of training pairs) scored at step 0
+    # (the policy before any update), every train.eval_every steps and after the last. One row per pair and step.
+    "fixed_curves": {
+        "step": C(pl.Int64),  # optimiser steps done
+        "set": C(pl.String),  # heldout | train
+        "pair_id": C(pl.String),
+        "lp_w": C(pl.Float64),
+        "lp_l": C(pl.Float64),
+        "ref_w": C(pl.Float64),
+        "ref_l": C(pl.Float64),
+        "len_w": C(pl.Int32),
+        "len_l": C(pl.Int32),
+        # log10 |dL/dpi(y_l)| / |dL/dpi(y_w)| of the pair's own loss; null where a side's gradient is 0
+        "log10_grad_ratio": C(pl.Float64, nullable=True),
+    },
+    # train -> report: the probe prompts' greedy decode (squeezing), one row per prompt and step.
+    "probe_curves": {
+        "step": C(pl.Int64),
+        "probe": C(pl.String),  # the prompt's prompt_id
+        "greedy_lp": C(pl.Float64),  # summed log-prob of the greedy decode under the current policy
+        "n_tokens": C(pl.Int32),
+    },
     # policy / evaluate: greedy answers on the test prompts.
     "generations": {
         "prompt_id": C(pl.String),

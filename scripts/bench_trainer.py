@@ -229,7 +229,8 @@ def child(spec_path: str, config: str, result_path: str) -> None:
         # The benchmark's own settings (the same ones TRL gets below), not the pipeline's params.
         settings = TrainSettings(lr=a["lr"], epochs=1, batch_size=bs, grad_accum=1, max_length=L, seed=a["seed"],
                                  weight_decay=0.0, warmup_steps=0, max_grad_norm=a["max_grad_norm"], bf16=False,
-                                 probe_every=0, probe_prompts=1, ref_check_tol=0.1)
+                                 probe_every=0, probe_prompts=1, ref_check_tol=0.1, tail="keep", eval_every=0,
+                                 eval_train_pairs=0)
         train_preference(model, ex, [("dpo", 1.0, {"beta": a["beta"]})], settings, pad_id=tok.pad_token_id,
                          log_fn=log_fn, progress=None)
         seen = rows

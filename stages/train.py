@@ -20,8 +20,9 @@ from pipeline.model import loading
 from pipeline.data import tagging
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
-from pipeline.io import read_table
-from pipeline.training.trainer import Checkpointing, PairExample, Probe, train_preference
+from pipeline.io import atomic_dir, read_table, write_table
+from pipeline.schema import schema_of
+from pipeline.training.trainer import Checkpointing, Curves, FixedSets, PairExample, Probe, train_preference
 
 log = logging.getLogger("pipeline.train")
 
@@ -48,16 +49,22 @@ def main(argv: list[str] | None = None) -> None:
     if data["ref_w"].null_count():
         raise ValueError(f"{paths.REFERENCE}: missing reference log-probs for "
                          f"{data['ref_w'].null_count()} training pairs; rerun the reference stage")
-    examples = [PairExample(tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"]),
-                            r["ref_w"], r["ref_l"]) for r in data.iter_rows(named=True)]
+    examples = _examples(data)
     # What the model card records the model was trained on
     fingerprint = model_card.data_fingerprint(paths.PAIRS, paths.REFERENCE, n_train=len(examples),
                                               n_heldout=int((all_pairs["split"] == "heldout").sum()),
                                               scenarios=all_pairs["scenario"].unique().to_list())
     buckets = [tagging.bucket_slug(tagging.bucket_of(v, cfg.pairs.distance_buckets)) for v in data["edit_distance_norm"]]
+    # The same pairs and prompts at every evaluation, for every variant: all held-out pairs, the first
+    # training pairs by id, the first test prompts by id.
+    heldout = all_pairs.filter(pl.col("split") == "heldout").join(ref.select("pair_id", "ref_w", "ref_l"),
+                                                                   on="pair_id", how="left")
+    fixed = FixedSets({"heldout": _fixed_set(heldout.sort("pair_id")),
+                       "train": _fixed_set(data.sort("pair_id").head(s.eval_train_pairs))},
+                      s.eval_every, cfg.evaluate.batch_size) if s.eval_every else None
     probe_set = prompts.filter(pl.col("split") == "test").sort("prompt_id").head(s.probe_prompts)
-    probe = Probe(tuple(probe_set["prompt"]), s.probe_every, cfg.evaluate.generation.max_new_tokens) \
-        if s.probe_every else None
+    probe = Probe(tuple(probe_set["prompt"]), s.probe_every, cfg.evaluate.generation.max_new_tokens,
+                  tuple(probe_set["prompt_id"])) if s.probe_every else None
     model = loading.load_model(paths.POLICY_DIR, cfg.policy.dtype, ctx.device)
     tokenizer = loading.load_tokenizer(paths.POLICY_DIR)
     checkpoint = None
@@ -79,9 +86,11 @@ def main(argv: list[str] | None = None) -> None:
             live.log_metric(k, v)
         live.next_step()
 
+    curves = Curves()
     history = train_preference(model, examples, variant.losses, s, pad_id=tokenizer.pad_token_id, ctx=ctx,
                                log_fn=log_step if live else None, progress=f"train {args.variant}",
-                               buckets=buckets, probe=probe, tokenizer=tokenizer, checkpoint=checkpoint)
+                               buckets=buckets, probe=probe, tokenizer=tokenizer, fixed=fixed, curves=curves,
+                               checkpoint=checkpoint)
 
     # Outputs (the full state dict is gathered on every rank; rank 0 writes)
     state = D.full_state_dict(model, ctx)
@@ -106,12 +115,29 @@ def main(argv: list[str] | None = None) -> None:
             training={"steps": len(history), "world_size": ctx.world, "last_step": history[-1],
                       "ref_check": check})
         model_card.save(card, Path(paths.model_dir(args.variant)) / model_card.CARD_FILE)
+        with atomic_dir(paths.train_dir(args.variant)) as tmp:  # the folder is one DVC output
+            write_table(pl.DataFrame(curves.fixed, schema=schema_of("fixed_curves")),
+                        tmp / Path(paths.fixed_curves(args.variant)).name, "fixed_curves")
+            write_table(pl.DataFrame(curves.probe, schema=schema_of("probe_curves")),
+                        tmp / Path(paths.probe_curves(args.variant)).name, "probe_curves")
         if checkpoint is not None:
             Path(checkpoint.path).unlink(missing_ok=True)
         last = history[-1]
         log.info("%s: %d steps on %d process(es), final loss %.4f, lp_w %.2f, lp_l %.2f, accuracy %.2f",
                  args.variant, len(history), ctx.world, last["loss"], last["lp_w"], last["lp_l"], last["accuracy"])
     D.shutdown(ctx)
+
+
+def _examples(df: pl.DataFrame) -> list[PairExample]:
+    return [PairExample(tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"]), r["ref_w"], r["ref_l"])
+            for r in df.iter_rows(named=True)]
+
+
+def _fixed_set(df: pl.DataFrame) -> tuple[list[str], list[PairExample]]:
+    if df["ref_w"].null_count():
+        raise ValueError(f"{paths.REFERENCE}: missing reference log-probs for {df['ref_w'].null_count()} pairs; rerun "
+                         "the reference stage")
+    return df["pair_id"].to_list(), _examples(df)
 
 
 def ref_check(history: list[dict[str, float]], tol: float) -> dict:

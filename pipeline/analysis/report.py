@@ -4,18 +4,33 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import polars as pl
 
+from pipeline.analysis import findings as F
+from pipeline.analysis import stats as S
 from pipeline.data import tagging
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# A pair whose summed log-prob moved by less than this (nats) is treated as unchanged in the words.
-DISPLACEMENT_TOL = 0.05
+
+
+@dataclass
+class VariantInputs:
+    """What the report reads of one variant: the evaluation's metrics and its per-pair and per-prompt tables,
+    the training history (dvclive) and the fixed-set and probe curves (None when absent)."""
+
+    eval: dict
+    pairs: pl.DataFrame  # pair_eval: the held-out pairs after training
+    answers: pl.DataFrame  # generations: greedy answers on the test prompts
+    history: dict[str, list[tuple[int, float]]]
+    fixed: pl.DataFrame | None = None
+    probe: pl.DataFrame | None = None
 
 
 def read_live_history(live_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -38,11 +53,11 @@ def plot_curves(histories: dict[str, dict], keys: list[str], path: Path, title: 
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for name, hist in histories.items():
-            if key in hist:
+            if hist.get(key):
                 steps, vals = zip(*hist[key])
-                ax.plot(steps, vals, label=name)
-        ax.set_title(key)
-        ax.set_xlabel("step")
+                ax.plot(steps, vals, label=name, marker="o", markersize=3)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("optimiser steps done")
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.suptitle(title)
@@ -51,9 +66,12 @@ def plot_curves(histories: dict[str, dict], keys: list[str], path: Path, title: 
     plt.close(fig)
 
 
-def plot_bars(values: dict[str, float], path: Path, title: str, ylabel: str) -> None:
+def plot_bars(values: dict[str, S.Interval], path: Path, title: str, ylabel: str) -> None:
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(values), 3.4))
-    ax.bar(list(values), list(values.values()), color="tab:blue")
+    names, ivs = list(values), list(values.values())
+    est = [100 * iv.estimate for iv in ivs]
+    err = [[100 * (iv.estimate - iv.low) for iv in ivs], [100 * (iv.high - iv.estimate) for iv in ivs]]
+    ax.bar(names, est, yerr=err, capsize=4, color="tab:blue")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
@@ -62,58 +80,56 @@ def plot_bars(values: dict[str, float], path: Path, title: str, ylabel: str) -> 
     plt.close(fig)
 
 
-def _early_late(series: list[tuple[int, float]]) -> tuple[float, float]:
-    vals = [v for _, v in series]
-    q = max(1, len(vals) // 4)
-    early, late = vals[:q], vals[len(vals) // 2:]
-    return sum(early) / len(early), sum(late) / len(late)
+def fixed_set_series(fixed: pl.DataFrame | None, which: str) -> dict[str, list[tuple[int, float]]]:
+    """Per-step means of one fixed set (``heldout`` or ``train``), as plotted."""
+    if fixed is None or fixed.is_empty():
+        return {}
+    d = fixed.filter(pl.col("set") == which)
+    agg = d.group_by("step").agg(
+        pl.col("lp_w").mean(), pl.col("lp_l").mean(), (pl.col("lp_w") - pl.col("ref_w")).mean().alias("delta_w"),
+        (pl.col("lp_l") - pl.col("ref_l")).mean().alias("delta_l"),
+        ((pl.col("lp_w") - pl.col("ref_w")) - (pl.col("lp_l") - pl.col("ref_l"))).mean().alias("delta_margin"),
+        ((pl.col("lp_w") - pl.col("ref_w")) < 0).mean().alias("displaced_share"),
+        pl.col("log10_grad_ratio").median()).sort("step")
+    steps = agg["step"].to_list()
+    return {c: [(st, v) for st, v in zip(steps, agg[c].to_list()) if v is not None]
+            for c in agg.columns if c != "step"}
 
 
-def _smooth(vals: list[float], k: int = 3) -> list[float]:
-    return [sum(vals[max(0, i - k + 1): i + 1]) / len(vals[max(0, i - k + 1): i + 1]) for i in range(len(vals))]
+def probe_series(probe: pl.DataFrame | None) -> dict[str, list[tuple[int, float]]]:
+    if probe is None or probe.is_empty():
+        return {}
+    agg = probe.group_by("step").agg(pl.col("greedy_lp").mean()).sort("step")
+    return {"probe_greedy_lp": list(zip(agg["step"].to_list(), agg["greedy_lp"].to_list()))}
 
 
-def findings(name: str, ev: dict, hist: dict) -> list[str]:
-    """Plain-words statements of what the figures show for one variant."""
-    h = ev["heldout"]
-    out = []
-    if h.get("n_pairs"):
-        dw, dl = h["delta_w"], h["delta_l"]
-        if dw < -DISPLACEMENT_TOL:
-            out.append(f"**likelihood displacement**: mean held-out lp_w fell by {-dw:.2f} nats "
-                       f"({100 * h['displaced_share']:.0f}% of pairs below the reference) while the margin "
-                       f"{'grew' if dw - dl > 0 else 'did not grow'} (Δlp_l = {dl:+.2f}).")
-        elif dw > DISPLACEMENT_TOL:
-            out.append(f"lp_w stayed above the reference: mean held-out lp_w rose by {dw:.2f} nats "
-                       f"({100 * h['displaced_share']:.0f}% of pairs below the reference).")
-        else:
-            out.append(f"lp_w is unchanged within {DISPLACEMENT_TOL} nats (Δ = {dw:+.3f}).")
-    if "log10_grad_ratio" in hist and len(hist["log10_grad_ratio"]) >= 4:
-        r0, r1 = _early_late(hist["log10_grad_ratio"])
-        if r1 - r0 >= 1.0:
-            out.append(f"**drastic drop** (3D-properties): measured against the probabilities, the gradient on the "
-                       f"rejected side went from 10^{r0:.1f} to 10^{r1:.1f} times the chosen side's (batch median; "
-                       f"mean of the first quarter vs the second half of training) as π(y_l) fell.")
-    if "probe_greedy_lp" in hist and len(hist["probe_greedy_lp"]) >= 2 and h.get("n_pairs"):
-        p0, p1 = hist["probe_greedy_lp"][0][1], hist["probe_greedy_lp"][-1][1]
-        if p1 - p0 > DISPLACEMENT_TOL and h["delta_w"] < 0 and h["delta_l"] < 0:
-            out.append(f"**squeezing**: the log-prob of the probe prompts' greedy decode rose {p0:.2f} → {p1:.2f} "
-                       f"while held-out chosen and rejected both fell.")
-    if "delta_w" in hist and len(hist["delta_w"]) >= 6:
-        vals = _smooth([v for _, v in hist["delta_w"]])
-        peak = max(range(len(vals)), key=vals.__getitem__)
-        if 0 < peak < len(vals) - 1 and vals[peak] > 0 and vals[peak] - vals[-1] > DISPLACEMENT_TOL:
-            out.append(f"**degradation**: the chosen log-ratio to the reference (lp_w − ref_w, training batches, "
-                       f"3-step moving mean) rose to {vals[peak]:+.2f} at step {peak} and then fell to {vals[-1]:+.2f}.")
-    return out
+def variant_findings(name: str, v: VariantInputs, start: pl.DataFrame, s: F.StatSettings
+                     ) -> tuple[F.HeldoutStats, S.McNemar, list[F.Finding]]:
+    """Every finding of one variant, each decided by its test (:mod:`pipeline.analysis.findings`)."""
+    h = F.heldout_stats(v.pairs, s)
+    before, after = F.correctness_pairs(start, v.answers, f"{name}: test answers")
+    mc, acc = F.accuracy_finding(name, before, after, s)
+    return h, mc, [F.displacement_finding(name, h, s), acc, F.drastic_drop_finding(name, v.fixed, s),
+                   F.degradation_finding(name, v.fixed, s), F.squeezing_finding(name, v.probe, h, s)]
 
 
-def build_report(title: str, policy: dict, evals: dict[str, dict], histories: dict[str, dict],
-                 pipeline_metrics: dict[str, dict], out_dir: Path) -> str:
-    """Write PNGs into ``out_dir`` and return the Markdown text (image links relative to it)."""
+def build_report(title: str, start_answers: pl.DataFrame, variants: dict[str, VariantInputs],
+                 pipeline_metrics: dict[str, dict], out_dir: Path, s: F.StatSettings) -> tuple[str, dict]:
+    """Write PNGs into ``out_dir``; return the Markdown text (image links relative to it) and every figure
+    behind it (``findings.json``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = sorted(evals)
-    lines = [f"# {title}", ""]
+    names = sorted(variants)
+    results = {n: variant_findings(n, variants[n], start_answers, s) for n in names}
+    record: dict[str, Any] = {"settings": asdict(s), "variants": {}}
+    lines = [f"# {title}", "",
+             f"Every figure below carries its {100 * s.level:.0f} % interval; a word in bold (\"likelihood "
+             f"displacement\", \"drastic drop\", \"degradation\", \"squeezing\", \"accuracy rose/fell\") is written "
+             f"only where its test rejects at α = {s.alpha:g}, else the report says \"not significant at this "
+             f"size\". Intervals: paired bootstrap over pairs or prompts ({s.n_resamples} resamples, seed {s.seed}) "
+             "and Wilson for accuracies; tests: sign test and Wilcoxon signed-rank for changes per pair, exact "
+             "McNemar for accuracies on the same prompts. The per-pair and per-prompt tables behind every number "
+             "are stage outputs: `data/eval/<variant>/`, `data/train/<variant>/`, `data/policy/generations.parquet`; "
+             "this folder's `findings.json` holds every figure.", ""]
 
     pm = pipeline_metrics
     lines += ["## Data", "",
@@ -128,71 +144,121 @@ def build_report(title: str, policy: dict, evals: dict[str, dict], histories: di
               f"train, {pm.get('pairs', {}).get('n_heldout', 'n/a')} held out; mean normalised edit distance "
               f"{_f(pm.get('pairs', {}).get('mean_edit_distance_norm'))}", ""]
 
+    # Accuracy: each variant against the start, and the variants against each other, on the same prompts
+    n_test = len(start_answers)
+    start_acc = S.wilson(int(start_answers["correct"].sum()), n_test, level=s.level)
     lines += ["## Accuracy (greedy, test prompts)", "",
-              "| model | accuracy |", "|---|---|",
-              f"| starting policy | {_f(100 * policy['test_accuracy'], 1)}% |"]
-    lines += [f"| {n} | {_f(100 * evals[n]['test_accuracy'], 1)}% |" for n in names]
-    plot_bars({"start": 100 * policy["test_accuracy"], **{n: 100 * evals[n]["test_accuracy"] for n in names}},
-              out_dir / "accuracy.png", "greedy test accuracy", "%")
-    lines += ["", "![accuracy](accuracy.png)", ""]
-
-    lines += ["## Log-probabilities of held-out pairs before and after training (cf. the 3D-properties paper, Table 1)", "",
-              "Mean summed log-probs (per-token in brackets); *before* is the reference (the starting policy).", "",
-              "| variant | pairs | chosen before | chosen after | rejected before | rejected after | Δ chosen | "
-              "Δ rejected | lp_w < ref_w | pair acc. |", "|---|---|---|---|---|---|---|---|---|---|"]
+              f"{n_test} test prompts; accuracy with its Wilson interval; the change against the starting policy "
+              "with its paired bootstrap interval and the exact McNemar test on the prompts only one model got right.",
+              "", "| model | accuracy | change vs start | right only before / only after | McNemar p |",
+              "|---|---|---|---|---|", f"| starting policy | {start_acc.fmt_share(1)} | | | |"]
+    bars = {"start": start_acc}
     for n in names:
-        h = evals[n]["heldout"]
-        if not h.get("n_pairs"):
-            lines.append(f"| {n} | 0 | | | | | | | | |")
+        mc = results[n][1]
+        acc = S.wilson(int(variants[n].answers["correct"].sum()), len(variants[n].answers), level=s.level)
+        bars[n] = acc
+        lines.append(f"| {n} | {acc.fmt_share(1)} | {mc.diff.fmt(1, 100, ' pts')} | {mc.only_a} / {mc.only_b} | "
+                     f"{S.fmt_p(mc.test.p_value)} |")
+    plot_bars(bars, out_dir / "accuracy.png", f"greedy test accuracy ({100 * s.level:.0f} % Wilson)", "%")
+    lines += ["", "![accuracy](accuracy.png)", ""]
+    between = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            x, y = F.correctness_pairs(variants[a].answers, variants[b].answers, f"{a} vs {b}: test answers")
+            mc, fnd = F.accuracy_finding(b, x, y, s, against=f"`{a}`")
+            between.append({"a": a, "b": b, "finding": asdict(fnd)})
+            word = "differ" if fnd.fired else "do not differ significantly"
+            lines.append(f"- `{b}` vs `{a}` on the same {mc.n} prompts: {mc.diff.fmt(1, 100, ' pts')} (paired "
+                         f"bootstrap), right only under `{a}` {mc.only_a}, only under `{b}` {mc.only_b}: "
+                         f"{F.verdict(mc.test, s)}; the two {word} at this size.")
+    if between:
+        lines.append("")
+
+    # Held-out pairs: changes per pair with intervals
+    lines += ["## Log-probabilities of held-out pairs (cf. the 3D-properties paper, Table 1)", "",
+              "Per pair, Δ = log-prob after training − under the reference (the starting policy), summed over the "
+              "response's tokens; mean and median with paired bootstrap intervals; the share of pairs with "
+              "lp_w < ref_w with its Wilson interval and the sign test of one half.", "",
+              "| variant | pairs | ref_w → lp_w (mean) | Δ chosen: mean | median | Δ rejected: mean | median | "
+              "lp_w < ref_w | sign test p |", "|---|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        h = results[n][0]
+        ev = variants[n].eval.get("heldout", {})
+        if not h.n:
+            lines.append(f"| {n} | 0 | | | | | | | |")
             continue
-        lines.append(
-            f"| {n} | {h['n_pairs']} | {_f(h['ref_w'])} ({_f(h['ref_w_per_token'], 3)}) | {_f(h['lp_w'])} "
-            f"({_f(h['lp_w_per_token'], 3)}) | {_f(h['ref_l'])} ({_f(h['ref_l_per_token'], 3)}) | {_f(h['lp_l'])} "
-            f"({_f(h['lp_l_per_token'], 3)}) | {h['delta_w']:+.2f} | {h['delta_l']:+.2f} | "
-            f"{_f(100 * h['displaced_share'], 0)}% | {_f(100 * h['pair_accuracy'], 0)}% |")
-    lines += ["", "### Change of lp_w by normalised edit distance (held-out pairs)", ""]
-    buckets = sorted({b for n in names for b in evals[n]["heldout"].get("by_distance", {})})
-    if buckets:
-        lines += ["| variant | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)]
-        for n in names:
-            bd = evals[n]["heldout"].get("by_distance", {})
-            cells = [f"{bd[b]['delta_w']:+.2f} (n={bd[b]['n']})" if bd.get(b, {}).get("n") else "–" for b in buckets]
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append(f"| {n} | {h.n} | {_f(ev.get('ref_w'))} → {_f(ev.get('lp_w'))} | {h.delta_w.fmt()} | "
+                     f"{h.delta_w_median.fmt()} | {h.delta_l.fmt()} | {h.delta_l_median.fmt()} | "
+                     f"{h.below.fmt_share()} | {S.fmt_p(h.below_test.p_value)} |")
+    lines.append("")
+    for i, a in enumerate(names):  # variants against each other on the same pairs
+        for b in names[i + 1:]:
+            j = variants[a].pairs.select("pair_id", (pl.col("lp_w") - pl.col("ref_w")).alias("a")).join(
+                variants[b].pairs.select("pair_id", (pl.col("lp_w") - pl.col("ref_w")).alias("b")), on="pair_id")
+            if len(j) >= 2:
+                diff = (j["b"] - j["a"]).to_numpy()
+                iv, t = s.boot(diff), S.wilcoxon_test(diff)
+                verdict = "differ" if iv.excludes_zero() and t.rejects(s.alpha) else "do not differ significantly"
+                lines.append(f"- Δ chosen, `{b}` − `{a}` on the same {len(j)} pairs: {iv.fmt()} nats (paired bootstrap), "
+                             f"{F.verdict(t, s)}: the two {verdict} at this size.")
+                record.setdefault("between", []).append({"a": a, "b": b, "delta_w_difference": asdict(iv),
+                                                         "wilcoxon": asdict(t)})
+    lines += ["", "### Change of lp_w by normalised edit distance (held-out pairs)", "",
+              "Mean Δ chosen per bucket, and the least-squares slope of Δ chosen on the normalised edit distance "
+              "with its t interval (REFERENCE claim 1: displacement is strongest at low edit distance, i.e. a "
+              "positive slope).", ""]
+    buckets = sorted({b for n in names for b in variants[n].pairs["distance_bucket"].unique().to_list()})
+    lines += ["| variant | " + " | ".join(buckets) + " | slope |", "|---|" + "---|" * (len(buckets) + 1)]
+    for n in names:
+        p = variants[n].pairs.with_columns((pl.col("lp_w") - pl.col("ref_w")).alias("d"))
+        cells = []
+        for b in buckets:
+            d = p.filter(pl.col("distance_bucket") == b)["d"].to_numpy()
+            cells.append(f"{s.boot(d).fmt()} (n={len(d)})" if len(d) else "–")
+        h = results[n][0]
+        slope = f"{h.slope.fmt()} ({F.verdict(h.slope_test, s)})" if math.isfinite(h.slope.estimate) else \
+            "n/a (one edit distance)"
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {slope} |")
     lines.append("")
 
-    if histories:
-        plot_curves(histories, ["lp_w", "lp_l", "delta_margin"], out_dir / "logprobs.png",
-                    "training batches: summed log-probs and the margin Δw − Δl (unscaled)")
-        plot_curves(histories, ["delta_w", "delta_l", "displaced_share"], out_dir / "displacement.png",
-                    "log-ratio to the reference and share of pairs with lp_w < ref_w")
-        plot_curves(histories, ["loss", "accuracy"], out_dir / "loss.png", "loss and pair accuracy")
-        plot_curves(histories, ["log10_grad_prob_w", "log10_grad_prob_l", "log10_grad_ratio"], out_dir / "gradients.png",
-                    "log10 |∂L/∂π(y)|: chosen, rejected, and their ratio (rejected / chosen)")
-        plot_curves(histories, ["probe_greedy_lp", "delta_w", "delta_l"], out_dir / "squeezing.png",
-                    "greedy decode of probe prompts vs chosen/rejected log-ratio")
-        lines += ["## Training curves", "", "![log-probs](logprobs.png)", "", "![displacement](displacement.png)", "",
-                  "![loss](loss.png)", "",
-                  "## 3D-properties and squeezing", "",
+    # Curves on the fixed sets (the same pairs at every evaluation) and the training batches
+    held = {n: fixed_set_series(variants[n].fixed, "heldout") for n in names}
+    train = {n: fixed_set_series(variants[n].fixed, "train") for n in names}
+    probe = {n: {**probe_series(variants[n].probe), **held[n]} for n in names}
+    if any(held.values()):
+        plot_curves(held, ["lp_w", "lp_l", "delta_margin"], out_dir / "logprobs.png",
+                    "fixed held-out pairs: mean summed log-probs and the margin Δw − Δl")
+        plot_curves(train, ["delta_w", "delta_l", "displaced_share"], out_dir / "displacement.png",
+                    "fixed training subset: log-ratio to the reference and share with lp_w < ref_w")
+        plot_curves(held, ["log10_grad_ratio"], out_dir / "gradients.png",
+                    "fixed held-out pairs: median log10 |∂L/∂π(y_l)| / |∂L/∂π(y_w)|")
+        plot_curves(probe, ["probe_greedy_lp", "delta_w", "delta_l"], out_dir / "squeezing.png",
+                    "greedy decode of the probe prompts vs held-out chosen/rejected log-ratio")
+        lines += ["## Training curves on fixed sets", "",
+                  "Scored at step 0 (the starting policy, before any update), every `train.eval_every` steps and "
+                  "after the last step, on the same pairs for every variant: all held-out pairs and a fixed subset "
+                  "of training pairs (`data/train/<variant>/fixed_curves.parquet`).", "",
+                  "![log-probs](logprobs.png)", "", "![displacement](displacement.png)", "",
                   "Gradient magnitudes measured against the probabilities (REFERENCE claim 2a; for DPO the ratio is "
                   "π(y_w)/π(y_l)), and the log-prob of the greedy decode of fixed probe prompts (claim 5).", "",
                   "![gradients](gradients.png)", "", "![squeezing](squeezing.png)", ""]
-        bucket_keys = sorted({k for hh in histories.values() for k in hh if k.startswith("displaced_share_")})
-        if bucket_keys:
-            lines += ["Share of training-batch pairs with lp_w < ref_w by normalised edit distance (mean over steps):", "",
-                      "| variant | " + " | ".join(k.removeprefix("displaced_share_") for k in bucket_keys) + " |",
-                      "|---|" + "---|" * len(bucket_keys)]
-            for n, hh in histories.items():
-                cells = [f"{100 * sum(v for _, v in hh[k]) / len(hh[k]):.0f}% ({len(hh[k])} steps)" if hh.get(k) else "–"
-                         for k in bucket_keys]
-                lines.append(f"| {n} | " + " | ".join(cells) + " |")
-            lines.append("")
+    hist = {n: variants[n].history for n in names if variants[n].history}
+    if hist:
+        plot_curves(hist, ["loss", "accuracy", "grad_norm"], out_dir / "loss.png",
+                    "training batches (a different batch each step): loss, pair accuracy, gradient norm")
+        lines += ["Loss on the training batches (each step's own batch, so this curve also shows which pairs were "
+                  "drawn):", "", "![loss](loss.png)", ""]
 
-    lines += ["## Findings", ""]
+    lines += ["## Findings", "", f"Each decided by its test ({s.rule()}); the rules are in "
+              "`pipeline/analysis/findings.py`.", ""]
     for n in names:
-        for f in findings(n, evals[n], histories.get(n, {})) or ["no notable effect in these figures."]:
-            lines.append(f"- `{n}`: {f}")
+        h, mc, fs = results[n]
+        record["variants"][n] = {"heldout": h.figures(), "findings": [asdict(f) for f in fs]}
+        for f in fs:
+            lines.append(f"- `{n}`: {f.text}")
+    record["accuracy_between"] = between
     lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines), record
 
 
 # ============================================================================================ scenarios

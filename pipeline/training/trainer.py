@@ -4,13 +4,16 @@ The reference model is never loaded here: ``ref_w``/``ref_l`` come from the refe
 :func:`train_preference` is the recipe; one optimiser step reads::
 
     for step, idx in enumerate(batches[start:], start):
+        before = evaluate(step)                          # fixed sets and probe, when due (step 0: the start)
         result = trainer.train_step(examples, idx)      # micro-batches, loss, backward, clip, step
         metrics = trainer.step_metrics(result, buckets)  # diagnostics, gathered over ranks
-        maybe probe; log; maybe checkpoint
+        log; maybe checkpoint
+    evaluate(len(batches))                               # after the last update
 
-Chosen and rejected go through the policy in one forward pass. Per-step diagnostics (log-probs,
-the margin Δw − Δl, implicit rewards where the loss has them, accuracy, the share of pairs pushed
-below the reference) are handed to a ``log_fn`` callback (dvclive in the train stage). The first
+Chosen and rejected go through the policy in one forward pass. Per-step diagnostics of the step's
+batch (log-probs, the margin Δw − Δl, implicit rewards where the loss has them, accuracy, the share
+of pairs pushed below the reference) and of the fixed sets (the same pairs at every evaluation: the
+curves the report reads) are handed to a ``log_fn`` callback (dvclive in the train stage). The first
 step of a fresh run checks that the policy's log-probs equal the reference's (see
 :func:`train_preference`).
 """
@@ -22,7 +25,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -125,6 +128,19 @@ def gradient_diagnostics(g_w: torch.Tensor, g_l: torch.Tensor, lp_w: torch.Tenso
     }
 
 
+def pair_grad_ratio(terms, lp_w, lp_l, ref_w, ref_l, len_w, len_l) -> torch.Tensor:
+    """Per pair, ``log10 |∂ℓ/∂π(y_l)| / |∂ℓ/∂π(y_w)|`` of the pair's own loss ℓ at these log-probs (as in
+    :func:`gradient_diagnostics`); NaN where a side's gradient is 0 (e.g. a hinge that no longer binds)."""
+    with torch.enable_grad():
+        lw, ll = lp_w.detach().clone().requires_grad_(), lp_l.detach().clone().requires_grad_()
+        per_pair = losses.combined_loss(terms, lw, ll, ref_w, ref_l, len_w, len_l)
+        g_w, g_l = torch.autograd.grad(per_pair.sum(), [lw, ll], allow_unused=True)
+    g_w = torch.zeros_like(lw) if g_w is None else g_w
+    g_l = torch.zeros_like(ll) if g_l is None else g_l
+    ratio = (torch.log10(g_l.abs()) - torch.log10(g_w.abs()) + (lp_w - lp_l) / math.log(10.0)).detach()
+    return torch.where((g_w == 0) | (g_l == 0), torch.full_like(ratio, math.nan), ratio)
+
+
 def bucket_displaced_shares(lp_w: torch.Tensor, ref_w: torch.Tensor, order: Sequence[int],
                             buckets: Sequence[str]) -> dict[str, float]:
     """``displaced_share_<bucket>``: the share of the step's pairs of each bucket with ``lp_w < ref_w``."""
@@ -154,22 +170,25 @@ def _implicit_beta(terms) -> tuple[float, float] | None:
     return betas.pop() if len(betas) == 1 else None
 
 
-# --------------------------------------------------------------------------------------------- probe
+# --------------------------------------------------------------------------------------------- fixed sets and probe
 @dataclass(frozen=True)
 class Probe:
-    """Fixed prompts whose greedy decode is re-scored every ``every`` steps: the "squeezing effect"
-    of Ren & Sutherland 2024, "Learning Dynamics of LLM Finetuning" (arXiv 2407.10490)."""
+    """Fixed prompts whose greedy decode is re-scored at step 0, every ``every`` steps and after the last:
+    the "squeezing effect" of Ren & Sutherland 2024, "Learning Dynamics of LLM Finetuning" (arXiv 2407.10490).
+    ``ids`` name the prompts in the recorded curves."""
 
     prompts: tuple[str, ...]
     every: int
     max_new_tokens: int
+    ids: tuple[str, ...] = ()
 
     def due(self, step: int, n_steps: int) -> bool:
-        return step % self.every == 0 or step == n_steps - 1
+        """Before the update of ``step`` (the policy after ``step`` updates), and at ``n_steps`` (after the last)."""
+        return bool(self.every) and (step % self.every == 0 or step == n_steps)
 
 
-def probe_metrics(model, tokenizer, probe: Probe) -> dict[str, float]:
-    """Mean summed (and per-token) log-prob of the current greedy decode of the probe prompts."""
+def probe_scores(model, tokenizer, probe: Probe) -> list[tuple[float, int]]:
+    """(summed log-prob, tokens) of the current greedy decode of each probe prompt."""
     from pipeline.generation.transformers_backend import TransformersSampler
     from pipeline.generation.types import GenerationSettings
 
@@ -178,10 +197,53 @@ def probe_metrics(model, tokenizer, probe: Probe) -> dict[str, float]:
     model.eval()
     outs = sampler.generate(list(probe.prompts), GenerationSettings.greedy(probe.max_new_tokens), progress=None)
     model.train(was_training)
-    lps = [c[0].logprob_sum for c in outs]
-    toks = [max(1, len(c[0].token_ids)) for c in outs]
-    return {"probe_greedy_lp": sum(lps) / len(lps),
-            "probe_greedy_lp_per_token": sum(lp / n for lp, n in zip(lps, toks)) / len(lps)}
+    return [(c[0].logprob_sum, len(c[0].token_ids)) for c in outs]
+
+
+def probe_metrics(scores: Sequence[tuple[float, int]]) -> dict[str, float]:
+    """Mean summed (and per-token) log-prob of the probe prompts' greedy decodes."""
+    return {"probe_greedy_lp": sum(lp for lp, _ in scores) / len(scores),
+            "probe_greedy_lp_per_token": sum(lp / max(1, n) for lp, n in scores) / len(scores)}
+
+
+@dataclass(frozen=True)
+class FixedSets:
+    """Pairs scored at step 0 (before any update), every ``every`` steps and after the last, so that every
+    curve is measured on the same pairs, whatever the batches drew: ``sets`` maps a name (``heldout``,
+    ``train``) to (pair ids, examples)."""
+
+    sets: dict[str, tuple[list[str], list[PairExample]]]
+    every: int
+    batch_size: int
+
+    def due(self, step: int, n_steps: int) -> bool:
+        return bool(self.every) and (step % self.every == 0 or step == n_steps)
+
+
+@dataclass
+class Curves:
+    """Per-pair rows of the fixed sets and per-prompt rows of the probe at each evaluation step (tables
+    ``fixed_curves`` and ``probe_curves``), kept on rank 0 and in checkpoints."""
+
+    fixed: list[dict] = field(default_factory=list)
+    probe: list[dict] = field(default_factory=list)
+
+
+def fixed_set_metrics(name: str, rows: Sequence[dict]) -> dict[str, float]:
+    """Means of one fixed set at one step, for the training curves."""
+    n = len(rows)
+    d_w = [r["lp_w"] - r["ref_w"] for r in rows]
+    d_l = [r["lp_l"] - r["ref_l"] for r in rows]
+    ratios = sorted(r["log10_grad_ratio"] for r in rows if r["log10_grad_ratio"] is not None)
+    out = {"lp_w": sum(r["lp_w"] for r in rows) / n, "lp_l": sum(r["lp_l"] for r in rows) / n,
+           "lp_w_per_token": sum(r["lp_w"] / r["len_w"] for r in rows) / n,
+           "lp_l_per_token": sum(r["lp_l"] / r["len_l"] for r in rows) / n,
+           "delta_w": sum(d_w) / n, "delta_l": sum(d_l) / n,
+           "delta_margin": (sum(d_w) - sum(d_l)) / n,
+           "displaced_share": sum(d < 0 for d in d_w) / n}
+    if ratios:
+        out["log10_grad_ratio"] = float(torch.tensor(ratios).median())
+    return {f"fixed_{name}_{k}": v for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -316,6 +378,40 @@ class PreferenceTrainer:
         stats = PairStats(*(t.detach().float()[keep] for t in (lp_w, lp_l, ref_w, ref_l, len_w, len_l, g[:k], g[k:])))
         return share.detach(), stats
 
+    @torch.no_grad()
+    def _score(self, ex: Sequence[PairExample], batch_size: int) -> tuple[torch.Tensor, ...]:
+        """lp_w, lp_l, len_w, len_l of ``ex`` under the current policy, as training computes them (no update)."""
+        out: list[list[torch.Tensor]] = [[], [], [], []]
+        for s in range(0, len(ex), batch_size):
+            chunk = ex[s: s + batch_size]
+            ids, att, resp = collate_pairs(chunk, self.pad_id, self.settings.max_length)
+            with self._autocast():
+                lp, n_tok = self.forward(ids.to(self.device), att.to(self.device), resp.to(self.device))
+            k = len(chunk)
+            for i, t in enumerate((lp[:k], lp[k:], n_tok[:k], n_tok[k:])):
+                out[i].append(t.detach().float().cpu())
+        return tuple(torch.cat(t) for t in out)
+
+    def score_fixed(self, fixed: FixedSets, step: int) -> list[dict]:
+        """Per-pair rows of every fixed set under the current policy (every rank computes them all, so that
+        FSDP2's all-gathers match), with each pair's gradient ratio of the 3D-properties' drastic drop."""
+        was_training = self.model.training
+        self.model.eval()
+        rows = []
+        for name, (ids, ex) in fixed.sets.items():
+            lp_w, lp_l, len_w, len_l = self._score(ex, fixed.batch_size)
+            ref_w = torch.tensor([e.ref_w for e in ex])
+            ref_l = torch.tensor([e.ref_l for e in ex])
+            ratio = pair_grad_ratio(self.terms, lp_w, lp_l, ref_w, ref_l, len_w, len_l)
+            for i, pid in enumerate(ids):
+                r = ratio[i].item()
+                rows.append({"step": step, "set": name, "pair_id": pid, "lp_w": lp_w[i].item(),
+                             "lp_l": lp_l[i].item(), "ref_w": ref_w[i].item(), "ref_l": ref_l[i].item(),
+                             "len_w": int(len_w[i]), "len_l": int(len_l[i]),
+                             "log10_grad_ratio": r if math.isfinite(r) else None})
+        self.model.train(was_training)
+        return rows
+
     def step_metrics(self, result: StepResult, buckets: Sequence[str] | None = None) -> dict[str, float]:
         """The step's loss and diagnostics over the whole global batch (a collective under torchrun)."""
         s = result.stats.gather(self.ctx)
@@ -330,38 +426,44 @@ class PreferenceTrainer:
             metrics.update(bucket_displaced_shares(s.lp_w, s.ref_w, order, buckets))
         return metrics
 
-    def save_checkpoint(self, ck: Checkpointing, done: int, history: list[dict[str, float]]) -> None:
+    def save_checkpoint(self, ck: Checkpointing, done: int, history: list[dict[str, float]], curves: Curves) -> None:
         from pipeline.io import atomic_path
 
         # Every rank takes part in gathering the full states; rank 0 writes.
         state = {"key": ck.key, "step": done, "model": D.full_state_dict(self.model, self.ctx),
                  "optim": D.optimizer_state(self.model, self.opt, self.ctx), "sched": self.sched.state_dict(),
-                 "history": history}
+                 "history": history, "curves": {"fixed": curves.fixed, "probe": curves.probe}}
         if self.ctx.is_main:
             with atomic_path(ck.path) as tmp:
                 torch.save(state, tmp)
         D.barrier(self.ctx)
 
-    def resume(self, ck: Checkpointing | None) -> tuple[list[dict[str, float]], int]:
-        """Restore model, optimiser and schedule from a matching checkpoint: (its history, steps done)."""
+    def resume(self, ck: Checkpointing | None, curves: Curves) -> tuple[list[dict[str, float]], int]:
+        """Restore model, optimiser, schedule and ``curves`` from a matching checkpoint: (its history, steps done)."""
         state = ck.load() if ck is not None else None
         if state is None:
             return [], 0
         D.load_states(self.model, self.opt, state["model"], state["optim"], self.ctx)
         self.sched.load_state_dict(state["sched"])
+        curves.fixed[:], curves.probe[:] = state["curves"]["fixed"], state["curves"]["probe"]
         return list(state["history"]), state["step"]
 
 
 def train_preference(model, examples: Sequence[PairExample], terms, settings: TrainSettings, *, pad_id: int,
                      ctx: D.Context | None = None, log_fn: LogFn | None = None, progress: str | None = "train",
                      buckets: Sequence[str] | None = None, probe: Probe | None = None, tokenizer=None,
+                     fixed: FixedSets | None = None, curves: Curves | None = None,
                      checkpoint: Checkpointing | None = None) -> list[dict[str, float]]:
     """Train ``model`` in place on ``examples`` with the weighted loss ``terms``; return the history.
 
-    ``settings`` is the variant's :class:`~pipeline.config.TrainSettings`. ``buckets`` (one label
-    per example) adds the per-bucket share of pairs pushed below the reference; ``probe`` (with
-    ``tokenizer``) logs the log-prob of a fixed greedy decode; ``checkpoint`` saves every K steps and
-    resumes from a matching checkpoint. ``log_fn(step, metrics)`` is called on rank 0 only.
+    ``settings`` is the variant's :class:`~pipeline.config.TrainSettings` (``tail: drop`` drops each
+    epoch's short last batch). ``buckets`` (one label per example) adds the per-bucket share of the
+    step's pairs pushed below the reference. ``fixed`` (fixed sets of pairs) and ``probe`` (probe prompts,
+    with ``tokenizer``) are scored before the first update, every K steps and after the last step, into
+    ``curves`` (per pair / prompt) and the logged metrics (``fixed_<set>_*``, ``probe_greedy_lp``);
+    the metrics of step s are those of the policy after s updates, the last ones logged as step
+    ``len(batches)``. ``checkpoint`` saves every K steps and resumes from a matching checkpoint.
+    ``log_fn(step, metrics)`` is called on rank 0 only.
 
     Before the first update the policy is the reference, so on the first step of a fresh run the
     batch's ``lp`` must equal ``ref`` up to rounding: a ``ref_gap_max`` above ``settings.ref_check_tol``
@@ -375,19 +477,42 @@ def train_preference(model, examples: Sequence[PairExample], terms, settings: Tr
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     trainer = PreferenceTrainer(model, terms, settings, pad_id=pad_id, ctx=ctx)
-    batches = step_batches(len(examples), settings.batch_size, settings.epochs, settings.seed)
+    batches = step_batches(len(examples), settings.batch_size, settings.epochs, settings.seed,
+                           drop_tail=settings.tail == "drop")
+    if not batches:
+        raise ValueError(f"train.batch_size = {settings.batch_size} is more than the {len(examples)} training pairs, "
+                         "and train.tail is 'drop': no full step; lower train.batch_size or set train.tail: keep")
+    n_steps = len(batches)
     log_fn = log_fn if ctx.is_main else None
+    curves = curves if curves is not None else Curves()
+    probe = probe if probe is not None and tokenizer is not None else None
 
-    history, start = trainer.resume(checkpoint)
+    def evaluate(step: int) -> dict[str, float]:
+        """The fixed sets and the probe under the policy after ``step`` updates, when due."""
+        out: dict[str, float] = {}
+        if fixed is not None and fixed.due(step, n_steps):
+            rows = trainer.score_fixed(fixed, step)
+            for name in fixed.sets:
+                out.update(fixed_set_metrics(name, [r for r in rows if r["set"] == name]))
+            curves.fixed += rows
+        if probe is not None and probe.due(step, n_steps):
+            scores = probe_scores(model, tokenizer, probe)
+            out.update(probe_metrics(scores))
+            ids = probe.ids or tuple(str(i) for i in range(len(scores)))
+            curves.probe += [{"step": step, "probe": pid, "greedy_lp": lp, "n_tokens": n}
+                             for pid, (lp, n) in zip(ids, scores)]
+        return out
+
+    history, start = trainer.resume(checkpoint, curves)
     if start:
-        log.info("resuming from checkpoint %s at step %d of %d", checkpoint.path, start, len(batches))
+        log.info("resuming from checkpoint %s at step %d of %d", checkpoint.path, start, n_steps)
         if log_fn is not None:
             for i, m in enumerate(history):  # a restarted stage re-logs what its outputs lost
                 log_fn(i, m)
 
-    bar = tqdm(total=len(batches), initial=start, desc=progress, disable=progress is None or not ctx.is_main,
-               unit="step")
+    bar = tqdm(total=n_steps, initial=start, desc=progress, disable=progress is None or not ctx.is_main, unit="step")
     for step, idx in enumerate(batches[start:], start):
+        before = evaluate(step)
         metrics = trainer.step_metrics(trainer.train_step(examples, idx), buckets)
         worst_lp, worst_ref = metrics.pop("ref_gap_lp"), metrics.pop("ref_gap_ref")
         # Its log-probs come from the forward before the optimiser step: the policy was the reference.
@@ -400,15 +525,17 @@ def train_preference(model, examples: Sequence[PairExample], terms, settings: Tr
                 "precision (train.bf16), max_length or model; rerun the reference stage")
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss became {metrics['loss']} at step {step}; lower train.lr")
-        if probe is not None and tokenizer is not None and probe.due(step, len(batches)):
-            metrics.update(probe_metrics(model, tokenizer, probe))
+        metrics.update(before)
         history.append(metrics)
         if log_fn is not None:
             log_fn(step, metrics)
-        if checkpoint is not None and checkpoint.due(step + 1, len(batches)):
-            trainer.save_checkpoint(checkpoint, step + 1, history)
+        if checkpoint is not None and checkpoint.due(step + 1, n_steps):
+            trainer.save_checkpoint(checkpoint, step + 1, history, curves)
         bar.update(1)
     bar.close()
+    final = evaluate(n_steps)  # after the last update
+    if final and log_fn is not None:
+        log_fn(n_steps, final)
     model.eval()
     return history
 

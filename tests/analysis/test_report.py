@@ -1,42 +1,53 @@
 from pathlib import Path
 
-from pipeline.analysis.report import build_report, findings
+import numpy as np
+import polars as pl
+
+from pipeline.analysis.findings import StatSettings
+from pipeline.analysis.report import VariantInputs, build_report
+
+S = StatSettings(alpha=0.05, level=0.95, n_resamples=1000, seed=0, drastic_drop_orders=1.0)
 
 
-def _ev(dw, dl, share=0.5):
-    return {"test_accuracy": 0.5, "heldout": {"n_pairs": 10, "delta_w": dw, "delta_l": dl, "displaced_share": share,
-                                              "ref_w": -1.0, "ref_l": -2.0, "lp_w": -1.0 + dw, "lp_l": -2.0 + dl,
-                                              "ref_w_per_token": -0.1, "ref_l_per_token": -0.2,
-                                              "lp_w_per_token": -0.1, "lp_l_per_token": -0.2, "pair_accuracy": 0.9,
-                                              "by_distance": {"[0.00,0.50)": {"n": 10, "delta_w": dw, "delta_l": dl,
-                                                                              "displaced_share": share}}}}
+def _variant(rng, shift: float, n_right: int) -> VariantInputs:
+    n = 30
+    d_w = rng.normal(shift, 0.3, n)
+    pairs = pl.DataFrame({"pair_id": [f"p{i:02d}" for i in range(n)], "variant": ["v"] * n, "ref_w": [-20.0] * n,
+                          "ref_l": [-25.0] * n, "lp_w": -20.0 + d_w, "lp_l": -27.0 + rng.normal(0, 0.3, n),
+                          "len_w": [10] * n, "len_l": [12] * n, "edit_distance_norm": np.linspace(0, 0.9, n),
+                          "distance_bucket": ["0.00-0.50"] * 15 + ["0.50-1.00"] * 15}).with_columns(
+        pl.col("len_w", "len_l").cast(pl.Int32))
+    answers = pl.DataFrame({"prompt_id": [f"q{i:02d}" for i in range(40)], "correct": [i < n_right for i in range(40)]})
+    fixed = pl.DataFrame([{"step": st, "set": w, "pair_id": f"p{i:02d}", "lp_w": -20.0 + d_w[i] * st / 8,
+                           "lp_l": -25.0 - 2 * st / 8, "ref_w": -20.0, "ref_l": -25.0, "len_w": 10, "len_l": 12,
+                           "log10_grad_ratio": 0.1 * st} for st in (0, 4, 8) for w in ("heldout", "train")
+                          for i in range(n)])
+    probe = pl.DataFrame([{"step": st, "probe": f"q{i}", "greedy_lp": -5.0 + 0.1 * st * (i % 3), "n_tokens": 9}
+                          for st in (0, 8) for i in range(8)])
+    return VariantInputs(eval={"heldout": {"ref_w": -20.0, "lp_w": -20.0 + float(d_w.mean())}}, pairs=pairs,
+                         answers=answers, history={"loss": [(0, 0.69), (1, 0.6)], "accuracy": [(0, 0.5), (1, 0.7)],
+                                                   "grad_norm": [(0, 1.0), (1, 0.9)]}, fixed=fixed, probe=probe)
 
 
-def _series(vals):
-    return [(i, v) for i, v in enumerate(vals)]
-
-
-def test_findings_flag_what_the_figures_show():
-    hist = {"delta_w": _series([0.0, 0.2, 0.4, 0.5, 0.3, 0.0, -0.3, -0.6]),
-            "log10_grad_ratio": _series([0, 0, 0.5, 1, 2, 2.5, 3, 3]),
-            "probe_greedy_lp": _series([-2.0, -1.5, -1.0])}
-    words = " ".join(findings("dpo", _ev(-1.0, -3.0, 0.8), hist))
-    for flag in ("likelihood displacement", "degradation", "drastic drop", "squeezing"):
-        assert flag in words
-    calm = " ".join(findings("dpop", _ev(0.3, -1.0, 0.1), {"delta_w": _series([0, 0.1, 0.2, 0.3, 0.3, 0.35]),
-                                                             "log10_grad_ratio": _series([0, 0, 0.1, 0.1])}))
-    assert "stayed above the reference" in calm
-    assert not any(f in calm for f in ("displacement**", "degradation", "drastic drop", "squeezing"))
-
-
-def test_build_report_writes_plots_and_tables(tmp_path: Path):
-    hist = {"lp_w": _series([-1, -1.2]), "lp_l": _series([-2, -3]), "delta_margin": _series([0, 0.3]),
-            "delta_w": _series([0, -0.2]), "delta_l": _series([0, -1]), "displaced_share": _series([0, 0.5]),
-            "loss": _series([0.69, 0.6]), "accuracy": _series([0.5, 0.8]), "log10_grad_prob_w": _series([0, 0]),
-            "log10_grad_prob_l": _series([0, 1]), "log10_grad_ratio": _series([0, 1]),
-            "probe_greedy_lp": _series([-1, -0.9]), "displaced_share_0.00-0.50": _series([0.25, 0.75])}
-    md = build_report("T", {"test_accuracy": 0.5}, {"dpo": _ev(-0.2, -1.0)}, {"dpo": hist}, {}, tmp_path)
-    assert "| dpo | 10 | -1.00 (-0.100) | -1.20" in md and "| dpo | 50% (2 steps) |" in md
+def test_build_report_prints_intervals_and_tests_and_fires_only_where_they_reject(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    start = pl.DataFrame({"prompt_id": [f"q{i:02d}" for i in range(40)], "correct": [i < 20 for i in range(40)]})
+    md, record = build_report("T", start, {"dpo": _variant(rng, -1.0, 20), "dpop": _variant(rng, 0.0, 21)}, {},
+                              tmp_path, S)
+    assert "α = 0.05" in md and "1000 resamples" in md
+    # accuracy: Wilson intervals and McNemar
+    assert "| starting policy | 50.0% [" in md and "| dpop | 52.5% [" in md
+    # held-out table: mean and median with intervals, share below with the sign test
+    row = next(line for line in md.splitlines() if line.startswith("| dpo | 30 |"))
+    assert row.count("[") == 5
+    found = {(v, f["kind"]): f for v, r in record["variants"].items() for f in r["findings"]}
+    assert found[("dpo", "displacement")]["fired"] and "**likelihood displacement**" in md
+    assert not found[("dpop", "displacement")]["fired"]
+    assert "`dpop`: change of held-out lp_w **not significant at this size**" in md
+    assert not found[("dpo", "accuracy")]["fired"] and not found[("dpo", "drastic drop")]["fired"]
+    assert record["between"][0]["delta_w_difference"]["low"] > 0  # dpop − dpo on the same pairs
+    assert "the two differ at this size" in md
+    assert "| dpo | " in md and "slope" in md
     for png in ("accuracy", "logprobs", "displacement", "loss", "gradients", "squeezing"):
         assert (tmp_path / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -1,6 +1,7 @@
 """Preference training and the SFT warm-up on a tiny random model with SmolLM2's real tokenizer."""
 
 
+import math
 import re
 
 import polars as pl
@@ -18,7 +19,10 @@ from pipeline.training.batching import step_batches
 from pipeline.training.sft import train_sft
 from pipeline.training.trainer import (
     Checkpointing,
+    Curves,
+    FixedSets,
     PairExample,
+    Probe,
     micro_batches,
     train_preference,
 )
@@ -40,6 +44,47 @@ def test_step_batches_cover_every_pair_each_epoch():
     steps = step_batches(10, 4, 2, seed=0)
     assert [len(s) for s in steps] == [4, 4, 2, 4, 4, 2]
     assert sorted(sum(steps[:3], [])) == list(range(10)) and steps[:3] != steps[3:]
+
+
+def test_step_batches_drop_the_short_tail_of_each_epoch():
+    steps = step_batches(10, 4, 2, seed=0, drop_tail=True)
+    assert [len(s) for s in steps] == [4, 4, 4, 4]  # every step the same size
+    assert len(set(steps[0] + steps[1])) == 8 and set(steps[0] + steps[1]) != set(steps[2] + steps[3])
+
+
+def test_fixed_sets_start_at_the_reference_and_are_scored_every_k_steps(tiny_model_dir):
+    """Fixed sets and the probe are scored before the first update (equal to the reference there), every
+    ``every`` steps and after the last step, on the same pairs; the logged metrics are their means."""
+    model = loading.load_model(tiny_model_dir, "float32")
+    tok = loading.load_tokenizer(tiny_model_dir)
+    ex = _examples(model, tok, 7)
+    ids = [f"p{i}" for i in range(7)]
+    fixed = FixedSets({"heldout": (ids[5:], ex[5:]), "train": (ids[:3], ex[:3])}, every=2, batch_size=2)
+    probe = Probe(("What is 1 + 1?", "What is 2 + 3?"), 2, 4, ("a", "b"))
+    curves, logged = Curves(), {}
+    s = train_settings(lr=1e-3, epochs=2, batch_size=2, grad_accum=1, max_length=64, seed=0, tail="drop")
+    hist = train_preference(model, ex[:5], [("dpo", 1.0, {"beta": 0.5})], s, pad_id=tok.pad_token_id, progress=None,
+                            probe=probe, tokenizer=tok, fixed=fixed, curves=curves,
+                            log_fn=lambda step, m: logged.setdefault(step, m))
+    assert len(hist) == 4  # 5 pairs in steps of 2: the fifth dropped each epoch
+    rows = pl.DataFrame(curves.fixed)
+    assert sorted(set(rows["step"])) == [0, 2, 4] and sorted(set(logged)) == [0, 1, 2, 3, 4]
+    first = rows.filter(pl.col("step") == 0)
+    assert sorted(first["pair_id"]) == ["p0", "p1", "p2", "p5", "p6"]
+    assert (first["lp_w"] - first["ref_w"]).abs().max() < 1e-4 and (first["lp_l"] - first["ref_l"]).abs().max() < 1e-4
+    # DPO's two sides have equal |∂ℓ/∂log π|, so the ratio w.r.t. the probabilities is π(y_w)/π(y_l)
+    expect = (first["lp_w"] - first["lp_l"]) / math.log(10)
+    assert (first["log10_grad_ratio"] - expect).abs().max() < 1e-4
+    last = rows.filter((pl.col("step") == 4) & (pl.col("set") == "train"))
+    margin = lambda d: ((d["lp_w"] - d["ref_w"]) - (d["lp_l"] - d["ref_l"])).mean()  # noqa: E731
+    assert margin(last) > margin(first.filter(pl.col("set") == "train")) + 0.01
+    assert logged[4].keys() == {k for k in logged[4] if k.startswith(("fixed_", "probe_"))}  # after the last step
+    assert logged[0]["fixed_heldout_delta_w"] == pytest.approx(0.0, abs=1e-4) and "fixed_train_lp_w" in logged[2]
+    assert "fixed_heldout_lp_w" not in logged[1]
+    assert [(r["step"], r["probe"]) for r in curves.probe] == [(st, q) for st in (0, 2, 4) for q in ("a", "b")]
+    assert logged[0]["probe_greedy_lp"] == pytest.approx((curves.probe[0]["greedy_lp"] + curves.probe[1]["greedy_lp"]) / 2)
+    with pytest.raises(ValueError, match="no full step"):
+        train_preference(model, ex[:1], [("dpo", 1.0, {"beta": 0.5})], s, pad_id=tok.pad_token_id, progress=None)
 
 
 def test_micro_batches_split_each_ranks_share():
