@@ -190,6 +190,12 @@ class JudgeParams(_Strict):
 
 
 # --------------------------------------------------------------------------------------------- pairs
+class PairsFilter(_Strict):
+    """CHES's mitigation (Razin et al. 2025): drop the training pairs with the highest CHES."""
+    ches_top_percent: float = Field(ge=0, lt=100)  # 0: keep every pair
+    by: Literal["ches", "ches_norm"]
+
+
 class PairsParams(_Strict):
     scenario: Literal[1, 2, 3, 4]
     heldout_fraction: float = Field(ge=0, lt=1)
@@ -204,6 +210,7 @@ class PairsParams(_Strict):
     # of other stages' outputs, which this module does not import) by the pairs stage.
     inputs: list[str] = Field(min_length=3, max_length=3)
     on_bad_rows: Literal["error", "quarantine"]  # of a pairs file
+    filter: PairsFilter
 
     @field_validator("distance_buckets")
     @classmethod

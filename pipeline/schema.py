@@ -95,6 +95,9 @@ TABLES: dict[str, dict[str, Column]] = {
         "first_diff": C(pl.Int32),  # first differing token position (= min length if one is a prefix)
         "len_w": C(pl.Int32),
         "len_l": C(pl.Int32),
+        # CHES under the starting policy, and length-normalised (pipeline/data/ches.py)
+        "ches": C(pl.Float64),
+        "ches_norm": C(pl.Float64),
     },
     # pairs -> users: the pairs in TRL's conversational preference format (prompt, chosen, rejected) plus
     # our tags, one file per split (pipeline/data/trl_format.py); what a `pairs.source` file may hold.
@@ -145,6 +148,8 @@ TABLES: dict[str, dict[str, Column]] = {
         "len_l": C(pl.Int32),
         "edit_distance_norm": C(pl.Float64),
         "distance_bucket": C(pl.String),
+        "ches": C(pl.Float64),
+        "ches_norm": C(pl.Float64),
     },
     # train -> report: the fixed sets (every held-out pair, a fixed subset of training pairs) scored at step 0
     # (the policy before any update), every train.eval_every steps and after the last. One row per pair and step.

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     # As the reference was computed (truncation and precision), so that lp − ref is the change.
     lw, ll, _, _ = pair_logprobs(model, pairs, tokenizer.pad_token_id, params.batch_size,
                                  cfg.reference.max_length, progress=f"eval {args.variant}", bf16=cfg.train.bf16)
-    table = pairs.select("pair_id", "len_w", "len_l", "edit_distance_norm").join(
+    table = pairs.select("pair_id", "len_w", "len_l", "edit_distance_norm", "ches", "ches_norm").join(
         ref.select("pair_id", "ref_w", "ref_l"), on="pair_id", how="left").with_columns(
         pl.Series("lp_w", lw, dtype=pl.Float64), pl.Series("lp_l", ll, dtype=pl.Float64),
         pl.lit(args.variant).alias("variant"), bucketise(pairs, cfg.pairs.distance_buckets))

@@ -4,6 +4,9 @@ TRL's preference format.
 Inputs:  ``pairs.source`` ``judged``: data/prompts.parquet, the candidates and the judge's picks
          (data/judge); else the pairs file or folder it names (TRL format, pipeline/data/trl_format.py).
          Both: models/policy (tokenizer, and each side's log-prob under the starting policy).
+Work:    pairs from the judge's picks or the file; each tagged with edit distance, sources, scenario, each
+         side's log-prob and CHES under the starting policy; ``pairs.filter`` drops the training pairs of
+         highest CHES.
 Outputs: data/pairs.parquet (table ``pairs``); data/pairs_trl/{jsonl,parquet}/{train,test}.* (table
          ``pairs_trl``, `datasets.load_dataset` reads each folder); data/pairs_quarantine.jsonl (a pairs
          file's quarantined rows, always written, possibly empty); metrics/pairs.json.
@@ -25,7 +28,8 @@ from pipeline.config import load_params
 from pipeline.data import trl_format
 from pipeline.io import atomic_path, read_table, write_json, write_table
 from pipeline.model.logprobs import batched_logprobs
-from pipeline.data.pairs import build_imported_pairs, build_pairs, judge_scores, on_policy_summary
+from pipeline.data.pairs import (build_imported_pairs, build_pairs, filter_by_ches, judge_scores, on_policy_summary,
+                                 with_ches)
 
 log = logging.getLogger("pipeline.data.pairs")
 
@@ -63,6 +67,10 @@ def main(argv: list[str] | None = None) -> None:
         pairs, skipped = build_imported_pairs(rows, params.heldout_fraction, params.seed, policy_logprobs), {}
         prompt_messages = {r["prompt_id"]: r["prompt"] for r in rows}
         pair_scores = {r["pair_id"]: (r["score_chosen"], r["score_rejected"]) for r in rows}
+    # Each pair's CHES under the starting policy (truncated as training truncates); pairs.filter drops
+    # the training pairs with the highest
+    pairs = with_ches(pairs, policy, tokenizer.pad_token_id, cfg.reference.batch_size, cfg.reference.max_length)
+    pairs, filtered = filter_by_ches(pairs, params.filter.by, params.filter.ches_top_percent)
     trl = trl_format.export_frame(pairs, prompt_messages, pair_scores)
 
     # Outputs
@@ -73,11 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     n_train = int((pairs["split"] == "train").sum())
     metrics = {"source": params.source, "scenario": params.scenario if judged else trl_format.IMPORTED,
                "n_pairs": len(pairs), "n_train": n_train, "n_heldout": len(pairs) - n_train, "skipped": skipped,
-               "rows_read": rows_read, "quarantined": {"total": len(quarantine), "by_reason": dict(sorted(
+               "rows_read": rows_read, "filtered": filtered, "quarantined": {"total": len(quarantine), "by_reason": dict(sorted(
                    Counter(q["reason"] for q in quarantine).items()))}, "exported": exported,
                "mean_edit_distance": pairs["edit_distance"].mean(),
                "mean_edit_distance_norm": pairs["edit_distance_norm"].mean(),
-               "mean_first_diff": pairs["first_diff"].mean(), "on_policy": on_policy_summary(pairs)}
+               "mean_first_diff": pairs["first_diff"].mean(), "on_policy": on_policy_summary(pairs),
+               "mean_ches": pairs["ches"].mean(), "mean_ches_norm": pairs["ches_norm"].mean()}
     write_json(metrics, paths.metrics_file("pairs"))
     log.info("built %d pairs (%s: %d train, %d held out); skipped %s", len(pairs),
              f"scenario {params.scenario}" if judged else f"from {params.source}", n_train, len(pairs) - n_train,

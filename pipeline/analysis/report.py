@@ -113,6 +113,37 @@ def variant_findings(name: str, v: VariantInputs, start: pl.DataFrame, s: F.Stat
                    F.degradation_finding(name, v.fixed, s), F.squeezing_finding(name, v.probe, h, s)]
 
 
+def predictor_section(names: list[str], variants: dict[str, VariantInputs], s: F.StatSettings,
+                      record: dict) -> list[str]:
+    """Which predicts the change of held-out lp_w better, edit distance or CHES (Razin et al. 2025)? Spearman
+    correlations with paired bootstrap intervals, and the gap of their absolute values."""
+    if not all({"ches", "ches_norm"} <= set(variants[n].pairs.columns) for n in names):
+        return []
+    out = ["### Which predicts the fall of lp_w: edit distance or CHES?", "",
+           "Spearman's ρ between Δ chosen and each predictor over the held-out pairs (paired bootstrap interval, "
+           "test of ρ = 0), and the gap |ρ(CHES_norm)| − |ρ(edit distance)| with its paired bootstrap interval: "
+           "above zero, CHES ranks the pairs by their fall better. Razin et al. (arXiv 2410.08847) expect ρ < 0 "
+           "for CHES (higher CHES, more displacement) and ρ > 0 for edit distance.", "",
+           "| variant | ρ(Δ, edit distance) | ρ(Δ, CHES) | ρ(Δ, CHES_norm) | gap CHES_norm − edit distance | verdict |",
+           "|---|---|---|---|---|---|"]
+    boot = {"level": s.level, "n_resamples": s.n_resamples, "seed": s.seed}
+    for n in names:
+        p = variants[n].pairs
+        d = (p["lp_w"] - p["ref_w"]).to_numpy()
+        cells, fig = [], {}
+        for col in ("edit_distance_norm", "ches", "ches_norm"):
+            rho, t = S.spearman(p[col].to_numpy(), d, **boot)
+            cells.append(f"{rho.fmt()} (p {S.fmt_p(t.p_value)})" if math.isfinite(rho.estimate) else "n/a")
+            fig[col] = {"rho": asdict(rho), "test": asdict(t)}
+        gap = S.spearman_gap(p["edit_distance_norm"].to_numpy(), p["ches_norm"].to_numpy(), d, **boot)
+        fig["gap_ches_norm_minus_edit_distance"] = asdict(gap)
+        verdict = ("CHES_norm predicts better" if gap.low > 0 else "edit distance predicts better" if gap.high < 0
+                   else "not distinguishable at this size") if math.isfinite(gap.estimate) else "n/a"
+        out.append(f"| {n} | " + " | ".join(cells) + f" | {gap.fmt()} | {verdict} |")
+        record.setdefault("predictors", {})[n] = fig
+    return out + [""]
+
+
 def build_report(title: str, start_answers: pl.DataFrame, variants: dict[str, VariantInputs],
                  pipeline_metrics: dict[str, dict], out_dir: Path, s: F.StatSettings) -> tuple[str, dict]:
     """Write PNGs into ``out_dir``; return the Markdown text (image links relative to it) and every figure
@@ -220,6 +251,8 @@ def build_report(title: str, start_answers: pl.DataFrame, variants: dict[str, Va
             "n/a (one edit distance)"
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {slope} |")
     lines.append("")
+
+    lines += predictor_section(names, variants, s, record)
 
     # Curves on the fixed sets (the same pairs at every evaluation) and the training batches
     held = {n: fixed_set_series(variants[n].fixed, "heldout") for n in names}

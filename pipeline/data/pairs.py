@@ -187,3 +187,31 @@ def on_policy_summary(pairs: pl.DataFrame) -> dict:
             d = (own[f"{side}_sampler_logprob"] - own[f"{side}_policy_logprob"]).abs()
             out[f"{side}_sampler_vs_policy_abs_diff"] = {"mean": d.mean(), "max": d.max(), "n": len(own)}
     return out
+
+
+def with_ches(pairs: pl.DataFrame, policy, pad_id: int, batch_size: int, max_length: int) -> pl.DataFrame:
+    """``pairs`` with ``ches`` and ``ches_norm`` under ``policy`` (the starting policy), sequences truncated
+    to ``max_length`` as training truncates them."""
+    from pipeline.data.ches import ches_scores
+    from pipeline.model.logprobs import response_hidden_sums
+
+    if pairs.is_empty():
+        return pairs.with_columns(pl.lit(None, pl.Float64).alias("ches"), pl.lit(None, pl.Float64).alias("ches_norm"))
+    prompts = pairs["prompt_ids"].to_list()
+    h_w, n_w = response_hidden_sums(policy, prompts, pairs["chosen_ids"].to_list(), pad_id, batch_size, max_length)
+    h_l, n_l = response_hidden_sums(policy, prompts, pairs["rejected_ids"].to_list(), pad_id, batch_size, max_length)
+    ches, norm = ches_scores(h_w, h_l, n_w, n_l)
+    return pairs.with_columns(pl.Series("ches", ches, dtype=pl.Float64), pl.Series("ches_norm", norm, dtype=pl.Float64))
+
+
+def filter_by_ches(pairs: pl.DataFrame, by: str, percent: float) -> tuple[pl.DataFrame, dict]:
+    """Drop the ``percent`` % training pairs of highest ``by`` (ches or ches_norm); held-out pairs stay, so that
+    runs with and without the filter are evaluated on the same pairs. Returns the pairs and what was dropped."""
+    from pipeline.data.ches import top_share
+
+    train = pairs.filter(pl.col("split") == "train")
+    drop = top_share(train[by].to_list(), percent) if percent else set()
+    dropped = [train["pair_id"][i] for i in sorted(drop)]
+    info = {"by": by, "top_percent": percent, "dropped": len(dropped),
+            "threshold": min((train[by][i] for i in drop), default=None)}
+    return pairs.filter(~pl.col("pair_id").is_in(dropped)), info

@@ -145,6 +145,23 @@ def batched_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequenc
     return sums, counts
 
 
+@torch.no_grad()
+def response_hidden_sums(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                         batch_size: int, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (prompt, response): the sum over the response's tokens of the last-layer hidden state at the
+    position that predicts each token (the LM head's input), ``[N, d]`` float32 on the CPU, and the
+    token counts ``[N]``: the ``h_y`` of CHES (Razin et al. 2025, arXiv 2410.08847)."""
+    device = next(model.parameters()).device
+    out, counts = [], []
+    for s in range(0, len(prompts), batch_size):
+        ids, att, resp = collate(prompts[s: s + batch_size], responses[s: s + batch_size], pad_id, max_length)
+        hidden = _body(model)(input_ids=ids.to(device), attention_mask=att.to(device)).last_hidden_state.float()
+        target = resp[:, 1:].to(device)  # position t predicts token t + 1, as in sequence_logprobs
+        out.append((hidden[:, :-1] * target[..., None]).sum(1).cpu())
+        counts.append(target.sum(-1).cpu())
+    return torch.cat(out), torch.cat(counts)
+
+
 def reference_check(model, input_ids, attention_mask, response_mask) -> torch.Tensor:
     """Plain full-logits computation of the same quantity, for tests of :func:`sequence_logprobs`."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()

@@ -479,9 +479,9 @@ def train_preference(model, examples: Sequence[PairExample], terms, settings: Tr
     trainer = PreferenceTrainer(model, terms, settings, pad_id=pad_id, ctx=ctx)
     batches = step_batches(len(examples), settings.batch_size, settings.epochs, settings.seed,
                            drop_tail=settings.tail == "drop")
-    if not batches:
-        raise ValueError(f"train.batch_size = {settings.batch_size} is more than the {len(examples)} training pairs, "
-                         "and train.tail is 'drop': no full step; lower train.batch_size or set train.tail: keep")
+    if len(examples) < settings.batch_size:
+        log.warning("train.batch_size = %d is more than the %d training pairs: every step takes all of them",
+                    settings.batch_size, len(examples))
     n_steps = len(batches)
     log_fn = log_fn if ctx.is_main else None
     curves = curves if curves is not None else Curves()

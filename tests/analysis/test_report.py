@@ -15,7 +15,10 @@ def _variant(rng, shift: float, n_right: int) -> VariantInputs:
     pairs = pl.DataFrame({"pair_id": [f"p{i:02d}" for i in range(n)], "variant": ["v"] * n, "ref_w": [-20.0] * n,
                           "ref_l": [-25.0] * n, "lp_w": -20.0 + d_w, "lp_l": -27.0 + rng.normal(0, 0.3, n),
                           "len_w": [10] * n, "len_l": [12] * n, "edit_distance_norm": np.linspace(0, 0.9, n),
-                          "distance_bucket": ["0.00-0.50"] * 15 + ["0.50-1.00"] * 15}).with_columns(
+                          "distance_bucket": ["0.00-0.50"] * 15 + ["0.50-1.00"] * 15,
+                          # CHES tracks the fall of lp_w (the paper's claim), edit distance does not
+                          "ches": -3.0 * d_w + rng.normal(0, 0.05, n), "ches_norm": -d_w + rng.normal(0, 0.02, n)}
+                         ).with_columns(
         pl.col("len_w", "len_l").cast(pl.Int32))
     answers = pl.DataFrame({"prompt_id": [f"q{i:02d}" for i in range(40)], "correct": [i < n_right for i in range(40)]})
     fixed = pl.DataFrame([{"step": st, "set": w, "pair_id": f"p{i:02d}", "lp_w": -20.0 + d_w[i] * st / 8,
@@ -48,6 +51,9 @@ def test_build_report_prints_intervals_and_tests_and_fires_only_where_they_rejec
     assert record["between"][0]["delta_w_difference"]["low"] > 0  # dpop − dpo on the same pairs
     assert "the two differ at this size" in md
     assert "| dpo | " in md and "slope" in md
+    ches_row = next(line for line in md.splitlines() if line.startswith("| dpo | ") and "predicts" in line)
+    assert ches_row.endswith("| CHES_norm predicts better |")
+    assert record["predictors"]["dpo"]["ches_norm"]["rho"]["high"] < -0.9
     for png in ("accuracy", "logprobs", "displacement", "loss", "gradients", "squeezing"):
         assert (tmp_path / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -94,3 +94,14 @@ def test_spearman_equals_pearson_of_ranks_and_its_interval_covers_it():
     assert iv.low < iv.estimate < iv.high and iv.low > 0 and test.rejects(0.01)
     noise, noise_test = S.spearman(x, rng.normal(size=80), **BOOT)
     assert noise.low < 0 < noise.high or not noise_test.rejects(0.05)
+
+
+def test_spearman_gap_tells_the_better_predictor():
+    rng = np.random.default_rng(5)
+    y = rng.normal(size=60)
+    good, useless = -y + rng.normal(scale=0.3, size=60), rng.normal(size=60)  # the sign does not matter
+    gap = S.spearman_gap(useless, good, y, **BOOT)
+    rx, ry, rz = (np.argsort(np.argsort(v)) for v in (good, useless, y))
+    assert gap.estimate == pytest.approx(abs(np.corrcoef(rx, rz)[0, 1]) - abs(np.corrcoef(ry, rz)[0, 1]))
+    assert gap.low > 0
+    assert S.spearman_gap(good, useless, y, **BOOT).high < 0

@@ -68,7 +68,8 @@ def test_each_scenario_takes_its_sources(tokenizer, scenario, expected):
     calls = []
     pairs, skipped = build_pairs(prompts, cands, scores, sels, tokenizer, scenario, 0.0, 0,
                                  fake_policy_logprobs(calls), MIN_GAP)
-    conform(pairs, "pairs")
+    assert pairs["ches"].is_null().all()  # the stage adds CHES (with_ches, a forward of the policy)
+    conform(pairs.with_columns(ches=pl.lit(0.0), ches_norm=pl.lit(0.0)), "pairs")
     got = {r["prompt_id"]: (r["chosen_source"], r["chosen_text"], r["rejected_source"], r["rejected_text"])
            for r in pairs.iter_rows(named=True)}
     assert got == expected

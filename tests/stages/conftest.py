@@ -36,7 +36,8 @@ def workspace(tmp_path, monkeypatch, tiny_model_dir):
                       "chosen_source": "policy", "rejected_source": "policy", "chosen_correct": True,
                       "rejected_correct": False, "chosen_sampler_logprob": None, "rejected_sampler_logprob": None,
                       "chosen_policy_logprob": -1.0, "rejected_policy_logprob": -2.0, "scenario": 1,
-                      "edit_distance": 3, "edit_distance_norm": 0.3, "first_diff": 0, "len_w": len(w), "len_l": len(l_)})
+                      "edit_distance": 3, "edit_distance_norm": 0.3, "first_diff": 0, "len_w": len(w), "len_l": len(l_),
+                      "ches": -1.0, "ches_norm": -0.1})
     write_table(pl.DataFrame(prompts), tmp_path / "data/prompts.parquet", "prompts")
     write_table(pl.DataFrame(pairs), tmp_path / "data/pairs.parquet", "pairs")
     write_params(tmp_path / "params.yaml", {

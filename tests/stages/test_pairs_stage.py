@@ -184,3 +184,17 @@ def test_trl_dpo_trainer_trains_from_the_export(judged, tiny_model_dir):
     first = trainer.train_dataset[0]
     assert tok.decode(first["chosen_ids"], skip_special_tokens=True).strip() == train[0]["chosen"][0]["content"]
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_every_pair_has_ches_and_the_filter_drops_the_top_training_pairs(judged):
+    full = run_pairs(judged)
+    assert full["ches"].is_finite().all() and full["ches_norm"].is_finite().all()
+    train = full.filter(pl.col("split") == "train").sort("ches", descending=True)
+    filtered = run_pairs(judged, filter={"ches_top_percent": 50, "by": "ches"})
+    k = len(train) // 2
+    assert set(full["pair_id"]) - set(filtered["pair_id"]) == set(train["pair_id"][:k])
+    assert filtered.filter(pl.col("split") == "heldout")["pair_id"].to_list() == \
+        full.filter(pl.col("split") == "heldout")["pair_id"].to_list()
+    m = read_json(judged / "metrics/pairs.json")
+    assert m["filtered"] == {"by": "ches", "top_percent": 50, "dropped": k, "threshold": train["ches"][k - 1]}
+    assert m["n_train"] == len(train) - k

@@ -45,7 +45,8 @@ def workspace(tmp_path_factory, tiny_model_dir) -> Path:
                       "chosen_correct": True, "rejected_correct": False, "chosen_sampler_logprob": None,
                       "rejected_sampler_logprob": None, "chosen_policy_logprob": -1.0,
                       "rejected_policy_logprob": -2.0, "scenario": 1, "edit_distance": 1,
-                      "edit_distance_norm": 1 / len(w), "first_diff": 2, "len_w": len(w), "len_l": len(l_)})
+                      "edit_distance_norm": 1 / len(w), "first_diff": 2, "len_w": len(w), "len_l": len(l_),
+                      "ches": -1.0, "ches_norm": -0.1})
     pairs_df = pl.DataFrame(pairs)
     (rw, rl) = (batched_logprobs(model, pairs_df["prompt_ids"].to_list(), pairs_df[c].to_list(), tok.pad_token_id, 16)[0]
                 for c in ("chosen_ids", "rejected_ids"))
