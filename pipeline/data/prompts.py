@@ -28,19 +28,8 @@ from typing import Any, Literal
 
 import polars as pl
 
-from pipeline.data.rows import (  # noqa: F401 (reasons re-exported)
-    R_JSON,
-    R_MISSING,
-    R_TYPE,
-    R_UTF8,
-    WHOLE_LINE,
-    RowError,
-    check_on_bad_rows,
-    jsonl_records,
-    no_good_rows,
-    parquet_records,
-    validate_rows,
-)
+from pipeline.data.rows import (R_JSON, R_MISSING, R_TYPE, R_UTF8, WHOLE_LINE,  # noqa: F401 (reasons re-exported)
+                                RowError, check_on_bad_rows, jsonl_records, no_good_rows, parquet_records, validate_rows)
 
 OUR_FIELDS = ("question", "answer", "solution", "id")
 PRESETS: dict[str, dict[str, str]] = {
