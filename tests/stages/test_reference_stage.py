@@ -10,7 +10,7 @@ import shutil
 import polars as pl
 
 from pipeline.config import load_params
-from pipeline.io import read_table
+from pipeline.io import read_table, write_table
 from pipeline.model import loading
 from pipeline.training.trainer import PairExample, train_preference
 
@@ -63,3 +63,15 @@ def test_train_stage_records_the_first_step_check(workspace):
     check, tol = metrics["ref_check"], load_params("params.yaml").train.ref_check_tol
     assert check["tol"] == tol and check["passed"] is True
     assert 0 <= check["gap_mean"] <= check["gap_max"] <= TINY_TOL
+
+
+def test_train_stage_without_held_out_pairs_scores_the_training_set_only(workspace):
+    """pairs.heldout_fraction 0 (or pairs that are all training pairs): no empty fixed set is scored."""
+    from stages import reference, train
+
+    pairs = read_table("data/pairs.parquet", "pairs").with_columns(pl.lit("train").alias("split"))
+    write_table(pairs, "data/pairs.parquet", "pairs")
+    reference.main(["--params", "params.yaml"])
+    train.main(["--params", "params.yaml", "--variant", "dpo"])
+    curves = read_table("data/train/dpo/fixed_curves.parquet", "fixed_curves")
+    assert set(curves["set"]) == {"train"} and curves.filter(pl.col("step") == 0).height == N_PAIRS
