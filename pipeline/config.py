@@ -196,14 +196,28 @@ class PairsFilter(_Strict):
     by: Literal["ches", "ches_norm"]
 
 
+class PairsConstructed(_Strict):
+    """``pairs.source: constructed``: correct responses and controlled edits of them (pipeline/data/edits.py)."""
+    chosen: list[Literal["policy", "gold"]] = Field(min_length=1)  # first source with a correct response
+    edits: list[Literal["final", "step", "all"]] = Field(min_length=1)  # taken in turn by the prompts of a split
+
+    @field_validator("chosen", "edits")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("must not repeat a value")
+        return v
+
+
 class PairsParams(_Strict):
     scenario: Literal[1, 2, 3, 4]
     heldout_fraction: float = Field(ge=0, lt=1)
     seed: int
     # Edges of the normalised-edit-distance buckets used by evaluate and the report.
     distance_buckets: list[float]
-    # "judged" (the judge's picks among the sampled candidates) or the path of a pairs file or folder
-    # in TRL's preference format (pipeline/data/trl_format.py).
+    # "judged" (the judge's picks among the sampled candidates), "constructed" (a correct response and a
+    # controlled edit of it, `constructed` below) or the path of a pairs file or folder in TRL's
+    # preference format (pipeline/data/trl_format.py).
     source: str = Field(min_length=1)
     # The stage's DVC data deps, interpolated into dvc.yaml (which cannot choose deps by a value), so
     # they must follow `source`: a file's checked here, before any stage runs; the judged ones (paths
@@ -211,6 +225,7 @@ class PairsParams(_Strict):
     inputs: list[str] = Field(min_length=3, max_length=3)
     on_bad_rows: Literal["error", "quarantine"]  # of a pairs file
     filter: PairsFilter
+    constructed: PairsConstructed
 
     @field_validator("distance_buckets")
     @classmethod
@@ -223,7 +238,7 @@ class PairsParams(_Strict):
     @classmethod
     def _inputs_follow_source(cls, v: list[str], info) -> list[str]:
         source = info.data.get("source")
-        if source in (None, "judged"):
+        if source in (None, "judged", "constructed"):
             return v  # source itself is invalid (that error is reported), or the stage checks
         if any(os.path.normpath(p) != os.path.normpath(source) for p in v):
             raise ValueError(f"must be {[source] * 3} when pairs.source is {source!r} (the stage's DVC deps: your "

@@ -80,8 +80,8 @@ TABLES: dict[str, dict[str, Column]] = {
         "rejected_ids": C(IDS),
         "chosen_text": C(pl.String),
         "rejected_text": C(pl.String),
-        "chosen_source": C(pl.String),  # policy | gold | other
-        "rejected_source": C(pl.String),
+        "chosen_source": C(pl.String),  # policy | gold | other | imported
+        "rejected_source": C(pl.String),  # the same, or edit:<kind> (pairs.source constructed, data/edits.py)
         "chosen_correct": C(pl.Boolean, nullable=True),
         "rejected_correct": C(pl.Boolean, nullable=True),
         "chosen_sampler_logprob": C(pl.Float64, nullable=True),  # under the model that sampled it; null for gold
@@ -89,7 +89,7 @@ TABLES: dict[str, dict[str, Column]] = {
         # Under the starting policy: how on-policy each side is (policy samples: ~ the sampler's own).
         "chosen_policy_logprob": C(pl.Float64),
         "rejected_policy_logprob": C(pl.Float64),
-        "scenario": C(pl.Int8),
+        "scenario": C(pl.Int8),  # 1-4: the 3D-properties paper's; 0: none of them (constructed, imported)
         "edit_distance": C(pl.Int32),  # token-level Levenshtein distance
         "edit_distance_norm": C(pl.Float64),  # / max(len_w, len_l)
         "first_diff": C(pl.Int32),  # first differing token position (= min length if one is a prefix)
@@ -107,8 +107,8 @@ TABLES: dict[str, dict[str, Column]] = {
         "rejected": C(MESSAGES),
         "pair_id": C(pl.String),
         "prompt_id": C(pl.String),
-        "scenario": C(pl.Int8),  # 1-4 as in `pairs`; 0: imported from a file that did not say
-        "chosen_source": C(pl.String),  # policy | gold | other | imported
+        "scenario": C(pl.Int8),  # 1-4 as in `pairs`; 0: constructed, or imported from a file that did not say
+        "chosen_source": C(pl.String),  # policy | gold | other | imported (rejected also edit:<kind>)
         "rejected_source": C(pl.String),
         "chosen_correct": C(pl.Boolean, nullable=True),
         "rejected_correct": C(pl.Boolean, nullable=True),

@@ -1,10 +1,12 @@
 """Stage `pairs`: chosen/rejected pairs tagged with edit distance, sources and scenario, also written in
 TRL's preference format.
 
-Inputs:  ``pairs.source`` ``judged``: data/prompts.parquet, the candidates and the judge's picks
-         (data/judge); else the pairs file or folder it names (TRL format, pipeline/data/trl_format.py).
+Inputs:  ``pairs.source`` ``judged`` or ``constructed``: data/prompts.parquet, the candidates and the judge's
+         picks and scores (data/judge); else the pairs file or folder it names (TRL format,
+         pipeline/data/trl_format.py).
          Both: models/policy (tokenizer, and each side's log-prob under the starting policy).
-Work:    pairs from the judge's picks or the file; each tagged with edit distance, sources, scenario, each
+Work:    pairs from the judge's picks, constructed (a correct response and a controlled edit of it), or
+         from the file; each tagged with edit distance, sources, scenario, each
          side's log-prob and CHES under the starting policy; ``pairs.filter`` drops the training pairs of
          highest CHES.
 Outputs: data/pairs.parquet (table ``pairs``); data/pairs_trl/{jsonl,parquet}/{train,test}.* (table
@@ -25,11 +27,11 @@ from pipeline import paths
 from pipeline.model import loading
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
-from pipeline.data import trl_format
+from pipeline.data import tagging, trl_format
 from pipeline.io import atomic_path, read_table, write_json, write_table
 from pipeline.model.logprobs import batched_logprobs
-from pipeline.data.pairs import (build_imported_pairs, build_pairs, filter_by_ches, judge_scores, on_policy_summary,
-                                 with_ches)
+from pipeline.data.pairs import (build_constructed_pairs, build_imported_pairs, build_pairs, filter_by_ches,
+                                 judge_scores, on_policy_summary, with_ches)
 
 log = logging.getLogger("pipeline.data.pairs")
 
@@ -38,10 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     # Inputs and params
     cfg = load_params(args.params)
     params = cfg.pairs
-    judged = params.source == trl_format.JUDGED
-    if judged and [os.path.normpath(p) for p in params.inputs] != trl_format.judged_inputs():
+    built = params.source in (trl_format.JUDGED, trl_format.CONSTRUCTED)  # from our own stages' outputs
+    if built and [os.path.normpath(p) for p in params.inputs] != trl_format.judged_inputs():
         raise ValueError(f"{args.params}: pairs.inputs: must be {trl_format.judged_inputs()} when pairs.source is "
-                         f"'judged' (the stage's DVC deps: the candidates and the judge's picks)")
+                         f"{params.source!r} (the stage's DVC deps: the candidates and the judge's picks)")
     tokenizer = loading.load_tokenizer(paths.POLICY_DIR)
     policy = loading.load_model(paths.POLICY_DIR, cfg.policy.dtype, loading.device_for()).eval()
 
@@ -49,18 +51,24 @@ def main(argv: list[str] | None = None) -> None:
         return batched_logprobs(policy, prompt_ids, response_ids, tokenizer.pad_token_id, cfg.reference.batch_size,
                                 progress="policy log-probs")[0]
 
-    # Work: the scenario's pairs from the judge's picks, or the file's pairs; each side tagged with its
-    # log-prob under the starting policy
-    if judged:
+    # Work: the scenario's pairs from the judge's picks, constructed pairs, or the file's pairs; each side
+    # tagged with its log-prob under the starting policy
+    if built:
         prompts = read_table(paths.PROMPTS, "prompts")
         candidates = pl.concat([read_table(paths.candidates(src), "candidates") for src in ("policy", "other")])
         scores = read_table(paths.SCORES, "scores")
         selections = read_table(paths.SELECTIONS, "selections")
-        pairs, skipped = build_pairs(prompts, candidates, scores, selections, tokenizer, params.scenario,
-                                     params.heldout_fraction, params.seed, policy_logprobs, cfg.judge.min_gap)
+        if params.source == trl_format.CONSTRUCTED:
+            pairs, skipped = build_constructed_pairs(
+                prompts, candidates, scores, tokenizer, params.constructed.chosen, params.constructed.edits,
+                params.heldout_fraction, params.seed, policy_logprobs)
+        else:
+            pairs, skipped = build_pairs(prompts, candidates, scores, selections, tokenizer, params.scenario,
+                                         params.heldout_fraction, params.seed, policy_logprobs, cfg.judge.min_gap)
         prompt_messages = {r["prompt_id"]: [{"role": "user", "content": r["prompt"]}]
                            for r in prompts.iter_rows(named=True)}
-        pair_scores = judge_scores(pairs, selections)
+        # constructed pairs' rejected were never judged: their scores stay null in the export
+        pair_scores = judge_scores(pairs, selections) if params.source == trl_format.JUDGED else {}
         quarantine, rows_read = [], None
     else:
         rows, quarantine, rows_read = trl_format.read_pairs_file(params.source, tokenizer, params.on_bad_rows)
@@ -79,7 +87,13 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_path(paths.PAIRS_QUARANTINE) as tmp:
         tmp.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine), encoding="utf-8")
     n_train = int((pairs["split"] == "train").sum())
-    metrics = {"source": params.source, "scenario": params.scenario if judged else trl_format.IMPORTED,
+    metrics = {"source": params.source, "scenario": (params.scenario if params.source == trl_format.JUDGED
+                                                              else params.source if built else trl_format.IMPORTED),
+               "edits": dict(sorted(Counter(pairs.filter(pl.col("rejected_source").str.starts_with("edit:"))
+                                            ["rejected_source"].to_list()).items())),
+               "by_distance_bucket": {split: dict(sorted(Counter(
+                   tagging.bucket_of(v, params.distance_buckets) for v in pairs.filter(pl.col("split") == split)
+                   ["edit_distance_norm"]).items())) for split in ("train", "heldout")},
                "n_pairs": len(pairs), "n_train": n_train, "n_heldout": len(pairs) - n_train, "skipped": skipped,
                "rows_read": rows_read, "filtered": filtered, "quarantined": {"total": len(quarantine), "by_reason": dict(sorted(
                    Counter(q["reason"] for q in quarantine).items()))}, "exported": exported,
@@ -89,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                "mean_ches": pairs["ches"].mean(), "mean_ches_norm": pairs["ches_norm"].mean()}
     write_json(metrics, paths.metrics_file("pairs"))
     log.info("built %d pairs (%s: %d train, %d held out); skipped %s", len(pairs),
-             f"scenario {params.scenario}" if judged else f"from {params.source}", n_train, len(pairs) - n_train,
+             f"scenario {params.scenario}" if params.source == trl_format.JUDGED else f"from {params.source}", n_train, len(pairs) - n_train,
              skipped or "none")
     if quarantine:
         log.warning("%d bad pair row(s) quarantined (%s), see %s", len(quarantine), ", ".join(
@@ -97,8 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     if n_train == 0:
         raise ValueError(f"{paths.PAIRS}: no training pairs (skipped: {skipped}); "
                          + ("sample more candidates (sample.n), raise sample.temperature, or try another "
-                            "pairs.scenario" if judged else f"{params.source} holds too few prompts for "
-                                                              "pairs.heldout_fraction"))
+                            "pairs.scenario" if params.source == trl_format.JUDGED else
+                            "add gold to pairs.constructed.chosen, or raise prepare.n_train"
+                            if built else f"{params.source} holds too few prompts for pairs.heldout_fraction"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Stage `report`: one Markdown report with PNG plots putting the variants side by side, every finding decided
 by a test (pipeline/analysis/findings.py), and findings.json with every figure behind it.
 
-Inputs:  metrics of the stages; per variant data/eval/<v>/ (held-out pairs, greedy answers),
+Inputs:  metrics of the stages; data/pairs.parquet (each pair's edit distance); per variant data/eval/<v>/ (held-out pairs, greedy answers),
          data/train/<v>/ (fixed-set and probe curves), dvclive/train/<v>/ (training batches);
          data/policy/generations.parquet (the starting policy's answers on the same test prompts).
 Outputs: reports/main/{report.md, findings.json, *.png}.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.analysis.findings import StatSettings, json_safe
+from pipeline.analysis.heldout import bucketise
 from pipeline.analysis.report import VariantInputs, build_report, read_live_history
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
@@ -39,12 +40,15 @@ def main(argv: list[str] | None = None) -> None:
                                  fixed=_optional_table(paths.fixed_curves(v), "fixed_curves"),
                                  probe=_optional_table(paths.probe_curves(v), "probe_curves"))
                 for v in sorted(cfg.variants)}
+    distances = read_table(paths.PAIRS, "pairs").select("pair_id", "edit_distance_norm")
+    distances = distances.with_columns(bucketise(distances, cfg.pairs.distance_buckets))
     stage_metrics = {s: read_json(paths.metrics_file(s)) for s in ("prepare", "sample", "judge", "pairs")
                      if Path(paths.metrics_file(s)).is_file()}
 
     # Work and outputs: the folder is written whole, then renamed into place
     with atomic_dir(paths.REPORT_DIR) as tmp:
-        text, figures = build_report(cfg.report.title, start_answers, variants, stage_metrics, tmp, settings)
+        text, figures = build_report(cfg.report.title, start_answers, variants, stage_metrics, tmp, settings,
+                                     distances)
         (tmp / "report.md").write_text(text, encoding="utf-8")
         write_json(json_safe(figures), tmp / "findings.json")
     fired = [f"{v}: {f['kind']}" for v, r in figures["variants"].items() for f in r["findings"] if f["fired"]]

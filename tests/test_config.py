@@ -37,6 +37,10 @@ def test_repository_params_parse():
     ("prepare.on_bad_rows", "ignore", "prepare.on_bad_rows"),
     ("pairs.heldout_fraction", 1.5, "pairs.heldout_fraction"),
     ("policy.warmup.epochs", 0, "policy.warmup.epochs"),
+    ("pairs.constructed.edits", ["final", "swap"], "pairs.constructed.edits"),
+    ("pairs.constructed.edits", ["final", "final"], "pairs.constructed.edits"),
+    ("pairs.constructed.edits", [], "pairs.constructed.edits"),
+    ("pairs.constructed.chosen", ["other"], "pairs.constructed.chosen"),
 ])
 def test_wrong_type_names_the_key(path, value, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

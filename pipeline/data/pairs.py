@@ -5,6 +5,7 @@ tagged alike."""
 from __future__ import annotations
 
 import hashlib
+import random
 from collections import Counter
 from collections.abc import Callable
 
@@ -13,6 +14,8 @@ import polars as pl
 from pipeline.data import tagging
 from pipeline.data.trl_format import IMPORTED, SCENARIO_IMPORTED
 from pipeline.model.logprobs import encode_prompt, encode_response
+
+EDIT_SOURCE = "edit"  # rejected_source of constructed pairs: edit:<kind>
 
 
 def is_heldout(prompt_id: str, fraction: float, seed: int) -> bool:
@@ -105,6 +108,79 @@ def build_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.Data
             "scenario": scenario,
             **token_tags(c_ids, r_ids),
         })
+    return _with_policy_logprobs(rows, policy_logprobs), dict(skipped)
+
+
+def build_constructed_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.DataFrame,
+                            tokenizer, chosen_from: list[str], edits: list[str], heldout_fraction: float, seed: int,
+                            policy_logprobs: Callable[[list[list[int]], list[list[int]]], list[float]]
+                            ) -> tuple[pl.DataFrame, dict]:
+    """One constructed pair per usable prompt of the ``train`` split: the chosen a correct response, the
+    rejected that response with a controlled edit (:mod:`pipeline.data.edits`), as the DPOP paper built its
+    low-edit-distance sets (arXiv 2402.13228). Returns the pairs table and counts of skipped prompts.
+
+    The chosen is taken from the first source of ``chosen_from`` that has a correct response: ``policy``,
+    the policy's correct candidate of highest sampler log-prob (the most on-policy one), or ``gold``, the
+    dataset's solution. Within each split the usable prompts, in the order of a seeded hash, take the kinds
+    of ``edits`` in turn, so every kind has the same number of pairs (to one) in each split; the pairs then
+    span edit distance. Tags: ``rejected_source`` ``edit:<kind>``, scenario 0 (none of the four of the
+    3D-properties paper: the rejected is neither sampled nor another model's).
+    """
+    from pipeline.data import edits as E
+
+    correct = {(r["prompt_id"], r["candidate_idx"]) for r in scores.filter(
+        (pl.col("source") == "policy") & pl.col("correct")).select("prompt_id", "candidate_idx").iter_rows(named=True)}
+    best: dict[str, dict] = {}
+    for c in candidates.filter(pl.col("source") == "policy").iter_rows(named=True):
+        if (c["prompt_id"], c["candidate_idx"]) in correct:
+            b = best.get(c["prompt_id"])
+            if b is None or (c["logprob_sum"], -c["candidate_idx"]) > (b["logprob_sum"], -b["candidate_idx"]):
+                best[c["prompt_id"]] = c
+    skipped: Counter[str] = Counter()
+    usable: dict[str, list[tuple[dict, str, list[int], str, float | None]]] = {"train": [], "heldout": []}
+    for p in prompts.filter(pl.col("split") == "train").iter_rows(named=True):
+        for src in chosen_from:
+            if src == "policy" and p["prompt_id"] in best:
+                c = best[p["prompt_id"]]
+                choice = (p, "policy", list(c["token_ids"]), c["text"], c["logprob_sum"])
+                break
+            if src == "gold" and p["solution"] is not None:
+                choice = (p, "gold", encode_response(tokenizer, p["solution"]), p["solution"], None)
+                break
+        else:
+            skipped["no_correct_" + "_or_".join(chosen_from)] += 1
+            continue
+        usable["heldout" if is_heldout(p["prompt_id"], heldout_fraction, seed) else "train"].append(choice)
+    rows = []
+    for split, items in usable.items():
+        items.sort(key=lambda it: hashlib.sha1(f"{seed}:edit:{it[0]['prompt_id']}".encode()).hexdigest())
+        for i, (p, src, c_ids, c_text, c_lp) in enumerate(items):
+            kind = edits[i % len(edits)]
+            rng = random.Random(f"{seed}:{p['prompt_id']}:{kind}")
+            r_text = E.edit(c_text, kind, p["answer"], rng)
+            r_ids = encode_response(tokenizer, r_text) if r_text is not None else c_ids
+            if r_text is None or r_ids == c_ids:
+                skipped["no_number_to_edit"] += 1
+                continue
+            rows.append({
+                "pair_id": f"{p['prompt_id']}-e{kind}",
+                "prompt_id": p["prompt_id"],
+                "split": split,
+                "prompt_ids": encode_prompt(tokenizer, p["prompt"]),
+                "chosen_ids": c_ids,
+                "rejected_ids": r_ids,
+                "chosen_text": c_text,
+                "rejected_text": r_text,
+                "chosen_source": src,
+                "rejected_source": f"{EDIT_SOURCE}:{kind}",
+                "chosen_correct": True,
+                "rejected_correct": False,
+                "chosen_sampler_logprob": c_lp,
+                "rejected_sampler_logprob": None,
+                "scenario": SCENARIO_IMPORTED,
+                **token_tags(c_ids, r_ids),
+            })
+    rows.sort(key=lambda r: r["pair_id"])
     return _with_policy_logprobs(rows, policy_logprobs), dict(skipped)
 
 

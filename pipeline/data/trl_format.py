@@ -34,6 +34,7 @@ from pipeline.model.logprobs import encode_prompt, encode_response
 from pipeline.schema import conform
 
 JUDGED = "judged"  # pairs.source of pairs built from the judge's picks
+CONSTRUCTED = "constructed"  # pairs.source of correct responses and controlled edits of them (data/edits.py)
 IMPORTED = "imported"  # chosen_source / rejected_source of imported pairs whose file does not say
 SCENARIO_IMPORTED = 0  # scenario of imported pairs whose file does not say (1-4: the paper's, tagging)
 SPLIT_FILES = {"train": "train", "heldout": "test"}  # our split -> the file (Hugging Face split) name
@@ -51,7 +52,8 @@ R_VALUE = "bad value"
 
 
 def judged_inputs() -> list[str]:
-    """``pairs.inputs`` when ``pairs.source`` is ``judged``: the candidates and the judge's picks."""
+    """``pairs.inputs`` when ``pairs.source`` is ``judged`` or ``constructed``: the candidates and the judge's
+    picks and scores."""
     return [paths.CANDIDATES, paths.CANDIDATES_OTHER, str(Path(paths.SCORES).parent)]
 
 

@@ -40,6 +40,19 @@ def extract_answer(text: str) -> tuple[str | None, bool]:
     return (normalise_number(nums[-1]) if nums else None), False
 
 
+def final_answer_span(text: str) -> tuple[int, int] | None:
+    """Where :func:`extract_answer` reads the final answer: the last ``Answer: <n>`` number, else the last
+    number; None when the text has no number."""
+    m = None
+    for m in _ANSWER_RE.finditer(text):
+        pass
+    if m is not None:
+        return m.span(1)
+    for m in _NUMBER_RE.finditer(text):
+        pass
+    return m.span() if m is not None else None
+
+
 def is_correct(text: str, gold: str) -> tuple[bool, str | None, bool]:
     """(correct, extracted answer, stated as ``Answer: <number>``) of a response against the gold answer."""
     pred, formatted = extract_answer(text)

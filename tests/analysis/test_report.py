@@ -102,3 +102,38 @@ def test_scenario_table_side_by_side():
     md = scenario_table([{**rows[0], "eval": ev(0.2)}, rows[2]], "dpop")
     assert "lp_w falls least in scenario 2 (Δ chosen +0.20), not in scenario 1." in md
     assert "In this run" not in scenario_table([rows[0], rows[1]], "dpo")
+
+
+def test_trained_pairs_slope_on_edit_distance_fires_only_where_the_fall_depends_on_distance(tmp_path: Path):
+    """The edit-distance table has a row for the trained pairs (the fixed training subset at the last step),
+    whose slope of Δ chosen on edit distance is tested: an effect (low distance falls more) is found, noise
+    is not; without the pairs' distances the row is left out."""
+    rng = np.random.default_rng(1)
+    start = pl.DataFrame({"prompt_id": [f"q{i:02d}" for i in range(40)], "correct": [i < 20 for i in range(40)]})
+    dist = np.linspace(0.05, 0.6, 30)
+    distances = pl.DataFrame({"pair_id": [f"p{i:02d}" for i in range(30)], "edit_distance_norm": dist,
+                              "distance_bucket": ["[0.00,0.15)" if x < 0.15 else "[0.15,0.30)" if x < 0.3
+                                                  else "[0.30,1.00]" for x in dist]})
+    variants = {}
+    for name, effect in (("dpo", 4.0), ("dpop", 0.0)):
+        v = _variant(rng, 0.0, 20)
+        d = -2.0 + effect * dist + rng.normal(0, 0.3, 30) if effect else rng.normal(0, 0.3, 30)
+        v.fixed = v.fixed.with_columns(pl.when((pl.col("set") == "train") & (pl.col("step") == 8))
+                                       .then(-20.0 + pl.col("pair_id").str.slice(1).cast(pl.Int64).map_elements(
+                                           lambda i: float(d[i]), return_dtype=pl.Float64))
+                                       .otherwise(pl.col("lp_w")).alias("lp_w"))
+        variants[name] = v
+    md, record = build_report("T", start, variants, {}, tmp_path, S, distances)
+    slope = record["trained_pairs_slope"]
+    assert slope["dpo"]["n"] == 30 and slope["dpo"]["slope"]["low"] > 0 and slope["dpo"]["test"]["p_value"] < 0.05
+    assert abs(slope["dpo"]["slope"]["estimate"] - 4.0) < 1.5  # the least-squares slope recovers the effect
+    assert slope["dpop"]["test"]["p_value"] > 0.05
+    rows = {line.split(" | ")[0] + " | " + line.split(" | ")[1]: line for line in md.splitlines()
+            if "trained (fixed subset)" in line}
+    assert set(rows) == {"| dpo | trained (fixed subset)", "| dpop | trained (fixed subset)"}
+    counts = [int((distances["distance_bucket"] == b).sum()) for b in sorted(set(distances["distance_bucket"]))]
+    assert all(f"(n={c})" in rows["| dpo | trained (fixed subset)"] for c in counts)
+    assert "< α = 0.05)" in rows["| dpo | trained (fixed subset)"]
+    assert "≥ α = 0.05)" in rows["| dpop | trained (fixed subset)"]
+    md, record = build_report("T", start, variants, {}, tmp_path, S)
+    assert "trained (fixed subset)" not in md and "trained_pairs_slope" not in record

@@ -104,3 +104,40 @@ def test_on_policy_summary_reads_how_on_policy_a_pair_is(tokenizer):
     assert s["chosen_policy_logprob_per_token"] == pytest.approx(-0.5)
     # policy-sampled chosen side: |sampler - policy| is reported; the other model's side is not
     assert s["chosen_sampler_vs_policy_abs_diff"]["n"] == 2 and "rejected_sampler_vs_policy_abs_diff" not in s
+
+
+def test_constructed_pairs_take_a_correct_chosen_and_balanced_edit_kinds(tokenizer):
+    """source constructed: the chosen is the policy's correct candidate (p1), else the gold solution (p2, whose
+    samples are all wrong); the rejected is an edit of it, wrong; within a split the kinds take turns."""
+    from pipeline.data.pairs import build_constructed_pairs
+
+    prompts, cands, scores, _ = tables(tokenizer)
+    calls = []
+    pairs, skipped = build_constructed_pairs(prompts, cands, scores, tokenizer, ["policy", "gold"],
+                                             ["final", "all"], 0.0, 0, fake_policy_logprobs(calls))
+    got = {r["prompt_id"]: r for r in pairs.iter_rows(named=True)}
+    assert (got["p1"]["chosen_source"], got["p1"]["chosen_text"]) == ("policy", "Answer: 3")
+    assert (got["p2"]["chosen_source"], got["p2"]["chosen_text"]) == ("gold", "3 + 4 = 7\nAnswer: 7")
+    assert sorted(r["rejected_source"] for r in got.values()) == ["edit:all", "edit:final"]
+    for r in got.values():
+        assert r["pair_id"] == f"{r['prompt_id']}-e{r['rejected_source'][5:]}"
+        assert r["rejected_text"] != r["chosen_text"] and r["rejected_correct"] is False and r["chosen_correct"]
+        assert r["scenario"] == 0 and r["rejected_sampler_logprob"] is None
+        assert r["rejected_ids"] == encode_response(tokenizer, r["rejected_text"])
+    assert got["p1"]["chosen_sampler_logprob"] == -1.0 and got["p2"]["chosen_sampler_logprob"] is None
+    assert calls == [2, 2] and skipped == {}
+    conform(pairs.with_columns(ches=pl.lit(0.0), ches_norm=pl.lit(0.0)), "pairs")
+
+    # policy only: p2 has no correct sample and is counted, not silently dropped
+    pairs, skipped = build_constructed_pairs(prompts, cands, scores, tokenizer, ["policy"], ["step"], 0.0, 0,
+                                             fake_policy_logprobs([]))
+    assert pairs["prompt_id"].to_list() == ["p1"] and skipped == {"no_correct_policy": 1}
+
+    # many prompts, half held out: each split's kinds differ in count by at most one, every pair is wrong
+    many = pl.concat([prompts.with_columns(prompt_id=pl.lit(f"q{i}")) for i in range(30)])
+    pairs, _ = build_constructed_pairs(many.filter(pl.col("prompt_id") != "p1"), cands, scores, tokenizer,
+                                       ["gold"], ["final", "step", "all"], 0.5, 0, fake_policy_logprobs([]))
+    for split in ("train", "heldout"):
+        counts = pairs.filter(pl.col("split") == split)["rejected_source"].value_counts()["count"].to_list()
+        assert len(counts) == 3 and max(counts) - min(counts) <= 1, (split, counts)
+    assert not pairs["rejected_correct"].any()

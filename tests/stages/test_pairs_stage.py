@@ -198,3 +198,30 @@ def test_every_pair_has_ches_and_the_filter_drops_the_top_training_pairs(judged)
     m = read_json(judged / "metrics/pairs.json")
     assert m["filtered"] == {"by": "ches", "top_percent": 50, "dropped": k, "threshold": train["ches"][k - 1]}
     assert m["n_train"] == len(train) - k
+
+
+def test_constructed_source_edits_the_correct_candidates_and_counts_the_kinds(judged):
+    """pairs.source constructed: each prompt's correct candidate against an edit of it, the kinds in turn,
+    counted per kind and per distance bucket in the metrics; the export round-trips the tags."""
+    pairs = run_pairs(judged, source="constructed", constructed={"chosen": ["policy"], "edits": ["final", "all"]})
+    assert len(pairs) == N_PROMPTS and set(pairs["chosen_source"]) == {"policy"}
+    assert (pairs["chosen_text"] == pl.Series([f"Answer: {2 * int(p[1:]) + 5}" for p in pairs["prompt_id"]])).all()
+    assert not pairs["rejected_correct"].any() and set(pairs["scenario"]) == {0}
+    assert (pairs["rejected_text"] != pairs["chosen_text"]).all()
+    m = read_json(judged / "metrics/pairs.json")
+    assert (m["source"], m["scenario"], m["n_pairs"]) == ("constructed", "constructed", N_PROMPTS)
+    assert m["edits"] == dict(pairs["rejected_source"].value_counts().sort("rejected_source").iter_rows())
+    for split in ("train", "heldout"):
+        kinds = pairs.filter(pl.col("split") == split)["rejected_source"].value_counts()["count"]
+        assert kinds.max() - kinds.min() <= 1  # the kinds take turns within each split
+        assert sum(m["by_distance_bucket"][split].values()) == int((pairs["split"] == split).sum())
+    export = pl.concat([pl.read_parquet(judged / f"data/pairs_trl/parquet/{s}.parquet") for s in ("train", "test")])
+    assert export["score_chosen"].is_null().all() and export["score_rejected"].is_null().all()  # never judged
+    assert sorted(export["rejected_source"]) == sorted(pairs["rejected_source"])
+    # the judged inputs are its deps too: another list is refused, naming the key
+    params = yaml.safe_load((judged / "params.yaml").read_text())
+    params["pairs"]["inputs"] = ["a.jsonl"] * 3
+    (judged / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    from stages import pairs as stage
+    with pytest.raises(ValueError, match="pairs.inputs: must be .* when pairs.source is 'constructed'"):
+        stage.main(["--params", "params.yaml"])
