@@ -29,9 +29,9 @@ from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.data import tagging, trl_format
 from pipeline.io import atomic_path, read_table, write_json, write_table
-from pipeline.model.logprobs import batched_logprobs
+from pipeline.model.logprobs import response_logprobs_and_hidden
 from pipeline.data.pairs import (build_constructed_pairs, build_imported_pairs, build_pairs, filter_by_ches,
-                                 judge_scores, on_policy_summary, with_ches)
+                                 judge_scores, on_policy_summary)
 
 log = logging.getLogger("pipeline.data.pairs")
 
@@ -47,12 +47,13 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = loading.load_tokenizer(paths.POLICY_DIR)
     policy = loading.load_model(paths.POLICY_DIR, cfg.policy.dtype, loading.device_for()).eval()
 
-    def policy_logprobs(prompt_ids, response_ids):
-        return batched_logprobs(policy, prompt_ids, response_ids, tokenizer.pad_token_id, cfg.reference.batch_size,
-                                progress="policy log-probs")[0]
+    def policy_tags(prompt_ids, response_ids):  # truncated as training truncates
+        return response_logprobs_and_hidden(policy, prompt_ids, response_ids, tokenizer.pad_token_id,
+                                            cfg.reference.batch_size, cfg.reference.max_length,
+                                            progress="policy log-probs and hidden states")
 
     # Work: the scenario's pairs from the judge's picks, constructed pairs, or the file's pairs; each side
-    # tagged with its log-prob under the starting policy
+    # tagged with its log-prob under the starting policy and each pair with its CHES (one forward per side)
     if built:
         prompts = read_table(paths.PROMPTS, "prompts")
         candidates = pl.concat([read_table(paths.candidates(src), "candidates") for src in ("policy", "other")])
@@ -61,10 +62,10 @@ def main(argv: list[str] | None = None) -> None:
         if params.source == trl_format.CONSTRUCTED:
             pairs, skipped = build_constructed_pairs(
                 prompts, candidates, scores, tokenizer, params.constructed.chosen, params.constructed.edits,
-                params.heldout_fraction, params.seed, policy_logprobs)
+                params.heldout_fraction, params.seed, policy_tags)
         else:
             pairs, skipped = build_pairs(prompts, candidates, scores, selections, tokenizer, params.scenario,
-                                         params.heldout_fraction, params.seed, policy_logprobs, cfg.judge.min_gap)
+                                         params.heldout_fraction, params.seed, policy_tags, cfg.judge.min_gap)
         prompt_messages = {r["prompt_id"]: [{"role": "user", "content": r["prompt"]}]
                            for r in prompts.iter_rows(named=True)}
         # constructed pairs' rejected were never judged: their scores stay null in the export
@@ -72,12 +73,10 @@ def main(argv: list[str] | None = None) -> None:
         quarantine, rows_read = [], None
     else:
         rows, quarantine, rows_read = trl_format.read_pairs_file(params.source, tokenizer, params.on_bad_rows)
-        pairs, skipped = build_imported_pairs(rows, params.heldout_fraction, params.seed, policy_logprobs), {}
+        pairs, skipped = build_imported_pairs(rows, params.heldout_fraction, params.seed, policy_tags), {}
         prompt_messages = {r["prompt_id"]: r["prompt"] for r in rows}
         pair_scores = {r["pair_id"]: (r["score_chosen"], r["score_rejected"]) for r in rows}
-    # Each pair's CHES under the starting policy (truncated as training truncates); pairs.filter drops
-    # the training pairs with the highest
-    pairs = with_ches(pairs, policy, tokenizer.pad_token_id, cfg.reference.batch_size, cfg.reference.max_length)
+    # pairs.filter drops the training pairs of highest CHES
     pairs, filtered = filter_by_ches(pairs, params.filter.by, params.filter.ches_top_percent)
     trl = trl_format.export_frame(pairs, prompt_messages, pair_scores)
 

@@ -59,11 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     # training pairs by id, the first test prompts by id.
     heldout = all_pairs.filter(pl.col("split") == "heldout").join(ref.select("pair_id", "ref_w", "ref_l"),
                                                                    on="pair_id", how="left")
-    # A set with no pairs (pairs.heldout_fraction 0, or eval_train_pairs 0) is left out, not scored empty.
-    fixed_sets = {name: _fixed_set(rows) for name, rows in (("heldout", heldout.sort("pair_id")),
-                                                            ("train", data.sort("pair_id").head(s.eval_train_pairs)))
-                  if len(rows)}
-    fixed = FixedSets(fixed_sets, s.eval_every, cfg.evaluate.batch_size) if s.eval_every and fixed_sets else None
+    fixed = FixedSets({name: _fixed_set(rows) for name, rows in (("heldout", heldout.sort("pair_id")),
+                                                                 ("train", data.sort("pair_id").head(s.eval_train_pairs)))},
+                      s.eval_every, cfg.evaluate.batch_size) if s.eval_every else None
     probe_set = prompts.filter(pl.col("split") == "test").sort("prompt_id").head(s.probe_prompts)
     probe = Probe(tuple(probe_set["prompt"]), s.probe_every, cfg.evaluate.generation.max_new_tokens,
                   tuple(probe_set["prompt_id"])) if s.probe_every else None

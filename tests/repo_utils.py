@@ -38,8 +38,8 @@ def tiny_params(model_dir: Path, other_dir: Path | None = None) -> dict:
     p["sample_other"].update(model=str(other_dir or model_dir), backend="transformers", n=2, max_new_tokens=6, batch_size=12,
                              logprob_check=4)
     # A random tiny model gets every answer wrong, so all its groups tie: pair the gold solution
-    # against its worst sample (scenario 2) to have something to train on.
-    p["pairs"].update(scenario=2, heldout_fraction=0.3)
+    # against its worst sample (scenario 2, judged pairs) to have something to train on.
+    p["pairs"].update(source="judged", scenario=2, heldout_fraction=0.3)
     p["reference"].update(max_length=96)
     p["train"].update(epochs=1, batch_size=4, lr=1e-4, max_length=96)
     p["evaluate"]["generation"].update(max_new_tokens=6, batch_size=8)

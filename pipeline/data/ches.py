@@ -2,7 +2,7 @@
 Unalignment: Likelihood Displacement in Direct Preference Optimization", arXiv 2410.08847).
 
 With ``h_y`` the sum over a response's tokens of the starting policy's last-layer hidden state at the
-position that predicts each token (:func:`pipeline.model.logprobs.response_hidden_sums`)::
+position that predicts each token (:func:`pipeline.model.logprobs.response_logprobs_and_hidden`)::
 
     CHES(x, y_w, y_l)      = <h_w, h_l> - ||h_w||^2
     CHES_norm(x, y_w, y_l) = <h_w/|y_w|, h_l/|y_l|> - ||h_w/|y_w|||^2

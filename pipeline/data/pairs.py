@@ -16,6 +16,9 @@ from pipeline.data.trl_format import IMPORTED, SCENARIO_IMPORTED
 from pipeline.model.logprobs import encode_prompt, encode_response
 
 EDIT_SOURCE = "edit"  # rejected_source of constructed pairs: edit:<kind>
+# (prompt ids, response ids) -> per response: summed log-prob, hidden-state sum [N, d] and token count [N]
+# under the starting policy (pipeline.model.logprobs.response_logprobs_and_hidden, truncated as training is)
+PolicyTags = Callable[[list[list[int]], list[list[int]]], tuple[list[float], "torch.Tensor", "torch.Tensor"]]
 
 
 def is_heldout(prompt_id: str, fraction: float, seed: int) -> bool:
@@ -26,7 +29,7 @@ def is_heldout(prompt_id: str, fraction: float, seed: int) -> bool:
 
 def build_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.DataFrame,
                 selections: pl.DataFrame, tokenizer, scenario: int, heldout_fraction: float,
-                seed: int, policy_logprobs: Callable[[list[list[int]], list[list[int]]], list[float]],
+                seed: int, policy_tags: PolicyTags,
                 min_gap: float) -> tuple[pl.DataFrame, dict]:
     """One pair per usable prompt; returns the pairs table and counts of what was skipped and why.
 
@@ -39,8 +42,9 @@ def build_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.Data
     3. policy best vs the other model's worst, provided the judge scores them at least ``min_gap`` apart;
     4. gold vs the other model's worst, provided that sample is not correct.
 
-    ``policy_logprobs(prompt_ids, response_ids)`` gives summed log-probs under the starting policy:
-    every pair records both sides' log-prob under it, so how on-policy a pair is can be read off.
+    ``policy_tags`` gives each side's log-prob and hidden-state sum under the starting policy
+    (:data:`PolicyTags`): every pair records both sides' log-prob under it, so how on-policy a pair is can
+    be read off, and its CHES.
     """
     chosen_src, rejected_src = tagging.SCENARIO_SOURCES[scenario]
     cand = {(r["prompt_id"], r["source"], r["candidate_idx"]): r for r in candidates.iter_rows(named=True)}
@@ -108,12 +112,12 @@ def build_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.Data
             "scenario": scenario,
             **token_tags(c_ids, r_ids),
         })
-    return _with_policy_logprobs(rows, policy_logprobs), dict(skipped)
+    return _tag_under_policy(rows, policy_tags), dict(skipped)
 
 
 def build_constructed_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.DataFrame,
                             tokenizer, chosen_from: list[str], edits: list[str], heldout_fraction: float, seed: int,
-                            policy_logprobs: Callable[[list[list[int]], list[list[int]]], list[float]]
+                            policy_tags: PolicyTags
                             ) -> tuple[pl.DataFrame, dict]:
     """One constructed pair per usable prompt of the ``train`` split: the chosen a correct response, the
     rejected that response with a controlled edit (:mod:`pipeline.data.edits`), as the DPOP paper built its
@@ -181,7 +185,7 @@ def build_constructed_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, sco
                 **token_tags(c_ids, r_ids),
             })
     rows.sort(key=lambda r: r["pair_id"])
-    return _with_policy_logprobs(rows, policy_logprobs), dict(skipped)
+    return _tag_under_policy(rows, policy_tags), dict(skipped)
 
 
 def token_tags(chosen_ids: list[int], rejected_ids: list[int]) -> dict:
@@ -192,22 +196,25 @@ def token_tags(chosen_ids: list[int], rejected_ids: list[int]) -> dict:
             "len_w": len(chosen_ids), "len_l": len(rejected_ids)}
 
 
-def _with_policy_logprobs(rows: list[dict], policy_logprobs) -> pl.DataFrame:
-    """The ``pairs`` table of ``rows``, each side tagged with its log-prob under the starting policy."""
+def _tag_under_policy(rows: list[dict], policy_tags: PolicyTags) -> pl.DataFrame:
+    """The ``pairs`` table of ``rows``, each side tagged with its log-prob under the starting policy and each
+    pair with its CHES and length-normalised CHES (:mod:`pipeline.data.ches`), from one pass per side."""
+    from pipeline.data.ches import ches_scores
     from pipeline.schema import empty, schema_of
 
     if not rows:
         return empty("pairs")
     prompts_ids = [r["prompt_ids"] for r in rows]
-    lw = policy_logprobs(prompts_ids, [r["chosen_ids"] for r in rows])
-    ll = policy_logprobs(prompts_ids, [r["rejected_ids"] for r in rows])
-    for r, w, l in zip(rows, lw, ll):
-        r["chosen_policy_logprob"], r["rejected_policy_logprob"] = float(w), float(l)
+    lw, h_w, n_w = policy_tags(prompts_ids, [r["chosen_ids"] for r in rows])
+    ll, h_l, n_l = policy_tags(prompts_ids, [r["rejected_ids"] for r in rows])
+    ches, norm = ches_scores(h_w, h_l, n_w, n_l)
+    for r, w, l, c, cn in zip(rows, lw, ll, ches, norm):
+        r.update(chosen_policy_logprob=float(w), rejected_policy_logprob=float(l), ches=c, ches_norm=cn)
     return pl.DataFrame(rows, schema=schema_of("pairs"))
 
 
 def build_imported_pairs(rows: list[dict], heldout_fraction: float, seed: int,
-                         policy_logprobs: Callable[[list[list[int]], list[list[int]]], list[float]]) -> pl.DataFrame:
+                         policy_tags: PolicyTags) -> pl.DataFrame:
     """The ``pairs`` table of pairs read from a file (``trl_format.read_pairs_file``'s rows).
 
     They get what our pairs get: the held-out split by prompt (:func:`is_heldout`), the token tags and
@@ -235,7 +242,7 @@ def build_imported_pairs(rows: list[dict], heldout_fraction: float, seed: int,
             "scenario": SCENARIO_IMPORTED if r["scenario"] is None else r["scenario"],
             **token_tags(r["chosen_ids"], r["rejected_ids"]),
         })
-    return _with_policy_logprobs(out, policy_logprobs)
+    return _tag_under_policy(out, policy_tags)
 
 
 def judge_scores(pairs: pl.DataFrame, selections: pl.DataFrame) -> dict[str, tuple[float | None, float | None]]:
@@ -263,21 +270,6 @@ def on_policy_summary(pairs: pl.DataFrame) -> dict:
             d = (own[f"{side}_sampler_logprob"] - own[f"{side}_policy_logprob"]).abs()
             out[f"{side}_sampler_vs_policy_abs_diff"] = {"mean": d.mean(), "max": d.max(), "n": len(own)}
     return out
-
-
-def with_ches(pairs: pl.DataFrame, policy, pad_id: int, batch_size: int, max_length: int) -> pl.DataFrame:
-    """``pairs`` with ``ches`` and ``ches_norm`` under ``policy`` (the starting policy), sequences truncated
-    to ``max_length`` as training truncates them."""
-    from pipeline.data.ches import ches_scores
-    from pipeline.model.logprobs import response_hidden_sums
-
-    if pairs.is_empty():
-        return pairs.with_columns(pl.lit(None, pl.Float64).alias("ches"), pl.lit(None, pl.Float64).alias("ches_norm"))
-    prompts = pairs["prompt_ids"].to_list()
-    h_w, n_w = response_hidden_sums(policy, prompts, pairs["chosen_ids"].to_list(), pad_id, batch_size, max_length)
-    h_l, n_l = response_hidden_sums(policy, prompts, pairs["rejected_ids"].to_list(), pad_id, batch_size, max_length)
-    ches, norm = ches_scores(h_w, h_l, n_w, n_l)
-    return pairs.with_columns(pl.Series("ches", ches, dtype=pl.Float64), pl.Series("ches_norm", norm, dtype=pl.Float64))
 
 
 def filter_by_ches(pairs: pl.DataFrame, by: str, percent: float) -> tuple[pl.DataFrame, dict]:

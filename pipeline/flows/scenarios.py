@@ -37,12 +37,12 @@ def scenario_rows(exps: list[dict[str, Any]], names: Mapping[int, str], failed: 
 def scenarios_flow(scenarios: list[int] | None = None, variant: str | None = None, name: str | None = None,
                    repo: str = ".") -> dict[str, Any]:
     """The data scenarios side by side for one loss: one DVC experiment per ``pairs.scenario``
-    (default ``flows.scenarios.list``), each ``dvc exp run --temp -S pairs.scenario=<k> evaluate@<variant>``
-    (so only the stages that variant needs run), at most ``flows.scenarios.max_parallel`` at once after
+    (default ``flows.scenarios.list``), each ``dvc exp run --temp -S pairs.source=judged -S
+    pairs.scenario=<k> evaluate@<variant>`` (so only the stages that variant needs run), at most ``flows.scenarios.max_parallel`` at once after
     the first (which runs alone: prepare, policy, sample and judge are shared and land in DVC's
     run-cache once). Then ``flows.scenarios.report`` (and the markdown artifact ``dpo-scenarios``) puts
     the experiments' pair and evaluation metrics side by side, one column per scenario. The same
-    experiments as a sweep with ``flows.sweep.grid: {pairs.scenario: [1, 2, 3, 4]}``."""
+    experiments as a sweep with ``flows.sweep.grid: {pairs.source: [judged], pairs.scenario: [1, 2, 3, 4]}``."""
     from pipeline.analysis.report import scenario_table
     from pipeline.io import write_text
 
@@ -66,7 +66,8 @@ def scenarios_flow(scenarios: list[int] | None = None, variant: str | None = Non
                          f"(known: {', '.join(known) or 'none'})")
     prefix = name or f"scenarios-{flow_run_name()}"
     names = {k: f"{prefix}-s{k}" for k in sc.list}
-    points = [{"pairs.scenario": k} for k in sc.list]
+    # scenarios are of judged pairs, whatever pairs.source says (constructed pairs have none)
+    points = [{"pairs.source": "judged", "pairs.scenario": k} for k in sc.list]
     logger.info("scenarios %s: %s with %s, %d at a time", prefix, ", ".join(map(str, sc.list)), variant,
                 sc.max_parallel)
     failed = run_experiments(root, fp, list(names.values()), points, targets, sc.max_parallel, True, sc.retries,

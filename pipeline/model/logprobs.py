@@ -100,6 +100,12 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     Differentiable (used by training) and batched; returns float32 tensors of shape ``[B]``.
     """
     hidden = _body(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return logprobs_from_hidden(model, hidden, input_ids, response_mask, chunk)
+
+
+def logprobs_from_hidden(model, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                         chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sequence_logprobs` from the last-layer hidden states ``[B, T, d]`` of the same batch."""
     # Position t predicts token t+1: a response token at t+1 is scored from hidden state t.
     target_mask = response_mask[:, 1:]
     rows = target_mask.nonzero(as_tuple=True)[0]
@@ -146,20 +152,33 @@ def batched_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequenc
 
 
 @torch.no_grad()
-def response_hidden_sums(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
-                         batch_size: int, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (prompt, response): the sum over the response's tokens of the last-layer hidden state at the
-    position that predicts each token (the LM head's input), ``[N, d]`` float32 on the CPU, and the
-    token counts ``[N]``: the ``h_y`` of CHES (Razin et al. 2025, arXiv 2410.08847)."""
+def response_logprobs_and_hidden(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                                 pad_id: int, batch_size: int, max_length: int | None = None,
+                                 progress: str | None = None) -> tuple[list[float], torch.Tensor, torch.Tensor]:
+    """Per (prompt, response), from one forward (batched by similar length): the summed response log-prob
+    (as :func:`batched_logprobs` without autocast); the sum over the response's tokens of the last-layer
+    hidden state at the position that predicts each token (the LM head's input), ``[N, d]`` float32 on
+    the CPU; and the token counts ``[N]``. The hidden sums are the ``h_y`` of CHES (Razin et al. 2025,
+    arXiv 2410.08847)."""
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
-    out, counts = [], []
-    for s in range(0, len(prompts), batch_size):
-        ids, att, resp = collate(prompts[s: s + batch_size], responses[s: s + batch_size], pad_id, max_length)
-        hidden = _body(model)(input_ids=ids.to(device), attention_mask=att.to(device)).last_hidden_state.float()
-        target = resp[:, 1:].to(device)  # position t predicts token t + 1, as in sequence_logprobs
-        out.append((hidden[:, :-1] * target[..., None]).sum(1).cpu())
-        counts.append(target.sum(-1).cpu())
-    return torch.cat(out), torch.cat(counts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    lps = [0.0] * len(prompts)
+    hidden_sums: list[torch.Tensor | None] = [None] * len(prompts)
+    counts = torch.zeros(len(prompts), dtype=torch.long)
+    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+    for idx in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
+        ids, att, resp = collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id, max_length)
+        ids, att, resp = ids.to(device), att.to(device), resp.to(device)
+        hidden = _body(model)(input_ids=ids, attention_mask=att).last_hidden_state
+        lp = logprobs_from_hidden(model, hidden, ids, resp)[0]
+        target = resp[:, 1:]  # position t predicts token t + 1, as in sequence_logprobs
+        h = (hidden.float()[:, :-1] * target[..., None]).sum(1).cpu()
+        for j, i in enumerate(idx):
+            lps[i], hidden_sums[i], counts[i] = float(lp[j]), h[j], int(target[j].sum())
+    d = model.config.hidden_size
+    return lps, torch.stack(hidden_sums) if hidden_sums else torch.zeros(0, d), counts
 
 
 def reference_check(model, input_ids, attention_mask, response_mask) -> torch.Tensor:

@@ -210,11 +210,15 @@ def probe_metrics(scores: Sequence[tuple[float, int]]) -> dict[str, float]:
 class FixedSets:
     """Pairs scored at step 0 (before any update), every ``every`` steps and after the last, so that every
     curve is measured on the same pairs, whatever the batches drew: ``sets`` maps a name (``heldout``,
-    ``train``) to (pair ids, examples)."""
+    ``train``) to (pair ids, examples). A set with no pairs (``pairs.heldout_fraction`` 0, or
+    ``eval_train_pairs`` 0) is left out: there is nothing to score, and no mean of nothing to log."""
 
     sets: dict[str, tuple[list[str], list[PairExample]]]
     every: int
     batch_size: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sets", {k: v for k, v in self.sets.items() if v[1]})
 
     def due(self, step: int, n_steps: int) -> bool:
         return bool(self.every) and (step % self.every == 0 or step == n_steps)

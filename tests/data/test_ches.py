@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pipeline.data.ches import ches_scores, top_share
-from pipeline.data.pairs import filter_by_ches, with_ches
+from pipeline.data.pairs import filter_by_ches
 from pipeline.model import loading
-from pipeline.model.logprobs import encode_prompt, encode_response, response_hidden_sums
+from pipeline.model.logprobs import batched_logprobs, encode_prompt, encode_response, response_logprobs_and_hidden
 
 
 def _by_hand(model, prompt: list[int], response: list[int]) -> torch.Tensor:
@@ -27,9 +27,13 @@ def test_ches_equals_the_hand_computation(tiny_model_dir):
     chosen = [encode_response(tok, "Answer: 5"), encode_response(tok, "Blue, like the sky.")]
     rejected = [encode_response(tok, "Answer: 6, I think"), encode_response(tok, "Blue.")]
     # batch 2: the rows pad to different lengths, as in the stage
-    h_w, n_w = response_hidden_sums(model, prompts, chosen, tok.pad_token_id, 2)
-    h_l, n_l = response_hidden_sums(model, prompts, rejected, tok.pad_token_id, 2)
+    lp_w, h_w, n_w = response_logprobs_and_hidden(model, prompts, chosen, tok.pad_token_id, 2)
+    lp_l, h_l, n_l = response_logprobs_and_hidden(model, prompts, rejected, tok.pad_token_id, 2)
     assert n_w.tolist() == [len(c) for c in chosen] and n_l.tolist() == [len(r) for r in rejected]
+    # the same forward gives the log-probs the rest of the pipeline computes (one pass instead of two)
+    for resp, lp in ((chosen, lp_w), (rejected, lp_l)):
+        want = batched_logprobs(model, prompts, resp, tok.pad_token_id, 1)[0]  # one row per batch: no padding
+        assert lp == pytest.approx(want, abs=1e-4)
     ches, norm = ches_scores(h_w, h_l, n_w, n_l)
     for i in range(2):
         hw, hl = _by_hand(model, prompts[i], chosen[i]), _by_hand(model, prompts[i], rejected[i])
@@ -42,13 +46,33 @@ def test_ches_equals_the_hand_computation(tiny_model_dir):
     assert same == pytest.approx([0.0, 0.0], abs=1e-3)
 
 
-def test_with_ches_adds_both_columns(tiny_model_dir):
+def test_pairs_get_each_sides_policy_logprob_and_ches_from_one_pass_per_side(tiny_model_dir):
+    """The pairs builders tag through one callback per side (the stage's: log-probs and hidden sums from
+    one forward); the table's CHES columns are ches_scores of those sums."""
+    from pipeline.data.pairs import build_imported_pairs
+
     model = loading.load_model(tiny_model_dir, "float32").eval()
     tok = loading.load_tokenizer(tiny_model_dir)
-    pairs = pl.DataFrame({"pair_id": ["a"], "prompt_ids": [encode_prompt(tok, "Hi?")],
-                          "chosen_ids": [encode_response(tok, "Hello.")], "rejected_ids": [encode_response(tok, "Go.")]})
-    out = with_ches(pairs, model, tok.pad_token_id, 4, 64)
-    assert out.columns[-2:] == ["ches", "ches_norm"] and out["ches"].is_finite().all()
+    calls = []
+
+    def tags(prompt_ids, response_ids):
+        calls.append(len(response_ids))
+        return response_logprobs_and_hidden(model, prompt_ids, response_ids, tok.pad_token_id, 4, 64)
+
+    rows = [{"pair_id": f"x{i}", "prompt_id": f"q{i}", "prompt_ids": encode_prompt(tok, q),
+             "chosen_ids": encode_response(tok, w), "rejected_ids": encode_response(tok, l_),
+             "chosen_text": w, "rejected_text": l_, "chosen_source": None, "rejected_source": None,
+             "chosen_correct": None, "rejected_correct": None, "chosen_sampler_logprob": None,
+             "rejected_sampler_logprob": None, "scenario": None}
+            for i, (q, w, l_) in enumerate((("Hi?", "Hello.", "Go."), ("2 + 2?", "Answer: 4", "Answer: 5 or so")))]
+    out = build_imported_pairs(rows, 0.0, 0, tags)
+    assert calls == [2, 2]
+    _, h_w, n_w = tags([r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows])
+    _, h_l, n_l = tags([r["prompt_ids"] for r in rows], [r["rejected_ids"] for r in rows])
+    ches, norm = ches_scores(h_w, h_l, n_w, n_l)
+    assert out["ches"].to_list() == pytest.approx(ches) and out["ches_norm"].to_list() == pytest.approx(norm)
+    want = batched_logprobs(model, out["prompt_ids"].to_list(), out["chosen_ids"].to_list(), tok.pad_token_id, 1)[0]
+    assert out["chosen_policy_logprob"].to_list() == pytest.approx(want, abs=1e-4)
 
 
 def test_top_share_and_the_filter_drop_only_training_pairs():

@@ -45,9 +45,13 @@ def tables(tokenizer):
 
 
 def fake_policy_logprobs(calls):
+    """A stand-in for the stage's policy pass: -0.5 nats per token, hidden sums of ones."""
+    import torch
+
     def fn(prompt_ids, response_ids):
         calls.append(len(response_ids))
-        return [-0.5 * len(r) for r in response_ids]  # a stand-in: -0.5 per token
+        n = torch.tensor([len(r) for r in response_ids])
+        return [-0.5 * len(r) for r in response_ids], torch.ones(len(response_ids), 3) * n[:, None], n
     return fn
 
 
@@ -68,8 +72,10 @@ def test_each_scenario_takes_its_sources(tokenizer, scenario, expected):
     calls = []
     pairs, skipped = build_pairs(prompts, cands, scores, sels, tokenizer, scenario, 0.0, 0,
                                  fake_policy_logprobs(calls), MIN_GAP)
-    assert pairs["ches"].is_null().all()  # the stage adds CHES (with_ches, a forward of the policy)
-    conform(pairs.with_columns(ches=pl.lit(0.0), ches_norm=pl.lit(0.0)), "pairs")
+    conform(pairs, "pairs")
+    # CHES of the stand-in's hidden sums h = n·1: <h_w, h_l> − ||h_w||² = 3 n_w (n_l − n_w); normalised: 0
+    assert (pairs["ches"] == 3 * pairs["len_w"] * (pairs["len_l"] - pairs["len_w"])).all()
+    assert pairs["ches_norm"].abs().max() < 1e-9
     got = {r["prompt_id"]: (r["chosen_source"], r["chosen_text"], r["rejected_source"], r["rejected_text"])
            for r in pairs.iter_rows(named=True)}
     assert got == expected
@@ -126,7 +132,7 @@ def test_constructed_pairs_take_a_correct_chosen_and_balanced_edit_kinds(tokeniz
         assert r["rejected_ids"] == encode_response(tokenizer, r["rejected_text"])
     assert got["p1"]["chosen_sampler_logprob"] == -1.0 and got["p2"]["chosen_sampler_logprob"] is None
     assert calls == [2, 2] and skipped == {}
-    conform(pairs.with_columns(ches=pl.lit(0.0), ches_norm=pl.lit(0.0)), "pairs")
+    conform(pairs, "pairs")
 
     # policy only: p2 has no correct sample and is counted, not silently dropped
     pairs, skipped = build_constructed_pairs(prompts, cands, scores, tokenizer, ["policy"], ["step"], 0.0, 0,

@@ -29,10 +29,11 @@ SCENARIOS_DVC_YAML = textwrap.dedent("""\
       pairs:
         cmd: >-
           mkdir -p metrics && if [ ${pairs.scenario} = 3 ]; then echo "no pairs in scenario 3"; exit 1; fi &&
+          if [ ${pairs.source} != judged ]; then echo "scenarios need judged pairs"; exit 1; fi &&
           echo '{"scenario": ${pairs.scenario}, "n_train": 1${pairs.scenario}, "n_heldout": 2,
           "mean_edit_distance_norm": 0.5, "on_policy": {"chosen_policy_logprob_per_token": -0.${pairs.scenario},
           "rejected_policy_logprob_per_token": -1.5}}' > metrics/pairs.json
-        params: [pairs.scenario]
+        params: [pairs.scenario, pairs.source]
         metrics:
           - metrics/pairs.json:
               cache: false
@@ -62,7 +63,8 @@ def test_scenarios_flow_on_shell_pipeline(tmp_path_factory, prefect_harness, flo
     repo = tmp_path_factory.mktemp("scenarioflows") / "repo"
     repo.mkdir()
     (repo / "dvc.yaml").write_text(SCENARIOS_DVC_YAML)
-    params = {"pairs": {"scenario": 1},
+    # the default's pairs are constructed: each scenario experiment must switch to judged pairs
+    params = {"pairs": {"scenario": 1, "source": "constructed"},
               "flows": flows_section({"log_tail_lines": 5,
                                       "scenarios": {"list": [1, 2], "max_parallel": 2, "report": "out/s.md"}})}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

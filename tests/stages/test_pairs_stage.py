@@ -51,7 +51,8 @@ def judged(tmp_path, monkeypatch, tiny_model_dir):
     write_table(pl.DataFrame(scores), tmp_path / "data/judge/scores.parquet", "scores")
     write_table(pl.DataFrame(sels), tmp_path / "data/judge/selections.parquet", "selections")
     write_params(tmp_path / "params.yaml", {"policy": {"model": str(tmp_path / "models/policy")},
-                                            "pairs": {"scenario": 1, "heldout_fraction": 0.5}})
+                                            "pairs": {"source": "judged", "scenario": 1,
+                                                                      "heldout_fraction": 0.5}})
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

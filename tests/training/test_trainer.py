@@ -86,6 +86,24 @@ def test_fixed_sets_start_at_the_reference_and_are_scored_every_k_steps(tiny_mod
     assert logged[0]["probe_greedy_lp"] == pytest.approx((curves.probe[0]["greedy_lp"] + curves.probe[1]["greedy_lp"]) / 2)
 
 
+def test_a_fixed_set_without_pairs_is_left_out(tiny_model_dir):
+    """No held-out pairs (pairs.heldout_fraction 0): the held-out set is dropped by FixedSets itself, so
+    training scores only the training subset instead of failing on an empty batch (found in the slow
+    multi-process tests, whose pairs are all training pairs)."""
+    model = loading.load_model(tiny_model_dir, "float32")
+    tok = loading.load_tokenizer(tiny_model_dir)
+    ex = _examples(model, tok, 4)
+    fixed = FixedSets({"heldout": ([], []), "train": (["p0", "p1"], ex[:2])}, every=1, batch_size=2)
+    assert set(fixed.sets) == {"train"}
+    curves, logged = Curves(), {}
+    s = train_settings(lr=1e-3, epochs=1, batch_size=2, grad_accum=1, max_length=64, seed=0, tail="drop")
+    train_preference(model, ex, [("dpo", 1.0, {"beta": 0.5})], s, pad_id=tok.pad_token_id, progress=None,
+                     fixed=fixed, curves=curves, log_fn=lambda step, m: logged.setdefault(step, m))
+    assert {r["set"] for r in curves.fixed} == {"train"} and {r["step"] for r in curves.fixed} == {0, 1, 2}
+    assert not any(k.startswith("fixed_heldout") for m in logged.values() for k in m)
+    assert FixedSets({"heldout": ([], []), "train": ([], [])}, every=1, batch_size=2).sets == {}
+
+
 def test_micro_batches_split_each_ranks_share():
     idx = [5, 3, 8, 1, 0, 9, 2]
     assert micro_batches(idx, D.Context(), 3) == [([5, 1, 2], [True] * 3), ([3, 0], [True] * 2), ([8, 9], [True] * 2)]
