@@ -1,9 +1,12 @@
 """Stage `evaluate@<variant>`: greedy test accuracy and held-out pair log-probs after training, against
-the starting policy (its accuracy comes from the policy stage, its log-probs from the reference)."""
+the starting policy (its accuracy comes from the policy stage, its log-probs from the reference). The
+held-out log-probs are the training stage's last scoring of its fixed held-out set when it has one
+(the same pairs, by the model it saved), else computed here."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import polars as pl
 
@@ -13,7 +16,7 @@ from pipeline.data import tagging
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.analysis.accuracy import greedy_eval
-from pipeline.analysis.heldout import bucketise, summarise_pair_eval
+from pipeline.analysis.heldout import bucketise, last_fixed_scores, summarise_pair_eval
 from pipeline.judging.llm.metrics import rubric_eval
 from pipeline.model.logprobs import pair_logprobs
 from pipeline.io import read_json, read_table, write_json, write_table
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_table(paths.PROMPTS, "prompts").filter(pl.col("split") == "test")
     pairs = read_table(paths.PAIRS, "pairs").filter(pl.col("split") == "heldout")
     ref = read_table(paths.REFERENCE, "reference")
+    fixed = read_table(paths.fixed_curves(args.variant), "fixed_curves") \
+        if Path(paths.fixed_curves(args.variant)).is_file() else None
     before = read_json(paths.metrics_file("policy"))
     model_dir = paths.model_dir(args.variant)
     tokenizer = loading.load_tokenizer(model_dir)
@@ -54,12 +59,20 @@ def main(argv: list[str] | None = None) -> None:
         sampler.close()
     if gen.backend != "transformers":  # loaded after the engine is gone
         model = loading.load_model(model_dir, cfg.policy.dtype, loading.device_for()).eval()
-    # As the reference was computed (truncation and precision), so that lp − ref is the change.
-    lw, ll, _, _ = pair_logprobs(model, pairs, tokenizer.pad_token_id, params.batch_size,
-                                 cfg.reference.max_length, progress=f"eval {args.variant}", bf16=cfg.train.bf16)
+    # The training stage scored these pairs after its last step with the model it saved (train.eval_every):
+    # those log-probs are reused; else computed as the reference was (truncation and precision), so that
+    # lp − ref is the change.
+    scored = last_fixed_scores(fixed, pairs["pair_id"].to_list())
+    if scored is not None:
+        after, scored_by = scored[0], f"train@{args.variant} (fixed held-out set after step {scored[1]})"
+    else:
+        lw, ll, _, _ = pair_logprobs(model, pairs, tokenizer.pad_token_id, params.batch_size,
+                                     cfg.reference.max_length, progress=f"eval {args.variant}", bf16=cfg.train.bf16)
+        after = pairs.select("pair_id", pl.Series("lp_w", lw, dtype=pl.Float64), pl.Series("lp_l", ll, dtype=pl.Float64))
+        scored_by = f"evaluate@{args.variant}"
     table = pairs.select("pair_id", "len_w", "len_l", "edit_distance_norm", "ches", "ches_norm").join(
-        ref.select("pair_id", "ref_w", "ref_l"), on="pair_id", how="left").with_columns(
-        pl.Series("lp_w", lw, dtype=pl.Float64), pl.Series("lp_l", ll, dtype=pl.Float64),
+        ref.select("pair_id", "ref_w", "ref_l"), on="pair_id", how="left").join(
+        after, on="pair_id", how="left").with_columns(
         pl.lit(args.variant).alias("variant"), bucketise(pairs, cfg.pairs.distance_buckets))
     summary = summarise_pair_eval(table, tagging.bucket_labels(cfg.pairs.distance_buckets))
     rubric = None
@@ -73,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     write_table(gens, paths.eval_generations(args.variant), "generations")
     write_table(table, paths.eval_table(args.variant), "pair_eval")
     metrics = {"variant": args.variant, "test_accuracy": accuracy, "test_accuracy_before": before["test_accuracy"],
-               "heldout": summary, "llm_rubric": rubric}
+               "heldout": summary, "heldout_scored_by": scored_by, "llm_rubric": rubric}
     write_json(metrics, paths.eval_metrics(args.variant))
     log.info("%s: test accuracy %.1f%% (before %.1f%%); held-out lp_w %s -> %s", args.variant, 100 * accuracy,
              100 * before["test_accuracy"], _fmt(summary.get("ref_w")), _fmt(summary.get("lp_w")))

@@ -36,3 +36,19 @@ def summarise_pair_eval(df: pl.DataFrame, buckets: Sequence[str]) -> dict:
 def bucketise(pairs: pl.DataFrame, edges: Sequence[float]) -> pl.Series:
     return pl.Series("distance_bucket", [tagging.bucket_of(v, edges) for v in pairs["edit_distance_norm"]],
                      dtype=pl.String)
+
+
+def last_fixed_scores(fixed: pl.DataFrame | None, pair_ids: Sequence[str]) -> tuple[pl.DataFrame, int] | None:
+    """``(pair_id, lp_w, lp_l)`` of the held-out fixed set at the training stage's last scoring (after its last
+    step, by the same model that was saved) and that step, when it covers exactly ``pair_ids``; else None
+    (fixed sets off, or other pairs)."""
+    if fixed is None or fixed.is_empty():
+        return None
+    held = fixed.filter(pl.col("set") == "heldout")
+    if held.is_empty():
+        return None
+    step = int(held["step"].max())
+    last = held.filter(pl.col("step") == step).select("pair_id", "lp_w", "lp_l")
+    if sorted(last["pair_id"].to_list()) != sorted(pair_ids):
+        return None
+    return last, step

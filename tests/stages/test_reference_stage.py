@@ -75,3 +75,40 @@ def test_train_stage_without_held_out_pairs_scores_the_training_set_only(workspa
     train.main(["--params", "params.yaml", "--variant", "dpo"])
     curves = read_table("data/train/dpo/fixed_curves.parquet", "fixed_curves")
     assert set(curves["set"]) == {"train"} and curves.filter(pl.col("step") == 0).height == N_PAIRS
+
+
+def test_evaluate_reuses_the_training_stages_last_held_out_scoring(workspace, monkeypatch):
+    """After train@dpo, evaluate@dpo takes the held-out log-probs of the training stage's last fixed-set
+    scoring (by the model it saved) instead of a second forward pass; they equal a fresh computation on the
+    saved model. Without fixed curves (train.eval_every 0) it computes them itself."""
+    from stages import evaluate, reference, train
+    from pipeline.model.logprobs import pair_logprobs
+
+    reference.main(["--params", "params.yaml"])
+    train.main(["--params", "params.yaml", "--variant", "dpo"])
+    (workspace / "metrics/policy.json").write_text(json.dumps({"test_accuracy": 0.0}))
+    monkeypatch.setattr(evaluate, "pair_logprobs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    evaluate.main(["--params", "params.yaml", "--variant", "dpo"])
+    m = json.loads((workspace / "metrics/eval/dpo.json").read_text())
+    curves = read_table("data/train/dpo/fixed_curves.parquet", "fixed_curves")
+    last = int(curves["step"].max())
+    assert m["heldout_scored_by"] == f"train@dpo (fixed held-out set after step {last})"
+    table = read_table("data/eval/dpo/pairs.parquet", "pair_eval").sort("pair_id")
+    assert table.height == N_PAIRS // 2 and table["lp_w"].null_count() == 0
+    want = curves.filter((pl.col("step") == last) & (pl.col("set") == "heldout")).sort("pair_id")
+    assert table["lp_w"].to_list() == want["lp_w"].to_list()
+    # an independent forward pass on the saved model gives the same numbers (the saved model is the scored one)
+    cfg = load_params("params.yaml")
+    pairs = read_table("data/pairs.parquet", "pairs").filter(pl.col("split") == "heldout").sort("pair_id")
+    model = loading.load_model("models/dpo", "float32").eval()
+    lw, ll, _, _ = pair_logprobs(model, pairs, loading.load_tokenizer("models/dpo").pad_token_id, 4,
+                                 cfg.reference.max_length, bf16=cfg.train.bf16)
+    assert max(abs(a - b) for a, b in zip(lw + ll, table["lp_w"].to_list() + table["lp_l"].to_list())) < TINY_TOL
+    # no fixed curves: computed here
+    (workspace / "data/train/dpo/fixed_curves.parquet").unlink()
+    monkeypatch.setattr(evaluate, "pair_logprobs", pair_logprobs)
+    evaluate.main(["--params", "params.yaml", "--variant", "dpo"])
+    m = json.loads((workspace / "metrics/eval/dpo.json").read_text())
+    assert m["heldout_scored_by"] == "evaluate@dpo"
+    again = read_table("data/eval/dpo/pairs.parquet", "pair_eval").sort("pair_id")
+    assert (again["lp_w"] - table["lp_w"]).abs().max() < TINY_TOL
