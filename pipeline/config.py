@@ -273,6 +273,10 @@ class TrainSettings(_Strict):
     # bf16 autocast on GPU (fp32 on CPU), for training, the reference and evaluation's log-probs alike;
     # a variant may not change it (the reference is computed once for all variants).
     bf16: bool
+    # One row per pair, prompt + chosen + rejected, the rejected masked from the chosen (the prompt is run
+    # once); false: each response after its own copy of the prompt. Training, the reference and evaluation
+    # alike; a variant may not change it (the reference is computed once for all variants).
+    shared_prompt: bool
     # Largest |lp − ref| (nats per sequence) allowed on the first step of a fresh run, where the policy
     # is the reference; above it training fails (reference computed differently).
     ref_check_tol: float = Field(gt=0)
@@ -306,8 +310,8 @@ class Variant(_Strict):
 
 
 class TrainParams(TrainSettings):
-    """Settings shared by all variants (a variant may override any but ``max_length`` and ``bf16``, which
-    the reference shares), the runtime, and the variants."""
+    """Settings shared by all variants (a variant may override any but ``max_length``, ``bf16`` and
+    ``shared_prompt``, which the reference shares), the runtime, and the variants."""
 
     runtime: RuntimeParams
     variants: dict[str, Any]
@@ -693,6 +697,10 @@ def _check_reference_matches_training(params: Params, variants: dict[str, Varian
             raise ConfigError(f"{source}: train.variants.{name}.bf16: {v.settings.bf16} differs from train.bf16 "
                               f"{train.bf16}, the precision of the reference log-probs (computed once for all "
                               "variants)")
+        if v.settings.shared_prompt != train.shared_prompt:
+            raise ConfigError(f"{source}: train.variants.{name}.shared_prompt: {v.settings.shared_prompt} differs "
+                              f"from train.shared_prompt {train.shared_prompt}, the layout of the reference "
+                              "log-probs (computed once for all variants)")
 
 
 def _check_model(spec: str, key: str, source: str) -> None:

@@ -5,7 +5,9 @@ Three configurations train the same model on the same pairs, in the same per-ste
 same number of steps, each in a fresh subprocess so that memory is measured per configuration:
 
 - ``ours``: :func:`pipeline.training.trainer.train_preference` (reference log-probs precomputed, LM head on
-  response positions only);
+  response positions only, each pair's prompt run once: ``train.shared_prompt``);
+- ``ours_padded``: the same with ``shared_prompt`` off (each response after its own prompt copy; not run
+  unless named in ``--configs``);
 - ``trl_default``: ``DPOTrainer`` with its defaults (a reference model forward every step);
 - ``trl_precompute``: ``DPOTrainer`` with ``precompute_ref_log_probs=True`` (its precompute pass runs
   in the trainer's constructor: timed separately, not part of the training-loop time).
@@ -41,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CONFIGS = ("ours", "trl_default", "trl_precompute")
+CONFIGS = ("ours", "ours_padded", "trl_default", "trl_precompute")
+DEFAULT_CONFIGS = ("ours", "trl_default", "trl_precompute")
 INSTRUCTION = " Give the final answer as 'Answer: <number>'."
 
 
@@ -187,7 +190,7 @@ def child(spec_path: str, config: str, result_path: str) -> None:
     torch.manual_seed(a["seed"])
     from pipeline.model.loading import load_model, load_tokenizer
 
-    if config != "ours":  # import TRL (and datasets, pandas) before the baseline, like torch for ours
+    if not config.startswith("ours"):  # import TRL (and datasets, pandas) before the baseline, like torch for ours
         import trl  # noqa: F401
         from trl import DPOConfig, DPOTrainer  # noqa: F401
 
@@ -202,7 +205,7 @@ def child(spec_path: str, config: str, result_path: str) -> None:
     out: dict = {"config": config, "steps": steps, "rss_loaded_mb": rss_loaded}
     prof = _profile_ctx(a["profile"])
 
-    if config == "ours":
+    if config.startswith("ours"):
         import importlib
 
         from pipeline.config import TrainSettings
@@ -229,6 +232,7 @@ def child(spec_path: str, config: str, result_path: str) -> None:
         # The benchmark's own settings (the same ones TRL gets below), not the pipeline's params.
         settings = TrainSettings(lr=a["lr"], epochs=1, batch_size=bs, grad_accum=1, max_length=L, seed=a["seed"],
                                  weight_decay=0.0, warmup_steps=0, max_grad_norm=a["max_grad_norm"], bf16=False,
+                                 shared_prompt=config == "ours",
                                  probe_every=0, probe_prompts=1, ref_check_tol=0.1, tail="keep", eval_every=0,
                                  eval_train_pairs=0)
         train_preference(model, ex, [("dpo", 1.0, {"beta": a["beta"]})], settings, pad_id=tok.pad_token_id,
@@ -353,7 +357,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     ap.add_argument("--profile", type=int, default=0, help="print the top-N ops (torch.profiler) of the timed steps")
     ap.add_argument("--ours-fn", default="pipeline.training.trainer:train_preference",
                     help="module:function with train_preference's signature, to try a candidate change of ours")
@@ -412,7 +416,7 @@ def main(argv=None) -> int:
         trl_version = trl.__version__
     except ImportError:
         trl_version = None
-        if any(c != "ours" for c in configs):
+        if any(not c.startswith("ours") for c in configs):
             raise SystemExit("TRL is not installed: pip install -e '.[bench]'")
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     env = {"python": platform.python_version(), "torch": torch.__version__,

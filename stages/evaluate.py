@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         after, scored_by = scored[0], f"train@{args.variant} (fixed held-out set after step {scored[1]})"
     else:
         lw, ll, _, _ = pair_logprobs(model, pairs, tokenizer.pad_token_id, params.batch_size,
-                                     cfg.reference.max_length, progress=f"eval {args.variant}", bf16=cfg.train.bf16)
+                                     cfg.reference.max_length, progress=f"eval {args.variant}", bf16=cfg.train.bf16,
+                                     shared_prompt=cfg.train.shared_prompt)
         after = pairs.select("pair_id", pl.Series("lp_w", lw, dtype=pl.Float64), pl.Series("lp_l", ll, dtype=pl.Float64))
         scored_by = f"evaluate@{args.variant}"
     table = pairs.select("pair_id", "len_w", "len_l", "edit_distance_norm", "ches", "ches_norm").join(

@@ -97,6 +97,9 @@ def test_reference_and_training_must_truncate_and_round_alike():
     with pytest.raises(ConfigError, match=r"train\.variants\.dpop\.bf16: .* differs from train\.bf16"):
         parse_params(_with("train.variants.dpop", {"loss": "dpop", "beta": 0.1, "dpop_lambda": 5.0,
                                                    "bf16": not bf16}))
+    shared = BASE["train"]["shared_prompt"]
+    with pytest.raises(ConfigError, match=r"train\.variants\.dpo\.shared_prompt: .* differs from train\.shared_prompt"):
+        parse_params(_with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "shared_prompt": not shared}))
     # Restating the shared values is fine; changing both sides together too.
     same = _with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "bf16": bf16,
                                         "max_length": BASE["reference"]["max_length"]})

@@ -2,7 +2,8 @@
 
 Only response tokens count (prompt tokens and padding are masked out). The language-model head
 runs only on the hidden states that predict a response token, so the full ``[B, T, V]`` logits
-tensor over prompt and padding positions is never materialised.
+tensor over prompt and padding positions is never materialised. A pair's two responses can share one
+copy of its prompt (:func:`collate_pairs`, ``train.shared_prompt``).
 
 Training, the reference stage and evaluation's held-out log-probs all compute under
 :func:`autocast`, so ``lp − ref`` measures learning, not a difference of precision.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -57,20 +59,25 @@ def encode_response(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def _truncate(p: Sequence[int], r: Sequence[int], max_length: int | None) -> tuple[list[int], list[int]]:
+    """A (prompt, response) cut to ``max_length`` tokens: prompt tokens go from the left first (the
+    response is what the loss is about), keeping at least a quarter of ``max_length`` of them, then
+    response tokens from the right."""
+    p, r = list(p), list(r)
+    if max_length is not None and len(p) + len(r) > max_length:
+        keep_p = max(max_length - len(r), min(len(p), max_length // 4))
+        p = p[len(p) - keep_p:] if keep_p else []
+        r = r[: max_length - len(p)]
+    return p, r
+
+
 def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
             max_length: int | None = None):
-    """Right-padded ``input_ids``, ``attention_mask`` and a mask of response-token positions.
-
-    Sequences longer than ``max_length`` lose prompt tokens from the left first (the response is
-    what the loss is about), then response tokens from the right.
-    """
+    """Right-padded ``input_ids``, ``attention_mask`` and a mask of response-token positions, one row
+    per (prompt, response), each cut to ``max_length`` by :func:`_truncate`."""
     seqs, resp_lens = [], []
     for p, r in zip(prompts, responses):
-        p, r = list(p), list(r)
-        if max_length is not None and len(p) + len(r) > max_length:
-            keep_p = max(max_length - len(r), min(len(p), max_length // 4))
-            p = p[len(p) - keep_p:] if keep_p else []
-            r = r[: max_length - len(p)]
+        p, r = _truncate(p, r, max_length)
         seqs.append(p + r)
         resp_lens.append(len(r))
     T = max(len(s) for s in seqs)
@@ -85,6 +92,89 @@ def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
     return input_ids, attention, response
 
 
+@dataclass(frozen=True)
+class ScoreBatch:
+    """Model inputs and, for every token to score, where its prediction is read and whose sum it joins.
+
+    ``attention_mask`` is a ``[B, T]`` padding mask, or a ``[B, 1, T, T]`` boolean mask (True: may
+    attend) with ``position_ids`` for the shared-prompt layout. ``predictors`` are flat indices
+    ``b * T + t`` of the hidden state that predicts each scored token, ``targets`` its token id and
+    ``rows`` the output sum (of ``n_out``) it adds to.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor | None
+    predictors: torch.Tensor
+    targets: torch.Tensor
+    rows: torch.Tensor
+    n_out: int
+
+    def to(self, device) -> ScoreBatch:
+        return ScoreBatch(*(t if t is None else t.to(device) for t in self.args()[:-1]), self.n_out)
+
+    def args(self) -> tuple:
+        """Positional arguments of :class:`ResponseLogprobs` (tensors, so DDP moves them)."""
+        return (self.input_ids, self.attention_mask, self.position_ids, self.predictors, self.targets,
+                self.rows, self.n_out)
+
+
+def padded_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor) -> ScoreBatch:
+    """The :func:`collate` layout as a :class:`ScoreBatch`: one output per row, its response tokens."""
+    # Position t predicts token t+1: a response token at t+1 is scored from hidden state t.
+    rows, t = response_mask[:, 1:].nonzero(as_tuple=True)
+    T = input_ids.shape[1]
+    return ScoreBatch(input_ids, attention_mask, None, rows * T + t, input_ids[rows, t + 1], rows,
+                      input_ids.shape[0])
+
+
+def collate_pairs(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
+                  rejected: Sequence[Sequence[int]], pad_id: int, max_length: int | None = None, *,
+                  shared_prompt: bool) -> ScoreBatch:
+    """A batch of k pairs scoring chosen (outputs 0..k-1) then rejected (k..2k-1) responses.
+
+    ``shared_prompt`` False: 2k padded rows, each response after its own copy of the prompt
+    (:func:`collate`). True: one row per pair, ``prompt + chosen + rejected``, with a mask that
+    lets the rejected tokens see the prompt but not the chosen ones and positions that restart
+    after the prompt, so each response is scored exactly as after its own prompt; the prompt is run
+    once (the default's ~58-token prompts and ~17-token responses: 92 tokens per pair instead of
+    150). Each pair keeps the prompt tokens its longer response leaves (:func:`_truncate`), the same
+    for both sides; without truncation both layouts score the same sequences.
+    """
+    if not shared_prompt:
+        return padded_batch(*collate(list(prompts) * 2, list(chosen) + list(rejected), pad_id, max_length))
+    k = len(prompts)
+    rows = []
+    for p, w, l_ in zip(prompts, chosen, rejected):
+        p, _ = _truncate(p, w if len(w) >= len(l_) else l_, max_length)
+        cut = None if max_length is None else max_length - len(p)
+        rows.append((p, list(w)[:cut], list(l_)[:cut]))
+    T = max(len(p) + len(w) + len(l_) for p, w, l_ in rows)
+    input_ids = torch.full((k, T), pad_id, dtype=torch.long)
+    segment = torch.full((k, T), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    positions = torch.zeros((k, T), dtype=torch.long)
+    pred, targ, out = [], [], []
+    for i, (p, w, l_) in enumerate(rows):
+        P, W, L = len(p), len(w), len(l_)
+        input_ids[i, : P + W + L] = torch.tensor(p + w + l_, dtype=torch.long)
+        segment[i, :P], segment[i, P: P + W], segment[i, P + W: P + W + L] = 0, 1, 2
+        positions[i, : P + W] = torch.arange(P + W)
+        positions[i, P + W: P + W + L] = torch.arange(P, P + L)
+        # Token j of a response is predicted by the state before it; the first by the prompt's last.
+        for side, start, n in ((i, P, W), (k + i, P + W, L)):
+            for j in range(n):
+                at = start + j - 1 if j else P - 1
+                if at >= 0:  # an empty prompt leaves the first token unscored, as in collate
+                    pred.append(i * T + at)
+                    targ.append(int(input_ids[i, start + j]))
+                    out.append(side)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    q, kv = segment[:, :, None], segment[:, None, :]
+    mask = (causal & ((kv == 0) | (kv == q)))[:, None]  # padding sees prompt and padding: no empty row
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return ScoreBatch(input_ids, mask, positions, as_long(pred), as_long(targ), as_long(out), 2 * k)
+
+
 def _head(model):
     return model.get_output_embeddings()
 
@@ -93,24 +183,43 @@ def _body(model):
     return model.get_decoder()
 
 
+def _model_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    """A ``[B, 1, T, T]`` boolean mask in the form the model's attention takes (SDPA: as is; eager: additive)."""
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"train.shared_prompt needs the model's attention to take a 4D mask (sdpa or eager), not "
+                     f"{impl!r}; set train.shared_prompt: false")
+
+
+def _model_inputs(model, batch: ScoreBatch) -> dict:
+    att = batch.attention_mask
+    kw = {"input_ids": batch.input_ids, "attention_mask": _model_mask(model, att) if att.dim() == 4 else att}
+    if batch.position_ids is not None:
+        kw["position_ids"] = batch.position_ids
+    return kw
+
+
+def score_batch(model, batch: ScoreBatch, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of the scored tokens of each output of ``batch``, and their number.
+
+    Differentiable (used by training); float32 tensors of shape ``[n_out]``. The language-model head
+    runs only on the hidden states that predict a scored token.
+    """
+    hidden = _body(model)(**_model_inputs(model, batch)).last_hidden_state
+    return logprobs_from_hidden(model, hidden, batch, chunk)
+
+
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       response_mask: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of the response tokens of each row, and the number of response tokens.
-
-    Differentiable (used by training) and batched; returns float32 tensors of shape ``[B]``.
-    """
-    hidden = _body(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return logprobs_from_hidden(model, hidden, input_ids, response_mask, chunk)
+    """Summed log-prob of the response tokens of each row of a :func:`collate` batch, and their number."""
+    return score_batch(model, padded_batch(input_ids, attention_mask, response_mask), chunk)
 
 
-def logprobs_from_hidden(model, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
-                         chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`sequence_logprobs` from the last-layer hidden states ``[B, T, d]`` of the same batch."""
-    # Position t predicts token t+1: a response token at t+1 is scored from hidden state t.
-    target_mask = response_mask[:, 1:]
-    rows = target_mask.nonzero(as_tuple=True)[0]
-    h = hidden[:, :-1][target_mask]
-    targets = input_ids[:, 1:][target_mask]
+def _token_logprobs(model, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
     head = _head(model)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     token_lp = []
@@ -118,13 +227,31 @@ def logprobs_from_hidden(model, hidden: torch.Tensor, input_ids: torch.Tensor, r
         logits = head(h[s: s + chunk]).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        lp = logits.gather(-1, targets[s: s + chunk, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-        token_lp.append(lp)
-    token_lp = torch.cat(token_lp) if token_lp else hidden.new_zeros(0, dtype=torch.float32)
-    B = input_ids.shape[0]
-    sums = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_lp)
-    counts = target_mask.sum(-1).to(torch.float32)
+        token_lp.append(logits.gather(-1, targets[s: s + chunk, None]).squeeze(-1) - torch.logsumexp(logits, -1))
+    return torch.cat(token_lp) if token_lp else h.new_zeros(0, dtype=torch.float32)
+
+
+def _sums(batch: ScoreBatch, token_lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    device = batch.input_ids.device
+    sums = torch.zeros(batch.n_out, dtype=torch.float32, device=device).index_add(0, batch.rows, token_lp)
+    counts = torch.bincount(batch.rows, minlength=batch.n_out).to(torch.float32)
     return sums, counts
+
+
+def logprobs_from_hidden(model, hidden: torch.Tensor, batch: ScoreBatch,
+                         chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`score_batch` from the last-layer hidden states ``[B, T, d]`` of the same batch."""
+    h = hidden.reshape(-1, hidden.shape[-1])[batch.predictors]
+    return _sums(batch, _token_logprobs(model, h, batch.targets, chunk))
+
+
+def _batches(n: int, length, batch_size: int, progress: str | None):
+    """Index lists of ``batch_size`` items of similar ``length(i)``, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(n), key=length)
+    batches = [order[s: s + batch_size] for s in range(0, n, batch_size)]
+    return tqdm(batches, desc=progress, disable=progress is None, unit="batch")
 
 
 @torch.no_grad()
@@ -134,14 +261,10 @@ def batched_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequenc
     """Summed response log-probs for many (prompt, response) pairs, batched by similar length, under
     :func:`autocast` with ``bf16`` (``train.bf16`` where they are compared with training's; None: no
     autocast, the model's own dtype)."""
-    from tqdm.auto import tqdm
-
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     sums = [0.0] * len(prompts)
     counts = [0] * len(prompts)
     device = next(model.parameters()).device
-    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
+    for idx in _batches(len(prompts), lambda i: len(prompts[i]) + len(responses[i]), batch_size, progress):
         ids, att, resp = collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id, max_length)
         with autocast(device, bf16):
             s, c = sequence_logprobs(model, ids.to(device), att.to(device), resp.to(device))
@@ -160,23 +283,19 @@ def response_logprobs_and_hidden(model, prompts: Sequence[Sequence[int]], respon
     hidden state at the position that predicts each token (the LM head's input), ``[N, d]`` float32 on
     the CPU; and the token counts ``[N]``. The hidden sums are the ``h_y`` of CHES (Razin et al. 2025,
     arXiv 2410.08847)."""
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     lps = [0.0] * len(prompts)
     hidden_sums: list[torch.Tensor | None] = [None] * len(prompts)
     counts = torch.zeros(len(prompts), dtype=torch.long)
-    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
-        ids, att, resp = collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id, max_length)
-        ids, att, resp = ids.to(device), att.to(device), resp.to(device)
-        hidden = _body(model)(input_ids=ids, attention_mask=att).last_hidden_state
-        lp = logprobs_from_hidden(model, hidden, ids, resp)[0]
-        target = resp[:, 1:]  # position t predicts token t + 1, as in sequence_logprobs
-        h = (hidden.float()[:, :-1] * target[..., None]).sum(1).cpu()
+    for idx in _batches(len(prompts), lambda i: len(prompts[i]) + len(responses[i]), batch_size, progress):
+        batch = padded_batch(*collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id,
+                                      max_length)).to(device)
+        hidden = _body(model)(**_model_inputs(model, batch)).last_hidden_state
+        lp, n = logprobs_from_hidden(model, hidden, batch)
+        picked = hidden.float().reshape(-1, hidden.shape[-1])[batch.predictors]
+        h = torch.zeros(len(idx), picked.shape[-1], device=device).index_add(0, batch.rows, picked).cpu()
         for j, i in enumerate(idx):
-            lps[i], hidden_sums[i], counts[i] = float(lp[j]), h[j], int(target[j].sum())
+            lps[i], hidden_sums[i], counts[i] = float(lp[j]), h[j], int(n[j])
     d = model.config.hidden_size
     return lps, torch.stack(hidden_sums) if hidden_sums else torch.zeros(0, d), counts
 
@@ -189,40 +308,50 @@ def reference_check(model, input_ids, attention_mask, response_mask) -> torch.Te
 
 
 class ResponseLogprobs(torch.nn.Module):
-    """``forward(input_ids, attention_mask, response_mask) -> (sums, counts)`` as a module, so DDP
-    can wrap the whole computation (its gradient hooks need the work to run inside ``forward``)."""
+    """``forward(*ScoreBatch.args()) -> (sums, counts)`` (:func:`score_batch`) as a module, so DDP can
+    wrap the whole computation (its gradient hooks need the work to run inside ``forward``)."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, response_mask):
-        return sequence_logprobs(self.lm, input_ids, attention_mask, response_mask)
+    def forward(self, *args):
+        return score_batch(self.lm, ScoreBatch(*args))
 
 
-def sequence_logprobs_via_forward(model, input_ids, attention_mask, response_mask):
-    """Same as :func:`sequence_logprobs` through the model's own ``forward`` (needed by FSDP2,
-    whose all-gathers hang on the root module's forward). ``logits_to_keep`` skips every column
-    before the earliest response token, so most prompt positions never reach the LM head."""
-    first = int(response_mask.float().argmax(-1).min())
-    start = max(first - 1, 0)
-    T = input_ids.shape[1]
-    keep = torch.arange(start, T - 1, device=input_ids.device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits.float()
-    targets = input_ids[:, start + 1:]
-    mask = response_mask[:, start + 1:]
-    lp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
-    return (lp * mask).sum(-1), mask.sum(-1).to(torch.float32)
+def score_batch_via_forward(model, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`score_batch` through the model's own ``forward`` (needed by FSDP2, whose all-gathers
+    hang on the root module's forward). ``logits_to_keep`` keeps only the positions that predict a
+    scored token, so most prompt positions never reach the LM head."""
+    batch = ScoreBatch(*args)
+    T = batch.input_ids.shape[1]
+    keep = torch.unique(batch.predictors % T)  # sorted
+    logits = model(**_model_inputs(model, batch), logits_to_keep=keep).logits.float()  # [B, K, V]
+    at = torch.searchsorted(keep, batch.predictors % T)
+    picked = logits[batch.predictors // T, at]  # the model's forward has applied any logit softcapping
+    lp = picked.gather(-1, batch.targets[:, None]).squeeze(-1) - torch.logsumexp(picked, -1)
+    return _sums(batch, lp)
 
 
+@torch.no_grad()
 def pair_logprobs(model, pairs: pl.DataFrame, pad_id: int, batch_size: int, max_length: int,
-                  progress: str | None = None, *, bf16: bool) -> tuple[list[float], list[float], list[int], list[int]]:
+                  progress: str | None = None, *, bf16: bool,
+                  shared_prompt: bool) -> tuple[list[float], list[float], list[int], list[int]]:
     """Summed log-probs of chosen and rejected of every pair under ``model`` (the reference stage's and
-    evaluation's one code path), and the response lengths in tokens. ``max_length`` and ``bf16`` are
-    training's (``train.max_length``, ``train.bf16``), so both sides are truncated and rounded alike."""
-    prompts = pairs["prompt_ids"].to_list()
-    lw, nw = batched_logprobs(model, prompts, pairs["chosen_ids"].to_list(), pad_id, batch_size, max_length,
-                              progress=progress and f"{progress} (chosen)", bf16=bf16)
-    ll, nl = batched_logprobs(model, prompts, pairs["rejected_ids"].to_list(), pad_id, batch_size, max_length,
-                              progress=progress and f"{progress} (rejected)", bf16=bf16)
+    evaluation's one code path), and the response lengths in tokens. ``max_length``, ``bf16`` and
+    ``shared_prompt`` are training's (``train.*``), so both sides are laid out, truncated and rounded
+    as training scores them; ``batch_size`` counts pairs."""
+    prompts, chosen, rejected = (pairs[c].to_list() for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    device = next(model.parameters()).device
+    n = len(prompts)
+    lw, ll, nw, nl = [0.0] * n, [0.0] * n, [0] * n, [0] * n
+    length = lambda i: len(prompts[i]) + len(chosen[i]) + len(rejected[i])  # noqa: E731
+    for idx in _batches(n, length, batch_size, progress):
+        batch = collate_pairs([prompts[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx],
+                              pad_id, max_length, shared_prompt=shared_prompt).to(device)
+        with autocast(device, bf16):
+            s, c = score_batch(model, batch)
+        k = len(idx)
+        for j, i in enumerate(idx):
+            lw[i], ll[i], nw[i], nl[i] = float(s[j]), float(s[k + j]), int(c[j]), int(c[k + j])
     return lw, ll, nw, nl

@@ -87,7 +87,7 @@ def wrap(model, ctx: Context):
 
 
 def wrap_policy(model, ctx: Context) -> tuple[Callable, torch.nn.Module]:
-    """The policy's ``(input_ids, attention_mask, response_mask) -> (log-prob sums, counts)``, ready
+    """The policy's ``(*ScoreBatch.args()) -> (log-prob sums, counts)``, ready
     for data parallelism, and the module whose gradient sync :class:`no_grad_sync` switches.
 
     DDP wraps a :class:`~pipeline.model.logprobs.ResponseLogprobs` module, so that its gradient
@@ -95,13 +95,13 @@ def wrap_policy(model, ctx: Context) -> tuple[Callable, torch.nn.Module]:
     through the same module) and scores through the model's own forward, since its all-gathers
     hang on the root module's forward.
     """
-    from pipeline.model.logprobs import ResponseLogprobs, sequence_logprobs_via_forward
+    from pipeline.model.logprobs import ResponseLogprobs, score_batch_via_forward
 
     if ctx.distributed and ctx.strategy == "fsdp":
         wrap(model, ctx)
 
-        def forward(ids, att, resp):
-            return sequence_logprobs_via_forward(model, ids, att, resp)
+        def forward(*args):
+            return score_batch_via_forward(model, *args)
 
         return forward, model
     module = wrap(ResponseLogprobs(model), ctx)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.model.logprobs import autocast, collate
+from pipeline.model.logprobs import autocast, collate_pairs as _collate_pairs
 from pipeline.training.batching import step_batches
 from pipeline.training import distributed as D
 from pipeline.training import losses
@@ -67,11 +67,10 @@ def micro_batches(idx: Sequence[int], ctx: D.Context, grad_accum: int) -> list[t
     return [(p, [True] * len(p)) if p else ([idx[0]], [False]) for p in parts]
 
 
-def collate_pairs(ex: Sequence[PairExample], pad_id: int, max_length: int):
-    """One batch holding the chosen responses, then the rejected ones, each after its prompt."""
-    prompts = [e.prompt_ids for e in ex] * 2
-    responses = [e.chosen_ids for e in ex] + [e.rejected_ids for e in ex]
-    return collate(prompts, responses, pad_id, max_length)
+def collate_pairs(ex: Sequence[PairExample], pad_id: int, settings: TrainSettings):
+    """One batch scoring the chosen responses, then the rejected ones (``train.shared_prompt``: one row per pair)."""
+    return _collate_pairs([e.prompt_ids for e in ex], [e.chosen_ids for e in ex], [e.rejected_ids for e in ex],
+                          pad_id, settings.max_length, shared_prompt=settings.shared_prompt)
 
 
 # --------------------------------------------------------------------------------------------- diagnostics
@@ -364,9 +363,9 @@ class PreferenceTrainer:
         """Loss of one micro-batch via the loss registry, backpropagated: its share of the mean over the
         step's ``global_batch`` real pairs, and the per-pair tensors of its real rows (``real`` False:
         padding, weight 0)."""
-        ids, att, resp = collate_pairs(ex, self.pad_id, self.settings.max_length)
+        batch = collate_pairs(ex, self.pad_id, self.settings).to(self.device)
         with self._autocast():
-            lp, n_tok = self.forward(ids.to(self.device), att.to(self.device), resp.to(self.device))
+            lp, n_tok = self.forward(*batch.args())
         lp.retain_grad()
         k = len(ex)
         lp_w, lp_l, len_w, len_l = lp[:k], lp[k:], n_tok[:k], n_tok[k:]
@@ -388,9 +387,9 @@ class PreferenceTrainer:
         out: list[list[torch.Tensor]] = [[], [], [], []]
         for s in range(0, len(ex), batch_size):
             chunk = ex[s: s + batch_size]
-            ids, att, resp = collate_pairs(chunk, self.pad_id, self.settings.max_length)
+            batch = collate_pairs(chunk, self.pad_id, self.settings).to(self.device)
             with self._autocast():
-                lp, n_tok = self.forward(ids.to(self.device), att.to(self.device), resp.to(self.device))
+                lp, n_tok = self.forward(*batch.args())
             k = len(chunk)
             for i, t in enumerate((lp[:k], lp[k:], n_tok[:k], n_tok[k:])):
                 out[i].append(t.detach().float().cpu())

@@ -55,3 +55,81 @@ def test_one_precision_choice_for_training_reference_and_evaluation(tiny, monkey
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want, _ = sequence_logprobs(model, *collate(prompts, responses, tok.pad_token_id))
     assert bf16 == pytest.approx(want.tolist(), abs=1e-4) and bf16 != pytest.approx(fp32, abs=1e-4)
+
+
+def _pairs(tok):
+    """Pairs whose responses differ in length both ways, and one the same on both sides."""
+    prompts = [encode_prompt(tok, q) for q in ("What is 2 + 2?", "Hi", "Name three prime numbers below 20.")]
+    chosen = [encode_response(tok, t) for t in ("4, it is four", "Hello", "2, 3 and 5")]
+    rejected = [encode_response(tok, t) for t in ("5", "Hello there, my good friend, how are you?", "2, 3 and 9")]
+    return prompts, chosen, rejected
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_layout_scores_as_each_response_after_its_own_prompt(tiny_model_dir, attention):
+    """One row per pair (prompt + chosen + rejected, the rejected masked from the chosen) gives each
+    response the log-prob, token count and gradient it has after its own copy of the prompt."""
+    from pipeline.model.logprobs import collate_pairs, score_batch, score_batch_via_forward
+
+    model = loading.load_model(tiny_model_dir, "float32").eval()
+    model.set_attn_implementation(attention)
+    tok = loading.load_tokenizer(tiny_model_dir)
+    prompts, chosen, rejected = _pairs(tok)
+    padded = collate_pairs(prompts, chosen, rejected, tok.pad_token_id, shared_prompt=False)
+    shared = collate_pairs(prompts, chosen, rejected, tok.pad_token_id, shared_prompt=True)
+    assert shared.input_ids.shape[0] == 3 and padded.input_ids.shape[0] == 6
+    want, want_n = score_batch(model, padded)
+    assert want_n.tolist() == [len(r) for r in chosen + rejected]
+    # independently: each response alone after its prompt, full logits
+    alone = [reference_check(model, *collate([p], [r], tok.pad_token_id)).item()
+             for p, r in zip(prompts * 2, chosen + rejected)]
+    assert want.tolist() == pytest.approx(alone, abs=1e-4)
+    got, got_n = score_batch(model, shared)
+    assert got_n.tolist() == want_n.tolist() and got.tolist() == pytest.approx(want.tolist(), abs=1e-4)
+    via_forward, _ = score_batch_via_forward(model, *shared.args())  # FSDP2's path
+    assert via_forward.tolist() == pytest.approx(want.tolist(), abs=1e-4)
+
+    def grads(batch):
+        model.zero_grad()
+        s, _ = score_batch(model, batch)
+        (s[:3] - 2 * s[3:]).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    g_padded, g_shared = grads(padded), grads(shared)
+    assert torch.allclose(g_shared, g_padded, rtol=1e-3, atol=1e-5)
+
+
+def test_shared_prompt_rejected_does_not_see_the_chosen(tiny):
+    from pipeline.model.logprobs import collate_pairs, score_batch
+
+    model, tok = tiny
+    prompts, chosen, rejected = _pairs(tok)
+    a, _ = score_batch(model, collate_pairs(prompts, chosen, rejected, tok.pad_token_id, shared_prompt=True))
+    other = [c[:-1] + [tok.encode(" seven", add_special_tokens=False)[0]] * 3 + c[-1:] for c in chosen]
+    b, _ = score_batch(model, collate_pairs(prompts, other, rejected, tok.pad_token_id, shared_prompt=True))
+    assert b[3:].tolist() == pytest.approx(a[3:].tolist(), abs=1e-5)  # rejected: unchanged
+    assert all(abs(x - y) > 1e-3 for x, y in zip(b[:3].tolist(), a[:3].tolist()))  # chosen: changed
+
+
+def test_shared_prompt_truncation_keeps_what_the_longer_response_leaves():
+    from pipeline.model.logprobs import collate_pairs
+
+    batch = collate_pairs([list(range(100, 150))], [[7, 8, 9]], [list(range(10, 22))], pad_id=0, max_length=20,
+                          shared_prompt=True)
+    # the rejected (12 tokens) leaves 8 prompt tokens; both sides follow the same 8, neither is cut
+    assert batch.input_ids[0].tolist() == list(range(142, 150)) + [7, 8, 9] + list(range(10, 22))
+    assert torch.bincount(batch.rows).tolist() == [3, 12]
+    assert batch.position_ids[0, 11:].tolist() == list(range(8, 20))  # the rejected restarts after the prompt
+    # a response longer than max_length: the prompt keeps max_length // 4 tokens, both responses are cut
+    long = collate_pairs([list(range(100, 150))], [list(range(30))], [[5]], pad_id=0, max_length=20, shared_prompt=True)
+    assert long.input_ids[0, :5].tolist() == list(range(145, 150)) and torch.bincount(long.rows).tolist() == [15, 1]
+
+
+def test_shared_prompt_needs_an_attention_that_takes_a_4d_mask(tiny_model_dir):
+    from pipeline.model.logprobs import collate_pairs, score_batch
+
+    model = loading.load_model(tiny_model_dir, "float32").eval()
+    model.config._attn_implementation = "flash_attention_2"  # not installed here: only the check is exercised
+    tok = loading.load_tokenizer(tiny_model_dir)
+    with pytest.raises(ValueError, match=r"train\.shared_prompt needs .*flash_attention_2"):
+        score_batch(model, collate_pairs(*_pairs(tok), tok.pad_token_id, shared_prompt=True))

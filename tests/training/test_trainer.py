@@ -207,7 +207,8 @@ def _first_step_check(tiny_model_dir, ref_bf16: bool, train_bf16: bool, tol: flo
     pairs = _pairs(tok, 8)
     params = repo_params()
     rw, rl, _, _ = pair_logprobs(model, pairs, tok.pad_token_id, params["reference"]["batch_size"],
-                                 params["reference"]["max_length"], bf16=ref_bf16)
+                                 params["reference"]["max_length"], bf16=ref_bf16,
+                                 shared_prompt=params["train"]["shared_prompt"])
     ex = [PairExample(tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"]), w, l_)
           for r, w, l_ in zip(pairs.iter_rows(named=True), rw, rl)]
     s = train_settings(lr=1e-3, epochs=1, batch_size=4, grad_accum=2, bf16=train_bf16, ref_check_tol=tol)
@@ -261,6 +262,27 @@ def test_grad_accumulation_matches_one_big_batch(tiny_model_dir):
         assert {k: metrics[k] for k in continuous} == pytest.approx({k: results[0][0][k] for k in continuous},
                                                                     rel=1e-4, abs=1e-5)
         assert torch.allclose(results[0][1], weights, atol=1e-6)
+
+
+def test_shared_prompt_layout_trains_as_the_padded_one(tiny_model_dir):
+    """train.shared_prompt only changes how a pair is laid out: the same losses, diagnostics and weights
+    over several steps (the prompts differ in length, so rows are padded differently)."""
+    tok = loading.load_tokenizer(tiny_model_dir)
+    runs = {}
+    for shared in (False, True):
+        model = loading.load_model(tiny_model_dir, "float32")
+        ex = _examples(model, tok)
+        s = train_settings(lr=1e-3, epochs=3, batch_size=3, grad_accum=1, max_length=64, seed=0,
+                           shared_prompt=shared)
+        hist = train_preference(model, ex, [("dpop", 1.0, {"beta": 0.5, "dpop_lambda": 5.0})], s,
+                                pad_id=tok.pad_token_id, progress=None)
+        runs[shared] = hist, torch.cat([p.detach().flatten() for p in model.parameters()])
+    (h0, w0), (h1, w1) = runs[False], runs[True]
+    assert len(h0) == len(h1) == 6
+    assert [h["loss"] for h in h1] == pytest.approx([h["loss"] for h in h0], abs=1e-5)
+    assert [h["delta_w"] for h in h1] == pytest.approx([h["delta_w"] for h in h0], abs=1e-4)
+    assert h0[-1]["delta_w"] != pytest.approx(h0[0]["delta_w"], abs=1e-2)  # it did train
+    assert torch.allclose(w1, w0, atol=1e-5)
 
 
 def test_resume_from_a_checkpoint_continues_the_same_run(tiny_model_dir, tmp_path):
