@@ -467,14 +467,14 @@ def main(argv=None) -> int:
         if r.get("truncated_tokens"):
             notes.append(f"{name}: {r['truncated_tokens']} tokens cut by max_length (still counted in 'tokens')")
         if r.get("trl_optimizer"):
-            notes.append(f"{name}: optimizer {r['trl_optimizer']} (TRL default); ours: torch.optim.AdamW defaults")
+            notes.append(f"{name}: optimizer {r['trl_optimizer']} (TRL default); ours: torch.optim.AdamW fused (FSDP2: foreach)")
     faster = [n for n in ("trl_default", "trl_precompute") if n in results]
     if "ours" in results and faster:
         best = max(faster, key=lambda n: results[n]["tokens_per_s"])
         r = rat[f"ours/{best}"]
         ok_mem = r["train_peak_mb"] is None or r["train_peak_mb"] <= 1.0
-        verdict = "MET" if r["tokens_per_s"] >= 1.3 and ok_mem and r["abs_peak_mb"] <= 1.0 else "NOT met"
-        notes.append(f"target (>= 1.3x tokens/s of the faster TRL config, {best}, at no more peak memory): {verdict}")
+        verdict = "MET" if r["tokens_per_s"] >= 2.0 and ok_mem and r["abs_peak_mb"] <= 1.0 else "NOT met"
+        notes.append(f"target (>= 2x tokens/s of the faster TRL config, {best}, at no more peak memory): {verdict}")
     loads = {n: r["loadavg_1m_before_after"] for n, r in results.items()}
     notes.append("1-min load average before/after each config (CPU shared when above --threads): "
                  + ", ".join(f"{n} {a:.1f}/{b:.1f}" for n, (a, b) in loads.items() if a is not None))
