@@ -542,6 +542,37 @@ class ScenariosParams(_Strict):
         return v
 
 
+class StudyParams(_Strict):
+    """``python -m pipeline.flows study``: training seeds x variants x pair sets, one DVC experiment per seed
+    and pair set, then ``report`` (a folder) with mean ± sd across seeds, pooled per-pair statistics and
+    one row per REFERENCE claim."""
+    seeds: list[int] = Field(min_length=1)  # train.seed of each experiment
+    sample_seed: bool  # also set sample.seed to the seed (new candidates, hence new pairs, per seed)
+    variants: list[str] = Field(min_length=1)  # train.variants entries: evaluate@<v> of each is reproduced
+    scenarios: list[int]  # pairs.scenario values (judged pairs), one pair set each; []: the pairs of params.yaml
+    overrides: dict[str, Any]  # params set in every experiment (the study's sizes), the `dvc exp run -S` grammar
+    max_parallel: int = Field(ge=1)
+    report: str
+    timeout_s: float = Field(ge=0)
+    retries: int = Field(ge=0)
+
+    @field_validator("seeds", "variants", "scenarios")
+    @classmethod
+    def _unique(cls, v: list) -> list:
+        dup = sorted({str(x) for x in v if v.count(x) > 1})
+        if dup:
+            raise ValueError(f"{', '.join(dup)} listed more than once")
+        return v
+
+    @field_validator("scenarios")
+    @classmethod
+    def _known_scenarios(cls, v: list[int]) -> list[int]:
+        bad = [k for k in v if k not in (1, 2, 3, 4)]
+        if bad:
+            raise ValueError(f"unknown scenario(s) {bad}: each must be 1, 2, 3 or 4")
+        return v
+
+
 class FlowParams(_Strict):
     """The ``flows:`` section: how Prefect runs the DVC stages. No stage depends on it."""
     defaults: StageTaskSettings
@@ -556,6 +587,7 @@ class FlowParams(_Strict):
     sweep: SweepParams
     rounds: RoundsParams
     scenarios: ScenariosParams
+    study: StudyParams
 
     def for_stage(self, stage: str) -> StageTaskSettings:
         merged = self.defaults.model_dump()

@@ -182,6 +182,9 @@ TABLES: dict[str, dict[str, Column]] = {
         "correct": C(pl.Boolean),
     },
 }
+# the study flow's report: every run's held-out pairs (pair_eval) with the experiment, seed and pair set.
+TABLES["study_pairs"] = {**TABLES["pair_eval"], "experiment": C(pl.String), "seed": C(pl.Int64),
+                         "pair_set": C(pl.String)}
 
 
 class SchemaError(ValueError):

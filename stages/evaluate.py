@@ -57,8 +57,6 @@ def main(argv: list[str] | None = None) -> None:
                                      progress=f"eval {args.variant}")
     finally:
         sampler.close()
-    if gen.backend != "transformers":  # loaded after the engine is gone
-        model = loading.load_model(model_dir, cfg.policy.dtype, loading.device_for()).eval()
     # The training stage scored these pairs after its last step with the model it saved (train.eval_every):
     # those log-probs are reused; else computed as the reference was (truncation and precision), so that
     # lp − ref is the change.
@@ -66,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     if scored is not None:
         after, scored_by = scored[0], f"train@{args.variant} (fixed held-out set after step {scored[1]})"
     else:
+        if gen.backend != "transformers":  # loaded only now, after the engine is gone, and only if needed
+            model = loading.load_model(model_dir, cfg.policy.dtype, loading.device_for()).eval()
         lw, ll, _, _ = pair_logprobs(model, pairs, tokenizer.pad_token_id, params.batch_size,
                                      cfg.reference.max_length, progress=f"eval {args.variant}", bf16=cfg.train.bf16,
                                      shared_prompt=cfg.train.shared_prompt)

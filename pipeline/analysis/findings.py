@@ -146,6 +146,20 @@ def displacement_finding(variant: str, h: HeldoutStats, s: StatSettings) -> Find
                    f"({h.n} pairs): {detail}.", figures)
 
 
+def trained_pair_changes(fixed: pl.DataFrame | None, distances: pl.DataFrame | None) -> pl.DataFrame | None:
+    """Per pair of the fixed training subset: Δ chosen ``d`` = lp_w − ref_w at the last evaluation, joined with
+    ``distances`` (pair_id, edit_distance_norm and any other columns); None without both tables. REFERENCE
+    claim 1 (displacement strongest at low edit distance) is about these pairs: on held-out pairs the rejected
+    side was never trained on."""
+    if fixed is None or distances is None or fixed.is_empty():
+        return None
+    t = fixed.filter(pl.col("set") == "train")
+    if t.is_empty():
+        return None
+    return (t.filter(pl.col("step") == t["step"].max()).select("pair_id", (pl.col("lp_w") - pl.col("ref_w")).alias("d"))
+            .join(distances, on="pair_id", how="inner"))
+
+
 # --------------------------------------------------------------------------------------------- accuracy
 def correctness_pairs(before: pl.DataFrame, after: pl.DataFrame, where: str) -> tuple[np.ndarray, np.ndarray]:
     """The ``correct`` columns of two ``generations`` tables, aligned by prompt; other prompt sets raise."""

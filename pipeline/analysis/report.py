@@ -144,18 +144,6 @@ def predictor_section(names: list[str], variants: dict[str, VariantInputs], s: F
     return out + [""]
 
 
-def trained_pair_changes(fixed: pl.DataFrame | None, distances: pl.DataFrame | None) -> pl.DataFrame | None:
-    """Per pair of the fixed training subset: Δ chosen (lp_w − ref_w) at the last evaluation, with its
-    ``edit_distance_norm`` and ``distance_bucket`` from ``distances``; None without both tables."""
-    if fixed is None or distances is None or fixed.is_empty():
-        return None
-    t = fixed.filter(pl.col("set") == "train")
-    if t.is_empty():
-        return None
-    return (t.filter(pl.col("step") == t["step"].max()).select("pair_id", (pl.col("lp_w") - pl.col("ref_w")).alias("d"))
-            .join(distances.select("pair_id", "edit_distance_norm", "distance_bucket"), on="pair_id", how="inner"))
-
-
 def build_report(title: str, start_answers: pl.DataFrame, variants: dict[str, VariantInputs],
                  pipeline_metrics: dict[str, dict], out_dir: Path, s: F.StatSettings,
                  distances: pl.DataFrame | None = None) -> tuple[str, dict]:
@@ -255,7 +243,7 @@ def build_report(title: str, start_answers: pl.DataFrame, variants: dict[str, Va
               "evaluation). On held-out pairs the rejected side was never trained on, so a slope there can only come "
               "from what else goes with the distance (with `pairs.source: constructed` the edit kind is drawn "
               "independently of the chosen, and the held-out slope should be flat).", ""]
-    trained = {n: trained_pair_changes(variants[n].fixed, distances) for n in names}
+    trained = {n: F.trained_pair_changes(variants[n].fixed, distances) for n in names}
     rows = [(n, "held-out", variants[n].pairs.with_columns((pl.col("lp_w") - pl.col("ref_w")).alias("d")),
              results[n][0].slope, results[n][0].slope_test) for n in names]
     for n in names:

@@ -13,6 +13,9 @@ per-stage retries and timeouts, the stage logs in the run log, and artifacts.
 - :func:`scenarios_flow` (:mod:`.scenarios`): the data scenarios of the 3D-properties paper
   (arXiv:2406.07327; ``pairs.scenario`` 1-4) for one loss, one experiment each (the sweep
   machinery), compared side by side in ``reports/scenarios.md``.
+- :func:`study_flow` (:mod:`.study`): training seeds × variants × pair sets, one experiment per seed
+  and pair set (the sweep machinery), reported in ``reports/study/`` with mean ± sd across seeds,
+  pooled per-pair intervals and tests, and one row per REFERENCE claim.
 - :func:`rounds_flow` (:mod:`.rounds`): iterative (on-policy) DPO: round r > 1 starts from round
   r-1's trained model.
 - :func:`cluster_flow` (:mod:`.cluster`): the pipeline split into CPU and GPU segments, each run by
@@ -48,6 +51,7 @@ _EXPORTS = {
     "pipeline_flow": "run",
     "sweep_flow": "sweep",
     "scenarios_flow": "scenarios",
+    "study_flow": "study",
     "rounds_flow": "rounds",
     "cluster_flow": "cluster",
     "kubernetes_job_template": "cluster",

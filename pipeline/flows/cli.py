@@ -46,6 +46,17 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--list", dest="scenarios", type=int, nargs="+", choices=(1, 2, 3, 4), metavar="K",
                    help="scenarios to run, e.g. --list 1 3 (default: flows.scenarios.list)")
     c.add_argument("-n", "--name", help="experiment name prefix (experiments <name>-s<k>)")
+    t = sub.add_parser("study", help="training seeds x variants x pair sets, one DVC experiment per seed and pair set, "
+                       "reported with intervals and a row per REFERENCE claim (flows.study)")
+    t.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="train.seed values (default: flows.study.seeds)")
+    t.add_argument("--variants", nargs="+", metavar="V", help="train variants (default: flows.study.variants)")
+    t.add_argument("--scenarios", type=int, nargs="+", choices=(1, 2, 3, 4), metavar="K",
+                   help="pairs.scenario values of judged pairs (default: flows.study.scenarios; none: pairs.source)")
+    t.add_argument("-S", "--set-param", action="append", metavar="KEY=VALUE",
+                   help="params set in every experiment; any -S replaces flows.study.overrides as a whole")
+    t.add_argument("--default-size", action="store_true",
+                   help="no flows.study.overrides: every experiment at params.yaml's own sizes")
+    t.add_argument("-n", "--name", help="experiment name prefix (experiments <name>-d-seed<s> or <name>-s<k>-seed<s>)")
     o = sub.add_parser("rounds", help="on-policy rounds (iterative DPO)")
     o.add_argument("-R", "--rounds", type=int)
     o.add_argument("--variant")
@@ -61,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Any:
     a = parser().parse_args(argv)
-    if a.cmd in ("run", "sweep", "scenarios", "rounds"):
+    if a.cmd in ("run", "sweep", "scenarios", "study", "rounds"):
         from pipeline.flows.server import start_temporary_server
 
         start_temporary_server()
@@ -84,6 +95,16 @@ def main(argv: list[str] | None = None) -> Any:
         from pipeline.flows import scenarios
 
         res = scenarios.scenarios_flow(scenarios=a.scenarios, variant=a.variant, name=a.name, repo=a.repo)
+        print(res["markdown"])
+        return res
+    elif a.cmd == "study":
+        from pipeline.flows import study
+
+        if a.default_size and a.set_param:
+            raise SystemExit("--default-size and -S exclude each other: -S already replaces flows.study.overrides")
+        overrides = {} if a.default_size else _parse_sets(a.set_param) if a.set_param else None
+        res = study.study_flow(seeds=a.seeds, variants=a.variants, scenarios=a.scenarios, overrides=overrides,
+                               name=a.name, repo=a.repo)
         print(res["markdown"])
         return res
     elif a.cmd == "rounds":

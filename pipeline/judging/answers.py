@@ -26,31 +26,35 @@ def normalise_number(s: str | None) -> str | None:
     return format(d.normalize(), "f")
 
 
+def _final_answer(text: str) -> tuple[re.Match, int, bool] | None:
+    """The match holding the final answer, its group, and whether it was stated as ``Answer: <number>``:
+    the last ``Answer:`` number, else the last number; None when the text has no number."""
+    m = None
+    for m in _ANSWER_RE.finditer(text):
+        pass
+    if m is not None:
+        return m, 1, True
+    for m in _NUMBER_RE.finditer(text):
+        pass
+    return (m, 0, False) if m is not None else None
+
+
 def extract_answer(text: str) -> tuple[str | None, bool]:
     """The stated final answer and whether it was in the requested ``Answer: <number>`` format.
 
     Falls back to the last number in the text when no ``Answer:`` line is found.
     """
-    m = None
-    for m in _ANSWER_RE.finditer(text):
-        pass
-    if m is not None:
-        return normalise_number(m.group(1)), True
-    nums = _NUMBER_RE.findall(text)
-    return (normalise_number(nums[-1]) if nums else None), False
+    found = _final_answer(text)
+    if found is None:
+        return None, False
+    m, group, formatted = found
+    return normalise_number(m.group(group)), formatted
 
 
 def final_answer_span(text: str) -> tuple[int, int] | None:
-    """Where :func:`extract_answer` reads the final answer: the last ``Answer: <n>`` number, else the last
-    number; None when the text has no number."""
-    m = None
-    for m in _ANSWER_RE.finditer(text):
-        pass
-    if m is not None:
-        return m.span(1)
-    for m in _NUMBER_RE.finditer(text):
-        pass
-    return m.span() if m is not None else None
+    """Where :func:`extract_answer` reads the final answer (character span); None when the text has no number."""
+    found = _final_answer(text)
+    return None if found is None else found[0].span(found[1])
 
 
 def is_correct(text: str, gold: str) -> tuple[bool, str | None, bool]:

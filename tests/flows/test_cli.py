@@ -30,6 +30,25 @@ def test_scenarios_command(tmp_path, monkeypatch, capsys):
         cli.main(["scenarios", "--list", "5"])
 
 
+def test_study_command(tmp_path, monkeypatch, capsys):
+    # python -m pipeline.flows study [--seeds S ...] [--variants V ...] [--scenarios K ...] [-S k=v | --default-size]
+    from pipeline.flows import study
+
+    calls = []
+    monkeypatch.setattr(study, "study_flow", lambda **kw: calls.append(kw) or {"markdown": "| claims |"})
+    cli.main(["--repo", str(tmp_path), "study", "--seeds", "0", "1", "2", "--variants", "dpo", "-S",
+              "prepare.n_test=128", "-n", "st"])
+    cli.main(["study", "--scenarios", "1", "4", "--default-size"])
+    cli.main(["study"])
+    assert calls == [{"seeds": [0, 1, 2], "variants": ["dpo"], "scenarios": None,
+                      "overrides": {"prepare.n_test": 128}, "name": "st", "repo": str(tmp_path)},
+                     {"seeds": None, "variants": None, "scenarios": [1, 4], "overrides": {}, "name": None, "repo": "."},
+                     {"seeds": None, "variants": None, "scenarios": None, "overrides": None, "name": None, "repo": "."}]
+    assert "| claims |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="exclude each other"):
+        cli.main(["study", "--default-size", "-S", "prepare.n_test=64"])
+
+
 def test_order_and_param_commands(tmp_path, monkeypatch, capsys, servers):
     from pipeline.flows import dag, run, sweep
 

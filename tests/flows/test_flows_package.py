@@ -26,12 +26,12 @@ def test_light_modules_do_not_import_prefect_and_flows_are_reexported():
             "import pipeline.flows, pipeline.flows.dag, pipeline.flows.experiments, pipeline.flows.tables\n"
             "import pipeline.flows.dvc_process, pipeline.flows.cli\n"
             "light = 'prefect' not in sys.modules\n"
-            "from pipeline.flows import (pipeline_flow, sweep_flow, scenarios_flow, rounds_flow, cluster_flow,\n"
+            "from pipeline.flows import (pipeline_flow, sweep_flow, scenarios_flow, study_flow, rounds_flow, cluster_flow,\n"
             "                            kubernetes_job_template, StageFailed, main)\n"
             "from prefect import Flow\n"
-            "flows = [pipeline_flow, sweep_flow, scenarios_flow, rounds_flow, cluster_flow]\n"
+            "flows = [pipeline_flow, sweep_flow, scenarios_flow, study_flow, rounds_flow, cluster_flow]\n"
             "print(light, all(isinstance(f, Flow) for f in flows), [f.name for f in flows])")
-    assert _python(code) == ("True True ['dpo-pipeline', 'dpo-sweep', 'dpo-scenarios', 'dpo-rounds', "
+    assert _python(code) == ("True True ['dpo-pipeline', 'dpo-sweep', 'dpo-scenarios', 'dpo-study', 'dpo-rounds', "
                              "'dpo-cluster']")
     from pipeline import flows
 

@@ -1,0 +1,154 @@
+"""``study_flow``: training seeds × variants × pair sets as DVC experiments, then a report that tells a
+claim from seed noise (``python -m pipeline.flows study``; mean ± sd across seeds, pooled per-pair
+statistics, one row per REFERENCE claim: :mod:`pipeline.analysis.study`)."""
+
+from __future__ import annotations
+
+import io
+import shlex
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from pipeline import paths
+from pipeline.config import group_of, load_flow_params, load_params, merged, parse_flow_params
+from pipeline.flows.dag import stage_graph
+from pipeline.flows.experiments import experiments
+from pipeline.flows.tasks import flow_run_name, run_experiments
+
+
+def study_points(seeds: list[int], scenarios: list[int], overrides: dict[str, Any],
+                 sample_seed: bool) -> list[tuple[str, int, dict[str, Any]]]:
+    """``(pair set, seed, params)`` of each experiment: the study's overrides, the training seed (and the
+    sampling seed with ``sample_seed``), and for a scenario judged pairs of that scenario."""
+    out = []
+    for scenario in scenarios or [None]:
+        for seed in seeds:
+            point = {**overrides, "train.seed": seed}
+            if sample_seed:
+                point["sample.seed"] = seed
+            if scenario is not None:  # scenarios are of judged pairs, whatever pairs.source says
+                point.update({"pairs.source": "judged", "pairs.scenario": scenario})
+            out.append(("default" if scenario is None else f"scenario {scenario}", seed, point))
+    return out
+
+
+def read_experiment_table(root: Path, rev: str, path: str, table: str | None,
+                          columns: list[str] | None = None) -> pl.DataFrame:
+    """A stage's table as the experiment at ``rev`` produced it (from DVC's cache), checked against its schema
+    (``table``), or only ``columns`` of it."""
+    import dvc.api
+
+    from pipeline.schema import conform
+
+    with dvc.api.open(path, repo=str(root), rev=rev, mode="rb") as f:
+        df = pl.read_parquet(io.BytesIO(f.read()), columns=columns)
+    return conform(df, table, where=f"{path}@{rev[:7]}") if table else df
+
+
+def trained_changes(root: Path, rev: str, variant: str, distances: pl.DataFrame) -> pl.DataFrame | None:
+    """The fixed training subset's last Δ chosen of ``variant`` in the experiment at ``rev``; None when its
+    training scored no fixed sets (``train.eval_every: 0``)."""
+    from dvc.exceptions import FileMissingError, PathMissingError
+
+    from pipeline.analysis.findings import trained_pair_changes
+
+    try:
+        fixed = read_experiment_table(root, rev, paths.fixed_curves(variant), "fixed_curves")
+    except (FileMissingError, PathMissingError, FileNotFoundError):
+        return None
+    return trained_pair_changes(fixed, distances)
+
+
+def loss_roles(root: Path, variants: list[str]) -> dict[str, str]:
+    """Which of ``variants`` trains with the plain dpo loss and which with dpop (the claims' subjects)."""
+    cfg = load_params(root / "params.yaml")
+    roles: dict[str, str] = {}
+    for v in variants:
+        terms = cfg.variants[v].losses
+        if len(terms) == 1 and terms[0].name in ("dpo", "dpop"):
+            roles.setdefault(terms[0].name, v)
+    return roles
+
+
+@flow(name="dpo-study")
+def study_flow(seeds: list[int] | None = None, variants: list[str] | None = None,
+               scenarios: list[int] | None = None, overrides: dict[str, Any] | None = None,
+               name: str | None = None, repo: str = ".") -> dict[str, Any]:
+    """One ``dvc exp run --temp`` per training seed and pair set (default ``flows.study``), each reproducing
+    ``evaluate@<v>`` of every study variant with ``flows.study.overrides`` set (``overrides=`` replaces them),
+    at most ``max_parallel`` at once after the first (prepare, policy, sample and pairs are shared and come
+    from DVC's run-cache after it). Then ``flows.study.report``: ``report.md`` (also the markdown artifact
+    ``dpo-study``), ``summary.json`` with every figure, and ``per_pair.parquet`` (each run's held-out
+    pairs, with its seed and variant) from which every pooled number can be recomputed."""
+    from pipeline.analysis.findings import StatSettings
+    from pipeline.analysis.study import StudyRun, study_report
+    from pipeline.io import write_json, write_table, write_text
+
+    logger = get_run_logger()
+    root = Path(repo).resolve()
+    changes: dict[str, Any] = {}
+    for key, value in (("seeds", seeds), ("variants", variants), ("scenarios", scenarios)):
+        if value is not None:
+            changes[key] = list(value)
+    fp = parse_flow_params(merged(load_flow_params(root).model_dump(), {"study": changes}), source="study_flow")
+    st = fp.study
+    if overrides is not None:
+        st = st.model_copy(update={"overrides": dict(overrides)})
+    nodes, _ = stage_graph(root)
+    targets = [f"evaluate@{v}" for v in st.variants]
+    unknown = [t for t in targets if t not in nodes]
+    if unknown:  # fail before any experiment runs
+        known = sorted(n.split("@", 1)[1] for n in nodes if group_of(n) == "evaluate" and "@" in n)
+        raise ValueError(f"study_flow: no stage {', '.join(unknown)}: not in train.variants (known: "
+                         f"{', '.join(known) or 'none'})")
+    prefix = name or f"study-{flow_run_name()}"
+    points = study_points(st.seeds, st.scenarios, st.overrides, st.sample_seed)
+    names = [f"{prefix}-{'d' if ps == 'default' else 's' + ps.split()[-1]}-seed{seed}" for ps, seed, _ in points]
+    logger.info("study %s: %d experiments (seeds %s, pair sets %s), variants %s, overrides %s, %d at a time",
+                prefix, len(points), st.seeds, st.scenarios or ["default"], st.variants, st.overrides,
+                st.max_parallel)
+    failed = run_experiments(root, fp, names, [p for _, _, p in points], targets, st.max_parallel, True,
+                             st.retries, st.timeout_s)
+
+    revs = {e["name"]: e["rev"] for e in experiments(root)}
+    runs: list[StudyRun] = []
+    for exp, (pair_set, seed, _) in zip(names, points):
+        if exp in failed or exp not in revs:
+            continue
+        rev = revs[exp]
+        before = read_experiment_table(root, rev, paths.POLICY_GENERATIONS, "generations")
+        distances = read_experiment_table(root, rev, paths.PAIRS, None, ["pair_id", "edit_distance_norm"])
+        for v in st.variants:
+            runs.append(StudyRun(exp, pair_set, seed, v, read_experiment_table(root, rev, paths.eval_table(v), "pair_eval"),
+                                 before, read_experiment_table(root, rev, paths.eval_generations(v), "generations"),
+                                 trained_changes(root, rev, v, distances)))
+    if not runs:
+        raise RuntimeError(f"study {prefix}: all {len(names)} experiments failed: {', '.join(failed)}")
+    cfg = load_params(root / "params.yaml")
+    s = StatSettings.from_params(cfg.report)
+    command = "python -m pipeline.flows study " + " ".join(
+        [f"--seeds {' '.join(map(str, st.seeds))}", f"--variants {' '.join(st.variants)}"]
+        + ([f"--scenarios {' '.join(map(str, st.scenarios))}"] if st.scenarios else [])
+        + [f"-S {shlex.quote(f'{k}={v}')}" for k, v in st.overrides.items()])
+    markdown, record = study_report(runs, loss_roles(root, st.variants), s, f"Study {prefix}", command)
+    if failed:
+        markdown += f"\n**{len(failed)} of {len(names)} experiments failed** and are left out: {', '.join(failed)}.\n"
+    out = root / st.report
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(pl.concat([r.pairs.with_columns(pl.lit(r.experiment).alias("experiment"), pl.lit(r.seed).alias("seed"),
+                                                pl.lit(r.scenario).alias("pair_set")) for r in runs]),
+                out / "per_pair.parquet", "study_pairs")
+    write_json({**record, "experiments": dict(zip(names, [p for _, _, p in points])), "failed": failed,
+                "command": command}, out / "summary.json")
+    write_text(markdown, out / "report.md")  # last: a reader finds a report only with its figures beside it
+    create_markdown_artifact(markdown=markdown, key="dpo-study", description=f"study {prefix} ({st.report})")
+    logger.info("study report: %s\n%s", out / "report.md", markdown)
+    if failed:
+        raise RuntimeError(f"study {prefix}: {len(failed)} of {len(names)} experiments failed: {', '.join(failed)} "
+                           f"(report without them: {out / 'report.md'})")
+    return {"name": prefix, "experiments": names, "report": str(out / "report.md"), "markdown": markdown,
+            "claims": record["claims"]}
