@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from pipeline import paths
-from pipeline.config import group_of, load_flow_params, load_params, merged, parse_flow_params
+from pipeline.config import StudyParams, group_of, load_flow_params, load_params, merged, parse_flow_params
 from pipeline.flows.dag import stage_graph
 from pipeline.flows.experiments import experiments
 from pipeline.flows.tasks import flow_run_name, run_experiments
@@ -34,6 +34,14 @@ def study_points(seeds: list[int], scenarios: list[int], overrides: dict[str, An
                 point.update({"pairs.source": "judged", "pairs.scenario": scenario})
             out.append(("default" if scenario is None else f"scenario {scenario}", seed, point))
     return out
+
+
+def study_command(st: StudyParams) -> str:
+    """The command line that runs the same study again."""
+    return "python -m pipeline.flows study " + " ".join(
+        [f"--seeds {' '.join(map(str, st.seeds))}", f"--variants {' '.join(st.variants)}"]
+        + ([f"--scenarios {' '.join(map(str, st.scenarios))}"] if st.scenarios else [])
+        + ([f"-S {shlex.quote(f'{k}={v}')}" for k, v in st.overrides.items()] or ["--default-size"]))
 
 
 def read_experiment_table(root: Path, rev: str, path: str, table: str | None,
@@ -130,10 +138,7 @@ def study_flow(seeds: list[int] | None = None, variants: list[str] | None = None
         raise RuntimeError(f"study {prefix}: all {len(names)} experiments failed: {', '.join(failed)}")
     cfg = load_params(root / "params.yaml")
     s = StatSettings.from_params(cfg.report)
-    command = "python -m pipeline.flows study " + " ".join(
-        [f"--seeds {' '.join(map(str, st.seeds))}", f"--variants {' '.join(st.variants)}"]
-        + ([f"--scenarios {' '.join(map(str, st.scenarios))}"] if st.scenarios else [])
-        + [f"-S {shlex.quote(f'{k}={v}')}" for k, v in st.overrides.items()])
+    command = study_command(st)
     markdown, record = study_report(runs, loss_roles(root, st.variants), s, f"Study {prefix}", command)
     if failed:
         markdown += f"\n**{len(failed)} of {len(names)} experiments failed** and are left out: {', '.join(failed)}.\n"

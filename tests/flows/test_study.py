@@ -27,6 +27,20 @@ def test_study_points():
                    ("scenario 4", 3, {"train.seed": 3, "sample.seed": 3, "pairs.source": "judged", "pairs.scenario": 4})]
 
 
+def test_study_command_runs_the_same_study_again():
+    from pipeline.config import parse_flow_params
+    from pipeline.flows.cli import parser
+    from pipeline.flows.study import study_command
+
+    st = parse_flow_params(repo_params()["flows"]).study
+    sized = study_command(st)
+    assert sized.startswith("python -m pipeline.flows study --seeds 0 1 2 --variants dpo dpop -S prepare.n_test=512")
+    plain = study_command(st.model_copy(update={"overrides": {}, "scenarios": [1, 4]}))
+    assert plain.endswith("--scenarios 1 4 --default-size")
+    a = parser().parse_args(plain.split()[3:])
+    assert (a.seeds, a.variants, a.scenarios, a.default_size) == ([0, 1, 2], ["dpo", "dpop"], [1, 4], True)
+
+
 def test_study_settings_are_validated_with_the_key_named():
     from pipeline.config import FlowParamsError, merged, parse_flow_params
 
