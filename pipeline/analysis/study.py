@@ -92,11 +92,11 @@ def _spread(values: list[float]) -> dict[str, float]:
             "sd": float(a.std(ddof=1)) if a.size > 1 else float("nan"), "n": int(a.size)}
 
 
-def _fmt_spread(x: dict[str, float], nd: int = 2, scale: float = 1.0) -> str:
+def _fmt_spread(x: dict[str, float], nd: int = 2, scale: float = 1.0, signed: bool = True) -> str:
     if not np.isfinite(x["mean"]):
         return "n/a"
     sd = f" ± {scale * x['sd']:.{nd}f}" if np.isfinite(x["sd"]) else ""
-    return f"{scale * x['mean']:+.{nd}f}{sd}"
+    return f"{scale * x['mean']:{'+' if signed else ''}.{nd}f}{sd}"
 
 
 def judge_claim(interval: S.Interval, test: S.Test, direction: int, s: StatSettings) -> str:
@@ -248,7 +248,7 @@ def study_report(runs: list[StudyRun], roles: dict[str, str], s: StatSettings, t
             f"| {r['scenario']} | {r['variant']} | {', '.join(map(str, r['seeds']))} | {r['pairs']} | "
             f"{_fmt_spread(r['delta_w_seeds'])} | {r['delta_w'].fmt()} | {r['below'].fmt_share()}, "
             f"{verdict(r['below_test'], s)} | {_fmt_spread(r['delta_l_seeds'])} | {r['delta_l'].fmt()} | "
-            f"{100 * r['accuracy_before']:.1f} | {_fmt_spread(r['accuracy_seeds'], 1, 100)} | "
+            f"{100 * r['accuracy_before']:.1f} | {_fmt_spread(r['accuracy_seeds'], 1, 100, signed=False)} | "
             f"{r['accuracy_change'].fmt(1, 100)}, {verdict(r['accuracy_test'], s)} |")
     lines += ["", "## Per seed", "", "| pairs | variant | seed | experiment | held-out pairs | mean Δlp_w | mean Δlp_l "
               "| accuracy (%) |", "|---|---|---|---|---|---|---|---|"]

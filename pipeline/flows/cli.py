@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
                    help="params set in every experiment; any -S replaces flows.study.overrides as a whole")
     t.add_argument("--default-size", action="store_true",
                    help="no flows.study.overrides: every experiment at params.yaml's own sizes")
+    t.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild the report from the experiments of the study named -n")
     t.add_argument("-n", "--name", help="experiment name prefix (experiments <name>-d-seed<s> or <name>-s<k>-seed<s>)")
     o = sub.add_parser("rounds", help="on-policy rounds (iterative DPO)")
     o.add_argument("-R", "--rounds", type=int)
@@ -103,8 +105,11 @@ def main(argv: list[str] | None = None) -> Any:
         if a.default_size and a.set_param:
             raise SystemExit("--default-size and -S exclude each other: -S already replaces flows.study.overrides")
         overrides = {} if a.default_size else _parse_sets(a.set_param) if a.set_param else None
+        if a.report_only and not a.name:
+            raise SystemExit("--report-only needs the study's name (-n NAME)")
+        kw = {"report_only": True} if a.report_only else {}
         res = study.study_flow(seeds=a.seeds, variants=a.variants, scenarios=a.scenarios, overrides=overrides,
-                               name=a.name, repo=a.repo)
+                               name=a.name, repo=a.repo, **kw)
         print(res["markdown"])
         return res
     elif a.cmd == "rounds":

@@ -85,13 +85,15 @@ def loss_roles(root: Path, variants: list[str]) -> dict[str, str]:
 @flow(name="dpo-study")
 def study_flow(seeds: list[int] | None = None, variants: list[str] | None = None,
                scenarios: list[int] | None = None, overrides: dict[str, Any] | None = None,
-               name: str | None = None, repo: str = ".") -> dict[str, Any]:
+               name: str | None = None, repo: str = ".", report_only: bool = False) -> dict[str, Any]:
     """One ``dvc exp run --temp`` per training seed and pair set (default ``flows.study``), each reproducing
     ``evaluate@<v>`` of every study variant with ``flows.study.overrides`` set (``overrides=`` replaces them),
     at most ``max_parallel`` at once after the first (prepare, policy, sample and pairs are shared and come
     from DVC's run-cache after it). Then ``flows.study.report``: ``report.md`` (also the markdown artifact
     ``dpo-study``), ``summary.json`` with every figure, and ``per_pair.parquet`` (each run's held-out
-    pairs, with its seed and variant) from which every pooled number can be recomputed."""
+    pairs, with its seed and variant) from which every pooled number can be recomputed. ``report_only``:
+    no experiment runs; the report is rebuilt from the experiments a study of that ``name`` left (those
+    missing are reported as such)."""
     from pipeline.analysis.findings import StatSettings
     from pipeline.analysis.study import StudyRun, study_report
     from pipeline.io import write_json, write_table, write_text
@@ -119,8 +121,12 @@ def study_flow(seeds: list[int] | None = None, variants: list[str] | None = None
     logger.info("study %s: %d experiments (seeds %s, pair sets %s), variants %s, overrides %s, %d at a time",
                 prefix, len(points), st.seeds, st.scenarios or ["default"], st.variants, st.overrides,
                 st.max_parallel)
-    failed = run_experiments(root, fp, names, [p for _, _, p in points], targets, st.max_parallel, True,
-                             st.retries, st.timeout_s)
+    if report_only:
+        have = {e["name"] for e in experiments(root)}
+        failed = [n for n in names if n not in have]
+    else:
+        failed = run_experiments(root, fp, names, [p for _, _, p in points], targets, st.max_parallel, True,
+                                 st.retries, st.timeout_s)
 
     revs = {e["name"]: e["rev"] for e in experiments(root)}
     runs: list[StudyRun] = []
@@ -139,9 +145,10 @@ def study_flow(seeds: list[int] | None = None, variants: list[str] | None = None
     cfg = load_params(root / "params.yaml")
     s = StatSettings.from_params(cfg.report)
     command = study_command(st)
-    markdown, record = study_report(runs, loss_roles(root, st.variants), s, f"Study {prefix}", command)
+    markdown, record = study_report(runs, loss_roles(root, st.variants), s, f"Study `{prefix}`", command)
     if failed:
-        markdown += f"\n**{len(failed)} of {len(names)} experiments failed** and are left out: {', '.join(failed)}.\n"
+        markdown += (f"\n**{len(failed)} of {len(names)} experiments failed or are missing** and are left out: "
+                     f"{', '.join(failed)}.\n")
     out = root / st.report
     out.mkdir(parents=True, exist_ok=True)
     write_table(pl.concat([r.pairs.with_columns(pl.lit(r.experiment).alias("experiment"), pl.lit(r.seed).alias("seed"),

@@ -47,6 +47,11 @@ def test_study_command(tmp_path, monkeypatch, capsys):
     assert "| claims |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="exclude each other"):
         cli.main(["study", "--default-size", "-S", "prepare.n_test=64"])
+    cli.main(["study", "--default-size", "--report-only", "-n", "st"])
+    assert calls[-1] == {"seeds": None, "variants": None, "scenarios": None, "overrides": {}, "name": "st",
+                         "repo": ".", "report_only": True}
+    with pytest.raises(SystemExit, match="needs the study's name"):
+        cli.main(["study", "--report-only"])
 
 
 def test_order_and_param_commands(tmp_path, monkeypatch, capsys, servers):

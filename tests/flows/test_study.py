@@ -157,6 +157,16 @@ def test_study_flow_reads_every_seeds_tables_and_judges_the_claims(tmp_path_fact
     assert res["markdown"] == md and latest_artifact("dpo-study").data == md
     assert "`python -m pipeline.flows study --seeds 0 1 2 --variants dpo dpop -S prepare.n_test=40`" in md
     assert (repo / "params.yaml").read_text() == yaml.safe_dump(params, sort_keys=False)  # temp experiments only
+    # the report rebuilt from the same experiments, running none; a seed never run is reported missing
+    (out / "report.md").unlink()
+    with pytest.raises(RuntimeError, match=r"1 of 4 experiments failed: st-d-seed3"):
+        study_flow(seeds=[0, 1, 2, 3], overrides={"prepare.n_test": 40}, name="st", repo=str(repo), report_only=True)
+    again = (out / "report.md").read_text()
+    def claims(text):
+        return text.split("## REFERENCE claims")[1].split("## Per variant")[0]
+
+    assert claims(again) == claims(md) and "--seeds 0 1 2 3 " in again
+    assert "st-d-seed3" in again and "st-d-seed3" not in exp_names(repo)
     # a typo in a variant fails before any experiment runs
     with pytest.raises(ValueError, match=r"no stage evaluate@dpx: not in train.variants \(known: dpo, dpop\)"):
         study_flow(variants=["dpx"], name="typo", repo=str(repo))
