@@ -156,11 +156,12 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
-def experiments(repo: str | os.PathLike) -> list[dict[str, Any]]:
+def experiments(repo: str | os.PathLike, all_commits: bool = False) -> list[dict[str, Any]]:
     """Every experiment of ``dvc exp show --json``: {name, rev, baseline, params, metrics, metric_files},
     with params flattened to dotted keys (of params.yaml), metrics to ``<file>:<dotted key>``, and
-    metric_files each metrics file's content as it was written (``{"metrics/pairs.json": {...}}``)."""
-    data = json.loads(dvc_output(["exp", "show", "--json"], repo) or "[]")
+    metric_files each metrics file's content as it was written (``{"metrics/pairs.json": {...}}``). Those
+    based on the current commit, or on any commit with ``all_commits``."""
+    data = json.loads(dvc_output(["exp", "show", "--json", *(["--all-commits"] if all_commits else [])], repo) or "[]")
     out: list[dict[str, Any]] = []
     for base in data:
         for group in base.get("experiments") or []:

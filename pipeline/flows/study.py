@@ -121,14 +121,14 @@ def study_flow(seeds: list[int] | None = None, variants: list[str] | None = None
     logger.info("study %s: %d experiments (seeds %s, pair sets %s), variants %s, overrides %s, %d at a time",
                 prefix, len(points), st.seeds, st.scenarios or ["default"], st.variants, st.overrides,
                 st.max_parallel)
-    if report_only:
-        have = {e["name"] for e in experiments(root)}
+    if report_only:  # the study may have run on an earlier commit
+        have = {e["name"] for e in experiments(root, all_commits=True)}
         failed = [n for n in names if n not in have]
     else:
         failed = run_experiments(root, fp, names, [p for _, _, p in points], targets, st.max_parallel, True,
                                  st.retries, st.timeout_s)
 
-    revs = {e["name"]: e["rev"] for e in experiments(root)}
+    revs = {e["name"]: e["rev"] for e in experiments(root, all_commits=report_only)}
     runs: list[StudyRun] = []
     for exp, (pair_set, seed, _) in zip(names, points):
         if exp in failed or exp not in revs:

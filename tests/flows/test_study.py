@@ -157,8 +157,12 @@ def test_study_flow_reads_every_seeds_tables_and_judges_the_claims(tmp_path_fact
     assert res["markdown"] == md and latest_artifact("dpo-study").data == md
     assert "`python -m pipeline.flows study --seeds 0 1 2 --variants dpo dpop -S prepare.n_test=40`" in md
     assert (repo / "params.yaml").read_text() == yaml.safe_dump(params, sort_keys=False)  # temp experiments only
-    # the report rebuilt from the same experiments, running none; a seed never run is reported missing
+    # the report rebuilt from the same experiments, running none, after a new commit (the experiments are based
+    # on the previous one); a seed never run is reported missing
     (out / "report.md").unlink()
+    (repo / "notes.md").write_text("later work\n")
+    for cmd in (["git", "add", "notes.md"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "later"]):
+        run(cmd, repo)
     with pytest.raises(RuntimeError, match=r"1 of 4 experiments failed: st-d-seed3"):
         study_flow(seeds=[0, 1, 2, 3], overrides={"prepare.n_test": 40}, name="st", repo=str(repo), report_only=True)
     again = (out / "report.md").read_text()
