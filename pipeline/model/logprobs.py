@@ -160,14 +160,15 @@ def collate_pairs(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[in
         segment[i, :P], segment[i, P: P + W], segment[i, P + W: P + W + L] = 0, 1, 2
         positions[i, : P + W] = torch.arange(P + W)
         positions[i, P + W: P + W + L] = torch.arange(P, P + L)
-        # Token j of a response is predicted by the state before it; the first by the prompt's last.
-        for side, start, n in ((i, P, W), (k + i, P + W, L)):
-            for j in range(n):
-                at = start + j - 1 if j else P - 1
-                if at >= 0:  # an empty prompt leaves the first token unscored, as in collate
-                    pred.append(i * T + at)
-                    targ.append(int(input_ids[i, start + j]))
-                    out.append(side)
+        # Token j of a response is predicted by the state before it; the first by the prompt's last
+        # (an empty prompt leaves the first token unscored, as in collate).
+        skip = 0 if P else 1
+        for side, start, resp in ((i, P, w), (k + i, P + W, l_)):
+            if resp:
+                ats = [P - 1, *range(start, start + len(resp) - 1)]
+                pred += [i * T + a for a in ats[skip:]]
+                targ += resp[skip:]
+                out += [side] * (len(resp) - skip)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     q, kv = segment[:, :, None], segment[:, None, :]
     mask = (causal & ((kv == 0) | (kv == q)))[:, None]  # padding sees prompt and padding: no empty row
