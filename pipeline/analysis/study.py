@@ -139,8 +139,9 @@ def study_claims(runs: list[StudyRun], roles: dict[str, str], s: StatSettings) -
                       for v in {r.variant for r in runs}}
         seeds = {v: per_seed_rows(rs) for v, rs in by_variant.items()}
         dpo, dpop = roles.get("dpo"), roles.get("dpop")
-        if dpo in by_variant and by_variant[dpo]:
-            p = pooled_pairs(by_variant[dpo])
+        pooled = {v: pooled_pairs(rs) for v, rs in by_variant.items() if rs}
+        if dpo in pooled:
+            p = pooled[dpo]
             d_w, d_l = p["d_w"].to_numpy(), p["d_l"].to_numpy()
             _, below = S.sign_test(d_w, level=s.level)
             out.append(Claim(f"{dpo} (DPO) lowers lp_w of held-out chosen responses (likelihood displacement)",
@@ -160,21 +161,20 @@ def study_claims(runs: list[StudyRun], roles: dict[str, str], s: StatSettings) -
                            for r in by_variant[dpo] if r.trained is not None]
             else:
                 x, y, which = p["edit_distance_norm"].to_numpy(), d_w, "held-out pairs"
-                per_run = [(_deltas(r.pairs)["edit_distance_norm"].to_numpy(), _deltas(r.pairs)["d_w"].to_numpy())
-                           for r in by_variant[dpo]]
+                per_run = [(d["edit_distance_norm"].to_numpy(), d["d_w"].to_numpy())
+                           for d in (_deltas(r.pairs) for r in by_variant[dpo])]
             sl, sl_test = S.slope(x, y, level=s.level)
             out.append(Claim(f"{dpo} (DPO): the fall of lp_w is strongest at low edit distance", "claim 1", scenario,
                              f"slope of pooled Δlp_w on normalised edit distance, {which} (nats per unit)",
                              sl, sl_test, +1, _agree([S.slope(a, b, level=s.level)[0].estimate for a, b in per_run], +1)))
-        if dpop in by_variant and by_variant[dpop]:
-            p = pooled_pairs(by_variant[dpop])
-            d_w = p["d_w"].to_numpy()
+        if dpop in pooled:
+            d_w = pooled[dpop]["d_w"].to_numpy()
             out.append(Claim(f"{dpop} (DPOP) keeps lp_w at or above ref_w (reproduced: significantly above; not "
                              "significant: within noise of it)", "claim 1", scenario,
                              "pooled mean Δlp_w per pair (nats)", s.boot(d_w), S.wilcoxon_test(d_w), +1,
                              _agree([r["delta_w"] for r in seeds[dpop]], +1)))
-            if dpo in by_variant and by_variant[dpo]:
-                j = pooled_pairs(by_variant[dpop]).join(pooled_pairs(by_variant[dpo]), on="pair_id", suffix="_dpo")
+            if dpo in pooled:
+                j = pooled[dpop].join(pooled[dpo], on="pair_id", suffix="_dpo")
                 gap = (j["d_w"] - j["d_w_dpo"]).to_numpy()
                 seed_gaps = [a["delta_w"] - b["delta_w"] for a in seeds[dpop] for b in seeds[dpo]
                              if a["seed"] == b["seed"]]
