@@ -21,6 +21,7 @@ a change per pair ``lp − ref`` is one sample, so its bootstrap is the paired b
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -165,6 +166,16 @@ def slope(x: Sequence[float], y: Sequence[float], *, level: float) -> tuple[Inte
             Test("t test of the slope", float(res.pvalue), len(xa)))
 
 
+def _rho(u: np.ndarray, v: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman's ρ along ``axis`` for a whole batch of bootstrap resamples at once (Pearson's r of the ranks,
+    which is what ``st.spearmanr`` computes, one resample at a time). A resample with one repeated value has no
+    ranks to correlate: ρ is taken as 0 there."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", st.ConstantInputWarning)
+        r = st.pearsonr(st.rankdata(u, axis=axis), st.rankdata(v, axis=axis), axis=axis).statistic
+    return np.nan_to_num(r, nan=0.0)
+
+
 def spearman(x: Sequence[float], y: Sequence[float], *, level: float, n_resamples: int,
              seed: int) -> tuple[Interval, Test]:
     """Spearman's rank correlation with its paired bootstrap interval (pairs resampled together) and test."""
@@ -173,11 +184,10 @@ def spearman(x: Sequence[float], y: Sequence[float], *, level: float, n_resample
         return Interval(math.nan, math.nan, math.nan, level), Test("Spearman", math.nan, len(xa))
     res = st.spearmanr(xa, ya)
 
-    def rho(u, v):
-        r = st.spearmanr(u, v).statistic
-        return 0.0 if not np.isfinite(r) else r  # a resample with one repeated value has no ranks
+    def rho(u, v, axis=-1):
+        return _rho(u, v, axis)
 
-    boot = st.bootstrap((xa, ya), rho, paired=True, vectorized=False, confidence_level=level,
+    boot = st.bootstrap((xa, ya), rho, paired=True, vectorized=True, confidence_level=level,
                         n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed))
     ci = boot.confidence_interval
     return (Interval(float(res.statistic), float(ci.low), float(ci.high), level),
@@ -192,11 +202,10 @@ def spearman_gap(a: Sequence[float], b: Sequence[float], y: Sequence[float], *, 
     if len(ya) < 3 or min(np.ptp(aa), np.ptp(ba), np.ptp(ya)) == 0:
         return Interval(math.nan, math.nan, math.nan, level)
 
-    def gap(u, v, w):
-        ru, rv = st.spearmanr(u, w).statistic, st.spearmanr(v, w).statistic
-        return abs(0.0 if not np.isfinite(rv) else rv) - abs(0.0 if not np.isfinite(ru) else ru)
+    def gap(u, v, w, axis=-1):
+        return np.abs(_rho(v, w, axis)) - np.abs(_rho(u, w, axis))
 
     est = gap(aa, ba, ya)
-    boot = st.bootstrap((aa, ba, ya), gap, paired=True, vectorized=False, confidence_level=level,
+    boot = st.bootstrap((aa, ba, ya), gap, paired=True, vectorized=True, confidence_level=level,
                         n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed))
     return Interval(float(est), float(boot.confidence_interval.low), float(boot.confidence_interval.high), level)
