@@ -126,6 +126,9 @@ class VLLMParams(_Strict):
     max_num_seqs: int = Field(ge=1)  # sequences per engine step
     enforce_eager: bool  # false: torch.compile (faster on GPUs, slow to start on small CPUs)
     cpu_kvcache_space_gb: float = Field(gt=0)  # CPU build only (VLLM_CPU_KVCACHE_SPACE)
+    # KV-cache block in tokens (null: vLLM's own, 128 on the CPU build). Prefix caching shares only full
+    # blocks, so the n candidates of a prompt share its prefill only up to a multiple of this.
+    block_size: int | None = Field(ge=1)
 
     def sampler_kwargs(self) -> dict:
         return self.model_dump()

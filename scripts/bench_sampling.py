@@ -10,7 +10,8 @@ tokens/s = generated tokens (every candidate's tokens, EOS included) / wall time
 ``generate`` calls, after one untimed warm-up call on the first few prompts. Engine start-up
 (model load, KV-cache allocation, compilation) is printed separately, together with the
 end-to-end figure (start-up + warm-up + timed calls) that decides which backend makes a short
-pipeline run faster.
+pipeline run faster. On CPU the vLLM child gets the LD_PRELOAD (tcmalloc, Intel OpenMP) that the sample
+stage re-executes itself with (``--no-preload``: without).
 
     python scripts/bench_sampling.py --prompts 64 --n 8 --max-new-tokens 32 --out bench_sampling.json
 
@@ -102,7 +103,8 @@ def _child(args) -> dict:
     return {"logprob_check": check, "backend": args.backend, "startup_s": startup, "warmup_s": warmup, "wall_s": wall,
             "cpu_s_main_process": cpu, "tokens": tokens, "sequences": sum(len(c) for c in outs),
             "stopped": stopped, "tok_per_s": tokens / wall, "end_to_end_s": startup + warmup + wall,
-            "torch_threads": torch_threads}
+            "torch_threads": torch_threads, "ld_preload": [os.path.basename(x) for x in os.environ.get("LD_PRELOAD", "").split(":") if x],
+            "block_size": kwargs.get("block_size")}
 
 
 def main() -> None:
@@ -124,6 +126,8 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, help="vLLM on a GPU (default: params.yaml)")
     ap.add_argument("--logprob-check", type=int, default=0,
                     help="re-score this many vLLM candidates with the training code path (generation.logprob_check)")
+    ap.add_argument("--no-preload", action="store_true",
+                    help="vLLM on CPU: without the tcmalloc / Intel OpenMP LD_PRELOAD the sample stage uses")
     ap.add_argument("--out", help="write the figures as JSON here")
     ap.add_argument("--backend", help=argparse.SUPPRESS)  # internal: run one backend in this process
     args = ap.parse_args()
@@ -138,7 +142,13 @@ def main() -> None:
     results = {}
     for backend in args.backends.split(","):
         cmd = [sys.executable, __file__, "--backend", backend, *sys.argv[1:]]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ})
+        env = {**os.environ}
+        if backend == "vllm" and not args.no_preload:  # as the sample stage runs it (its LD_PRELOAD re-execution)
+            sys.path.insert(0, str(ROOT))
+            from pipeline.generation.vllm_backend import cpu_preload_env
+
+            env = cpu_preload_env(env) or env
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             sys.stderr.write(proc.stderr[-4000:])

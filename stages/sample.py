@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 
 import polars as pl
 
@@ -22,6 +23,7 @@ from pipeline.generation.logprob_check import logprob_check
 from pipeline.generation.registry import sampler_for
 from pipeline.generation.resumable import sample_resumable
 from pipeline.generation.types import GenerationSettings
+from pipeline.generation.vllm_backend import preloaded_libs, reexec_with_cpu_preload
 from pipeline.schema import empty
 
 log = logging.getLogger("pipeline.sample")
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
                    metrics_path)
         log.info("pairs.scenario %d uses no other-model samples; wrote an empty %s", cfg.pairs.scenario, out_path)
         return
+    if params.backend == "vllm" and argv is None:  # run as the stage's process, not called by a test
+        reexec_with_cpu_preload("stages.sample", sys.argv[1:])  # vLLM's CPU build: tcmalloc, Intel OpenMP
     model_path = paths.POLICY_DIR if args.source == "policy" else loading.resolve(params.model)
 
     # Work: sample in resumable chunks, then re-score a few candidates with the training code
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {"source": args.source, "sampled": True, "backend": params.backend, "n_prompts": len(prompts),
                "n_candidates": len(df), "mean_tokens": df["num_tokens"].mean(),
                "stopped_share": (df["finish_reason"] == "stop").mean(), "mean_logprob": df["logprob_sum"].mean(),
-               "model_fingerprint": model_id, "resume": resume, "sampler_vs_training_logprob": check}
+               "model_fingerprint": model_id, "resume": resume, "sampler_vs_training_logprob": check,
+               "ld_preload": preloaded_libs()}
     write_json(metrics, metrics_path)
     log.info("sampled %d candidates for %d prompts with %s (mean %.1f tokens, %.0f%% stopped; %d/%d chunks "
              "reused from %s); sampler vs training log-prob: mean |diff| %.4f over %d candidates", len(df),

