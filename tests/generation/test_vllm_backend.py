@@ -221,3 +221,45 @@ def test_reexec_loads_the_libraries_into_the_new_process(tmp_path):
     line = next(x for x in out.stdout.splitlines() if x.startswith("ARGS"))
     assert line == ("ARGS ['--source', 'policy'] LIBS ['libtcmalloc_minimal.so.4', 'libiomp5.so'] "
                     "MAPPED ['libtcmalloc_minimal', 'libiomp5']"), line
+
+
+@needs_vllm
+def test_the_sample_stage_on_vllm_reexecutes_itself_with_the_cpu_libraries(tmp_path, tiny_model_dir):
+    """The real stage process on vLLM's CPU build (tiny model): it re-executes once with tcmalloc and Intel
+    OpenMP preloaded when setup installed them, says so in its metrics, and samples as before."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import polars as pl
+    import yaml
+
+    from pipeline.io import read_json, read_table, write_table
+    from pipeline.model.loading import load_model, load_tokenizer, save_model
+
+    root = Path(__file__).resolve().parents[2]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["sample"].update(backend="vllm", n=2, max_new_tokens=8, chunk_size=8, logprob_check=4,
+                            cache_dir=".cache/samples")
+    params["vllm"].update(max_model_len=256, max_num_seqs=32)
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    save_model(load_model(tiny_model_dir, "float32"), load_tokenizer(tiny_model_dir), work / "models/policy",
+               {"source": "tiny"})
+    rows = [{"prompt_id": f"p{i:02d}", "split": "train", "question": f"{i} + 1", "prompt": f"What is {i} + 1?",
+             "answer": str(i + 1), "solution": None, "source": "test"} for i in range(6)]
+    write_table(pl.DataFrame(rows), work / "data/prompts.parquet", "prompts")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", vb.PRELOADED_ENV)}
+    env["PYTHONPATH"] = str(root)
+    proc = subprocess.run([sys.executable, "-m", "stages.sample", "--source", "policy"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_json(work / "metrics/sample.json")
+    installed = all(os.path.isfile(os.path.join(sys.prefix, "lib", n)) for n in vb.CPU_PRELOAD_LIBS)
+    assert m["ld_preload"] == (list(vb.CPU_PRELOAD_LIBS) if installed else [])
+    assert ("re-executing with LD_PRELOAD" in proc.stderr) == installed
+    cands = read_table(work / "data/candidates.parquet", "candidates")
+    assert cands.group_by("prompt_id").len()["len"].to_list() == [2] * 6
+    assert m["sampler_vs_training_logprob"]["mean_abs_diff_per_token"] < 1e-3
