@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
 # SmolLM2-135M's architecture (its config.json), for machines without the embedded weights.
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -161,7 +161,7 @@ def check_bf16_reference(args) -> dict:
         seen: dict = {}
         try:
             train_preference(model, examples_of(pairs, ref), [("dpo", 1.0, {"beta": 0.1})], s, pad_id=pad,
-                             progress=None, log_fn=lambda step, m: seen.setdefault(step, m))
+                             progress=None, log_fn=lambda step, m, seen=seen: seen.setdefault(step, m))
             out[name] = {"ref_gap_max": seen[0]["ref_gap_max"], "ref_gap_mean": seen[0]["ref_gap_mean"], "failed": None}
         except ValueError as e:  # the trainer's first-step check refused it
             out[name] = {"failed": str(e)[:400]}
@@ -256,7 +256,7 @@ def check_nccl(args) -> dict:
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                f"--nproc_per_node={world}", __file__, "--_dist", str(spec), str(res)],
-                              cwd=ROOT, capture_output=True, text=True)
+                              cwd=ROOT, capture_output=True, text=True, check=False)
         if proc.returncode:
             return {"backend": backend, "world": world, "failed": proc.stderr[-3000:]}
         losses = torch.load(res)
@@ -279,7 +279,7 @@ def check_vllm(args) -> dict:
                 "bfloat16", "--compiled", "--max-num-seqs", "1024", "--logprob-check", "256"]
     else:
         cmd += ["--prompts", "8", "--n", "2", "--max-new-tokens", "8"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if proc.returncode:
         return {"failed": proc.stderr[-3000:]}
     return json.loads(out.read_text())["results"]
@@ -331,7 +331,7 @@ def check_repro(args) -> dict:
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "DPO_PIPELINE_CACHE": str(ROOT / ".cache" / "dpo-pipeline")}
     t = time.perf_counter()
-    proc = subprocess.run(["dvc", "repro"], cwd=work, env=env, capture_output=True, text=True)
+    proc = subprocess.run(["dvc", "repro"], cwd=work, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t
     result = {"workdir": str(work), "wall_s": wall, "rc": proc.returncode, "log_tail": proc.stdout[-2000:]}
     if proc.returncode == 0:

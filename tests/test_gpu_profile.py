@@ -59,7 +59,7 @@ def test_gpu_check_quick_runs_its_checks_on_cpu(tmp_path):
     env = {**os.environ, "GPU_CHECK_RANDOM_WEIGHTS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--quick", "--checks",
                            "peak,bf16_reference,nccl", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert "skipped" in r["peak"] or r["peak"]["tflops"] > 0

@@ -157,7 +157,7 @@ def cpu_preload_env(environ: dict | None = None, prefix: str | None = None,
 
     env = dict(os.environ if environ is None else environ)
     machine = machine or f"{sys.platform}-{platform.machine()}"
-    if env.get(PRELOADED_ENV) or machine not in ("linux-x86_64", "linux-AMD64") or visible_gpus():
+    if env.get(PRELOADED_ENV) or machine != "linux-x86_64" or visible_gpus():
         return None
     have = env.get("LD_PRELOAD", "")
     libs = [path for name in CPU_PRELOAD_LIBS if name.split(".so")[0] not in have
