@@ -123,7 +123,9 @@ def exp_run_temp(repo: str | os.PathLike, name: str, overrides: Mapping[str, Any
                  on_line: Callable[[str], Any] | None = None, *, timeout_s: float, tail_lines: int) -> DvcRun:
     """One sweep point: ``dvc exp run --temp -n <name> -S k=v ... [targets]`` (a temporary copy of the
     repository, so points can run side by side; the cache and run-cache are shared). ``timeout_s``:
-    wall-clock limit, 0 for none. A start refused by DVC's repository lock is tried again."""
+    wall-clock limit, 0 for none. A start refused by DVC's repository lock is tried again. A failed run
+    whose own experiment DVC recorded is a success (:func:`_recorded`); the returned run's exit status and
+    tail are then the other experiment's."""
     args = ["exp", "run", "--temp", "-n", name]
     for a in override_args(overrides):
         args += ["-S", a]
@@ -136,8 +138,27 @@ def exp_run_temp(repo: str | os.PathLike, name: str, overrides: Mapping[str, Any
             if run.returncode == TIMED_OUT:
                 raise StageTimeout(name, None, run.tail, what="experiment", reason=f"timed out after {timeout_s:g} s")
             if run.returncode:
+                if not any(DVC_LOCK_MESSAGE in line for line in run.tail) and _recorded(repo, name):
+                    if on_line is not None:
+                        on_line(f"experiment {name} was recorded; the failure above is another queued experiment's, "
+                                "which this `dvc exp run --temp` also ran (DVC's queue of temporary experiments)")
+                    return run
                 raise StageFailed(name, run.returncode, run.tail, what="experiment")
     return run
+
+
+def _recorded(repo: str | os.PathLike, name: str) -> bool:
+    """Whether DVC recorded the experiment ``name`` (it records one only after its pipeline succeeded).
+
+    Points side by side share DVC's one queue of temporary experiments, and a ``dvc exp run --temp`` that
+    has finished its own experiment goes on to run whatever is still queued there (``TempDirQueue.reproduce``
+    loops until the queue is empty; two processes can take the same entry). Its exit status is then
+    another point's: the point whose experiment was recorded succeeded, and the owner of the failed one
+    reports that failure itself."""
+    try:
+        return bool(taken_names(repo, [name]))
+    except Exception:  # noqa: BLE001 - no answer from DVC: count the failure as the point's own
+        return False
 
 
 def taken_names(repo: str | os.PathLike, names: Iterable[str]) -> list[str]:

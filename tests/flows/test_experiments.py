@@ -89,3 +89,26 @@ def test_a_refused_attempt_that_recorded_its_experiment_is_retried_cleanly(shell
     assert E.taken_names(shell_repo, ["pt", "other"]) == ["pt"]
     [exp] = [e for e in E.experiments(shell_repo) if e["name"] == "pt"]
     assert exp["params"]["a.x"] == 7
+
+
+def test_a_point_whose_experiment_was_recorded_is_not_failed_by_another_queued_point(monkeypatch, tmp_path):
+    """DVC's queue race (seen in the scenarios flow test with two points side by side): the scenario-4
+    `dvc exp run --temp` recorded its own experiment, then also ran scenario 3's queued entry, which failed,
+    and exited with that failure. A recorded experiment is a success; one not recorded is a failure."""
+    from pipeline.flows import experiments as E
+    from pipeline.flows.dvc_process import DvcRun, StageFailed
+
+    lines = []
+    monkeypatch.setattr(E, "run_dvc", lambda args, *a, **k: DvcRun(255, ["ERROR: failed to reproduce 'pairs'"], 0.1))
+    monkeypatch.setattr(E, "experiments", lambda repo, all_commits=False: [{"name": "cmp-s4"}, {"name": "x"}])
+    run = E.exp_run_temp(tmp_path, "cmp-s4", {"pairs.scenario": 4}, on_line=lines.append, timeout_s=0, tail_lines=5)
+    assert run.returncode == 255 and "cmp-s4 was recorded" in lines[-1]
+    with pytest.raises(StageFailed, match="failed to reproduce 'pairs'"):
+        E.exp_run_temp(tmp_path, "cmp-s3", {"pairs.scenario": 3}, timeout_s=0, tail_lines=5)
+
+    def no_answer(repo, all_commits=False):
+        raise RuntimeError("dvc exp show failed")
+
+    monkeypatch.setattr(E, "experiments", no_answer)
+    with pytest.raises(StageFailed):
+        E.exp_run_temp(tmp_path, "cmp-s4", {}, timeout_s=0, tail_lines=5)
