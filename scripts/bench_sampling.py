@@ -67,6 +67,7 @@ def _child(args) -> dict:
     from pipeline.model import loading
     from pipeline.generation.registry import get_sampler
     from pipeline.generation.types import GenerationSettings
+    from pipeline.generation.vllm_backend import preloaded_libs
 
     torch_threads = None
     if args.threads:
@@ -103,7 +104,7 @@ def _child(args) -> dict:
     return {"logprob_check": check, "backend": args.backend, "startup_s": startup, "warmup_s": warmup, "wall_s": wall,
             "cpu_s_main_process": cpu, "tokens": tokens, "sequences": sum(len(c) for c in outs),
             "stopped": stopped, "tok_per_s": tokens / wall, "end_to_end_s": startup + warmup + wall,
-            "torch_threads": torch_threads, "ld_preload": [os.path.basename(x) for x in os.environ.get("LD_PRELOAD", "").split(":") if x],
+            "torch_threads": torch_threads, "ld_preload": preloaded_libs(),
             "block_size": kwargs.get("block_size")}
 
 

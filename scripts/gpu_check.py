@@ -156,18 +156,20 @@ def check_bf16_reference(args) -> dict:
     pairs = synth_pairs(8, 94, 17, model.config.vocab_size, seed=1)
     out = {"model_source": source, "ref_check_tol": s.ref_check_tol, "bf16": s.bf16,
            "device": str(next(model.parameters()).device)}
-    for name, bf16 in (("same_precision", s.bf16), ("fp32_reference", False)):
-        ref = reference_of(model.eval(), pairs, pad, s, bf16)
+    # both references from the starting policy, each computed once
+    refs = {b: reference_of(model.eval(), pairs, pad, s, b) for b in {s.bf16, False}}
+    for i, (name, bf16) in enumerate((("same_precision", s.bf16), ("fp32_reference", False))):
+        if i:
+            model, pad, _ = load_policy()  # a fresh policy: the step above moved it (lr 1e-12, but still)
         seen: dict = {}
         try:
-            train_preference(model, examples_of(pairs, ref), [("dpo", 1.0, {"beta": 0.1})], s, pad_id=pad,
+            train_preference(model, examples_of(pairs, refs[bf16]), [("dpo", 1.0, {"beta": 0.1})], s, pad_id=pad,
                              progress=None, log_fn=lambda step, m, seen=seen: seen.setdefault(step, m))
             out[name] = {"ref_gap_max": seen[0]["ref_gap_max"], "ref_gap_mean": seen[0]["ref_gap_mean"], "failed": None}
         except ValueError as e:  # the trainer's first-step check refused it
             out[name] = {"failed": str(e)[:400]}
-        model, pad, _ = load_policy()  # a fresh policy: the step above moved it (lr 1e-12, but still)
-    ref16, ref32 = (reference_of(model.eval(), pairs, pad, s, b) for b in (s.bf16, False))
-    out["reference_bf16_vs_fp32_max_abs"] = max(abs(a - b) for x, y in zip(ref16, ref32) for a, b in zip(x, y))
+    out["reference_bf16_vs_fp32_max_abs"] = max(abs(a - b) for x, y in zip(refs[s.bf16], refs[False])
+                                                for a, b in zip(x, y))
     same = out["same_precision"]
     out["passed"] = same.get("failed") is None and same["ref_gap_max"] <= s.ref_check_tol
     return out
@@ -197,8 +199,9 @@ def check_mfu(args, peak: dict) -> dict:
     tokens = 0
     for i in order[bs:]:  # the timed steps: every step after the first
         p, w, l_ = (len(pairs[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
-        keep_p = max(0, min(p, L - max(w, l_)))
-        tokens += keep_p + min(w, L) + min(l_, L)
+        if p + max(w, l_) > L:  # training would truncate it: the count below would overstate the work
+            raise ValueError(f"a pair of {p} + {max(w, l_)} tokens exceeds --mfu-max-length {L}")
+        tokens += p + w + l_
     seconds = stamps[steps] - stamps[0]
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel()
