@@ -81,6 +81,7 @@ class WarmupParams(_Strict):
     batch_size: int = Field(ge=1)
     max_length: int = Field(ge=8)
     seed: int
+    bf16: bool  # bf16 autocast where train.bf16 would use it (GPUs, CPUs with native bf16)
 
 
 class PolicyParams(_Strict):
@@ -273,7 +274,7 @@ class TrainSettings(_Strict):
     weight_decay: float = Field(ge=0)
     warmup_steps: int = Field(ge=0)
     max_grad_norm: float = Field(gt=0)
-    # bf16 autocast on GPU (fp32 on CPU), for training, the reference and evaluation's log-probs alike;
+    # bf16 autocast on GPUs and CPUs with native bf16 (else fp32), for training, the reference and evaluation's log-probs alike;
     # a variant may not change it (the reference is computed once for all variants).
     bf16: bool
     # One row per pair, prompt + chosen + rejected, the rejected masked from the chosen (the prompt is run
@@ -430,7 +431,8 @@ class ToyParams(_Strict):
     sft_steps: int = Field(ge=1)
     sft_lr: float = Field(gt=0)
     hidden: int = Field(ge=1)
-    seed: int
+    seeds: tuple[int, ...] = Field(min_length=1)  # each: MLP init + the draw of the rejected responses
+    confidence: float = Field(gt=0, lt=1)  # of the t intervals of the changes across seeds
     pairs_per_prompt: int = Field(ge=1)
     losses: tuple[str, ...]
     hparams: dict[str, dict[str, Any]]  # one entry per loss in `losses`, every hyperparameter given
@@ -462,6 +464,8 @@ class ToyParams(_Strict):
                 raise ValueError(f"scenarios: {s} has no entry in scenario_init")
         if len(set(self.scenarios)) != len(self.scenarios):
             raise ValueError("scenarios: duplicate entries")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds: duplicate entries")
         return self
 
 

@@ -5,8 +5,10 @@ Reads the ``toy:`` section of ``params.yaml`` (:class:`pipeline.config.ToyParams
 atomically:
 
 - ``data/toy/history.parquet``: the long per-step table of :func:`pipeline.analysis.toy.run_toy`;
-- ``reports/toy/scenario_<s>.png``: one figure per scenario (the folder is replaced as a whole);
-- ``metrics/toy.json``: initial, peak and final probabilities per loss and scenario.
+- ``reports/toy/scenario_<s>.png``: one figure per scenario, the mean over seeds and their range
+  (the folder is replaced as a whole);
+- ``metrics/toy.json``: per loss and scenario, over the seeds: initial, peak and final probabilities
+  and their changes from the initial values, with t intervals.
 
 Run as ``python -m stages.toy`` from the repository root.
 """
@@ -43,10 +45,10 @@ def main(argv: list[str] | None = None, root: str | Path = ".") -> dict:
         df.write_parquet(tmp)
     with atomic_dir(reports) as tmp_dir:
         plot_toy(df, tmp_dir)
-    metrics = final_metrics(df)
+    metrics = final_metrics(df, params.confidence)
     write_json(metrics, metrics_path)
-    log.info("%d losses x %d scenarios x %d steps in %.1fs -> %s, %s/, %s", len(params.losses),
-             len(params.scenarios), params.steps, elapsed, history, reports, metrics_path)
+    log.info("%d seeds x %d losses x %d scenarios x %d steps in %.1fs -> %s, %s/, %s", len(params.seeds),
+             len(params.losses), len(params.scenarios), params.steps, elapsed, history, reports, metrics_path)
     return metrics
 
 

@@ -6,13 +6,17 @@ responses; the policy is a 3-layer MLP (``4 → hidden → hidden → 10``, ReLU
 categorical distribution over the responses. Responses are numbered from 0 here:
 
 - 0–3 are the chosen responses (response ``i`` is the optimal one for prompt ``i``);
-- 4–7 are the rejected responses (each pair takes one of them at random, from ``seed``);
+- 4–7 are the rejected responses (each pair takes one of them at random, drawn from the seed);
 - 8–9 are never in the data ("unseen").
 
 Step 1 ("SFT") fits the MLP to a specified initial distribution (cross-entropy towards a target
 distribution, i.e. KL(target‖π) up to a constant). Step 2 trains it with a preference loss on the
 log-probs of the chosen and rejected responses; the reference is the SFT model, frozen. All
 responses have length 1 (for ``dpo_sft`` and ``simpo``).
+
+Each seed of ``toy.seeds`` is its own MLP initialisation and draw of rejected responses; every seed ×
+scenario × loss trains at once (:func:`run_toy`, stacked MLPs), and :func:`final_metrics` reports the
+changes from the initial probabilities across seeds.
 
 The four scenarios (the paper's §3.2, §5.2 and Table 4) differ in the initial distribution, i.e. in
 where the chosen and rejected mass starts: ``toy.scenario_init`` in params.yaml.
@@ -57,7 +61,7 @@ CHOSEN = tuple(range(0, 4))
 REJECTED = tuple(range(4, 4 + TOY_REJECTED))
 UNSEEN = (8, 9)
 
-HISTORY_COLUMNS = ("loss", "scenario", "step", "p_chosen", "p_rejected", "p_dispersed", "grad_w",
+HISTORY_COLUMNS = ("seed", "loss", "scenario", "step", "p_chosen", "p_rejected", "p_dispersed", "grad_w",
                    "grad_l", "grad_ratio", "prob_ratio")
 
 
@@ -93,132 +97,248 @@ def target_distribution(init: ScenarioInit) -> torch.Tensor:
     return t
 
 
-def make_pairs(params: ToyParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_pairs(params: ToyParams, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs as index tensors (prompt, chosen, rejected); the rejected response is drawn at random."""
-    g = torch.Generator().manual_seed(params.seed + 1)
+    g = torch.Generator().manual_seed(seed + 1)
     prompt = torch.arange(N_PROMPTS).repeat_interleave(params.pairs_per_prompt)
     chosen = prompt.clone()
     rejected = torch.randint(REJECTED[0], REJECTED[-1] + 1, (len(prompt),), generator=g)
     return prompt, chosen, rejected
 
 
-def sft(params: ToyParams, init: ScenarioInit) -> tuple[torch.nn.Module, float]:
+def _seeded_mlp(params: ToyParams, seed: int) -> torch.nn.Sequential:
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+        torch.manual_seed(seed)
+        return make_mlp(params.hidden)
+
+
+def _dispersed_mask() -> torch.Tensor:
+    """``[4, 10]``: the dispersed set of prompt i, neither its chosen response nor any rejected one."""
+    mask = torch.ones(N_PROMPTS, N_RESPONSES, dtype=torch.bool)
+    mask[:, list(REJECTED)] = False
+    mask[torch.arange(N_PROMPTS), torch.tensor(CHOSEN)] = False
+    return mask
+
+
+def _optimizer(params: ToyParams, tensors) -> torch.optim.Optimizer:
+    if params.optimizer == "adam":
+        return torch.optim.Adam(tensors, lr=params.lr)
+    return torch.optim.SGD(tensors, lr=params.lr)
+
+
+RECORDED = ("p_chosen", "p_rejected", "p_dispersed", "grad_w", "grad_l", "grad_ratio", "prob_ratio")
+
+
+def _record(logp: torch.Tensor, lp_w: torch.Tensor, lp_l: torch.Tensor, disp_mask: torch.Tensor) -> torch.Tensor:
+    """The :data:`RECORDED` values, means over pairs (last axis), from ``logp [..., 4, 10]`` and the
+    autograd gradients of the loss w.r.t. ``lp_w``/``lp_l [..., pairs]``. ∂L/∂π = (∂L/∂log π) / π."""
+    p = logp.exp()
+    p_w, p_l = lp_w.detach().exp(), lp_l.detach().exp()
+    gw = lp_w.grad.abs() / p_w
+    gl = lp_l.grad.abs() / p_l
+    ratio = torch.where(gw > 0, gl / gw, torch.full_like(gw, math.nan))
+    return torch.stack([p_w.mean(-1), p_l.mean(-1), (p * disp_mask).sum(-1).mean(-1), gw.mean(-1),
+                        gl.mean(-1), ratio.mean(-1), (p_w / p_l).mean(-1)], -1)
+
+
+# ---------------------------------------------------------------- one run at a time (the readable reference)
+def sft(params: ToyParams, init: ScenarioInit, seed: int) -> tuple[torch.nn.Module, float]:
     """Step 1: fit a fresh MLP (seeded) to the scenario's initial distribution. Returns (model, KL)."""
     with _one_thread():
-        return _sft(params, init)
-
-
-def _sft(params: ToyParams, init: ScenarioInit) -> tuple[torch.nn.Module, float]:
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
-        torch.manual_seed(params.seed)
-        model = make_mlp(params.hidden)
-    x = torch.eye(N_PROMPTS, dtype=torch.float64)
-    target = target_distribution(init)
-    opt = torch.optim.Adam(model.parameters(), lr=params.sft_lr)
-    for _ in range(params.sft_steps):
-        opt.zero_grad(set_to_none=True)
-        logp = torch.log_softmax(model(x), dim=-1)
-        loss = -(target * logp).sum(-1).mean()  # cross-entropy = KL(target‖π) + H(target)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        logp = torch.log_softmax(model(x), dim=-1)
-        kl = (target * (target.log() - logp)).sum(-1).max().item()
+        model = _seeded_mlp(params, seed)
+        x = torch.eye(N_PROMPTS, dtype=torch.float64)
+        target = target_distribution(init)
+        opt = torch.optim.Adam(model.parameters(), lr=params.sft_lr)
+        for _ in range(params.sft_steps):
+            opt.zero_grad(set_to_none=True)
+            logp = torch.log_softmax(model(x), dim=-1)
+            loss = -(target * logp).sum(-1).mean()  # cross-entropy = KL(target‖π) + H(target)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            logp = torch.log_softmax(model(x), dim=-1)
+            kl = (target * (target.log() - logp)).sum(-1).max().item()
     return model, kl
 
 
 def run_one(params: ToyParams, loss: str, sft_model: torch.nn.Module,
             pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Step 2 for one loss, starting from (a copy of) ``sft_model``. Returns per-step series."""
+    """Step 2 for one loss, starting from (a copy of) ``sft_model``. Returns per-step series.
+
+    :func:`run_toy` computes the same for every seed × scenario × loss at once; this is the
+    one-at-a-time form it is tested against."""
     hp = validate_loss_hparams(loss, params.hparams[loss])
     fn = L.LOSSES[loss].fn
     prompt, chosen, rejected = pairs
-    n = len(prompt)
     x = torch.eye(N_PROMPTS, dtype=torch.float64)
-    ones = torch.ones(n, dtype=torch.float64)
+    ones = torch.ones(len(prompt), dtype=torch.float64)
     with torch.no_grad():
         ref = torch.log_softmax(sft_model(x), dim=-1)
     ref_w, ref_l = ref[prompt, chosen], ref[prompt, rejected]
     model = copy.deepcopy(sft_model)
-    if params.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=params.lr)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=params.lr)
-    # the dispersed set of prompt i: neither its chosen response nor any rejected response
-    disp_mask = torch.ones(N_PROMPTS, N_RESPONSES, dtype=torch.bool)
-    disp_mask[:, list(REJECTED)] = False
-    disp_mask[torch.arange(N_PROMPTS), torch.tensor(CHOSEN)] = False
-
+    opt = _optimizer(params, model.parameters())
+    disp_mask = _dispersed_mask()
     rec: list[torch.Tensor] = []
-    for step in range(params.steps + 1):
-        logp = torch.log_softmax(model(x), dim=-1)
-        lp_w, lp_l = logp[prompt, chosen], logp[prompt, rejected]
-        lp_w.retain_grad()
-        lp_l.retain_grad()
-        total = fn(lp_w, lp_l, ref_w, ref_l, ones, ones, **hp).mean()
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        # ∂L/∂log π from autograd, then the chain rule to the probabilities: ∂L/∂π = (∂L/∂log π) / π
-        g_lw, g_ll = lp_w.grad, lp_l.grad
-        with torch.no_grad():
-            p = logp.exp()
-            p_w, p_l = p[prompt, chosen], p[prompt, rejected]
-            gw = g_lw.abs() / p_w
-            gl = g_ll.abs() / p_l
-            ratio = torch.where(gw > 0, gl / gw, torch.full_like(gw, math.nan))
-            rec.append(torch.stack([
-                p_w.mean(), p_l.mean(), (p * disp_mask).sum(-1).mean(), gw.mean(), gl.mean(),
-                ratio.mean(), (p_w / p_l).mean(),
-            ]))
-        if step < params.steps:
-            opt.step()
+    with _one_thread():
+        for step in range(params.steps + 1):
+            logp = torch.log_softmax(model(x), dim=-1)
+            lp_w, lp_l = logp[prompt, chosen], logp[prompt, rejected]
+            lp_w.retain_grad()
+            lp_l.retain_grad()
+            total = fn(lp_w, lp_l, ref_w, ref_l, ones, ones, **hp).mean()
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            with torch.no_grad():
+                rec.append(_record(logp, lp_w, lp_l, disp_mask))
+            if step < params.steps:
+                opt.step()
     out = torch.stack(rec)
-    names = ("p_chosen", "p_rejected", "p_dispersed", "grad_w", "grad_l", "grad_ratio", "prob_ratio")
-    return {k: out[:, j] for j, k in enumerate(names)}
+    return {k: out[:, j] for j, k in enumerate(RECORDED)}
+
+
+# ---------------------------------------------------------------- every run at once (the stage)
+class _StackedMLPs:
+    """``B`` copies of :func:`make_mlp`'s MLP with their own weights, as stacked tensors: one batched
+    forward over all of them. The toy's 16-wide layers are tiny, so one run at a time is bound by
+    per-operation overhead; with the runs stacked that overhead is paid once per step for all of
+    them. The runs stay independent: each one's loss depends only on its own slice of the weights,
+    and Adam and SGD update each element on its own, so every run follows the trajectory it would
+    alone (checked against :func:`run_one`)."""
+
+    def __init__(self, models: list[torch.nn.Sequential]):
+        layers = [[m[i] for m in models] for i in (0, 2, 4)]
+        self.weights = [torch.stack([lin.weight.detach() for lin in ls]).clone() for ls in layers]
+        self.biases = [torch.stack([lin.bias.detach() for lin in ls]).clone() for ls in layers]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for pair in zip(self.weights, self.biases) for t in pair]
+
+    def requires_grad_(self) -> _StackedMLPs:
+        for t in self.parameters():
+            t.requires_grad_(True)
+        return self
+
+    def repeat(self, n: int) -> _StackedMLPs:
+        """Each run ``n`` times in a row (run b becomes runs b*n ... b*n + n-1)."""
+        out = object.__new__(_StackedMLPs)
+        out.weights = [w.detach().repeat_interleave(n, 0) for w in self.weights]
+        out.biases = [b.detach().repeat_interleave(n, 0) for b in self.biases]
+        return out
+
+    def log_probs(self) -> torch.Tensor:
+        """``[B, 4, 10]``: each run's log π(response | prompt) for the one-hot prompts."""
+        h = self.weights[0].transpose(1, 2) + self.biases[0][:, None]  # one-hot inputs pick the columns
+        h = torch.relu(h)
+        h = torch.relu(torch.baddbmm(self.biases[1][:, None], h, self.weights[1].transpose(1, 2)))
+        logits = torch.baddbmm(self.biases[2][:, None], h, self.weights[2].transpose(1, 2))
+        return torch.log_softmax(logits, dim=-1)
+
+
+def _sft_all(params: ToyParams, seeds: list[int], scenarios: list[int]) -> _StackedMLPs:
+    """Step 1 for every (seed, scenario), seed-major: one Adam over the stacked MLPs."""
+    mlps = _StackedMLPs([_seeded_mlp(params, s) for s in seeds for _ in scenarios]).requires_grad_()
+    target = torch.stack([target_distribution(params.scenario_init[c]) for _ in seeds for c in scenarios])
+    opt = torch.optim.Adam(mlps.parameters(), lr=params.sft_lr)
+    for _ in range(params.sft_steps):
+        opt.zero_grad(set_to_none=True)
+        # each run's cross-entropy averaged over prompts, summed over runs (their gradients stay apart)
+        (-(target * mlps.log_probs()).sum(-1).mean(-1).sum()).backward()
+        opt.step()
+    return mlps
 
 
 def run_toy(params: ToyParams) -> pl.DataFrame:
-    """Run every loss × scenario; a long table with one row per (loss, scenario, step)."""
+    """Every seed × scenario × loss; a long table with one row per (seed, loss, scenario, step)."""
+    seeds, scenarios, losses = list(params.seeds), list(params.scenarios), list(params.losses)
     with _one_thread():
-        pairs = make_pairs(params)
-        frames = []
-        for scenario in params.scenarios:
-            sft_model, _ = sft(params, params.scenario_init[scenario])
-            for loss in params.losses:
-                series = run_one(params, loss, sft_model, pairs)
-                n = params.steps + 1
-                frames.append(pl.DataFrame({
-                    "loss": [loss] * n,
-                    "scenario": pl.Series([scenario] * n, dtype=pl.Int32),
-                    "step": pl.Series(range(n), dtype=pl.Int32),
-                    **{k: v.numpy() for k, v in series.items()},
-                }))
-    return pl.concat(frames).select(HISTORY_COLUMNS)
+        sft_models = _sft_all(params, seeds, scenarios)
+        # run r = ((seed_i * n_scenarios) + scenario_j) * n_losses + loss_k
+        mlps = sft_models.repeat(len(losses)).requires_grad_()
+        n_runs = len(seeds) * len(scenarios) * len(losses)
+        pair_sets = [make_pairs(params, s) for s in seeds]
+        prompt, chosen = pair_sets[0][0], pair_sets[0][1]  # the same for every seed
+        rejected = torch.stack([p[2] for p in pair_sets]).repeat_interleave(len(scenarios) * len(losses), 0)
+        runs = torch.arange(n_runs)[:, None]
+        with torch.no_grad():
+            ref = mlps.log_probs()
+        ref_w, ref_l = ref[runs, prompt, chosen], ref[runs, prompt, rejected]
+        ones = torch.ones_like(ref_w)
+        loss_of_run = torch.arange(n_runs) % len(losses)
+        groups = [(torch.nonzero(loss_of_run == k).squeeze(1), L.LOSSES[name].fn,
+                   validate_loss_hparams(name, params.hparams[name])) for k, name in enumerate(losses)]
+        opt = _optimizer(params, mlps.parameters())
+        disp_mask = _dispersed_mask()
+        rec: list[torch.Tensor] = []
+        for step in range(params.steps + 1):
+            logp = mlps.log_probs()
+            lp_w, lp_l = logp[runs, prompt, chosen], logp[runs, prompt, rejected]
+            lp_w.retain_grad()
+            lp_l.retain_grad()
+            # each run's loss is its loss function's mean over its pairs; the sum keeps them apart
+            total = sum(fn(lp_w[i], lp_l[i], ref_w[i], ref_l[i], ones[i], ones[i], **hp).mean(-1).sum()
+                        for i, fn, hp in groups)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            with torch.no_grad():
+                rec.append(_record(logp, lp_w, lp_l, disp_mask))
+            if step < params.steps:
+                opt.step()
+    out = torch.stack(rec).numpy()  # [steps + 1, runs, recorded]
+    n = params.steps + 1
+    keys = [(s, c, name) for s in seeds for c in scenarios for name in losses]
+    return pl.DataFrame({
+        "seed": pl.Series([s for s, _, _ in keys for _ in range(n)], dtype=pl.Int32),
+        "loss": [name for _, _, name in keys for _ in range(n)],
+        "scenario": pl.Series([c for _, c, _ in keys for _ in range(n)], dtype=pl.Int32),
+        "step": pl.Series(list(range(n)) * n_runs, dtype=pl.Int32),
+        **{k: out[:, :, j].T.reshape(-1) for j, k in enumerate(RECORDED)},
+    }).select(HISTORY_COLUMNS)
 
 
-def final_metrics(df: pl.DataFrame) -> dict[str, Any]:
-    """``{loss: {"scenario_<s>": {initial/peak/final probabilities, final grad ratio}}}``."""
+def final_metrics(df: pl.DataFrame, confidence: float) -> dict[str, Any]:
+    """``{loss: {"scenario_<s>": ...}}`` over the seeds: for the chosen, rejected and dispersed
+    probabilities the initial, peak and final means, the final level's sd, and the change from the
+    initial value (final − initial) with its mean, sd, ``confidence`` t interval and one-sample t test
+    (``scipy.stats.ttest_1samp``; none with one seed), and how many seeds rose and fell; the median
+    final gradient ratio."""
+    from scipy import stats
+
     out: dict[str, Any] = {}
-    for (loss, scenario), g in df.sort("step").group_by(["loss", "scenario"], maintain_order=True):
-        first, last = g.row(0, named=True), g.row(-1, named=True)
-        out.setdefault(loss, {})[f"scenario_{scenario}"] = {
-            "p_chosen_init": first["p_chosen"],
-            "p_chosen_peak": g["p_chosen"].max(),
-            "p_chosen": last["p_chosen"],
-            "p_rejected_init": first["p_rejected"],
-            "p_rejected": last["p_rejected"],
-            "p_dispersed_init": first["p_dispersed"],
-            "p_dispersed": last["p_dispersed"],
-            "grad_ratio": last["grad_ratio"] if math.isfinite(last["grad_ratio"]) else None,
-        }
+    per_run = df.sort("step").group_by(["loss", "scenario", "seed"], maintain_order=True).agg(
+        *[pl.col(c).first().alias(f"{c}_init") for c in ("p_chosen", "p_rejected", "p_dispersed")],
+        *[pl.col(c).last().alias(c) for c in ("p_chosen", "p_rejected", "p_dispersed", "grad_ratio")],
+        pl.col("p_chosen").max().alias("p_chosen_peak"))
+    for (loss, scenario), g in per_run.group_by(["loss", "scenario"], maintain_order=True):
+        m: dict[str, Any] = {"seeds": g.height}
+        for c in ("p_chosen", "p_rejected", "p_dispersed"):
+            init, final = g[f"{c}_init"].to_numpy(), g[c].to_numpy()
+            change = final - init
+            m[f"{c}_init"] = float(init.mean())
+            if c == "p_chosen":
+                m["p_chosen_peak"] = float(g["p_chosen_peak"].mean())
+            m[c] = float(final.mean())
+            m[f"{c}_sd"] = float(final.std(ddof=1)) if len(final) > 1 else None
+            m[f"{c}_change"] = float(change.mean())
+            m[f"{c}_change_sd"] = float(change.std(ddof=1)) if len(change) > 1 else None
+            lo = hi = p = None
+            if len(change) > 1 and change.std() > 0:
+                t = stats.ttest_1samp(change, 0.0)
+                ci = t.confidence_interval(confidence)
+                lo, hi, p = float(ci.low), float(ci.high), float(t.pvalue)
+            m.update({f"{c}_change_lo": lo, f"{c}_change_hi": hi, f"{c}_change_p": p,
+                      f"{c}_rose": int((change > 0).sum()), f"{c}_fell": int((change < 0).sum())})
+        ratios = [r for r in g["grad_ratio"].to_list() if r is not None and math.isfinite(r)]
+        m["grad_ratio"] = float(sorted(ratios)[len(ratios) // 2]) if ratios else None
+        out.setdefault(loss, {})[f"scenario_{scenario}"] = m
     return out
 
 
 # --------------------------------------------------------------------------------------------- plots
 def plot_toy(df: pl.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
     """One PNG per scenario (``scenario_<s>.png``): for each loss a panel with the chosen, rejected
-    and dispersed probabilities over steps, and a last panel with the gradient ratio
-    ``|∂L/∂π(y_l)| / |∂L/∂π(y_w)|`` of every loss (log scale). Files are written atomically."""
+    and dispersed probabilities over steps (the mean over seeds, shaded from the lowest seed to the
+    highest), and a last panel with the median gradient ratio ``|∂L/∂π(y_l)| / |∂L/∂π(y_w)|`` over
+    seeds of every loss (log scale). Files are written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,7 +351,11 @@ def plot_toy(df: pl.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
     written = []
     losses = list(dict.fromkeys(df["loss"].to_list()))
     for scenario in sorted(set(df["scenario"].to_list())):
-        sub = df.filter(pl.col("scenario") == scenario).sort("step")
+        sub = df.filter(pl.col("scenario") == scenario).group_by(["loss", "step"]).agg(
+            *[pl.col(c).mean().alias(c) for c in ("p_chosen", "p_rejected", "p_dispersed")],
+            *[pl.col(c).min().alias(f"{c}_lo") for c in ("p_chosen", "p_rejected", "p_dispersed")],
+            *[pl.col(c).max().alias(f"{c}_hi") for c in ("p_chosen", "p_rejected", "p_dispersed")],
+            pl.col("grad_ratio").median()).sort("step")
         n = len(losses) + 1
         cols = min(4, n)
         rows = math.ceil(n / cols)
@@ -239,9 +363,10 @@ def plot_toy(df: pl.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
         flat = axes.ravel()
         for ax, loss in zip(flat, losses):
             d = sub.filter(pl.col("loss") == loss)
-            ax.plot(d["step"], d["p_chosen"], label="chosen", color="tab:green")
-            ax.plot(d["step"], d["p_rejected"], label="rejected", color="tab:red")
-            ax.plot(d["step"], d["p_dispersed"], label="dispersed", color="tab:blue")
+            for c, label, color in (("p_chosen", "chosen", "tab:green"), ("p_rejected", "rejected", "tab:red"),
+                                    ("p_dispersed", "dispersed", "tab:blue")):
+                ax.plot(d["step"], d[c], label=label, color=color)
+                ax.fill_between(d["step"], d[f"{c}_lo"], d[f"{c}_hi"], color=color, alpha=0.2, linewidth=0)
             ax.set_title(loss)
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("step")
@@ -256,7 +381,7 @@ def plot_toy(df: pl.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
         ax.legend(fontsize=6, ncol=2)
         for extra in flat[n:]:
             extra.axis("off")
-        fig.suptitle(f"toy model, scenario {scenario}")
+        fig.suptitle(f"toy model, scenario {scenario} ({df['seed'].n_unique()} seeds: mean and range)")
         fig.tight_layout()
         path = out_dir / f"scenario_{scenario}.png"
         with atomic_path(path) as tmp:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.model.logprobs import collate, sequence_logprobs
+from pipeline.model.logprobs import autocast, collate, sequence_logprobs
 from pipeline.training.batching import step_batches
 
 if TYPE_CHECKING:
@@ -32,7 +32,8 @@ def train_sft(model, prompts: Sequence[Sequence[int]], responses: Sequence[Seque
     step_losses = []
     for idx in tqdm(batches, desc=progress, disable=progress is None, unit="step"):
         ids, att, resp = collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id, warmup.max_length)
-        lp, n_tok = sequence_logprobs(model, ids.to(device), att.to(device), resp.to(device))
+        with autocast(device, warmup.bf16):
+            lp, n_tok = sequence_logprobs(model, ids.to(device), att.to(device), resp.to(device))
         loss = -lp.sum() / n_tok.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), SFT_MAX_GRAD_NORM)

@@ -14,7 +14,9 @@ from pipeline.analysis.toy import (
     CHOSEN,
     HISTORY_COLUMNS,
     REJECTED,
+    final_metrics,
     make_pairs,
+    run_one,
     run_toy,
     sft,
     target_distribution,
@@ -32,8 +34,8 @@ def toy_params(**overrides) -> ToyParams:
 
 @pytest.fixture(scope="module")
 def params() -> ToyParams:
-    # the default toy settings, restricted to the losses and the scenario the claims are about
-    return toy_params(losses=CLAIM_LOSSES, scenarios=(1,))
+    # the default toy settings, restricted to the losses and the scenario the claims are about, one seed
+    return toy_params(losses=CLAIM_LOSSES, scenarios=(1,), seeds=(0,))
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,9 @@ def hist(params) -> pl.DataFrame:
     return run_toy(params)
 
 
-def series(df: pl.DataFrame, loss: str, scenario: int = 1) -> dict[str, np.ndarray]:
-    d = df.filter((pl.col("loss") == loss) & (pl.col("scenario") == scenario)).sort("step")
-    return {c: d[c].to_numpy() for c in d.columns if c not in ("loss", "scenario")}
+def series(df: pl.DataFrame, loss: str, scenario: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    d = df.filter((pl.col("loss") == loss) & (pl.col("scenario") == scenario) & (pl.col("seed") == seed)).sort("step")
+    return {c: d[c].to_numpy() for c in d.columns if c not in ("loss", "scenario", "seed")}
 
 
 def test_history_shape(hist, params):
@@ -56,7 +58,7 @@ def test_history_shape(hist, params):
 
 def test_sft_fits_the_initial_distribution(params, hist):
     init = params.scenario_init[1]
-    model, kl = sft(params, init)
+    model, kl = sft(params, init, 0)
     assert kl < 1e-6
     with torch.no_grad():
         p = torch.softmax(model(torch.eye(4, dtype=torch.float64)), -1)
@@ -69,10 +71,11 @@ def test_sft_fits_the_initial_distribution(params, hist):
 
 
 def test_pairs_are_seeded_and_valid():
-    a = make_pairs(toy_params(seed=3, pairs_per_prompt=3))
-    b = make_pairs(toy_params(seed=3, pairs_per_prompt=3))
+    a = make_pairs(toy_params(pairs_per_prompt=3), 3)
+    b = make_pairs(toy_params(pairs_per_prompt=3), 3)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+    assert not torch.equal(a[2], make_pairs(toy_params(pairs_per_prompt=3), 4)[2])
     prompt, chosen, rejected = a
     assert torch.equal(chosen, prompt) and set(chosen.tolist()) == set(CHOSEN)
     assert set(rejected.tolist()) <= set(REJECTED)
@@ -126,8 +129,8 @@ def test_gradient_ratio_grows_as_rejected_falls(hist):
 
 def test_probability_gradients_match_leaf_autograd(params, hist):
     """At step 0, recompute |∂L/∂π| with the probabilities themselves as the autograd leaf."""
-    model, _ = sft(params, params.scenario_init[1])
-    prompt, chosen, rejected = make_pairs(params)
+    model, _ = sft(params, params.scenario_init[1], 0)
+    prompt, chosen, rejected = make_pairs(params, 0)
     with torch.no_grad():
         probs = torch.softmax(model(torch.eye(4, dtype=torch.float64)), -1)
     for loss in CLAIM_LOSSES:
@@ -164,3 +167,43 @@ def test_params_validation():
     assert p.hparams["dpo"] == {"beta": 1} and p.hparams["ipo"] == repo_params()["toy"]["hparams"]["ipo"]
     with pytest.raises(ValidationError, match=r"hparams\.cdpo: missing"):  # no hidden defaults
         ToyParams(**{**repo_params()["toy"], "hparams": {"dpo": {"beta": 1}}})
+
+
+def test_stacked_runs_follow_their_one_at_a_time_trajectories():
+    """run_toy trains every seed x scenario x loss at once; each run must be the run it would be alone."""
+    p = toy_params(steps=80, sft_steps=60, seeds=(0, 5), scenarios=(1, 2, 4),
+                   losses=("dpo", "dpop", "ipo", "hinge", "simpo", "slic"))
+    df = run_toy(p)
+    assert df.height == 2 * 3 * 6 * 81
+    for seed, scenario, loss in ((0, 1, "dpo"), (5, 2, "dpop"), (5, 4, "hinge"), (0, 4, "simpo"), (5, 1, "slic")):
+        model, _ = sft(p, p.scenario_init[scenario], seed)
+        alone = run_one(p, loss, model, make_pairs(p, seed))
+        got = series(df, loss, scenario, seed)
+        for k in ("p_chosen", "p_rejected", "p_dispersed", "grad_w", "grad_l"):
+            np.testing.assert_allclose(got[k], alone[k].numpy(), rtol=1e-9, atol=1e-300, err_msg=f"{seed} {scenario} {loss} {k}")
+    # the seeds are different runs
+    assert not np.allclose(series(df, "dpo", 1, 0)["p_chosen"], series(df, "dpo", 1, 5)["p_chosen"])
+
+
+def test_metrics_over_seeds_give_changes_from_the_initial_values():
+    from scipy import stats
+
+    p = toy_params(steps=120, sft_steps=150, seeds=(0, 1, 2, 3), scenarios=(1,), losses=("dpo", "dpop"))
+    df = run_toy(p)
+    m = final_metrics(df, 0.9)["dpo"]["scenario_1"]
+    runs = [series(df, "dpo", 1, s) for s in p.seeds]
+    init = np.array([r["p_chosen"][0] for r in runs])
+    final = np.array([r["p_chosen"][-1] for r in runs])
+    change = final - init
+    assert m["seeds"] == 4
+    assert m["p_chosen_init"] == pytest.approx(init.mean()) and m["p_chosen"] == pytest.approx(final.mean())
+    assert m["p_chosen_peak"] == pytest.approx(np.mean([r["p_chosen"].max() for r in runs]))
+    assert m["p_chosen_change"] == pytest.approx(change.mean()) and m["p_chosen_sd"] == pytest.approx(final.std(ddof=1))
+    # the 90 % t interval of the mean change, from the t quantile by hand
+    half = stats.t.ppf(0.95, 3) * change.std(ddof=1) / 2
+    assert (m["p_chosen_change_lo"], m["p_chosen_change_hi"]) == pytest.approx((change.mean() - half, change.mean() + half))
+    assert m["p_chosen_rose"] == int((change > 0).sum()) and m["p_chosen_fell"] == int((change < 0).sum())
+    # DPO drives the rejected probability down in every seed, significantly
+    assert m["p_rejected_fell"] == 4 and m["p_rejected_change_hi"] < 0 and m["p_rejected_change_p"] < 0.01
+    one = final_metrics(df.filter(pl.col("seed") == 0), 0.9)["dpo"]["scenario_1"]
+    assert one["seeds"] == 1 and one["p_chosen_change_lo"] is None and one["p_chosen_sd"] is None

@@ -1,5 +1,7 @@
 """Log-probs on a tiny random model with SmolLM2's real tokenizer."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -41,20 +43,41 @@ def test_truncation_keeps_the_response():
 def test_one_precision_choice_for_training_reference_and_evaluation(tiny, monkeypatch):
     from pipeline.model import logprobs as LP
 
-    # train.bf16 keeps its meaning: bf16 autocast on GPU, fp32 on CPU.
+    # train.bf16: bf16 autocast on GPUs, and on CPUs only where bf16 is native (AVX512-BF16 or AMX).
     assert LP.uses_bf16_autocast("cuda:0", True) and not LP.uses_bf16_autocast("cuda", False)
+    monkeypatch.setattr(LP, "cpu_has_native_bf16", lambda: False)
     assert not LP.uses_bf16_autocast("cpu", True)
     model, tok = tiny
     prompts = [encode_prompt(tok, "What is 2 + 2?"), encode_prompt(tok, "Hi")]
     responses = [encode_response(tok, "4, it is four"), encode_response(tok, "Hello there, friend")]
     fp32, _ = LP.batched_logprobs(model, prompts, responses, tok.pad_token_id, 2)
     assert LP.batched_logprobs(model, prompts, responses, tok.pad_token_id, 2, bf16=True)[0] == fp32
+    monkeypatch.setattr(LP, "cpu_has_native_bf16", lambda: True)
+    assert LP.uses_bf16_autocast("cpu", True) and not LP.uses_bf16_autocast("cpu", False)
+    native, _ = LP.batched_logprobs(model, prompts, responses, tok.pad_token_id, 2, bf16=True)
+    assert native != pytest.approx(fp32, abs=1e-4)
+    monkeypatch.setattr(LP, "cpu_has_native_bf16", lambda: False)
     # Where it applies, batched_logprobs (the reference stage, evaluation) scores under bf16 autocast.
     monkeypatch.setattr(LP, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
     bf16, _ = LP.batched_logprobs(model, prompts, responses, tok.pad_token_id, 2, bf16=True)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want, _ = sequence_logprobs(model, *collate(prompts, responses, tok.pad_token_id))
     assert bf16 == pytest.approx(want.tolist(), abs=1e-4) and bf16 != pytest.approx(fp32, abs=1e-4)
+    assert native == bf16
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    """torch's own probes, against what the kernel says this CPU has."""
+    from pipeline.model import logprobs as LP
+
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags on this machine")
+    assert LP.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def _pairs(tok):

@@ -31,13 +31,15 @@ REF_CHECK_TOL = repo_params()["train"]["ref_check_tol"]
 
 
 def train_settings(**overrides) -> TrainSettings:
-    """The repository's train settings (shared by the variants) with ``overrides``."""
+    """The repository's train settings (shared by the variants) with ``overrides``; fp32 unless a test
+    asks for bf16: most tests here compare with log-probs computed by hand in fp32, and bf16 autocast
+    is on by default on CPUs with native bf16 (the bf16 tests below set it)."""
     base = {k: v for k, v in repo_params()["train"].items() if k not in ("variants", "runtime")}
-    return TrainSettings(**{**base, **overrides})
+    return TrainSettings(**{**base, "bf16": False, **overrides})
 
 
 def warmup_settings(**overrides) -> WarmupParams:
-    return WarmupParams(**{**repo_params()["policy"]["warmup"], **overrides})
+    return WarmupParams(**{**repo_params()["policy"]["warmup"], "bf16": False, **overrides})
 
 
 def test_step_batches_cover_every_pair_each_epoch():
@@ -318,3 +320,24 @@ def test_sft_warmup_lowers_the_nll(tiny_model_dir):
     step_losses = train_sft(model, prompts, responses, warmup_settings(epochs=5, lr=1e-3, batch_size=4),
                             pad_id=tok.pad_token_id, progress=None)
     assert len(step_losses) == 5 and step_losses[-1] < step_losses[0]
+
+
+def test_sft_warmup_autocasts_where_bf16_applies(tiny_model_dir, monkeypatch):
+    """policy.warmup.bf16: the warm-up's forward under bf16 autocast where train.bf16 would use it; the
+    weights stay fp32."""
+    tok = loading.load_tokenizer(tiny_model_dir)
+    prompts = [encode_prompt(tok, f"What is {i} + 1?") for i in range(4)]
+    responses = [encode_response(tok, f"Answer: {i + 1}") for i in range(4)]
+
+    def first_loss(bf16: bool) -> float:
+        model = loading.load_model(tiny_model_dir, "float32")
+        out = train_sft(model, prompts, responses, warmup_settings(epochs=1, lr=1e-3, batch_size=4, bf16=bf16),
+                        pad_id=tok.pad_token_id, progress=None)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        return out[0]
+
+    monkeypatch.setattr(LP, "cpu_has_native_bf16", lambda: True)
+    fp32, bf16 = first_loss(False), first_loss(True)
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=1e-2)
+    monkeypatch.setattr(LP, "cpu_has_native_bf16", lambda: False)
+    assert first_loss(True) == fp32  # no native bf16: fp32 whatever the setting
