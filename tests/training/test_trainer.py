@@ -223,25 +223,26 @@ def bf16_on_cpu(monkeypatch):
     monkeypatch.setattr(LP, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
 
 
-# The tiny random model's logits are small, and so is its bf16 rounding: measured <= 3e-5 nats apart
-# for two bf16 computations, 2e-3 to 1e-2 (batch max) for bf16 against fp32. A tolerance between them.
-TINY_TOL = 1e-3
+# The tiny random model's logits are small, and so is its bf16 rounding: two bf16 computations measured
+# <= 3e-5 nats apart; bf16 against fp32 8.8e-4 on average over this batch (max 2.1e-3). The check reads
+# the mean; a tolerance between them.
+TINY_TOL = 2e-4
 
 
 @pytest.mark.parametrize("tol", [REF_CHECK_TOL, TINY_TOL])
 def test_first_step_passes_when_reference_and_training_share_the_precision(tiny_model_dir, bf16_on_cpu, tol):
     hist = _first_step_check(tiny_model_dir, ref_bf16=True, train_bf16=True, tol=tol)
-    assert hist[0]["ref_gap_max"] <= tol
+    assert hist[0]["ref_gap_mean"] <= hist[0]["ref_gap_max"] <= tol
     assert "ref_gap_lp" not in hist[0]  # the worst sequence's numbers are for the error message only
 
 
 def test_first_step_fails_on_an_fp32_reference_with_bf16_training(tiny_model_dir, bf16_on_cpu):
-    with pytest.raises(ValueError, match=r"train\.ref_check_tol = 0\.001") as err:
+    with pytest.raises(ValueError, match=r"train\.ref_check_tol = 0\.0002") as err:
         _first_step_check(tiny_model_dir, ref_bf16=False, train_bf16=True, tol=TINY_TOL)
     msg = str(err.value)
-    gap, mean = (float(x) for x in re.search(r"by up to (\S+) nats per sequence \(mean (\S+)\)", msg).groups())
+    mean, gap = (float(x) for x in re.search(r"by (\S+) nats per sequence on average \(max (\S+)\)", msg).groups())
     lp, ref = (float(x) for x in re.search(r"worst sequence: lp (\S+), ref (\S+)\)", msg).groups())
-    assert gap > TINY_TOL and 0 < mean <= gap
+    assert TINY_TOL < mean <= gap
     assert abs(lp - ref) == pytest.approx(gap, abs=2e-4)  # the message's pair is the worst one
 
 
