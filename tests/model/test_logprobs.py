@@ -1,5 +1,6 @@
 """Log-probs on a tiny random model with SmolLM2's real tokenizer."""
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,10 @@ def test_one_precision_choice_for_training_reference_and_evaluation(tiny, monkey
     # Where it applies, batched_logprobs (the reference stage, evaluation) scores under bf16 autocast.
     monkeypatch.setattr(LP, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
     bf16, _ = LP.batched_logprobs(model, prompts, responses, tok.pad_token_id, 2, bf16=True)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # bf16 autocast with the math attention kernel (batch-invariant; see the test below)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.MATH):
         want, _ = sequence_logprobs(model, *collate(prompts, responses, tok.pad_token_id))
     assert bf16 == pytest.approx(want.tolist(), abs=1e-4) and bf16 != pytest.approx(fp32, abs=1e-4)
     assert native == bf16
@@ -156,3 +160,41 @@ def test_shared_prompt_needs_an_attention_that_takes_a_4d_mask(tiny_model_dir):
     tok = loading.load_tokenizer(tiny_model_dir)
     with pytest.raises(ValueError, match=r"train\.shared_prompt needs .*flash_attention_2"):
         score_batch(model, collate_pairs(*_pairs(tok), tok.pad_token_id, shared_prompt=True))
+
+
+def _batched_pair_scores(model, pairs, batch_size: int, kernel) -> torch.Tensor:
+    """Each pair's (lp_w, lp_l) scored in batches of ``batch_size`` inside ``kernel()``."""
+    from pipeline.model.logprobs import collate_pairs, score_batch
+
+    out = []
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s: s + batch_size]
+        batch = collate_pairs(*zip(*chunk), 0, 160, shared_prompt=True)
+        with torch.no_grad(), kernel():
+            lp, _ = score_batch(model, batch)
+        out.append(torch.stack([lp[: len(chunk)], lp[len(chunk):]], 1))
+    return torch.cat(out)
+
+
+def test_bf16_log_probs_on_cpu_do_not_depend_on_the_batch(tiny, monkeypatch):
+    """Under train.bf16 on a CPU, a pair scores the same alone or beside longer pairs: the reference
+    stage, training's first step and the fixed sets batch the same pairs differently. Plain bf16
+    autocast (CPU flash attention, blocked by the batch's padded length) does not."""
+    import random
+
+    from pipeline.model import logprobs as LP
+
+    model, _ = tiny
+    monkeypatch.setattr(LP, "cpu_has_native_bf16", lambda: True)
+    rng = random.Random(0)
+    pairs = [([rng.randrange(5, 2000) for _ in range(rng.randint(20, 90))],
+              [rng.randrange(5, 2000) for _ in range(rng.randint(3, 30))],
+              [rng.randrange(5, 2000) for _ in range(rng.randint(3, 30))]) for _ in range(12)]
+    ours = lambda: LP.autocast("cpu", True)  # noqa: E731
+    alone, together = _batched_pair_scores(model, pairs, 1, ours), _batched_pair_scores(model, pairs, 12, ours)
+    assert torch.equal(alone, together)
+    plain = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    flash_alone, flash_together = (_batched_pair_scores(model, pairs, b, plain) for b in (1, 12))
+    assert not torch.equal(flash_alone, flash_together)  # what the math kernel removes
+    fp32 = _batched_pair_scores(model, pairs, 12, contextlib.nullcontext)
+    assert not torch.equal(together, fp32)  # it is bf16
