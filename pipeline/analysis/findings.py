@@ -260,4 +260,7 @@ def squeezing_finding(variant: str, probe: pl.DataFrame | None, h: HeldoutStats,
     figures = {"probe_change": _iv(mean), "wilcoxon": _t(test), "chosen_and_rejected_fell": fell}
     if mean.low > 0 and test.rejects(s.alpha) and fell:
         return Finding(variant, "squeezing", True, f"**squeezing**: {detail}.", figures)
-    return Finding(variant, "squeezing", False, f"no squeezing shown at this size: {detail}.", figures)
+    rose = mean.low > 0 and test.rejects(s.alpha)
+    why = ("the greedy log-prob rose, but held-out lp_w and lp_l did not both fall" if rose else
+           "the greedy log-prob did not rise significantly")
+    return Finding(variant, "squeezing", False, f"no squeezing shown at this size ({why}): {detail}.", figures)
