@@ -141,6 +141,27 @@ def _record(logp: torch.Tensor, lp_w: torch.Tensor, lp_l: torch.Tensor, disp_mas
                         gl.mean(-1), ratio.mean(-1), (p_w / p_l).mean(-1)], -1)
 
 
+def _optimise(steps: int, log_probs, pick, loss_of, opt: torch.optim.Optimizer) -> torch.Tensor:
+    """Step 2's loop: ``steps`` updates, recording :data:`RECORDED` before each and after the last
+    (``[steps + 1, ..., len(RECORDED)]``). ``log_probs()`` is ``[..., 4, 10]``, ``pick(logp)`` the
+    pairs' ``(lp_w, lp_l)``, ``loss_of(lp_w, lp_l)`` the scalar to minimise."""
+    disp_mask = _dispersed_mask()
+    rec: list[torch.Tensor] = []
+    for step in range(steps + 1):
+        logp = log_probs()
+        lp_w, lp_l = pick(logp)
+        lp_w.retain_grad()
+        lp_l.retain_grad()
+        total = loss_of(lp_w, lp_l)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        with torch.no_grad():
+            rec.append(_record(logp, lp_w, lp_l, disp_mask))
+        if step < steps:
+            opt.step()
+    return torch.stack(rec)
+
+
 # ---------------------------------------------------------------- one run at a time (the readable reference)
 def sft(params: ToyParams, init: ScenarioInit, seed: int) -> tuple[torch.nn.Module, float]:
     """Step 1: fit a fresh MLP (seeded) to the scenario's initial distribution. Returns (model, KL)."""
@@ -177,22 +198,10 @@ def run_one(params: ToyParams, loss: str, sft_model: torch.nn.Module,
     ref_w, ref_l = ref[prompt, chosen], ref[prompt, rejected]
     model = copy.deepcopy(sft_model)
     opt = _optimizer(params, model.parameters())
-    disp_mask = _dispersed_mask()
-    rec: list[torch.Tensor] = []
     with _one_thread():
-        for step in range(params.steps + 1):
-            logp = torch.log_softmax(model(x), dim=-1)
-            lp_w, lp_l = logp[prompt, chosen], logp[prompt, rejected]
-            lp_w.retain_grad()
-            lp_l.retain_grad()
-            total = fn(lp_w, lp_l, ref_w, ref_l, ones, ones, **hp).mean()
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            with torch.no_grad():
-                rec.append(_record(logp, lp_w, lp_l, disp_mask))
-            if step < params.steps:
-                opt.step()
-    out = torch.stack(rec)
+        out = _optimise(params.steps, lambda: torch.log_softmax(model(x), dim=-1),
+                        lambda logp: (logp[prompt, chosen], logp[prompt, rejected]),
+                        lambda lp_w, lp_l: fn(lp_w, lp_l, ref_w, ref_l, ones, ones, **hp).mean(), opt)
     return {k: out[:, j] for j, k in enumerate(RECORDED)}
 
 
@@ -266,24 +275,12 @@ def run_toy(params: ToyParams) -> pl.DataFrame:
         loss_of_run = torch.arange(n_runs) % len(losses)
         groups = [(torch.nonzero(loss_of_run == k).squeeze(1), L.LOSSES[name].fn,
                    validate_loss_hparams(name, params.hparams[name])) for k, name in enumerate(losses)]
-        opt = _optimizer(params, mlps.parameters())
-        disp_mask = _dispersed_mask()
-        rec: list[torch.Tensor] = []
-        for step in range(params.steps + 1):
-            logp = mlps.log_probs()
-            lp_w, lp_l = logp[runs, prompt, chosen], logp[runs, prompt, rejected]
-            lp_w.retain_grad()
-            lp_l.retain_grad()
-            # each run's loss is its loss function's mean over its pairs; the sum keeps them apart
-            total = sum(fn(lp_w[i], lp_l[i], ref_w[i], ref_l[i], ones[i], ones[i], **hp).mean(-1).sum()
-                        for i, fn, hp in groups)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            with torch.no_grad():
-                rec.append(_record(logp, lp_w, lp_l, disp_mask))
-            if step < params.steps:
-                opt.step()
-    out = torch.stack(rec).numpy()  # [steps + 1, runs, recorded]
+        # each run's loss is its loss function's mean over its pairs; the sum keeps them apart
+        out = _optimise(params.steps, mlps.log_probs,
+                        lambda logp: (logp[runs, prompt, chosen], logp[runs, prompt, rejected]),
+                        lambda lp_w, lp_l: sum(fn(lp_w[i], lp_l[i], ref_w[i], ref_l[i], ones[i], ones[i], **hp)
+                                               .mean(-1).sum() for i, fn, hp in groups),
+                        _optimizer(params, mlps.parameters())).numpy()  # [steps + 1, runs, recorded]
     n = params.steps + 1
     keys = [(s, c, name) for s in seeds for c in scenarios for name in losses]
     return pl.DataFrame({
