@@ -522,8 +522,9 @@ def train_preference(model, examples: Sequence[PairExample], terms, settings: Tr
         metrics = trainer.step_metrics(trainer.train_step(examples, idx), buckets)
         worst_lp, worst_ref = metrics.pop("ref_gap_lp"), metrics.pop("ref_gap_ref")
         # Its log-probs come from the forward before the optimiser step: the policy was the reference.
-        # The mean, not the max: bf16 rounds differently in differently shaped batches (the reference's
-        # are not training's), a noise whose max reaches 0.15 nats where its mean stays near 0.01.
+        # The mean, not the max: a wrong precision moves every sequence (fp32 reference vs bf16: mean 0.195),
+        # while attention kernels that round bf16 by batch shape (CPU flash attention, before logprobs.autocast
+        # chose the math kernel: mean up to 0.067, max 0.67) move a few; GPU kernels are unmeasured here.
         if step == 0 and metrics["ref_gap_mean"] > settings.ref_check_tol:
             raise ValueError(
                 f"first step: the policy's log-probs differ from the reference's by "
