@@ -208,7 +208,7 @@ def child(spec_path: str, config: str, result_path: str) -> None:
     if config.startswith("ours"):
         import importlib
 
-        from pipeline.config import TrainSettings
+        from pipeline.settings.train import TrainSettings
         from pipeline.training.batching import step_batches
         from pipeline.training.trainer import PairExample
 

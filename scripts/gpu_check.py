@@ -102,7 +102,7 @@ def synth_pairs(n: int, prompt_len: int, resp_len: int, vocab: int, seed: int) -
 
 
 def settings_for(train: dict, **over):
-    from pipeline.config import TrainSettings
+    from pipeline.settings.train import TrainSettings
 
     base = {k: v for k, v in train.items() if k not in ("variants", "runtime")}
     return TrainSettings(**{**base, "eval_every": 0, "probe_every": 0, "tail": "keep", **over})
@@ -219,7 +219,7 @@ def _dist_worker(spec_path: str, out_path: str) -> None:
     """Under torchrun: train the spec's pairs with DDP, then FSDP2, on NCCL; rank 0 writes the losses."""
     import dataclasses
 
-    from pipeline.config import RuntimeParams
+    from pipeline.settings.train import RuntimeParams
     from pipeline.training import distributed as D
     from pipeline.training.trainer import train_preference
 

@@ -14,7 +14,10 @@ from pipeline import paths
 from pipeline.model import loading
 from pipeline.data import tagging
 from pipeline.cli import run_stage, stage_parser
-from pipeline.config import load_params
+from pipeline.settings.evaluate import BeforeAndAfter
+from pipeline.settings.judge import JudgedPairs
+from pipeline.settings.sampling import VLLMParams
+from pipeline.settings.train import ReferenceAndTraining
 from pipeline.analysis.accuracy import greedy_eval
 from pipeline.analysis.heldout import bucketise, last_fixed_scores, summarise_pair_eval
 from pipeline.judging.llm.metrics import rubric_eval
@@ -26,13 +29,19 @@ from pipeline.generation.transformers_backend import TransformersSampler
 log = logging.getLogger("pipeline.evaluate")
 
 
+class Settings(ReferenceAndTraining, BeforeAndAfter, JudgedPairs):
+    """The sections of params.yaml this stage reads."""
+
+    vllm: VLLMParams
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--variant", required=True)
     args = parser.parse_args(argv)
     # Inputs and params
-    cfg = load_params(args.params)
-    cfg.variant(args.variant, args.params)  # an unknown name fails here, naming the key
+    cfg = Settings.load(args.params)
+    cfg.variant(args.variant)  # an unknown name fails here, naming the key
     params = cfg.evaluate
     prompts = read_table(paths.PROMPTS, "prompts").filter(pl.col("split") == "test")
     pairs = read_table(paths.PAIRS, "pairs").filter(pl.col("split") == "heldout")

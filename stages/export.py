@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.cli import run_stage, stage_parser
-from pipeline.config import load_params
+from pipeline.settings.train import Training
 from pipeline.io import atomic_dir, read_json
 from pipeline.model import card as model_card
 
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", required=True, help="a key of train.variants in params.yaml")
     args = parser.parse_args(argv)
     # Params and inputs
-    cfg = load_params(args.params)
-    cfg.variant(args.variant, args.params)  # an unknown name fails here, naming the key
+    cfg = Training.load(args.params)
+    cfg.variant(args.variant)  # an unknown name fails here, naming the key
     model_dir, metrics_file = Path(paths.model_dir(args.variant)), paths.eval_metrics(args.variant)
     card = model_card.load(model_dir / model_card.CARD_FILE)
     metrics = read_json(metrics_file)

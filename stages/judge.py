@@ -11,7 +11,7 @@ import polars as pl
 
 from pipeline import paths
 from pipeline.cli import run_stage, stage_parser
-from pipeline.config import load_params
+from pipeline.settings.judge import JudgedPairs
 from pipeline.io import read_table, write_json, write_table, write_text
 from pipeline.judging.registry import get_judge
 from pipeline.judging.types import CandidateView, Group
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # the openai client's transport
     # Inputs and params
-    params = load_params(args.params).judge
+    params = JudgedPairs.load(args.params).judge
     prompts = read_table(paths.PROMPTS, "prompts")
     # The other model's candidates are empty unless pairs.scenario is 3 or 4.
     candidates = pl.concat([read_table(paths.candidates(src), "candidates") for src in ("policy", "other")])

@@ -26,7 +26,9 @@ import polars as pl
 from pipeline import paths
 from pipeline.model import loading
 from pipeline.cli import run_stage, stage_parser
-from pipeline.config import load_params
+from pipeline.settings.judge import JudgedPairs
+from pipeline.settings.policy import PolicyParams
+from pipeline.settings.train import ReferenceParams
 from pipeline.data import tagging, trl_format
 from pipeline.io import atomic_path, read_table, write_json, write_table
 from pipeline.model.logprobs import response_logprobs_and_hidden
@@ -35,10 +37,17 @@ from pipeline.data.pairs import (build_constructed_pairs, build_imported_pairs, 
 
 log = logging.getLogger("pipeline.data.pairs")
 
+class Settings(JudgedPairs):
+    """The sections of params.yaml this stage reads."""
+
+    reference: ReferenceParams
+    policy: PolicyParams
+
+
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__).parse_args(argv)
     # Inputs and params
-    cfg = load_params(args.params)
+    cfg = Settings.load(args.params)
     params = cfg.pairs
     built = params.source in (trl_format.JUDGED, trl_format.CONSTRUCTED)  # from our own stages' outputs
     if built and [os.path.normpath(p) for p in params.inputs] != trl_format.judged_inputs():

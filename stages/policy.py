@@ -10,7 +10,8 @@ import polars as pl
 from pipeline import paths
 from pipeline.model import loading
 from pipeline.cli import run_stage, stage_parser
-from pipeline.config import load_params
+from pipeline.settings.evaluate import BeforeAndAfter
+from pipeline.settings.sampling import VLLMParams
 from pipeline.analysis.accuracy import greedy_eval
 from pipeline.io import read_table, write_json, write_table
 from pipeline.model.logprobs import encode_prompt, encode_response
@@ -21,10 +22,16 @@ from pipeline.training.sft import train_sft
 log = logging.getLogger("pipeline.policy")
 
 
+class Settings(BeforeAndAfter):
+    """The sections of params.yaml this stage reads (and evaluate's decoder, which must match)."""
+
+    vllm: VLLMParams
+
+
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__).parse_args(argv)
     # Inputs and params
-    cfg = load_params(args.params)
+    cfg = Settings.load(args.params)
     params = cfg.policy
     prompts = read_table(paths.PROMPTS, "prompts")
 

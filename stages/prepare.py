@@ -12,7 +12,7 @@ import logging
 
 from pipeline import paths
 from pipeline.cli import run_stage, stage_parser
-from pipeline.config import load_params
+from pipeline.settings.params import Params
 from pipeline.data import prompts
 from pipeline.io import atomic_path, write_json, write_table
 
@@ -22,7 +22,7 @@ log = logging.getLogger("pipeline.prepare")
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__).parse_args(argv)
     # Params
-    prep = load_params(args.params).prepare
+    prep = Params.load(args.params).prepare
 
     # Work
     rows, quarantine, counts = prompts.collect_prompts(prep)

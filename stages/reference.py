@@ -11,17 +11,24 @@ import polars as pl
 from pipeline import paths
 from pipeline.model import loading
 from pipeline.cli import run_stage, stage_parser
-from pipeline.config import load_params
+from pipeline.settings.policy import PolicyParams
+from pipeline.settings.train import ReferenceAndTraining
 from pipeline.model.logprobs import pair_logprobs, uses_bf16_autocast
 from pipeline.io import read_table, write_json, write_table
 
 log = logging.getLogger("pipeline.reference")
 
 
+class Settings(ReferenceAndTraining):
+    """The sections of params.yaml this stage reads."""
+
+    policy: PolicyParams
+
+
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__).parse_args(argv)
     # Inputs and params: the reference is the starting policy
-    cfg = load_params(args.params)
+    cfg = Settings.load(args.params)
     params = cfg.reference
     pairs = read_table(paths.PAIRS, "pairs")
     device = loading.device_for()

@@ -17,7 +17,9 @@ from pipeline.analysis.findings import StatSettings, json_safe
 from pipeline.analysis.heldout import bucketise
 from pipeline.analysis.report import VariantInputs, build_report, read_live_history
 from pipeline.cli import run_stage, stage_parser
-from pipeline.config import load_params
+from pipeline.settings.pairs import PairsParams
+from pipeline.settings.report import ReportParams
+from pipeline.settings.train import Training
 from pipeline.io import atomic_dir, read_json, read_table, write_json
 
 log = logging.getLogger("pipeline.report")
@@ -27,10 +29,17 @@ def _optional_table(path: str, table: str):
     return read_table(path, table) if Path(path).is_file() else None
 
 
+class Settings(Training):
+    """The sections of params.yaml this stage reads."""
+
+    report: ReportParams
+    pairs: PairsParams
+
+
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__).parse_args(argv)
     # Inputs and params
-    cfg = load_params(args.params)
+    cfg = Settings.load(args.params)
     settings = StatSettings.from_params(cfg.report)
     start_answers = read_table(paths.POLICY_GENERATIONS, "generations")
     variants = {v: VariantInputs(eval=read_json(paths.eval_metrics(v)),
@@ -39,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                                  history=read_live_history(paths.live_dir(v)),
                                  fixed=_optional_table(paths.fixed_curves(v), "fixed_curves"),
                                  probe=_optional_table(paths.probe_curves(v), "probe_curves"))
-                for v in sorted(cfg.variants)}
+                for v in sorted(cfg.train.variants)}
     distances = read_table(paths.PAIRS, "pairs").select("pair_id", "edit_distance_norm")
     distances = distances.with_columns(bucketise(distances, cfg.pairs.distance_buckets))
     stage_metrics = {s: read_json(paths.metrics_file(s)) for s in ("prepare", "sample", "judge", "pairs")

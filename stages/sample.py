@@ -16,7 +16,10 @@ import polars as pl
 from pipeline import paths
 from pipeline.model import loading
 from pipeline.cli import run_stage, stage_parser
-from pipeline.config import load_params
+from pipeline.settings.base import StageParams
+from pipeline.settings.pairs import PairsParams
+from pipeline.settings.policy import PolicyParams
+from pipeline.settings.sampling import OtherSampleParams, SampleParams, VLLMParams
 from pipeline.io import read_table, write_json, write_table
 from pipeline.paths import repo_root, resolve_cache_dir
 from pipeline.generation.logprob_check import logprob_check
@@ -29,12 +32,22 @@ from pipeline.schema import empty
 log = logging.getLogger("pipeline.sample")
 
 
+class Settings(StageParams):
+    """The sections of params.yaml this stage reads."""
+
+    sample: SampleParams
+    sample_other: OtherSampleParams
+    policy: PolicyParams
+    pairs: PairsParams
+    vllm: VLLMParams
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--source", choices=["policy", "other"], default="policy")
     args = parser.parse_args(argv)
     # Inputs and params
-    cfg = load_params(args.params)
+    cfg = Settings.load(args.params)
     params = cfg.sample if args.source == "policy" else cfg.sample_other
     out_path, metrics_path = paths.candidates(args.source), paths.metrics_file(
         "sample" if args.source == "policy" else "sample_other")

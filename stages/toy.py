@@ -1,7 +1,7 @@
 """Stage `toy`: the toy model of the 3D-properties paper (Yan et al. 2024, arXiv 2406.07327, §3.2)
 for every loss × scenario.
 
-Reads the ``toy:`` section of ``params.yaml`` (:class:`pipeline.config.ToyParams`) and writes, each
+Reads the ``toy:`` section of ``params.yaml`` (:class:`pipeline.analysis.toy_settings.ToyParams`) and writes, each
 atomically:
 
 - ``data/toy/history.parquet``: the long per-step table of :func:`pipeline.analysis.toy.run_toy`;
@@ -21,11 +21,18 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.cli import run_stage, stage_parser
-from pipeline.config import load_params
+from pipeline.analysis.toy_settings import ToyParams
+from pipeline.settings.base import StageParams
 from pipeline.io import atomic_dir, atomic_path, write_json
 from pipeline.analysis.toy import final_metrics, plot_toy, run_toy
 
 log = logging.getLogger("pipeline.toy")
+
+
+class Settings(StageParams):
+    """The sections of params.yaml this stage reads."""
+
+    toy: ToyParams
 
 
 def main(argv: list[str] | None = None, root: str | Path = ".") -> dict:
@@ -33,7 +40,7 @@ def main(argv: list[str] | None = None, root: str | Path = ".") -> dict:
     # Params
     root = Path(root)
     history, reports, metrics_path = root / paths.TOY_HISTORY, root / paths.TOY_REPORTS, root / paths.metrics_file("toy")
-    params = load_params(args.params).toy
+    params = Settings.load(args.params).toy
 
     # Work
     t0 = time.perf_counter()

@@ -19,12 +19,20 @@ from pipeline.model import card as model_card
 from pipeline.model import loading
 from pipeline.data import tagging
 from pipeline.cli import run_stage, stage_parser
-from pipeline.config import load_params
+from pipeline.settings.evaluate import BeforeAndAfter
+from pipeline.settings.pairs import PairsParams
+from pipeline.settings.train import ReferenceAndTraining
 from pipeline.io import atomic_dir, read_table, write_table
 from pipeline.schema import schema_of
 from pipeline.training.trainer import Checkpointing, Curves, FixedSets, PairExample, Probe, train_preference
 
 log = logging.getLogger("pipeline.train")
+
+
+class Settings(ReferenceAndTraining, BeforeAndAfter):
+    """The sections of params.yaml this stage reads."""
+
+    pairs: PairsParams
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,8 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", required=True, help="a key of train.variants in params.yaml")
     args = parser.parse_args(argv)
     # Params (and, for several processes, the torchrun relaunch)
-    cfg = load_params(args.params)
-    variant, rt = cfg.variant(args.variant, args.params), cfg.train.runtime
+    cfg = Settings.load(args.params)
+    variant, rt = cfg.variant(args.variant), cfg.train.runtime
     s = variant.settings
     if rt.nproc > 1 and not D.under_torchrun():
         sys.exit(D.relaunch_with_torchrun(rt.nproc, "stages.train", argv))

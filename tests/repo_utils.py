@@ -16,7 +16,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 def repo_params(overrides: dict | None = None) -> dict:
     """The repository's params.yaml (the one source of every default) with ``overrides`` merged in."""
-    from pipeline.config import merged
+    from pipeline.settings.base import merged
 
     return merged(yaml.safe_load((PROJECT / "params.yaml").read_text()), overrides or {})
 

@@ -8,7 +8,11 @@ import pytest
 from pydantic import BaseModel
 from repo_utils import repo_params
 
-from pipeline.config import ConfigError, Params, load_params, parse_params
+import yaml
+
+from pipeline.flows.settings import FlowParams
+from pipeline.settings.base import SECTIONS, ConfigError, StageParams
+from pipeline.settings.params import Params
 
 BASE = repo_params()
 
@@ -24,10 +28,13 @@ def _with(path: str, value):
 
 
 def test_repository_params_parse():
-    p = load_params("params.yaml")
-    assert set(p.variants) == {"dpo", "dpop"}
-    assert p.variants["dpop"].losses[0].hp == {"beta": 0.1, "dpop_lambda": 50.0}
-    assert p.variants["dpo"].settings.lr == BASE["train"]["lr"]
+    p = Params.load("params.yaml")
+    assert set(p.train.variants) == {"dpo", "dpop"}
+    assert p.train.variants["dpop"].losses[0].hp == {"beta": 0.1, "dpop_lambda": 50.0}
+    assert p.train.variants["dpo"].settings.lr == BASE["train"]["lr"]
+    assert p.variant("dpo") is p.train.variants["dpo"]
+    with pytest.raises(ConfigError, match=r"^params\.yaml: train\.variants\.nope: no such variant \(have \['dpo', 'dpop'\]\)"):
+        p.variant("nope")
 
 
 @pytest.mark.parametrize("path,value,key", [
@@ -44,34 +51,34 @@ def test_repository_params_parse():
 ])
 def test_wrong_type_names_the_key(path, value, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        parse_params(_with(path, value))
+        Params.parse(_with(path, value))
 
 
 def test_unknown_key_is_refused():
     raw = _with("sample.temprature", 0.5)
     with pytest.raises(ConfigError, match=r"sample\.temprature"):
-        parse_params(raw)
+        Params.parse(raw)
 
 
 def test_missing_model_folder_fails_at_once(tmp_path):
     with pytest.raises(ConfigError, match=r"policy\.model.*does not exist"):
-        parse_params(_with("policy.model", str(tmp_path / "nope")))
+        Params.parse(_with("policy.model", str(tmp_path / "nope")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"policy\.model.*config\.json"):
-        parse_params(_with("policy.model", str(tmp_path / "empty")))
+        Params.parse(_with("policy.model", str(tmp_path / "empty")))
 
 
 def test_variant_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"train\.variants\.dpo\.beta"):
-        parse_params(_with("train.variants.dpo", {"loss": "dpo", "beta": "high"}))
-    with pytest.raises(ConfigError, match=r"train\.variants\.dpo.*unknown loss|no_such"):
-        parse_params(_with("train.variants.dpo", {"loss": "no_such", "beta": 0.1}))
+        Params.parse(_with("train.variants.dpo", {"loss": "dpo", "beta": "high"}))
+    with pytest.raises(ConfigError, match=r"train\.variants\.dpo: unknown loss 'no_such'"):
+        Params.parse(_with("train.variants.dpo", {"loss": "no_such", "beta": 0.1}))
     with pytest.raises(ConfigError, match=r"train\.variants\.dpop\.dpop_lambda"):
-        parse_params(_with("train.variants.dpop", {"loss": "dpop", "beta": 0.1}))
+        Params.parse(_with("train.variants.dpop", {"loss": "dpop", "beta": 0.1}))
     with pytest.raises(ConfigError, match=r"train\.variants\.dpo\.lr"):
-        parse_params(_with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "lr": -1}))
+        Params.parse(_with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "lr": -1}))
     with pytest.raises(ConfigError, match=r"train\.variants\.x\.loss"):
-        parse_params(_with("train.variants", {"x": {"beta": 0.1}}))
+        Params.parse(_with("train.variants", {"x": {"beta": 0.1}}))
 
 
 def test_variant_overrides_and_combined_terms():
@@ -79,7 +86,7 @@ def test_variant_overrides_and_combined_terms():
         "mix": {"loss": [{"name": "dpo", "beta": 0.2}, {"name": "dpo_sft", "weight": 0.5, "beta": 0.2,
                                                          "sft_weight": 1.0}], "lr": 1e-4},
     })
-    v = parse_params(raw).variants["mix"]
+    v = Params.parse(raw).train.variants["mix"]
     assert [t.name for t in v.losses] == ["dpo", "dpo_sft"]
     assert v.losses[1].weight == 0.5
     assert v.settings.lr == 1e-4 and v.settings.epochs == BASE["train"]["epochs"]
@@ -90,93 +97,148 @@ def test_reference_and_training_must_truncate_and_round_alike():
     (every variant) must use the same, or lp − ref is not zero before the first step."""
     raw = _with("train.max_length", BASE["reference"]["max_length"] - 32)
     with pytest.raises(ConfigError, match=r"train\.max_length: \d+ differs from reference\.max_length \d+"):
-        parse_params(raw)
-    with pytest.raises(ConfigError, match=r"train\.variants\.dpo\.max_length: \d+ differs from reference\.max_length"):
-        parse_params(_with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "max_length": 96}))
+        Params.parse(raw)
+    with pytest.raises(ConfigError, match=r"train\.variants\.dpo\.max_length: 96 differs from train\.max_length"):
+        Params.parse(_with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "max_length": 96}))
     bf16 = BASE["train"]["bf16"]
     with pytest.raises(ConfigError, match=r"train\.variants\.dpop\.bf16: .* differs from train\.bf16"):
-        parse_params(_with("train.variants.dpop", {"loss": "dpop", "beta": 0.1, "dpop_lambda": 5.0,
+        Params.parse(_with("train.variants.dpop", {"loss": "dpop", "beta": 0.1, "dpop_lambda": 5.0,
                                                    "bf16": not bf16}))
     shared = BASE["train"]["shared_prompt"]
     with pytest.raises(ConfigError, match=r"train\.variants\.dpo\.shared_prompt: .* differs from train\.shared_prompt"):
-        parse_params(_with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "shared_prompt": not shared}))
+        Params.parse(_with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "shared_prompt": not shared}))
     # Restating the shared values is fine; changing both sides together too.
     same = _with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "bf16": bf16,
                                         "max_length": BASE["reference"]["max_length"]})
-    assert parse_params(same).variants["dpo"].settings.bf16 == bf16
+    assert Params.parse(same).train.variants["dpo"].settings.bf16 == bf16
     both = _with("train.max_length", 96)
     both["reference"]["max_length"] = 96
-    assert parse_params(both).variants["dpo"].settings.max_length == 96
+    assert Params.parse(both).train.variants["dpo"].settings.max_length == 96
 
 
 def test_reference_check_tolerance_is_a_setting():
-    assert parse_params(BASE).train.ref_check_tol == BASE["train"]["ref_check_tol"] > 0
+    assert Params.parse(BASE).train.ref_check_tol == BASE["train"]["ref_check_tol"] > 0
     raw = copy.deepcopy(BASE)
     del raw["train"]["ref_check_tol"]
     with pytest.raises(ConfigError, match=r"train\.ref_check_tol: Field required"):
-        parse_params(raw)
+        Params.parse(raw)
     with pytest.raises(ConfigError, match=r"train\.ref_check_tol"):
-        parse_params(_with("train.ref_check_tol", 0))
+        Params.parse(_with("train.ref_check_tol", 0))
 
 
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        load_params(tmp_path / "params.yaml")
+        Params.load(tmp_path / "params.yaml")
 
 
 def test_unknown_train_key_is_refused():
     with pytest.raises(ConfigError, match=r"train\.lrr"):
-        parse_params(_with("train.lrr", 1e-5))
+        Params.parse(_with("train.lrr", 1e-5))
 
 
 def test_backends_and_scenarios_are_checked(tmp_path):
-    assert parse_params(_with("sample.backend", "vllm")).sample.backend == "vllm"
+    assert Params.parse(_with("sample.backend", "vllm")).sample.backend == "vllm"
     with pytest.raises(ConfigError, match=r"sample\.backend"):
-        parse_params(_with("sample.backend", "tgi"))
+        Params.parse(_with("sample.backend", "tgi"))
     with pytest.raises(ConfigError, match=r"vllm\.gpu_memory_utilization"):
-        parse_params(_with("vllm.gpu_memory_utilization", 1.5))
+        Params.parse(_with("vllm.gpu_memory_utilization", 1.5))
     # accuracy before and after training must come from the same decoder
     with pytest.raises(ConfigError, match=r"evaluate\.generation\.backend.*policy\.eval\.backend"):
-        parse_params(_with("evaluate.generation.backend", "vllm"))
+        Params.parse(_with("evaluate.generation.backend", "vllm"))
     with pytest.raises(ConfigError, match=r"sample_other\.model.*does not exist"):
-        parse_params(_with("sample_other.model", str(tmp_path / "nope")))
+        Params.parse(_with("sample_other.model", str(tmp_path / "nope")))
     for k in (1, 2, 3, 4):
-        assert parse_params(_with("pairs.scenario", k)).pairs.scenario == k
+        assert Params.parse(_with("pairs.scenario", k)).pairs.scenario == k
     raw = _with("pairs.scenario", 3)
     raw["judge"].update(backend="llm")
     raw["judge"]["llm"].update(mode="listwise")
     with pytest.raises(ConfigError, match=r"pairs\.scenario.*absolute scores"):
-        parse_params(raw)
+        Params.parse(raw)
+
+
+def test_unknown_section_is_refused():
+    raw = _with("trian", {"lr": 1e-5})
+    with pytest.raises(ConfigError, match=r"params\.yaml: trian: unknown section"):
+        Params.parse(raw)
 
 
 # --------------------------------------------------------------------------------------------- ground floor
-def test_config_module_does_not_import_torch():
+SETTINGS_MODULES = {"pipeline.settings.base", "pipeline.settings.evaluate", "pipeline.settings.judge",
+                    "pipeline.settings.pairs", "pipeline.settings.params", "pipeline.settings.policy",
+                    "pipeline.settings.prepare", "pipeline.settings.report", "pipeline.settings.sampling",
+                    "pipeline.settings.train", "pipeline.training.loss_hparams", "pipeline.analysis.toy_settings",
+                    "pipeline.model.builtin"}
+
+
+def test_settings_do_not_import_torch():
+    """Loading every stage's settings imports pydantic and yaml, none of the heavy packages."""
     # In a fresh interpreter: the test process itself has torch loaded by other tests.
-    code = ("import sys; import pipeline.config as c; c.load_params('params.yaml'); "
+    code = ("import sys; from pipeline.settings.params import Params; Params.load('params.yaml'); "
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'prefect', "
             "'polars', 'dvc')); "
             "print(heavy); print(sorted(m for m in sys.modules if m.startswith('pipeline')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     heavy, ours = out.splitlines()
     assert heavy == "[]", heavy
-    assert ours == "['pipeline', 'pipeline.config', 'pipeline.model', 'pipeline.model.builtin']", ours
+    packages = {"pipeline", "pipeline.settings", "pipeline.training", "pipeline.analysis", "pipeline.model"}
+    assert set(ast.literal_eval(ours)) == SETTINGS_MODULES | packages
+
+
+def _stage_views() -> dict[str, type[StageParams]]:
+    """Each stage module's view of params.yaml (its ``Settings``, or the view it loads by another name)."""
+    import importlib
+
+    spec = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    views = {}
+    for name, stage in spec.items():
+        module = importlib.import_module((stage.get("do", stage))["cmd"].split()[2])
+        loaded = [v for v in vars(module).values()
+                  if isinstance(v, type) and issubclass(v, StageParams) and v is not StageParams]
+        assert loaded, f"stages/{name}.py defines or imports no StageParams view"
+        views[name] = max(loaded, key=lambda v: len(v.model_fields))
+    return views
+
+
+def test_each_stage_validates_the_sections_its_params_name():
+    """A stage's view holds every section its dvc.yaml params come from, and never flows: (no stage reads it,
+    so a flow setting change reruns nothing)."""
+    spec = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    for name, view in _stage_views().items():
+        params = (spec[name].get("do", spec[name])).get("params", [])
+        sections = {(p if isinstance(p, str) else next(iter(p))).split(".")[0] for p in params}
+        assert sections <= set(view.model_fields), (name, sections - set(view.model_fields))
+        assert "flows" not in view.model_fields and set(view.model_fields) <= set(SECTIONS), name
+    # the first stage validates every section a stage reads, so a fresh `dvc repro` fails at once
+    assert set(_stage_views()["prepare"].model_fields) == set(SECTIONS) - {"flows"}
+
+
+def test_a_stage_fails_on_its_own_sections_only():
+    """A bad value in a section a stage does not read does not stop it; one in a section it reads does."""
+    from stages.judge import JudgedPairs
+    from stages.toy import Settings as ToySettings
+
+    bad_train = _with("train.lr", "fast")
+    assert ToySettings.parse(bad_train).toy.steps == BASE["toy"]["steps"]
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        Params.parse(bad_train)
+    with pytest.raises(ConfigError, match=r"judge\.min_gap"):
+        JudgedPairs.parse(_with("judge.min_gap", -1))
 
 
 def test_a_missing_key_is_named_not_defaulted():
     raw = copy.deepcopy(BASE)
     del raw["train"]["lr"]
     with pytest.raises(ConfigError, match=r"train\.lr: Field required"):
-        parse_params(raw)
+        Params.parse(raw)
     raw = copy.deepcopy(BASE)
     del raw["toy"]
     with pytest.raises(ConfigError, match=r"toy: Field required"):
-        parse_params(raw)
+        Params.parse(raw)
 
 
 # Fields whose default is not a setting of params.yaml: "inherit" markers and derived values.
 DEFAULT_ALLOWED = {
     ("StageTaskOverride", "retries"), ("StageTaskOverride", "retry_delay_s"), ("StageTaskOverride", "timeout_s"),
-    ("Params", "variants"),  # built from train.variants by parse_params
 }
 
 
@@ -195,12 +257,13 @@ def _models(model, seen=None):
 
 def test_config_models_have_no_defaults():
     found = []
-    for model in _models(Params):
+    for model in _models(Params) | _models(FlowParams):
         for name, f in model.model_fields.items():
             if not f.is_required() and (model.__name__, name) not in DEFAULT_ALLOWED:
                 found.append(f"{model.__name__}.{name}")
     assert not found, f"defaults outside params.yaml: {found}"
-    assert {m.__name__ for m in _models(Params)} >= {"ToyParams", "FlowParams", "TrainParams", "VLLMParams"}
+    assert {m.__name__ for m in _models(Params) | _models(FlowParams)} >= {
+        "ToyParams", "FlowParams", "TrainParams", "VLLMParams", "Variant"}
 
 
 def _params_keys(node, out=None):
@@ -228,8 +291,6 @@ def test_no_default_that_params_yaml_sets_is_written_in_code():
     found = []
     for path in sorted([*root.joinpath("pipeline").rglob("*.py"), *root.joinpath("stages").rglob("*.py")]):
         rel = path.relative_to(root).as_posix()
-        if rel == "pipeline/config.py":
-            continue  # checked by test_config_models_have_no_defaults
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             pairs = []
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from repo_utils import PROJECT, copy_repo, make_repo, ran, run, set_param, tiny_params
 from transformers import AutoModelForCausalLM
 
-from pipeline.config import load_params
+from pipeline.settings.params import Params
 
 
 def stages_importing(module: str) -> set[str]:
@@ -68,7 +68,7 @@ def test_dvc_repro_end_to_end_and_reruns(built, repo):
         assert len(lp_w) >= 1 and lp_w["lp_w"].is_finite().all()
         # the exported Hugging Face folder: its card records the variant's settings and its evaluation
         card = ModelCard.load(repo / f"export/models/{v}/README.md").data.to_dict()["dpo_pipeline"]
-        assert card["hyperparameters"] == load_params(repo / "params.yaml").variants[v].settings.model_dump()
+        assert card["hyperparameters"] == Params.load(repo / "params.yaml").train.variants[v].settings.model_dump()
         assert card["losses"][0]["name"] == v and card["evaluation"] == ev
     report = (repo / "reports/main/report.md").read_text()
     assert "| dpo |" in report and "| dpop |" in report and (repo / "reports/main/logprobs.png").is_file()

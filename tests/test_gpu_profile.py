@@ -11,7 +11,7 @@ import pytest
 import yaml
 from repo_utils import repo_params
 
-from pipeline.config import parse_params
+from pipeline.settings.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts/gpu_check.py")
@@ -23,7 +23,7 @@ PROFILE = yaml.safe_load((ROOT / "profiles/gpu.yaml").read_text())
 
 def test_the_gpu_profile_changes_existing_keys_into_valid_params():
     params = gpu_check.apply_profile(repo_params(), PROFILE)
-    cfg = parse_params(params, "params.yaml + profiles/gpu.yaml")
+    cfg = Params.parse(params, "params.yaml + profiles/gpu.yaml")
     assert cfg.policy.eval.backend == cfg.evaluate.generation.backend == "vllm"
     assert cfg.vllm.block_size is None and cfg.vllm.max_num_seqs == 1024 and cfg.prepare.n_test == 512
     assert cfg.train.runtime.nproc == PROFILE["train.runtime.nproc"]

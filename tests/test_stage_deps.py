@@ -103,9 +103,15 @@ def test_cycle_check_sees_a_lazy_cycle(tmp_path):
 
 
 def test_shared_types_and_the_ground_floor_are_leaves():
-    """The modules every layer shares import nothing of the project (config only its model table)."""
+    """The modules every layer shares import nothing of the project; the settings import only settings, the
+    model table and the loss hyperparameter table, and no stage imports the flows or their settings."""
     graph = _import_graph(ROOT)
     for leaf in ("pipeline.paths", "pipeline.judging.types", "pipeline.judging.answers",
                  "pipeline.generation.types", "pipeline.model.builtin"):
         assert graph[leaf] == set(), (leaf, graph[leaf])
-    assert graph["pipeline.config"] == {"pipeline.model.builtin"}
+    allowed = {"pipeline.model.builtin", "pipeline.training.loss_hparams", "pipeline.analysis.toy_settings"}
+    for module, imports in graph.items():
+        if module.startswith("pipeline.settings."):
+            assert all(m.startswith("pipeline.settings") or m in allowed for m in imports), (module, imports)
+    for name, (module, _) in stage_deps.stage_modules(ROOT / "dvc.yaml").items():
+        assert not [f for f in stage_deps.closure(module) if f.startswith("pipeline/flows/")], name

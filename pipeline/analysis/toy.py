@@ -52,7 +52,9 @@ from typing import Any
 import polars as pl
 import torch
 
-from pipeline.config import TOY_REJECTED, ScenarioInit, ToyParams, validate_loss_hparams
+from pipeline.analysis.toy_settings import ScenarioInit, TOY_REJECTED, ToyParams
+
+from pipeline.training.loss_hparams import validate_loss_hparams
 from pipeline.training import losses as L
 
 N_PROMPTS = 4

@@ -390,7 +390,7 @@ def split_prompts(rows: list[dict], n_train: int, n_test: int, n_warmup: int, se
 
 # --------------------------------------------------------------------------------------------- stage helpers
 def collect_prompts(prep: Any) -> tuple[list[dict], list[dict], dict]:
-    """Rows from the source configured in ``prep`` (a :class:`pipeline.config.PrepareParams`).
+    """Rows from the source configured in ``prep`` (a :class:`pipeline.settings.prepare.PrepareParams`).
 
     Returns (unique rows, quarantine records, counts) with counts ``rows_read`` and
     ``duplicates_removed``.

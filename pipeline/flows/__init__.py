@@ -25,7 +25,7 @@ Underneath, without Prefect: :mod:`.dvc_process` (DVC subprocesses), :mod:`.dag`
 :mod:`.experiments` (overrides, ``dvc exp``), :mod:`.tables` (metric tables); :mod:`.tasks` holds the
 Prefect tasks the flows share, :mod:`.cli` the command line (``python -m pipeline.flows``).
 
-Settings come from the ``flows:`` section of params.yaml (:class:`pipeline.config.FlowParams`). No
+Settings come from the ``flows:`` section of params.yaml (:class:`pipeline.flows.settings.FlowParams`). No
 Prefect server is needed locally: ``python -m pipeline.flows run`` starts a temporary one
 (:func:`start_temporary_server`, :mod:`.server`: one process at a time per ``PREFECT_HOME``, so flows
 started side by side do not race on its SQLite database; call it first when you start flows from your

@@ -9,7 +9,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from pipeline.config import load_flow_params
+from pipeline.flows.settings import load_flow_params
 from pipeline.flows.dag import segments, stage_order
 from pipeline.flows.tasks import flow_run_name
 

@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 
-from pipeline.config import group_of
+from pipeline.flows.settings import group_of
 from pipeline.flows.dvc_process import dvc_output
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from pipeline.config import DEFAULT_PARAMS as PARAMS_FILE
+from pipeline.settings.base import DEFAULT_PARAMS as PARAMS_FILE
 from pipeline.flows.dvc_process import (
     TIMED_OUT,
     DvcRun,

@@ -14,7 +14,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipeline import paths
-from pipeline.config import DEFAULT_PARAMS, load_flow_params
+from pipeline.flows.settings import load_flow_params
+from pipeline.settings.base import DEFAULT_PARAMS
 from pipeline.flows.dag import stage_order
 from pipeline.flows.experiments import apply_overrides, exp_save
 from pipeline.flows.tables import markdown_table

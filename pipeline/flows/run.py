@@ -12,7 +12,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from pipeline.config import DEFAULT_PARAMS, load_flow_params
+from pipeline.flows.settings import load_flow_params
+
+from pipeline.settings.base import DEFAULT_PARAMS
 from pipeline.flows.dag import stage_order
 from pipeline.flows.experiments import apply_overrides, exp_save, override_args
 from pipeline.flows.tasks import (

@@ -13,7 +13,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from pipeline import paths
-from pipeline.config import group_of, load_flow_params, merged, parse_flow_params
+from pipeline.flows.settings import group_of, load_flow_params, parse_flow_params
+from pipeline.settings.base import merged
 from pipeline.flows.dag import stage_graph
 from pipeline.flows.experiments import experiments
 from pipeline.flows.tasks import flow_run_name, run_experiments

@@ -14,7 +14,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from pipeline import paths
-from pipeline.config import StudyParams, group_of, load_flow_params, load_params, merged, parse_flow_params
+from pipeline.flows.settings import StudyParams, group_of, load_flow_params, parse_flow_params
+from pipeline.settings.base import merged
+from pipeline.settings.params import Params
 from pipeline.flows.dag import stage_graph
 from pipeline.flows.experiments import experiments
 from pipeline.flows.tasks import flow_run_name, run_experiments
@@ -73,10 +75,10 @@ def trained_changes(root: Path, rev: str, variant: str, distances: pl.DataFrame)
 
 def loss_roles(root: Path, variants: list[str]) -> dict[str, str]:
     """Which of ``variants`` trains with the plain dpo loss and which with dpop (the claims' subjects)."""
-    cfg = load_params(root / "params.yaml")
+    cfg = Params.load(root / "params.yaml")
     roles: dict[str, str] = {}
     for v in variants:
-        terms = cfg.variants[v].losses
+        terms = cfg.train.variants[v].losses
         if len(terms) == 1 and terms[0].name in ("dpo", "dpop"):
             roles.setdefault(terms[0].name, v)
     return roles
@@ -142,7 +144,7 @@ def study_flow(seeds: list[int] | None = None, variants: list[str] | None = None
                                  trained_changes(root, rev, v, distances)))
     if not runs:
         raise RuntimeError(f"study {prefix}: all {len(names)} experiments failed: {', '.join(failed)}")
-    cfg = load_params(root / "params.yaml")
+    cfg = Params.load(root / "params.yaml")
     s = StatSettings.from_params(cfg.report)
     command = study_command(st)
     markdown, record = study_report(runs, loss_roles(root, st.variants), s, f"Study `{prefix}`", command)

@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from pipeline.config import SweepParams, load_flow_params
+from pipeline.flows.settings import SweepParams, load_flow_params
 from pipeline.flows.dag import expand_targets, stage_graph
 from pipeline.flows.experiments import experiments, grid_points, select_metrics
 from pipeline.flows.tables import markdown_table, short_metric

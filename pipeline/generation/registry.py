@@ -31,9 +31,9 @@ def get_sampler(backend: str, model_path: str, **kwargs) -> Sampler:
 def sampler_for(backend: str, model_path: str, *, dtype: str, batch_size: int, vllm,
                 model_id: str | None = None) -> Sampler:
     """The sampler a stage asks for in params: transformers (``batch_size``) or vLLM (``vllm``: the
-    params' ``vllm`` section, a :class:`pipeline.config.VLLMParams`; unused by transformers)."""
+    params' ``vllm`` section, a :class:`pipeline.settings.sampling.VLLMParams`; unused by transformers)."""
     if backend == "vllm":
         if vllm is None:
             raise ValueError("backend vllm needs the engine settings of params.yaml's `vllm` section")
-        return get_sampler("vllm", model_path, dtype=dtype, model_id=model_id, **vllm.sampler_kwargs())
+        return get_sampler("vllm", model_path, dtype=dtype, model_id=model_id, **vllm.model_dump())
     return get_sampler(backend, model_path, dtype=dtype, batch_size=batch_size, model_id=model_id)

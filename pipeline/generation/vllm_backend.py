@@ -351,7 +351,7 @@ def assemble(parts: Sequence[range], results: dict[int, list]) -> list:
 class VLLMSampler:
     """:class:`~pipeline.generation.types.Sampler` on one in-process engine or a pool of data-parallel engines.
 
-    The engine settings are the ``vllm`` section of params.yaml (``VLLMParams.sampler_kwargs()``) and
+    The engine settings are the ``vllm`` section of params.yaml (``VLLMParams``) and
     ``policy.dtype``; none has a default here."""
 
     def __init__(self, model_path: str, *, dtype: str, tensor_parallel_size: int, data_parallel_size: int,

@@ -14,7 +14,7 @@ from pipeline.judging.rule import RuleVerifier
 from pipeline.judging.types import Judge
 
 if TYPE_CHECKING:
-    from pipeline.config import LLMJudgeParams
+    from pipeline.settings.judge import LLMJudgeParams
 
 BACKENDS = ("rule", "llm")
 

@@ -1,6 +1,6 @@
 """Models that ship offline inside a PyPI package (no hub download), by name.
 
-A leaf module (no imports): :mod:`pipeline.config` checks model names against it without loading
+A leaf module (no imports): :mod:`pipeline.settings.policy` checks model names against it without loading
 torch, and :mod:`pipeline.model.loading` converts them.
 """
 

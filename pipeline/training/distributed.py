@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from pipeline.config import RuntimeParams
+    from pipeline.settings.train import RuntimeParams
 
 
 @dataclass(frozen=True)

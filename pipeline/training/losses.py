@@ -7,7 +7,7 @@ Every loss here takes 1-D float tensors of shape ``[B]``:
 - ``len_w``, ``len_l``: response lengths in tokens (only the losses that normalise by length).
 
 and returns the PER-PAIR loss (shape ``[B]``); the batch loss is its mean. Write
-``Δw = lp_w − ref_w`` and ``Δl = lp_l − ref_l``. The formulas follow ``shared/REFERENCE.md``.
+``Δw = lp_w − ref_w`` and ``Δl = lp_l − ref_l``. The formulas and their papers are listed in ``docs/losses.md``.
 
 Public API: :data:`LOSSES` (the registry), :data:`LOSS_NAMES`, :func:`preference_loss`,
 :func:`combined_loss`, :func:`validate_hparams`, :func:`needs_reference`, :func:`needs_lengths`
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch.nn.functional import logsigmoid
 from torch import Tensor
 
-from pipeline.config import LOSS_HPARAMS, LOSS_NAMES, LossConfigError
-from pipeline.config import validate_loss_hparams as validate_hparams
+from pipeline.training.loss_hparams import LOSS_HPARAMS, LOSS_NAMES, LossConfigError
+from pipeline.training.loss_hparams import validate_loss_hparams as validate_hparams
 
 __all__ = [
     "LOSSES",
@@ -47,7 +47,7 @@ def dpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, le
 
     Rafailov et al. 2023, "Direct Preference Optimization", arXiv 2305.18290.
     """
-    return -F.logsigmoid(beta * ((lp_w - ref_w) - (lp_l - ref_l)))
+    return -logsigmoid(beta * ((lp_w - ref_w) - (lp_l - ref_l)))
 
 
 def cdpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *,
@@ -57,7 +57,7 @@ def cdpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, l
     Mitchell 2023, "A note on DPO with noisy preferences" (cDPO, a technical note); ε = 0 is DPO.
     """
     z = beta * ((lp_w - ref_w) - (lp_l - ref_l))
-    return -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return -(1.0 - label_smoothing) * logsigmoid(z) - label_smoothing * logsigmoid(-z)
 
 
 def dpop(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *,
@@ -68,7 +68,7 @@ def dpop(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, l
     (arXiv 2402.13228). The penalty is exactly zero while ``lp_w ≥ ref_w``; the paper uses λ ∈ {5, 50, 500}.
     """
     penalty = torch.clamp(ref_w - lp_w, min=0.0)
-    return -F.logsigmoid(beta * ((lp_w - ref_w) - (lp_l - ref_l) - dpop_lambda * penalty))
+    return -logsigmoid(beta * ((lp_w - ref_w) - (lp_l - ref_l) - dpop_lambda * penalty))
 
 
 def ipo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *,
@@ -99,7 +99,7 @@ def flex_dpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=Non
     Yan et al. 2024, "3D-Properties: Identifying Challenges in DPO and Charting a Path Forward", arXiv 2406.07327,
     §3.3 and §B.2.1; β_w = β_l = β is DPO.
     """
-    return -F.logsigmoid(beta_w * (lp_w - ref_w) - beta_l * (lp_l - ref_l))
+    return -logsigmoid(beta_w * (lp_w - ref_w) - beta_l * (lp_l - ref_l))
 
 
 def dpo_sft(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w: Tensor | None = None,
@@ -119,7 +119,7 @@ def gamma_dpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=No
 
     Kyunghyun Cho, "Continued musing on DPO" (blog post, 2024): γ = β is DPO, γ = 0 ignores the reference.
     """
-    return -F.logsigmoid(beta * (lp_w - lp_l) - gamma * (ref_w - ref_l))
+    return -logsigmoid(beta * (lp_w - lp_l) - gamma * (ref_w - ref_l))
 
 
 def hinge(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *,
@@ -140,7 +140,7 @@ def simpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor | None = None, ref_l: Tensor
     arXiv 2405.14734.
     """
     _need_lengths("simpo", len_w, len_l)
-    return -F.logsigmoid(beta * (lp_w / len_w - lp_l / len_l) - margin)
+    return -logsigmoid(beta * (lp_w / len_w - lp_l / len_l) - margin)
 
 
 def _need_lengths(name: str, len_w: Any, len_l: Any) -> None:
@@ -165,7 +165,7 @@ class LossSpec:
 
 
 def _spec(fn: Callable[..., Tensor], uses_reference: bool = True, uses_lengths: bool = False) -> LossSpec:
-    # The hyperparameters and their ranges are typed configuration (pipeline.config.LOSS_HPARAMS),
+    # The hyperparameters and their ranges are typed configuration (pipeline.training.loss_hparams),
     # validated when params.yaml is loaded; a test checks they match each function's keywords.
     return LossSpec(fn, LOSS_HPARAMS[fn.__name__], uses_reference, uses_lengths)
 

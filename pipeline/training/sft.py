@@ -12,7 +12,7 @@ from pipeline.model.logprobs import autocast, collate, sequence_logprobs
 from pipeline.training.batching import step_batches
 
 if TYPE_CHECKING:
-    from pipeline.config import WarmupParams
+    from pipeline.settings.policy import WarmupParams
 
 SFT_MAX_GRAD_NORM = 1.0
 

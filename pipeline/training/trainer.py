@@ -36,7 +36,7 @@ from pipeline.training import distributed as D
 from pipeline.training import losses
 
 if TYPE_CHECKING:
-    from pipeline.config import TrainSettings
+    from pipeline.settings.train import TrainSettings
 
 log = logging.getLogger("pipeline.training.trainer")
 
@@ -462,7 +462,7 @@ def train_preference(model, examples: Sequence[PairExample], terms, settings: Tr
                      checkpoint: Checkpointing | None = None) -> list[dict[str, float]]:
     """Train ``model`` in place on ``examples`` with the weighted loss ``terms``; return the history.
 
-    ``settings`` is the variant's :class:`~pipeline.config.TrainSettings` (``tail: drop`` drops each
+    ``settings`` is the variant's :class:`~pipeline.settings.train.TrainSettings` (``tail: drop`` drops each
     epoch's short last batch). ``buckets`` (one label per example) adds the per-bucket share of the
     step's pairs pushed below the reference. ``fixed`` (fixed sets of pairs) and ``probe`` (probe prompts,
     with ``tokenizer``) are scored before the first update, every K steps and after the last step, into

@@ -21,7 +21,7 @@ from pipeline.analysis.toy import (
     sft,
     target_distribution,
 )
-from pipeline.config import ToyParams
+from pipeline.analysis.toy_settings import ToyParams
 from pipeline.training import losses as L
 
 CLAIM_LOSSES = ("dpo", "dpop", "dpo_sft", "ipo")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from repo_utils import repo_params, run
 
-from pipeline.config import merged
+from pipeline.settings.base import merged
 
 
 def project_flows(overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import parse_flow_params
+from pipeline.flows.settings import parse_flow_params
 from pipeline.flows import dag
 
 

@@ -28,7 +28,7 @@ def test_study_points():
 
 
 def test_study_command_runs_the_same_study_again():
-    from pipeline.config import parse_flow_params
+    from pipeline.flows.settings import parse_flow_params
     from pipeline.flows.cli import parser
     from pipeline.flows.study import study_command
 
@@ -42,11 +42,12 @@ def test_study_command_runs_the_same_study_again():
 
 
 def test_study_settings_are_validated_with_the_key_named():
-    from pipeline.config import FlowParamsError, merged, parse_flow_params
+    from pipeline.flows.settings import FlowParamsError, parse_flow_params
+    from pipeline.settings.base import merged
 
     flows = repo_params()["flows"]
     assert parse_flow_params(flows).study.seeds == flows["study"]["seeds"]
-    with pytest.raises(FlowParamsError, match=r"flows\.study\.scenarios: .*unknown scenario\(s\) \[5\]"):
+    with pytest.raises(FlowParamsError, match=r"flows\.study\.scenarios\.1: Input should be 1, 2, 3 or 4 \(got 5\)"):
         parse_flow_params(merged(flows, {"study": {"scenarios": [1, 5]}}))
     with pytest.raises(FlowParamsError, match=r"flows\.study\.seeds: .*1 listed more than once"):
         parse_flow_params(merged(flows, {"study": {"seeds": [0, 1, 1]}}))

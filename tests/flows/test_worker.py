@@ -25,7 +25,7 @@ import yaml
 from flows.prefect_stack import PrefectStack, kill_tree
 from repo_utils import PROJECT, make_repo, repo_params, run, tiny_params
 
-from pipeline.config import merged
+from pipeline.settings.base import merged
 
 pytestmark = pytest.mark.slow
 

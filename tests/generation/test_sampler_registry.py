@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 from repo_utils import repo_params
 
-from pipeline.config import VLLMParams
+from pipeline.settings.sampling import VLLMParams
 from pipeline.generation import registry
 
 VLLM = repo_params()["vllm"]

@@ -21,7 +21,7 @@ from fake_openai_server import FakeOpenAI
 from repo_utils import PROJECT as REPO
 from repo_utils import repo_params
 
-from pipeline.config import LLMJudgeParams
+from pipeline.settings.judge import LLMJudgeParams
 from pipeline.io import write_table
 from pipeline.judging.cache import CACHE_ENV, JudgeCache, cache_key
 from pipeline.judging.llm.client import LLMJudgeError

@@ -5,7 +5,10 @@ import copy
 import pytest
 import repo_utils
 
-from pipeline.config import ConfigError, JudgeParams, LLMJudgeParams, parse_params
+from pipeline.settings.base import ConfigError
+
+from pipeline.settings.judge import JudgeParams, LLMJudgeParams
+from pipeline.settings.params import Params
 from pipeline.judging.registry import get_judge
 from pipeline.judging.rule import RuleVerifier
 
@@ -25,7 +28,7 @@ def test_config_defaults_and_key_never_echoed(repo_params):
     raw["judge"].update(backend="llm")
     raw["judge"]["llm"].update(api_key_env=KEY)
     with pytest.raises(ConfigError) as e:
-        parse_params(raw)
+        Params.parse(raw)
     assert "api_key_env" in str(e.value) and KEY not in str(e.value)
 
 

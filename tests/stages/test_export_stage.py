@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import ModelCard
 from repo_utils import write_params
 
-from pipeline.config import load_params
+from pipeline.settings.params import Params
 from pipeline.io import read_json
 from pipeline.model import card as C
 
@@ -44,8 +44,8 @@ def test_trained_and_exported_model_cards(trained):
 
     from pipeline.paths import export_dir
 
-    cfg = load_params("params.yaml")
-    variant = cfg.variants["dpo"]
+    cfg = Params.load("params.yaml")
+    variant = cfg.train.variants["dpo"]
     model, exported = Path("models/dpo"), Path(export_dir("dpo"))
 
     # models/dpo: the training card

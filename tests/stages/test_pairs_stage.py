@@ -13,7 +13,8 @@ import pytest
 import yaml
 from repo_utils import repo_params, write_params
 
-from pipeline.config import ConfigError, parse_params
+from pipeline.settings.base import ConfigError
+from pipeline.settings.params import Params
 from pipeline.data.trl_format import PairsFileError
 from pipeline.io import read_json, read_table, write_table
 from pipeline.model import loading
@@ -151,11 +152,11 @@ def test_a_users_file_bad_rows_fail_or_are_quarantined(judged):
 
 
 def test_pairs_inputs_must_follow_the_source(judged):
-    parse_params(repo_params({"pairs": import_params("mine.jsonl")}))
-    with pytest.raises(ConfigError, match=r"pairs.inputs: Value error, must be \['mine.jsonl', 'mine.jsonl', 'mi"):
-        parse_params(repo_params({"pairs": {"source": "mine.jsonl"}}))
+    Params.parse(repo_params({"pairs": import_params("mine.jsonl")}))
+    with pytest.raises(ConfigError, match=r"pairs.inputs: must be \['mine.jsonl', 'mine.jsonl', 'mi"):
+        Params.parse(repo_params({"pairs": {"source": "mine.jsonl"}}))
     with pytest.raises(ConfigError, match=r"pairs.inputs: List should have at least 3 items"):
-        parse_params(repo_params({"pairs": {**import_params("mine.jsonl"), "inputs": ["mine.jsonl"] * 2}}))
+        Params.parse(repo_params({"pairs": {**import_params("mine.jsonl"), "inputs": ["mine.jsonl"] * 2}}))
     # judged: the stage checks them (the paths of other stages' outputs) before any work
     with pytest.raises(ValueError, match=r"pairs.inputs: must be \['data/candidates.parquet', "):
         run_pairs(judged, inputs=["mine.jsonl"] * 3)

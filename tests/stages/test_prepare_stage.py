@@ -25,11 +25,8 @@ def write_jsonl(path, objs):
 # --------------------------------------------------------------------------------------------- stage
 @pytest.fixture
 def stage(monkeypatch, tmp_path):
-    import pipeline.config as config
     from stages import prepare
 
-    # the policy model check is not prepare's concern (and would import torch)
-    monkeypatch.setattr(config, "_check_model", lambda *a, **k: None)
     monkeypatch.chdir(tmp_path)
     return prepare
 

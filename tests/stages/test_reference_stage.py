@@ -9,7 +9,7 @@ import shutil
 
 import polars as pl
 
-from pipeline.config import load_params
+from pipeline.settings.params import Params
 from pipeline.io import read_table, write_table
 from pipeline.model import loading
 from pipeline.training.trainer import PairExample, train_preference
@@ -23,7 +23,7 @@ def test_reference_stage_scores_at_trainings_precision(workspace):
 
     reference.main(["--params", "params.yaml"])
     assert json.loads((workspace / "metrics/reference.json").read_text())["bf16_autocast"] is True
-    cfg = load_params("params.yaml")
+    cfg = Params.load("params.yaml")
     assert cfg.train.bf16
     ref = read_table("data/reference.parquet", "reference")
     data = read_table("data/pairs.parquet", "pairs").filter(pl.col("split") == "train").join(ref, on="pair_id")
@@ -33,8 +33,8 @@ def test_reference_stage_scores_at_trainings_precision(workspace):
     tok = loading.load_tokenizer("models/policy")
     # The stage's settings, bf16 autocast included, with a tolerance for the tiny model's small logits:
     # <= 3e-5 nats between two bf16 computations, 2e-3 to 1e-2 between bf16 and fp32.
-    s = cfg.variants["dpo"].settings.model_copy(update={"ref_check_tol": TINY_TOL})
-    hist = train_preference(model, ex, cfg.variants["dpo"].losses, s, pad_id=tok.pad_token_id, progress=None)
+    s = cfg.train.variants["dpo"].settings.model_copy(update={"ref_check_tol": TINY_TOL})
+    hist = train_preference(model, ex, cfg.train.variants["dpo"].losses, s, pad_id=tok.pad_token_id, progress=None)
     assert hist[0]["ref_gap_max"] <= TINY_TOL <= cfg.train.ref_check_tol
 
 
@@ -60,7 +60,7 @@ def test_train_stage_records_the_first_step_check(workspace):
     reference.main(["--params", "params.yaml"])
     train.main(["--params", "params.yaml", "--variant", "dpo"])
     metrics = json.loads((workspace / "dvclive/train/dpo/metrics.json").read_text())
-    check, tol = metrics["ref_check"], load_params("params.yaml").train.ref_check_tol
+    check, tol = metrics["ref_check"], Params.load("params.yaml").train.ref_check_tol
     assert check["tol"] == tol and check["passed"] is True
     assert 0 <= check["gap_mean"] <= check["gap_max"] <= TINY_TOL
 
@@ -98,7 +98,7 @@ def test_evaluate_reuses_the_training_stages_last_held_out_scoring(workspace, mo
     want = curves.filter((pl.col("step") == last) & (pl.col("set") == "heldout")).sort("pair_id")
     assert table["lp_w"].to_list() == want["lp_w"].to_list()
     # an independent forward pass on the saved model gives the same numbers (the saved model is the scored one)
-    cfg = load_params("params.yaml")
+    cfg = Params.load("params.yaml")
     pairs = read_table("data/pairs.parquet", "pairs").filter(pl.col("split") == "heldout").sort("pair_id")
     model = loading.load_model("models/dpo", "float32").eval()
     lw, ll, _, _ = pair_logprobs(model, pairs, loading.load_tokenizer("models/dpo").pad_token_id, 4,

@@ -8,7 +8,7 @@ import importlib
 import pytest
 from repo_utils import repo_params, write_params
 
-from pipeline.config import ConfigError
+from pipeline.settings.base import ConfigError
 
 
 @pytest.mark.parametrize("stage", ["train", "evaluate", "export"])

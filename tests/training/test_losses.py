@@ -348,11 +348,11 @@ def test_combined_loss_errors():
 
 
 def test_registry_matches_the_typed_config():
-    """One registry: every loss of pipeline.config.LOSS_HPARAMS has a function whose keyword-only
+    """One registry: every loss of pipeline.training.loss_hparams.LOSS_HPARAMS has a function whose keyword-only
     arguments are exactly its hyperparameters, a docstring with the formula's paper, and no other loss."""
     import inspect
 
-    from pipeline.config import LOSS_HPARAMS, LOSS_NAMES
+    from pipeline.training.loss_hparams import LOSS_HPARAMS, LOSS_NAMES
     from pipeline.training.losses import LOSSES
 
     assert tuple(LOSSES) == LOSS_NAMES == tuple(LOSS_HPARAMS)

@@ -9,7 +9,9 @@ import pytest
 import torch
 from repo_utils import repo_params
 
-from pipeline.config import TrainSettings, WarmupParams
+from pipeline.settings.policy import WarmupParams
+
+from pipeline.settings.train import TrainSettings
 from pipeline.model import loading
 from pipeline.model import logprobs as LP
 from pipeline.model.logprobs import batched_logprobs, encode_prompt, encode_response, pair_logprobs

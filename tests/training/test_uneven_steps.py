@@ -18,7 +18,7 @@ import pytest
 import torch
 from repo_utils import repo_params
 
-from pipeline.config import TrainSettings
+from pipeline.settings.train import TrainSettings
 from pipeline.model import loading
 from pipeline.model.logprobs import batched_logprobs, encode_prompt, encode_response
 from pipeline.training.trainer import PairExample, train_preference

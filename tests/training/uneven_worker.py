@@ -29,7 +29,7 @@ import tqdm.auto  # noqa: F401
 import transformers.models.llama.modeling_llama  # noqa: F401
 from transformers import AutoModelForCausalLM  # noqa: F401
 
-from pipeline.config import RuntimeParams
+from pipeline.settings.train import RuntimeParams
 from pipeline.model import loading
 from pipeline.training import distributed as D
 from pipeline.training.trainer import train_preference

@@ -1,7 +1,7 @@
 """LLM judge: best/worst selection by a strong model behind any OpenAI-compatible endpoint.
 
 Selected with ``judge.backend: llm`` (:func:`pipeline.judging.registry.get_judge`); settings in
-``judge.llm`` (:class:`pipeline.config.LLMJudgeParams`). Modules, by job:
+``judge.llm`` (:class:`pipeline.settings.judge.LLMJudgeParams`). Modules, by job:
 
 - :mod:`.templates`: the prompts (the rubric) and their version and hash, part of every cache key;
 - :mod:`.parsing`: strict parsing of the judge's answers and the JSON schemas requested;

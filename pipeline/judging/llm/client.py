@@ -28,7 +28,7 @@ from pipeline.judging.llm.parsing import ParseError, parse_listwise, parse_rubri
 from pipeline.judging.llm.templates import TEMPLATE_VERSION
 
 if TYPE_CHECKING:
-    from pipeline.config import LLMJudgeParams
+    from pipeline.settings.judge import LLMJudgeParams
 
 log = logging.getLogger("pipeline.judging.llm")
 

@@ -34,7 +34,7 @@ from pipeline.judging.types import CandidateView, Group, Score, Verdict
 from pipeline.paths import resolve_cache_dir
 
 if TYPE_CHECKING:
-    from pipeline.config import LLMJudgeParams
+    from pipeline.settings.judge import LLMJudgeParams
 
 log = logging.getLogger("pipeline.judging.llm")
 

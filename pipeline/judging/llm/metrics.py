@@ -14,7 +14,7 @@ from pipeline.judging.types import CandidateView, Group, Verdict
 if TYPE_CHECKING:
     import polars as pl
 
-    from pipeline.config import LLMJudgeParams
+    from pipeline.settings.judge import LLMJudgeParams
     from pipeline.judging.llm.client import Stats
 
 log = logging.getLogger("pipeline.judging.llm")

@@ -1,0 +1,85 @@
+"""The ``judge:`` section: the rule-based verifier or an LLM judge behind an OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from typing_extensions import Self
+
+from pipeline.settings.base import ConfigError, StageParams, Strict
+from pipeline.settings.pairs import PairsParams
+
+
+class JudgePrice(Strict):
+    """US dollars per 1,000 tokens; only used for the estimated cost in metrics and the dry run."""
+
+    input_per_1k: float = Field(ge=0)
+    output_per_1k: float = Field(ge=0)
+
+
+class LLMJudgeParams(Strict):
+    """An LLM judge behind any OpenAI-compatible Chat Completions endpoint (see pipeline/judging/llm/)."""
+
+    # rubric: every candidate scored 1-5 on its own; listwise: the N candidates shown together (in a
+    # seeded shuffled order), the judge names the best and the worst.
+    mode: Literal["rubric", "listwise"]
+    model: str
+    base_url: str | None  # None: OpenAI; e.g. http://localhost:8000/v1 for a vLLM server
+    # The NAME of the environment variable that holds the key, never the key; null: no key (a local
+    # server without auth).
+    api_key_env: str | None
+    show_reference: bool  # show the gold final answer to the judge
+    temperature: float = Field(ge=0, le=2)
+    max_tokens: int = Field(ge=1)
+    timeout_s: float = Field(gt=0)  # per HTTP attempt; a timeout is retried by the client
+    max_in_flight: int = Field(ge=1)  # concurrent requests
+    max_retries: int = Field(ge=0)  # client retries on 408/409/429/5xx/timeouts (backoff, jitter, Retry-After)
+    max_parse_retries: int = Field(ge=0)  # extra requests after a malformed answer, then a failure
+    # A group with a failed candidate: drop_group (status failed) or ignore_failed (judge the group on
+    # the candidates that got a score; failed if fewer than 2). Listwise failures fail the whole group.
+    on_failure: Literal["drop_group", "ignore_failed"]
+    # Abort (no outputs, answers kept in the cache) when more than this share of requests failed.
+    max_failed_fraction: float = Field(ge=0, le=1)
+    seed: int  # shuffle of the candidate order shown to the judge (listwise)
+    structured_output: bool  # ask for a JSON schema; falls back to plain text if the server refuses
+    prices: dict[str, JudgePrice]  # model -> price
+    # Answer cache, outside every DVC output so that `dvc repro` never deletes it. A relative path is
+    # taken from the repository root (also from a `dvc exp run --temp`/queue workspace under
+    # .dvc/tmp/exps, which is resolved back to the main repository); the environment variable
+    # DPO_JUDGE_CACHE, or an absolute path here, overrides it.
+    cache_dir: str
+    dry_run: bool  # print the number of requests and estimated tokens, send nothing
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_env_is_a_name(cls, data: Any) -> Any:
+        # Checked on the whole mapping so that a pasted key is never echoed in the error message.
+        name = data.get("api_key_env") if isinstance(data, dict) else None
+        if name is not None and not (isinstance(name, str) and name.isascii() and name.isidentifier()
+                                     and len(name) <= 128):
+            raise ValueError("api_key_env must be the name of an environment variable (e.g. OPENAI_API_KEY), "
+                             "not the key itself")
+        return data
+
+
+class JudgeParams(Strict):
+    backend: Literal["rule", "llm"]
+    # Minimum score gap between best and worst; groups below it count as ties and are dropped.
+    min_gap: float = Field(gt=0)
+    llm: LLMJudgeParams
+
+
+class JudgedPairs(StageParams):
+    """The pairs and the judge that scores their candidates, which must agree on the scenario."""
+
+    pairs: PairsParams
+    judge: JudgeParams
+
+    @model_validator(mode="after")
+    def _scenario_has_scores(self) -> Self:
+        if self.pairs.scenario == 3 and self.judge.backend == "llm" and self.judge.llm.mode == "listwise":
+            raise ConfigError("pairs.scenario: scenario 3 compares the policy's best with the other model's worst "
+                              "across two judged groups, which needs absolute scores: use judge.backend rule or "
+                              "judge.llm.mode rubric")
+        return self
