@@ -188,8 +188,9 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
 {% for k, v in r.training.last_step.items() -%}
 | {{ k }} | {{ g(v) }} |
 {% endfor %}
-First-step check against the reference: largest |lp − ref| {{ g(r.training.ref_check.gap_max) }} nats
-(tolerance {{ r.training.ref_check.tol }}, {{ "passed" if r.training.ref_check.passed else "failed" }}).
+First-step check against the reference: mean |lp − ref| {{ g(r.training.ref_check.gap_mean) }} nats per
+sequence (tolerance {{ r.training.ref_check.tol }}, {{ "passed" if r.training.ref_check.passed else "failed" }};
+largest {{ g(r.training.ref_check.gap_max) }}).
 
 ## Evaluation
 

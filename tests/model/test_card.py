@@ -11,7 +11,7 @@ import pytest
 from huggingface_hub import ModelCard
 from repo_utils import repo_params
 
-from pipeline.config import parse_params
+from pipeline.settings.params import Params
 from pipeline.model import card as C
 from pipeline.training.losses import LOSSES
 
@@ -36,7 +36,7 @@ def variant():
     raw = repo_params({"train": {"variants": {"mix": {
         "lr": 3.0e-4, "loss": [{"name": "dpop", "weight": 1.0, "beta": 0.2, "dpop_lambda": 5.0},
                                {"name": "simpo", "weight": 0.5, "beta": 2.0, "margin": 1.0}]}}}})
-    return parse_params(raw).variants["mix"]
+    return Params.parse(raw).train.variants["mix"]
 
 
 @pytest.fixture
@@ -67,6 +67,8 @@ def test_training_card_parses_with_the_loss_and_resolved_hyperparameters(trained
     # and the body shows them to a reader
     assert "## Loss" in card.text and "Smaug" in card.text and "| lr | 0.0003 |" in card.text
     assert "Not evaluated in this folder" in card.text
+    # the first-step check is stated on the figure that decides it: the mean gap, against its tolerance
+    assert "mean |lp − ref| 4e-06 nats per\nsequence (tolerance 0.1, passed; largest 1.5e-05)" in card.text
 
 
 def test_data_fingerprint_hashes_the_files_and_changes_with_the_pairs(tmp_path):
