@@ -148,7 +148,8 @@ SECTIONS = {
                 "difference of each sequence's summed log-prob, in nats.",
                 ["file", "sampler", "dtype", "candidates", "mean per sequence", "mean per token", "max per sequence"]),
     "trainer": ("Trainer against TRL's DPOTrainer", "The same model trained on the same pairs by each "
-                "configuration; peaks are resident memory while training and for the whole process.",
+                "configuration. Training peak: the training loop's peak resident memory above the loaded "
+                "policy; process peak: the whole process's.",
                 ["file", "machine", "run", "configuration", "tokens/s", "tokens per CPU s", "training peak GiB",
                  "process peak GiB"]),
     "trainer_ratio": ("Trainer ratios", "Ours over the other configuration, within one run of the bench.",
