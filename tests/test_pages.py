@@ -158,7 +158,8 @@ def test_bench_page_has_a_table_per_kind_and_a_row_for_an_unknown_file(tmp_path:
     (folder / "d.json").write_text(json.dumps({"gpus": [], "quick": True, "peak": {"skipped": "no GPU"},
                                                 "nccl": {"passed": False, "world": 2}}))
     md = bench.bench_page(tmp_path)
-    assert "| `a.json` | transformers | 4 × 2, 8 tokens | float32 | batch 8 sequences | 2.0 | 10.0 | 1000 | 100.0 |" in md
+    assert ("| `a.json` | transformers | 4 × 2, 8 tokens | float32 | batch 8 sequences | 2.0 | 10.0 | 1000 | 100.0 |"
+            in md)
     assert "| `a.json` | 4.00 | 3.00 |" in md  # tokens/s ratio as recorded, end to end 12 s / 4 s
     assert "| `a.json` | vllm | float32 | 16 | 0.0100 |" in md
     assert "| `b.json` | a shape this page does not know (top level: `something`) |" in md
@@ -166,3 +167,37 @@ def test_bench_page_has_a_table_per_kind_and_a_row_for_an_unknown_file(tmp_path:
     assert "| `d.json` | no GPU | peak | skipped: no GPU |" in md and "**failed its check**" in md
     assert "Trainer" not in md  # no trainer bench, no trainer table
 
+
+
+DOC_PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+
+
+def test_docs_hold_no_commit_hashes_or_dates():
+    """The docs describe the code as it is: no commit-hash-like tokens, no calendar dates."""
+    hexlike = re.compile(r"(?<![\w/.-])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,12}(?![\w/-])")
+    date = re.compile(r"\b(19|20)\d\d-(0[1-9]|1[0-2])(-\d\d)?\b|\b(January|February|March|April|May|June|July|"
+                      r"August|September|October|November|December) (19|20)\d\d\b")
+    for page in DOC_PAGES:
+        text = page.read_text(encoding="utf-8")
+        assert not hexlike.findall(text), (page.name, hexlike.findall(text))
+        assert not date.search(text), (page.name, date.search(text))
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    heads = [line.lstrip("#").strip() for line in page.read_text(encoding="utf-8").splitlines()
+             if line.startswith("#")]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_docs_links_point_at_files_and_headings_that_exist():
+    """Every relative link of the README and docs/ names a file of the repository, and a heading in it."""
+    link = re.compile(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)")
+    for page in DOC_PAGES:
+        for target, anchor in link.findall(page.read_text(encoding="utf-8")):
+            if target.startswith(("http://", "https://")):
+                continue
+            path = (page.parent / target).resolve() if target else page
+            assert path.is_file(), (page.name, target)
+            if anchor:
+                assert anchor in _anchors(path), (page.name, target, anchor)
