@@ -1,0 +1,188 @@
+"""``reports/bench/README.md``: one table per kind of benchmark, from the JSON files in ``reports/bench/``.
+
+Each benchmark writes one JSON file and says nothing else; this page is the only place its figures are
+written out. A file is recognised by its shape, not its name: a sampling bench (``args`` and per-backend
+``results`` with tokens per second), the trainer bench (``settings``, per-configuration ``results`` and
+``ratios``) or the GPU checks (``gpus`` and one entry per check). Sampling results that re-scored their
+candidates with the training code also fill the log-prob table. A file of any other shape, or one that
+is not JSON, gets a row saying so, so that adding a new kind of benchmark never breaks the page.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.pages.markdown import NA, count, fixed, number, ratio, table
+
+BENCH_DIR = "reports/bench"
+PAGE = f"{BENCH_DIR}/README.md"
+
+
+def kind_of(data: Any) -> str | None:
+    """``sampling``, ``trainer``, ``gpu_check`` or None for a shape this page does not know."""
+    if not isinstance(data, Mapping):
+        return None
+    results = data.get("results")
+    if isinstance(data.get("settings"), Mapping) and isinstance(results, Mapping) and "ratios" in data:
+        return "trainer"
+    if isinstance(data.get("args"), Mapping) and isinstance(results, Mapping) and any(
+            isinstance(r, Mapping) and "tok_per_s" in r for r in results.values()):
+        return "sampling"
+    if isinstance(data.get("gpus"), list) and "quick" in data:
+        return "gpu_check"
+    return None
+
+
+def _backends(data: Mapping) -> list[tuple[str, Mapping]]:
+    return [(name, r) for name, r in data["results"].items() if isinstance(r, Mapping) and "tok_per_s" in r]
+
+
+def _engine(backend: str, args: Mapping, result: Mapping) -> str:
+    if backend != "vllm":
+        return f"batch {count(args.get('batch_size'))} sequences"
+    parts = ["compiled" if args.get("compiled") else "eager",
+             f"max_num_seqs {count(args.get('max_num_seqs')) if args.get('max_num_seqs') else 'default'}"]
+    if result.get("block_size"):
+        parts.append(f"block_size {result['block_size']}")
+    if result.get("ld_preload"):
+        parts.append("preloaded " + " + ".join(Path(str(p)).name for p in result["ld_preload"]))
+    return ", ".join(parts)
+
+
+def sampling_rows(name: str, data: Mapping) -> list[list[str]]:
+    args = data["args"]
+    work = f"{count(args.get('prompts'))} × {count(args.get('n'))}, {count(args.get('max_new_tokens'))} tokens"
+    return [[f"`{name}`", backend, work, str(args.get("dtype", NA)), _engine(backend, args, r),
+             fixed(r.get("startup_s")), fixed(r.get("wall_s")), count(r.get("tokens")), fixed(r.get("tok_per_s")),
+             fixed(r.get("end_to_end_s"))] for backend, r in _backends(data)]
+
+
+def speedup_row(name: str, data: Mapping) -> list[str] | None:
+    """vLLM against transformers in one run of the bench: tokens per second and end to end."""
+    results = data["results"]
+    vllm, hf = results.get("vllm"), results.get("transformers")
+    if not (isinstance(vllm, Mapping) and isinstance(hf, Mapping)):
+        return None
+    return [f"`{name}`", fixed(results.get("ratio_tok_per_s"), 2),
+            fixed(ratio(hf.get("end_to_end_s"), vllm.get("end_to_end_s")), 2)]
+
+
+def logprob_rows(name: str, data: Mapping) -> list[list[str]]:
+    rows = []
+    for backend, r in _backends(data):
+        check = r.get("logprob_check")
+        if isinstance(check, Mapping):
+            rows.append([f"`{name}`", backend, str(check.get("dtype", NA)), count(check.get("n")),
+                         fixed(check.get("mean_abs_diff"), 4), fixed(check.get("mean_abs_diff_per_token"), 5),
+                         fixed(check.get("max_abs_diff"), 3)])
+    return rows
+
+
+def trainer_rows(name: str, data: Mapping) -> list[list[str]]:
+    s, env = data["settings"], data.get("environment") or {}
+    where = (f"{env.get('device', NA)}, {count(env.get('cpu_count'))} CPUs, torch {env.get('torch', NA)}, "
+             f"TRL {env.get('trl', NA)}")
+    shape = (f"{count(s.get('steps'))} steps × {count(s.get('batch_size'))} pairs, "
+             f"max length {count(s.get('max_length'))}")
+    return [[f"`{name}`", where, shape, config, fixed(r.get("tokens_per_s")), fixed(r.get("tokens_per_cpu_s")),
+             fixed(r.get("train_peak_mb"), 2, 1 / 1024), fixed(r.get("abs_peak_mb"), 2, 1 / 1024)]
+            for config, r in data["results"].items() if isinstance(r, Mapping)]
+
+
+def trainer_ratio_rows(name: str, data: Mapping) -> list[list[str]]:
+    ratios = data.get("ratios") if isinstance(data.get("ratios"), Mapping) else {}
+    return [[f"`{name}`", pair, fixed(r.get("tokens_per_s"), 2), fixed(r.get("tokens_per_cpu_s"), 2),
+             fixed(r.get("train_peak_mb"), 2), fixed(r.get("abs_peak_mb"), 2)]
+            for pair, r in ratios.items() if isinstance(r, Mapping)]
+
+
+def _outcome(result: Mapping) -> str:
+    if "skipped" in result:
+        return f"skipped: {result['skipped']}"
+    if "failed" in result:
+        return "failed"
+    if "passed" in result:
+        return "passed" if result["passed"] else "**failed its check**"
+    return "ran"
+
+
+def gpu_check_rows(name: str, data: Mapping) -> list[list[str]]:
+    rows = []
+    for check, result in data.items():
+        if not isinstance(result, Mapping):
+            continue
+        figures = [f"{key} {number(v):.4g}" for key, v in result.items()
+                   if key != "check_s" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        rows.append([f"`{name}`", ", ".join(data.get("gpus") or []) or "no GPU", check, _outcome(result),
+                     "; ".join(figures) or NA])
+    return rows
+
+
+def _read(path: Path) -> tuple[Any, str | None]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except (OSError, ValueError) as e:
+        return None, f"not readable as JSON ({type(e).__name__})"
+
+
+def _unknown(name: str, data: Any, error: str | None) -> list[str]:
+    if error:
+        return [f"`{name}`", error]
+    keys = ", ".join(f"`{k}`" for k in data) if isinstance(data, Mapping) else type(data).__name__
+    return [f"`{name}`", f"a shape this page does not know (top level: {keys or 'empty'})"]
+
+
+SECTIONS = {
+    "sampling": ("Sampling: transformers and vLLM", "Each backend through the pipeline's samplers on the same "
+                 "prompts, in a fresh process per backend; start-up includes loading the model (and vLLM's engine "
+                 "and compilation), generate is the timed generation after a warm-up.",
+                 ["file", "backend", "prompts × n, new tokens", "dtype", "engine", "start-up s", "generate s",
+                  "tokens", "tokens/s", "end to end s"]),
+    "speedup": ("vLLM against transformers", "Within one run of the sampling bench: the ratio of generation "
+                "throughput, and of the whole time including start-up.",
+                ["file", "tokens/s ratio", "end-to-end ratio"]),
+    "logprob": ("Sampler against training log-probs", "Candidates re-scored by the training code: the absolute "
+                "difference of each sequence's summed log-prob, in nats.",
+                ["file", "sampler", "dtype", "candidates", "mean per sequence", "mean per token", "max per sequence"]),
+    "trainer": ("Trainer against TRL's DPOTrainer", "The same model trained on the same pairs by each "
+                "configuration. Training peak: the training loop's peak resident memory above the loaded "
+                "policy; process peak: the whole process's.",
+                ["file", "machine", "run", "configuration", "tokens/s", "tokens per CPU s", "training peak GiB",
+                 "process peak GiB"]),
+    "trainer_ratio": ("Trainer ratios", "Ours over the other configuration, within one run of the bench.",
+                      ["file", "ratio", "tokens/s", "tokens per CPU s", "training peak", "process peak"]),
+    "gpu_check": ("GPU checks", "One row per check of the GPU check script; its numeric figures as recorded.",
+                  ["file", "GPUs", "check", "outcome", "figures"]),
+    "unknown": ("Other files", "Files this page cannot read.", ["file", "why"]),
+}
+
+
+def bench_page(root: Path) -> str:
+    rows: dict[str, list[list[str]]] = {k: [] for k in SECTIONS}
+    for path in sorted((root / BENCH_DIR).glob("*.json")):
+        data, error = _read(path)
+        kind = None if error else kind_of(data)
+        if kind == "sampling":
+            rows["sampling"] += sampling_rows(path.name, data)
+            rows["speedup"] += [r for r in [speedup_row(path.name, data)] if r]
+            rows["logprob"] += logprob_rows(path.name, data)
+        elif kind == "trainer":
+            rows["trainer"] += trainer_rows(path.name, data)
+            rows["trainer_ratio"] += trainer_ratio_rows(path.name, data)
+        elif kind == "gpu_check":
+            rows["gpu_check"] += gpu_check_rows(path.name, data)
+        else:
+            rows["unknown"].append(_unknown(path.name, data, error))
+    lines = ["# Benchmarks", "",
+             "Generated by `python -m pipeline.pages` from the JSON files in this folder; do not edit it by hand. "
+             "Each file is one run of a benchmark, with every setting it ran with: compare figures within one "
+             "file, not across machines or runs. How to run the benchmarks: `docs/development.md`.", ""]
+    if not any(rows.values()):
+        lines += ["No benchmark results yet.", ""]
+    for key, (title, text, header) in SECTIONS.items():
+        if rows[key]:
+            lines += [f"## {title}", "", text, "", *table(header, rows[key]), ""]
+    return "\n".join(lines)
