@@ -13,11 +13,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from pipeline import paths
-from pipeline.flows.settings import group_of, load_flow_params, parse_flow_params
+from pipeline.flows.settings import load_flow_params, parse_flow_params
 from pipeline.settings.base import merged
-from pipeline.flows.dag import stage_graph
 from pipeline.flows.experiments import experiments
-from pipeline.flows.tasks import flow_run_name, run_experiments
+from pipeline.flows.tasks import Schedule, check_evaluate_targets, flow_run_name, run_experiments
 
 
 def scenario_rows(exps: list[dict[str, Any]], names: Mapping[int, str], failed: list[str],
@@ -59,20 +58,14 @@ def scenarios_flow(scenarios: list[int] | None = None, variant: str | None = Non
                            source="scenarios_flow")
     sc = fp.scenarios
     variant = sc.variant
-    targets = [f"evaluate@{variant}"]
-    nodes, _ = stage_graph(root)
-    if targets[0] not in nodes:  # fail early on a typo
-        known = sorted(n.split("@", 1)[1] for n in nodes if group_of(n) == "evaluate" and "@" in n)
-        raise ValueError(f"scenarios_flow: no stage {targets[0]!r}: variant {variant!r} is not in train.variants "
-                         f"(known: {', '.join(known) or 'none'})")
+    targets = check_evaluate_targets(root, [variant], "scenarios_flow")
     prefix = name or f"scenarios-{flow_run_name()}"
     names = {k: f"{prefix}-s{k}" for k in sc.list}
     # scenarios are of judged pairs, whatever pairs.source says (constructed pairs have none)
     points = [{"pairs.source": "judged", "pairs.scenario": k} for k in sc.list]
     logger.info("scenarios %s: %s with %s, %d at a time", prefix, ", ".join(map(str, sc.list)), variant,
                 sc.max_parallel)
-    failed = run_experiments(root, fp, list(names.values()), points, targets, sc.max_parallel, True, sc.retries,
-                             sc.timeout_s)
+    failed = run_experiments(root, fp, dict(zip(names.values(), points)), targets, Schedule.of(sc))
     try:
         exps = experiments(root)
     except RuntimeError as e:

@@ -1,6 +1,6 @@
 """``study_flow``: training seeds × variants × pair sets as DVC experiments, then a report that tells a
 claim from seed noise (``python -m pipeline.flows study``; mean ± sd across seeds, pooled per-pair
-statistics, one row per REFERENCE claim: :mod:`pipeline.analysis.study`)."""
+statistics, one row per claim of docs/losses.md it can judge: :mod:`pipeline.analysis.study`)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from pipeline import paths
-from pipeline.flows.settings import StudyParams, group_of, load_flow_params, parse_flow_params
+from pipeline.flows.experiments import experiments
+from pipeline.flows.settings import FlowParams, StudyParams, load_flow_params, parse_flow_params
+from pipeline.flows.tasks import Schedule, check_evaluate_targets, flow_run_name, run_experiments
 from pipeline.settings.base import merged
 from pipeline.settings.params import Params
-from pipeline.flows.dag import stage_graph
-from pipeline.flows.experiments import experiments
-from pipeline.flows.tasks import flow_run_name, run_experiments
 
 
 def study_points(seeds: list[int], scenarios: list[int], overrides: dict[str, Any],
@@ -73,15 +72,62 @@ def trained_changes(root: Path, rev: str, variant: str, distances: pl.DataFrame)
     return trained_pair_changes(fixed, distances)
 
 
-def loss_roles(root: Path, variants: list[str]) -> dict[str, str]:
+def loss_roles(cfg: Params, variants: list[str]) -> dict[str, str]:
     """Which of ``variants`` trains with the plain dpo loss and which with dpop (the claims' subjects)."""
-    cfg = Params.load(root / "params.yaml")
     roles: dict[str, str] = {}
     for v in variants:
         terms = cfg.train.variants[v].losses
         if len(terms) == 1 and terms[0].name in ("dpo", "dpop"):
             roles.setdefault(terms[0].name, v)
     return roles
+
+
+def study_settings(root: Path, changes: dict[str, Any], overrides: dict[str, Any] | None) -> tuple[FlowParams,
+                                                                                                   StudyParams]:
+    """``flows`` of params.yaml with the flow's arguments over ``flows.study``, validated together."""
+    fp = parse_flow_params(merged(load_flow_params(root).model_dump(), {"study": changes}), source="study_flow")
+    st = fp.study if overrides is None else fp.study.model_copy(update={"overrides": dict(overrides)})
+    return fp, st
+
+
+def named_points(prefix: str, st: StudyParams) -> dict[str, tuple[str, int, dict[str, Any]]]:
+    """Experiment name -> (pair set, seed, params) of each experiment of the study."""
+    points = study_points(st.seeds, st.scenarios, st.overrides, st.sample_seed)
+    return {f"{prefix}-{'d' if ps == 'default' else 's' + ps.split()[-1]}-seed{seed}": (ps, seed, point)
+            for ps, seed, point in points}
+
+
+def read_runs(root: Path, points: dict[str, tuple[str, int, dict[str, Any]]], skip: list[str],
+              variants: list[str], all_commits: bool) -> list:
+    """Every variant's held-out pairs and answers of each recorded experiment, read back from DVC's cache."""
+    from pipeline.analysis.study import StudyRun
+
+    revs = {e["name"]: e["rev"] for e in experiments(root, all_commits=all_commits)}
+    runs: list[StudyRun] = []
+    for exp, (pair_set, seed, _) in points.items():
+        if exp in skip or exp not in revs:
+            continue
+        rev = revs[exp]
+        before = read_experiment_table(root, rev, paths.POLICY_GENERATIONS, "generations")
+        distances = read_experiment_table(root, rev, paths.PAIRS, None, ["pair_id", "edit_distance_norm"])
+        for v in variants:
+            runs.append(StudyRun(exp, pair_set, seed, v, read_experiment_table(root, rev, paths.eval_table(v), "pair_eval"),
+                                 before, read_experiment_table(root, rev, paths.eval_generations(v), "generations"),
+                                 trained_changes(root, rev, v, distances)))
+    return runs
+
+
+def write_study(out: Path, runs: list, markdown: str, summary: dict[str, Any]) -> None:
+    """``per_pair.parquet``, ``summary.json`` and, last, ``report.md``: a reader finds a report only with its
+    figures beside it."""
+    from pipeline.io import write_json, write_table, write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(pl.concat([r.pairs.with_columns(pl.lit(r.experiment).alias("experiment"), pl.lit(r.seed).alias("seed"),
+                                                pl.lit(r.scenario).alias("pair_set")) for r in runs]),
+                out / "per_pair.parquet", "study_pairs")
+    write_json(summary, out / "summary.json")
+    write_text(markdown, out / "report.md")
 
 
 @flow(name="dpo-study")
@@ -97,29 +143,17 @@ def study_flow(seeds: list[int] | None = None, variants: list[str] | None = None
     no experiment runs; the report is rebuilt from the experiments a study of that ``name`` left (those
     missing are reported as such)."""
     from pipeline.analysis.findings import StatSettings
-    from pipeline.analysis.study import StudyRun, study_report
-    from pipeline.io import write_json, write_table, write_text
+    from pipeline.analysis.study import study_report
 
     logger = get_run_logger()
     root = Path(repo).resolve()
-    changes: dict[str, Any] = {}
-    for key, value in (("seeds", seeds), ("variants", variants), ("scenarios", scenarios)):
-        if value is not None:
-            changes[key] = list(value)
-    fp = parse_flow_params(merged(load_flow_params(root).model_dump(), {"study": changes}), source="study_flow")
-    st = fp.study
-    if overrides is not None:
-        st = st.model_copy(update={"overrides": dict(overrides)})
-    nodes, _ = stage_graph(root)
-    targets = [f"evaluate@{v}" for v in st.variants]
-    unknown = [t for t in targets if t not in nodes]
-    if unknown:  # fail before any experiment runs
-        known = sorted(n.split("@", 1)[1] for n in nodes if group_of(n) == "evaluate" and "@" in n)
-        raise ValueError(f"study_flow: no stage {', '.join(unknown)}: not in train.variants (known: "
-                         f"{', '.join(known) or 'none'})")
+    changes = {k: list(v) for k, v in (("seeds", seeds), ("variants", variants), ("scenarios", scenarios))
+               if v is not None}
+    fp, st = study_settings(root, changes, overrides)
+    targets = check_evaluate_targets(root, st.variants, "study_flow")
     prefix = name or f"study-{flow_run_name()}"
-    points = study_points(st.seeds, st.scenarios, st.overrides, st.sample_seed)
-    names = [f"{prefix}-{'d' if ps == 'default' else 's' + ps.split()[-1]}-seed{seed}" for ps, seed, _ in points]
+    points = named_points(prefix, st)
+    names = list(points)
     logger.info("study %s: %d experiments (seeds %s, pair sets %s), variants %s, overrides %s, %d at a time",
                 prefix, len(points), st.seeds, st.scenarios or ["default"], st.variants, st.overrides,
                 st.max_parallel)
@@ -127,38 +161,20 @@ def study_flow(seeds: list[int] | None = None, variants: list[str] | None = None
         have = {e["name"] for e in experiments(root, all_commits=True)}
         failed = [n for n in names if n not in have]
     else:
-        failed = run_experiments(root, fp, names, [p for _, _, p in points], targets, st.max_parallel, True,
-                                 st.retries, st.timeout_s)
-
-    revs = {e["name"]: e["rev"] for e in experiments(root, all_commits=report_only)}
-    runs: list[StudyRun] = []
-    for exp, (pair_set, seed, _) in zip(names, points):
-        if exp in failed or exp not in revs:
-            continue
-        rev = revs[exp]
-        before = read_experiment_table(root, rev, paths.POLICY_GENERATIONS, "generations")
-        distances = read_experiment_table(root, rev, paths.PAIRS, None, ["pair_id", "edit_distance_norm"])
-        for v in st.variants:
-            runs.append(StudyRun(exp, pair_set, seed, v, read_experiment_table(root, rev, paths.eval_table(v), "pair_eval"),
-                                 before, read_experiment_table(root, rev, paths.eval_generations(v), "generations"),
-                                 trained_changes(root, rev, v, distances)))
+        failed = run_experiments(root, fp, {n: p for n, (_, _, p) in points.items()}, targets, Schedule.of(st))
+    runs = read_runs(root, points, failed, st.variants, all_commits=report_only)
     if not runs:
         raise RuntimeError(f"study {prefix}: all {len(names)} experiments failed: {', '.join(failed)}")
     cfg = Params.load(root / "params.yaml")
-    s = StatSettings.from_params(cfg.report)
     command = study_command(st)
-    markdown, record = study_report(runs, loss_roles(root, st.variants), s, f"Study `{prefix}`", command)
+    markdown, record = study_report(runs, loss_roles(cfg, st.variants), StatSettings.from_params(cfg.report),
+                                    f"Study `{prefix}`", command)
     if failed:
         markdown += (f"\n**{len(failed)} of {len(names)} experiments failed or are missing** and are left out: "
                      f"{', '.join(failed)}.\n")
     out = root / st.report
-    out.mkdir(parents=True, exist_ok=True)
-    write_table(pl.concat([r.pairs.with_columns(pl.lit(r.experiment).alias("experiment"), pl.lit(r.seed).alias("seed"),
-                                                pl.lit(r.scenario).alias("pair_set")) for r in runs]),
-                out / "per_pair.parquet", "study_pairs")
-    write_json({**record, "experiments": dict(zip(names, [p for _, _, p in points])), "failed": failed,
-                "command": command}, out / "summary.json")
-    write_text(markdown, out / "report.md")  # last: a reader finds a report only with its figures beside it
+    write_study(out, runs, markdown, {**record, "experiments": {n: p for n, (_, _, p) in points.items()},
+                                      "failed": failed, "command": command})
     create_markdown_artifact(markdown=markdown, key="dpo-study", description=f"study {prefix} ({st.report})")
     logger.info("study report: %s\n%s", out / "report.md", markdown)
     if failed:

@@ -13,7 +13,7 @@ from pipeline.flows.settings import SweepParams, load_flow_params
 from pipeline.flows.dag import expand_targets, stage_graph
 from pipeline.flows.experiments import experiments, grid_points, select_metrics
 from pipeline.flows.tables import markdown_table, short_metric
-from pipeline.flows.tasks import artifact_key, flow_run_name, run_experiments
+from pipeline.flows.tasks import Schedule, artifact_key, flow_run_name, run_experiments
 
 
 @flow(name="dpo-sweep")
@@ -39,7 +39,8 @@ def sweep_flow(grid: dict[str, list[Any]] | None = None, max_parallel: int | Non
     points = grid_points(grid)
     names = [f"{prefix}-{i + 1}" for i in range(len(points))]
     logger.info("sweep %s: %d experiments over %s, %d at a time", prefix, len(points), ", ".join(grid), parallel)
-    failed = run_experiments(root, fp, names, points, targets, parallel, sp.warm_start, sp.retries, sp.timeout_s)
+    schedule = Schedule(parallel, sp.warm_start, sp.retries, sp.timeout_s)
+    failed = run_experiments(root, fp, dict(zip(names, points)), targets, schedule)
 
     by_name = {e["name"]: e for e in experiments(root)}
     rows = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.flows.settings import FlowParams, StageTaskSettings
+from pipeline.flows.settings import FlowParams, StageTaskSettings, group_of
+from pipeline.flows.dag import stage_graph
 from pipeline.flows.dvc_process import StageFailed, repro_stage, run_dvc
 from pipeline.flows.experiments import exp_push, exp_run_temp, override_args, taken_names
 from pipeline.flows.tables import metrics_rows
@@ -73,27 +75,44 @@ def wait_any(futures: list) -> None:
                 return
 
 
-def run_experiments(root: Path, fp: FlowParams, names: list[str], points: list[dict[str, Any]],
-                    targets: list[str], parallel: int, warm_start: bool, retries: int,
-                    timeout_s: float) -> list[str]:
-    """One ``dvc exp run --temp`` task per point, at most ``parallel`` at once; with ``warm_start`` the
-    first point runs alone, so the stages every point shares land in DVC's run-cache once. Each finished
-    experiment is pushed (``flows.git_remote``). Returns the names of the experiments that failed."""
+@dataclass(frozen=True)
+class Schedule:
+    """How a batch of experiments runs: at most ``parallel`` at once, each with ``retries`` and a
+    ``timeout_s`` (0: none); with ``warm_start`` the first runs alone, so the stages every experiment
+    shares land in DVC's run-cache once."""
+
+    parallel: int
+    warm_start: bool
+    retries: int
+    timeout_s: float
+
+    @classmethod
+    def of(cls, settings: Any, warm_start: bool = True) -> Schedule:
+        """From a flow's settings section (``max_parallel``, ``retries``, ``timeout_s``)."""
+        return cls(settings.max_parallel, warm_start, settings.retries, settings.timeout_s)
+
+
+def run_experiments(root: Path, fp: FlowParams, points: Mapping[str, dict[str, Any]], targets: list[str],
+                    schedule: Schedule) -> list[str]:
+    """One ``dvc exp run --temp`` task per point (experiment name -> the params it sets), as ``schedule``
+    says. Each finished experiment is pushed (``flows.git_remote``). Returns the names of the experiments
+    that failed."""
+    names = list(points)
     taken = taken_names(root, names)
     if taken:
         raise ValueError(f"experiment names already taken: {', '.join(taken)}; choose another name (-n) or "
                          "remove them (dvc exp remove)")
-    exp_task = dvc_experiment.with_options(retries=retries)
+    exp_task = dvc_experiment.with_options(retries=schedule.retries)
     futures, pending = [], []
-    for i, (exp, point) in enumerate(zip(names, points)):
-        if len(pending) >= parallel:
+    for i, (exp, point) in enumerate(points.items()):
+        if len(pending) >= schedule.parallel:
             wait_any(pending)
             pending = [f for f in pending if not f.state.is_final()]
-        fut = exp_task.with_options(task_run_name=exp).submit(exp, str(root), point, targets, timeout_s,
+        fut = exp_task.with_options(task_run_name=exp).submit(exp, str(root), point, targets, schedule.timeout_s,
                                                               fp.log_tail_lines)
         futures.append(fut)
         pending.append(fut)
-        if i == 0 and warm_start and len(points) > 1:
+        if i == 0 and schedule.warm_start and len(points) > 1:
             fut.wait()  # its stages go to the run-cache before the other points start
     failed = []
     for exp, fut in zip(names, futures):
@@ -103,6 +122,18 @@ def run_experiments(root: Path, fp: FlowParams, names: list[str], points: list[d
         else:
             push_experiment(root, fp, exp)
     return failed
+
+
+def check_evaluate_targets(root: Path, variants: list[str], flow: str) -> list[str]:
+    """``evaluate@<v>`` for each variant, failing before any experiment runs when one is not a stage."""
+    nodes, _ = stage_graph(root)
+    targets = [f"evaluate@{v}" for v in variants]
+    unknown = [t for t in targets if t not in nodes]
+    if unknown:
+        known = sorted(n.split("@", 1)[1] for n in nodes if group_of(n) == "evaluate" and "@" in n)
+        raise ValueError(f"{flow}: no stage {', '.join(unknown)}: not in train.variants (known: "
+                         f"{', '.join(known) or 'none'})")
+    return targets
 
 
 # ============================================================================================ helpers
