@@ -189,7 +189,11 @@ def compute_report(start_answers: pl.DataFrame, variants: dict[str, VariantInput
     """Every figure and finding of the report, JSON-able (NaN aside, which :func:`findings.json_safe` clears).
     ``start_answers`` are the starting policy's greedy answers on the test prompts, ``pipeline_metrics`` the
     stages' metrics by stage name, ``distances`` (pair_id, edit_distance_norm, distance_bucket of every pair)
-    adds the trained pairs to the edit-distance figures."""
+    adds the trained pairs to the edit-distance figures.
+
+    One key per part of the report: ``settings``, ``names`` (the variants, sorted), ``data`` (the stages'
+    metrics it quotes), ``accuracy``, ``heldout``, ``distance``, ``predictors`` (None without CHES),
+    ``curves`` and ``findings`` (per variant, each :class:`~pipeline.analysis.findings.Finding` as a dict)."""
     names = sorted(variants)
     results = {n: variant_findings(n, variants[n], start_answers, s) for n in names}
     held = {n: results[n][0] for n in names}
