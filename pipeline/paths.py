@@ -24,6 +24,7 @@ REFERENCE = "data/reference.parquet"
 JUDGEMENTS = "data/judge/llm_judgements.jsonl"
 METRICS = "metrics"
 REPORT_DIR = "reports/main"
+FINDINGS = "reports/findings.json"  # the report's findings, tracked by git: docs/results.md is generated from it
 TOY_HISTORY = "data/toy/history.parquet"
 TOY_REPORTS = "reports/toy"
 

@@ -43,7 +43,8 @@ def _prompts(args) -> list[str]:
         if len(prompts) < need:
             raise SystemExit(f"{args.prompts_file}: {len(prompts)} prompts, need {need}")
         return prompts[:need]
-    from pipeline.data.prompts import generate_reasoning_gym, make_prompt
+    from pipeline.data.prompt_text import make_prompt
+    from pipeline.data.reasoning_gym_prompts import generate_reasoning_gym
 
     rows = generate_reasoning_gym("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
                                   seed=1234, n=args.prompts + args.warmup_prompts)

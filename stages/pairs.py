@@ -29,13 +29,14 @@ from pipeline.cli import run_stage, stage_parser
 from pipeline.settings.judge import JudgedPairs
 from pipeline.settings.policy import PolicyParams
 from pipeline.settings.train import ReferenceParams
-from pipeline.data import tagging, trl_format
+from pipeline.data import trl_format
 from pipeline.io import atomic_path, read_table, write_json, write_table
 from pipeline.model.logprobs import response_logprobs_and_hidden
-from pipeline.data.pairs import (build_constructed_pairs, build_imported_pairs, build_pairs, filter_by_ches,
-                                 judge_scores, on_policy_summary)
+from pipeline.data.pairs import (PairSettings, build_constructed_pairs, build_imported_pairs, build_pairs,
+                                 filter_by_ches, judge_scores, summarise_pairs)
 
 log = logging.getLogger("pipeline.data.pairs")
+
 
 class Settings(JudgedPairs):
     """The sections of params.yaml this stage reads."""
@@ -68,13 +69,11 @@ def main(argv: list[str] | None = None) -> None:
         candidates = pl.concat([read_table(paths.candidates(src), "candidates") for src in ("policy", "other")])
         scores = read_table(paths.SCORES, "scores")
         selections = read_table(paths.SELECTIONS, "selections")
+        settings = PairSettings.from_params(params, cfg.judge)
         if params.source == trl_format.CONSTRUCTED:
-            pairs, skipped = build_constructed_pairs(
-                prompts, candidates, scores, tokenizer, params.constructed.chosen, params.constructed.edits,
-                params.heldout_fraction, params.seed, policy_tags)
+            pairs, skipped = build_constructed_pairs(prompts, candidates, scores, tokenizer, policy_tags, settings)
         else:
-            pairs, skipped = build_pairs(prompts, candidates, scores, selections, tokenizer, params.scenario,
-                                         params.heldout_fraction, params.seed, policy_tags, cfg.judge.min_gap)
+            pairs, skipped = build_pairs(prompts, candidates, scores, selections, tokenizer, policy_tags, settings)
         prompt_messages = {r["prompt_id"]: [{"role": "user", "content": r["prompt"]}]
                            for r in prompts.iter_rows(named=True)}
         # constructed pairs' rejected were never judged: their scores stay null in the export
@@ -94,25 +93,17 @@ def main(argv: list[str] | None = None) -> None:
     exported = trl_format.write_export(trl, pairs["split"], paths.PAIRS_TRL)
     with atomic_path(paths.PAIRS_QUARANTINE) as tmp:
         tmp.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine), encoding="utf-8")
-    n_train = int((pairs["split"] == "train").sum())
     metrics = {"source": params.source, "scenario": (params.scenario if params.source == trl_format.JUDGED
-                                                              else params.source if built else trl_format.IMPORTED),
-               "edits": dict(sorted(Counter(pairs.filter(pl.col("rejected_source").str.starts_with("edit:"))
-                                            ["rejected_source"].to_list()).items())),
-               "by_distance_bucket": {split: dict(sorted(Counter(
-                   tagging.bucket_of(v, params.distance_buckets) for v in pairs.filter(pl.col("split") == split)
-                   ["edit_distance_norm"]).items())) for split in ("train", "heldout")},
-               "n_pairs": len(pairs), "n_train": n_train, "n_heldout": len(pairs) - n_train, "skipped": skipped,
-               "rows_read": rows_read, "filtered": filtered, "quarantined": {"total": len(quarantine), "by_reason": dict(sorted(
-                   Counter(q["reason"] for q in quarantine).items()))}, "exported": exported,
-               "mean_edit_distance": pairs["edit_distance"].mean(),
-               "mean_edit_distance_norm": pairs["edit_distance_norm"].mean(),
-               "mean_first_diff": pairs["first_diff"].mean(), "on_policy": on_policy_summary(pairs),
-               "mean_ches": pairs["ches"].mean(), "mean_ches_norm": pairs["ches_norm"].mean()}
+                                                     else params.source if built else trl_format.IMPORTED),
+               **summarise_pairs(pairs, params.distance_buckets), "skipped": skipped, "rows_read": rows_read,
+               "filtered": filtered, "exported": exported,
+               "quarantined": {"total": len(quarantine),
+                               "by_reason": dict(sorted(Counter(q["reason"] for q in quarantine).items()))}}
     write_json(metrics, paths.metrics_file("pairs"))
+    n_train = metrics["n_train"]
     log.info("built %d pairs (%s: %d train, %d held out); skipped %s", len(pairs),
-             f"scenario {params.scenario}" if params.source == trl_format.JUDGED else f"from {params.source}", n_train, len(pairs) - n_train,
-             skipped or "none")
+             f"scenario {params.scenario}" if params.source == trl_format.JUDGED else f"from {params.source}",
+             n_train, len(pairs) - n_train, skipped or "none")
     if quarantine:
         log.warning("%d bad pair row(s) quarantined (%s), see %s", len(quarantine), ", ".join(
             f"{k}: {v}" for k, v in metrics["quarantined"]["by_reason"].items()), paths.PAIRS_QUARANTINE)

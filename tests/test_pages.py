@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from pipeline.analysis.findings import StatSettings, json_safe
-from pipeline.analysis.report import VariantInputs, build_report
+from pipeline.analysis.report import VariantInputs, compute_report, findings_record
 from pipeline.pages import bench, build, results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,15 +84,16 @@ def _variant(rng, shift: float, n_right: int) -> VariantInputs:
 
 
 @pytest.fixture(scope="module")
-def findings(tmp_path_factory) -> dict:
-    """A findings record as the report stage writes it (``json_safe`` of ``build_report``'s figures)."""
+def findings() -> dict:
+    """A findings record as the report stage writes it (``json_safe`` of ``findings_record``)."""
     rng = np.random.default_rng(0)
     start = pl.DataFrame({"prompt_id": [f"q{i:02d}" for i in range(40)], "correct": [i < 20 for i in range(40)]})
     distances = pl.DataFrame({"pair_id": [f"p{i:02d}" for i in range(30)],
                               "edit_distance_norm": np.linspace(0, 0.9, 30),
                               "distance_bucket": ["[0.00,0.50)"] * 15 + ["[0.50,1.00]"] * 15})
-    _, record = build_report("T", start, {"dpo": _variant(rng, -1.0, 4), "dpop": _variant(rng, 0.2, 21)}, {},
-                             tmp_path_factory.mktemp("report"), SETTINGS, distances)
+    figures = compute_report(start, {"dpo": _variant(rng, -1.0, 4), "dpop": _variant(rng, 0.2, 21)}, {},
+                             SETTINGS, distances)
+    record = findings_record(figures)
     return json.loads(json.dumps(json_safe(record)))  # through JSON, as the page reads it
 
 
@@ -102,10 +103,10 @@ def _rows(md: str, first_cell: str) -> list[list[str]]:
 
 
 def test_results_page_prints_each_figure_with_its_interval_and_test(tmp_path: Path, findings: dict):
-    (tmp_path / "metrics").mkdir()
+    (tmp_path / results.REPORT_JSON).parent.mkdir(parents=True)
     (tmp_path / results.REPORT_JSON).write_text(json.dumps(findings))
     md = results.results_page(tmp_path)
-    assert "Not yet run: `metrics/report.json`" not in md
+    assert "Not yet run: `reports/findings.json`" not in md
     assert "95 % intervals" in md and "200 resamples" in md and "α = 0.05" in md
 
     h = findings["variants"]["dpo"]["heldout"]
@@ -129,14 +130,14 @@ def test_results_page_prints_each_figure_with_its_interval_and_test(tmp_path: Pa
 
 def test_results_page_says_not_yet_run_without_its_json(tmp_path: Path):
     md = results.results_page(tmp_path)
-    assert "Not yet run: `metrics/report.json` is absent" in md
+    assert "Not yet run: `reports/findings.json` is absent" in md
     assert "Not yet run: `reports/study/summary.json` is absent" in md
 
 
 def test_results_page_reads_nulls_as_not_available(tmp_path: Path, findings: dict):
     """JSON holds null for a figure with no value (a variant without held-out pairs): the page says n/a."""
     findings["variants"]["dpo"]["heldout"]["delta_w"] = {"estimate": None, "low": None, "high": None, "level": 0.95}
-    (tmp_path / "metrics").mkdir()
+    (tmp_path / results.REPORT_JSON).parent.mkdir(parents=True)
     (tmp_path / results.REPORT_JSON).write_text(json.dumps(findings))
     (row,) = [r for r in _rows(results.results_page(tmp_path), "`dpo`") if r[1] == "30"]
     assert row[2] == "n/a"

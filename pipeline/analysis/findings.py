@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.analysis import stats as S
+from pipeline.analysis import stats
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ class StatSettings:
         return cls(report.alpha, report.confidence, report.bootstrap_resamples, report.seed,
                    report.drastic_drop_orders)
 
-    def boot(self, x, statistic=np.mean) -> S.Interval:
-        return S.bootstrap_ci(x, statistic, level=self.level, n_resamples=self.n_resamples, seed=self.seed)
+    def boot(self, x, statistic=np.mean) -> stats.Interval:
+        return stats.bootstrap_ci(x, statistic, level=self.level, n_resamples=self.n_resamples, seed=self.seed)
 
     def rule(self) -> str:
         return f"{100 * self.level:.0f} % intervals, α = {self.alpha:g}"
@@ -79,15 +79,15 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def _iv(iv: S.Interval) -> dict:
+def _iv(iv: stats.Interval) -> dict:
     return asdict(iv)
 
 
-def _t(t: S.Test) -> dict:
+def _t(t: stats.Test) -> dict:
     return asdict(t)
 
 
-def verdict(test: S.Test, s: StatSettings) -> str:
+def verdict(test: stats.Test, s: StatSettings) -> str:
     """``"<test>, n = 12, p = 0.03 < α = 0.05"``."""
     p = test.fmt()
     return f"{p} {'<' if test.rejects(s.alpha) else '≥'} α = {s.alpha:g}" if math.isfinite(test.p_value) else p
@@ -97,19 +97,19 @@ def verdict(test: S.Test, s: StatSettings) -> str:
 @dataclass(frozen=True)
 class HeldoutStats:
     n: int
-    delta_w: S.Interval  # mean of lp_w − ref_w, paired bootstrap
-    delta_w_median: S.Interval
-    delta_l: S.Interval
-    delta_l_median: S.Interval
-    below: S.Interval  # share of pairs with lp_w < ref_w (Wilson)
-    below_test: S.Test  # sign test
-    wilcoxon_w: S.Test
-    wilcoxon_l: S.Test
-    slope: S.Interval  # Δlp_w on normalised edit distance
-    slope_test: S.Test
+    delta_w: stats.Interval  # mean of lp_w − ref_w, paired bootstrap
+    delta_w_median: stats.Interval
+    delta_l: stats.Interval
+    delta_l_median: stats.Interval
+    below: stats.Interval  # share of pairs with lp_w < ref_w (Wilson)
+    below_test: stats.Test  # sign test
+    wilcoxon_w: stats.Test
+    wilcoxon_l: stats.Test
+    slope: stats.Interval  # Δlp_w on normalised edit distance
+    slope_test: stats.Test
 
     def figures(self) -> dict:
-        return {k: (_iv(v) if isinstance(v, S.Interval) else _t(v) if isinstance(v, S.Test) else v)
+        return {k: (_iv(v) if isinstance(v, stats.Interval) else _t(v) if isinstance(v, stats.Test) else v)
                 for k, v in self.__dict__.items()}
 
 
@@ -117,10 +117,10 @@ def heldout_stats(table: pl.DataFrame, s: StatSettings) -> HeldoutStats:
     """Intervals and tests of a ``pair_eval`` table (one row per held-out pair)."""
     d_w = (table["lp_w"] - table["ref_w"]).to_numpy()
     d_l = (table["lp_l"] - table["ref_l"]).to_numpy()
-    below, below_test = S.sign_test(d_w, level=s.level)
-    slope, slope_test = S.slope(table["edit_distance_norm"].to_numpy(), d_w, level=s.level)
+    below, below_test = stats.sign_test(d_w, level=s.level)
+    slope, slope_test = stats.slope(table["edit_distance_norm"].to_numpy(), d_w, level=s.level)
     return HeldoutStats(len(table), s.boot(d_w), s.boot(d_w, np.median), s.boot(d_l), s.boot(d_l, np.median),
-                        below, below_test, S.wilcoxon_test(d_w), S.wilcoxon_test(d_l), slope, slope_test)
+                        below, below_test, stats.wilcoxon_test(d_w), stats.wilcoxon_test(d_l), slope, slope_test)
 
 
 def displacement_finding(variant: str, h: HeldoutStats, s: StatSettings) -> Finding:
@@ -173,9 +173,9 @@ def correctness_pairs(before: pl.DataFrame, after: pl.DataFrame, where: str) -> 
 
 
 def accuracy_finding(variant: str, before: np.ndarray, after: np.ndarray, s: StatSettings,
-                     against: str = "the starting policy") -> tuple[S.McNemar, Finding]:
-    m = S.mcnemar_test(before, after, level=s.level, n_resamples=s.n_resamples, seed=s.seed)
-    acc_a, acc_b = (S.wilson(int(x.sum()), len(x), level=s.level) for x in (before, after))
+                     against: str = "the starting policy") -> tuple[stats.McNemar, Finding]:
+    m = stats.mcnemar_test(before, after, level=s.level, n_resamples=s.n_resamples, seed=s.seed)
+    acc_a, acc_b = (stats.wilson(int(x.sum()), len(x), level=s.level) for x in (before, after))
     detail = (f"{acc_b.fmt_share(1)} vs {acc_a.fmt_share(1)} for {against} (Wilson) on {m.n} prompts; difference "
               f"{m.diff.fmt(1, 100, ' pts')} (paired bootstrap), right only before {m.only_a}, only after "
               f"{m.only_b}: {verdict(m.test, s)}")
@@ -207,7 +207,7 @@ def drastic_drop_finding(variant: str, curves: pl.DataFrame | None, s: StatSetti
     steps = sorted(set(curves["step"]))
     first, last = steps[0], steps[-1]
     change = _change(curves.drop_nulls("log10_grad_ratio"), "heldout", first, last, pl.col("log10_grad_ratio"))
-    med, test = s.boot(change, np.median), S.wilcoxon_test(change)
+    med, test = s.boot(change, np.median), stats.wilcoxon_test(change)
     detail = (f"per held-out pair, log10 |∂L/∂π(y_l)| / |∂L/∂π(y_w)| changed from step {first} to step {last} by a "
               f"median of {med.fmt(2)} orders of magnitude (bootstrap), {verdict(test, s)}; the threshold is "
               f"{s.drastic_drop_orders:g} order(s)")
@@ -234,7 +234,7 @@ def degradation_finding(variant: str, curves: pl.DataFrame | None, s: StatSettin
                        f"lp_w − ref_w has no interior peak above zero (highest {peak_val:+.2f} at step {peak} of "
                        f"{steps[0]}–{last}).", {"peak_step": peak, "peak_train": peak_val})
     fall = -_change(curves, "heldout", peak, last, d_w)
-    mean, test = s.boot(fall), S.wilcoxon_test(fall)
+    mean, test = s.boot(fall), stats.wilcoxon_test(fall)
     detail = (f"mean lp_w − ref_w of the fixed training subset peaked at {peak_val:+.2f} at step {peak}; from there "
               f"to step {last} held-out lp_w fell by {mean.fmt()} nats per pair (paired bootstrap), {verdict(test, s)}")
     figures = {"peak_step": peak, "peak_train": peak_val, "heldout_fall": _iv(mean), "wilcoxon": _t(test)}
@@ -252,7 +252,7 @@ def squeezing_finding(variant: str, probe: pl.DataFrame | None, h: HeldoutStats,
     b = probe.filter(pl.col("step") == last).select("probe", "greedy_lp").sort("probe")
     change = (b.join(a, on="probe", suffix="_0").select(pl.col("greedy_lp") - pl.col("greedy_lp_0"))
               .to_series().to_numpy())
-    mean, test = s.boot(change), S.wilcoxon_test(change)
+    mean, test = s.boot(change), stats.wilcoxon_test(change)
     fell = h.n > 0 and h.delta_w.high < 0 and h.delta_l.high < 0
     detail = (f"the greedy decode of {len(change)} probe prompts changed its log-prob by {mean.fmt()} nats per prompt "
               f"from step {first} to {last} (bootstrap), {verdict(test, s)}; held-out Δlp_w {h.delta_w.fmt()}, "

@@ -1,10 +1,10 @@
 """Intervals and tests behind the report's words, from scipy.stats and statsmodels (nothing hand-written).
 
 The level of intervals, the bootstrap's resamples and seed are the caller's (``report`` in params.yaml, through
-:class:`pipeline.analysis.findings.StatSettings`). Every function returns its estimate with an interval at ``level`` and, for a test, its p-value, so the
-report prints both and a word such as "displacement" is written only where a test rejects
-(:class:`Test.rejects`). Paired data (the same pairs or prompts under two models) are tested as pairs:
-a change per pair ``lp − ref`` is one sample, so its bootstrap is the paired bootstrap.
+:class:`pipeline.analysis.findings.StatSettings`). Every function returns its estimate with an interval at
+``level`` and, for a test, its p-value, so the report prints both and a word such as "displacement" is written
+only where a test rejects (:class:`Test.rejects`). Paired data (the same pairs or prompts under two models)
+are tested as pairs: a change per pair ``lp − ref`` is one sample, so its bootstrap is the paired bootstrap.
 
 - :func:`bootstrap_ci`: percentile bootstrap interval of a statistic of one sample (``scipy.stats.bootstrap``);
 - :func:`sign_test`: the share of values below zero, exact binomial test of 1/2 among the non-zero ones
@@ -16,6 +16,8 @@ a change per pair ``lp − ref`` is one sample, so its bootstrap is the paired b
 - :func:`slope`: least-squares slope with its t interval (``scipy.stats.linregress``);
 - :func:`spearman`: rank correlation, its test and a paired bootstrap interval;
 - :func:`spearman_gap`: which of two predictors ranks an outcome better (paired bootstrap).
+
+:func:`fmt_p` and :func:`fmt_number` print p-values and plain numbers as the reports do.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats as st
@@ -72,6 +75,13 @@ def fmt_p(p: float) -> str:
     if not math.isfinite(p):
         return "n/a"
     return f"{p:.2g}" if p >= 1e-4 else "< 1e-4"
+
+
+def fmt_number(x: Any, nd: int = 2, signed: bool = False) -> str:
+    """A float with ``nd`` decimals (and its sign), anything else as ``str``; None and NaN as ``n/a``."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return (f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}") if isinstance(x, float) else str(x)
 
 
 def _arr(x: Sequence[float]) -> np.ndarray:

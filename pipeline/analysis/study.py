@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.analysis import stats as S
+from pipeline.analysis import stats
 from pipeline.analysis.findings import StatSettings, json_safe, verdict
 
 
@@ -99,7 +99,7 @@ def _fmt_spread(x: dict[str, float], nd: int = 2, scale: float = 1.0, signed: bo
     return f"{scale * x['mean']:{'+' if signed else ''}.{nd}f}{sd}"
 
 
-def judge_claim(interval: S.Interval, test: S.Test, direction: int, s: StatSettings) -> str:
+def judge_claim(interval: stats.Interval, test: stats.Test, direction: int, s: StatSettings) -> str:
     """reproduced / contradicted / not significant: the test rejects at α and the interval excludes zero on
     the claimed side (``direction`` +1: above zero, −1: below) or on the other."""
     if not test.rejects(s.alpha) or not interval.excludes_zero():
@@ -113,8 +113,8 @@ class Claim:
     source: str
     scenario: str
     measure: str
-    interval: S.Interval
-    test: S.Test
+    interval: stats.Interval
+    test: stats.Test
     direction: int
     seeds_agree: str
 
@@ -143,15 +143,16 @@ def study_claims(runs: list[StudyRun], roles: dict[str, str], s: StatSettings) -
         if dpo in pooled:
             p = pooled[dpo]
             d_w, d_l = p["d_w"].to_numpy(), p["d_l"].to_numpy()
-            _, below = S.sign_test(d_w, level=s.level)
+            _, below = stats.sign_test(d_w, level=s.level)
             out.append(Claim(f"{dpo} (DPO) lowers lp_w of held-out chosen responses (likelihood displacement)",
                              "claim 1", scenario, "pooled mean Δlp_w per pair (nats)", s.boot(d_w), below, -1,
                              _agree([r["delta_w"] for r in seeds[dpo]], -1)))
             out.append(Claim(f"{dpo} (DPO): lp_l falls too", "claim 1", scenario, "pooled mean Δlp_l per pair (nats)",
-                             s.boot(d_l), S.wilcoxon_test(d_l), -1, _agree([r["delta_l"] for r in seeds[dpo]], -1)))
+                             s.boot(d_l), stats.wilcoxon_test(d_l), -1, _agree([r["delta_l"] for r in seeds[dpo]], -1)))
             margin = d_w - d_l
             out.append(Claim(f"{dpo} (DPO): the margin grows while both fall", "claim 1", scenario,
-                             "pooled mean Δlp_w − Δlp_l per pair (nats)", s.boot(margin), S.wilcoxon_test(margin), +1,
+                             "pooled mean Δlp_w − Δlp_l per pair (nats)", s.boot(margin),
+                             stats.wilcoxon_test(margin), +1,
                              _agree([r["delta_w"] - r["delta_l"] for r in seeds[dpo]], +1)))
             # On the pairs it trained on (held-out rejecteds were never pushed down); held-out if none were scored.
             trained = pooled_trained(by_variant[dpo])
@@ -163,15 +164,16 @@ def study_claims(runs: list[StudyRun], roles: dict[str, str], s: StatSettings) -
                 x, y, which = p["edit_distance_norm"].to_numpy(), d_w, "held-out pairs"
                 per_run = [(d["edit_distance_norm"].to_numpy(), d["d_w"].to_numpy())
                            for d in (_deltas(r.pairs) for r in by_variant[dpo])]
-            sl, sl_test = S.slope(x, y, level=s.level)
+            sl, sl_test = stats.slope(x, y, level=s.level)
             out.append(Claim(f"{dpo} (DPO): the fall of lp_w is strongest at low edit distance", "claim 1", scenario,
                              f"slope of pooled Δlp_w on normalised edit distance, {which} (nats per unit)",
-                             sl, sl_test, +1, _agree([S.slope(a, b, level=s.level)[0].estimate for a, b in per_run], +1)))
+                             sl, sl_test, +1,
+                             _agree([stats.slope(a, b, level=s.level)[0].estimate for a, b in per_run], +1)))
         if dpop in pooled:
             d_w = pooled[dpop]["d_w"].to_numpy()
             out.append(Claim(f"{dpop} (DPOP) keeps lp_w at or above ref_w (reproduced: significantly above; not "
                              "significant: within noise of it)", "claim 1", scenario,
-                             "pooled mean Δlp_w per pair (nats)", s.boot(d_w), S.wilcoxon_test(d_w), +1,
+                             "pooled mean Δlp_w per pair (nats)", s.boot(d_w), stats.wilcoxon_test(d_w), +1,
                              _agree([r["delta_w"] for r in seeds[dpop]], +1)))
             if dpo in pooled:
                 j = pooled[dpop].join(pooled[dpo], on="pair_id", suffix="_dpo")
@@ -180,7 +182,7 @@ def study_claims(runs: list[StudyRun], roles: dict[str, str], s: StatSettings) -
                              if a["seed"] == b["seed"]]
                 out.append(Claim(f"{dpop} (DPOP) ends with lp_w above {dpo} (DPO) on the same pairs", "claim 1",
                                  scenario, "pooled mean Δlp_w(DPOP) − Δlp_w(DPO) per pair (nats)", s.boot(gap),
-                                 S.wilcoxon_test(gap), +1, _agree(seed_gaps, +1)))
+                                 stats.wilcoxon_test(gap), +1, _agree(seed_gaps, +1)))
     return out
 
 
@@ -195,7 +197,7 @@ def study_summary(runs: list[StudyRun], s: StatSettings) -> list[dict[str, Any]]
             seeds = per_seed_rows(rs)
             p = pooled_pairs(rs)
             d_w, d_l = p["d_w"].to_numpy(), p["d_l"].to_numpy()
-            below_share, below = S.sign_test(d_w, level=s.level)
+            below_share, below = stats.sign_test(d_w, level=s.level)
             acc = pooled_accuracy(rs)
             rows.append({
                 "scenario": scenario, "variant": variant, "seeds": sorted(r.seed for r in rs), "pairs": p.height,
@@ -205,8 +207,8 @@ def study_summary(runs: list[StudyRun], s: StatSettings) -> list[dict[str, Any]]
                 "accuracy_seeds": _spread([r["accuracy"] for r in seeds]),
                 "accuracy_before": float(rs[0].before["correct"].mean()),
                 "delta_w": s.boot(d_w), "delta_l": s.boot(d_l), "below": below_share, "below_test": below,
-                "wilcoxon_w": S.wilcoxon_test(d_w), "wilcoxon_l": S.wilcoxon_test(d_l),
-                "accuracy_change": s.boot(acc), "accuracy_test": S.wilcoxon_test(acc),
+                "wilcoxon_w": stats.wilcoxon_test(d_w), "wilcoxon_l": stats.wilcoxon_test(d_l),
+                "accuracy_change": s.boot(acc), "accuracy_test": stats.wilcoxon_test(acc),
             })
     return rows
 

@@ -55,7 +55,7 @@ import torch
 from pipeline.analysis.toy_settings import ScenarioInit, TOY_REJECTED, ToyParams
 
 from pipeline.training.loss_hparams import validate_loss_hparams
-from pipeline.training import losses as L
+from pipeline.training.losses import LOSSES
 
 N_PROMPTS = 4
 N_RESPONSES = 10
@@ -191,7 +191,7 @@ def run_one(params: ToyParams, loss: str, sft_model: torch.nn.Module,
     :func:`run_toy` computes the same for every seed × scenario × loss at once; this is the
     one-at-a-time form it is tested against."""
     hp = validate_loss_hparams(loss, params.hparams[loss])
-    fn = L.LOSSES[loss].fn
+    fn = LOSSES[loss].fn
     prompt, chosen, rejected = pairs
     x = torch.eye(N_PROMPTS, dtype=torch.float64)
     ones = torch.ones(len(prompt), dtype=torch.float64)
@@ -275,7 +275,7 @@ def run_toy(params: ToyParams) -> pl.DataFrame:
         ref_w, ref_l = ref[runs, prompt, chosen], ref[runs, prompt, rejected]
         ones = torch.ones_like(ref_w)
         loss_of_run = torch.arange(n_runs) % len(losses)
-        groups = [(torch.nonzero(loss_of_run == k).squeeze(1), L.LOSSES[name].fn,
+        groups = [(torch.nonzero(loss_of_run == k).squeeze(1), LOSSES[name].fn,
                    validate_loss_hparams(name, params.hparams[name])) for k, name in enumerate(losses)]
         # each run's loss is its loss function's mean over its pairs; the sum keeps them apart
         out = _optimise(params.steps, mlps.log_probs,

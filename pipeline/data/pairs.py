@@ -1,6 +1,6 @@
 """Chosen/rejected pairs from judged candidates, for one of the data scenarios of the 3D-properties
-paper (Yan et al. 2024, arXiv 2406.07327), or read from a pairs file (:func:`build_imported_pairs`),
-tagged alike."""
+paper (Yan et al. 2024, arXiv 2406.07327), constructed from a correct response and a controlled edit of it
+(:func:`build_constructed_pairs`), or read from a pairs file (:func:`build_imported_pairs`), tagged alike."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import hashlib
 import random
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import polars as pl
 
-from pipeline.data import tagging
+from pipeline.data import edits, tagging
 from pipeline.data.trl_format import IMPORTED, SCENARIO_IMPORTED
 from pipeline.model.logprobs import encode_prompt, encode_response
 
@@ -27,10 +28,75 @@ def is_heldout(prompt_id: str, fraction: float, seed: int) -> bool:
     return h < fraction
 
 
-def build_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.DataFrame,
-                selections: pl.DataFrame, tokenizer, scenario: int, heldout_fraction: float,
-                seed: int, policy_tags: PolicyTags,
-                min_gap: float) -> tuple[pl.DataFrame, dict]:
+@dataclass(frozen=True)
+class PairSettings:
+    """What decides the pairs built from our own stages' outputs: ``pairs`` of params.yaml, and the judge's
+    ``min_gap`` (scenario 3's least score gap between the chosen and the rejected)."""
+
+    scenario: int
+    heldout_fraction: float
+    seed: int
+    min_gap: float
+    chosen_from: tuple[str, ...]  # constructed pairs: the chosen's sources, the first with a correct response
+    edit_kinds: tuple[str, ...]  # constructed pairs: the edits the prompts of a split take in turn
+
+    @classmethod
+    def from_params(cls, pairs, judge) -> PairSettings:
+        return cls(pairs.scenario, pairs.heldout_fraction, pairs.seed, judge.min_gap,
+                   tuple(pairs.constructed.chosen), tuple(pairs.constructed.edits))
+
+    def split_of(self, prompt_id: str) -> str:
+        return "heldout" if is_heldout(prompt_id, self.heldout_fraction, self.seed) else "train"
+
+
+@dataclass(frozen=True)
+class Side:
+    """One response of a pair: its tokens and text, where it comes from, whether it is correct (None: not
+    known) and its log-prob under the model that sampled it (None: not sampled)."""
+
+    ids: list[int]
+    text: str
+    source: str
+    correct: bool | None
+    sampler_logprob: float | None
+
+
+def _row(pair_id: str, prompt_id: str, split: str, prompt_ids: list[int], chosen: Side, rejected: Side,
+         scenario: int) -> dict:
+    """One row of the ``pairs`` table, before the starting policy's tags (:func:`_tag_under_policy`)."""
+    return {"pair_id": pair_id, "prompt_id": prompt_id, "split": split, "prompt_ids": prompt_ids,
+            "chosen_ids": chosen.ids, "rejected_ids": rejected.ids, "chosen_text": chosen.text,
+            "rejected_text": rejected.text, "chosen_source": chosen.source, "rejected_source": rejected.source,
+            "chosen_correct": chosen.correct, "rejected_correct": rejected.correct,
+            "chosen_sampler_logprob": chosen.sampler_logprob, "rejected_sampler_logprob": rejected.sampler_logprob,
+            "scenario": scenario, **token_tags(chosen.ids, rejected.ids)}
+
+
+# --------------------------------------------------------------------------------------------- judged pairs
+@dataclass(frozen=True)
+class _Judged:
+    """The judge's inputs and outputs by key: prompts by prompt_id, candidates and scores by (prompt_id,
+    source, candidate_idx), selections by (prompt_id, source)."""
+
+    prompts: dict[str, dict]
+    candidates: dict[tuple[str, str, int], dict]
+    scores: dict[tuple[str, str, int], dict]
+    selections: dict[tuple[str, str], dict]
+
+    @classmethod
+    def index(cls, prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.DataFrame,
+              selections: pl.DataFrame) -> _Judged:
+        def key(r: dict) -> tuple[str, str, int]:
+            return r["prompt_id"], r["source"], r["candidate_idx"]
+
+        return cls({r["prompt_id"]: r for r in prompts.iter_rows(named=True)},
+                   {key(r): r for r in candidates.iter_rows(named=True)},
+                   {key(r): r for r in scores.iter_rows(named=True)},
+                   {(r["prompt_id"], r["source"]): r for r in selections.iter_rows(named=True)})
+
+
+def build_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.DataFrame, selections: pl.DataFrame,
+                tokenizer, policy_tags: PolicyTags, settings: PairSettings) -> tuple[pl.DataFrame, dict]:
     """One pair per usable prompt; returns the pairs table and counts of what was skipped and why.
 
     The chosen side comes from the policy (the judge's best sample) or the dataset (the gold
@@ -46,92 +112,107 @@ def build_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.Data
     (:data:`PolicyTags`): every pair records both sides' log-prob under it, so how on-policy a pair is can
     be read off, and its CHES.
     """
-    chosen_src, rejected_src = tagging.SCENARIO_SOURCES[scenario]
-    cand = {(r["prompt_id"], r["source"], r["candidate_idx"]): r for r in candidates.iter_rows(named=True)}
-    score = {(r["prompt_id"], r["source"], r["candidate_idx"]): r for r in scores.iter_rows(named=True)}
-    sel = {(r["prompt_id"], r["source"]): r for r in selections.iter_rows(named=True)}
-    prm = {r["prompt_id"]: r for r in prompts.iter_rows(named=True)}
+    judged = _Judged.index(prompts, candidates, scores, selections)
     skipped: Counter[str] = Counter()
     rows = []
-    for pid in sorted({k[0] for k in sel}):
-        p = prm.get(pid)
-        if p is None:
-            raise ValueError(f"selections: prompt_id {pid!r} is not in the prompts table")
-        rej_sel = sel.get((pid, rejected_src))
-        if rej_sel is None:
-            skipped[f"no_{rejected_src}_samples"] += 1
-            continue
-        if rej_sel["status"] == "failed":
-            skipped[f"judge_failed_{rejected_src}"] += 1
-            continue
-        rkey = (pid, rejected_src, rej_sel["worst_idx"])
-        worst, worst_correct = cand[rkey], score[rkey]["correct"]
-        if chosen_src == "policy":
-            ch_sel = sel.get((pid, "policy"))
-            if ch_sel is None or ch_sel["status"] == "failed":
-                skipped["judge_failed_policy"] += 1
-                continue
-            if scenario == 1 and ch_sel["status"] != "ok":
-                skipped["tie"] += 1
-                continue
-            ckey = (pid, "policy", ch_sel["best_idx"])
-            if scenario == 3 and score[ckey]["score"] - score[rkey]["score"] < min_gap:
-                skipped["no_score_gap"] += 1
-                continue
-            chosen = cand[ckey]
-            c_ids, c_text, c_lp = list(chosen["token_ids"]), chosen["text"], chosen["logprob_sum"]
-            c_correct = score[ckey]["correct"]
+    for pid in sorted({pid for pid, _ in judged.selections}):
+        pair = _judged_pair(pid, judged, tokenizer, settings)
+        if isinstance(pair, str):
+            skipped[pair] += 1
         else:
-            if p["solution"] is None:
-                skipped["no_gold_solution"] += 1
-                continue
-            if worst_correct:
-                skipped["worst_is_correct"] += 1
-                continue
-            c_text = p["solution"]
-            c_ids, c_lp, c_correct = encode_response(tokenizer, c_text), None, True
-        r_ids = list(worst["token_ids"])
-        if c_ids == r_ids:
-            skipped["identical"] += 1
-            continue
-        rows.append({
-            "pair_id": f"{pid}-s{scenario}",
-            "prompt_id": pid,
-            "split": "heldout" if is_heldout(pid, heldout_fraction, seed) else "train",
-            "prompt_ids": encode_prompt(tokenizer, p["prompt"]),
-            "chosen_ids": c_ids,
-            "rejected_ids": r_ids,
-            "chosen_text": c_text,
-            "rejected_text": worst["text"],
-            "chosen_source": chosen_src,
-            "rejected_source": rejected_src,
-            "chosen_correct": c_correct,
-            "rejected_correct": worst_correct,
-            "chosen_sampler_logprob": c_lp,
-            "rejected_sampler_logprob": worst["logprob_sum"],
-            "scenario": scenario,
-            **token_tags(c_ids, r_ids),
-        })
+            rows.append(pair)
     return _tag_under_policy(rows, policy_tags), dict(skipped)
 
 
-def build_constructed_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.DataFrame,
-                            tokenizer, chosen_from: list[str], edits: list[str], heldout_fraction: float, seed: int,
-                            policy_tags: PolicyTags
-                            ) -> tuple[pl.DataFrame, dict]:
+def _judged_pair(pid: str, judged: _Judged, tokenizer, settings: PairSettings) -> dict | str:
+    """The pair of one prompt in ``settings.scenario``, or why it has none."""
+    chosen_src, rejected_src = tagging.SCENARIO_SOURCES[settings.scenario]
+    p = judged.prompts.get(pid)
+    if p is None:
+        raise ValueError(f"selections: prompt_id {pid!r} is not in the prompts table")
+    rej_sel = judged.selections.get((pid, rejected_src))
+    if rej_sel is None:
+        return f"no_{rejected_src}_samples"
+    if rej_sel["status"] == "failed":
+        return f"judge_failed_{rejected_src}"
+    rkey = (pid, rejected_src, rej_sel["worst_idx"])
+    worst = judged.candidates[rkey]
+    rejected = Side(list(worst["token_ids"]), worst["text"], rejected_src, judged.scores[rkey]["correct"],
+                    worst["logprob_sum"])
+    chosen = (_policy_best(pid, rkey, judged, settings) if chosen_src == "policy"
+              else _gold(p, rejected, tokenizer))
+    if isinstance(chosen, str):
+        return chosen
+    if chosen.ids == rejected.ids:
+        return "identical"
+    return _row(f"{pid}-s{settings.scenario}", pid, settings.split_of(pid), encode_prompt(tokenizer, p["prompt"]),
+                chosen, rejected, settings.scenario)
+
+
+def _policy_best(pid: str, rkey: tuple[str, str, int], judged: _Judged, settings: PairSettings) -> Side | str:
+    """The judge's best of the policy's samples as the chosen, or why it cannot be: the judge failed, its
+    group is a tie (scenario 1) or it scores less than ``min_gap`` above the rejected ``rkey`` (scenario 3)."""
+    sel = judged.selections.get((pid, "policy"))
+    if sel is None or sel["status"] == "failed":
+        return "judge_failed_policy"
+    if settings.scenario == 1 and sel["status"] != "ok":
+        return "tie"
+    ckey = (pid, "policy", sel["best_idx"])
+    if settings.scenario == 3 and judged.scores[ckey]["score"] - judged.scores[rkey]["score"] < settings.min_gap:
+        return "no_score_gap"
+    best = judged.candidates[ckey]
+    return Side(list(best["token_ids"]), best["text"], "policy", judged.scores[ckey]["correct"], best["logprob_sum"])
+
+
+def _gold(prompt: dict, rejected: Side, tokenizer) -> Side | str:
+    """The dataset's gold solution as the chosen, or why it cannot be: there is none, or the rejected is
+    correct too."""
+    if prompt["solution"] is None:
+        return "no_gold_solution"
+    if rejected.correct:
+        return "worst_is_correct"
+    return Side(encode_response(tokenizer, prompt["solution"]), prompt["solution"], "gold", True, None)
+
+
+# --------------------------------------------------------------------------------------------- constructed pairs
+def build_constructed_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.DataFrame, tokenizer,
+                            policy_tags: PolicyTags, settings: PairSettings) -> tuple[pl.DataFrame, dict]:
     """One constructed pair per usable prompt of the ``train`` split: the chosen a correct response, the
     rejected that response with a controlled edit (:mod:`pipeline.data.edits`), as the DPOP paper built its
     low-edit-distance sets (arXiv 2402.13228). Returns the pairs table and counts of skipped prompts.
 
-    The chosen is taken from the first source of ``chosen_from`` that has a correct response: ``policy``,
-    the policy's correct candidate of highest sampler log-prob (the most on-policy one), or ``gold``, the
-    dataset's solution. Within each split the usable prompts, in the order of a seeded hash, take the kinds
-    of ``edits`` in turn, so every kind has the same number of pairs (to one) in each split; the pairs then
-    span edit distance. Tags: ``rejected_source`` ``edit:<kind>``, scenario 0 (none of the four of the
-    3D-properties paper: the rejected is neither sampled nor another model's).
+    The chosen is taken from the first source of ``settings.chosen_from`` that has a correct response:
+    ``policy``, the policy's correct candidate of highest sampler log-prob (the most on-policy one), or
+    ``gold``, the dataset's solution. Within each split the usable prompts, in the order of a seeded hash, take
+    the kinds of ``settings.edit_kinds`` in turn, so every kind has the same number of pairs (to one) in each
+    split; the pairs then span edit distance. Tags: ``rejected_source`` ``edit:<kind>``, scenario 0 (none of
+    the four of the 3D-properties paper: the rejected is neither sampled nor another model's).
     """
-    from pipeline.data import edits as E
+    best = _best_correct_policy(candidates, scores)
+    skipped: Counter[str] = Counter()
+    usable: dict[str, list[tuple[dict, Side]]] = {"train": [], "heldout": []}
+    for p in prompts.filter(pl.col("split") == "train").iter_rows(named=True):
+        chosen = _constructed_chosen(p, best, settings.chosen_from, tokenizer)
+        if chosen is None:
+            skipped["no_correct_" + "_or_".join(settings.chosen_from)] += 1
+        else:
+            usable[settings.split_of(p["prompt_id"])].append((p, chosen))
+    rows = []
+    for split, items in usable.items():
+        items.sort(key=lambda it: hashlib.sha1(f"{settings.seed}:edit:{it[0]['prompt_id']}".encode()).hexdigest())
+        for i, (p, chosen) in enumerate(items):
+            kind = settings.edit_kinds[i % len(settings.edit_kinds)]
+            row = _edited_pair(p, chosen, kind, split, tokenizer, settings.seed)
+            if row is None:
+                skipped["no_number_to_edit"] += 1
+            else:
+                rows.append(row)
+    rows.sort(key=lambda r: r["pair_id"])
+    return _tag_under_policy(rows, policy_tags), dict(skipped)
 
+
+def _best_correct_policy(candidates: pl.DataFrame, scores: pl.DataFrame) -> dict[str, dict]:
+    """Per prompt, the policy's correct candidate of highest sampler log-prob (of equals, the first)."""
     correct = {(r["prompt_id"], r["candidate_idx"]) for r in scores.filter(
         (pl.col("source") == "policy") & pl.col("correct")).select("prompt_id", "candidate_idx").iter_rows(named=True)}
     best: dict[str, dict] = {}
@@ -140,54 +221,34 @@ def build_constructed_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, sco
             b = best.get(c["prompt_id"])
             if b is None or (c["logprob_sum"], -c["candidate_idx"]) > (b["logprob_sum"], -b["candidate_idx"]):
                 best[c["prompt_id"]] = c
-    skipped: Counter[str] = Counter()
-    usable: dict[str, list[tuple[dict, str, list[int], str, float | None]]] = {"train": [], "heldout": []}
-    for p in prompts.filter(pl.col("split") == "train").iter_rows(named=True):
-        for src in chosen_from:
-            if src == "policy" and p["prompt_id"] in best:
-                c = best[p["prompt_id"]]
-                choice = (p, "policy", list(c["token_ids"]), c["text"], c["logprob_sum"])
-                break
-            if src == "gold" and p["solution"] is not None:
-                choice = (p, "gold", encode_response(tokenizer, p["solution"]), p["solution"], None)
-                break
-        else:
-            skipped["no_correct_" + "_or_".join(chosen_from)] += 1
-            continue
-        usable["heldout" if is_heldout(p["prompt_id"], heldout_fraction, seed) else "train"].append(choice)
-    rows = []
-    for split, items in usable.items():
-        items.sort(key=lambda it: hashlib.sha1(f"{seed}:edit:{it[0]['prompt_id']}".encode()).hexdigest())
-        for i, (p, src, c_ids, c_text, c_lp) in enumerate(items):
-            kind = edits[i % len(edits)]
-            rng = random.Random(f"{seed}:{p['prompt_id']}:{kind}")
-            r_text = E.edit(c_text, kind, p["answer"], rng)
-            r_ids = encode_response(tokenizer, r_text) if r_text is not None else c_ids
-            if r_text is None or r_ids == c_ids:
-                skipped["no_number_to_edit"] += 1
-                continue
-            rows.append({
-                "pair_id": f"{p['prompt_id']}-e{kind}",
-                "prompt_id": p["prompt_id"],
-                "split": split,
-                "prompt_ids": encode_prompt(tokenizer, p["prompt"]),
-                "chosen_ids": c_ids,
-                "rejected_ids": r_ids,
-                "chosen_text": c_text,
-                "rejected_text": r_text,
-                "chosen_source": src,
-                "rejected_source": f"{EDIT_SOURCE}:{kind}",
-                "chosen_correct": True,
-                "rejected_correct": False,
-                "chosen_sampler_logprob": c_lp,
-                "rejected_sampler_logprob": None,
-                "scenario": SCENARIO_IMPORTED,
-                **token_tags(c_ids, r_ids),
-            })
-    rows.sort(key=lambda r: r["pair_id"])
-    return _tag_under_policy(rows, policy_tags), dict(skipped)
+    return best
 
 
+def _constructed_chosen(prompt: dict, best: dict[str, dict], chosen_from: tuple[str, ...], tokenizer) -> Side | None:
+    """The chosen from the first source of ``chosen_from`` with a correct response; None if none has one."""
+    for src in chosen_from:
+        if src == "policy" and prompt["prompt_id"] in best:
+            c = best[prompt["prompt_id"]]
+            return Side(list(c["token_ids"]), c["text"], "policy", True, c["logprob_sum"])
+        if src == "gold" and prompt["solution"] is not None:
+            return Side(encode_response(tokenizer, prompt["solution"]), prompt["solution"], "gold", True, None)
+    return None
+
+
+def _edited_pair(prompt: dict, chosen: Side, kind: str, split: str, tokenizer, seed: int) -> dict | None:
+    """The pair of ``chosen`` and its edit of ``kind``; None where the edit leaves the tokens as they are."""
+    rng = random.Random(f"{seed}:{prompt['prompt_id']}:{kind}")
+    text = edits.edit(chosen.text, kind, prompt["answer"], rng)
+    ids = encode_response(tokenizer, text) if text is not None else chosen.ids
+    if text is None or ids == chosen.ids:
+        return None
+    rejected = Side(ids, text, f"{EDIT_SOURCE}:{kind}", False, None)
+    prompt_ids = encode_prompt(tokenizer, prompt["prompt"])
+    return _row(f"{prompt['prompt_id']}-e{kind}", prompt["prompt_id"], split, prompt_ids, chosen, rejected,
+                SCENARIO_IMPORTED)
+
+
+# --------------------------------------------------------------------------------------------- tags and summaries
 def token_tags(chosen_ids: list[int], rejected_ids: list[int]) -> dict:
     """The tags read off the two sides' token ids: edit distance, first difference, lengths."""
     return {"edit_distance": tagging.edit_distance(chosen_ids, rejected_ids),
@@ -224,24 +285,11 @@ def build_imported_pairs(rows: list[dict], heldout_fraction: float, seed: int,
     """
     out = []
     for r in rows:
-        out.append({
-            "pair_id": r["pair_id"],
-            "prompt_id": r["prompt_id"],
-            "split": "heldout" if is_heldout(r["prompt_id"], heldout_fraction, seed) else "train",
-            "prompt_ids": r["prompt_ids"],
-            "chosen_ids": r["chosen_ids"],
-            "rejected_ids": r["rejected_ids"],
-            "chosen_text": r["chosen_text"],
-            "rejected_text": r["rejected_text"],
-            "chosen_source": r["chosen_source"] or IMPORTED,
-            "rejected_source": r["rejected_source"] or IMPORTED,
-            "chosen_correct": r["chosen_correct"],
-            "rejected_correct": r["rejected_correct"],
-            "chosen_sampler_logprob": r["chosen_sampler_logprob"],
-            "rejected_sampler_logprob": r["rejected_sampler_logprob"],
-            "scenario": SCENARIO_IMPORTED if r["scenario"] is None else r["scenario"],
-            **token_tags(r["chosen_ids"], r["rejected_ids"]),
-        })
+        chosen, rejected = (Side(r[f"{side}_ids"], r[f"{side}_text"], r[f"{side}_source"] or IMPORTED,
+                                 r[f"{side}_correct"], r[f"{side}_sampler_logprob"]) for side in ("chosen", "rejected"))
+        split = "heldout" if is_heldout(r["prompt_id"], heldout_fraction, seed) else "train"
+        scenario = SCENARIO_IMPORTED if r["scenario"] is None else r["scenario"]
+        out.append(_row(r["pair_id"], r["prompt_id"], split, r["prompt_ids"], chosen, rejected, scenario))
     return _tag_under_policy(out, policy_tags)
 
 
@@ -270,6 +318,22 @@ def on_policy_summary(pairs: pl.DataFrame) -> dict:
             d = (own[f"{side}_sampler_logprob"] - own[f"{side}_policy_logprob"]).abs()
             out[f"{side}_sampler_vs_policy_abs_diff"] = {"mean": d.mean(), "max": d.max(), "n": len(own)}
     return out
+
+
+def summarise_pairs(pairs: pl.DataFrame, distance_buckets: list[float]) -> dict:
+    """What a pairs table holds, for the stage's metrics: pairs per split, per edit kind and per edit-distance
+    bucket, the tags' means, and how on-policy the sides are."""
+    n_train = int((pairs["split"] == "train").sum())
+    edit_kinds = pairs.filter(pl.col("rejected_source").str.starts_with(f"{EDIT_SOURCE}:"))["rejected_source"].to_list()
+    return {"edits": dict(sorted(Counter(edit_kinds).items())),
+            "by_distance_bucket": {split: dict(sorted(Counter(
+                tagging.bucket_of(v, distance_buckets) for v in pairs.filter(pl.col("split") == split)
+                ["edit_distance_norm"]).items())) for split in ("train", "heldout")},
+            "n_pairs": len(pairs), "n_train": n_train, "n_heldout": len(pairs) - n_train,
+            "mean_edit_distance": pairs["edit_distance"].mean(),
+            "mean_edit_distance_norm": pairs["edit_distance_norm"].mean(),
+            "mean_first_diff": pairs["first_diff"].mean(), "on_policy": on_policy_summary(pairs),
+            "mean_ches": pairs["ches"].mean(), "mean_ches_norm": pairs["ches_norm"].mean()}
 
 
 def filter_by_ches(pairs: pl.DataFrame, by: str, percent: float) -> tuple[pl.DataFrame, dict]:

@@ -1,6 +1,6 @@
 """Reading the rows of a user's JSONL or Parquet file, each either validated or quarantined.
 
-Shared by the prompt files of the prepare stage (:mod:`pipeline.data.prompts`) and the pairs files
+Shared by the prompt files of the prepare stage (:mod:`pipeline.data.prompt_file`) and the pairs files
 of the pairs stage (:mod:`pipeline.data.trl_format`): the same line reader, the same quarantine
 record ``{"file", "row", "field", "reason", "raw", "message"}``, and the same rule for a bad row,
 raise naming the file, the row and the field (``on_bad_rows="error"``) or quarantine it and count

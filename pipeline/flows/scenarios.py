@@ -21,7 +21,7 @@ from pipeline.flows.tasks import Schedule, check_evaluate_targets, flow_run_name
 
 def scenario_rows(exps: list[dict[str, Any]], names: Mapping[int, str], failed: list[str],
                   variant: str) -> list[dict[str, Any]]:
-    """The input of :func:`pipeline.analysis.report.scenario_table`: per scenario its experiment's status and the
+    """The input of :func:`pipeline.analysis.scenarios.scenario_table`: per scenario its experiment's status and the
     contents of metrics/pairs.json and metrics/eval/<variant>.json (from ``dvc exp show``)."""
     by_name = {e["name"]: e for e in exps}
     rows = []
@@ -43,7 +43,7 @@ def scenarios_flow(scenarios: list[int] | None = None, variant: str | None = Non
     run-cache once). Then ``flows.scenarios.report`` (and the markdown artifact ``dpo-scenarios``) puts
     the experiments' pair and evaluation metrics side by side, one column per scenario. The same
     experiments as a sweep with ``flows.sweep.grid: {pairs.source: [judged], pairs.scenario: [1, 2, 3, 4]}``."""
-    from pipeline.analysis.report import scenario_table
+    from pipeline.analysis.scenarios import scenario_table
     from pipeline.io import write_text
 
     logger = get_run_logger()

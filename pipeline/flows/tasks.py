@@ -87,9 +87,9 @@ class Schedule:
     timeout_s: float
 
     @classmethod
-    def of(cls, settings: Any, warm_start: bool = True) -> Schedule:
-        """From a flow's settings section (``max_parallel``, ``retries``, ``timeout_s``)."""
-        return cls(settings.max_parallel, warm_start, settings.retries, settings.timeout_s)
+    def of(cls, settings: Any) -> Schedule:
+        """From a flow's settings section (``max_parallel``, ``retries``, ``timeout_s``), warm-started."""
+        return cls(settings.max_parallel, True, settings.retries, settings.timeout_s)
 
 
 def run_experiments(root: Path, fp: FlowParams, points: Mapping[str, dict[str, Any]], targets: list[str],

@@ -1,8 +1,8 @@
 """``docs/results.md``: the default run's findings and the multi-seed study's, read from their JSON.
 
-The default run is read from ``metrics/report.json``, a git-tracked copy of the report stage's
-``findings.json`` (whose figures :func:`pipeline.analysis.report.build_report` returns), so that the page
-can be checked on a fresh clone where DVC's outputs are absent. The study is read from
+The default run is read from ``reports/findings.json``, the report stage's findings
+(:func:`pipeline.analysis.report.findings_record`), which git tracks so that the page can be checked on a
+fresh clone where DVC's other outputs are absent. The study is read from
 ``reports/study/summary.json`` (:func:`pipeline.analysis.study.study_report`). Every figure carries its
 interval and its test, printed as the report prints them; a missing file makes its section say that it
 has not been run yet.
@@ -19,7 +19,7 @@ from pipeline.analysis.findings import StatSettings
 from pipeline.pages.markdown import NA, count, fixed, interval, settings, table, tested
 
 PAGE = "docs/results.md"
-REPORT_JSON = "metrics/report.json"
+REPORT_JSON = "reports/findings.json"
 STUDY_JSON = "reports/study/summary.json"
 
 
@@ -134,8 +134,7 @@ def default_run_section(record: dict | None) -> list[str]:
     lines = ["## The default run", ""]
     if record is None:
         return lines + [f"Not yet run: `{REPORT_JSON}` is absent. `make repro` runs the pipeline; the report "
-                        "stage's findings are then copied there and `python -m pipeline.pages` fills this "
-                        "section.", ""]
+                        "stage writes it and `python -m pipeline.pages` fills this section.", ""]
     s = settings(record.get("settings"))
     variants = {k: v for k, v in sorted((record.get("variants") or {}).items()) if isinstance(v, Mapping)}
     lines += [f"`{REPORT_JSON}` (the report stage's findings; `reports/main/report.md` has the plots). {_rule(s)}",

@@ -1,12 +1,25 @@
+"""pipeline/analysis/report.py and report_render.py: the report's figures and findings, and the Markdown and
+plots rendered from those figures alone."""
+
+from __future__ import annotations
+
+import json
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from pipeline.analysis.findings import StatSettings
-from pipeline.analysis.report import VariantInputs, build_report
+from pipeline.analysis.findings import StatSettings, json_safe
+from pipeline.analysis.report import VariantInputs, compute_report, findings_record
+from pipeline.analysis.report_render import render_report
 
-S = StatSettings(alpha=0.05, level=0.95, n_resamples=1000, seed=0, drastic_drop_orders=1.0)
+SETTINGS = StatSettings(alpha=0.05, level=0.95, n_resamples=1000, seed=0, drastic_drop_orders=1.0)
+
+
+def build_report(title, start, variants, out_dir, distances=None) -> tuple[str, dict]:
+    """The stage's two steps: the report's Markdown (PNGs into ``out_dir``) and its findings.json record."""
+    figures = compute_report(start, variants, {}, SETTINGS, distances)
+    return render_report(title, figures, out_dir), findings_record(figures)
 
 
 def _variant(rng, shift: float, n_right: int) -> VariantInputs:
@@ -35,8 +48,8 @@ def _variant(rng, shift: float, n_right: int) -> VariantInputs:
 def test_build_report_prints_intervals_and_tests_and_fires_only_where_they_reject(tmp_path: Path):
     rng = np.random.default_rng(0)
     start = pl.DataFrame({"prompt_id": [f"q{i:02d}" for i in range(40)], "correct": [i < 20 for i in range(40)]})
-    md, record = build_report("T", start, {"dpo": _variant(rng, -1.0, 20), "dpop": _variant(rng, 0.0, 21)}, {},
-                              tmp_path, S)
+    md, record = build_report("T", start, {"dpo": _variant(rng, -1.0, 20), "dpop": _variant(rng, 0.0, 21)},
+                              tmp_path)
     assert "α = 0.05" in md and "1000 resamples" in md
     # accuracy: Wilson intervals and McNemar
     assert "| starting policy | 50.0% [" in md and "| dpop | 52.5% [" in md
@@ -58,52 +71,6 @@ def test_build_report_prints_intervals_and_tests_and_fires_only_where_they_rejec
         assert (tmp_path / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_scenario_table_side_by_side():
-    from pipeline.analysis.report import scenario_table
-
-    def ev(dw):
-        return {"test_accuracy_before": 0.25, "test_accuracy": 0.5,
-                "heldout": {"n_pairs": 2, "ref_w": -10.0, "lp_w": -10.0 + dw, "ref_l": -20.0, "lp_l": -25.0,
-                            "delta_w": dw, "delta_l": -5.0, "displaced_share": 0.4, "pair_accuracy": 0.9}}
-
-    pairs = {"scenario": 2, "n_pairs": 10, "n_train": 8, "n_heldout": 2, "mean_edit_distance_norm": 0.512,
-             "on_policy": {"chosen_policy_logprob_per_token": -2.5, "rejected_policy_logprob_per_token": -0.41}}
-    rows = [{"scenario": 2, "status": "done", "experiment": "x-s2", "pairs": pairs, "eval": ev(-3.0)},
-            {"scenario": 4, "status": "failed", "experiment": "x-s4", "pairs": {}, "eval": {}},
-            # scenario 1: its pairs metrics missing (n/a), eval present
-            {"scenario": 1, "status": "done", "experiment": "x-s1", "pairs": {"n_train": 5}, "eval": ev(-0.5)}]
-    md = scenario_table(rows, "dpo")
-    lines = md.splitlines()
-    assert lines[0] == "# Data scenarios side by side (`dpo`)"
-    assert "REFERENCE" in md and "lp_w falls least" in md
-    assert "In this run lp_w falls least in scenario 1 (Δ chosen -0.50), as claimed." in md
-    # columns sorted by scenario, headed by the sources of chosen / rejected
-    assert "| | 1: policy/policy | 2: gold/policy | 4: gold/other |" in lines
-    table = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[1:] for line in lines
-             if line.startswith("| ") and not line.startswith("| |")}
-    assert table["experiment"] == ["`x-s1`", "`x-s2`", "`x-s4`"]
-    assert table["status"] == ["done", "done", "**failed**"]
-    assert table["train pairs"] == ["5", "8", "failed"]
-    assert table["held-out pairs"] == ["n/a", "2", "failed"]
-    assert table["chosen: log-prob per token under the starting policy"] == ["n/a", "-2.500", "failed"]
-    assert table["rejected: log-prob per token under the starting policy"] == ["n/a", "-0.410", "failed"]
-    assert table["held-out chosen before (ref_w)"] == ["-10.00", "-10.00", "failed"]
-    assert table["held-out chosen after (lp_w)"] == ["-10.50", "-13.00", "failed"]
-    assert table["Δ chosen (lp_w − ref_w)"] == ["-0.50", "-3.00", "failed"]
-    assert table["held-out rejected after (lp_l)"] == ["-25.00", "-25.00", "failed"]
-    assert table["Δ rejected (lp_l − ref_l)"] == ["-5.00", "-5.00", "failed"]
-    assert table["held-out pairs with lp_w < ref_w"] == ["40%", "40%", "failed"]
-    assert table["held-out pair accuracy (lp_w − lp_l > ref_w − ref_l)"] == ["90%", "90%", "failed"]
-    assert table["test accuracy before (starting policy)"] == ["25.0%", "25.0%", "failed"]
-    assert table["test accuracy after"] == ["50.0%", "50.0%", "failed"]
-    assert table["mean normalised edit distance chosen↔rejected"] == ["n/a", "0.512", "failed"]
-
-    # scenario 1 not the mildest: said so; a lone finished scenario gets no comparison sentence
-    md = scenario_table([{**rows[0], "eval": ev(0.2)}, rows[2]], "dpop")
-    assert "lp_w falls least in scenario 2 (Δ chosen +0.20), not in scenario 1." in md
-    assert "In this run" not in scenario_table([rows[0], rows[1]], "dpo")
-
-
 def test_trained_pairs_slope_on_edit_distance_fires_only_where_the_fall_depends_on_distance(tmp_path: Path):
     """The edit-distance table has a row for the trained pairs (the fixed training subset at the last step),
     whose slope of Δ chosen on edit distance is tested: an effect (low distance falls more) is found, noise
@@ -123,7 +90,7 @@ def test_trained_pairs_slope_on_edit_distance_fires_only_where_the_fall_depends_
                                            lambda i: float(d[i]), return_dtype=pl.Float64))
                                        .otherwise(pl.col("lp_w")).alias("lp_w"))
         variants[name] = v
-    md, record = build_report("T", start, variants, {}, tmp_path, S, distances)
+    md, record = build_report("T", start, variants, tmp_path, distances)
     slope = record["trained_pairs_slope"]
     assert slope["dpo"]["n"] == 30 and slope["dpo"]["slope"]["low"] > 0 and slope["dpo"]["test"]["p_value"] < 0.05
     assert abs(slope["dpo"]["slope"]["estimate"] - 4.0) < 1.5  # the least-squares slope recovers the effect
@@ -135,5 +102,71 @@ def test_trained_pairs_slope_on_edit_distance_fires_only_where_the_fall_depends_
     assert all(f"(n={c})" in rows["| dpo | trained (fixed subset)"] for c in counts)
     assert "< α = 0.05)" in rows["| dpo | trained (fixed subset)"]
     assert "≥ α = 0.05)" in rows["| dpop | trained (fixed subset)"]
-    md, record = build_report("T", start, variants, {}, tmp_path, S)
+    md, record = build_report("T", start, variants, tmp_path)
     assert "trained (fixed subset)" not in md and "trained_pairs_slope" not in record
+
+
+def test_the_figures_alone_render_the_report_also_read_back_from_json(tmp_path: Path):
+    """The renderer reads nothing but the figures: read back from JSON (NaN as null) they give the same Markdown
+    and plots; a variant with no held-out pairs renders its empty row and n/a correlations."""
+    rng = np.random.default_rng(2)
+    start = pl.DataFrame({"prompt_id": [f"q{i:02d}" for i in range(40)], "correct": [i < 20 for i in range(40)]})
+    empty = _variant(rng, 0.0, 20)
+    empty.pairs = empty.pairs.head(0)
+    figures = compute_report(start, {"dpo": _variant(rng, -1.0, 25), "none": empty}, {}, SETTINGS)
+    md = render_report("T", figures, tmp_path / "memory")
+    read_back = json.loads(json.dumps(json_safe(figures)))
+    assert read_back != figures  # NaN became null on the way
+    assert render_report("T", read_back, tmp_path / "json") == md
+    pngs = sorted(p.name for p in (tmp_path / "memory").iterdir())
+    assert pngs == ["accuracy.png", "displacement.png", "gradients.png", "logprobs.png", "loss.png", "squeezing.png"]
+    for name in pngs:
+        assert (tmp_path / "memory" / name).read_bytes() == (tmp_path / "json" / name).read_bytes(), name
+    assert "| none | 0 | | | | | | | |" in md.splitlines()
+    assert "| none | n/a | n/a | n/a | n/a | n/a |" in md.splitlines()
+    # no pairs in common: no held-out comparison of the two
+    assert set(findings_record(figures)) == {"settings", "variants", "accuracy_between", "predictors"}
+
+
+def test_render_a_hand_written_figures_structure(tmp_path: Path):
+    """Every cell of the report comes from its place in the figures, formatted as the report formats it."""
+    def iv(estimate, low, high):
+        return {"estimate": estimate, "low": low, "high": high, "level": 0.95}
+
+    def test(name, p_value, n):
+        return {"name": name, "p_value": p_value, "n": n}
+
+    finding = {"variant": "dpo", "kind": "displacement", "fired": True, "text": "**likelihood displacement**: x.",
+               "figures": {}}
+    figures = {
+        "settings": {"alpha": 0.05, "level": 0.9, "n_resamples": 100, "seed": 1, "drastic_drop_orders": 1.0},
+        "names": ["dpo"], "data": {"pairs": {"scenario": 3, "n_train": 7}},
+        "accuracy": {"n_test": 10, "start": iv(0.5, 0.2, 0.8), "between": [],
+                     "variants": {"dpo": {"accuracy": iv(0.6, 0.3, 0.9), "change": iv(0.1, -0.1, 0.3),
+                                          "only_before": 1, "only_after": 2,
+                                          "mcnemar": test("exact McNemar", 1.0, 10)}}},
+        "heldout": {"variants": {"dpo": {"ref_w": -20.0, "lp_w": -21.0, "stats": {
+            "n": 4, "delta_w": iv(-1.0, -1.5, -0.5), "delta_w_median": iv(-0.9, -1.4, -0.4),
+            "delta_l": iv(-2.0, -2.5, -1.5), "delta_l_median": iv(-2.1, -2.6, -1.6), "below": iv(0.75, 0.3, 0.95),
+            "below_test": test("sign test", 0.625, 4)}}}, "between": []},
+        "distance": {"buckets": ["[0.00,0.50)", "[0.50,1.00]"], "trained_pairs_slope": {},
+                     "rows": [{"variant": "dpo", "pairs": "held-out",
+                               "buckets": [{"mean": iv(-1.0, -1.5, -0.5), "n": 4}, {"mean": None, "n": 0}],
+                               "slope": iv(None, None, None), "test": test("t test of the slope", None, 4)}]},
+        "predictors": None,
+        "curves": {"heldout": {"dpo": {}}, "train": {"dpo": {}}, "probe": {"dpo": {}}, "history": {}},
+        "findings": {"dpo": [finding]}}
+    md = render_report("Hand", figures, tmp_path)
+    lines = md.splitlines()
+    assert lines[0] == "# Hand" and "90 % interval" in lines[2] and "(100 resamples, seed 1)" in lines[2]
+    assert "- pairs (scenario 3): 7 train, n/a held out; mean normalised edit distance n/a" in lines
+    assert "- judge `?`: n/a groups kept, n/a dropped as ties, candidate accuracy 0%" in lines
+    assert "| starting policy | 50.0% [20.0%, 80.0%] | | | |" in lines
+    assert "| dpo | 60.0% [30.0%, 90.0%] | +10.0 pts [-10.0, +30.0] | 1 / 2 | 1 |" in lines
+    assert ("| dpo | 4 | -20.00 → -21.00 | -1.00 [-1.50, -0.50] | -0.90 [-1.40, -0.40] | -2.00 [-2.50, -1.50] | "
+            "-2.10 [-2.60, -1.60] | 75% [30%, 95%] | 0.62 |") in lines
+    assert "| variant | pairs | [0.00,0.50) | [0.50,1.00] | slope |" in lines
+    assert "| dpo | held-out | -1.00 [-1.50, -0.50] (n=4) | – | n/a (one edit distance) |" in lines
+    assert md.endswith("\n- `dpo`: **likelihood displacement**: x.\n")
+    assert not any(line.startswith(("### Which predicts", "## Training curves", "Loss on")) for line in lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png"]

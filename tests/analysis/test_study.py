@@ -10,11 +10,11 @@ import polars as pl
 import pytest
 from scipy import stats as st
 
-from pipeline.analysis import study as SD
+from pipeline.analysis import study
 from pipeline.analysis.findings import StatSettings
 from pipeline.schema import conform
 
-S = StatSettings(alpha=0.05, level=0.95, n_resamples=2000, seed=0, drastic_drop_orders=1.0)
+SETTINGS = StatSettings(alpha=0.05, level=0.95, n_resamples=2000, seed=0, drastic_drop_orders=1.0)
 N_PAIRS, N_PROMPTS = 40, 60
 
 
@@ -33,7 +33,7 @@ def _gens(correct: np.ndarray, model: str) -> pl.DataFrame:
                    "generations")
 
 
-def _runs(effect: bool, seeds=(0, 1, 2), draw: int = 7) -> list[SD.StudyRun]:
+def _runs(effect: bool, seeds=(0, 1, 2), draw: int = 7) -> list[study.StudyRun]:
     rng = np.random.default_rng(draw)
     dist = rng.uniform(0.05, 0.6, N_PAIRS)
     pair_base = rng.normal(0, 1, N_PAIRS)  # a per-pair effect the seeds share
@@ -52,9 +52,9 @@ def _runs(effect: bool, seeds=(0, 1, 2), draw: int = 7) -> list[SD.StudyRun]:
             trained_d = rng.normal(0, 1, 30)
         trained = pl.DataFrame({"pair_id": [f"t{i:02d}" for i in range(30)], "d": trained_d,
                                 "edit_distance_norm": train_dist})
-        runs.append(SD.StudyRun(f"x-seed{seed}", "default", seed, "dpo", _pairs("dpo", dpo_w, dpo_l, dist), before,
+        runs.append(study.StudyRun(f"x-seed{seed}", "default", seed, "dpo", _pairs("dpo", dpo_w, dpo_l, dist), before,
                                 _gens(rng.random(N_PROMPTS) < (0.1 if effect else 0.5), "dpo"), trained))
-        runs.append(SD.StudyRun(f"x-seed{seed}", "default", seed, "dpop",
+        runs.append(study.StudyRun(f"x-seed{seed}", "default", seed, "dpop",
                                 _pairs("dpop", dpop_w, rng.normal(-1, 1, N_PAIRS), dist), before,
                                 _gens(before["correct"].to_numpy(), "dpop")))
     return runs
@@ -67,9 +67,9 @@ def test_pooled_figures_match_an_independent_computation():
     runs = _runs(effect=True)
     dpo = [r for r in runs if r.variant == "dpo"]
     stacked = np.stack([(r.pairs["lp_w"] - r.pairs["ref_w"]).to_numpy() for r in dpo])  # [seeds, pairs]
-    pooled = SD.pooled_pairs(dpo)
+    pooled = study.pooled_pairs(dpo)
     assert pooled["d_w"].to_numpy() == pytest.approx(stacked.mean(0)) and set(pooled["seeds"]) == {3}
-    summary = {r["variant"]: r for r in SD.study_summary(runs, S)}["dpo"]
+    summary = {r["variant"]: r for r in study.study_summary(runs, SETTINGS)}["dpo"]
     per_seed = stacked.mean(1)
     assert summary["delta_w_seeds"]["mean"] == pytest.approx(per_seed.mean())
     assert summary["delta_w_seeds"]["sd"] == pytest.approx(per_seed.std(ddof=1))
@@ -89,8 +89,8 @@ def test_pooled_figures_match_an_independent_computation():
 
 def test_claims_are_reproduced_on_an_effect_and_not_on_noise():
     def verdicts(runs):
-        return {(c.claim.split(":")[0].split(" (")[0] + ":" + c.measure): c.row(S)["verdict"]
-                for c in SD.study_claims(runs, ROLES, S)}
+        return {(c.claim.split(":")[0].split(" (")[0] + ":" + c.measure): c.row(SETTINGS)["verdict"]
+                for c in study.study_claims(runs, ROLES, SETTINGS)}
 
     effect = verdicts(_runs(effect=True))
     assert len(effect) == 6 and set(effect.values()) == {"reproduced"}, effect
@@ -103,14 +103,14 @@ def test_the_edit_distance_claim_is_judged_on_the_trained_pairs():
     """Held-out rejecteds were never trained on: the slope claim reads the fixed training subset, and only
     without one the held-out pairs (saying which)."""
     runs = _runs(effect=True)
-    slope = next(c for c in SD.study_claims(runs, ROLES, S) if "edit distance" in c.claim)
-    assert "fixed training subset" in slope.measure and slope.row(S)["verdict"] == "reproduced"
-    trained = SD.pooled_trained([r for r in runs if r.variant == "dpo"])
+    slope = next(c for c in study.study_claims(runs, ROLES, SETTINGS) if "edit distance" in c.claim)
+    assert "fixed training subset" in slope.measure and slope.row(SETTINGS)["verdict"] == "reproduced"
+    trained = study.pooled_trained([r for r in runs if r.variant == "dpo"])
     want = np.polyfit(trained["edit_distance_norm"].to_numpy(), trained["d"].to_numpy(), 1)[0]
     assert slope.interval.estimate == pytest.approx(want) and slope.interval.estimate == pytest.approx(4.0, abs=1.5)
-    held = [SD.StudyRun(r.experiment, r.scenario, r.seed, r.variant, r.pairs, r.before, r.after) for r in runs]
-    slope = next(c for c in SD.study_claims(held, ROLES, S) if "edit distance" in c.claim)
-    pooled = SD.pooled_pairs([r for r in held if r.variant == "dpo"])
+    held = [study.StudyRun(r.experiment, r.scenario, r.seed, r.variant, r.pairs, r.before, r.after) for r in runs]
+    slope = next(c for c in study.study_claims(held, ROLES, SETTINGS) if "edit distance" in c.claim)
+    pooled = study.pooled_pairs([r for r in held if r.variant == "dpo"])
     assert "held-out pairs" in slope.measure
     assert slope.interval.estimate == pytest.approx(np.polyfit(pooled["edit_distance_norm"].to_numpy(),
                                                                pooled["d_w"].to_numpy(), 1)[0])
@@ -118,16 +118,16 @@ def test_the_edit_distance_claim_is_judged_on_the_trained_pairs():
 
 def test_a_contradicted_claim_is_called_so():
     runs = _runs(effect=True)
-    flipped = [SD.StudyRun(r.experiment, r.scenario, r.seed, r.variant,
+    flipped = [study.StudyRun(r.experiment, r.scenario, r.seed, r.variant,
                            r.pairs.with_columns((2 * pl.col("ref_w") - pl.col("lp_w")).alias("lp_w")), r.before,
                            r.after) if r.variant == "dpo" else r for r in runs]
-    rows = [c.row(S) for c in SD.study_claims(flipped, ROLES, S)]
+    rows = [c.row(SETTINGS) for c in study.study_claims(flipped, ROLES, SETTINGS)]
     displacement = next(r for r in rows if "likelihood displacement" in r["claim"])
     assert displacement["verdict"] == "contradicted" and displacement["estimate"] > 0
 
 
 def test_report_markdown_and_record():
-    md, record = SD.study_report(_runs(effect=True), ROLES, S, "Study t", "python -m pipeline.flows study")
+    md, record = study.study_report(_runs(effect=True), ROLES, SETTINGS, "Study t", "python -m pipeline.flows study")
     assert md.startswith("# Study t") and "## REFERENCE claims" in md and "**reproduced**" in md
     assert md.count("| default | dpo | ") == 4 and md.count("| default | dpop | ") == 4  # 1 summary + 3 seeds each
     json.dumps(record, allow_nan=False)  # every figure serialisable, no NaN
@@ -140,7 +140,7 @@ def test_judge_claim_needs_both_the_test_and_the_interval():
 
     below = Interval(-1.0, -1.5, -0.5, 0.95)
     across = Interval(-1.0, -2.0, 0.5, 0.95)
-    assert SD.judge_claim(below, Test("t", 0.01, 20), -1, S) == "reproduced"
-    assert SD.judge_claim(below, Test("t", 0.01, 20), +1, S) == "contradicted"
-    assert SD.judge_claim(below, Test("t", 0.2, 20), -1, S) == "not significant"
-    assert SD.judge_claim(across, Test("t", 0.01, 20), -1, S) == "not significant"
+    assert study.judge_claim(below, Test("t", 0.01, 20), -1, SETTINGS) == "reproduced"
+    assert study.judge_claim(below, Test("t", 0.01, 20), +1, SETTINGS) == "contradicted"
+    assert study.judge_claim(below, Test("t", 0.2, 20), -1, SETTINGS) == "not significant"
+    assert study.judge_claim(across, Test("t", 0.01, 20), -1, SETTINGS) == "not significant"

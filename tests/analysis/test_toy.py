@@ -22,7 +22,7 @@ from pipeline.analysis.toy import (
     target_distribution,
 )
 from pipeline.analysis.toy_settings import ToyParams
-from pipeline.training import losses as L
+from pipeline.training.losses import preference_loss
 
 CLAIM_LOSSES = ("dpo", "dpop", "dpo_sft", "ipo")
 
@@ -138,7 +138,7 @@ def test_probability_gradients_match_leaf_autograd(params, hist):
         lp = p.log()
         lp_w, lp_l = lp[prompt, chosen], lp[prompt, rejected]
         ones = torch.ones_like(lp_w)
-        out = L.preference_loss(loss, lp_w, lp_l, lp_w.detach(), lp_l.detach(), ones, ones,
+        out = preference_loss(loss, lp_w, lp_l, lp_w.detach(), lp_l.detach(), ones, ones,
                                 **params.hparams[loss]).mean()
         (g,) = torch.autograd.grad(out, p)
         gw, gl = g[prompt, chosen].abs(), g[prompt, rejected].abs()

@@ -6,11 +6,17 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from pipeline.data.pairs import build_pairs, on_policy_summary
+from pipeline.data.pairs import PairSettings, build_constructed_pairs, build_pairs, on_policy_summary
 from pipeline.model.logprobs import encode_response
 from pipeline.schema import conform
 
 MIN_GAP = 1e-9  # judge.min_gap of params.yaml: groups whose scores differ at all have a winner
+
+
+def settings(scenario: int = 2, min_gap: float = MIN_GAP, chosen_from=("policy", "gold"), edit_kinds=("final",),
+             heldout_fraction: float = 0.0) -> PairSettings:
+    return PairSettings(scenario=scenario, heldout_fraction=heldout_fraction, seed=0, min_gap=min_gap,
+                        chosen_from=tuple(chosen_from), edit_kinds=tuple(edit_kinds))
 
 # Two prompts. p1: the policy has a right and a wrong sample, the other model two wrong ones.
 # p2: the policy's samples are both wrong (a tie), the other model has a right one and a wrong one.
@@ -70,8 +76,8 @@ def fake_policy_logprobs(calls):
 def test_each_scenario_takes_its_sources(tokenizer, scenario, expected):
     prompts, cands, scores, sels = tables(tokenizer)
     calls = []
-    pairs, skipped = build_pairs(prompts, cands, scores, sels, tokenizer, scenario, 0.0, 0,
-                                 fake_policy_logprobs(calls), MIN_GAP)
+    pairs, skipped = build_pairs(prompts, cands, scores, sels, tokenizer, fake_policy_logprobs(calls),
+                                 settings(scenario))
     conform(pairs, "pairs")
     # CHES of the stand-in's hidden sums h = n·1: <h_w, h_l> − ||h_w||² = 3 n_w (n_l − n_w); normalised: 0
     assert (pairs["ches"] == 3 * pairs["len_w"] * (pairs["len_l"] - pairs["len_w"])).all()
@@ -94,18 +100,17 @@ def test_each_scenario_takes_its_sources(tokenizer, scenario, expected):
 
 def test_scenario_3_needs_a_score_gap_and_other_samples(tokenizer):
     prompts, cands, scores, sels = tables(tokenizer)
-    pairs, skipped = build_pairs(prompts, cands, scores, sels, tokenizer, 3, 0.0, 0, fake_policy_logprobs([]),
-                                 min_gap=2.0)
+    pairs, skipped = build_pairs(prompts, cands, scores, sels, tokenizer, fake_policy_logprobs([]),
+                                 settings(3, min_gap=2.0))
     assert pairs["prompt_id"].to_list() == ["p1"] and skipped == {"no_score_gap": 1}  # p2: 1.5 - 0.0 < 2
     no_other = sels.filter(pl.col("source") == "policy")
-    pairs, skipped = build_pairs(prompts, cands, scores, no_other, tokenizer, 4, 0.0, 0, fake_policy_logprobs([]),
-                                 MIN_GAP)
+    pairs, skipped = build_pairs(prompts, cands, scores, no_other, tokenizer, fake_policy_logprobs([]), settings(4))
     assert len(pairs) == 0 and skipped == {"no_other_samples": 2}
 
 
 def test_on_policy_summary_reads_how_on_policy_a_pair_is(tokenizer):
     prompts, cands, scores, sels = tables(tokenizer)
-    pairs, _ = build_pairs(prompts, cands, scores, sels, tokenizer, 3, 0.0, 0, fake_policy_logprobs([]), MIN_GAP)
+    pairs, _ = build_pairs(prompts, cands, scores, sels, tokenizer, fake_policy_logprobs([]), settings(3))
     s = on_policy_summary(pairs)
     assert s["chosen_policy_logprob_per_token"] == pytest.approx(-0.5)
     # policy-sampled chosen side: |sampler - policy| is reported; the other model's side is not
@@ -115,12 +120,10 @@ def test_on_policy_summary_reads_how_on_policy_a_pair_is(tokenizer):
 def test_constructed_pairs_take_a_correct_chosen_and_balanced_edit_kinds(tokenizer):
     """source constructed: the chosen is the policy's correct candidate (p1), else the gold solution (p2, whose
     samples are all wrong); the rejected is an edit of it, wrong; within a split the kinds take turns."""
-    from pipeline.data.pairs import build_constructed_pairs
-
     prompts, cands, scores, _ = tables(tokenizer)
     calls = []
-    pairs, skipped = build_constructed_pairs(prompts, cands, scores, tokenizer, ["policy", "gold"],
-                                             ["final", "all"], 0.0, 0, fake_policy_logprobs(calls))
+    pairs, skipped = build_constructed_pairs(prompts, cands, scores, tokenizer, fake_policy_logprobs(calls),
+                                             settings(chosen_from=("policy", "gold"), edit_kinds=("final", "all")))
     got = {r["prompt_id"]: r for r in pairs.iter_rows(named=True)}
     assert (got["p1"]["chosen_source"], got["p1"]["chosen_text"]) == ("policy", "Answer: 3")
     assert (got["p2"]["chosen_source"], got["p2"]["chosen_text"]) == ("gold", "3 + 4 = 7\nAnswer: 7")
@@ -135,14 +138,16 @@ def test_constructed_pairs_take_a_correct_chosen_and_balanced_edit_kinds(tokeniz
     conform(pairs, "pairs")
 
     # policy only: p2 has no correct sample and is counted, not silently dropped
-    pairs, skipped = build_constructed_pairs(prompts, cands, scores, tokenizer, ["policy"], ["step"], 0.0, 0,
-                                             fake_policy_logprobs([]))
+    pairs, skipped = build_constructed_pairs(prompts, cands, scores, tokenizer, fake_policy_logprobs([]),
+                                             settings(chosen_from=("policy",), edit_kinds=("step",)))
     assert pairs["prompt_id"].to_list() == ["p1"] and skipped == {"no_correct_policy": 1}
 
     # many prompts, half held out: each split's kinds differ in count by at most one, every pair is wrong
     many = pl.concat([prompts.with_columns(prompt_id=pl.lit(f"q{i}")) for i in range(30)])
     pairs, _ = build_constructed_pairs(many.filter(pl.col("prompt_id") != "p1"), cands, scores, tokenizer,
-                                       ["gold"], ["final", "step", "all"], 0.5, 0, fake_policy_logprobs([]))
+                                       fake_policy_logprobs([]), settings(chosen_from=("gold",),
+                                                                          edit_kinds=("final", "step", "all"),
+                                                                          heldout_fraction=0.5))
     for split in ("train", "heldout"):
         counts = pairs.filter(pl.col("split") == split)["rejected_source"].value_counts()["count"].to_list()
         assert len(counts) == 3 and max(counts) - min(counts) <= 1, (split, counts)

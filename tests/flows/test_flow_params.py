@@ -1,4 +1,4 @@
-"""The ``flows:`` settings (pipeline.config.FlowParams) as the flows read them: per-stage retries and
+"""The ``flows:`` settings (pipeline.flows.settings.FlowParams) as the flows read them: per-stage retries and
 timeouts, the scenarios block, and errors that name the key. Every value comes from params.yaml."""
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 from repo_utils import write_params
 
-from pipeline.data import prompts as P
-from pipeline.data.prompts import PromptFileError
+from pipeline.data.prompt_file import R_DUP, PromptFileError
+from pipeline.data.rows import R_JSON, R_MISSING
 
 
 def good_objs(n=3):
@@ -63,11 +63,11 @@ def test_stage_file_quarantine(stage, tmp_path, caplog):
     df = pl.read_parquet(tmp_path / "data/prompts.parquet")
     assert df.height == 8
     q = [json.loads(x) for x in (tmp_path / "data/quarantine.jsonl").read_text().splitlines()]
-    assert [(x["row"], x["reason"]) for x in q] == [(11, P.R_DUP), (12, P.R_MISSING), (13, P.R_JSON)]
+    assert [(x["row"], x["reason"]) for x in q] == [(11, R_DUP), (12, R_MISSING), (13, R_JSON)]
     m = json.loads((tmp_path / "metrics/prepare.json").read_text())
     assert m["rows_read"] == 13
     assert m["quarantined"]["total"] == 3
-    assert m["quarantined"]["by_reason"] == {P.R_DUP: 1, P.R_MISSING: 1, P.R_JSON: 1}
+    assert m["quarantined"]["by_reason"] == {R_DUP: 1, R_MISSING: 1, R_JSON: 1}
     assert m["duplicates_removed"] == 1
     assert m["splits"] == {"train": 5, "test": 3, "warmup": 0}
     assert m["unused"] == 2
