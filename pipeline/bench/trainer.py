@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(default: the first one)")
     parser.add_argument("--model", help="builtin name, model folder or hf:<id> (default: models/policy, the "
                                         "model the train stage trains; without it policy.model)")
-    parser.add_argument("--pairs", help="'pipeline' (data/pairs.parquet with data/reference.parquet), 'synth' or "
-                                        "a pairs parquet; default: pipeline where both files exist, else synth")
+    parser.add_argument("--pairs", help="'pipeline' (data/pairs.parquet's training pairs, with "
+                                        "data/reference.parquet), 'synth' or a pairs parquet; default: pipeline "
+                                        "where the pairs stage has run, else synth")
     parser.add_argument("--reference", help="reference parquet (pair_id, ref_w, ref_l) of a --pairs file; "
                                             "missing log-probs are computed, untimed")
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK.steps} steps of "

@@ -32,8 +32,8 @@ class PairSet:
 
 
 def default_pairs() -> str:
-    """The pipeline's own pairs when the pairs and reference stages have run here, else synthesized ones."""
-    return PIPELINE if Path(paths.PAIRS).is_file() and Path(paths.REFERENCE).is_file() else SYNTH
+    """The pipeline's own pairs when the pairs stage has run here, else synthesized ones."""
+    return PIPELINE if Path(paths.PAIRS).is_file() else SYNTH
 
 
 def synth_pairs(tokenizer, prepare: PrepareParams, n: int) -> pl.DataFrame:
@@ -59,17 +59,22 @@ def synth_pairs(tokenizer, prepare: PrepareParams, n: int) -> pl.DataFrame:
 
 def load_pair_set(spec: str, reference: str | None, *, model_path: str, tokenizer, cfg: Params,
                   n_synth: int) -> PairSet:
-    """The pairs ``spec`` names (``pipeline``, ``synth`` or a pairs parquet) and the reference log-probs
-    that belong to them: the reference stage's for the pipeline's pairs when the model is its model
-    (``models/policy``), ``reference`` (a parquet of pair_id, ref_w, ref_l) for a pairs file."""
+    """The pairs ``spec`` names and the reference log-probs that belong to them. ``pipeline``: the
+    training pairs of ``data/pairs.parquet`` (those the train stage trains on), with the reference
+    stage's log-probs where that stage has run and the model is its model (``models/policy``).
+    ``synth``: :func:`synth_pairs`. Else a pairs parquet, with ``reference`` (a parquet of pair_id,
+    ref_w, ref_l) when given."""
     if spec == SYNTH:
         return PairSet(synth_pairs(tokenizer, cfg.prepare, n_synth), None,
                        f"synthesized ({n_synth} {cfg.prepare.reasoning_gym.task} problems, step edits)")
     if spec == PIPELINE:
-        spec = paths.PAIRS
-        reference = paths.REFERENCE if Path(model_path).resolve() == Path(paths.POLICY_DIR).resolve() else None
-    pairs = pl.read_parquet(spec).select("pair_id", *IDS)
-    source = f"{spec} ({pairs.height} pairs)"
+        pairs = pl.read_parquet(paths.PAIRS).filter(pl.col("split") == "train").select("pair_id", *IDS)
+        same_model = Path(model_path).resolve() == Path(paths.POLICY_DIR).resolve()
+        reference = paths.REFERENCE if same_model and Path(paths.REFERENCE).is_file() else None
+        source = f"{paths.PAIRS} ({pairs.height} training pairs)"
+    else:
+        pairs = pl.read_parquet(spec).select("pair_id", *IDS)
+        source = f"{spec} ({pairs.height} pairs)"
     if reference:
         source += f", reference log-probs from {reference}"
         return PairSet(pairs, pl.read_parquet(reference).select("pair_id", "ref_w", "ref_l"), source)

@@ -56,7 +56,7 @@ def test_ours_on_the_pipelines_pairs_passes_the_first_step_reference_check(pipel
     out = json.loads((pipeline_outputs / "bench.json").read_text())
     cfg = load_params("params.yaml")
     reference_metrics = json.loads((pipeline_outputs / "metrics/reference.json").read_text())
-    assert out["pairs"] == "data/pairs.parquet (8 pairs), reference log-probs from data/reference.parquet"
+    assert out["pairs"] == "data/pairs.parquet (4 training pairs), reference log-probs from data/reference.parquet"
     assert out["settings"]["model"] == str((pipeline_outputs / "models/policy").resolve())
     train = out["settings"]["train"]
     assert (train["bf16"], train["shared_prompt"], train["max_length"]) == (
