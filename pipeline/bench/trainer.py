@@ -157,7 +157,7 @@ def build_spec(args: argparse.Namespace, cfg: Params, variant: Variant, workdir:
     spec = {"model_path": model_path, "dtype": cfg.policy.dtype, "threads": args.threads, "profile": args.profile,
             "ours_fn": args.ours_fn, "steps": args.steps, "losses": [t.model_dump() for t in variant.losses],
             "trl_beta": trl_beta(variant) if any(not c.startswith("ours") for c in configs) else None,
-            "settings": {c: s.model_dump() for c, s in settings.items()},
+            "train": base.model_dump(), "settings": {c: s.model_dump() for c, s in settings.items()},
             "reference": {c: references[settings[c].shared_prompt] for c in configs if c.startswith("ours")},
             "pairs": pairs, "examples": examples, "order": order}
     return spec, source
@@ -278,10 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     configs = args.configs.split(",")
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         spec, source = build_spec(args, cfg, variant, Path(tmp))
-        env = environment(TrainSettings(**spec["settings"][configs[0]]))
+        train = spec["train"]
+        env = environment(TrainSettings(**train))
         if env["trl"] is None and any(not c.startswith("ours") for c in configs):
             raise SystemExit("TRL is not installed: pip install -e '.[bench]'")
-        train = spec["settings"][configs[0]]
         print(f"model {spec['model_path']}\npairs {source}\nvariant {variant.name}: steps {args.steps} (+1 warm-up), "
               f"batch {train['batch_size']} pairs, max_length {train['max_length']}, bf16 autocast "
               f"{env['bf16_autocast']}, threads {args.threads}, torch {env['torch']}, transformers "
