@@ -259,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-profile", default="profiles/gpu.yaml", help="the profile --repro applies")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a tiny random model, small sizes (on a "
                                                              "CPU, gloo stands in for NCCL)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads on a CPU (0: torch's default)")
     parser.add_argument("--random-weights", action="store_true",
                         help="SmolLM2-135M's architecture with random weights instead of policy.model")
     parser.add_argument("--mfu-batch", type=int, default=64, help="pairs per step")
@@ -279,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         dist_worker(*args.dist_worker)
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     checks = [c for c in args.checks.split(",") if c] + (["repro"] if args.repro else [])
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
