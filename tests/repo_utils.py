@@ -49,6 +49,43 @@ def tiny_params(model_dir: Path, other_dir: Path | None = None) -> dict:
     return p
 
 
+STAGE_WORKSPACE_PAIRS = 8  # one pair per prompt; odd ones held out (their prompts are test prompts)
+
+
+def write_stage_workspace(root: Path, model_dir: Path) -> Path:
+    """What the stages after `pairs` read, under ``root``: the policy folder (a copy of ``model_dir``),
+    prompts and preference pairs (train and held-out) and params.yaml naming that policy."""
+    import polars as pl
+
+    from pipeline.io import write_table
+    from pipeline.model import loading
+    from pipeline.model.logprobs import encode_prompt, encode_response
+
+    shutil.copytree(model_dir, root / "models/policy")
+    tok = loading.load_tokenizer(model_dir)
+    prompts, pairs = [], []
+    for i in range(STAGE_WORKSPACE_PAIRS):
+        q = f"What is {i} + {3 * i}?" + " Be brief." * (i % 3)
+        split = "heldout" if i % 2 else "train"
+        prompts.append({"prompt_id": f"p{i}", "split": "test" if i % 2 else "train", "question": q, "prompt": q,
+                        "answer": str(4 * i), "solution": None, "source": "test"})
+        w = encode_response(tok, "So" + " then" * (2 * i % 5) + f" {4 * i}")
+        l_ = encode_response(tok, f"It is {4 * i + 1}" + ", surely" * (i % 4))
+        pairs.append({"pair_id": f"p{i}-s1", "prompt_id": f"p{i}", "split": split, "prompt_ids": encode_prompt(tok, q),
+                      "chosen_ids": w, "rejected_ids": l_, "chosen_text": "", "rejected_text": "",
+                      "chosen_source": "policy", "rejected_source": "policy", "chosen_correct": True,
+                      "rejected_correct": False, "chosen_sampler_logprob": None, "rejected_sampler_logprob": None,
+                      "chosen_policy_logprob": -1.0, "rejected_policy_logprob": -2.0, "scenario": 1,
+                      "edit_distance": 3, "edit_distance_norm": 0.3, "first_diff": 0, "len_w": len(w), "len_l": len(l_),
+                      "ches": -1.0, "ches_norm": -0.1})
+    write_table(pl.DataFrame(prompts), root / "data/prompts.parquet", "prompts")
+    write_table(pl.DataFrame(pairs), root / "data/pairs.parquet", "pairs")
+    write_params(root / "params.yaml", {
+        "policy": {"model": str(root / "models/policy")},
+        "evaluate": {"generation": {"max_new_tokens": 4, "batch_size": 4}}})
+    return root
+
+
 def make_repo(root: Path, params: dict) -> Path:
     repo = root / "repo"
     repo.mkdir()
@@ -77,6 +114,14 @@ def run(cmd: list[str], cwd: Path) -> str:
     if proc.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc.stdout + proc.stderr
+
+
+def run_module(module: str, args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m module args`` in ``cwd`` with this checkout's package, as a user runs a tool; the
+    caller checks the exit status."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
 
 
 def ran(output: str) -> set[str]:

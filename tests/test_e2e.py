@@ -3,8 +3,6 @@ repo: all outputs appear, a second repro does nothing, and a params change rerun
 
 from __future__ import annotations
 
-import importlib.util
-
 import polars as pl
 import pytest
 import torch
@@ -12,14 +10,12 @@ from huggingface_hub import ModelCard
 from repo_utils import PROJECT, copy_repo, make_repo, ran, run, set_param, tiny_params
 from transformers import AutoModelForCausalLM
 
+from pipeline import stage_deps
 from pipeline.settings.params import Params
 
 
 def stages_importing(module: str) -> set[str]:
-    """Stages (foreach expanded) whose code imports ``module``, by the import walk of scripts/stage_deps.py."""
-    spec = importlib.util.spec_from_file_location("stage_deps", PROJECT / "scripts/stage_deps.py")
-    stage_deps = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage_deps)
+    """Stages (foreach expanded) whose code imports ``module``, by the import walk of pipeline.stage_deps."""
     out = set()
     for name, (mod, _) in stage_deps.stage_modules(PROJECT / "dvc.yaml").items():
         if module in stage_deps.closure(mod):

@@ -1,28 +1,23 @@
-"""profiles/gpu.yaml and scripts/gpu_check.py's pieces that need no GPU (the checks themselves are run on a GPU)."""
+"""profiles/gpu.yaml applied by pipeline.profiles, and pipeline.bench.gpu_check's checks on a CPU (on a GPU the
+same command runs them at full size)."""
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from repo_utils import repo_params
+from repo_utils import repo_params, run_module
 
+from pipeline.profiles import apply_profile, load_profile, profile_args
 from pipeline.settings.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts/gpu_check.py")
-gpu_check = importlib.util.module_from_spec(spec)
-sys.modules["gpu_check"] = gpu_check
-spec.loader.exec_module(gpu_check)
-PROFILE = yaml.safe_load((ROOT / "profiles/gpu.yaml").read_text())
+PROFILE = load_profile(ROOT / "profiles/gpu.yaml")
 
 
 def test_the_gpu_profile_changes_existing_keys_into_valid_params():
-    params = gpu_check.apply_profile(repo_params(), PROFILE)
+    params = apply_profile(repo_params(), PROFILE)
     cfg = Params.parse(params, "params.yaml + profiles/gpu.yaml")
     assert cfg.policy.eval.backend == cfg.evaluate.generation.backend == "vllm"
     assert cfg.vllm.block_size is None and cfg.vllm.max_num_seqs == 1024 and cfg.prepare.n_test == 512
@@ -36,30 +31,35 @@ def test_the_gpu_profile_changes_existing_keys_into_valid_params():
 
 def test_a_profile_key_missing_from_params_is_refused():
     with pytest.raises(KeyError, match="vllm.max_num_seq"):
-        gpu_check.apply_profile(repo_params(), {"vllm.max_num_seq": 8})
+        apply_profile(repo_params(), {"vllm.max_num_seq": 8})
 
 
 def test_profile_args_are_what_dvc_exp_run_takes():
-    args = gpu_check.profile_args({"vllm.block_size": None, "train.variants.dpo.beta": 0.3, "a.b": [1, 2],
-                                   "evaluate.generation.backend": "vllm"})
+    args = profile_args({"vllm.block_size": None, "train.variants.dpo.beta": 0.3, "a.b": [1, 2],
+                         "evaluate.generation.backend": "vllm"})
     assert shlex.split(" ".join(args)) == ["-S", "vllm.block_size=null", "-S", "train.variants.dpo.beta=0.3",
                                            "-S", "a.b=[1, 2]", "-S", "evaluate.generation.backend=vllm"]
 
 
+def test_the_command_prints_the_profile_as_dvc_exp_run_arguments():
+    proc = run_module("pipeline.profiles", ["profiles/gpu.yaml"], ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    words = shlex.split(proc.stdout)
+    assert words[0::2] == ["-S"] * len(PROFILE)
+    assert [w.split("=", 1)[0] for w in words[1::2]] == list(PROFILE)
+    assert "vllm.block_size=null" in words and "policy.eval.backend=vllm" in words
+
+
 @pytest.mark.slow
 def test_gpu_check_quick_runs_its_checks_on_cpu(tmp_path):
-    """The script's code paths end to end at small sizes on CPU (gloo standing in for NCCL, 2 processes): the
-    reference taken as the reference stage takes it passes the trainer's first-step check, and DDP and FSDP2
-    follow the one-process loss curve. On a GPU the same command runs at full size."""
+    """The checks' code paths end to end at small sizes on CPU, on a tiny random model (gloo standing in for
+    NCCL, 2 processes): the reference taken as the reference stage takes it passes the trainer's first-step
+    check, and DDP and FSDP2 follow the one-process loss curve."""
     import json
-    import os
-    import subprocess
 
     out = tmp_path / "gpu.json"
-    env = {**os.environ, "GPU_CHECK_RANDOM_WEIGHTS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--quick", "--checks",
-                           "peak,bf16_reference,nccl", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900, check=False)
+    proc = run_module("pipeline.bench.gpu_check", ["--quick", "--checks", "peak,bf16_reference,nccl", "--out",
+                                                   str(out)], ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert "skipped" in r["peak"] or r["peak"]["tflops"] > 0

@@ -1,31 +1,39 @@
-"""dvc.yaml's code deps are exactly the project files each stage's code imports (scripts/stage_deps.py),
+"""dvc.yaml's code deps are exactly the project files each stage's code imports (pipeline.stage_deps),
 so an edit to one module reruns the stages that run it and no others."""
 
 from __future__ import annotations
 
-import importlib.util
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
+from pipeline import stage_deps
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("stage_deps", ROOT / "scripts/stage_deps.py")
-stage_deps = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stage_deps)
 
 
 def test_dvc_yaml_code_deps_equal_the_import_closure():
     diff = stage_deps.differences()
-    assert not diff, "dvc.yaml code deps differ from the imports (run python scripts/stage_deps.py):\n" + \
+    assert not diff, "dvc.yaml code deps differ from the imports (run python -m pipeline.stage_deps):\n" + \
         "\n".join(f"{s}: missing {d['missing']}, extra {d['extra']}" for s, d in diff.items())
 
 
-def test_every_project_module_belongs_to_some_stage_or_the_flows():
+def _command_modules() -> list[str]:
+    """The package's own command-line tools (``python -m pipeline.<tool>``): a package's ``__main__`` and the
+    modules with a main block."""
+    return [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "pipeline").rglob("*.py")
+            if p.name == "__main__.py" or 'if __name__ == "__main__":' in p.read_text(encoding="utf-8")]
+
+
+def test_every_project_module_belongs_to_some_stage_the_flows_or_a_tool():
     used = set()
     for module, _ in stage_deps.stage_modules(ROOT / "dvc.yaml").values():
         used |= stage_deps.closure(module)
-    used |= stage_deps.closure("pipeline.flows.cli") | stage_deps.closure("pipeline.pages.__main__")
+    for module in _command_modules():
+        used |= stage_deps.closure(module)
     files = {p.relative_to(ROOT).as_posix() for pkg in ("pipeline", "stages") for p in (ROOT / pkg).rglob("*.py")}
-    assert files - used == {"pipeline/flows/__main__.py"} or files - used == set(), sorted(files - used)
+    assert files - used == set(), sorted(files - used)
 
 
 def _write(root: Path, rel: str, text: str) -> None:
@@ -115,3 +123,13 @@ def test_shared_types_and_the_ground_floor_are_leaves():
             assert all(m.startswith("pipeline.settings") or m in allowed for m in imports), (module, imports)
     for name, (module, _) in stage_deps.stage_modules(ROOT / "dvc.yaml").items():
         assert not [f for f in stage_deps.closure(module) if f.startswith("pipeline/flows/")], name
+
+
+def test_the_command_prints_every_stage_and_checks_dvc_yaml():
+    proc = subprocess.run([sys.executable, "-m", "pipeline.stage_deps", "--check"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split(" ")[0]: line for line in proc.stdout.splitlines()}
+    assert set(lines) == set(stage_deps.stage_modules(ROOT / "dvc.yaml"))
+    assert "stages/reference.py" in lines["reference"] and "pipeline/model/logprobs.py" in lines["reference"]
+    assert "DIFFERS" not in proc.stderr

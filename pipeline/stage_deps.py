@@ -1,7 +1,7 @@
 """The project files each DVC stage's code imports, against the code deps dvc.yaml lists.
 
-    python scripts/stage_deps.py            # prints each stage's expected code deps and any difference
-    python scripts/stage_deps.py --check    # exit status 1 when dvc.yaml differs (what the test asserts)
+    python -m pipeline.stage_deps            # prints each stage's expected code deps and any difference
+    python -m pipeline.stage_deps --check    # exit status 1 when dvc.yaml differs (what the test asserts)
 
 A stage's code is its ``python -m stages.<name>`` module and every project module it imports,
 transitively: every ``import``/``from ... import`` anywhere in a file (inside functions too: a lazy
@@ -118,10 +118,10 @@ def differences(root: Path = ROOT) -> dict[str, dict[str, list[str]]]:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml's code deps differ")
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml's code deps differ")
+    args = parser.parse_args(argv)
     for name, (module, _) in stage_modules(ROOT / "dvc.yaml").items():
         deps = expected_code_deps(module)
         print(f"{name} ({module}, {len(deps)} files): [{', '.join(deps)}]")

@@ -1,0 +1,316 @@
+"""The checks a GPU machine needs, in one command (not a test), with their figures in one JSON file:
+
+    python -m pipeline.bench.gpu_check --out reports/bench/gpu-check.json      # on the GPU machine
+    python -m pipeline.bench.gpu_check --quick --out /tmp/gpu-check.json       # seconds, also on CPU
+
+Each check runs on its own; one that fails or cannot run records why and the others go on.
+
+1. ``peak``: the GPU's measured bf16 matrix-product rate (8192³, mean of 10 after 3 warm-ups), the
+   denominator of the MFU.
+2. ``bf16_reference``: the reference stage's log-probs (``pair_logprobs`` at ``train.bf16``) against the
+   trainer's first-step log-probs of the same pairs, where the policy is the reference: the first-step
+   check's ``ref_gap_mean`` must be within ``train.ref_check_tol``. The gaps of an fp32 reference are
+   recorded beside it: what a reference computed at another precision than training's looks like.
+3. ``mfu``: :func:`train_preference` at params' precision and layout (``train.bf16``,
+   ``train.shared_prompt``), timed steps after one warm-up: tokens/s (prompt + chosen + rejected) and
+   MFU = 6 · N_params · tokens/s / peak (also with the non-embedding parameter count).
+4. ``nccl``: DDP and FSDP2 through ``torchrun`` with NCCL on every visible GPU (needs at least 2), the
+   same steps as one process: the largest difference of the loss curves.
+5. ``vllm``: the sampling benchmark (:mod:`pipeline.bench.sampling`: transformers vs vLLM, compiled,
+   bf16) when vLLM is installed.
+6. ``repro``: ``dvc repro`` of a fresh clone of this repository with ``profiles/gpu.yaml`` applied to its
+   params.yaml, timed, when DVC is installed (``--repro``; it takes the longest).
+
+Every training check runs the loss and train settings of a params.yaml variant (``--variant``) on
+``policy.model`` (:mod:`pipeline.bench.gpu_policy`; ``model_source`` in the JSON says what was loaded).
+
+On a GPU machine without a package index but with PyTorch and transformers (a stock image), carry the
+wheels of ``scripts/gpu_wheels.sh`` (polars, pydantic: about 55 MB) and run, from the checkout:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
+      PYTHONPATH=/tmp/site:$PWD python3 -m pipeline.bench.gpu_check --out gpu-check.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from pipeline.bench.gpu_policy import (PolicySpec, check_settings, examples_of, load_policy, policy_spec,
+                                       reference_of, synth_pairs)
+from pipeline.bench.process import PROJECT_ROOT, child_env
+from pipeline.settings.params import Params
+from pipeline.settings.train import Variant
+
+CHECKS = ("peak", "bf16_reference", "mfu", "nccl", "vllm", "repro")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Checks:
+    """The checks of one run: params' variant, the policy to load, and the command line's sizes."""
+
+    def __init__(self, args: argparse.Namespace, cfg: Params, variant: Variant, policy: PolicySpec):
+        self.args, self.cfg, self.variant, self.policy = args, cfg, variant, policy
+        self.results: dict = {}
+
+    def peak(self) -> dict:
+        if not torch.cuda.is_available():
+            return {"skipped": "no GPU: MFU has no peak to divide by"}
+        n = 4096 if self.args.quick else 8192
+        left, right = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        for _ in range(3):
+            left @ right
+        _sync()
+        start = time.perf_counter()
+        for _ in range(10):
+            left @ right
+        _sync()
+        seconds = (time.perf_counter() - start) / 10
+        return {"n": n, "tflops": 2 * n ** 3 / seconds / 1e12, "gpu": torch.cuda.get_device_name(0)}
+
+    def bf16_reference(self) -> dict:
+        from pipeline.training.trainer import train_preference
+
+        model, pad_id, source = load_policy(self.policy)
+        settings = check_settings(self.variant.settings, batch_size=8, epochs=1, lr=1e-12)
+        pairs = synth_pairs(8, 94, 17, model.config.vocab_size, seed=1)  # the default pairs' lengths
+        out = {"model_source": source, "ref_check_tol": settings.ref_check_tol, "bf16": settings.bf16,
+               "device": str(next(model.parameters()).device)}
+        # both references from the starting policy, each computed once
+        refs = {bf16: reference_of(model.eval(), pairs, pad_id, settings, bf16) for bf16 in {settings.bf16, False}}
+        for i, (name, bf16) in enumerate((("same_precision", settings.bf16), ("fp32_reference", False))):
+            if i:
+                model, pad_id, _ = load_policy(self.policy)  # a fresh policy: the first run stepped this one
+            seen: dict = {}
+            try:
+                train_preference(model, examples_of(pairs, refs[bf16]), self.variant.losses, settings, pad_id=pad_id,
+                                 progress=None, log_fn=lambda step, m, seen=seen: seen.setdefault(step, m))
+                out[name] = {"ref_gap_max": seen[0]["ref_gap_max"], "ref_gap_mean": seen[0]["ref_gap_mean"],
+                             "failed": None}
+            except ValueError as e:  # the trainer's first-step check refused it
+                out[name] = {"failed": str(e)[:400]}
+        out["reference_bf16_vs_fp32_max_abs"] = max(abs(a - b) for x, y in zip(refs[settings.bf16], refs[False])
+                                                    for a, b in zip(x, y))
+        same = out["same_precision"]
+        out["passed"] = same.get("failed") is None and same["ref_gap_mean"] <= settings.ref_check_tol
+        return out
+
+    def mfu(self) -> dict:
+        from pipeline.training.batching import step_batches
+        from pipeline.training.trainer import train_preference
+
+        args = self.args
+        model, pad_id, source = load_policy(self.policy)
+        batch, steps, prompt_len, response_len, max_length = (
+            (8, 3, 64, 16, 160) if args.quick else
+            (args.mfu_batch, args.mfu_steps, args.mfu_prompt_len, args.mfu_response_len, args.mfu_max_length))
+        # random pairs: their reference is meaningless, so the first-step check is set out of the way
+        settings = check_settings(self.variant.settings, batch_size=batch, epochs=1, max_length=max_length,
+                                  ref_check_tol=1e9)
+        pairs = synth_pairs(batch * (steps + 1), prompt_len, response_len, model.config.vocab_size, seed=2)
+        stamps: list[float] = []
+
+        def log_fn(step, metrics):
+            _sync()
+            stamps.append(time.perf_counter())
+
+        train_preference(model, examples_of(pairs, [(0.0, 0.0)] * len(pairs)), self.variant.losses, settings,
+                         pad_id=pad_id, progress=None, log_fn=log_fn)
+        order = [i for b in step_batches(len(pairs), batch, 1, settings.seed) for i in b]
+        tokens = 0
+        for i in order[batch:]:  # the timed steps: every step after the first
+            lengths = [len(pairs[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
+            if lengths[0] + max(lengths[1:]) > max_length:  # truncated: the count would overstate the work
+                raise ValueError(f"a pair of {lengths[0]} + {max(lengths[1:])} tokens exceeds --mfu-max-length "
+                                 f"{max_length}")
+            tokens += sum(lengths)
+        seconds = stamps[steps] - stamps[0]
+        n_params = sum(p.numel() for p in model.parameters())
+        n_embed = model.get_input_embeddings().weight.numel()
+        tokens_per_s = tokens / seconds
+        out = {"model_source": source, "batch_pairs": batch, "timed_steps": steps, "tokens": tokens,
+               "seconds": seconds, "tokens_per_s": tokens_per_s, "n_params": n_params,
+               "n_params_non_embedding": n_params - n_embed, "bf16": settings.bf16,
+               "device": str(next(model.parameters()).device)}
+        peak = self.results.get("peak", {}).get("tflops")
+        if peak:
+            out["mfu"] = 6 * n_params * tokens_per_s / (peak * 1e12)
+            out["mfu_non_embedding"] = 6 * (n_params - n_embed) * tokens_per_s / (peak * 1e12)
+        return out
+
+    def nccl(self) -> dict:
+        from pipeline.training.trainer import train_preference
+
+        n_gpu = torch.cuda.device_count()
+        world = n_gpu if n_gpu >= 2 else (2 if self.args.quick else 0)
+        if not world:
+            return {"skipped": f"{n_gpu} GPU(s) visible: NCCL needs one GPU per process, so at least 2"}
+        backend = "nccl" if n_gpu >= 2 else "gloo"  # a quick run on a CPU: the same launch with gloo
+        model, pad_id, source = load_policy(self.policy)
+        settings = check_settings(self.variant.settings, batch_size=max(8, world), epochs=2, ref_check_tol=1e9,
+                                  bf16=n_gpu >= 2)
+        pairs = synth_pairs(settings.batch_size * 2 + 2, 64, 16, model.config.vocab_size, seed=3)  # a 2-pair tail
+        examples = examples_of(pairs, reference_of(model.eval(), pairs, pad_id, settings, settings.bf16))
+        single = [h["loss"] for h in train_preference(model, examples, self.variant.losses, settings, pad_id=pad_id,
+                                                      progress=None)]
+        with tempfile.TemporaryDirectory() as tmp:
+            spec, result = Path(tmp) / "spec.pt", Path(tmp) / "losses.pt"
+            torch.save({"examples": examples, "terms": self.variant.losses, "settings": settings, "backend": backend,
+                        "policy": self.policy}, spec)
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   f"--nproc_per_node={world}", "-m", "pipeline.bench.gpu_check", "--dist-worker",
+                                   str(spec), str(result)], env=child_env(), capture_output=True, text=True,
+                                  check=False)
+            if proc.returncode:
+                return {"backend": backend, "world": world, "failed": proc.stderr[-3000:]}
+            losses = torch.load(result)
+        diffs = {k: max(abs(a - b) for a, b in zip(v, single)) for k, v in losses.items()}
+        return {"backend": backend, "world": world, "model_source": source, "steps": len(single), "single": single,
+                **{f"{k}_losses": v for k, v in losses.items()}, "max_abs_loss_diff": diffs,
+                "wall_s": time.perf_counter() - start, "passed": all(d < self.args.loss_tol for d in diffs.values())}
+
+    def vllm(self) -> dict:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            return {"skipped": "vLLM is not installed (pip install -e '.[vllm]')"}
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "sampling.json"
+            cmd = [sys.executable, "-m", "pipeline.bench.sampling", "--params", self.args.params, "--out", str(out)]
+            if torch.cuda.is_available():
+                cmd += ["--prompts", "512", "--n", "8", "--max-new-tokens", "128", "--batch-size", "512", "--dtype",
+                        "bfloat16", "--compiled", "--max-num-seqs", "1024", "--logprob-check", "256"]
+            else:
+                cmd += ["--quick", "--backends", "transformers,vllm"] if self.args.quick else \
+                    ["--prompts", "8", "--n", "2", "--max-new-tokens", "8"]
+            proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, check=False)
+            if proc.returncode:
+                return {"failed": proc.stderr[-3000:]}
+            return json.loads(out.read_text())["results"]
+
+    def repro(self) -> dict:
+        if shutil.which("dvc") is None:
+            return {"skipped": "DVC is not installed (pip install -e .)"}
+        import yaml
+
+        from pipeline.model.loading import cache_root
+        from pipeline.profiles import apply_profile, load_profile
+
+        profile = load_profile(self.args.gpu_profile)
+        work = Path(tempfile.mkdtemp(prefix="gpu-repro-"))
+        subprocess.run(["git", "clone", "-q", str(PROJECT_ROOT), str(work)], check=True)
+        params = apply_profile(yaml.safe_load((work / "params.yaml").read_text()), profile)
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        env = {**os.environ, "DPO_PIPELINE_CACHE": str(cache_root())}  # the converted models, shared
+        start = time.perf_counter()
+        proc = subprocess.run(["dvc", "repro"], cwd=work, env=env, capture_output=True, text=True, check=False)
+        result = {"workdir": str(work), "wall_s": time.perf_counter() - start, "rc": proc.returncode,
+                  "log_tail": proc.stdout[-2000:]}
+        if proc.returncode == 0:
+            result["metrics"] = {p.name: json.loads(p.read_text()) for p in (work / "metrics" / "eval").glob("*.json")}
+        return result
+
+
+def dist_worker(spec_path: str, out_path: str) -> None:
+    """Under torchrun: train the spec's pairs with DDP, then FSDP2; rank 0 writes the loss curves."""
+    import dataclasses
+
+    from pipeline.settings.params import Params
+
+    from pipeline.settings.train import RuntimeParams
+    from pipeline.training import distributed
+    from pipeline.training.trainer import train_preference
+
+    spec = torch.load(spec_path, weights_only=False)
+    ctx = distributed.init(RuntimeParams(nproc=int(os.environ["WORLD_SIZE"]), backend=spec["backend"],
+                                         strategy="ddp", checkpoint_every=0, checkpoint_dir="."))
+    losses = {}
+    for strategy in ("ddp", "fsdp"):
+        model, pad_id, _ = load_policy(spec["policy"])
+        history = train_preference(model.to(ctx.device), spec["examples"], spec["terms"], spec["settings"],
+                                   pad_id=pad_id, ctx=dataclasses.replace(ctx, strategy=strategy), progress=None)
+        losses[strategy] = [h["loss"] for h in history]
+    if ctx.is_main:
+        torch.save(losses, out_path)
+    distributed.shutdown(ctx)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--variant", help="the train.variants entry whose loss and settings train (default: the "
+                                          "first one)")
+    parser.add_argument("--checks", default="peak,bf16_reference,mfu,nccl,vllm",
+                        help=f"comma-separated subset of {','.join(CHECKS)}")
+    parser.add_argument("--repro", action="store_true", help="also run the GPU profile's dvc repro")
+    parser.add_argument("--gpu-profile", default="profiles/gpu.yaml", help="the profile --repro applies")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: a tiny random model, small sizes (on a "
+                                                             "CPU, gloo stands in for NCCL)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads on a CPU (0: torch's default)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="SmolLM2-135M's architecture with random weights instead of policy.model")
+    parser.add_argument("--mfu-batch", type=int, default=64, help="pairs per step")
+    parser.add_argument("--mfu-steps", type=int, default=10)
+    parser.add_argument("--mfu-prompt-len", type=int, default=256)
+    parser.add_argument("--mfu-response-len", type=int, default=192)
+    parser.add_argument("--mfu-max-length", type=int, default=1024)
+    parser.add_argument("--loss-tol", type=float, default=2e-2, help="NCCL check: bf16 losses vs one process")
+    parser.add_argument("--out", help="write the figures as JSON here (reports/bench/ keeps recorded runs)")
+    parser.add_argument("--dist-worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dist_worker:
+        dist_worker(*args.dist_worker)
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checks = [c for c in args.checks.split(",") if c] + (["repro"] if args.repro else [])
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        parser.error(f"unknown checks {unknown}; choose from {CHECKS}")
+    cfg = Params.load(args.params)
+    variant = cfg.variant(args.variant or next(iter(cfg.train.variants)))
+    runner = Checks(args, cfg, variant, policy_spec(cfg, quick=args.quick, random_weights=args.random_weights))
+    results = runner.results
+    results.update({"bench": "gpu_check", "host": platform.node(), "torch": torch.__version__,
+                    "cuda": torch.version.cuda, "variant": variant.name, "quick": args.quick,
+                    "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]})
+    for name in checks:
+        start = time.perf_counter()
+        try:
+            results[name] = getattr(runner, name)()
+        except Exception:  # noqa: BLE001 - record it; the other checks still run
+            results[name] = {"failed": traceback.format_exc()[-3000:]}
+        results[name]["check_s"] = time.perf_counter() - start
+        print(f"{name}: {json.dumps(results[name], default=str)[:1500]}", flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    failed = [n for n in checks if "failed" in results[n] or results[n].get("passed") is False]
+    print("failed checks: " + (", ".join(failed) or "none"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
