@@ -64,7 +64,7 @@ def test_missing_model_folder_fails_at_once(tmp_path):
 def test_variant_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"train\.variants\.dpo\.beta"):
         parse_params(_with("train.variants.dpo", {"loss": "dpo", "beta": "high"}))
-    with pytest.raises(ConfigError, match=r"train\.variants\.dpo.*unknown loss|no_such"):
+    with pytest.raises(ConfigError, match=r"train\.variants\.dpo: unknown loss 'no_such'"):
         parse_params(_with("train.variants.dpo", {"loss": "no_such", "beta": 0.1}))
     with pytest.raises(ConfigError, match=r"train\.variants\.dpop\.dpop_lambda"):
         parse_params(_with("train.variants.dpop", {"loss": "dpop", "beta": 0.1}))
