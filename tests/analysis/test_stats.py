@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from pipeline.analysis import stats
 
@@ -93,8 +94,18 @@ def test_spearman_equals_pearson_of_ranks_and_its_interval_covers_it():
     rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
     assert iv.estimate == pytest.approx(np.corrcoef(rx, ry)[0, 1])
     assert iv.low < iv.estimate < iv.high and iv.low > 0 and test.rejects(0.01)
+    assert test.p_value == pytest.approx(spearman_p_by_hand(iv.estimate, 80), rel=1e-9) and test.n == 80
+    # Unrelated data: the interval covers 0 and the test does not reject (both: the report states either)
     noise, noise_test = stats.spearman(x, rng.normal(size=80), **BOOT)
-    assert noise.low < 0 < noise.high or not noise_test.rejects(0.05)
+    assert noise.low < 0 < noise.high and not noise_test.rejects(0.05)
+    assert noise_test.p_value == pytest.approx(spearman_p_by_hand(noise.estimate, 80), rel=1e-9)
+
+
+def spearman_p_by_hand(rho: float, n: int) -> float:
+    """Two-sided p-value of Spearman's ρ from its t statistic, t = ρ √((n − 2) / (1 − ρ²)), n − 2 degrees of
+    freedom."""
+    t_stat = rho * math.sqrt((n - 2) / (1 - rho ** 2))
+    return 2 * scipy_stats.t.sf(abs(t_stat), n - 2)
 
 
 def test_spearman_gap_tells_the_better_predictor():

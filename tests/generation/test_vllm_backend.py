@@ -4,10 +4,12 @@ data-parallel engine pool) with a fake engine, and a real run of the CPU build o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import inspect
 
 import pytest
+from fresh_process import value_in_fresh_process
 from repo_utils import repo_params
 
 from pipeline.generation import vllm_backend as vb
@@ -56,10 +58,18 @@ def test_device_groups():
         vb.device_groups(2, 2, ["0", "1", "2"])
 
 
-def test_request_seed_depends_on_seed_and_prompt_only():
-    assert vb.request_seed(0, "a") == vb.request_seed(0, "a")
-    assert len({vb.request_seed(0, "a"), vb.request_seed(1, "a"), vb.request_seed(0, "b")}) == 3
-    assert 0 <= vb.request_seed(3, "x") < 2 ** 32
+def test_request_seed_depends_on_seed_and_prompt_only_in_any_process():
+    """The engine pool's spawned processes and a resumed run draw the per-request seeds again, so a seed may
+    depend on (seed, prompt) alone: the same value under another process's hash salt."""
+    cases = [(0, "a"), (1, "a"), (0, "b"), (3, "Añade 2 y 3.")]
+    # The recipe: the first 32 bits (8 hex digits) of the SHA-1 of "<seed>:<prompt>" in UTF-8
+    expected = [int(hashlib.sha1(f"{seed}:{prompt}".encode("utf-8")).hexdigest()[:8], 16) for seed, prompt in cases]
+    assert [vb.request_seed(seed, prompt) for seed, prompt in cases] == expected
+    assert len(set(expected)) == len(cases) and all(0 <= v < 2 ** 32 for v in expected)
+    for hash_seed in (1, 2):
+        assert value_in_fresh_process("from pipeline.generation.vllm_backend import request_seed",
+                                      f"[request_seed(seed, prompt) for seed, prompt in {cases!r}]",
+                                      hash_seed) == expected
 
 
 def test_missing_vllm_fails_at_once_with_the_install_command(monkeypatch):

@@ -4,6 +4,7 @@ secret. Settings not under test come from the repository's params.yaml."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,12 +19,13 @@ import polars as pl
 import pytest
 import yaml
 from fake_openai_server import FakeOpenAI
+from fresh_process import value_in_fresh_process
 from repo_utils import PROJECT as REPO
 from repo_utils import repo_params
 
 from pipeline.settings.judge import LLMJudgeParams
 from pipeline.io import write_table
-from pipeline.judging.cache import CACHE_ENV, JudgeCache, cache_key
+from pipeline.judging.cache import CACHE_ENV, FORMAT, JudgeCache, cache_key
 from pipeline.judging.llm.client import LLMJudgeError
 from pipeline.judging.llm.judge import LLMJudge
 from pipeline.judging.llm.metrics import rubric_rates
@@ -120,7 +122,23 @@ def test_cache_key_covers_every_ingredient(tmp_path):
     ]
     assert len({base, *variants}) == len(variants) + 1
     assert j.listwise_request(g, [0, 1, 2, 3]).key != j.listwise_request(g, [1, 0, 2, 3]).key  # shown order
-    assert len(base) == 64 and cache_key({"a": 1}) == cache_key({"a": 1})
+    assert len(base) == 64
+
+
+def test_cache_key_is_the_sha256_of_the_canonical_json_in_any_process():
+    """Cached answers outlive the process and are shared by parallel runs: a key depends on the material
+    alone (not on the order of its keys, nor on the process's hash salt), and a change of the recipe, which
+    orphans every cached answer, comes with a new ``FORMAT``."""
+    material = {"model": "m", "messages": [{"role": "user", "content": "¿Cuánto es 2 + 3?"}], "temperature": 0.0}
+    # The canonical JSON written out by hand: keys sorted at every level, no whitespace, UTF-8 kept (not escaped)
+    text = ('{"cache_format":%d,"messages":[{"content":"¿Cuánto es 2 + 3?","role":"user"}],"model":"m",'
+            '"temperature":0.0}' % FORMAT)
+    expected = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    assert cache_key(material) == expected
+    assert cache_key(dict(reversed(material.items()))) == expected
+    for hash_seed in (1, 2):
+        assert value_in_fresh_process("from pipeline.judging.cache import cache_key",
+                                      f"cache_key({material!r})", hash_seed) == expected
 
 
 # ----------------------------------------------------------------------------- faults through the stage

@@ -4,9 +4,11 @@ the report run on those pairs, and nothing is sampled or judged."""
 from __future__ import annotations
 
 import json
+import math
 
 import polars as pl
 import pytest
+import yaml
 from repo_utils import make_repo, ran, run, tiny_params
 
 from pipeline.io import read_json, read_table
@@ -43,7 +45,12 @@ def test_tiny_pipeline_trains_and_reports_on_imported_pairs(tmp_path, tiny_model
     assert set(pairs["split"]) == {"train", "heldout"} and set(pairs["chosen_source"]) == {"imported"}
     assert set(read_table(repo / "data/reference.parquet", "reference")["pair_id"]) == set(pairs["pair_id"])
     n_train = int((pairs["split"] == "train").sum())
-    assert read_json(repo / "dvclive/train/dpo/metrics.json")["step"] >= 0
+    # Trained on the imported training pairs, every epoch in whole batches: one logged loss per optimiser step
+    train, live = params["train"], repo / "dvclive/train/dpo"
+    batches = n_train / train["batch_size"]
+    n_steps = train["epochs"] * (max(1, math.floor(batches)) if train["tail"] == "drop" else math.ceil(batches))
+    assert yaml.safe_load((live / "params.yaml").read_text())["n_pairs"] == n_train
+    assert pl.read_csv(live / "plots/metrics/loss.tsv", separator="\t")["step"].to_list() == list(range(n_steps))
     m = read_json(repo / "metrics/pairs.json")
     assert (m["source"], m["scenario"], m["n_train"], m["exported"]["test"]) == (
         "my_pairs.jsonl", "imported", n_train, N_PAIRS - n_train)

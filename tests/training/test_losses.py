@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import namedtuple
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,6 +58,22 @@ def check(name: str, expected: list[float], **hp):
     assert got.tolist() == pytest.approx(expected, rel=1e-10, abs=1e-12)
 
 
+def trl_cpo_trainer():
+    """TRL's CPO trainer class (optional: the ``bench`` extra installs TRL)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trl.experimental warns that its API may change
+        return pytest.importorskip("trl.experimental.cpo.cpo_trainer").CPOTrainer
+
+
+def trl_cpo_loss(loss_type: str, chosen, rejected, *, beta: float, label_smoothing: float, simpo_gamma: float = 0.0):
+    """TRL's ``CPOTrainer.cpo_loss`` on tensors: it reads only these settings of the trainer, so a stand-in
+    for ``self`` calls it without building one (a model, a tokenizer and a dataset)."""
+    settings = SimpleNamespace(alpha=0.0, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+                               simpo_gamma=simpo_gamma, accelerator=SimpleNamespace(device="cpu"))
+    losses, _, _ = trl_cpo_trainer().cpo_loss(settings, chosen, rejected)
+    return losses
+
+
 # --------------------------------------------------------------------------------------------- values
 def test_dpo_values():
     b = 0.5
@@ -66,12 +84,29 @@ def test_dpo_values():
 
 
 def test_cdpo_values():
-    b, e = 0.5, 0.2
-    exp = []
-    for w, l, rw, rl, *_ in rows():
-        d = (w - rw) - (l - rl)
-        exp.append((1 - e) * nls(b * d) + e * nls(-b * d))
-    check("cdpo", exp, beta=b, label_smoothing=e)
+    # β = 0.5, ε = 0.2; d = Δw − Δl. pair 0: d = (−2 + 2.5) − (−3 + 2) = 1.5, β d = 0.75:
+    #   0.8 · (−log σ(0.75)) + 0.2 · (−log σ(−0.75)) = 0.8 · 0.386871 + 0.2 · 1.136871 = 0.536871
+    # pair 1: d = (−5 + 4) − (−1.5 + 2) = −1.5, β d = −0.75:
+    #   0.8 · (−log σ(−0.75)) + 0.2 · (−log σ(0.75)) = 0.8 · 1.136871 + 0.2 · 0.386871 = 0.986871
+    check("cdpo", [0.8 * nls(0.75) + 0.2 * nls(-0.75), 0.8 * nls(-0.75) + 0.2 * nls(0.75)],
+          beta=0.5, label_smoothing=0.2)
+
+
+def test_cdpo_is_dpo_plus_a_term_linear_in_the_smoothing():
+    # −log σ(−z) = −log σ(z) + z, so −(1−ε) log σ(z) − ε log σ(−z) = −log σ(z) + ε z: cdpo − dpo = ε β d,
+    # here 0.2 · (±0.75) = ±0.15 (β d from test_cdpo_values)
+    cdpo = preference_loss("cdpo", *inputs(), beta=0.5, label_smoothing=0.2)
+    dpo = preference_loss("dpo", *inputs(), beta=0.5)
+    assert (cdpo - dpo).tolist() == pytest.approx([0.15, -0.15], rel=1e-10)
+
+
+def test_cdpo_matches_trl():
+    # TRL's DPOTrainer computes its losses inside the trainer from a model's forward pass (and in TRL 1.16 its
+    # "sigmoid" loss no longer reads label_smoothing); CPO's conservative sigmoid loss is the same expression
+    # on a margin, −(1−ε) log σ(β m) − ε log σ(−β m), m = chosen − rejected: given Δw and Δl it is TRL's cDPO.
+    lp_w, lp_l, ref_w, ref_l = inputs()
+    expected = trl_cpo_loss("sigmoid", lp_w - ref_w, lp_l - ref_l, beta=0.5, label_smoothing=0.2)
+    torch.testing.assert_close(preference_loss("cdpo", *inputs(), beta=0.5, label_smoothing=0.2), expected)
 
 
 def test_cdpo_zero_smoothing_is_dpo():
@@ -118,9 +153,16 @@ def test_slic_and_simpo_run_without_reference():
 
 
 def test_flex_dpo_values():
-    bw, bl = 0.5, 0.1
-    exp = [nls(bw * (w - rw) - bl * (l - rl)) for w, l, rw, rl, *_ in rows()]
-    check("flex_dpo", exp, beta_w=bw, beta_l=bl)
+    # β_w = 0.5, β_l = 0.1; pair 0: Δw = 0.5, Δl = −1.0: 0.5 · 0.5 − 0.1 · (−1.0) = 0.35 -> 0.533382
+    #                       pair 1: Δw = −1.0, Δl = 0.5: 0.5 · (−1.0) − 0.1 · 0.5 = −0.55 -> 1.005492
+    check("flex_dpo", [nls(0.35), nls(-0.55)], beta_w=0.5, beta_l=0.1)
+
+
+def test_flex_dpo_with_one_beta_is_dpo():
+    for beta in (0.05, 0.1, 1.0):
+        a = preference_loss("flex_dpo", *inputs(), beta_w=beta, beta_l=beta)
+        b = preference_loss("dpo", *inputs(), beta=beta)
+        torch.testing.assert_close(a, b)
 
 
 def test_dpo_sft_values():
@@ -131,9 +173,20 @@ def test_dpo_sft_values():
 
 
 def test_gamma_dpo_values():
-    b, g = 0.5, 0.2
-    exp = [nls(b * (w - l) - g * (rw - rl)) for w, l, rw, rl, *_ in rows()]
-    check("gamma_dpo", exp, beta=b, gamma=g)
+    # β = 0.5, γ = 0.2. pair 0: lp_w − lp_l = −2 + 3 = 1, ref_w − ref_l = −2.5 + 2 = −0.5:
+    #   0.5 · 1 − 0.2 · (−0.5) = 0.6 -> 0.437488
+    # pair 1: lp_w − lp_l = −5 + 1.5 = −3.5, ref_w − ref_l = −4 + 2 = −2:
+    #   0.5 · (−3.5) − 0.2 · (−2) = −1.35 -> 1.580509
+    check("gamma_dpo", [nls(0.6), nls(-1.35)], beta=0.5, gamma=0.2)
+
+
+def test_gamma_dpo_with_gamma_zero_ignores_the_reference_and_matches_trl():
+    # γ = 0 leaves −log σ(β (lp_w − lp_l)): the reference may be anything, and it is TRL's CPO "sigmoid" loss
+    lp_w, lp_l, ref_w, ref_l = inputs()
+    a = preference_loss("gamma_dpo", lp_w, lp_l, ref_w, ref_l, beta=0.5, gamma=0.0)
+    b = preference_loss("gamma_dpo", lp_w, lp_l, ref_w + t([3.0, -7.0]), ref_l - 1.0, beta=0.5, gamma=0.0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, trl_cpo_loss("sigmoid", lp_w, lp_l, beta=0.5, label_smoothing=0.0))
 
 
 def test_hinge_values():
@@ -148,9 +201,39 @@ def test_hinge_values():
 
 
 def test_simpo_values():
-    b, m = 2.0, 0.5
-    exp = [nls(b * (w / nw - l / nl) - m) for w, l, _, _, nw, nl in rows()]
-    check("simpo", exp, beta=b, margin=m)
+    # β = 2, margin 0.5. pair 0: lp_w/|y_w| = −2/4 = −0.5, lp_l/|y_l| = −3/3 = −1: 2 · 0.5 − 0.5 = 0.5 -> 0.474077
+    # pair 1: −5/2 = −2.5, −1.5/5 = −0.3: 2 · (−2.2) − 0.5 = −4.9 -> 4.907419
+    check("simpo", [nls(0.5), nls(-4.9)], beta=2.0, margin=0.5)
+
+
+def test_simpo_normalises_by_length_and_ignores_the_reference():
+    lp_w, lp_l, ref_w, ref_l = inputs()
+    lw, ll = lens()
+    hp = {"beta": 2.0, "margin": 0.5}
+    base = preference_loss("simpo", lp_w, lp_l, ref_w, ref_l, lw, ll, **hp)
+    # a response k times as long with k times the summed log-prob has the same per-token log-prob
+    torch.testing.assert_close(preference_loss("simpo", 3 * lp_w, lp_l, None, None, 3 * lw, ll, **hp), base)
+    torch.testing.assert_close(preference_loss("simpo", lp_w, 5 * lp_l, None, None, lw, 5 * ll, **hp), base)
+    # the same summed log-prob over twice the tokens is a better per-token log-prob (the sums are negative)
+    assert torch.all(preference_loss("simpo", lp_w, lp_l, None, None, 2 * lw, ll, **hp) < base)
+
+
+def test_simpo_matches_trl():
+    # TRL's SimPO is CPO's "simpo" loss on the per-token mean log-probs (get_batch_logps' average_log_prob):
+    # on random logits, chosen responses of 4 and 2 tokens and rejected ones of 3 and 1 (prompt and padding
+    # masked), TRL's own averaging and loss against ours on its summed log-probs and the token counts
+    cpo = trl_cpo_trainer()
+    logits = torch.randn(4, 7, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 11, (4, 7), generator=torch.Generator().manual_seed(1))
+    labels[:, :2] = -100  # prompt
+    labels[0, 6:], labels[1, 4:], labels[2, 5:], labels[3, 3:] = -100, -100, -100, -100  # padding
+    sums = cpo.get_batch_logps(logits, labels.clone(), average_log_prob=False)
+    means = cpo.get_batch_logps(logits, labels.clone(), average_log_prob=True)
+    n_tokens = (labels[:, 1:] != -100).sum(-1).to(torch.float64)
+    assert n_tokens.tolist() == [4, 2, 3, 1]
+    expected = trl_cpo_loss("simpo", means[:2], means[2:], beta=2.0, label_smoothing=0.0, simpo_gamma=0.5)
+    got = preference_loss("simpo", sums[:2], sums[2:], None, None, n_tokens[:2], n_tokens[2:], beta=2.0, margin=0.5)
+    torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("name", ["dpo_sft", "simpo"])

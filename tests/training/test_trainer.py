@@ -156,7 +156,23 @@ def test_dpo_training_raises_the_margin(tiny_model_dir):
     assert hist[0]["loss"] == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(0.0)).item(), abs=1e-4)
     assert hist[-1]["delta_margin"] > hist[0]["delta_margin"] + 0.1 and hist[-1]["loss"] < hist[0]["loss"]
     assert hist[-1]["reward_margin"] == pytest.approx(0.5 * hist[-1]["delta_margin"], rel=1e-5)
-    assert hist[-1]["accuracy"] >= 0.5
+    assert hist[-1]["accuracy"] == 1.0  # every pair ranked right once trained
+
+    # accuracy is the share of pairs with Δw > Δl. References set against the trained policy's own log-probs
+    # (scored outside the trainer) give each pair a chosen Δw, Δl; the first step's figures are the policy's as
+    # it is (the ref check is off: it is no longer the reference). Δw > Δl in 4 of 6 pairs, Δw > 0 in 2 of 6.
+    deltas = [(-2.0, -3.0), (-1.0, -4.0), (1.0, -1.0), (-0.5, -1.0), (2.0, 3.0), (-1.0, 1.0)]
+    placed = []
+    for e, (d_w, d_l) in zip(ex, deltas):
+        (lp_w, lp_l), _ = batched_logprobs(model, [e.prompt_ids] * 2, [e.chosen_ids, e.rejected_ids],
+                                           tok.pad_token_id, 2)
+        placed.append(PairExample(e.prompt_ids, e.chosen_ids, e.rejected_ids, lp_w - d_w, lp_l - d_l))
+    first = train_preference(model, placed, terms, train_settings(lr=1e-3, epochs=1, batch_size=6, grad_accum=1,
+                                                                  max_length=64, seed=0, ref_check_tol=1e9),
+                             pad_id=tok.pad_token_id, progress=None)[0]
+    assert first["accuracy"] == pytest.approx(4 / 6)
+    # mean of Δw − Δl: (1 + 3 + 2 + 0.5 − 1 − 2) / 6
+    assert first["delta_margin"] == pytest.approx(3.5 / 6, abs=1e-4)
 
 
 # Offsets of the references from the policy's own log-probs: Δw, Δl at the first step (before any update).
