@@ -90,7 +90,7 @@ def reset_hwm() -> bool:
 # ----------------------------------------------------------------------------------------- data
 def _synth_pairs(tok, n: int, seed: int) -> list[dict]:
     """Arithmetic prompts (reasoning-gym chain_sum style) with a correct and a wrong worked answer."""
-    from pipeline.model.logprobs import encode_prompt, encode_response
+    from pipeline.model.encoding import encode_prompt, encode_response
 
     rng = random.Random(seed)
     out = []

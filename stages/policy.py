@@ -13,7 +13,7 @@ from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.analysis.accuracy import greedy_eval
 from pipeline.io import read_table, write_json, write_table
-from pipeline.model.logprobs import encode_prompt, encode_response
+from pipeline.model.encoding import encode_prompt, encode_response
 from pipeline.generation.registry import sampler_for
 from pipeline.generation.transformers_backend import TransformersSampler
 from pipeline.training.sft import train_sft

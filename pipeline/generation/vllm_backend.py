@@ -383,7 +383,7 @@ class VLLMSampler:
 
     def generate(self, prompts: Sequence[str], settings: GenerationSettings,
                  progress: str | None = "sampling") -> list[list[Candidate]]:
-        from pipeline.model.logprobs import encode_prompt
+        from pipeline.model.encoding import encode_prompt
 
         if settings.temperature == 0 and settings.n > 1:
             raise ValueError("greedy decoding (temperature 0) returns one candidate; set n: 1")

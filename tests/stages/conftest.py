@@ -10,8 +10,8 @@ from repo_utils import write_params
 
 from pipeline.io import write_table
 from pipeline.model import loading
-from pipeline.model import logprobs as LP
-from pipeline.model.logprobs import encode_prompt, encode_response
+from pipeline.model import precision
+from pipeline.model.encoding import encode_prompt, encode_response
 
 N_PAIRS = 8  # one pair per prompt; odd ones held out (their prompts are test prompts)
 
@@ -20,7 +20,7 @@ N_PAIRS = 8  # one pair per prompt; odd ones held out (their prompts are test pr
 def workspace(tmp_path, monkeypatch, tiny_model_dir):
     """A policy folder, prompts and pairs (train and held-out); train.bf16 (the default) autocasts on CPU
     as it does on a GPU. The current directory is the workspace, as DVC runs a stage."""
-    monkeypatch.setattr(LP, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(precision, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
     shutil.copytree(tiny_model_dir, tmp_path / "models/policy")
     tok = loading.load_tokenizer(tiny_model_dir)
     prompts, pairs = [], []

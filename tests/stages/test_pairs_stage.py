@@ -17,7 +17,7 @@ from pipeline.config import ConfigError, parse_params
 from pipeline.data.trl_format import PairsFileError
 from pipeline.io import read_json, read_table, write_table
 from pipeline.model import loading
-from pipeline.model.logprobs import encode_response
+from pipeline.model.encoding import encode_response
 from pipeline.schema import TABLES, empty
 
 N_PROMPTS = 8
