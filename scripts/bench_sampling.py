@@ -67,7 +67,7 @@ def _child(args) -> dict:
     from pipeline.model import loading
     from pipeline.generation.registry import get_sampler
     from pipeline.generation.types import GenerationSettings
-    from pipeline.generation.vllm_backend import preloaded_libs
+    from pipeline.generation.vllm_backend.environment import preloaded_libs
 
     torch_threads = None
     if args.threads:
@@ -146,7 +146,7 @@ def main() -> None:
         env = {**os.environ}
         if backend == "vllm" and not args.no_preload:  # as the sample stage runs it (its LD_PRELOAD re-execution)
             sys.path.insert(0, str(ROOT))
-            from pipeline.generation.vllm_backend import cpu_preload_env
+            from pipeline.generation.vllm_backend.environment import cpu_preload_env
 
             env = cpu_preload_env(env) or env
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)

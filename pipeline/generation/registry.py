@@ -13,7 +13,7 @@ from pipeline.generation.types import Sampler
 
 
 def _vllm(model_path: str, **kwargs) -> Sampler:
-    from pipeline.generation.vllm_backend import VLLMSampler  # vLLM itself is imported only when an engine starts
+    from pipeline.generation.vllm_backend.sampler import VLLMSampler  # vLLM itself is imported only when an engine starts
 
     return VLLMSampler(model_path, **kwargs)
 

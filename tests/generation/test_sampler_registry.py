@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 from repo_utils import repo_params
@@ -38,3 +40,13 @@ def test_sampler_for_passes_each_backend_its_params(monkeypatch):
                      ("tf", "m", {"dtype": "float32", "batch_size": 8, "model_id": None})]
     with pytest.raises(ValueError, match="`vllm` section"):
         registry.sampler_for("vllm", "m", dtype="float32", batch_size=8, vllm=None)
+
+
+def test_vllm_itself_is_imported_only_when_an_engine_starts():
+    """The sample stage imports the backend's environment (its re-execution) and the registry its sampler
+    module; none of the backend's modules imports vLLM (an optional extra) before an engine is built."""
+    code = ("import sys, stages.sample\n"
+            "from pipeline.generation.vllm_backend import engine, environment, pool, sampler\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
