@@ -64,6 +64,7 @@ def _vllm_kwargs(args) -> dict:
 
 
 def _child(args) -> dict:
+    from pipeline.config import VLLMParams
     from pipeline.model import loading
     from pipeline.generation.registry import get_sampler
     from pipeline.generation.types import GenerationSettings
@@ -81,7 +82,8 @@ def _child(args) -> dict:
     settings = GenerationSettings(n=args.n, temperature=args.temperature, top_p=1.0,
                                   max_new_tokens=args.max_new_tokens, seed=0)
     t0 = time.perf_counter()
-    kwargs = ({"batch_size": args.batch_size} if args.backend == "transformers" else _vllm_kwargs(args))
+    vllm = None if args.backend == "transformers" else VLLMParams(**_vllm_kwargs(args))
+    kwargs = {"batch_size": args.batch_size} if vllm is None else {"vllm": vllm}
     sampler = get_sampler(args.backend, model, dtype=args.dtype, **kwargs)
     startup = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -105,7 +107,7 @@ def _child(args) -> dict:
             "cpu_s_main_process": cpu, "tokens": tokens, "sequences": sum(len(c) for c in outs),
             "stopped": stopped, "tok_per_s": tokens / wall, "end_to_end_s": startup + warmup + wall,
             "torch_threads": torch_threads, "ld_preload": preloaded_libs(),
-            "block_size": kwargs.get("block_size")}
+            "block_size": None if vllm is None else vllm.block_size}
 
 
 def main() -> None:

