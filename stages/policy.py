@@ -14,7 +14,7 @@ from pipeline.settings.evaluate import BeforeAndAfter
 from pipeline.settings.sampling import VLLMParams
 from pipeline.analysis.accuracy import greedy_eval
 from pipeline.io import read_table, write_json, write_table
-from pipeline.model.logprobs import encode_prompt, encode_response
+from pipeline.model.encoding import encode_prompt, encode_response
 from pipeline.generation.registry import sampler_for
 from pipeline.generation.transformers_backend import TransformersSampler
 from pipeline.training.sft import train_sft

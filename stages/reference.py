@@ -13,7 +13,8 @@ from pipeline.model import loading
 from pipeline.cli import run_stage, stage_parser
 from pipeline.settings.policy import PolicyParams
 from pipeline.settings.train import ReferenceAndTraining
-from pipeline.model.logprobs import pair_logprobs, uses_bf16_autocast
+from pipeline.model.logprobs import pair_logprobs
+from pipeline.model.precision import uses_bf16_autocast
 from pipeline.io import read_table, write_json, write_table
 
 log = logging.getLogger("pipeline.reference")

@@ -26,7 +26,7 @@ from pipeline.generation.logprob_check import logprob_check
 from pipeline.generation.registry import sampler_for
 from pipeline.generation.resumable import sample_resumable
 from pipeline.generation.types import GenerationSettings
-from pipeline.generation.vllm_backend import preloaded_libs, reexec_with_cpu_preload
+from pipeline.generation.vllm_backend.environment import preloaded_libs, reexec_with_cpu_preload
 from pipeline.schema import empty
 
 log = logging.getLogger("pipeline.sample")

@@ -59,7 +59,7 @@ def write_stage_workspace(root: Path, model_dir: Path) -> Path:
 
     from pipeline.io import write_table
     from pipeline.model import loading
-    from pipeline.model.logprobs import encode_prompt, encode_response
+    from pipeline.model.encoding import encode_prompt, encode_response
 
     shutil.copytree(model_dir, root / "models/policy")
     tok = loading.load_tokenizer(model_dir)

@@ -11,7 +11,7 @@ from repo_utils import repo_params
 import yaml
 
 from pipeline.flows.settings import FlowParams
-from pipeline.settings.base import SECTIONS, ConfigError, StageParams
+from pipeline.settings.base import ConfigError, SECTIONS, StageParams
 from pipeline.settings.params import Params
 
 BASE = repo_params()

@@ -135,7 +135,7 @@ def run_backend(spec: dict, backend: str) -> dict:
     from pipeline.settings.sampling import VLLMParams
     from pipeline.generation.registry import sampler_for
     from pipeline.generation.types import GenerationSettings
-    from pipeline.generation.vllm_backend import preloaded_libs
+    from pipeline.generation.vllm_backend.environment import preloaded_libs
 
     torch_threads = None
     if spec["threads"]:
@@ -174,7 +174,7 @@ def run_backend(spec: dict, backend: str) -> dict:
 
 def run_children(spec: dict, backends: list[str], workdir: Path, preload: bool) -> dict:
     """Each backend in a fresh process (vLLM's with the sample stage's LD_PRELOAD on a CPU)."""
-    from pipeline.generation.vllm_backend import cpu_preload_env
+    from pipeline.generation.vllm_backend.environment import cpu_preload_env
 
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))

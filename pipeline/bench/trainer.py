@@ -255,7 +255,7 @@ def environment(settings: TrainSettings) -> dict:
     import torch
     import transformers
 
-    from pipeline.model.logprobs import uses_bf16_autocast
+    from pipeline.model.precision import uses_bf16_autocast
 
     try:
         import trl

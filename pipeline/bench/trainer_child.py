@@ -105,7 +105,7 @@ def _trl_config(spec: dict, config: str, workdir: Path, n_steps: int):
     from trl import DPOConfig
 
     from pipeline.settings.train import TrainSettings
-    from pipeline.model.logprobs import uses_bf16_autocast
+    from pipeline.model.precision import uses_bf16_autocast
 
     settings = TrainSettings(**spec["settings"][config])
     return DPOConfig(

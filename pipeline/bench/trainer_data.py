@@ -43,7 +43,7 @@ def synth_pairs(tokenizer, prepare: PrepareParams, n: int) -> pl.DataFrame:
     from pipeline.data.edits import edit
     from pipeline.data.prompt_text import make_prompt
     from pipeline.data.reasoning_gym_prompts import generate_reasoning_gym
-    from pipeline.model.logprobs import encode_prompt, encode_response
+    from pipeline.model.encoding import encode_prompt, encode_response
 
     source = prepare.reasoning_gym
     rng = random.Random(source.seed)

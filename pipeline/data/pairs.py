@@ -14,7 +14,7 @@ import polars as pl
 
 from pipeline.data import edits, tagging
 from pipeline.data.trl_format import IMPORTED, SCENARIO_IMPORTED
-from pipeline.model.logprobs import encode_prompt, encode_response
+from pipeline.model.encoding import encode_prompt, encode_response
 
 EDIT_SOURCE = "edit"  # rejected_source of constructed pairs: edit:<kind>
 # (prompt ids, response ids) -> per response: summed log-prob, hidden-state sum [N, d] and token count [N]

@@ -14,7 +14,8 @@ def logprob_check(model_path: str, dtype: str, prompts: Sequence[str], candidate
 
     ``batch_size``: sequences per forward pass of the training code path."""
     from pipeline.model import loading
-    from pipeline.model.logprobs import batched_logprobs, encode_prompt
+    from pipeline.model.encoding import encode_prompt
+    from pipeline.model.logprobs import batched_logprobs
 
     if not candidates:
         return {"n": 0}

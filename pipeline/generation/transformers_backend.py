@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.generation.types import Candidate, GenerationSettings
-from pipeline.model.logprobs import encode_prompt
+from pipeline.model.encoding import encode_prompt
 
 
 class TransformersSampler:

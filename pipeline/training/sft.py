@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.model.logprobs import autocast, collate, sequence_logprobs
+from pipeline.model.collate import collate
+from pipeline.model.logprobs import sequence_logprobs
+from pipeline.model.precision import autocast
 from pipeline.training.batching import step_batches
 
 if TYPE_CHECKING:

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.model.logprobs import autocast, collate_pairs as _collate_pairs
+from pipeline.model.collate import collate_pairs as _collate_pairs
+from pipeline.model.precision import autocast
 from pipeline.training.batching import step_batches
 from pipeline.training import distributed as D
 from pipeline.training import losses

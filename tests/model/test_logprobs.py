@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from pipeline.model import loading
+from pipeline.model import precision
+from pipeline.model.collate import collate, collate_pairs
+from pipeline.model.encoding import encode_prompt, encode_response
 from pipeline.model.logprobs import (
-    collate,
-    encode_prompt,
-    encode_response,
+    batched_logprobs,
     reference_check,
+    score_batch,
+    score_batch_via_forward,
     sequence_logprobs,
 )
 
@@ -42,25 +45,23 @@ def test_truncation_keeps_the_response():
 
 
 def test_one_precision_choice_for_training_reference_and_evaluation(tiny, monkeypatch):
-    from pipeline.model import logprobs as LP
-
     # train.bf16: bf16 autocast on GPUs, and on CPUs only where bf16 is native (AVX512-BF16 or AMX).
-    assert LP.uses_bf16_autocast("cuda:0", True) and not LP.uses_bf16_autocast("cuda", False)
-    monkeypatch.setattr(LP, "cpu_has_native_bf16", lambda: False)
-    assert not LP.uses_bf16_autocast("cpu", True)
+    assert precision.uses_bf16_autocast("cuda:0", True) and not precision.uses_bf16_autocast("cuda", False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert not precision.uses_bf16_autocast("cpu", True)
     model, tok = tiny
     prompts = [encode_prompt(tok, "What is 2 + 2?"), encode_prompt(tok, "Hi")]
     responses = [encode_response(tok, "4, it is four"), encode_response(tok, "Hello there, friend")]
-    fp32, _ = LP.batched_logprobs(model, prompts, responses, tok.pad_token_id, 2)
-    assert LP.batched_logprobs(model, prompts, responses, tok.pad_token_id, 2, bf16=True)[0] == fp32
-    monkeypatch.setattr(LP, "cpu_has_native_bf16", lambda: True)
-    assert LP.uses_bf16_autocast("cpu", True) and not LP.uses_bf16_autocast("cpu", False)
-    native, _ = LP.batched_logprobs(model, prompts, responses, tok.pad_token_id, 2, bf16=True)
+    fp32, _ = batched_logprobs(model, prompts, responses, tok.pad_token_id, 2)
+    assert batched_logprobs(model, prompts, responses, tok.pad_token_id, 2, bf16=True)[0] == fp32
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.uses_bf16_autocast("cpu", True) and not precision.uses_bf16_autocast("cpu", False)
+    native, _ = batched_logprobs(model, prompts, responses, tok.pad_token_id, 2, bf16=True)
     assert native != pytest.approx(fp32, abs=1e-4)
-    monkeypatch.setattr(LP, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     # Where it applies, batched_logprobs (the reference stage, evaluation) scores under bf16 autocast.
-    monkeypatch.setattr(LP, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
-    bf16, _ = LP.batched_logprobs(model, prompts, responses, tok.pad_token_id, 2, bf16=True)
+    monkeypatch.setattr(precision, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
+    bf16, _ = batched_logprobs(model, prompts, responses, tok.pad_token_id, 2, bf16=True)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # bf16 autocast with the math attention kernel (batch-invariant; see the test below)
@@ -72,8 +73,6 @@ def test_one_precision_choice_for_training_reference_and_evaluation(tiny, monkey
 
 def test_native_bf16_is_read_from_the_cpu_flags():
     """torch's own probes, against what the kernel says this CPU has."""
-    from pipeline.model import logprobs as LP
-
     flags = set()
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
         if line.startswith("flags"):
@@ -81,7 +80,7 @@ def test_native_bf16_is_read_from_the_cpu_flags():
             break
     if not flags:
         pytest.skip("no /proc/cpuinfo flags on this machine")
-    assert LP.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert precision.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def _pairs(tok):
@@ -96,8 +95,6 @@ def _pairs(tok):
 def test_shared_prompt_layout_scores_as_each_response_after_its_own_prompt(tiny_model_dir, attention):
     """One row per pair (prompt + chosen + rejected, the rejected masked from the chosen) gives each
     response the log-prob, token count and gradient it has after its own copy of the prompt."""
-    from pipeline.model.logprobs import collate_pairs, score_batch, score_batch_via_forward
-
     model = loading.load_model(tiny_model_dir, "float32").eval()
     model.set_attn_implementation(attention)
     tok = loading.load_tokenizer(tiny_model_dir)
@@ -127,8 +124,6 @@ def test_shared_prompt_layout_scores_as_each_response_after_its_own_prompt(tiny_
 
 
 def test_shared_prompt_rejected_does_not_see_the_chosen(tiny):
-    from pipeline.model.logprobs import collate_pairs, score_batch
-
     model, tok = tiny
     prompts, chosen, rejected = _pairs(tok)
     a, _ = score_batch(model, collate_pairs(prompts, chosen, rejected, tok.pad_token_id, shared_prompt=True))
@@ -139,8 +134,6 @@ def test_shared_prompt_rejected_does_not_see_the_chosen(tiny):
 
 
 def test_shared_prompt_truncation_keeps_what_the_longer_response_leaves():
-    from pipeline.model.logprobs import collate_pairs
-
     batch = collate_pairs([list(range(100, 150))], [[7, 8, 9]], [list(range(10, 22))], pad_id=0, max_length=20,
                           shared_prompt=True)
     # the rejected (12 tokens) leaves 8 prompt tokens; both sides follow the same 8, neither is cut
@@ -153,8 +146,6 @@ def test_shared_prompt_truncation_keeps_what_the_longer_response_leaves():
 
 
 def test_shared_prompt_needs_an_attention_that_takes_a_4d_mask(tiny_model_dir):
-    from pipeline.model.logprobs import collate_pairs, score_batch
-
     model = loading.load_model(tiny_model_dir, "float32").eval()
     model.config._attn_implementation = "flash_attention_2"  # not installed here: only the check is exercised
     tok = loading.load_tokenizer(tiny_model_dir)
@@ -164,8 +155,6 @@ def test_shared_prompt_needs_an_attention_that_takes_a_4d_mask(tiny_model_dir):
 
 def _batched_pair_scores(model, pairs, batch_size: int, kernel) -> torch.Tensor:
     """Each pair's (lp_w, lp_l) scored in batches of ``batch_size`` inside ``kernel()``."""
-    from pipeline.model.logprobs import collate_pairs, score_batch
-
     out = []
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s: s + batch_size]
@@ -182,15 +171,13 @@ def test_bf16_log_probs_on_cpu_do_not_depend_on_the_batch(tiny, monkeypatch):
     autocast (CPU flash attention, blocked by the batch's padded length) does not."""
     import random
 
-    from pipeline.model import logprobs as LP
-
     model, _ = tiny
-    monkeypatch.setattr(LP, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     rng = random.Random(0)
     pairs = [([rng.randrange(5, 2000) for _ in range(rng.randint(20, 90))],
               [rng.randrange(5, 2000) for _ in range(rng.randint(3, 30))],
               [rng.randrange(5, 2000) for _ in range(rng.randint(3, 30))]) for _ in range(12)]
-    ours = lambda: LP.autocast("cpu", True)  # noqa: E731
+    ours = lambda: precision.autocast("cpu", True)  # noqa: E731
     alone, together = _batched_pair_scores(model, pairs, 1, ours), _batched_pair_scores(model, pairs, 12, ours)
     assert torch.equal(alone, together)
     plain = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731

@@ -18,7 +18,7 @@ from pipeline.settings.params import Params
 from pipeline.data.trl_format import PairsFileError
 from pipeline.io import read_json, read_table, write_table
 from pipeline.model import loading
-from pipeline.model.logprobs import encode_response
+from pipeline.model.encoding import encode_response
 from pipeline.schema import TABLES, empty
 
 N_PROMPTS = 8

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from pipeline.io import write_table
 from pipeline.model import loading
-from pipeline.model.logprobs import batched_logprobs, encode_prompt, encode_response
+from pipeline.model.encoding import encode_prompt, encode_response
+from pipeline.model.logprobs import batched_logprobs
 
 PROJECT = Path(__file__).resolve().parents[2]
 N_PAIRS = 24

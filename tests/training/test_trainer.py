@@ -13,9 +13,10 @@ from pipeline.settings.policy import WarmupParams
 
 from pipeline.settings.train import TrainSettings
 from pipeline.model import loading
-from pipeline.model import logprobs as LP
-from pipeline.model.logprobs import batched_logprobs, encode_prompt, encode_response, pair_logprobs
-from pipeline.training import distributed as D
+from pipeline.model import precision
+from pipeline.model.encoding import encode_prompt, encode_response
+from pipeline.model.logprobs import batched_logprobs, pair_logprobs
+from pipeline.training import distributed
 from pipeline.training import losses
 from pipeline.training.batching import step_batches
 from pipeline.training.sft import train_sft
@@ -110,8 +111,8 @@ def test_a_fixed_set_without_pairs_is_left_out(tiny_model_dir):
 
 def test_micro_batches_split_each_ranks_share():
     idx = [5, 3, 8, 1, 0, 9, 2]
-    assert micro_batches(idx, D.Context(), 3) == [([5, 1, 2], [True] * 3), ([3, 0], [True] * 2), ([8, 9], [True] * 2)]
-    ranks = [micro_batches(idx, D.Context(rank=r, world=2), 2) for r in range(2)]
+    assert micro_batches(idx, distributed.Context(), 3) == [([5, 1, 2], [True] * 3), ([3, 0], [True] * 2), ([8, 9], [True] * 2)]
+    ranks = [micro_batches(idx, distributed.Context(rank=r, world=2), 2) for r in range(2)]
     assert [[mb for mb, _ in r] for r in ranks] == [[[5, 0], [8, 2]], [[3, 9], [1]]]
     assert all(all(real) for r in ranks for _, real in r)
 
@@ -125,7 +126,7 @@ def test_micro_batches_give_every_rank_the_same_number_of_nonempty_parts(n, worl
     collective); every real pair of the step appears once; padding only fills an otherwise empty
     part, as one masked copy of a pair of the step."""
     idx = [3 * i + 1 for i in range(n)][::-1]
-    ranks = [micro_batches(idx, D.Context(rank=r, world=world), grad_accum) for r in range(world)]
+    ranks = [micro_batches(idx, distributed.Context(rank=r, world=world), grad_accum) for r in range(world)]
     assert all(len(r) == grad_accum for r in ranks)
     assert sorted(i for r in ranks for mb, real in r for i, k in zip(mb, real) if k) == sorted(idx)
     for r in ranks:
@@ -238,7 +239,7 @@ def _first_step_check(tiny_model_dir, ref_bf16: bool, train_bf16: bool, tol: flo
 @pytest.fixture
 def bf16_on_cpu(monkeypatch):
     """train.bf16 autocasts on CPU too, as it does on a GPU."""
-    monkeypatch.setattr(LP, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(precision, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
 
 
 # The tiny random model's logits are small, and so is its bf16 rounding: two bf16 computations measured
@@ -355,8 +356,8 @@ def test_sft_warmup_autocasts_where_bf16_applies(tiny_model_dir, monkeypatch):
         assert all(p.dtype == torch.float32 for p in model.parameters())
         return out[0]
 
-    monkeypatch.setattr(LP, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     fp32, bf16 = first_loss(False), first_loss(True)
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=1e-2)
-    monkeypatch.setattr(LP, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert first_loss(True) == fp32  # no native bf16: fp32 whatever the setting

@@ -20,7 +20,8 @@ from repo_utils import repo_params
 
 from pipeline.settings.train import TrainSettings
 from pipeline.model import loading
-from pipeline.model.logprobs import batched_logprobs, encode_prompt, encode_response
+from pipeline.model.encoding import encode_prompt, encode_response
+from pipeline.model.logprobs import batched_logprobs
 from pipeline.training.trainer import PairExample, train_preference
 
 PROJECT = Path(__file__).resolve().parents[2]

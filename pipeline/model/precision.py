@@ -1,0 +1,50 @@
+"""The precision log-probs are computed in: bf16 autocast where ``train.bf16`` asks for it and the
+device runs bf16 natively, else the model's own dtype.
+
+Training, the reference stage and evaluation's held-out log-probs all compute under
+:func:`autocast`, so ``lp − ref`` measures learning, not a difference of precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+# Devices on which ``train.bf16`` always turns bf16 autocast on; CPUs only with native bf16
+# (:func:`cpu_has_native_bf16`). Tests add "cpu" to run the bf16 path on any CPU.
+BF16_AUTOCAST_DEVICES = frozenset({"cuda"})
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX): there bf16 autocast is
+    faster than fp32; elsewhere bf16 is emulated and slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own feature probes
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def uses_bf16_autocast(device, bf16: bool) -> bool:
+    """Whether log-probs on ``device`` are computed under bf16 autocast with ``train.bf16 = bf16``."""
+    kind = torch.device(device).type
+    return bool(bf16) and (kind in BF16_AUTOCAST_DEVICES or (kind == "cpu" and cpu_has_native_bf16()))
+
+
+@contextlib.contextmanager
+def autocast(device, bf16: bool):
+    """The precision of the policy's and the reference's log-probs: bf16 autocast when
+    :func:`uses_bf16_autocast`, else none (the model's own dtype, fp32 by default). One choice for
+    training, the reference stage and evaluation, because bf16 and fp32 log-probs differ by enough to
+    read as learning before any step.
+
+    On a CPU it also selects the math attention kernel: the CPU flash kernel splits the keys into
+    blocks that depend on the batch's padded length, so bf16 log-probs would depend on which pairs
+    share a batch; the math kernel gives a sequence the same log-probs in any batch."""
+    with contextlib.ExitStack() as stack:
+        if uses_bf16_autocast(device, bf16):
+            kind = torch.device(device).type
+            stack.enter_context(torch.autocast(kind, dtype=torch.bfloat16))
+            if kind == "cpu":
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
