@@ -25,15 +25,18 @@ import math
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
+import polars as pl
 import torch
 
 from pipeline.model.logprobs import autocast, collate_pairs as _collate_pairs
 from pipeline.training.batching import step_batches
 from pipeline.training import distributed as D
+from pipeline.schema import schema_of
 from pipeline.training import losses
+from pipeline.training.curves import Curves, fixed_set_means
 
 if TYPE_CHECKING:
     from pipeline.config import TrainSettings
@@ -223,30 +226,11 @@ class FixedSets:
         return bool(self.every) and (step % self.every == 0 or step == n_steps)
 
 
-@dataclass
-class Curves:
-    """Per-pair rows of the fixed sets and per-prompt rows of the probe at each evaluation step (tables
-    ``fixed_curves`` and ``probe_curves``), kept on rank 0 and in checkpoints."""
-
-    fixed: list[dict] = field(default_factory=list)
-    probe: list[dict] = field(default_factory=list)
-
-
-def fixed_set_metrics(name: str, rows: Sequence[dict]) -> dict[str, float]:
-    """Means of one fixed set at one step, for the training curves."""
-    n = len(rows)
-    d_w = [r["lp_w"] - r["ref_w"] for r in rows]
-    d_l = [r["lp_l"] - r["ref_l"] for r in rows]
-    ratios = sorted(r["log10_grad_ratio"] for r in rows if r["log10_grad_ratio"] is not None)
-    out = {"lp_w": sum(r["lp_w"] for r in rows) / n, "lp_l": sum(r["lp_l"] for r in rows) / n,
-           "lp_w_per_token": sum(r["lp_w"] / r["len_w"] for r in rows) / n,
-           "lp_l_per_token": sum(r["lp_l"] / r["len_l"] for r in rows) / n,
-           "delta_w": sum(d_w) / n, "delta_l": sum(d_l) / n,
-           "delta_margin": (sum(d_w) - sum(d_l)) / n,
-           "displaced_share": sum(d < 0 for d in d_w) / n}
-    if ratios:
-        out["log10_grad_ratio"] = float(torch.tensor(ratios).median())
-    return {f"fixed_{name}_{k}": v for k, v in out.items()}
+def fixed_set_metrics(rows: Sequence[dict]) -> dict[str, float]:
+    """``fixed_<set>_<mean>`` of every fixed set scored at one step (:func:`fixed_set_means`), for the log."""
+    means = fixed_set_means(pl.DataFrame(rows, schema=schema_of("fixed_curves")))
+    return {f"fixed_{m['set']}_{k}": v for m in means.iter_rows(named=True) for k, v in m.items()
+            if k not in ("set", "step") and v is not None}
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -498,8 +482,7 @@ def train_preference(model, examples: Sequence[PairExample], terms, settings: Tr
         out: dict[str, float] = {}
         if fixed is not None and fixed.due(step, n_steps):
             rows = trainer.score_fixed(fixed, step)
-            for name in fixed.sets:
-                out.update(fixed_set_metrics(name, [r for r in rows if r["set"] == name]))
+            out.update(fixed_set_metrics(rows))
             curves.fixed += rows
         if probe is not None and probe.due(step, n_steps):
             scores = probe_scores(model, tokenizer, probe)
