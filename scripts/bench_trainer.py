@@ -208,9 +208,12 @@ def child(spec_path: str, config: str, result_path: str) -> None:
     if config.startswith("ours"):
         import importlib
 
+        import polars as pl
+
         from pipeline.config import TrainSettings
         from pipeline.training.batching import step_batches
-        from pipeline.training.trainer import PairExample
+        from pipeline.training.examples import pair_examples
+        from pipeline.training.trainer import RunOptions
 
         mod, fn = a["ours_fn"].split(":")
         train_preference = getattr(importlib.import_module(mod), fn)
@@ -218,8 +221,7 @@ def child(spec_path: str, config: str, result_path: str) -> None:
         examples = spec["examples"]
         # train_preference shuffles with step_batches; the parent laid the rows out in that order
         assert [i for b in step_batches(len(examples), bs, 1, a["seed"]) for i in b] == spec["order"]
-        ex = [PairExample(tuple(e["prompt_ids"]), tuple(e["chosen_ids"]), tuple(e["rejected_ids"]),
-                          float(e["ref_w"]), float(e["ref_l"])) for e in examples]
+        ex = pair_examples(pl.DataFrame(examples).with_columns(pl.col("ref_w", "ref_l").cast(pl.Float64)))
         hwm_init, init_s = hwm_mb(), 0.0
         can_reset = reset_hwm()
 
@@ -236,7 +238,7 @@ def child(spec_path: str, config: str, result_path: str) -> None:
                                  probe_every=0, probe_prompts=1, ref_check_tol=0.1, tail="keep", eval_every=0,
                                  eval_train_pairs=0)
         train_preference(model, ex, [("dpo", 1.0, {"beta": a["beta"]})], settings, pad_id=tok.pad_token_id,
-                         log_fn=log_fn, progress=None)
+                         run=RunOptions(log_fn=log_fn))
         seen = rows
         out["ids_identical_to_ours"] = len(rows)
     else:

@@ -108,21 +108,16 @@ def settings_for(train: dict, **over):
     return TrainSettings(**{**base, "eval_every": 0, "probe_every": 0, "tail": "keep", **over})
 
 
-def reference_of(model, pairs: list[dict], pad_id: int, settings, bf16: bool) -> list[tuple[float, float]]:
+def with_reference(model, pairs: list[dict], pad_id: int, settings, bf16: bool):
+    """``pairs`` as a table with the model's log-probs as their reference (``ref_w``, ``ref_l``)."""
     import polars as pl
 
     from pipeline.model.logprobs import pair_logprobs
 
-    lw, ll, _, _ = pair_logprobs(model, pl.DataFrame(pairs), pad_id, 16, settings.max_length, bf16=bf16,
+    table = pl.DataFrame(pairs)
+    lw, ll, _, _ = pair_logprobs(model, table, pad_id, 16, settings.max_length, bf16=bf16,
                                  shared_prompt=settings.shared_prompt)
-    return list(zip(lw, ll))
-
-
-def examples_of(pairs: list[dict], ref: list[tuple[float, float]]):
-    from pipeline.training.trainer import PairExample
-
-    return [PairExample(tuple(p["prompt_ids"]), tuple(p["chosen_ids"]), tuple(p["rejected_ids"]), w, l_)
-            for p, (w, l_) in zip(pairs, ref)]
+    return table.with_columns(ref_w=pl.Series(lw), ref_l=pl.Series(ll))
 
 
 def _sync() -> None:
@@ -148,7 +143,8 @@ def check_peak(args) -> dict:
 
 
 def check_bf16_reference(args) -> dict:
-    from pipeline.training.trainer import train_preference
+    from pipeline.training.examples import pair_examples
+    from pipeline.training.trainer import RunOptions, train_preference
 
     train = _params()["train"]
     model, pad, source = load_policy()
@@ -157,26 +153,29 @@ def check_bf16_reference(args) -> dict:
     out = {"model_source": source, "ref_check_tol": s.ref_check_tol, "bf16": s.bf16,
            "device": str(next(model.parameters()).device)}
     # both references from the starting policy, each computed once
-    refs = {b: reference_of(model.eval(), pairs, pad, s, b) for b in {s.bf16, False}}
+    refs = {b: with_reference(model.eval(), pairs, pad, s, b) for b in {s.bf16, False}}
     for i, (name, bf16) in enumerate((("same_precision", s.bf16), ("fp32_reference", False))):
         if i:
             model, pad, _ = load_policy()  # a fresh policy: the step above moved it (lr 1e-12, but still)
         seen: dict = {}
         try:
-            train_preference(model, examples_of(pairs, refs[bf16]), [("dpo", 1.0, {"beta": 0.1})], s, pad_id=pad,
-                             progress=None, log_fn=lambda step, m, seen=seen: seen.setdefault(step, m))
+            train_preference(model, pair_examples(refs[bf16]), [("dpo", 1.0, {"beta": 0.1})], s, pad_id=pad,
+                             run=RunOptions(log_fn=lambda step, m, seen=seen: seen.setdefault(step, m)))
             out[name] = {"ref_gap_max": seen[0]["ref_gap_max"], "ref_gap_mean": seen[0]["ref_gap_mean"], "failed": None}
         except ValueError as e:  # the trainer's first-step check refused it
             out[name] = {"failed": str(e)[:400]}
-    out["reference_bf16_vs_fp32_max_abs"] = max(abs(a - b) for x, y in zip(refs[s.bf16], refs[False])
-                                                for a, b in zip(x, y))
+    out["reference_bf16_vs_fp32_max_abs"] = max((refs[s.bf16][c] - refs[False][c]).abs().max()
+                                                for c in ("ref_w", "ref_l"))
     same = out["same_precision"]
     out["passed"] = same.get("failed") is None and same["ref_gap_mean"] <= s.ref_check_tol
     return out
 
 
 def check_mfu(args, peak: dict) -> dict:
-    from pipeline.training.trainer import train_preference
+    import polars as pl
+
+    from pipeline.training.examples import pair_examples
+    from pipeline.training.trainer import RunOptions, train_preference
 
     train = _params()["train"]
     model, pad, source = load_policy()
@@ -185,14 +184,14 @@ def check_mfu(args, peak: dict) -> dict:
     # random pairs: the references are meaningless, so the first-step check is set out of the way
     s = settings_for(train, batch_size=bs, epochs=1, max_length=L, ref_check_tol=1e9)
     pairs = synth_pairs(bs * (steps + 1), P, R, model.config.vocab_size, seed=2)
-    ex = examples_of(pairs, [(0.0, 0.0)] * len(pairs))
+    ex = pair_examples(pl.DataFrame(pairs).with_columns(ref_w=pl.lit(0.0), ref_l=pl.lit(0.0)))
     stamps: list[float] = []
 
     def log_fn(step, m):
         _sync()
         stamps.append(time.perf_counter())
 
-    train_preference(model, ex, [("dpo", 1.0, {"beta": 0.1})], s, pad_id=pad, progress=None, log_fn=log_fn)
+    train_preference(model, ex, [("dpo", 1.0, {"beta": 0.1})], s, pad_id=pad, run=RunOptions(log_fn=log_fn))
     from pipeline.training.batching import step_batches
 
     order = [i for b in step_batches(len(ex), bs, 1, s.seed) for i in b]
@@ -220,25 +219,26 @@ def _dist_worker(spec_path: str, out_path: str) -> None:
     import dataclasses
 
     from pipeline.config import RuntimeParams
-    from pipeline.training import distributed as D
+    from pipeline.training import distributed
     from pipeline.training.trainer import train_preference
 
     spec = torch.load(spec_path, weights_only=False)
-    ctx = D.init(RuntimeParams(nproc=int(os.environ["WORLD_SIZE"]), backend=spec["backend"], strategy="ddp",
-                               checkpoint_every=0, checkpoint_dir="."))
+    ctx = distributed.init(RuntimeParams(nproc=int(os.environ["WORLD_SIZE"]), backend=spec["backend"],
+                                         strategy="ddp", checkpoint_every=0, checkpoint_dir="."))
     losses = {}
     for strategy in ("ddp", "fsdp"):
         model, pad, _ = load_policy()
         model = model.to(ctx.device)
         hist = train_preference(model, spec["examples"], spec["terms"], spec["settings"], pad_id=pad,
-                                ctx=dataclasses.replace(ctx, strategy=strategy), progress=None)
+                                ctx=dataclasses.replace(ctx, strategy=strategy))
         losses[strategy] = [h["loss"] for h in hist]
     if ctx.is_main:
         torch.save(losses, out_path)
-    D.shutdown(ctx)
+    distributed.shutdown(ctx)
 
 
 def check_nccl(args) -> dict:
+    from pipeline.training.examples import pair_examples
     from pipeline.training.trainer import train_preference
 
     n_gpu = torch.cuda.device_count()
@@ -250,9 +250,9 @@ def check_nccl(args) -> dict:
     model, pad, source = load_policy()
     s = settings_for(train, batch_size=max(8, world), epochs=2, ref_check_tol=1e9, bf16=n_gpu >= 2)
     pairs = synth_pairs(s.batch_size * 2 + 2, 64, 16, model.config.vocab_size, seed=3)  # a 2-pair tail each epoch
-    ex = examples_of(pairs, reference_of(model.eval(), pairs, pad, s, s.bf16))
+    ex = pair_examples(with_reference(model.eval(), pairs, pad, s, s.bf16))
     terms = [("dpo", 1.0, {"beta": 0.1})]
-    single = [h["loss"] for h in train_preference(model, ex, terms, s, pad_id=pad, progress=None)]
+    single = [h["loss"] for h in train_preference(model, ex, terms, s, pad_id=pad)]
     with tempfile.TemporaryDirectory() as tmp:
         spec, res = Path(tmp) / "spec.pt", Path(tmp) / "losses.pt"
         torch.save({"examples": ex, "terms": terms, "settings": s, "backend": backend}, spec)

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.schema import schema_of
 from pipeline.training.curves import fixed_set_means
-from pipeline.training.trainer import fixed_set_metrics
+from pipeline.training.evaluation import fixed_set_metrics
 
 
 def _rows(seed: int = 0) -> list[dict]:

@@ -11,21 +11,15 @@ from repo_utils import repo_params
 
 from pipeline.config import TrainSettings, WarmupParams
 from pipeline.model import loading
-from pipeline.model import logprobs as LP
+from pipeline.model import logprobs
 from pipeline.model.logprobs import batched_logprobs, encode_prompt, encode_response, pair_logprobs
-from pipeline.training import distributed as D
-from pipeline.training import losses
+from pipeline.training import distributed, losses
 from pipeline.training.batching import step_batches
+from pipeline.training.checkpoints import Checkpointing
+from pipeline.training.evaluation import Evaluation, FixedSets, Probe, due
+from pipeline.training.examples import PairExample, pair_examples
 from pipeline.training.sft import train_sft
-from pipeline.training.trainer import (
-    Checkpointing,
-    Curves,
-    FixedSets,
-    PairExample,
-    Probe,
-    micro_batches,
-    train_preference,
-)
+from pipeline.training.trainer import RunOptions, micro_batches, train_preference
 
 REF_CHECK_TOL = repo_params()["train"]["ref_check_tol"]
 
@@ -64,11 +58,11 @@ def test_fixed_sets_start_at_the_reference_and_are_scored_every_k_steps(tiny_mod
     ids = [f"p{i}" for i in range(7)]
     fixed = FixedSets({"heldout": (ids[5:], ex[5:]), "train": (ids[:3], ex[:3])}, every=2, batch_size=2)
     probe = Probe(("What is 1 + 1?", "What is 2 + 3?"), 2, 4, ("a", "b"))
-    curves, logged = Curves(), {}
+    evaluation, logged = Evaluation(fixed, probe, tok), {}
     s = train_settings(lr=1e-3, epochs=2, batch_size=2, grad_accum=1, max_length=64, seed=0, tail="drop")
-    hist = train_preference(model, ex[:5], [("dpo", 1.0, {"beta": 0.5})], s, pad_id=tok.pad_token_id, progress=None,
-                            probe=probe, tokenizer=tok, fixed=fixed, curves=curves,
-                            log_fn=lambda step, m: logged.setdefault(step, m))
+    run = RunOptions(log_fn=lambda step, m: logged.setdefault(step, m), evaluation=evaluation)
+    hist = train_preference(model, ex[:5], [("dpo", 1.0, {"beta": 0.5})], s, pad_id=tok.pad_token_id, run=run)
+    curves = evaluation.curves
     assert len(hist) == 4  # 5 pairs in steps of 2: the fifth dropped each epoch
     rows = pl.DataFrame(curves.fixed)
     assert sorted(set(rows["step"])) == [0, 2, 4] and sorted(set(logged)) == [0, 1, 2, 3, 4]
@@ -97,25 +91,34 @@ def test_a_fixed_set_without_pairs_is_left_out(tiny_model_dir):
     ex = _examples(model, tok, 4)
     fixed = FixedSets({"heldout": ([], []), "train": (["p0", "p1"], ex[:2])}, every=1, batch_size=2)
     assert set(fixed.sets) == {"train"}
-    curves, logged = Curves(), {}
+    evaluation, logged = Evaluation(fixed), {}
     s = train_settings(lr=1e-3, epochs=1, batch_size=2, grad_accum=1, max_length=64, seed=0, tail="drop")
-    train_preference(model, ex, [("dpo", 1.0, {"beta": 0.5})], s, pad_id=tok.pad_token_id, progress=None,
-                     fixed=fixed, curves=curves, log_fn=lambda step, m: logged.setdefault(step, m))
+    train_preference(model, ex, [("dpo", 1.0, {"beta": 0.5})], s, pad_id=tok.pad_token_id,
+                     run=RunOptions(log_fn=lambda step, m: logged.setdefault(step, m), evaluation=evaluation))
+    curves = evaluation.curves
     assert {r["set"] for r in curves.fixed} == {"train"} and {r["step"] for r in curves.fixed} == {0, 1, 2}
     assert not any(k.startswith("fixed_heldout") for m in logged.values() for k in m)
     assert FixedSets({"heldout": ([], []), "train": ([], [])}, every=1, batch_size=2).sets == {}
 
 
+def test_evaluations_are_due_at_the_start_every_k_steps_and_after_the_last():
+    assert [s for s in range(6) if due(2, s, 5)] == [0, 2, 4, 5]
+    assert [s for s in range(5) if due(2, s, 4)] == [0, 2, 4]  # the last is also a multiple of k: once
+    assert not any(due(0, s, 5) for s in range(6))  # every 0: never
+    with pytest.raises(ValueError, match="tokenizer"):
+        Evaluation(probe=Probe(("What is 1 + 1?",), 1, 4))
+
+
 def test_micro_batches_split_each_ranks_share():
     idx = [5, 3, 8, 1, 0, 9, 2]
-    assert micro_batches(idx, D.Context(), 3) == [([5, 1, 2], [True] * 3), ([3, 0], [True] * 2), ([8, 9], [True] * 2)]
-    ranks = [micro_batches(idx, D.Context(rank=r, world=2), 2) for r in range(2)]
+    assert micro_batches(idx, distributed.Context(), 3) == [([5, 1, 2], [True] * 3), ([3, 0], [True] * 2), ([8, 9], [True] * 2)]
+    ranks = [micro_batches(idx, distributed.Context(rank=r, world=2), 2) for r in range(2)]
     assert [[mb for mb, _ in r] for r in ranks] == [[[5, 0], [8, 2]], [[3, 9], [1]]]
     assert all(all(real) for r in ranks for _, real in r)
 
 
 @pytest.mark.parametrize(("n", "world", "grad_accum"), [
-    (2, 8, 1),  # issue 13: 58 pairs, batch 8, 8 processes leave a tail of 2
+    (2, 8, 1),  # a tail of 2 pairs on 8 processes (e.g. 58 pairs in steps of 8)
     (2, 3, 1), (2, 4, 2), (5, 3, 2), (7, 2, 3), (1, 1, 4), (8, 8, 1), (12, 3, 2),
 ])
 def test_micro_batches_give_every_rank_the_same_number_of_nonempty_parts(n, world, grad_accum):
@@ -123,7 +126,7 @@ def test_micro_batches_give_every_rank_the_same_number_of_nonempty_parts(n, worl
     collective); every real pair of the step appears once; padding only fills an otherwise empty
     part, as one masked copy of a pair of the step."""
     idx = [3 * i + 1 for i in range(n)][::-1]
-    ranks = [micro_batches(idx, D.Context(rank=r, world=world), grad_accum) for r in range(world)]
+    ranks = [micro_batches(idx, distributed.Context(rank=r, world=world), grad_accum) for r in range(world)]
     assert all(len(r) == grad_accum for r in ranks)
     assert sorted(i for r in ranks for mb, real in r for i, k in zip(mb, real) if k) == sorted(idx)
     for r in ranks:
@@ -150,7 +153,7 @@ def test_dpo_training_raises_the_margin(tiny_model_dir):
     ex = _examples(model, tok)
     terms = [("dpo", 1.0, {"beta": 0.5})]
     s = train_settings(lr=1e-3, epochs=6, batch_size=6, grad_accum=1, max_length=64, seed=0)
-    hist = train_preference(model, ex, terms, s, pad_id=tok.pad_token_id, progress=None)
+    hist = train_preference(model, ex, terms, s, pad_id=tok.pad_token_id)
     assert hist[0]["loss"] == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(0.0)).item(), abs=1e-4)
     assert hist[-1]["delta_margin"] > hist[0]["delta_margin"] + 0.1 and hist[-1]["loss"] < hist[0]["loss"]
     assert hist[-1]["reward_margin"] == pytest.approx(0.5 * hist[-1]["delta_margin"], rel=1e-5)
@@ -177,7 +180,7 @@ def test_logged_margins_are_what_their_names_say(tiny_model_dir, terms, rewards)
           for e, ow, ol in zip(_examples(model, tok, 4), OFF_W, OFF_L)]
     # The offsets would fail the first-step check on purpose, so it is widened here.
     s = train_settings(lr=1e-3, epochs=1, batch_size=4, max_length=64, ref_check_tol=10.0)
-    m = train_preference(model, ex, terms, s, pad_id=tok.pad_token_id, progress=None)[0]
+    m = train_preference(model, ex, terms, s, pad_id=tok.pad_token_id)[0]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert m["delta_w"] == pytest.approx(mean(OFF_W), abs=1e-4)
     if rewards is None:
@@ -211,21 +214,20 @@ def _first_step_check(tiny_model_dir, ref_bf16: bool, train_bf16: bool, tol: flo
     rw, rl, _, _ = pair_logprobs(model, pairs, tok.pad_token_id, params["reference"]["batch_size"],
                                  params["reference"]["max_length"], bf16=ref_bf16,
                                  shared_prompt=params["train"]["shared_prompt"])
-    ex = [PairExample(tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"]), w, l_)
-          for r, w, l_ in zip(pairs.iter_rows(named=True), rw, rl)]
+    ex = pair_examples(pairs.with_columns(ref_w=pl.Series(rw), ref_l=pl.Series(rl)))
     s = train_settings(lr=1e-3, epochs=1, batch_size=4, grad_accum=2, bf16=train_bf16, ref_check_tol=tol)
-    return train_preference(model, ex, [("dpo", 1.0, {"beta": 0.1})], s, pad_id=tok.pad_token_id, progress=None)
+    return train_preference(model, ex, [("dpo", 1.0, {"beta": 0.1})], s, pad_id=tok.pad_token_id)
 
 
 @pytest.fixture
 def bf16_on_cpu(monkeypatch):
     """train.bf16 autocasts on CPU too, as it does on a GPU."""
-    monkeypatch.setattr(LP, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(logprobs, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
 
 
-# The tiny random model's logits are small, and so is its bf16 rounding: two bf16 computations measured
-# <= 3e-5 nats apart; bf16 against fp32 8.8e-4 on average over this batch (max 2.1e-3). The check reads
-# the mean; a tolerance between them.
+# The tiny random model's logits are small, and so is its bf16 rounding: two bf16 computations agree to
+# about 3e-5 nats, bf16 and fp32 differ by about 9e-4 on average over this batch. The check reads the
+# mean; this tolerance lies between the two.
 TINY_TOL = 2e-4
 
 
@@ -254,7 +256,7 @@ def test_grad_accumulation_matches_one_big_batch(tiny_model_dir):
         ex = _examples(model, tok)
         s = train_settings(lr=1e-3, epochs=1, batch_size=6, grad_accum=accum, max_length=64, seed=0)
         hist = train_preference(model, ex, [("dpop", 1.0, {"beta": 0.5, "dpop_lambda": 5.0})], s,
-                                pad_id=tok.pad_token_id, progress=None)
+                                pad_id=tok.pad_token_id)
         results.append((hist[0], next(model.parameters()).detach().clone()))
     for metrics, weights in results[1:]:
         assert metrics["loss"] == pytest.approx(results[0][0]["loss"], abs=1e-5)
@@ -278,7 +280,7 @@ def test_shared_prompt_layout_trains_as_the_padded_one(tiny_model_dir):
         s = train_settings(lr=1e-3, epochs=3, batch_size=3, grad_accum=1, max_length=64, seed=0,
                            shared_prompt=shared)
         hist = train_preference(model, ex, [("dpop", 1.0, {"beta": 0.5, "dpop_lambda": 5.0})], s,
-                                pad_id=tok.pad_token_id, progress=None)
+                                pad_id=tok.pad_token_id)
         runs[shared] = hist, torch.cat([p.detach().flatten() for p in model.parameters()])
     (h0, w0), (h1, w1) = runs[False], runs[True]
     assert len(h0) == len(h1) == 6
@@ -298,8 +300,8 @@ def test_resume_from_a_checkpoint_continues_the_same_run(tiny_model_dir, tmp_pat
         model = loading.load_model(tiny_model_dir, "float32")
         logged = []
         hist = train_preference(model, _examples(model, tok), [("dpo", 1.0, {"beta": 0.5})], s,
-                                pad_id=tok.pad_token_id, progress=None, checkpoint=ck,
-                                log_fn=lambda i, m: logged.append(i))
+                                pad_id=tok.pad_token_id,
+                                run=RunOptions(log_fn=lambda i, m: logged.append(i), checkpoint=ck))
         runs.append((hist, logged, next(model.parameters()).detach().clone()))
         assert torch.load(ck.path, weights_only=False)["step"] == 3  # none after the last step
     (h1, log1, w1), (h2, log2, w2) = runs
@@ -337,8 +339,8 @@ def test_sft_warmup_autocasts_where_bf16_applies(tiny_model_dir, monkeypatch):
         assert all(p.dtype == torch.float32 for p in model.parameters())
         return out[0]
 
-    monkeypatch.setattr(LP, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(logprobs, "cpu_has_native_bf16", lambda: True)
     fp32, bf16 = first_loss(False), first_loss(True)
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=1e-2)
-    monkeypatch.setattr(LP, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(logprobs, "cpu_has_native_bf16", lambda: False)
     assert first_loss(True) == fp32  # no native bf16: fp32 whatever the setting

@@ -21,7 +21,8 @@ from repo_utils import repo_params
 from pipeline.config import TrainSettings
 from pipeline.model import loading
 from pipeline.model.logprobs import batched_logprobs, encode_prompt, encode_response
-from pipeline.training.trainer import PairExample, train_preference
+from pipeline.training.examples import PairExample
+from pipeline.training.trainer import RunOptions, train_preference
 
 PROJECT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("uneven_worker.py")
@@ -86,7 +87,7 @@ def spec(tiny_model_dir) -> dict:
 def _train(spec: dict, case: dict) -> dict:
     model = loading.load_model(spec["model"], "float32")
     history = train_preference(model, case["examples"], case["terms"], case["settings"], pad_id=spec["pad_id"],
-                               progress=None, buckets=case["buckets"])
+                               run=RunOptions(buckets=case["buckets"]))
     return {"history": history, "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
