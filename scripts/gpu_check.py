@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Every GPU check of issue 13 in one command (not a test), figures in one JSON file:
+"""Every GPU check in one command (not a test), figures in one JSON file:
 
     python scripts/gpu_check.py --out reports/bench/gpu-check.json           # on the GPU machine
     python scripts/gpu_check.py --quick --out /tmp/gpu-check.json            # a smoke run, also on CPU
@@ -8,10 +8,10 @@ Each check runs on its own; one that fails or cannot run records why and the oth
 
 1. ``peak``: the GPU's measured bf16 matrix-product rate (8192³, mean of 10 after 3 warm-ups), the
    denominator of the MFU.
-2. ``bf16_reference``: fault 1. The reference stage's log-probs (``pair_logprobs`` under ``train.bf16``
+2. ``bf16_reference``: the reference stage's log-probs (``pair_logprobs`` under ``train.bf16``
    autocast) against the trainer's first-step log-probs of the same pairs, where the policy is the
-   reference: the first-step check's ``ref_gap_max`` must be within ``train.ref_check_tol``. The gap of
-   an fp32 reference (what fault 1 did) is printed beside it.
+   reference: the first-step check's ``ref_gap_mean`` must be within ``train.ref_check_tol``. The gap of
+   an fp32 reference under bf16 training (the precision mismatch the check exists for) is printed beside it.
 3. ``mfu``: :func:`train_preference` in bf16 with one row per pair (``train.shared_prompt``), timed
    steps after one warm-up: tokens/s (prompt + chosen + rejected) and MFU = 6 · N_params · tokens/s /
    peak (also with the non-embedding parameter count).

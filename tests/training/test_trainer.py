@@ -84,7 +84,7 @@ def test_fixed_sets_start_at_the_reference_and_are_scored_every_k_steps(tiny_mod
 
 def test_a_fixed_set_without_pairs_is_left_out(tiny_model_dir):
     """No held-out pairs (pairs.heldout_fraction 0): the held-out set is dropped by FixedSets itself, so
-    training scores only the training subset instead of failing on an empty batch (found in the slow
+    training scores only the training subset instead of failing on an empty batch (as in the slow
     multi-process tests, whose pairs are all training pairs)."""
     model = loading.load_model(tiny_model_dir, "float32")
     tok = loading.load_tokenizer(tiny_model_dir)
@@ -173,7 +173,7 @@ OFF_W, OFF_L = [0.3, -0.2, 0.5, 0.1], [-0.4, 0.2, -0.1, -0.6]
 ])
 def test_logged_margins_are_what_their_names_say(tiny_model_dir, terms, rewards):
     """delta_margin is the unscaled Δw − Δl for every loss; reward_* only where the loss has the
-    implicit reward β·Δ, and then with its own β_w, β_l (the first term's β mislabelled them)."""
+    implicit reward β·Δ, and then with its own β_w, β_l (not the first term's β)."""
     model = loading.load_model(tiny_model_dir, "float32")
     tok = loading.load_tokenizer(tiny_model_dir)
     ex = [PairExample(e.prompt_ids, e.chosen_ids, e.rejected_ids, e.ref_w - ow, e.ref_l - ol)
