@@ -1,6 +1,8 @@
 """The per-step means of the fixed sets: what the trainer logs to dvclive and the report plots."""
 
 import random
+import subprocess
+import sys
 
 import polars as pl
 import torch
@@ -65,3 +67,11 @@ def test_the_trainer_logs_each_sets_means_under_its_name():
     got = fixed_set_metrics(rows)
     assert list(got) == list(want) and got == want
     assert "fixed_train_log10_grad_ratio" not in got and "fixed_heldout_log10_grad_ratio" in got
+
+
+def test_the_report_reads_the_curves_without_torch():
+    # In a fresh interpreter: the test process itself has torch loaded by other tests.
+    code = ("import sys; import pipeline.analysis.report; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
