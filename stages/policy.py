@@ -36,9 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_table(paths.PROMPTS, "prompts")
 
     # Load (the builtin GGUF model is converted once and cached)
-    source = loading.resolve(params.model)
-    tokenizer = loading.load_tokenizer(source)
-    model = loading.load_model(source, params.dtype, loading.device_for())
+    model, tokenizer = loading.load_policy(loading.resolve(params.model), params.dtype, loading.device_for())
 
     # Optional SFT warm-up on the gold solutions of the warm-up split
     warm = prompts.filter((pl.col("split") == "warmup") & pl.col("solution").is_not_null())

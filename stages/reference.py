@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     params = cfg.reference
     pairs = read_table(paths.PAIRS, "pairs")
     device = loading.device_for()
-    model = loading.load_model(paths.POLICY_DIR, cfg.policy.dtype, device).eval()
-    tokenizer = loading.load_tokenizer(paths.POLICY_DIR)
+    model, tokenizer = loading.load_policy(paths.POLICY_DIR, cfg.policy.dtype, device)
+    model.eval()
 
     # Work
     lw, ll, nw, nl = pair_logprobs(model, pairs, tokenizer.pad_token_id, params.batch_size, params.max_length,

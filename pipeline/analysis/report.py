@@ -17,6 +17,7 @@ import polars as pl
 
 from pipeline.analysis import findings, stats
 from pipeline.analysis.findings import Finding, HeldoutStats, StatSettings
+from pipeline.training.curves import fixed_set_means
 
 Series = dict[str, list[tuple[int, float]]]  # curve name -> (step, value) points
 # The stages' metrics the report quotes, per metrics file
@@ -49,19 +50,13 @@ def read_live_history(live_dir: str | Path) -> Series:
 
 
 def fixed_set_series(fixed: pl.DataFrame | None, which: str) -> dict[str, list[tuple[int, float]]]:
-    """Per-step means of one fixed set (``heldout`` or ``train``), as plotted."""
+    """Per-step means of one fixed set (``heldout`` or ``train``), as plotted: the ones training logged."""
     if fixed is None or fixed.is_empty():
         return {}
-    d = fixed.filter(pl.col("set") == which)
-    agg = d.group_by("step").agg(
-        pl.col("lp_w").mean(), pl.col("lp_l").mean(), (pl.col("lp_w") - pl.col("ref_w")).mean().alias("delta_w"),
-        (pl.col("lp_l") - pl.col("ref_l")).mean().alias("delta_l"),
-        ((pl.col("lp_w") - pl.col("ref_w")) - (pl.col("lp_l") - pl.col("ref_l"))).mean().alias("delta_margin"),
-        ((pl.col("lp_w") - pl.col("ref_w")) < 0).mean().alias("displaced_share"),
-        pl.col("log10_grad_ratio").median()).sort("step")
-    steps = agg["step"].to_list()
-    return {c: [(st, v) for st, v in zip(steps, agg[c].to_list()) if v is not None]
-            for c in agg.columns if c != "step"}
+    means = fixed_set_means(fixed).filter(pl.col("set") == which).sort("step")
+    steps = means["step"].to_list()
+    return {c: [(st, v) for st, v in zip(steps, means[c].to_list()) if v is not None]
+            for c in means.columns if c not in ("set", "step")}
 
 
 def probe_series(probe: pl.DataFrame | None) -> Series:

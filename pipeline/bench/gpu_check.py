@@ -47,8 +47,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bench.gpu_policy import (PolicySpec, check_settings, examples_of, load_policy, policy_spec,
-                                       reference_of, synth_pairs)
+from pipeline.bench.gpu_policy import (PolicySpec, check_settings, examples_with_reference, load_policy,
+                                       policy_spec, synth_pairs)
 from pipeline.bench.process import PROJECT_ROOT, child_env
 from pipeline.settings.params import Params
 from pipeline.settings.train import Variant
@@ -84,7 +84,7 @@ class Checks:
         return {"n": n, "tflops": 2 * n ** 3 / seconds / 1e12, "gpu": torch.cuda.get_device_name(0)}
 
     def bf16_reference(self) -> dict:
-        from pipeline.training.trainer import train_preference
+        from pipeline.training.trainer import RunOptions, train_preference
 
         model, pad_id, source = load_policy(self.policy)
         settings = check_settings(self.variant.settings, batch_size=8, epochs=1, lr=1e-12)
@@ -92,27 +92,28 @@ class Checks:
         out = {"model_source": source, "ref_check_tol": settings.ref_check_tol, "bf16": settings.bf16,
                "device": str(next(model.parameters()).device)}
         # both references from the starting policy, each computed once
-        refs = {bf16: reference_of(model.eval(), pairs, pad_id, settings, bf16) for bf16 in {settings.bf16, False}}
+        refs = {bf16: examples_with_reference(model.eval(), pairs, pad_id, settings, bf16)
+                for bf16 in {settings.bf16, False}}
         for i, (name, bf16) in enumerate((("same_precision", settings.bf16), ("fp32_reference", False))):
             if i:
                 model, pad_id, _ = load_policy(self.policy)  # a fresh policy: the first run stepped this one
             seen: dict = {}
             try:
-                train_preference(model, examples_of(pairs, refs[bf16]), self.variant.losses, settings, pad_id=pad_id,
-                                 progress=None, log_fn=lambda step, m, seen=seen: seen.setdefault(step, m))
+                train_preference(model, refs[bf16], self.variant.losses, settings, pad_id=pad_id,
+                                 run=RunOptions(log_fn=lambda step, m, seen=seen: seen.setdefault(step, m)))
                 out[name] = {"ref_gap_max": seen[0]["ref_gap_max"], "ref_gap_mean": seen[0]["ref_gap_mean"],
                              "failed": None}
             except ValueError as e:  # the trainer's first-step check refused it
                 out[name] = {"failed": str(e)[:400]}
-        out["reference_bf16_vs_fp32_max_abs"] = max(abs(a - b) for x, y in zip(refs[settings.bf16], refs[False])
-                                                    for a, b in zip(x, y))
+        out["reference_bf16_vs_fp32_max_abs"] = max(max(abs(x.ref_w - y.ref_w), abs(x.ref_l - y.ref_l))
+                                                    for x, y in zip(refs[settings.bf16], refs[False]))
         same = out["same_precision"]
         out["passed"] = same.get("failed") is None and same["ref_gap_mean"] <= settings.ref_check_tol
         return out
 
     def mfu(self) -> dict:
         from pipeline.training.batching import step_batches
-        from pipeline.training.trainer import train_preference
+        from pipeline.training.trainer import RunOptions, train_preference
 
         args = self.args
         model, pad_id, source = load_policy(self.policy)
@@ -129,8 +130,8 @@ class Checks:
             _sync()
             stamps.append(time.perf_counter())
 
-        train_preference(model, examples_of(pairs, [(0.0, 0.0)] * len(pairs)), self.variant.losses, settings,
-                         pad_id=pad_id, progress=None, log_fn=log_fn)
+        train_preference(model, examples_with_reference(model, pairs, pad_id, settings, None), self.variant.losses,
+                         settings, pad_id=pad_id, run=RunOptions(log_fn=log_fn))
         order = [i for b in step_batches(len(pairs), batch, 1, settings.seed) for i in b]
         tokens = 0
         for i in order[batch:]:  # the timed steps: every step after the first
@@ -154,7 +155,7 @@ class Checks:
         return out
 
     def nccl(self) -> dict:
-        from pipeline.training.trainer import train_preference
+        from pipeline.training.trainer import RunOptions, train_preference
 
         n_gpu = torch.cuda.device_count()
         world = n_gpu if n_gpu >= 2 else (2 if self.args.quick else 0)
@@ -165,9 +166,8 @@ class Checks:
         settings = check_settings(self.variant.settings, batch_size=max(8, world), epochs=2, ref_check_tol=1e9,
                                   bf16=n_gpu >= 2)
         pairs = synth_pairs(settings.batch_size * 2 + 2, 64, 16, model.config.vocab_size, seed=3)  # a 2-pair tail
-        examples = examples_of(pairs, reference_of(model.eval(), pairs, pad_id, settings, settings.bf16))
-        single = [h["loss"] for h in train_preference(model, examples, self.variant.losses, settings, pad_id=pad_id,
-                                                      progress=None)]
+        examples = examples_with_reference(model.eval(), pairs, pad_id, settings, settings.bf16)
+        single = [h["loss"] for h in train_preference(model, examples, self.variant.losses, settings, pad_id=pad_id)]
         with tempfile.TemporaryDirectory() as tmp:
             spec, result = Path(tmp) / "spec.pt", Path(tmp) / "losses.pt"
             torch.save({"examples": examples, "terms": self.variant.losses, "settings": settings, "backend": backend,
@@ -235,7 +235,7 @@ def dist_worker(spec_path: str, out_path: str) -> None:
 
     from pipeline.settings.train import RuntimeParams
     from pipeline.training import distributed
-    from pipeline.training.trainer import train_preference
+    from pipeline.training.trainer import RunOptions, train_preference
 
     spec = torch.load(spec_path, weights_only=False)
     ctx = distributed.init(RuntimeParams(nproc=int(os.environ["WORLD_SIZE"]), backend=spec["backend"],
@@ -244,7 +244,7 @@ def dist_worker(spec_path: str, out_path: str) -> None:
     for strategy in ("ddp", "fsdp"):
         model, pad_id, _ = load_policy(spec["policy"])
         history = train_preference(model.to(ctx.device), spec["examples"], spec["terms"], spec["settings"],
-                                   pad_id=pad_id, ctx=dataclasses.replace(ctx, strategy=strategy), progress=None)
+                                   pad_id=pad_id, ctx=dataclasses.replace(ctx, strategy=strategy))
         losses[strategy] = [h["loss"] for h in history]
     if ctx.is_main:
         torch.save(losses, out_path)

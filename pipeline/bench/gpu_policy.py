@@ -88,19 +88,18 @@ def check_settings(settings: TrainSettings, **overrides) -> TrainSettings:
     return settings.model_copy(update={"eval_every": 0, "probe_every": 0, "tail": "keep", **overrides})
 
 
-def reference_of(model, pairs: list[dict], pad_id: int, settings: TrainSettings, bf16: bool) -> list[tuple[float, float]]:
-    """(ref_w, ref_l) of each pair as the reference stage computes them, at ``bf16``."""
+def examples_with_reference(model, pairs: list[dict], pad_id: int, settings: TrainSettings, bf16: bool | None):
+    """Training examples of ``pairs`` whose reference log-probs are ``model``'s, computed as the reference
+    stage computes them at ``bf16``; ``bf16=None``: a zero reference (for timing alone)."""
     import polars as pl
 
     from pipeline.model.logprobs import pair_logprobs
+    from pipeline.training.examples import pair_examples
 
-    ref_w, ref_l, _, _ = pair_logprobs(model, pl.DataFrame(pairs), pad_id, 16, settings.max_length, bf16=bf16,
+    table = pl.DataFrame(pairs)
+    if bf16 is None:
+        return pair_examples(table.with_columns(ref_w=pl.lit(0.0), ref_l=pl.lit(0.0)))
+    ref_w, ref_l, _, _ = pair_logprobs(model, table, pad_id, 16, settings.max_length, bf16=bf16,
                                        shared_prompt=settings.shared_prompt)
-    return list(zip(ref_w, ref_l))
-
-
-def examples_of(pairs: list[dict], reference: list[tuple[float, float]]):
-    from pipeline.training.trainer import PairExample
-
-    return [PairExample(tuple(p["prompt_ids"]), tuple(p["chosen_ids"]), tuple(p["rejected_ids"]), ref_w, ref_l)
-            for p, (ref_w, ref_l) in zip(pairs, reference)]
+    return pair_examples(table.with_columns(ref_w=pl.Series(ref_w, dtype=pl.Float64),
+                                            ref_l=pl.Series(ref_l, dtype=pl.Float64)))

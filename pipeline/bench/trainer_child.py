@@ -73,7 +73,8 @@ def step_rows(spec: dict) -> list[dict]:
 def run_ours(spec: dict, config: str, model, tokenizer, clock: StepClock) -> Run:
     from pipeline.settings.train import LossTerm, TrainSettings
     from pipeline.training.batching import step_batches
-    from pipeline.training.trainer import PairExample
+    from pipeline.training.examples import PairExample
+    from pipeline.training.trainer import RunOptions
 
     module, name = spec["ours_fn"].split(":")
     train_preference = getattr(importlib.import_module(module), name)
@@ -93,7 +94,7 @@ def run_ours(spec: dict, config: str, model, tokenizer, clock: StepClock) -> Run
     init_peak = hwm_mb()
     can_reset = reset_hwm()
     train_preference(model, examples, [LossTerm(**term) for term in spec["losses"]], settings,
-                     pad_id=tokenizer.pad_token_id, log_fn=log_fn, progress=None)
+                     pad_id=tokenizer.pad_token_id, run=RunOptions(log_fn=log_fn))
     rows = step_rows(spec)
     return Run(rows, 0.0, init_peak, can_reset,
                {"ids_identical_to_ours": len(rows), "ref_check_tol": settings.ref_check_tol, **first_step})

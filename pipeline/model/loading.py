@@ -112,6 +112,11 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype, device: str = 
     return model.to(device)
 
 
+def load_policy(path: str | os.PathLike, dtype: str | torch.dtype, device: str = "cpu"):
+    """(model, tokenizer) of a model folder (or hub id): the model in ``dtype`` on ``device``."""
+    return load_model(path, dtype, device), load_tokenizer(path)
+
+
 def save_model(model, tokenizer, path: str | os.PathLike, extra: dict | None = None) -> None:
     """Save a model folder atomically, with a ``pipeline.json`` recording where it came from."""
     with atomic_dir(path) as tmp:

@@ -9,7 +9,8 @@ from repo_utils import run
 
 
 def test_flow_retries_overrides_and_failures(shell_repo, prefect_harness, artifacts, task_runs):
-    from pipeline.flows import StageFailed, pipeline_flow
+    from pipeline.flows.dvc_process import StageFailed
+    from pipeline.flows.run import pipeline_flow
     from pipeline.flows.experiments import experiments
 
     # first run: every stage runs; `flaky` fails once and its retry succeeds
@@ -53,7 +54,7 @@ def test_flow_retries_overrides_and_failures(shell_repo, prefect_harness, artifa
 
 @pytest.mark.slow
 def test_sweep_flow_on_shell_pipeline(shell_repo, prefect_harness, artifacts, exp_names):
-    from pipeline.flows import sweep_flow
+    from pipeline.flows.sweep import sweep_flow
 
     res = sweep_flow(grid={"a.x": [1, 2], "b.y": [3, 4]}, max_parallel=2, targets=["second"], name="grid",
                      repo=str(shell_repo))

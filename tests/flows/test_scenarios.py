@@ -58,7 +58,7 @@ def test_scenarios_flow_on_shell_pipeline(tmp_path_factory, prefect_harness, flo
                                           latest_artifact):
     """scenarios_flow over a shell pipeline whose `pairs` fails in scenario 3: one experiment per
     scenario, the report with one column each (the failed one says so), the flow failing at the end."""
-    from pipeline.flows import scenarios_flow
+    from pipeline.flows.scenarios import scenarios_flow
 
     repo = tmp_path_factory.mktemp("scenarioflows") / "repo"
     repo.mkdir()

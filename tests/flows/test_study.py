@@ -124,7 +124,7 @@ STUDY_DVC_YAML = textwrap.dedent("""\
 @pytest.mark.slow
 def test_study_flow_reads_every_seeds_tables_and_judges_the_claims(tmp_path_factory, prefect_harness, exp_names,
                                                                     latest_artifact):
-    from pipeline.flows import study_flow
+    from pipeline.flows.study import study_flow
 
     repo = tmp_path_factory.mktemp("studyflow") / "repo"
     repo.mkdir()

@@ -16,7 +16,7 @@ ALL = {"prepare", "policy", "sample", "sample_other", "judge", "pairs", "referen
 @pytest.fixture(scope="module")
 def flowed(tmp_path_factory, tiny_model_dir, prefect_harness):
     """The tiny config in a temporary git repo, after one pipeline flow run (shared, never changed)."""
-    from pipeline.flows import pipeline_flow
+    from pipeline.flows.run import pipeline_flow
 
     repo = make_repo(tmp_path_factory.mktemp("flows"), tiny_params(tiny_model_dir))
     return repo, pipeline_flow(repo=str(repo))
@@ -46,7 +46,7 @@ def test_pipeline_flow_end_to_end_then_nothing(flowed_repo, latest_artifact, tas
     assert any(r["file"] == "metrics/eval/dpo.json" for r in json.loads(latest_artifact("dpo-metrics").data))
     assert [r for r in task_runs("train@dpo")] and task_runs("evaluate@dpop")
 
-    from pipeline.flows import pipeline_flow
+    from pipeline.flows.run import pipeline_flow
 
     second = pipeline_flow(repo=str(repo))
     assert second["ran"] == [] and set(second["stages"].values()) == {"skipped"}
@@ -54,7 +54,7 @@ def test_pipeline_flow_end_to_end_then_nothing(flowed_repo, latest_artifact, tas
 
 @pytest.mark.slow
 def test_pipeline_flow_param_change_is_an_experiment(flowed_repo, exp_names):
-    from pipeline.flows import pipeline_flow
+    from pipeline.flows.run import pipeline_flow
 
     repo, _ = flowed_repo
     before = (repo / "params.yaml").read_text()
@@ -68,7 +68,7 @@ def test_pipeline_flow_param_change_is_an_experiment(flowed_repo, exp_names):
 
 @pytest.mark.slow
 def test_sweep_flow_tiny_2x2(flowed_repo, artifacts, exp_names):
-    from pipeline.flows import sweep_flow
+    from pipeline.flows.sweep import sweep_flow
 
     repo, _ = flowed_repo
     res = sweep_flow(grid={"train.variants.dpo.beta": [0.2, 0.4], "train.lr": [1e-4, 2e-4]}, max_parallel=2,
@@ -85,7 +85,7 @@ def test_sweep_flow_tiny_2x2(flowed_repo, artifacts, exp_names):
 def test_rounds_flow_r2_samples_from_round1_policy(flowed_repo, artifacts, exp_names):
     import polars as pl
 
-    from pipeline.flows import rounds_flow
+    from pipeline.flows.rounds import rounds_flow
     from pipeline.model.loading import fingerprint
 
     repo, _ = flowed_repo

@@ -1,4 +1,5 @@
-"""Loading the builtin offline model: converted once from its GGUF file, also under concurrent callers."""
+"""Loading models: the builtin offline model (converted once from its GGUF file, also under concurrent
+callers) and policy folders."""
 
 from pipeline.model import loading
 
@@ -33,3 +34,12 @@ def test_builtin_conversion_runs_once_under_concurrent_callers(tmp_path, monkeyp
         t.join()
     assert not errors and calls == ["smollm2-135m-instruct"]
     assert len(set(results)) == 1 and (results[0] / "config.json").is_file()
+
+
+def test_a_policy_folder_loads_as_model_and_tokenizer(tiny_model_dir):
+    """The stages' one way to load a policy: the model in the asked dtype, its tokenizer with a pad token."""
+    import torch
+
+    model, tok = loading.load_policy(tiny_model_dir, "bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert tok.pad_token_id is not None and model.config.vocab_size == len(tok)

@@ -12,7 +12,8 @@ import polars as pl
 from pipeline.settings.params import Params
 from pipeline.io import read_table, write_table
 from pipeline.model import loading
-from pipeline.training.trainer import PairExample, train_preference
+from pipeline.training.examples import join_reference, pair_examples
+from pipeline.training.trainer import train_preference
 
 N_PAIRS = 8  # the `workspace` fixture's pairs (tests/stages/conftest.py), half of them held out
 TINY_TOL = 1e-3
@@ -26,15 +27,13 @@ def test_reference_stage_scores_at_trainings_precision(workspace):
     cfg = Params.load("params.yaml")
     assert cfg.train.bf16
     ref = read_table("data/reference.parquet", "reference")
-    data = read_table("data/pairs.parquet", "pairs").filter(pl.col("split") == "train").join(ref, on="pair_id")
-    ex = [PairExample(tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"]), r["ref_w"], r["ref_l"])
-          for r in data.iter_rows(named=True)]
-    model = loading.load_model("models/policy", "float32")
-    tok = loading.load_tokenizer("models/policy")
+    train = read_table("data/pairs.parquet", "pairs").filter(pl.col("split") == "train")
+    ex = pair_examples(join_reference(train, ref))
+    model, tok = loading.load_policy("models/policy", "float32")
     # The stage's settings, bf16 autocast included, with a tolerance for the tiny model's small logits:
     # <= 3e-5 nats between two bf16 computations, 2e-3 to 1e-2 between bf16 and fp32.
     s = cfg.train.variants["dpo"].settings.model_copy(update={"ref_check_tol": TINY_TOL})
-    hist = train_preference(model, ex, cfg.train.variants["dpo"].losses, s, pad_id=tok.pad_token_id, progress=None)
+    hist = train_preference(model, ex, cfg.train.variants["dpo"].losses, s, pad_id=tok.pad_token_id)
     assert hist[0]["ref_gap_max"] <= TINY_TOL <= cfg.train.ref_check_tol
 
 

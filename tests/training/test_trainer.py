@@ -16,19 +16,13 @@ from pipeline.model import loading
 from pipeline.model import precision
 from pipeline.model.encoding import encode_prompt, encode_response
 from pipeline.model.logprobs import batched_logprobs, pair_logprobs
-from pipeline.training import distributed
-from pipeline.training import losses
+from pipeline.training import distributed, losses
 from pipeline.training.batching import step_batches
+from pipeline.training.checkpoints import Checkpointing
+from pipeline.training.evaluation import Evaluation, FixedSets, Probe, due
+from pipeline.training.examples import PairExample, pair_examples
 from pipeline.training.sft import train_sft
-from pipeline.training.trainer import (
-    Checkpointing,
-    Curves,
-    FixedSets,
-    PairExample,
-    Probe,
-    micro_batches,
-    train_preference,
-)
+from pipeline.training.trainer import RunOptions, micro_batches, train_preference
 
 REF_CHECK_TOL = repo_params()["train"]["ref_check_tol"]
 
@@ -67,11 +61,11 @@ def test_fixed_sets_start_at_the_reference_and_are_scored_every_k_steps(tiny_mod
     ids = [f"p{i}" for i in range(7)]
     fixed = FixedSets({"heldout": (ids[5:], ex[5:]), "train": (ids[:3], ex[:3])}, every=2, batch_size=2)
     probe = Probe(("What is 1 + 1?", "What is 2 + 3?"), 2, 4, ("a", "b"))
-    curves, logged = Curves(), {}
+    evaluation, logged = Evaluation(fixed, probe, tok), {}
     s = train_settings(lr=1e-3, epochs=2, batch_size=2, grad_accum=1, max_length=64, seed=0, tail="drop")
-    hist = train_preference(model, ex[:5], [("dpo", 1.0, {"beta": 0.5})], s, pad_id=tok.pad_token_id, progress=None,
-                            probe=probe, tokenizer=tok, fixed=fixed, curves=curves,
-                            log_fn=lambda step, m: logged.setdefault(step, m))
+    run = RunOptions(log_fn=lambda step, m: logged.setdefault(step, m), evaluation=evaluation)
+    hist = train_preference(model, ex[:5], [("dpo", 1.0, {"beta": 0.5})], s, pad_id=tok.pad_token_id, run=run)
+    curves = evaluation.curves
     assert len(hist) == 4  # 5 pairs in steps of 2: the fifth dropped each epoch
     rows = pl.DataFrame(curves.fixed)
     assert sorted(set(rows["step"])) == [0, 2, 4] and sorted(set(logged)) == [0, 1, 2, 3, 4]
@@ -93,20 +87,29 @@ def test_fixed_sets_start_at_the_reference_and_are_scored_every_k_steps(tiny_mod
 
 def test_a_fixed_set_without_pairs_is_left_out(tiny_model_dir):
     """No held-out pairs (pairs.heldout_fraction 0): the held-out set is dropped by FixedSets itself, so
-    training scores only the training subset instead of failing on an empty batch (found in the slow
+    training scores only the training subset instead of failing on an empty batch (as in the slow
     multi-process tests, whose pairs are all training pairs)."""
     model = loading.load_model(tiny_model_dir, "float32")
     tok = loading.load_tokenizer(tiny_model_dir)
     ex = _examples(model, tok, 4)
     fixed = FixedSets({"heldout": ([], []), "train": (["p0", "p1"], ex[:2])}, every=1, batch_size=2)
     assert set(fixed.sets) == {"train"}
-    curves, logged = Curves(), {}
+    evaluation, logged = Evaluation(fixed), {}
     s = train_settings(lr=1e-3, epochs=1, batch_size=2, grad_accum=1, max_length=64, seed=0, tail="drop")
-    train_preference(model, ex, [("dpo", 1.0, {"beta": 0.5})], s, pad_id=tok.pad_token_id, progress=None,
-                     fixed=fixed, curves=curves, log_fn=lambda step, m: logged.setdefault(step, m))
+    train_preference(model, ex, [("dpo", 1.0, {"beta": 0.5})], s, pad_id=tok.pad_token_id,
+                     run=RunOptions(log_fn=lambda step, m: logged.setdefault(step, m), evaluation=evaluation))
+    curves = evaluation.curves
     assert {r["set"] for r in curves.fixed} == {"train"} and {r["step"] for r in curves.fixed} == {0, 1, 2}
     assert not any(k.startswith("fixed_heldout") for m in logged.values() for k in m)
     assert FixedSets({"heldout": ([], []), "train": ([], [])}, every=1, batch_size=2).sets == {}
+
+
+def test_evaluations_are_due_at_the_start_every_k_steps_and_after_the_last():
+    assert [s for s in range(6) if due(2, s, 5)] == [0, 2, 4, 5]
+    assert [s for s in range(5) if due(2, s, 4)] == [0, 2, 4]  # the last is also a multiple of k: once
+    assert not any(due(0, s, 5) for s in range(6))  # every 0: never
+    with pytest.raises(ValueError, match="tokenizer"):
+        Evaluation(probe=Probe(("What is 1 + 1?",), 1, 4))
 
 
 def test_micro_batches_split_each_ranks_share():
@@ -118,7 +121,7 @@ def test_micro_batches_split_each_ranks_share():
 
 
 @pytest.mark.parametrize(("n", "world", "grad_accum"), [
-    (2, 8, 1),  # issue 13: 58 pairs, batch 8, 8 processes leave a tail of 2
+    (2, 8, 1),  # a tail of 2 pairs on 8 processes (e.g. 58 pairs in steps of 8)
     (2, 3, 1), (2, 4, 2), (5, 3, 2), (7, 2, 3), (1, 1, 4), (8, 8, 1), (12, 3, 2),
 ])
 def test_micro_batches_give_every_rank_the_same_number_of_nonempty_parts(n, world, grad_accum):
@@ -153,7 +156,7 @@ def test_dpo_training_raises_the_margin(tiny_model_dir):
     ex = _examples(model, tok)
     terms = [("dpo", 1.0, {"beta": 0.5})]
     s = train_settings(lr=1e-3, epochs=6, batch_size=6, grad_accum=1, max_length=64, seed=0)
-    hist = train_preference(model, ex, terms, s, pad_id=tok.pad_token_id, progress=None)
+    hist = train_preference(model, ex, terms, s, pad_id=tok.pad_token_id)
     assert hist[0]["loss"] == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(0.0)).item(), abs=1e-4)
     assert hist[-1]["delta_margin"] > hist[0]["delta_margin"] + 0.1 and hist[-1]["loss"] < hist[0]["loss"]
     assert hist[-1]["reward_margin"] == pytest.approx(0.5 * hist[-1]["delta_margin"], rel=1e-5)
@@ -170,7 +173,7 @@ def test_dpo_training_raises_the_margin(tiny_model_dir):
         placed.append(PairExample(e.prompt_ids, e.chosen_ids, e.rejected_ids, lp_w - d_w, lp_l - d_l))
     first = train_preference(model, placed, terms, train_settings(lr=1e-3, epochs=1, batch_size=6, grad_accum=1,
                                                                   max_length=64, seed=0, ref_check_tol=1e9),
-                             pad_id=tok.pad_token_id, progress=None)[0]
+                             pad_id=tok.pad_token_id)[0]
     assert first["accuracy"] == pytest.approx(4 / 6)
     # mean of Δw − Δl: (1 + 3 + 2 + 0.5 − 1 − 2) / 6
     assert first["delta_margin"] == pytest.approx(3.5 / 6, abs=1e-4)
@@ -189,14 +192,14 @@ OFF_W, OFF_L = [0.3, -0.2, 0.5, 0.1], [-0.4, 0.2, -0.1, -0.6]
 ])
 def test_logged_margins_are_what_their_names_say(tiny_model_dir, terms, rewards):
     """delta_margin is the unscaled Δw − Δl for every loss; reward_* only where the loss has the
-    implicit reward β·Δ, and then with its own β_w, β_l (the first term's β mislabelled them)."""
+    implicit reward β·Δ, and then with its own β_w, β_l (not the first term's β)."""
     model = loading.load_model(tiny_model_dir, "float32")
     tok = loading.load_tokenizer(tiny_model_dir)
     ex = [PairExample(e.prompt_ids, e.chosen_ids, e.rejected_ids, e.ref_w - ow, e.ref_l - ol)
           for e, ow, ol in zip(_examples(model, tok, 4), OFF_W, OFF_L)]
     # The offsets would fail the first-step check on purpose, so it is widened here.
     s = train_settings(lr=1e-3, epochs=1, batch_size=4, max_length=64, ref_check_tol=10.0)
-    m = train_preference(model, ex, terms, s, pad_id=tok.pad_token_id, progress=None)[0]
+    m = train_preference(model, ex, terms, s, pad_id=tok.pad_token_id)[0]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert m["delta_w"] == pytest.approx(mean(OFF_W), abs=1e-4)
     if rewards is None:
@@ -230,10 +233,9 @@ def _first_step_check(tiny_model_dir, ref_bf16: bool, train_bf16: bool, tol: flo
     rw, rl, _, _ = pair_logprobs(model, pairs, tok.pad_token_id, params["reference"]["batch_size"],
                                  params["reference"]["max_length"], bf16=ref_bf16,
                                  shared_prompt=params["train"]["shared_prompt"])
-    ex = [PairExample(tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"]), w, l_)
-          for r, w, l_ in zip(pairs.iter_rows(named=True), rw, rl)]
+    ex = pair_examples(pairs.with_columns(ref_w=pl.Series(rw), ref_l=pl.Series(rl)))
     s = train_settings(lr=1e-3, epochs=1, batch_size=4, grad_accum=2, bf16=train_bf16, ref_check_tol=tol)
-    return train_preference(model, ex, [("dpo", 1.0, {"beta": 0.1})], s, pad_id=tok.pad_token_id, progress=None)
+    return train_preference(model, ex, [("dpo", 1.0, {"beta": 0.1})], s, pad_id=tok.pad_token_id)
 
 
 @pytest.fixture
@@ -242,9 +244,9 @@ def bf16_on_cpu(monkeypatch):
     monkeypatch.setattr(precision, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
 
 
-# The tiny random model's logits are small, and so is its bf16 rounding: two bf16 computations measured
-# <= 3e-5 nats apart; bf16 against fp32 8.8e-4 on average over this batch (max 2.1e-3). The check reads
-# the mean; a tolerance between them.
+# The tiny random model's logits are small, and so is its bf16 rounding: two bf16 computations agree to
+# about 3e-5 nats, bf16 and fp32 differ by about 9e-4 on average over this batch. The check reads the
+# mean; this tolerance lies between the two.
 TINY_TOL = 2e-4
 
 
@@ -273,7 +275,7 @@ def test_grad_accumulation_matches_one_big_batch(tiny_model_dir):
         ex = _examples(model, tok)
         s = train_settings(lr=1e-3, epochs=1, batch_size=6, grad_accum=accum, max_length=64, seed=0)
         hist = train_preference(model, ex, [("dpop", 1.0, {"beta": 0.5, "dpop_lambda": 5.0})], s,
-                                pad_id=tok.pad_token_id, progress=None)
+                                pad_id=tok.pad_token_id)
         results.append((hist[0], next(model.parameters()).detach().clone()))
     for metrics, weights in results[1:]:
         assert metrics["loss"] == pytest.approx(results[0][0]["loss"], abs=1e-5)
@@ -297,7 +299,7 @@ def test_shared_prompt_layout_trains_as_the_padded_one(tiny_model_dir):
         s = train_settings(lr=1e-3, epochs=3, batch_size=3, grad_accum=1, max_length=64, seed=0,
                            shared_prompt=shared)
         hist = train_preference(model, ex, [("dpop", 1.0, {"beta": 0.5, "dpop_lambda": 5.0})], s,
-                                pad_id=tok.pad_token_id, progress=None)
+                                pad_id=tok.pad_token_id)
         runs[shared] = hist, torch.cat([p.detach().flatten() for p in model.parameters()])
     (h0, w0), (h1, w1) = runs[False], runs[True]
     assert len(h0) == len(h1) == 6
@@ -317,8 +319,8 @@ def test_resume_from_a_checkpoint_continues_the_same_run(tiny_model_dir, tmp_pat
         model = loading.load_model(tiny_model_dir, "float32")
         logged = []
         hist = train_preference(model, _examples(model, tok), [("dpo", 1.0, {"beta": 0.5})], s,
-                                pad_id=tok.pad_token_id, progress=None, checkpoint=ck,
-                                log_fn=lambda i, m: logged.append(i))
+                                pad_id=tok.pad_token_id,
+                                run=RunOptions(log_fn=lambda i, m: logged.append(i), checkpoint=ck))
         runs.append((hist, logged, next(model.parameters()).detach().clone()))
         assert torch.load(ck.path, weights_only=False)["step"] == 3  # none after the last step
     (h1, log1, w1), (h2, log2, w2) = runs

@@ -1,4 +1,4 @@
-"""Steps with fewer pairs than processes (issue 13): 3 and 4 gloo processes, DDP and FSDP2, vs 1 process.
+"""Steps with fewer pairs than processes: 3 and 4 gloo processes, DDP and FSDP2, vs 1 process.
 
 A tail batch of 2 pairs leaves ranks with no pair of their own, and with ``grad_accum`` 2 ranks
 hold fewer pairs than micro-batches. Every rank must still run every collective (else a crash or a
@@ -20,9 +20,10 @@ from repo_utils import repo_params
 
 from pipeline.settings.train import TrainSettings
 from pipeline.model import loading
-from pipeline.model.encoding import encode_prompt, encode_response
 from pipeline.model.logprobs import batched_logprobs
-from pipeline.training.trainer import PairExample, train_preference
+from pipeline.model.encoding import encode_prompt, encode_response
+from pipeline.training.examples import PairExample
+from pipeline.training.trainer import RunOptions, train_preference
 
 PROJECT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("uneven_worker.py")
@@ -33,11 +34,11 @@ CASES = {
     "accum": dict(n_pairs=7, batch_size=5, grad_accum=2),  # steps of 5, 2, 5, 2 pairs
 }
 # Only the float summation order differs from one process (the all-reduce; which pairs share a
-# micro-batch, so its padding length). Measured (3 and 4 processes, both strategies): loss within
-# 7e-7, metrics within 8e-6 absolute (on summed log-probs of ~60 nats), weights within 2e-5 after 4
-# AdamW steps of lr 1e-3 that move them by 4e-3 (AdamW divides each step by the running RMS gradient,
-# so rounding in near-zero gradients grows up to lr per step). A padding row that leaked into the
-# loss or a mean would move it by a pair's worth (O(0.1) on the loss, nats on lp_w).
+# micro-batch, so its padding length): with 3 and 4 processes, both strategies, the loss agrees to
+# about 1e-6, the metrics to about 1e-5 absolute (on summed log-probs of ~60 nats), the weights to a
+# few 1e-5 after 4 AdamW steps of lr 1e-3 that move them by 4e-3 (AdamW divides each step by the
+# running RMS gradient, so rounding in near-zero gradients grows up to lr per step). A padding row
+# that leaked into the loss or a mean would move it by a pair's worth (O(0.1) on the loss, nats on lp_w).
 LOSS_TOL, METRIC_REL, METRIC_ABS, WEIGHT_TOL = 1e-5, 1e-5, 5e-5, 1e-4
 
 
@@ -87,7 +88,7 @@ def spec(tiny_model_dir) -> dict:
 def _train(spec: dict, case: dict) -> dict:
     model = loading.load_model(spec["model"], "float32")
     history = train_preference(model, case["examples"], case["terms"], case["settings"], pad_id=spec["pad_id"],
-                               progress=None, buckets=case["buckets"])
+                               run=RunOptions(buckets=case["buckets"]))
     return {"history": history, "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 

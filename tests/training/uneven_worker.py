@@ -31,15 +31,15 @@ from transformers import AutoModelForCausalLM  # noqa: F401
 
 from pipeline.settings.train import RuntimeParams
 from pipeline.model import loading
-from pipeline.training import distributed as D
-from pipeline.training.trainer import train_preference
+from pipeline.training import distributed
+from pipeline.training.trainer import RunOptions, train_preference
 
 
 def worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    ctx = D.init(RuntimeParams(nproc=world, backend="gloo", strategy="ddp", checkpoint_every=0,
+    ctx = distributed.init(RuntimeParams(nproc=world, backend="gloo", strategy="ddp", checkpoint_every=0,
                                checkpoint_dir="."))
     results: dict[str, list[dict]] = {}
     for strategy in spec["strategies"]:  # one process group serves both: only the wrapping differs
@@ -48,11 +48,11 @@ def worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None:
         for case in spec["cases"]:
             model = loading.load_model(spec["model"], "float32")
             history = train_preference(model, case["examples"], case["terms"], case["settings"],
-                                       pad_id=spec["pad_id"], ctx=sctx, progress=None, buckets=case["buckets"])
-            results[strategy].append({"history": history, "weights": D.full_state_dict(model, sctx)})
+                                       pad_id=spec["pad_id"], ctx=sctx, run=RunOptions(buckets=case["buckets"]))
+            results[strategy].append({"history": history, "weights": distributed.full_state_dict(model, sctx)})
     if ctx.is_main:
         torch.save(results, out_path)
-    D.shutdown(ctx)
+    distributed.shutdown(ctx)
 
 
 def free_port() -> int:

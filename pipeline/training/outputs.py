@@ -1,0 +1,109 @@
+"""What the train stage writes: the run's dvclive log, the trained policy's folder with its model
+card, and the curves tables.
+
+Under torchrun every rank trains; rank 0 writes (the other ranks only take part in gathering the
+trained weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from pipeline import paths
+from pipeline.io import atomic_dir, write_table
+from pipeline.model import card as model_card
+from pipeline.model import loading
+from pipeline.schema import schema_of
+from pipeline.training import distributed
+from pipeline.training.curves import Curves
+
+if TYPE_CHECKING:
+    from pipeline.settings.train import Variant
+    from pipeline.training.trainer import LogFn
+
+
+class LiveLog:
+    """The run's metrics in dvclive, step by step (curves in ``dvc plots``), from rank 0 only."""
+
+    def __init__(self, variant: Variant, n_pairs: int, ctx: distributed.Context):
+        from dvclive import Live
+
+        self.live = Live(dir=paths.live_dir(variant.name), dvcyaml=None, save_dvc_exp=False, report=None) \
+            if ctx.is_main else None
+        if self.live is not None:
+            self.live.log_params({"variant": variant.name, "losses": [t.model_dump() for t in variant.losses],
+                                  **variant.settings.model_dump(), "n_pairs": n_pairs, "world_size": ctx.world})
+
+    @property
+    def log_fn(self) -> LogFn | None:
+        """The trainer's callback: one dvclive step per call (None on the other ranks)."""
+        return self._log_step if self.live is not None else None
+
+    def _log_step(self, step: int, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.live.log_metric(k, v)
+        self.live.next_step()
+
+    def end(self, summary: dict[str, Any]) -> None:
+        """Add ``summary`` to the metrics file and close the log (rank 0)."""
+        self.live.summary.update(summary)
+        self.live.end()
+
+
+def gathered_policy(model, ctx: distributed.Context, base_dir: str, dtype: str):
+    """The trained weights in a plain model on the CPU on rank 0, None on the other ranks.
+
+    Every rank takes part in gathering the full state dict. FSDP2's sharded model cannot load it, so
+    under FSDP2 a fresh copy of the base model in ``base_dir`` takes the weights."""
+    state = distributed.full_state_dict(model, ctx)
+    if not ctx.is_main:
+        return None
+    plain = loading.load_model(base_dir, dtype) if ctx.strategy == "fsdp" and ctx.distributed \
+        else distributed.unwrap(model)
+    plain.load_state_dict(state)
+    return plain.to("cpu")
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """What the trained policy's folder records of its training."""
+
+    variant: Variant
+    base_model: str  # the starting policy's spec (``policy.model``)
+    base_dir: str  # its folder
+    data: dict  # :func:`pipeline.model.card.data_fingerprint` of the training data
+    history: list[dict[str, float]]
+    world_size: int
+    ref_check: dict  # :func:`pipeline.training.trainer.first_step_check`
+
+
+def save_policy(policy, tokenizer, run: TrainedRun, out_dir: str) -> None:
+    """The policy's folder, with ``pipeline.json`` and the Hub's model card (README.md): what a reader of
+    the folder needs to know it was trained on. The export stage completes the card with the evaluation."""
+    v = run.variant
+    base_fingerprint = loading.fingerprint(run.base_dir)
+    loading.save_model(policy, tokenizer, out_dir,
+                       {"variant": v.name, "losses": [t.model_dump() for t in v.losses],
+                        "settings": v.settings.model_dump(), "steps": len(run.history), "world_size": run.world_size,
+                        "base_fingerprint": base_fingerprint})
+    card = model_card.training_card(
+        variant=v.name, base_model=run.base_model, base_fingerprint=base_fingerprint,
+        losses=[model_card.loss_record(t.name, t.weight, t.hp) for t in v.losses],
+        hyperparameters=v.settings.model_dump(),
+        data=run.data,
+        training={"steps": len(run.history), "world_size": run.world_size, "last_step": run.history[-1],
+                  "ref_check": run.ref_check})
+    model_card.save(card, Path(out_dir) / model_card.CARD_FILE)
+
+
+def write_curves(curves: Curves, variant: str) -> None:
+    """The tables ``fixed_curves`` and ``probe_curves``, in one folder (one DVC output)."""
+    with atomic_dir(paths.train_dir(variant)) as tmp:
+        write_table(pl.DataFrame(curves.fixed, schema=schema_of("fixed_curves")),
+                    tmp / Path(paths.fixed_curves(variant)).name, "fixed_curves")
+        write_table(pl.DataFrame(curves.probe, schema=schema_of("probe_curves")),
+                    tmp / Path(paths.probe_curves(variant)).name, "probe_curves")
