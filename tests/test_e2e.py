@@ -78,6 +78,13 @@ def test_dvc_repro_end_to_end_and_reruns(built, repo):
     # Nothing changed: nothing reruns
     assert ran(run(["dvc", "repro"], repo)) == set()
 
+    # The flows' settings, in params.yaml and in code, are no stage's: changing them reruns nothing
+    set_param(repo, "flows.log_tail_lines", 99)
+    set_param(repo, "flows.study.seeds", [7, 8])
+    with (repo / "pipeline/flows/settings.py").open("a") as f:
+        f.write("\n# an edit to the flow settings' code\n")
+    assert ran(run(["dvc", "repro"], repo)) == set()
+
     # Editing one module reruns exactly the stages whose code imports it (their outputs are the same,
     # so nothing downstream of them reruns for it)
     for module in ("pipeline/analysis/report.py", "pipeline/analysis/heldout.py"):

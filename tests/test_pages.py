@@ -75,7 +75,7 @@ def _variant(rng, shift: float, n_right: int) -> VariantInputs:
                           "ches": -3.0 * d_w + rng.normal(0, 0.05, n), "ches_norm": -d_w + rng.normal(0, 0.02, n)})
     answers = pl.DataFrame({"prompt_id": [f"q{i:02d}" for i in range(40)], "correct": [i < n_right for i in range(40)]})
     fixed = pl.DataFrame([{"step": st, "set": w, "pair_id": f"p{i:02d}", "lp_w": -20.0 + d_w[i] * st / 8,
-                           "lp_l": -25.0 - 2 * st / 8, "ref_w": -20.0, "ref_l": -25.0,
+                           "lp_l": -25.0 - 2 * st / 8, "ref_w": -20.0, "ref_l": -25.0, "len_w": 10, "len_l": 12,
                            "log10_grad_ratio": 0.1 * st} for st in (0, 4, 8) for w in ("heldout", "train")
                           for i in range(n)])
     probe = pl.DataFrame([{"step": st, "probe": f"q{i}", "greedy_lp": -5.0 + 0.1 * st * (i % 3)}

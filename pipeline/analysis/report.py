@@ -125,8 +125,8 @@ def heldout_figures(variants: dict[str, VariantInputs], held: dict[str, HeldoutS
 def distance_figures(variants: dict[str, VariantInputs], held: dict[str, HeldoutStats],
                      distances: pl.DataFrame | None, s: StatSettings) -> dict[str, Any]:
     """Mean Δ chosen per edit-distance bucket and the slope of Δ chosen on the normalised edit distance: of the
-    held-out pairs, and of the trained pairs (the fixed training subset at the last evaluation; REFERENCE
-    claim 1 is about these) where ``distances`` gives their edit distances."""
+    held-out pairs, and of the trained pairs (the fixed training subset at the last evaluation; claim 1 of
+    docs/losses.md is about these) where ``distances`` gives their edit distances."""
     rows = [(n, "held-out", variants[n].pairs.with_columns((pl.col("lp_w") - pl.col("ref_w")).alias("d")),
              h.slope, h.slope_test) for n, h in held.items()]
     trained_slope = {}

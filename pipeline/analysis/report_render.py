@@ -137,7 +137,7 @@ def distance_section(distance: dict[str, Any], s: StatSettings) -> list[str]:
     buckets = distance["buckets"]
     lines = ["", "### Change of lp_w by normalised edit distance", "",
              "Mean Δ chosen per bucket (paired bootstrap), and the least-squares slope of Δ chosen on the normalised "
-             "edit distance with its t interval. REFERENCE claim 1: training on pairs of low edit distance displaces "
+             "edit distance with its t interval. Claim 1 (docs/losses.md): training on pairs of low edit distance displaces "
              "the chosen most, i.e. a positive slope *on the trained pairs* (the fixed training subset, Δ at the last "
              "evaluation). On held-out pairs the rejected side was never trained on, so a slope there can only come "
              "from what else goes with the distance (with `pairs.source: constructed` the edit kind is drawn "
@@ -193,7 +193,7 @@ def curves_section(curves: dict[str, dict], out_dir: Path) -> list[str]:
                   "after the last step, on the same pairs for every variant: all held-out pairs and a fixed subset "
                   "of training pairs (`data/train/<variant>/fixed_curves.parquet`).", "",
                   "![log-probs](logprobs.png)", "", "![displacement](displacement.png)", "",
-                  "Gradient magnitudes measured against the probabilities (REFERENCE claim 2a; for DPO the ratio is "
+                  "Gradient magnitudes measured against the probabilities (claim 2a of docs/losses.md; for DPO the ratio is "
                   "π(y_w)/π(y_l)), and the log-prob of the greedy decode of fixed probe prompts (claim 5).", "",
                   "![gradients](gradients.png)", "", "![squeezing](squeezing.png)", ""]
     if curves["history"]:

@@ -53,7 +53,7 @@ def scenario_table(rows: list[dict], variant: str) -> str:
              f"another model) and trained and evaluated `{variant}` on them; everything else is the same. "
              "The log-probs under the starting policy say how on-policy each side is; *before* is the reference "
              "model and *after* the trained one (summed over the response's tokens, mean over held-out pairs). "
-             "REFERENCE claims that scenario 1 (both sides sampled from the policy) shows the mildest "
+             "Claim 3 of docs/losses.md: scenario 1 (both sides sampled from the policy) shows the mildest "
              "3D-properties: lp_w falls least there, i.e. its Δ chosen is the highest.", ""]
     done = [r for r in rows if r.get("status") == "done"
             and isinstance(((r.get("eval") or {}).get("heldout") or {}).get("delta_w"), (int, float))]

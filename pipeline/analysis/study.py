@@ -13,7 +13,7 @@ held-out table (``pair_eval``), the per-prompt greedy answers before and after t
   answers over the seeds minus its correctness before training, with a bootstrap interval and the
   Wilcoxon test.
 
-A claim of ``../shared/REFERENCE.md`` is **reproduced** where its pooled test rejects at α and the
+A claim of ``docs/losses.md`` is **reproduced** where its pooled test rejects at α and the
 interval excludes zero the claimed way, **contradicted** where both hold the other way, and **not
 significant** otherwise.
 """
@@ -131,7 +131,7 @@ def _agree(values: list[float], direction: int) -> str:
 
 
 def study_claims(runs: list[StudyRun], roles: dict[str, str], s: StatSettings) -> list[Claim]:
-    """The REFERENCE claims a study can judge, per scenario: ``roles`` maps "dpo" and "dpop" to the study's
+    """The claims (docs/losses.md) a study can judge, per scenario: ``roles`` maps "dpo" and "dpop" to the study's
     variants that train with those losses (either may be absent)."""
     out: list[Claim] = []
     for scenario in sorted({r.scenario for r in runs}):
@@ -229,11 +229,11 @@ def study_report(runs: list[StudyRun], roles: dict[str, str], s: StatSettings, t
              f"over the seeds minus its correctness before training, bootstrap interval and Wilcoxon test. "
              f"A claim is *reproduced* where its test rejects at α = {s.alpha:g} and the interval excludes zero the "
              f"claimed way, *contradicted* where both hold the other way, else *not significant*.", "",
-             "## REFERENCE claims", "",
+             "## Claims (docs/losses.md)", "",
              "| claim | source | pairs | measure | estimate and interval | test | seeds agreeing | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for c, row in zip(claim_objs, claims):
-        lines.append(f"| {c.claim} | REFERENCE {c.source} | {c.scenario} | {c.measure} | {c.interval.fmt()} | "
+        lines.append(f"| {c.claim} | {c.source} | {c.scenario} | {c.measure} | {c.interval.fmt()} | "
                      f"{verdict(c.test, s)} | {c.seeds_agree} | **{row['verdict']}** |")
     if not claim_objs:
         lines.append("| (no variant trains with the dpo or dpop loss) | | | | | | | |")

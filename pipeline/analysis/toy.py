@@ -1,7 +1,7 @@
 """The toy model of the 3D-properties paper (Yan et al. 2024, "3D-Properties: Identifying Challenges in
 DPO and Charting a Path Forward", arXiv 2406.07327, §3.2), for every loss in :mod:`pipeline.training.losses`.
 
-Setup (REFERENCE.md, last section). 4 prompts, given to the policy as one-hot vectors; 10
+Setup (the 3D-properties paper, §3.2). 4 prompts, given to the policy as one-hot vectors; 10
 responses; the policy is a 3-layer MLP (``4 → hidden → hidden → 10``, ReLU) whose softmax is a
 categorical distribution over the responses. Responses are numbered from 0 here:
 

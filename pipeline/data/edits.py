@@ -1,6 +1,6 @@
 """Controlled edits that turn a correct math response into a wrong one, for constructed pairs.
 
-The DPOP paper (Pal et al. 2024, arXiv 2402.13228, seed 000) built its low-edit-distance preference sets
+The DPOP paper (Pal et al. 2024, arXiv 2402.13228) built its low-edit-distance preference sets
 this way: the chosen is a correct solution, the rejected the same solution with a calculation changed.
 Edits of different reach give pairs that span edit distance, so that the question of that paper
 (does DPO lower the chosen likelihood more when chosen and rejected differ by few tokens?) can be asked

@@ -1,7 +1,7 @@
 """Pair tags: token-level edit distance, first difference, sources and the data scenario of the
 3D-properties paper (Yan et al. 2024, arXiv 2406.07327).
 
-Scenarios (REFERENCE, "Data distribution"): 1 = chosen and rejected both sampled from the policy,
+Scenarios (docs/losses.md, claim 3): 1 = chosen and rejected both sampled from the policy,
 2 = chosen is the dataset's gold solution and rejected from the policy, 3 = chosen from the
 policy and rejected from another model, 4 = chosen from the dataset and rejected from another model.
 """

@@ -15,7 +15,7 @@ per-stage retries and timeouts, the stage logs in the run log, and artifacts.
   machinery), compared side by side in ``reports/scenarios.md``.
 - :func:`study_flow` (:mod:`.study`): training seeds × variants × pair sets, one experiment per seed
   and pair set (the sweep machinery), reported in ``reports/study/`` with mean ± sd across seeds,
-  pooled per-pair intervals and tests, and one row per REFERENCE claim.
+  pooled per-pair intervals and tests, and one row per claim it can judge (docs/losses.md).
 - :func:`rounds_flow` (:mod:`.rounds`): iterative (on-policy) DPO: round r > 1 starts from round
   r-1's trained model.
 - :func:`cluster_flow` (:mod:`.cluster`): the pipeline split into CPU and GPU segments, each run by

@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
                    help="scenarios to run, e.g. --list 1 3 (default: flows.scenarios.list)")
     c.add_argument("-n", "--name", help="experiment name prefix (experiments <name>-s<k>)")
     t = sub.add_parser("study", help="training seeds x variants x pair sets, one DVC experiment per seed and pair set, "
-                       "reported with intervals and a row per REFERENCE claim (flows.study)")
+                       "reported with intervals and a row per claim of docs/losses.md (flows.study)")
     t.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="train.seed values (default: flows.study.seeds)")
     t.add_argument("--variants", nargs="+", metavar="V", help="train variants (default: flows.study.variants)")
     t.add_argument("--scenarios", type=int, nargs="+", choices=(1, 2, 3, 4), metavar="K",

@@ -20,7 +20,7 @@ def test_scenario_table_side_by_side():
     md = scenario_table(rows, "dpo")
     lines = md.splitlines()
     assert lines[0] == "# Data scenarios side by side (`dpo`)"
-    assert "REFERENCE" in md and "lp_w falls least" in md
+    assert "Claim 3 of docs/losses.md" in md and "lp_w falls least" in md
     assert "In this run lp_w falls least in scenario 1 (Δ chosen -0.50), as claimed." in md
     # columns sorted by scenario, headed by the sources of chosen / rejected
     assert "| | 1: policy/policy | 2: gold/policy | 4: gold/other |" in lines

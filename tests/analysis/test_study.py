@@ -128,7 +128,7 @@ def test_a_contradicted_claim_is_called_so():
 
 def test_report_markdown_and_record():
     md, record = study.study_report(_runs(effect=True), ROLES, SETTINGS, "Study t", "python -m pipeline.flows study")
-    assert md.startswith("# Study t") and "## REFERENCE claims" in md and "**reproduced**" in md
+    assert md.startswith("# Study t") and "## Claims (docs/losses.md)" in md and "**reproduced**" in md
     assert md.count("| default | dpo | ") == 4 and md.count("| default | dpop | ") == 4  # 1 summary + 3 seeds each
     json.dumps(record, allow_nan=False)  # every figure serialisable, no NaN
     assert {c["verdict"] for c in record["claims"]} <= {"reproduced", "contradicted", "not significant"}

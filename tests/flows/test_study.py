@@ -168,7 +168,7 @@ def test_study_flow_reads_every_seeds_tables_and_judges_the_claims(tmp_path_fact
         study_flow(seeds=[0, 1, 2, 3], overrides={"prepare.n_test": 40}, name="st", repo=str(repo), report_only=True)
     again = (out / "report.md").read_text()
     def claims(text):
-        return text.split("## REFERENCE claims")[1].split("## Per variant")[0]
+        return text.split("## Claims (docs/losses.md)")[1].split("## Per variant")[0]
 
     assert claims(again) == claims(md) and "--seeds 0 1 2 3 " in again
     assert "failed or are missing** and are left out: st-d-seed3" in again
