@@ -11,20 +11,20 @@ from pathlib import Path
 import polars as pl
 
 from pipeline import paths
-from pipeline.model import loading
-from pipeline.data import tagging
+from pipeline.analysis.accuracy import greedy_eval
+from pipeline.analysis.heldout import bucketise, last_fixed_scores, summarise_pair_eval
 from pipeline.cli import run_stage, stage_parser
+from pipeline.data import tagging
+from pipeline.generation.registry import sampler_for
+from pipeline.generation.transformers_backend import TransformersSampler
+from pipeline.io import read_json, read_table, write_json, write_table
+from pipeline.judging.llm.metrics import rubric_eval
+from pipeline.model import loading
+from pipeline.model.logprobs import pair_logprobs
 from pipeline.settings.evaluate import BeforeAndAfter
 from pipeline.settings.judge import JudgedPairs
 from pipeline.settings.sampling import VLLMParams
 from pipeline.settings.train import ReferenceAndTraining
-from pipeline.analysis.accuracy import greedy_eval
-from pipeline.analysis.heldout import bucketise, last_fixed_scores, summarise_pair_eval
-from pipeline.judging.llm.metrics import rubric_eval
-from pipeline.model.logprobs import pair_logprobs
-from pipeline.io import read_json, read_table, write_json, write_table
-from pipeline.generation.registry import sampler_for
-from pipeline.generation.transformers_backend import TransformersSampler
 
 log = logging.getLogger("pipeline.evaluate")
 

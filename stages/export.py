@@ -18,9 +18,9 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.cli import run_stage, stage_parser
-from pipeline.settings.train import Training
 from pipeline.io import atomic_dir, read_json
 from pipeline.model import card as model_card
+from pipeline.settings.train import Training
 
 log = logging.getLogger("pipeline.export")
 

@@ -11,11 +11,11 @@ import polars as pl
 
 from pipeline import paths
 from pipeline.cli import run_stage, stage_parser
-from pipeline.settings.judge import JudgedPairs
 from pipeline.io import read_table, write_json, write_table, write_text
 from pipeline.judging.registry import get_judge
 from pipeline.judging.types import CandidateView, Group
 from pipeline.schema import schema_of
+from pipeline.settings.judge import JudgedPairs
 
 log = logging.getLogger("pipeline.judge")
 

@@ -24,16 +24,23 @@ from collections import Counter
 import polars as pl
 
 from pipeline import paths
-from pipeline.model import loading
 from pipeline.cli import run_stage, stage_parser
+from pipeline.data import trl_format
+from pipeline.data.pairs import (
+    PairSettings,
+    build_constructed_pairs,
+    build_imported_pairs,
+    build_pairs,
+    filter_by_ches,
+    judge_scores,
+    summarise_pairs,
+)
+from pipeline.io import atomic_path, read_table, write_json, write_table
+from pipeline.model import loading
+from pipeline.model.logprobs import response_logprobs_and_hidden
 from pipeline.settings.judge import JudgedPairs
 from pipeline.settings.policy import PolicyParams
 from pipeline.settings.train import ReferenceParams
-from pipeline.data import trl_format
-from pipeline.io import atomic_path, read_table, write_json, write_table
-from pipeline.model.logprobs import response_logprobs_and_hidden
-from pipeline.data.pairs import (PairSettings, build_constructed_pairs, build_imported_pairs, build_pairs,
-                                 filter_by_ches, judge_scores, summarise_pairs)
 
 log = logging.getLogger("pipeline.data.pairs")
 

@@ -8,15 +8,15 @@ import logging
 import polars as pl
 
 from pipeline import paths
-from pipeline.model import loading
-from pipeline.cli import run_stage, stage_parser
-from pipeline.settings.evaluate import BeforeAndAfter
-from pipeline.settings.sampling import VLLMParams
 from pipeline.analysis.accuracy import greedy_eval
-from pipeline.io import read_table, write_json, write_table
-from pipeline.model.encoding import encode_prompt, encode_response
+from pipeline.cli import run_stage, stage_parser
 from pipeline.generation.registry import sampler_for
 from pipeline.generation.transformers_backend import TransformersSampler
+from pipeline.io import read_table, write_json, write_table
+from pipeline.model import loading
+from pipeline.model.encoding import encode_prompt, encode_response
+from pipeline.settings.evaluate import BeforeAndAfter
+from pipeline.settings.sampling import VLLMParams
 from pipeline.training.sft import train_sft
 
 log = logging.getLogger("pipeline.policy")

@@ -12,9 +12,9 @@ import logging
 
 from pipeline import paths
 from pipeline.cli import run_stage, stage_parser
-from pipeline.settings.params import Params
 from pipeline.data import prompts
 from pipeline.io import atomic_path, write_json, write_table
+from pipeline.settings.params import Params
 
 log = logging.getLogger("pipeline.prepare")
 

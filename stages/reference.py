@@ -9,13 +9,13 @@ import logging
 import polars as pl
 
 from pipeline import paths
-from pipeline.model import loading
 from pipeline.cli import run_stage, stage_parser
-from pipeline.settings.policy import PolicyParams
-from pipeline.settings.train import ReferenceAndTraining
+from pipeline.io import read_table, write_json, write_table
+from pipeline.model import loading
 from pipeline.model.logprobs import pair_logprobs
 from pipeline.model.precision import uses_bf16_autocast
-from pipeline.io import read_table, write_json, write_table
+from pipeline.settings.policy import PolicyParams
+from pipeline.settings.train import ReferenceAndTraining
 
 log = logging.getLogger("pipeline.reference")
 

@@ -22,10 +22,10 @@ from pipeline.analysis.heldout import bucketise
 from pipeline.analysis.report import VariantInputs, compute_report, findings_record, read_live_history
 from pipeline.analysis.report_render import render_report
 from pipeline.cli import run_stage, stage_parser
+from pipeline.io import atomic_dir, read_json, read_table, write_json
 from pipeline.settings.pairs import PairsParams
 from pipeline.settings.report import ReportParams
 from pipeline.settings.train import Training
-from pipeline.io import atomic_dir, read_json, read_table, write_json
 
 log = logging.getLogger("pipeline.report")
 

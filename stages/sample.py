@@ -14,20 +14,20 @@ import sys
 import polars as pl
 
 from pipeline import paths
-from pipeline.model import loading
 from pipeline.cli import run_stage, stage_parser
-from pipeline.settings.base import StageParams
-from pipeline.settings.pairs import PairsParams
-from pipeline.settings.policy import PolicyParams
-from pipeline.settings.sampling import OtherSampleParams, SampleParams, VLLMParams
-from pipeline.io import read_table, write_json, write_table
-from pipeline.paths import repo_root, resolve_cache_dir
 from pipeline.generation.logprob_check import logprob_check
 from pipeline.generation.registry import sampler_for
 from pipeline.generation.resumable import sample_resumable
 from pipeline.generation.types import GenerationSettings
 from pipeline.generation.vllm_backend.environment import preloaded_libs, reexec_with_cpu_preload
+from pipeline.io import read_table, write_json, write_table
+from pipeline.model import loading
+from pipeline.paths import repo_root, resolve_cache_dir
 from pipeline.schema import empty
+from pipeline.settings.base import StageParams
+from pipeline.settings.pairs import PairsParams
+from pipeline.settings.policy import PolicyParams
+from pipeline.settings.sampling import OtherSampleParams, SampleParams, VLLMParams
 
 log = logging.getLogger("pipeline.sample")
 

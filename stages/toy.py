@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 from pipeline import paths
-from pipeline.cli import run_stage, stage_parser
-from pipeline.analysis.toy_settings import ToyParams
-from pipeline.settings.base import StageParams
-from pipeline.io import atomic_dir, atomic_path, write_json
 from pipeline.analysis.toy import final_metrics, plot_toy, run_toy
+from pipeline.analysis.toy_settings import ToyParams
+from pipeline.cli import run_stage, stage_parser
+from pipeline.io import atomic_dir, atomic_path, write_json
+from pipeline.settings.base import StageParams
 
 log = logging.getLogger("pipeline.toy")
 

@@ -5,13 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import BaseModel
 from repo_utils import repo_params
 
-import yaml
-
 from pipeline.flows.settings import FlowParams
-from pipeline.settings.base import ConfigError, SECTIONS, StageParams
+from pipeline.settings.base import SECTIONS, ConfigError, StageParams
 from pipeline.settings.params import Params
 
 BASE = repo_params()

@@ -52,8 +52,7 @@ from typing import Any
 import polars as pl
 import torch
 
-from pipeline.analysis.toy_settings import ScenarioInit, TOY_REJECTED, ToyParams
-
+from pipeline.analysis.toy_settings import TOY_REJECTED, ScenarioInit, ToyParams
 from pipeline.training.loss_hparams import validate_loss_hparams
 from pipeline.training.losses import LOSSES
 

@@ -47,8 +47,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bench.gpu_policy import (PolicySpec, check_settings, examples_with_reference, load_policy,
-                                       policy_spec, synth_pairs)
+from pipeline.bench.gpu_policy import (
+    PolicySpec,
+    check_settings,
+    examples_with_reference,
+    load_policy,
+    policy_spec,
+    synth_pairs,
+)
 from pipeline.bench.process import PROJECT_ROOT, child_env
 from pipeline.settings.params import Params
 from pipeline.settings.train import Variant
@@ -155,7 +161,7 @@ class Checks:
         return out
 
     def nccl(self) -> dict:
-        from pipeline.training.trainer import RunOptions, train_preference
+        from pipeline.training.trainer import train_preference
 
         n_gpu = torch.cuda.device_count()
         world = n_gpu if n_gpu >= 2 else (2 if self.args.quick else 0)
@@ -231,11 +237,9 @@ def dist_worker(spec_path: str, out_path: str) -> None:
     """Under torchrun: train the spec's pairs with DDP, then FSDP2; rank 0 writes the loss curves."""
     import dataclasses
 
-    from pipeline.settings.params import Params
-
     from pipeline.settings.train import RuntimeParams
     from pipeline.training import distributed
-    from pipeline.training.trainer import RunOptions, train_preference
+    from pipeline.training.trainer import train_preference
 
     spec = torch.load(spec_path, weights_only=False)
     ctx = distributed.init(RuntimeParams(nproc=int(os.environ["WORLD_SIZE"]), backend=spec["backend"],

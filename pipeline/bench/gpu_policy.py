@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.settings.params import Params
-
 from pipeline.settings.train import TrainSettings
 
 # SmolLM2-135M's architecture (its config.json), for machines without the embedded weights.

@@ -105,8 +105,8 @@ def _trl_config(spec: dict, config: str, workdir: Path, n_steps: int):
     the benchmark's precision, no evaluation, logging or saving."""
     from trl import DPOConfig
 
-    from pipeline.settings.train import TrainSettings
     from pipeline.model.precision import uses_bf16_autocast
+    from pipeline.settings.train import TrainSettings
 
     settings = TrainSettings(**spec["settings"][config])
     return DPOConfig(

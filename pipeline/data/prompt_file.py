@@ -15,10 +15,17 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pipeline.data.prompt_text import (answer_line, last_boxed, normalize_question, split_gsm8k_answer,
-                                       with_answer_line)
-from pipeline.data.rows import (R_MISSING, R_TYPE, RowError, check_on_bad_rows, jsonl_records, no_good_rows,
-                                parquet_records, validate_rows)
+from pipeline.data.prompt_text import answer_line, last_boxed, normalize_question, split_gsm8k_answer, with_answer_line
+from pipeline.data.rows import (
+    R_MISSING,
+    R_TYPE,
+    RowError,
+    check_on_bad_rows,
+    jsonl_records,
+    no_good_rows,
+    parquet_records,
+    validate_rows,
+)
 
 OUR_FIELDS = ("question", "answer", "solution", "id")
 PRESETS: dict[str, dict[str, str]] = {

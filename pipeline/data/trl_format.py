@@ -27,8 +27,19 @@ from pathlib import Path
 import polars as pl
 
 from pipeline import paths
-from pipeline.data.rows import (R_MISSING, R_TYPE, WHOLE_LINE, OnBadRows, Record, RowError, check_on_bad_rows,
-                                jsonl_records, no_good_rows, parquet_records, validate_rows)
+from pipeline.data.rows import (
+    R_MISSING,
+    R_TYPE,
+    WHOLE_LINE,
+    OnBadRows,
+    Record,
+    RowError,
+    check_on_bad_rows,
+    jsonl_records,
+    no_good_rows,
+    parquet_records,
+    validate_rows,
+)
 from pipeline.io import atomic_dir, canonical_json
 from pipeline.model.encoding import encode_prompt, encode_response
 from pipeline.schema import conform

@@ -9,8 +9,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from pipeline.flows.settings import load_flow_params
 from pipeline.flows.dag import segments, stage_order
+from pipeline.flows.settings import load_flow_params
 from pipeline.flows.tasks import flow_run_name
 
 

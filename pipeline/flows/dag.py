@@ -8,8 +8,8 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 
-from pipeline.flows.settings import group_of
 from pipeline.flows.dvc_process import dvc_output
+from pipeline.flows.settings import group_of
 
 
 def stage_graph(repo: str | os.PathLike) -> tuple[list[str], dict[str, set[str]]]:

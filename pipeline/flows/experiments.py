@@ -20,7 +20,6 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from pipeline.settings.base import DEFAULT_PARAMS as PARAMS_FILE
 from pipeline.flows.dvc_process import (
     TIMED_OUT,
     DvcRun,
@@ -29,6 +28,7 @@ from pipeline.flows.dvc_process import (
     dvc_output,
     run_dvc,
 )
+from pipeline.settings.base import DEFAULT_PARAMS as PARAMS_FILE
 
 
 # ============================================================================================ overrides

@@ -14,10 +14,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipeline import paths
-from pipeline.flows.settings import load_flow_params
-from pipeline.settings.base import DEFAULT_PARAMS
 from pipeline.flows.dag import stage_order
 from pipeline.flows.experiments import apply_overrides, exp_save
+from pipeline.flows.settings import load_flow_params
 from pipeline.flows.tables import markdown_table
 from pipeline.flows.tasks import (
     flow_run_name,
@@ -25,6 +24,7 @@ from pipeline.flows.tasks import (
     push_experiment,
     run_stages,
 )
+from pipeline.settings.base import DEFAULT_PARAMS
 
 ROUND_COLUMNS = ["round", "policy_model", "policy_fingerprint", "policy_test_accuracy", "sample_fingerprint",
                  "sample_mean_logprob", "candidate_accuracy", "n_pairs", "train_loss", "train_delta_margin",

@@ -12,11 +12,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from pipeline.flows.settings import load_flow_params
-
-from pipeline.settings.base import DEFAULT_PARAMS
 from pipeline.flows.dag import stage_order
 from pipeline.flows.experiments import apply_overrides, exp_save, override_args
+from pipeline.flows.settings import load_flow_params
 from pipeline.flows.tasks import (
     flow_run_name,
     publish,
@@ -24,6 +22,7 @@ from pipeline.flows.tasks import (
     push_experiment,
     run_stages,
 )
+from pipeline.settings.base import DEFAULT_PARAMS
 
 
 @flow(name="dpo-pipeline")

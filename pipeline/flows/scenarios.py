@@ -13,10 +13,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from pipeline import paths
-from pipeline.flows.settings import load_flow_params, parse_flow_params
-from pipeline.settings.base import merged
 from pipeline.flows.experiments import experiments
+from pipeline.flows.settings import load_flow_params, parse_flow_params
 from pipeline.flows.tasks import Schedule, check_evaluate_targets, flow_run_name, run_experiments
+from pipeline.settings.base import merged
 
 
 def scenario_rows(exps: list[dict[str, Any]], names: Mapping[int, str], failed: list[str],

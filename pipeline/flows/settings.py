@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from pipeline.settings.base import ConfigError, DEFAULT_PARAMS, Strict, Unique, error_text
+from pipeline.settings.base import DEFAULT_PARAMS, ConfigError, Strict, Unique, error_text
 
 
 def group_of(stage: str) -> str:

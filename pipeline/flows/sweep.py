@@ -9,9 +9,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from pipeline.flows.settings import SweepParams, load_flow_params
 from pipeline.flows.dag import expand_targets, stage_graph
 from pipeline.flows.experiments import experiments, grid_points, select_metrics
+from pipeline.flows.settings import SweepParams, load_flow_params
 from pipeline.flows.tables import markdown_table, short_metric
 from pipeline.flows.tasks import Schedule, artifact_key, flow_run_name, run_experiments
 

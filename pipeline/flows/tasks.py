@@ -14,10 +14,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.flows.settings import FlowParams, StageTaskSettings, group_of
 from pipeline.flows.dag import stage_graph
 from pipeline.flows.dvc_process import StageFailed, repro_stage, run_dvc
 from pipeline.flows.experiments import exp_push, exp_run_temp, override_args, taken_names
+from pipeline.flows.settings import FlowParams, StageTaskSettings, group_of
 from pipeline.flows.tables import metrics_rows
 
 

@@ -167,7 +167,11 @@ def optimizer_state(model, opt, ctx: Context) -> dict:
 
 def load_states(model, opt, model_sd: dict, opt_sd: dict, ctx: Context) -> None:
     if ctx.strategy == "fsdp" and ctx.distributed:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, model_sd, options=opts)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn.functional import logsigmoid
 from torch import Tensor
+from torch.nn.functional import logsigmoid
 
 from pipeline.training.loss_hparams import LOSS_HPARAMS, LOSS_NAMES, LossConfigError
 from pipeline.training.loss_hparams import validate_loss_hparams as validate_hparams

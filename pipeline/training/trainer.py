@@ -32,8 +32,12 @@ from pipeline.model import collate, precision
 from pipeline.training import checkpoints, distributed, losses
 from pipeline.training.batching import step_batches
 from pipeline.training.checkpoints import Checkpointing
-from pipeline.training.diagnostics import (bucket_displaced_shares, gradient_diagnostics, implicit_beta,
-                                           preference_metrics)
+from pipeline.training.diagnostics import (
+    bucket_displaced_shares,
+    gradient_diagnostics,
+    implicit_beta,
+    preference_metrics,
+)
 from pipeline.training.evaluation import Evaluation
 from pipeline.training.examples import PairExample
 

@@ -8,7 +8,7 @@ import json
 import polars as pl
 import pytest
 
-from pipeline.data.prompt_file import PromptFileError, R_DUP, R_EMPTY_A, R_EMPTY_Q, load_prompt_file
+from pipeline.data.prompt_file import R_DUP, R_EMPTY_A, R_EMPTY_Q, PromptFileError, load_prompt_file
 from pipeline.data.rows import R_JSON, R_MISSING, R_TYPE, R_UTF8, WHOLE_LINE
 
 

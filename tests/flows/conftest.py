@@ -33,8 +33,11 @@ def prefect_harness(tmp_path_factory):
     """One temporary Prefect server + database for the whole session."""
     os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect_home")))
     # the project's settings for a temporary server (no telemetry: its start-up write raced the
-    # harness's own migrations, "database is locked") apply before this server starts, as in a flow run
+    # harness's own migrations, "database is locked") apply before this server starts, as in a flow run;
+    # pipeline.flows sets them in the environment, so it is imported (for that alone) before Prefect
     import pipeline.flows  # noqa: F401
+
+    # isort: split
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.flows.settings import parse_flow_params
 from pipeline.flows import dag
+from pipeline.flows.settings import parse_flow_params
 
 
 def test_stage_order_and_targets(shell_repo):

@@ -10,8 +10,8 @@ from repo_utils import run
 
 def test_flow_retries_overrides_and_failures(shell_repo, prefect_harness, artifacts, task_runs):
     from pipeline.flows.dvc_process import StageFailed
-    from pipeline.flows.run import pipeline_flow
     from pipeline.flows.experiments import experiments
+    from pipeline.flows.run import pipeline_flow
 
     # first run: every stage runs; `flaky` fails once and its retry succeeds
     res = pipeline_flow(repo=str(shell_repo))

@@ -13,8 +13,11 @@ import uuid
 from typing import Any
 
 import pytest
-from prefect.cli.deploy._config import (_extract_variable, _load_deploy_configs_and_actions,
-                                        _merge_with_default_deploy_config)
+from prefect.cli.deploy._config import (
+    _extract_variable,
+    _load_deploy_configs_and_actions,
+    _merge_with_default_deploy_config,
+)
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import Flow, FlowRun
 from prefect.client.schemas.responses import DeploymentResponse

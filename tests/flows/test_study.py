@@ -28,8 +28,8 @@ def test_study_points():
 
 
 def test_study_command_runs_the_same_study_again():
-    from pipeline.flows.settings import parse_flow_params
     from pipeline.flows.cli import parser
+    from pipeline.flows.settings import parse_flow_params
     from pipeline.flows.study import study_command
 
     st = parse_flow_params(repo_params()["flows"]).study

@@ -9,8 +9,8 @@ import sys
 import pytest
 from repo_utils import repo_params
 
-from pipeline.settings.sampling import VLLMParams
 from pipeline.generation import registry
+from pipeline.settings.sampling import VLLMParams
 
 VLLM = repo_params()["vllm"]
 

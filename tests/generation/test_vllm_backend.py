@@ -12,13 +12,13 @@ import pytest
 from fresh_process import value_in_fresh_process
 from repo_utils import repo_params
 
-from pipeline.settings.sampling import VLLMParams
 from pipeline.generation.types import GenerationSettings
 from pipeline.generation.vllm_backend import environment
 from pipeline.generation.vllm_backend.engine import EngineSettings, request_seed, require_vllm
 from pipeline.generation.vllm_backend.pool import EnginePool, assemble, device_groups, shard
 from pipeline.generation.vllm_backend.sampler import VLLMSampler, engine_settings
 from pipeline.model import loading
+from pipeline.settings.sampling import VLLMParams
 
 # The engine settings of params.yaml, the one place their defaults are written.
 VLLM = repo_params()["vllm"]
@@ -69,7 +69,7 @@ def test_request_seed_depends_on_seed_and_prompt_only_in_any_process():
     depend on (seed, prompt) alone: the same value under another process's hash salt."""
     cases = [(0, "a"), (1, "a"), (0, "b"), (3, "Añade 2 y 3.")]
     # The recipe: the first 32 bits (8 hex digits) of the SHA-1 of "<seed>:<prompt>" in UTF-8
-    expected = [int(hashlib.sha1(f"{seed}:{prompt}".encode("utf-8")).hexdigest()[:8], 16) for seed, prompt in cases]
+    expected = [int(hashlib.sha1(f"{seed}:{prompt}".encode()).hexdigest()[:8], 16) for seed, prompt in cases]
     assert [request_seed(seed, prompt) for seed, prompt in cases] == expected
     assert len(set(expected)) == len(cases) and all(0 <= v < 2 ** 32 for v in expected)
     for hash_seed in (1, 2):

@@ -23,7 +23,6 @@ from fresh_process import value_in_fresh_process
 from repo_utils import PROJECT as REPO
 from repo_utils import repo_params
 
-from pipeline.settings.judge import LLMJudgeParams
 from pipeline.io import write_table
 from pipeline.judging.cache import CACHE_ENV, FORMAT, JudgeCache, cache_key
 from pipeline.judging.llm.client import LLMJudgeError
@@ -31,6 +30,7 @@ from pipeline.judging.llm.judge import LLMJudge
 from pipeline.judging.llm.metrics import rubric_rates
 from pipeline.judging.registry import get_judge
 from pipeline.judging.types import CandidateView, Group
+from pipeline.settings.judge import LLMJudgeParams
 
 KEY = "sk-test-SECRET-7f3a9c1e5b"
 KEY_ENV = "DPO_TEST_JUDGE_KEY"

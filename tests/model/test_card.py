@@ -11,8 +11,8 @@ import pytest
 from huggingface_hub import ModelCard
 from repo_utils import repo_params
 
-from pipeline.settings.params import Params
 from pipeline.model import card as C
+from pipeline.settings.params import Params
 from pipeline.training.losses import LOSSES
 
 TRAINING = {"steps": 3, "world_size": 1, "last_step": {"loss": 0.6931471805599453, "lp_w": -12.25, "accuracy": 0.5},

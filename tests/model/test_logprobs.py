@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.model import loading
-from pipeline.model import precision
+from pipeline.model import loading, precision
 from pipeline.model.collate import collate, collate_pairs
 from pipeline.model.encoding import encode_prompt, encode_response
 from pipeline.model.logprobs import (

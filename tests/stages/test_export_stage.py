@@ -14,9 +14,9 @@ import torch
 from huggingface_hub import ModelCard
 from repo_utils import write_params
 
-from pipeline.settings.params import Params
 from pipeline.io import read_json
 from pipeline.model import card as C
+from pipeline.settings.params import Params
 
 LR = 3.0e-4  # the variant's own learning rate (train.lr is shared by the others)
 

@@ -13,13 +13,13 @@ import pytest
 import yaml
 from repo_utils import repo_params, write_params
 
-from pipeline.settings.base import ConfigError
-from pipeline.settings.params import Params
 from pipeline.data.trl_format import PairsFileError
 from pipeline.io import read_json, read_table, write_table
 from pipeline.model import loading
 from pipeline.model.encoding import encode_response
 from pipeline.schema import TABLES, empty
+from pipeline.settings.base import ConfigError
+from pipeline.settings.params import Params
 
 N_PROMPTS = 8
 

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from repo_utils import write_params
 
-from pipeline.data.prompt_file import PromptFileError, R_DUP
+from pipeline.data.prompt_file import R_DUP, PromptFileError
 from pipeline.data.rows import R_JSON, R_MISSING
 
 

@@ -9,9 +9,9 @@ import shutil
 
 import polars as pl
 
-from pipeline.settings.params import Params
 from pipeline.io import read_table, write_table
 from pipeline.model import loading
+from pipeline.settings.params import Params
 from pipeline.training.examples import join_reference, pair_examples
 from pipeline.training.trainer import train_preference
 
@@ -80,8 +80,8 @@ def test_evaluate_reuses_the_training_stages_last_held_out_scoring(workspace, mo
     """After train@dpo, evaluate@dpo takes the held-out log-probs of the training stage's last fixed-set
     scoring (by the model it saved) instead of a second forward pass; they equal a fresh computation on the
     saved model. Without fixed curves (train.eval_every 0) it computes them itself."""
-    from stages import evaluate, reference, train
     from pipeline.model.logprobs import pair_logprobs
+    from stages import evaluate, reference, train
 
     reference.main(["--params", "params.yaml"])
     train.main(["--params", "params.yaml", "--variant", "dpo"])

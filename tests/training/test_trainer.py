@@ -9,13 +9,11 @@ import pytest
 import torch
 from repo_utils import repo_params
 
-from pipeline.settings.policy import WarmupParams
-
-from pipeline.settings.train import TrainSettings
-from pipeline.model import loading
-from pipeline.model import precision
+from pipeline.model import loading, precision
 from pipeline.model.encoding import encode_prompt, encode_response
 from pipeline.model.logprobs import batched_logprobs, pair_logprobs
+from pipeline.settings.policy import WarmupParams
+from pipeline.settings.train import TrainSettings
 from pipeline.training import distributed, losses
 from pipeline.training.batching import step_batches
 from pipeline.training.checkpoints import Checkpointing

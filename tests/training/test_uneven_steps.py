@@ -18,10 +18,10 @@ import pytest
 import torch
 from repo_utils import repo_params
 
-from pipeline.settings.train import TrainSettings
 from pipeline.model import loading
-from pipeline.model.logprobs import batched_logprobs
 from pipeline.model.encoding import encode_prompt, encode_response
+from pipeline.model.logprobs import batched_logprobs
+from pipeline.settings.train import TrainSettings
 from pipeline.training.examples import PairExample
 from pipeline.training.trainer import RunOptions, train_preference
 

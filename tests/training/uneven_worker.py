@@ -18,19 +18,19 @@ import socket
 import sys
 
 import torch
-import torch.multiprocessing as mp
 
 # Imported before the fork (the workers would each take seconds over them), with what the train
 # loop imports lazily: DDP, FSDP2, its state dicts, the model class, tqdm.
 import torch.distributed.checkpoint.state_dict  # noqa: F401
 import torch.distributed.fsdp  # noqa: F401
+import torch.multiprocessing as mp
 import torch.nn.parallel  # noqa: F401
 import tqdm.auto  # noqa: F401
 import transformers.models.llama.modeling_llama  # noqa: F401
 from transformers import AutoModelForCausalLM  # noqa: F401
 
-from pipeline.settings.train import RuntimeParams
 from pipeline.model import loading
+from pipeline.settings.train import RuntimeParams
 from pipeline.training import distributed
 from pipeline.training.trainer import RunOptions, train_preference
 

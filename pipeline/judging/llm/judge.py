@@ -27,8 +27,16 @@ from pipeline.judging.cache import CACHE_ENV, JudgeCache, cache_key
 from pipeline.judging.llm.client import JudgeClient, LLMJudgeError, Outcome, Request, Stats
 from pipeline.judging.llm.metrics import TYPICAL_OUTPUT_TOKENS, cost_usd, position_bias, run_metrics
 from pipeline.judging.llm.parsing import listwise_format, rubric_format
-from pipeline.judging.llm.templates import (SYSTEM_LISTWISE, SYSTEM_RUBRIC, TEMPLATE_HASH, TEMPLATE_VERSION,
-                                            USER_LISTWISE_ITEM, USER_QUESTION, USER_REFERENCE, USER_RUBRIC)
+from pipeline.judging.llm.templates import (
+    SYSTEM_LISTWISE,
+    SYSTEM_RUBRIC,
+    TEMPLATE_HASH,
+    TEMPLATE_VERSION,
+    USER_LISTWISE_ITEM,
+    USER_QUESTION,
+    USER_REFERENCE,
+    USER_RUBRIC,
+)
 from pipeline.judging.selection import select_best_worst
 from pipeline.judging.types import CandidateView, Group, Score, Verdict
 from pipeline.paths import resolve_cache_dir

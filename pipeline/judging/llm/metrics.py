@@ -14,8 +14,8 @@ from pipeline.judging.types import CandidateView, Group, Verdict
 if TYPE_CHECKING:
     import polars as pl
 
-    from pipeline.settings.judge import LLMJudgeParams
     from pipeline.judging.llm.client import Stats
+    from pipeline.settings.judge import LLMJudgeParams
 
 log = logging.getLogger("pipeline.judging.llm")
 
