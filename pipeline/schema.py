@@ -183,8 +183,12 @@ TABLES: dict[str, dict[str, Column]] = {
     },
 }
 # the study flow's report: every run's held-out pairs (pair_eval) with the experiment, seed and pair set.
-TABLES["study_pairs"] = {**TABLES["pair_eval"], "experiment": C(pl.String), "seed": C(pl.Int64),
-                         "pair_set": C(pl.String)}
+TABLES["study_pairs"] = {
+    **TABLES["pair_eval"],
+    "experiment": C(pl.String),
+    "seed": C(pl.Int64),
+    "pair_set": C(pl.String),
+}
 
 
 class SchemaError(ValueError):
@@ -219,8 +223,7 @@ def conform(df: pl.DataFrame, table: str, where: str = "<memory>") -> pl.DataFra
             bad = cast.is_null() & s.is_not_null()
             if bad.any():
                 row = int(bad.arg_max())
-                raise SchemaError(f"{where}: row {row}, field '{name}': expected {col.dtype}, "
-                                  f"got {s[row]!r}")
+                raise SchemaError(f"{where}: row {row}, field '{name}': expected {col.dtype}, got {s[row]!r}")
             s = cast
         if not col.nullable and s.null_count():
             row = int(s.is_null().arg_max())

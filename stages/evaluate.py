@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_table(paths.PROMPTS, "prompts").filter(pl.col("split") == "test")
     pairs = read_table(paths.PAIRS, "pairs").filter(pl.col("split") == "heldout")
     ref = read_table(paths.REFERENCE, "reference")
-    fixed = read_table(paths.fixed_curves(args.variant), "fixed_curves") \
-        if Path(paths.fixed_curves(args.variant)).is_file() else None
+    fixed = (
+        read_table(paths.fixed_curves(args.variant), "fixed_curves")
+        if Path(paths.fixed_curves(args.variant)).is_file()
+        else None
+    )
     before = read_json(paths.metrics_file("policy"))
     model_dir = paths.model_dir(args.variant)
     tokenizer = loading.load_tokenizer(model_dir)
@@ -59,11 +62,13 @@ def main(argv: list[str] | None = None) -> None:
         model = loading.load_model(model_dir, cfg.policy.dtype, loading.device_for()).eval()
         sampler = TransformersSampler.from_model(model, tokenizer, model_id, gen.batch_size)
     else:
-        sampler = sampler_for(gen.backend, model_dir, dtype=cfg.policy.dtype, batch_size=gen.batch_size,
-                              vllm=cfg.vllm, model_id=model_id)
+        sampler = sampler_for(
+            gen.backend, model_dir, dtype=cfg.policy.dtype, batch_size=gen.batch_size, vllm=cfg.vllm, model_id=model_id
+        )
     try:
-        gens, accuracy = greedy_eval(sampler, prompts, gen.max_new_tokens, args.variant,
-                                     progress=f"eval {args.variant}")
+        gens, accuracy = greedy_eval(
+            sampler, prompts, gen.max_new_tokens, args.variant, progress=f"eval {args.variant}"
+        )
     finally:
         sampler.close()
     # The training stage scored these pairs after its last step with the model it saved (train.eval_every):
@@ -75,15 +80,26 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if gen.backend != "transformers":  # loaded only now, after the engine is gone, and only if needed
             model = loading.load_model(model_dir, cfg.policy.dtype, loading.device_for()).eval()
-        lw, ll, _, _ = pair_logprobs(model, pairs, tokenizer.pad_token_id, params.batch_size,
-                                     cfg.reference.max_length, progress=f"eval {args.variant}", bf16=cfg.train.bf16,
-                                     shared_prompt=cfg.train.shared_prompt)
-        after = pairs.select("pair_id", pl.Series("lp_w", lw, dtype=pl.Float64), pl.Series("lp_l", ll, dtype=pl.Float64))
+        lw, ll, _, _ = pair_logprobs(
+            model,
+            pairs,
+            tokenizer.pad_token_id,
+            params.batch_size,
+            cfg.reference.max_length,
+            progress=f"eval {args.variant}",
+            bf16=cfg.train.bf16,
+            shared_prompt=cfg.train.shared_prompt,
+        )
+        after = pairs.select(
+            "pair_id", pl.Series("lp_w", lw, dtype=pl.Float64), pl.Series("lp_l", ll, dtype=pl.Float64)
+        )
         scored_by = f"evaluate@{args.variant}"
-    table = pairs.select("pair_id", "len_w", "len_l", "edit_distance_norm", "ches", "ches_norm").join(
-        ref.select("pair_id", "ref_w", "ref_l"), on="pair_id", how="left").join(
-        after, on="pair_id", how="left").with_columns(
-        pl.lit(args.variant).alias("variant"), bucketise(pairs, cfg.pairs.distance_buckets))
+    table = (
+        pairs.select("pair_id", "len_w", "len_l", "edit_distance_norm", "ches", "ches_norm")
+        .join(ref.select("pair_id", "ref_w", "ref_l"), on="pair_id", how="left")
+        .join(after, on="pair_id", how="left")
+        .with_columns(pl.lit(args.variant).alias("variant"), bucketise(pairs, cfg.pairs.distance_buckets))
+    )
     summary = summarise_pair_eval(table, tagging.bucket_labels(cfg.pairs.distance_buckets))
     rubric = None
     if params.llm_rubric:
@@ -95,11 +111,23 @@ def main(argv: list[str] | None = None) -> None:
     # Outputs
     write_table(gens, paths.eval_generations(args.variant), "generations")
     write_table(table, paths.eval_table(args.variant), "pair_eval")
-    metrics = {"variant": args.variant, "test_accuracy": accuracy, "test_accuracy_before": before["test_accuracy"],
-               "heldout": summary, "heldout_scored_by": scored_by, "llm_rubric": rubric}
+    metrics = {
+        "variant": args.variant,
+        "test_accuracy": accuracy,
+        "test_accuracy_before": before["test_accuracy"],
+        "heldout": summary,
+        "heldout_scored_by": scored_by,
+        "llm_rubric": rubric,
+    }
     write_json(metrics, paths.eval_metrics(args.variant))
-    log.info("%s: test accuracy %.1f%% (before %.1f%%); held-out lp_w %s -> %s", args.variant, 100 * accuracy,
-             100 * before["test_accuracy"], _fmt(summary.get("ref_w")), _fmt(summary.get("lp_w")))
+    log.info(
+        "%s: test accuracy %.1f%% (before %.1f%%); held-out lp_w %s -> %s",
+        args.variant,
+        100 * accuracy,
+        100 * before["test_accuracy"],
+        _fmt(summary.get("ref_w")),
+        _fmt(summary.get("lp_w")),
+    )
 
 
 def _fmt(x) -> str:

@@ -24,8 +24,11 @@ log = logging.getLogger("pipeline.judge")
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the number of requests and the estimated tokens and exit without sending any")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the number of requests and the estimated tokens and exit without sending any",
+    )
     args = parser.parse_args(argv)
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # the openai client's transport
     # Inputs and params
@@ -39,23 +42,35 @@ def main(argv: list[str] | None = None) -> None:
     by_prompt = {r["prompt_id"]: r for r in prompts.iter_rows(named=True)}
     groups, group_key = [], {}
     for (pid, src), g in candidates.sort("source", "prompt_id", "candidate_idx").group_by(
-            "prompt_id", "source", maintain_order=True):
+        "prompt_id", "source", maintain_order=True
+    ):
         p = by_prompt.get(pid)
         if p is None:
             raise ValueError(f"{paths.candidates(src)}: prompt_id {pid!r} is not in {paths.PROMPTS}")
         gid = pid if src == "policy" else f"{pid}@{src}"
         group_key[gid] = (pid, src)
-        groups.append(Group(gid, p["prompt"], p["answer"], tuple(
-            CandidateView(r["candidate_idx"], r["text"], r["num_tokens"], r["finish_reason"])
-            for r in g.iter_rows(named=True))))
+        groups.append(
+            Group(
+                gid,
+                p["prompt"],
+                p["answer"],
+                tuple(
+                    CandidateView(r["candidate_idx"], r["text"], r["num_tokens"], r["finish_reason"])
+                    for r in g.iter_rows(named=True)
+                ),
+            )
+        )
     judge = get_judge(params.backend, min_gap=params.min_gap, llm=params.llm)
     if args.dry_run or (params.backend == "llm" and params.llm.dry_run):
-        plan = judge.dry_run(groups) if hasattr(judge, "dry_run") else {"requests": 0, "to_send": 0,
-                                                                         "est_input_tokens": 0}
-        print(f"dry run ({judge.name}): {plan['to_send']} requests to send of {plan['requests']} "
-              f"({plan.get('cached', 0)} cached), ~{plan['est_input_tokens']} input tokens, "
-              f"~{plan.get('est_output_tokens', 0)} output tokens (at most {plan.get('max_output_tokens', 0)}), "
-              f"estimated cost {plan.get('est_cost_usd')} USD (at most {plan.get('max_cost_usd')}); nothing sent")
+        plan = (
+            judge.dry_run(groups) if hasattr(judge, "dry_run") else {"requests": 0, "to_send": 0, "est_input_tokens": 0}
+        )
+        print(
+            f"dry run ({judge.name}): {plan['to_send']} requests to send of {plan['requests']} "
+            f"({plan.get('cached', 0)} cached), ~{plan['est_input_tokens']} input tokens, "
+            f"~{plan.get('est_output_tokens', 0)} output tokens (at most {plan.get('max_output_tokens', 0)}), "
+            f"estimated cost {plan.get('est_cost_usd')} USD (at most {plan.get('max_cost_usd')}); nothing sent"
+        )
         print(json.dumps({"dry_run": plan}, sort_keys=True))
         return
     verdicts = judge.judge(groups)
@@ -66,42 +81,86 @@ def main(argv: list[str] | None = None) -> None:
         pid, src = group_key[v.prompt_id]
         by_idx = {s.idx: s for s in v.scores}
         # A candidate the judge failed on has no score row (never a made-up score); it is counted below.
-        score_rows += [{"prompt_id": pid, "source": src, "candidate_idx": s.idx, "score": s.score,
-                        "correct": s.correct, "extracted_answer": s.extracted_answer, "judge": judge.name}
-                       for s in v.scores if s.score is not None]
+        score_rows += [
+            {
+                "prompt_id": pid,
+                "source": src,
+                "candidate_idx": s.idx,
+                "score": s.score,
+                "correct": s.correct,
+                "extracted_answer": s.extracted_answer,
+                "judge": judge.name,
+            }
+            for s in v.scores
+            if s.score is not None
+        ]
         best, worst = by_idx.get(v.best), by_idx.get(v.worst)
-        sel_rows.append({"prompt_id": pid, "source": src, "status": v.status,
-                         "best_idx": v.best, "worst_idx": v.worst,
-                         "best_score": best.score if best else None, "worst_score": worst.score if worst else None,
-                         "best_correct": best.correct if best else None,
-                         "worst_correct": worst.correct if worst else None})
+        sel_rows.append(
+            {
+                "prompt_id": pid,
+                "source": src,
+                "status": v.status,
+                "best_idx": v.best,
+                "worst_idx": v.worst,
+                "best_score": best.score if best else None,
+                "worst_score": worst.score if worst else None,
+                "best_correct": best.correct if best else None,
+                "worst_correct": worst.correct if worst else None,
+            }
+        )
     scores = write_table(pl.DataFrame(score_rows, schema=schema_of("scores")), paths.SCORES, "scores")
     write_table(pl.DataFrame(sel_rows, infer_schema_length=None), paths.SELECTIONS, "selections")
     policy_verdicts = [v for v in verdicts if group_key[v.prompt_id][1] == "policy"]
     status = Counter(v.status for v in policy_verdicts)
-    metrics = {"judge": judge.name, "n_groups": len(policy_verdicts), "kept": status.get("ok", 0),
-               "dropped_tie": status.get("tie", 0), "dropped_failed": status.get("failed", 0),
-               "candidate_accuracy": scores.filter(pl.col("source") == "policy")["correct"].cast(pl.Float64).mean(),
-               "groups_with_mixed_correctness": sum(
-                   1 for v in policy_verdicts if len({s.correct for s in v.scores}) > 1),
-               "failed_candidates": sum(s.score is None for v in verdicts for s in v.scores)}
+    metrics = {
+        "judge": judge.name,
+        "n_groups": len(policy_verdicts),
+        "kept": status.get("ok", 0),
+        "dropped_tie": status.get("tie", 0),
+        "dropped_failed": status.get("failed", 0),
+        "candidate_accuracy": scores.filter(pl.col("source") == "policy")["correct"].cast(pl.Float64).mean(),
+        "groups_with_mixed_correctness": sum(1 for v in policy_verdicts if len({s.correct for s in v.scores}) > 1),
+        "failed_candidates": sum(s.score is None for v in verdicts for s in v.scores),
+    }
     other = [v for v in verdicts if group_key[v.prompt_id][1] != "policy"]
     if other:
-        metrics["other"] = {"n_groups": len(other), "failed": sum(v.status == "failed" for v in other),
-                            "candidate_accuracy": scores.filter(pl.col("source") != "policy")["correct"]
-                            .cast(pl.Float64).mean()}
+        metrics["other"] = {
+            "n_groups": len(other),
+            "failed": sum(v.status == "failed" for v in other),
+            "candidate_accuracy": scores.filter(pl.col("source") != "policy")["correct"].cast(pl.Float64).mean(),
+        }
     if params.backend == "llm":
         metrics["llm"] = judge.metrics  # usage, cost, failures, cache hits, position bias
-        write_text("".join(json.dumps({"prompt_id": group_key[v.prompt_id][0], "source": group_key[v.prompt_id][1],
-                                       "status": v.status, "best_idx": v.best,
-                                       "worst_idx": v.worst, "scores": {str(s.idx): s.score for s in v.scores},
-                                       **v.extra}, sort_keys=True) + "\n" for v in verdicts), paths.JUDGEMENTS)
+        write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "prompt_id": group_key[v.prompt_id][0],
+                        "source": group_key[v.prompt_id][1],
+                        "status": v.status,
+                        "best_idx": v.best,
+                        "worst_idx": v.worst,
+                        "scores": {str(s.idx): s.score for s in v.scores},
+                        **v.extra,
+                    },
+                    sort_keys=True,
+                )
+                + "\n"
+                for v in verdicts
+            ),
+            paths.JUDGEMENTS,
+        )
     elif Path(paths.JUDGEMENTS).exists():
         Path(paths.JUDGEMENTS).unlink()  # a stale log of an earlier LLM run
     write_json(metrics, paths.metrics_file("judge"))
-    log.info("judged %d groups: %d kept, %d dropped as ties, %d failed; candidate accuracy %.1f%%",
-             len(verdicts), metrics["kept"], metrics["dropped_tie"], metrics["dropped_failed"],
-             100 * (metrics["candidate_accuracy"] or 0))
+    log.info(
+        "judged %d groups: %d kept, %d dropped as ties, %d failed; candidate accuracy %.1f%%",
+        len(verdicts),
+        metrics["kept"],
+        metrics["dropped_tie"],
+        metrics["dropped_failed"],
+        100 * (metrics["candidate_accuracy"] or 0),
+    )
 
 
 if __name__ == "__main__":

@@ -59,15 +59,23 @@ def main(argv: list[str] | None = None) -> None:
     params = cfg.pairs
     built = params.source in (trl_format.JUDGED, trl_format.CONSTRUCTED)  # from our own stages' outputs
     if built and [os.path.normpath(p) for p in params.inputs] != trl_format.judged_inputs():
-        raise ValueError(f"{args.params}: pairs.inputs: must be {trl_format.judged_inputs()} when pairs.source is "
-                         f"{params.source!r} (the stage's DVC deps: the candidates and the judge's picks)")
+        raise ValueError(
+            f"{args.params}: pairs.inputs: must be {trl_format.judged_inputs()} when pairs.source is "
+            f"{params.source!r} (the stage's DVC deps: the candidates and the judge's picks)"
+        )
     tokenizer = loading.load_tokenizer(paths.POLICY_DIR)
     policy = loading.load_model(paths.POLICY_DIR, cfg.policy.dtype, loading.device_for()).eval()
 
     def policy_tags(prompt_ids, response_ids):  # truncated as training truncates
-        return response_logprobs_and_hidden(policy, prompt_ids, response_ids, tokenizer.pad_token_id,
-                                            cfg.reference.batch_size, cfg.reference.max_length,
-                                            progress="policy log-probs and hidden states")
+        return response_logprobs_and_hidden(
+            policy,
+            prompt_ids,
+            response_ids,
+            tokenizer.pad_token_id,
+            cfg.reference.batch_size,
+            cfg.reference.max_length,
+            progress="policy log-probs and hidden states",
+        )
 
     # Work: the scenario's pairs from the judge's picks, constructed pairs, or the file's pairs; each side
     # tagged with its log-prob under the starting policy and each pair with its CHES (one forward per side)
@@ -81,8 +89,9 @@ def main(argv: list[str] | None = None) -> None:
             pairs, skipped = build_constructed_pairs(prompts, candidates, scores, tokenizer, policy_tags, settings)
         else:
             pairs, skipped = build_pairs(prompts, candidates, scores, selections, tokenizer, policy_tags, settings)
-        prompt_messages = {r["prompt_id"]: [{"role": "user", "content": r["prompt"]}]
-                           for r in prompts.iter_rows(named=True)}
+        prompt_messages = {
+            r["prompt_id"]: [{"role": "user", "content": r["prompt"]}] for r in prompts.iter_rows(named=True)
+        }
         # constructed pairs' rejected were never judged: their scores stay null in the export
         pair_scores = judge_scores(pairs, selections) if params.source == trl_format.JUDGED else {}
         quarantine, rows_read = [], None
@@ -100,26 +109,49 @@ def main(argv: list[str] | None = None) -> None:
     exported = trl_format.write_export(trl, pairs["split"], paths.PAIRS_TRL)
     with atomic_path(paths.PAIRS_QUARANTINE) as tmp:
         tmp.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine), encoding="utf-8")
-    metrics = {"source": params.source, "scenario": (params.scenario if params.source == trl_format.JUDGED
-                                                     else params.source if built else trl_format.IMPORTED),
-               **summarise_pairs(pairs, params.distance_buckets), "skipped": skipped, "rows_read": rows_read,
-               "filtered": filtered, "exported": exported,
-               "quarantined": {"total": len(quarantine),
-                               "by_reason": dict(sorted(Counter(q["reason"] for q in quarantine).items()))}}
+    metrics = {
+        "source": params.source,
+        "scenario": (
+            params.scenario if params.source == trl_format.JUDGED else params.source if built else trl_format.IMPORTED
+        ),
+        **summarise_pairs(pairs, params.distance_buckets),
+        "skipped": skipped,
+        "rows_read": rows_read,
+        "filtered": filtered,
+        "exported": exported,
+        "quarantined": {
+            "total": len(quarantine),
+            "by_reason": dict(sorted(Counter(q["reason"] for q in quarantine).items())),
+        },
+    }
     write_json(metrics, paths.metrics_file("pairs"))
     n_train = metrics["n_train"]
-    log.info("built %d pairs (%s: %d train, %d held out); skipped %s", len(pairs),
-             f"scenario {params.scenario}" if params.source == trl_format.JUDGED else f"from {params.source}",
-             n_train, len(pairs) - n_train, skipped or "none")
+    log.info(
+        "built %d pairs (%s: %d train, %d held out); skipped %s",
+        len(pairs),
+        f"scenario {params.scenario}" if params.source == trl_format.JUDGED else f"from {params.source}",
+        n_train,
+        len(pairs) - n_train,
+        skipped or "none",
+    )
     if quarantine:
-        log.warning("%d bad pair row(s) quarantined (%s), see %s", len(quarantine), ", ".join(
-            f"{k}: {v}" for k, v in metrics["quarantined"]["by_reason"].items()), paths.PAIRS_QUARANTINE)
+        log.warning(
+            "%d bad pair row(s) quarantined (%s), see %s",
+            len(quarantine),
+            ", ".join(f"{k}: {v}" for k, v in metrics["quarantined"]["by_reason"].items()),
+            paths.PAIRS_QUARANTINE,
+        )
     if n_train == 0:
-        raise ValueError(f"{paths.PAIRS}: no training pairs (skipped: {skipped}); "
-                         + ("sample more candidates (sample.n), raise sample.temperature, or try another "
-                            "pairs.scenario" if params.source == trl_format.JUDGED else
-                            "add gold to pairs.constructed.chosen, or raise prepare.n_train"
-                            if built else f"{params.source} holds too few prompts for pairs.heldout_fraction"))
+        raise ValueError(
+            f"{paths.PAIRS}: no training pairs (skipped: {skipped}); "
+            + (
+                "sample more candidates (sample.n), raise sample.temperature, or try another pairs.scenario"
+                if params.source == trl_format.JUDGED
+                else "add gold to pairs.constructed.chosen, or raise prepare.n_train"
+                if built
+                else f"{params.source} holds too few prompts for pairs.heldout_fraction"
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -37,13 +37,24 @@ def main(argv: list[str] | None = None) -> None:
     write_json(metrics, paths.metrics_file("prepare"))
 
     s = metrics["splits"]
-    log.info("prepare: source=%s read=%d quarantined=%d duplicates_removed=%d -> train=%d test=%d warmup=%d "
-             "(%s)", prep.source, metrics["rows_read"], metrics["quarantined"]["total"],
-             metrics["duplicates_removed"], s["train"], s["test"], s["warmup"], paths.PROMPTS)
+    log.info(
+        "prepare: source=%s read=%d quarantined=%d duplicates_removed=%d -> train=%d test=%d warmup=%d (%s)",
+        prep.source,
+        metrics["rows_read"],
+        metrics["quarantined"]["total"],
+        metrics["duplicates_removed"],
+        s["train"],
+        s["test"],
+        s["warmup"],
+        paths.PROMPTS,
+    )
     if quarantine:
-        log.warning("prepare: %d bad input row(s) quarantined (%s), see %s", len(quarantine),
-                    ", ".join(f"{k}: {v}" for k, v in metrics["quarantined"]["by_reason"].items()),
-                    paths.QUARANTINE)
+        log.warning(
+            "prepare: %d bad input row(s) quarantined (%s), see %s",
+            len(quarantine),
+            ", ".join(f"{k}: {v}" for k, v in metrics["quarantined"]["by_reason"].items()),
+            paths.QUARANTINE,
+        )
 
 
 if __name__ == "__main__":

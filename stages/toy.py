@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None, root: str | Path = ".") -> dict:
     args = stage_parser(__doc__).parse_args(argv)
     # Params
     root = Path(root)
-    history, reports, metrics_path = root / paths.TOY_HISTORY, root / paths.TOY_REPORTS, root / paths.metrics_file("toy")
+    history, reports, metrics_path = (
+        root / paths.TOY_HISTORY,
+        root / paths.TOY_REPORTS,
+        root / paths.metrics_file("toy"),
+    )
     params = Settings.load(args.params).toy
 
     # Work
@@ -54,8 +58,17 @@ def main(argv: list[str] | None = None, root: str | Path = ".") -> dict:
         plot_toy(df, tmp_dir)
     metrics = final_metrics(df, params.confidence)
     write_json(metrics, metrics_path)
-    log.info("%d seeds x %d losses x %d scenarios x %d steps in %.1fs -> %s, %s/, %s", len(params.seeds),
-             len(params.losses), len(params.scenarios), params.steps, elapsed, history, reports, metrics_path)
+    log.info(
+        "%d seeds x %d losses x %d scenarios x %d steps in %.1fs -> %s, %s/, %s",
+        len(params.seeds),
+        len(params.losses),
+        len(params.scenarios),
+        params.steps,
+        elapsed,
+        history,
+        reports,
+        metrics_path,
+    )
     return metrics
 
 

@@ -91,8 +91,7 @@ def _arr(x: Sequence[float]) -> np.ndarray:
     return a
 
 
-def bootstrap_ci(x: Sequence[float], statistic: Callable, *, level: float,
-                 n_resamples: int, seed: int) -> Interval:
+def bootstrap_ci(x: Sequence[float], statistic: Callable, *, level: float, n_resamples: int, seed: int) -> Interval:
     """``statistic`` of ``x`` with its percentile bootstrap interval; a sample of fewer than 2 values, or of one
     repeated value, has no interval (its bounds are the estimate)."""
     a = _arr(x)
@@ -101,8 +100,15 @@ def bootstrap_ci(x: Sequence[float], statistic: Callable, *, level: float,
     est = float(statistic(a))
     if len(a) < 2 or np.ptp(a) == 0:
         return Interval(est, est, est, level)
-    res = st.bootstrap((a,), statistic, confidence_level=level, n_resamples=n_resamples, method="percentile",
-                       vectorized=False, rng=np.random.default_rng(seed))
+    res = st.bootstrap(
+        (a,),
+        statistic,
+        confidence_level=level,
+        n_resamples=n_resamples,
+        method="percentile",
+        vectorized=False,
+        rng=np.random.default_rng(seed),
+    )
     return Interval(est, float(res.confidence_interval.low), float(res.confidence_interval.high), level)
 
 
@@ -149,8 +155,7 @@ class McNemar:
     test: Test
 
 
-def mcnemar_test(a: Sequence[bool], b: Sequence[bool], *, level: float, n_resamples: int,
-                 seed: int) -> McNemar:
+def mcnemar_test(a: Sequence[bool], b: Sequence[bool], *, level: float, n_resamples: int, seed: int) -> McNemar:
     """Exact McNemar test of equal accuracy for correctness ``a`` and ``b`` on the same prompts (in the same
     order), and the accuracy difference B − A with a paired bootstrap interval over prompts."""
     from statsmodels.stats.contingency_tables import mcnemar
@@ -172,8 +177,10 @@ def slope(x: Sequence[float], y: Sequence[float], *, level: float) -> tuple[Inte
         return Interval(math.nan, math.nan, math.nan, level), Test("t test of the slope", math.nan, len(xa))
     res = st.linregress(xa, ya)
     half = float(st.t.ppf(0.5 + level / 2, len(xa) - 2)) * res.stderr
-    return (Interval(float(res.slope), float(res.slope - half), float(res.slope + half), level),
-            Test("t test of the slope", float(res.pvalue), len(xa)))
+    return (
+        Interval(float(res.slope), float(res.slope - half), float(res.slope + half), level),
+        Test("t test of the slope", float(res.pvalue), len(xa)),
+    )
 
 
 def _rho(u: np.ndarray, v: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -186,8 +193,9 @@ def _rho(u: np.ndarray, v: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.nan_to_num(r, nan=0.0)
 
 
-def spearman(x: Sequence[float], y: Sequence[float], *, level: float, n_resamples: int,
-             seed: int) -> tuple[Interval, Test]:
+def spearman(
+    x: Sequence[float], y: Sequence[float], *, level: float, n_resamples: int, seed: int
+) -> tuple[Interval, Test]:
     """Spearman's rank correlation with its paired bootstrap interval (pairs resampled together) and test."""
     xa, ya = _arr(x), _arr(y)
     if len(xa) < 3 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
@@ -197,15 +205,26 @@ def spearman(x: Sequence[float], y: Sequence[float], *, level: float, n_resample
     def rho(u, v, axis=-1):
         return _rho(u, v, axis)
 
-    boot = st.bootstrap((xa, ya), rho, paired=True, vectorized=True, confidence_level=level,
-                        n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed))
+    boot = st.bootstrap(
+        (xa, ya),
+        rho,
+        paired=True,
+        vectorized=True,
+        confidence_level=level,
+        n_resamples=n_resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     ci = boot.confidence_interval
-    return (Interval(float(res.statistic), float(ci.low), float(ci.high), level),
-            Test("Spearman", float(res.pvalue), len(xa)))
+    return (
+        Interval(float(res.statistic), float(ci.low), float(ci.high), level),
+        Test("Spearman", float(res.pvalue), len(xa)),
+    )
 
 
-def spearman_gap(a: Sequence[float], b: Sequence[float], y: Sequence[float], *, level: float, n_resamples: int,
-                 seed: int) -> Interval:
+def spearman_gap(
+    a: Sequence[float], b: Sequence[float], y: Sequence[float], *, level: float, n_resamples: int, seed: int
+) -> Interval:
     """``|ρ(b, y)| − |ρ(a, y)|`` (Spearman) with a paired bootstrap interval (triples resampled together): which
     of two predictors ranks ``y`` better; an interval above zero says ``b``."""
     aa, ba, ya = _arr(a), _arr(b), _arr(y)
@@ -216,6 +235,14 @@ def spearman_gap(a: Sequence[float], b: Sequence[float], y: Sequence[float], *, 
         return np.abs(_rho(v, w, axis)) - np.abs(_rho(u, w, axis))
 
     est = gap(aa, ba, ya)
-    boot = st.bootstrap((aa, ba, ya), gap, paired=True, vectorized=True, confidence_level=level,
-                        n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed))
+    boot = st.bootstrap(
+        (aa, ba, ya),
+        gap,
+        paired=True,
+        vectorized=True,
+        confidence_level=level,
+        n_resamples=n_resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     return Interval(float(est), float(boot.confidence_interval.low), float(boot.confidence_interval.high), level)

@@ -62,8 +62,19 @@ CHOSEN = tuple(range(0, 4))
 REJECTED = tuple(range(4, 4 + TOY_REJECTED))
 UNSEEN = (8, 9)
 
-HISTORY_COLUMNS = ("seed", "loss", "scenario", "step", "p_chosen", "p_rejected", "p_dispersed", "grad_w",
-                   "grad_l", "grad_ratio", "prob_ratio")
+HISTORY_COLUMNS = (
+    "seed",
+    "loss",
+    "scenario",
+    "step",
+    "p_chosen",
+    "p_rejected",
+    "p_dispersed",
+    "grad_w",
+    "grad_l",
+    "grad_ratio",
+    "prob_ratio",
+)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -81,8 +92,10 @@ def _one_thread() -> Iterator[None]:
 def make_mlp(hidden: int) -> torch.nn.Sequential:
     """The 3-layer MLP policy: one-hot prompt (4) → logits over the 10 responses."""
     return torch.nn.Sequential(
-        torch.nn.Linear(N_PROMPTS, hidden), torch.nn.ReLU(),
-        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(N_PROMPTS, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
         torch.nn.Linear(hidden, N_RESPONSES),
     ).double()
 
@@ -138,8 +151,18 @@ def _record(logp: torch.Tensor, lp_w: torch.Tensor, lp_l: torch.Tensor, disp_mas
     gw = lp_w.grad.abs() / p_w
     gl = lp_l.grad.abs() / p_l
     ratio = torch.where(gw > 0, gl / gw, torch.full_like(gw, math.nan))
-    return torch.stack([p_w.mean(-1), p_l.mean(-1), (p * disp_mask).sum(-1).mean(-1), gw.mean(-1),
-                        gl.mean(-1), ratio.mean(-1), (p_w / p_l).mean(-1)], -1)
+    return torch.stack(
+        [
+            p_w.mean(-1),
+            p_l.mean(-1),
+            (p * disp_mask).sum(-1).mean(-1),
+            gw.mean(-1),
+            gl.mean(-1),
+            ratio.mean(-1),
+            (p_w / p_l).mean(-1),
+        ],
+        -1,
+    )
 
 
 def _optimise(steps: int, log_probs, pick, loss_of, opt: torch.optim.Optimizer) -> torch.Tensor:
@@ -183,8 +206,9 @@ def sft(params: ToyParams, init: ScenarioInit, seed: int) -> tuple[torch.nn.Modu
     return model, kl
 
 
-def run_one(params: ToyParams, loss: str, sft_model: torch.nn.Module,
-            pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+def run_one(
+    params: ToyParams, loss: str, sft_model: torch.nn.Module, pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Step 2 for one loss, starting from (a copy of) ``sft_model``. Returns per-step series.
 
     :func:`run_toy` computes the same for every seed × scenario × loss at once; this is the
@@ -200,9 +224,13 @@ def run_one(params: ToyParams, loss: str, sft_model: torch.nn.Module,
     model = copy.deepcopy(sft_model)
     opt = _optimizer(params, model.parameters())
     with _one_thread():
-        out = _optimise(params.steps, lambda: torch.log_softmax(model(x), dim=-1),
-                        lambda logp: (logp[prompt, chosen], logp[prompt, rejected]),
-                        lambda lp_w, lp_l: fn(lp_w, lp_l, ref_w, ref_l, ones, ones, **hp).mean(), opt)
+        out = _optimise(
+            params.steps,
+            lambda: torch.log_softmax(model(x), dim=-1),
+            lambda logp: (logp[prompt, chosen], logp[prompt, rejected]),
+            lambda lp_w, lp_l: fn(lp_w, lp_l, ref_w, ref_l, ones, ones, **hp).mean(),
+            opt,
+        )
     return {k: out[:, j] for j, k in enumerate(RECORDED)}
 
 
@@ -274,23 +302,35 @@ def run_toy(params: ToyParams) -> pl.DataFrame:
         ref_w, ref_l = ref[runs, prompt, chosen], ref[runs, prompt, rejected]
         ones = torch.ones_like(ref_w)
         loss_of_run = torch.arange(n_runs) % len(losses)
-        groups = [(torch.nonzero(loss_of_run == k).squeeze(1), LOSSES[name].fn,
-                   validate_loss_hparams(name, params.hparams[name])) for k, name in enumerate(losses)]
+        groups = [
+            (
+                torch.nonzero(loss_of_run == k).squeeze(1),
+                LOSSES[name].fn,
+                validate_loss_hparams(name, params.hparams[name]),
+            )
+            for k, name in enumerate(losses)
+        ]
         # each run's loss is its loss function's mean over its pairs; the sum keeps them apart
-        out = _optimise(params.steps, mlps.log_probs,
-                        lambda logp: (logp[runs, prompt, chosen], logp[runs, prompt, rejected]),
-                        lambda lp_w, lp_l: sum(fn(lp_w[i], lp_l[i], ref_w[i], ref_l[i], ones[i], ones[i], **hp)
-                                               .mean(-1).sum() for i, fn, hp in groups),
-                        _optimizer(params, mlps.parameters())).numpy()  # [steps + 1, runs, recorded]
+        out = _optimise(
+            params.steps,
+            mlps.log_probs,
+            lambda logp: (logp[runs, prompt, chosen], logp[runs, prompt, rejected]),
+            lambda lp_w, lp_l: sum(
+                fn(lp_w[i], lp_l[i], ref_w[i], ref_l[i], ones[i], ones[i], **hp).mean(-1).sum() for i, fn, hp in groups
+            ),
+            _optimizer(params, mlps.parameters()),
+        ).numpy()  # [steps + 1, runs, recorded]
     n = params.steps + 1
     keys = [(s, c, name) for s in seeds for c in scenarios for name in losses]
-    return pl.DataFrame({
-        "seed": pl.Series([s for s, _, _ in keys for _ in range(n)], dtype=pl.Int32),
-        "loss": [name for _, _, name in keys for _ in range(n)],
-        "scenario": pl.Series([c for _, c, _ in keys for _ in range(n)], dtype=pl.Int32),
-        "step": pl.Series(list(range(n)) * n_runs, dtype=pl.Int32),
-        **{k: out[:, :, j].T.reshape(-1) for j, k in enumerate(RECORDED)},
-    }).select(HISTORY_COLUMNS)
+    return pl.DataFrame(
+        {
+            "seed": pl.Series([s for s, _, _ in keys for _ in range(n)], dtype=pl.Int32),
+            "loss": [name for _, _, name in keys for _ in range(n)],
+            "scenario": pl.Series([c for _, c, _ in keys for _ in range(n)], dtype=pl.Int32),
+            "step": pl.Series(list(range(n)) * n_runs, dtype=pl.Int32),
+            **{k: out[:, :, j].T.reshape(-1) for j, k in enumerate(RECORDED)},
+        }
+    ).select(HISTORY_COLUMNS)
 
 
 def final_metrics(df: pl.DataFrame, confidence: float) -> dict[str, Any]:
@@ -302,10 +342,15 @@ def final_metrics(df: pl.DataFrame, confidence: float) -> dict[str, Any]:
     from scipy import stats
 
     out: dict[str, Any] = {}
-    per_run = df.sort("step").group_by(["loss", "scenario", "seed"], maintain_order=True).agg(
-        *[pl.col(c).first().alias(f"{c}_init") for c in ("p_chosen", "p_rejected", "p_dispersed")],
-        *[pl.col(c).last().alias(c) for c in ("p_chosen", "p_rejected", "p_dispersed", "grad_ratio")],
-        pl.col("p_chosen").max().alias("p_chosen_peak"))
+    per_run = (
+        df.sort("step")
+        .group_by(["loss", "scenario", "seed"], maintain_order=True)
+        .agg(
+            *[pl.col(c).first().alias(f"{c}_init") for c in ("p_chosen", "p_rejected", "p_dispersed")],
+            *[pl.col(c).last().alias(c) for c in ("p_chosen", "p_rejected", "p_dispersed", "grad_ratio")],
+            pl.col("p_chosen").max().alias("p_chosen_peak"),
+        )
+    )
     for (loss, scenario), g in per_run.group_by(["loss", "scenario"], maintain_order=True):
         m: dict[str, Any] = {"seeds": g.height}
         for c in ("p_chosen", "p_rejected", "p_dispersed"):
@@ -323,8 +368,15 @@ def final_metrics(df: pl.DataFrame, confidence: float) -> dict[str, Any]:
                 t = stats.ttest_1samp(change, 0.0)
                 ci = t.confidence_interval(confidence)
                 lo, hi, p = float(ci.low), float(ci.high), float(t.pvalue)
-            m.update({f"{c}_change_lo": lo, f"{c}_change_hi": hi, f"{c}_change_p": p,
-                      f"{c}_rose": int((change > 0).sum()), f"{c}_fell": int((change < 0).sum())})
+            m.update(
+                {
+                    f"{c}_change_lo": lo,
+                    f"{c}_change_hi": hi,
+                    f"{c}_change_p": p,
+                    f"{c}_rose": int((change > 0).sum()),
+                    f"{c}_fell": int((change < 0).sum()),
+                }
+            )
         ratios = [r for r in g["grad_ratio"].to_list() if r is not None and math.isfinite(r)]
         m["grad_ratio"] = float(sorted(ratios)[len(ratios) // 2]) if ratios else None
         out.setdefault(loss, {})[f"scenario_{scenario}"] = m
@@ -349,11 +401,17 @@ def plot_toy(df: pl.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
     written = []
     losses = list(dict.fromkeys(df["loss"].to_list()))
     for scenario in sorted(set(df["scenario"].to_list())):
-        sub = df.filter(pl.col("scenario") == scenario).group_by(["loss", "step"]).agg(
-            *[pl.col(c).mean().alias(c) for c in ("p_chosen", "p_rejected", "p_dispersed")],
-            *[pl.col(c).min().alias(f"{c}_lo") for c in ("p_chosen", "p_rejected", "p_dispersed")],
-            *[pl.col(c).max().alias(f"{c}_hi") for c in ("p_chosen", "p_rejected", "p_dispersed")],
-            pl.col("grad_ratio").median()).sort("step")
+        sub = (
+            df.filter(pl.col("scenario") == scenario)
+            .group_by(["loss", "step"])
+            .agg(
+                *[pl.col(c).mean().alias(c) for c in ("p_chosen", "p_rejected", "p_dispersed")],
+                *[pl.col(c).min().alias(f"{c}_lo") for c in ("p_chosen", "p_rejected", "p_dispersed")],
+                *[pl.col(c).max().alias(f"{c}_hi") for c in ("p_chosen", "p_rejected", "p_dispersed")],
+                pl.col("grad_ratio").median(),
+            )
+            .sort("step")
+        )
         n = len(losses) + 1
         cols = min(4, n)
         rows = math.ceil(n / cols)
@@ -361,8 +419,11 @@ def plot_toy(df: pl.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
         flat = axes.ravel()
         for ax, loss in zip(flat, losses):
             d = sub.filter(pl.col("loss") == loss)
-            for c, label, color in (("p_chosen", "chosen", "tab:green"), ("p_rejected", "rejected", "tab:red"),
-                                    ("p_dispersed", "dispersed", "tab:blue")):
+            for c, label, color in (
+                ("p_chosen", "chosen", "tab:green"),
+                ("p_rejected", "rejected", "tab:red"),
+                ("p_dispersed", "dispersed", "tab:blue"),
+            ):
                 ax.plot(d["step"], d[c], label=label, color=color)
                 ax.fill_between(d["step"], d[f"{c}_lo"], d[f"{c}_hi"], color=color, alpha=0.2, linewidth=0)
             ax.set_title(loss)

@@ -18,8 +18,9 @@ import math
 import torch
 
 
-def ches_scores(h_w: torch.Tensor, h_l: torch.Tensor, n_w: torch.Tensor, n_l: torch.Tensor
-                ) -> tuple[list[float], list[float]]:
+def ches_scores(
+    h_w: torch.Tensor, h_l: torch.Tensor, n_w: torch.Tensor, n_l: torch.Tensor
+) -> tuple[list[float], list[float]]:
     """(CHES, length-normalised CHES) per pair from the hidden sums ``[N, d]`` and token counts ``[N]``."""
     h_w, h_l = h_w.double(), h_l.double()
     ches = (h_w * h_l).sum(-1) - (h_w * h_w).sum(-1)

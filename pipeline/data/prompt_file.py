@@ -82,22 +82,29 @@ def _parse_answer(a: object, acol: str, preset: str | None) -> tuple[str, str | 
             raise RowError(acol, R_TYPE, f"field {_col_label('answer', acol)} must be a finite number, got {a!r}")
         return answer, None
     if not isinstance(a, str):
-        raise RowError(acol, R_TYPE, f"field {_col_label('answer', acol)} must be a string or a number, "
-                                      f"got {type(a).__name__} {a!r:.60}")
+        raise RowError(
+            acol,
+            R_TYPE,
+            f"field {_col_label('answer', acol)} must be a string or a number, got {type(a).__name__} {a!r:.60}",
+        )
     if not a.strip():
         raise RowError(acol, R_EMPTY_A, f"field {_col_label('answer', acol)} is empty")
     solution: str | None = None
     if preset == "gsm8k":
         parsed = split_gsm8k_answer(a)
         if parsed is None:
-            raise RowError(acol, R_MALFORMED, f"field {_col_label('answer', acol)} has no '#### <answer>' "
-                                               "line (preset gsm8k)")
+            raise RowError(
+                acol, R_MALFORMED, f"field {_col_label('answer', acol)} has no '#### <answer>' line (preset gsm8k)"
+            )
         answer, solution = parsed
     elif preset == "math":
         answer = last_boxed(a)
         if answer is None:
-            raise RowError(acol, R_MALFORMED, f"field {_col_label('answer', acol)} has no complete "
-                                               "\\boxed{...} answer (preset math)")
+            raise RowError(
+                acol,
+                R_MALFORMED,
+                f"field {_col_label('answer', acol)} has no complete \\boxed{{...}} answer (preset math)",
+            )
         solution = f"{a.rstrip()}\n{answer_line(answer)}"
     else:
         answer = a.strip()
@@ -115,8 +122,9 @@ def _parse_row(obj: dict, mapping: dict[str, str | None], preset: str | None) ->
         raise RowError(qcol, R_MISSING, f"field {_col_label('question', qcol)} is missing")
     q = obj[qcol]
     if not isinstance(q, str):
-        raise RowError(qcol, R_TYPE, f"field {_col_label('question', qcol)} must be a string, "
-                                      f"got {type(q).__name__} {q!r:.60}")
+        raise RowError(
+            qcol, R_TYPE, f"field {_col_label('question', qcol)} must be a string, got {type(q).__name__} {q!r:.60}"
+        )
     if not q.strip():
         raise RowError(qcol, R_EMPTY_Q, f"field {_col_label('question', qcol)} is empty")
 
@@ -127,8 +135,11 @@ def _parse_row(obj: dict, mapping: dict[str, str | None], preset: str | None) ->
     if scol and scol != acol and scol in obj:
         s = obj[scol]
         if s is not None and not isinstance(s, str):
-            raise RowError(scol, R_TYPE, f"field {_col_label('solution', scol)} must be a string or null, "
-                                          f"got {type(s).__name__} {s!r:.60}")
+            raise RowError(
+                scol,
+                R_TYPE,
+                f"field {_col_label('solution', scol)} must be a string or null, got {type(s).__name__} {s!r:.60}",
+            )
         if isinstance(s, str) and s.strip():
             solution = with_answer_line(s, answer)
 
@@ -138,8 +149,9 @@ def _parse_row(obj: dict, mapping: dict[str, str | None], preset: str | None) ->
             raise RowError(icol, R_MISSING, f"field {_col_label('id', icol)} is missing")
         i = obj[icol]
         if isinstance(i, bool) or not isinstance(i, (str, int)) or (isinstance(i, str) and not i.strip()):
-            raise RowError(icol, R_TYPE, f"field {_col_label('id', icol)} must be a non-empty string or an "
-                                          f"integer, got {i!r:.60}")
+            raise RowError(
+                icol, R_TYPE, f"field {_col_label('id', icol)} must be a non-empty string or an integer, got {i!r:.60}"
+            )
         row["id"] = str(i).strip()
     return row
 
@@ -154,13 +166,19 @@ def _detect_format(path: Path, fmt: str) -> str:
         return "jsonl"
     if ext in (".parquet", ".pq"):
         return "parquet"
-    raise PromptFileError(f"{path}: cannot tell the format from the extension {ext!r}; set prepare.file.format "
-                          "to jsonl or parquet")
+    raise PromptFileError(
+        f"{path}: cannot tell the format from the extension {ext!r}; set prepare.file.format to jsonl or parquet"
+    )
 
 
-def load_prompt_file(path: str | os.PathLike, *, format: Literal["auto", "jsonl", "parquet"], preset: str | None,
-                     fields: dict[str, str | None] | None,
-                     on_bad_rows: Literal["error", "quarantine"]) -> tuple[list[dict], list[dict]]:
+def load_prompt_file(
+    path: str | os.PathLike,
+    *,
+    format: Literal["auto", "jsonl", "parquet"],
+    preset: str | None,
+    fields: dict[str, str | None] | None,
+    on_bad_rows: Literal["error", "quarantine"],
+) -> tuple[list[dict], list[dict]]:
     """Read and validate a prompt file; returns (good rows, quarantined rows).
 
     Good rows have ``question``, ``answer``, ``solution``, ``source`` (and ``id`` when mapped).
@@ -176,8 +194,7 @@ def load_prompt_file(path: str | os.PathLike, *, format: Literal["auto", "jsonl"
         raise PromptFileError(f"{path}: prompt file not found (check prepare.file.path)")
     mapping = _resolve_fields(preset, fields)
     fmt = _detect_format(path, format)
-    records = (jsonl_records(path, mapping.values()) if fmt == "jsonl"
-               else parquet_records(path, PromptFileError))
+    records = jsonl_records(path, mapping.values()) if fmt == "jsonl" else parquet_records(path, PromptFileError)
 
     first_q: dict[str, str] = {}  # normalised question -> where
     first_id: dict[str, str] = {}

@@ -26,10 +26,24 @@ from pipeline.flows.tasks import (
 )
 from pipeline.settings.base import DEFAULT_PARAMS
 
-ROUND_COLUMNS = ["round", "policy_model", "policy_fingerprint", "policy_test_accuracy", "sample_fingerprint",
-                 "sample_mean_logprob", "candidate_accuracy", "n_pairs", "train_loss", "train_delta_margin",
-                 "test_accuracy", "heldout_delta_w", "heldout_delta_l", "heldout_displaced_share",
-                 "trained_fingerprint", "experiment"]
+ROUND_COLUMNS = [
+    "round",
+    "policy_model",
+    "policy_fingerprint",
+    "policy_test_accuracy",
+    "sample_fingerprint",
+    "sample_mean_logprob",
+    "candidate_accuracy",
+    "n_pairs",
+    "train_loss",
+    "train_delta_margin",
+    "test_accuracy",
+    "heldout_delta_w",
+    "heldout_delta_l",
+    "heldout_displaced_share",
+    "trained_fingerprint",
+    "experiment",
+]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -42,10 +56,19 @@ def archive_round(root: Path, rdir: Path, variant: str) -> dict[str, Any]:
     if rdir.exists():
         shutil.rmtree(rdir)
     rdir.mkdir(parents=True)
-    for rel in [paths.CANDIDATES, paths.PAIRS, paths.metrics_file("policy"), paths.metrics_file("sample"),
-                paths.metrics_file("judge"), paths.metrics_file("pairs"), paths.metrics_file("reference"),
-                paths.eval_metrics(variant), f"{paths.live_dir(variant)}/metrics.json",
-                f"{paths.POLICY_DIR}/pipeline.json", f"{paths.model_dir(variant)}/pipeline.json"]:
+    for rel in [
+        paths.CANDIDATES,
+        paths.PAIRS,
+        paths.metrics_file("policy"),
+        paths.metrics_file("sample"),
+        paths.metrics_file("judge"),
+        paths.metrics_file("pairs"),
+        paths.metrics_file("reference"),
+        paths.eval_metrics(variant),
+        f"{paths.live_dir(variant)}/metrics.json",
+        f"{paths.POLICY_DIR}/pipeline.json",
+        f"{paths.model_dir(variant)}/pipeline.json",
+    ]:
         src = root / rel
         if src.is_file():
             dst = rdir / rel
@@ -64,15 +87,22 @@ def archive_round(root: Path, rdir: Path, variant: str) -> dict[str, Any]:
 
 
 def rounds_report(rows: list[dict[str, Any]], variant: str) -> str:
-    return (f"# On-policy rounds ({variant})\n\nRound r > 1 samples from round r-1's trained `{variant}` model "
-            "(`policy.model`, warm-up off). Δlp_w / Δlp_l: held-out change of the chosen / rejected "
-            "log-probs under training (the displacement the rounds are meant to soften).\n\n"
-            + markdown_table(rows, ROUND_COLUMNS))
+    return (
+        f"# On-policy rounds ({variant})\n\nRound r > 1 samples from round r-1's trained `{variant}` model "
+        "(`policy.model`, warm-up off). Δlp_w / Δlp_l: held-out change of the chosen / rejected "
+        "log-probs under training (the displacement the rounds are meant to soften).\n\n"
+        + markdown_table(rows, ROUND_COLUMNS)
+    )
 
 
 @flow(name="dpo-rounds")
-def rounds_flow(rounds: int | None = None, variant: str | None = None, overrides: dict[str, Any] | None = None,
-                name: str | None = None, repo: str = ".") -> dict[str, Any]:
+def rounds_flow(
+    rounds: int | None = None,
+    variant: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    name: str | None = None,
+    repo: str = ".",
+) -> dict[str, Any]:
     """Iterative (on-policy) DPO: R rounds of policy -> sample -> judge -> pairs -> reference ->
     train@<variant> -> evaluate@<variant>. Round 1 is the configured pipeline; round r > 1 sets
     ``policy.model`` to round r-1's trained model (copied to ``rounds/models/<variant>-<fingerprint>``,
@@ -104,8 +134,12 @@ def rounds_flow(rounds: int | None = None, variant: str | None = None, overrides
         for r in range(1, count + 1):
             if prev_model is not None:
                 apply_overrides(root, {"policy.model": prev_model, "policy.warmup.enabled": False})
-            logger.info("round %d/%d: policy.model = %s", r, count,
-                        (yaml.safe_load(params_path.read_text()) or {}).get("policy", {}).get("model"))
+            logger.info(
+                "round %d/%d: policy.model = %s",
+                r,
+                count,
+                (yaml.safe_load(params_path.read_text()) or {}).get("policy", {}).get("model"),
+            )
             results = run_stages(root, order, fp, fp.remote, label=f"r{r}-")
             info = archive_round(root, out_dir / f"round_{r}", variant)
             trained = root / paths.model_dir(variant)
@@ -115,26 +149,39 @@ def rounds_flow(rounds: int | None = None, variant: str | None = None, overrides
                 shutil.copytree(trained, keep)
             exp_name = None
             if rp.save_experiments:
-                exp_name = exp_save(root, f"{prefix}-round-{r}", order, on_line=logger.info,
-                                    message=f"on-policy round {r} of {count} ({variant})",
-                                    tail_lines=fp.log_tail_lines)
+                exp_name = exp_save(
+                    root,
+                    f"{prefix}-round-{r}",
+                    order,
+                    on_line=logger.info,
+                    message=f"on-policy round {r} of {count} ({variant})",
+                    tail_lines=fp.log_tail_lines,
+                )
                 push_experiment(root, fp, exp_name)
             ev, held = info["eval"], info["eval"].get("heldout", {})
-            rows.append({
-                "round": r, "policy_model": info["policy_source"],
-                "policy_fingerprint": info["policy"].get("model_fingerprint"),
-                "policy_test_accuracy": info["policy"].get("test_accuracy"),
-                "sample_fingerprint": info["sample"].get("model_fingerprint"),
-                "sample_mean_logprob": info["sample"].get("mean_logprob"),
-                "candidate_accuracy": info["judge"].get("candidate_accuracy"),
-                "n_pairs": info["pairs"].get("n_pairs"),
-                "train_loss": info["train"].get("loss"), "train_delta_margin": info["train"].get("delta_margin"),
-                "test_accuracy": ev.get("test_accuracy"), "heldout_delta_w": held.get("delta_w"),
-                "heldout_delta_l": held.get("delta_l"), "heldout_displaced_share": held.get("displaced_share"),
-                "trained_fingerprint": trained_fp, "trained_from": info["trained_base"],
-                "next_policy_model": os.path.relpath(keep, root), "experiment": exp_name,
-                "stages": {s: res["status"] for s, res in results.items()},
-            })
+            rows.append(
+                {
+                    "round": r,
+                    "policy_model": info["policy_source"],
+                    "policy_fingerprint": info["policy"].get("model_fingerprint"),
+                    "policy_test_accuracy": info["policy"].get("test_accuracy"),
+                    "sample_fingerprint": info["sample"].get("model_fingerprint"),
+                    "sample_mean_logprob": info["sample"].get("mean_logprob"),
+                    "candidate_accuracy": info["judge"].get("candidate_accuracy"),
+                    "n_pairs": info["pairs"].get("n_pairs"),
+                    "train_loss": info["train"].get("loss"),
+                    "train_delta_margin": info["train"].get("delta_margin"),
+                    "test_accuracy": ev.get("test_accuracy"),
+                    "heldout_delta_w": held.get("delta_w"),
+                    "heldout_delta_l": held.get("delta_l"),
+                    "heldout_displaced_share": held.get("displaced_share"),
+                    "trained_fingerprint": trained_fp,
+                    "trained_from": info["trained_base"],
+                    "next_policy_model": os.path.relpath(keep, root),
+                    "experiment": exp_name,
+                    "stages": {s: res["status"] for s, res in results.items()},
+                }
+            )
             prev_model = os.path.relpath(keep, root)
             (out_dir / "rounds.json").write_text(json.dumps(rows, indent=2) + "\n")
     finally:
@@ -143,7 +190,10 @@ def rounds_flow(rounds: int | None = None, variant: str | None = None, overrides
     report = rounds_report(rows, variant)
     (out_dir / "report.md").write_text(report)
     create_markdown_artifact(markdown=report, key="dpo-rounds", description=f"{count} on-policy rounds ({prefix})")
-    create_table_artifact(table=[{k: v for k, v in row.items() if k != "stages"} for row in rows],
-                          key="dpo-rounds-table", description=f"{count} on-policy rounds ({prefix})")
+    create_table_artifact(
+        table=[{k: v for k, v in row.items() if k != "stages"} for row in rows],
+        key="dpo-rounds-table",
+        description=f"{count} on-policy rounds ({prefix})",
+    )
     logger.info("rounds report: %s\n%s", out_dir / "report.md", report)
     return {"name": prefix, "rounds": rows, "report": str(out_dir / "report.md")}

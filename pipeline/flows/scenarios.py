@@ -19,23 +19,31 @@ from pipeline.flows.tasks import Schedule, check_evaluate_targets, flow_run_name
 from pipeline.settings.base import merged
 
 
-def scenario_rows(exps: list[dict[str, Any]], names: Mapping[int, str], failed: list[str],
-                  variant: str) -> list[dict[str, Any]]:
+def scenario_rows(
+    exps: list[dict[str, Any]], names: Mapping[int, str], failed: list[str], variant: str
+) -> list[dict[str, Any]]:
     """The input of :func:`pipeline.analysis.scenarios.scenario_table`: per scenario its experiment's status and the
     contents of metrics/pairs.json and metrics/eval/<variant>.json (from ``dvc exp show``)."""
     by_name = {e["name"]: e for e in exps}
     rows = []
     for k, exp in names.items():
         files = (by_name.get(exp) or {}).get("metric_files") or {}
-        rows.append({"scenario": k, "status": "failed" if exp in failed else "done", "experiment": exp,
-                     "pairs": files.get(paths.metrics_file("pairs")) or {},
-                     "eval": files.get(paths.eval_metrics(variant)) or {}})
+        rows.append(
+            {
+                "scenario": k,
+                "status": "failed" if exp in failed else "done",
+                "experiment": exp,
+                "pairs": files.get(paths.metrics_file("pairs")) or {},
+                "eval": files.get(paths.eval_metrics(variant)) or {},
+            }
+        )
     return rows
 
 
 @flow(name="dpo-scenarios")
-def scenarios_flow(scenarios: list[int] | None = None, variant: str | None = None, name: str | None = None,
-                   repo: str = ".") -> dict[str, Any]:
+def scenarios_flow(
+    scenarios: list[int] | None = None, variant: str | None = None, name: str | None = None, repo: str = "."
+) -> dict[str, Any]:
     """The data scenarios side by side for one loss: one DVC experiment per ``pairs.scenario``
     (default ``flows.scenarios.list``), each ``dvc exp run --temp -S pairs.source=judged -S
     pairs.scenario=<k> evaluate@<variant>`` (so only the stages that variant needs run), at most ``flows.scenarios.max_parallel`` at once after
@@ -54,8 +62,7 @@ def scenarios_flow(scenarios: list[int] | None = None, variant: str | None = Non
     if variant:
         changes["variant"] = variant
     # the arguments over flows.scenarios of params.yaml, validated together
-    fp = parse_flow_params(merged(load_flow_params(root).model_dump(), {"scenarios": changes}),
-                           source="scenarios_flow")
+    fp = parse_flow_params(merged(load_flow_params(root).model_dump(), {"scenarios": changes}), source="scenarios_flow")
     sc = fp.scenarios
     variant = sc.variant
     targets = check_evaluate_targets(root, [variant], "scenarios_flow")
@@ -63,8 +70,9 @@ def scenarios_flow(scenarios: list[int] | None = None, variant: str | None = Non
     names = {k: f"{prefix}-s{k}" for k in sc.list}
     # scenarios are of judged pairs, whatever pairs.source says (constructed pairs have none)
     points = [{"pairs.source": "judged", "pairs.scenario": k} for k in sc.list]
-    logger.info("scenarios %s: %s with %s, %d at a time", prefix, ", ".join(map(str, sc.list)), variant,
-                sc.max_parallel)
+    logger.info(
+        "scenarios %s: %s with %s, %d at a time", prefix, ", ".join(map(str, sc.list)), variant, sc.max_parallel
+    )
     failed = run_experiments(root, fp, dict(zip(names.values(), points)), targets, Schedule.of(sc))
     try:
         exps = experiments(root)
@@ -75,11 +83,22 @@ def scenarios_flow(scenarios: list[int] | None = None, variant: str | None = Non
     markdown = scenario_table(rows, variant)
     report = root / sc.report
     write_text(markdown, report)  # atomic: a reader sees the old report or the new one
-    create_markdown_artifact(markdown=markdown, key="dpo-scenarios",
-                             description=f"scenarios {prefix}: {variant} on pairs.scenario {sc.list} ({sc.report})")
+    create_markdown_artifact(
+        markdown=markdown,
+        key="dpo-scenarios",
+        description=f"scenarios {prefix}: {variant} on pairs.scenario {sc.list} ({sc.report})",
+    )
     logger.info("scenarios report: %s\n%s", report, markdown)
     if failed:
-        raise RuntimeError(f"scenarios {prefix}: {len(failed)} of {len(names)} experiments failed: "
-                           f"{', '.join(failed)} (report: {report})")
-    return {"name": prefix, "variant": variant, "experiments": list(names.values()), "rows": rows,
-            "report": str(report), "markdown": markdown}
+        raise RuntimeError(
+            f"scenarios {prefix}: {len(failed)} of {len(names)} experiments failed: "
+            f"{', '.join(failed)} (report: {report})"
+        )
+    return {
+        "name": prefix,
+        "variant": variant,
+        "experiments": list(names.values()),
+        "rows": rows,
+        "report": str(report),
+        "markdown": markdown,
+    }

@@ -102,7 +102,6 @@ class StudyParams(Strict):
     retries: int = Field(ge=0)
 
 
-
 class FlowParams(Strict):
     """The ``flows:`` section: how Prefect runs the DVC stages. No stage depends on it."""
 

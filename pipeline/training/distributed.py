@@ -45,8 +45,16 @@ def under_torchrun() -> bool:
 
 def relaunch_with_torchrun(nproc: int, module: str, argv: list[str]) -> int:
     """Run ``python -m module argv`` under torchrun with ``nproc`` local workers; return its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", module, *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        module,
+        *argv,
+    ]
     return subprocess.call(cmd)
 
 

@@ -21,16 +21,40 @@ N_PAIRS, N_PROMPTS = 40, 60
 def _pairs(variant: str, d_w: np.ndarray, d_l: np.ndarray, dist: np.ndarray) -> pl.DataFrame:
     n = len(d_w)
     ref_w, ref_l = np.full(n, -20.0), np.full(n, -25.0)
-    return conform(pl.DataFrame({
-        "pair_id": [f"p{i:03d}" for i in range(n)], "variant": variant, "ref_w": ref_w, "ref_l": ref_l,
-        "lp_w": ref_w + d_w, "lp_l": ref_l + d_l, "len_w": 17, "len_l": 17, "edit_distance_norm": dist,
-        "distance_bucket": "[0, 1]", "ches": 0.0, "ches_norm": 0.0}), "pair_eval")
+    return conform(
+        pl.DataFrame(
+            {
+                "pair_id": [f"p{i:03d}" for i in range(n)],
+                "variant": variant,
+                "ref_w": ref_w,
+                "ref_l": ref_l,
+                "lp_w": ref_w + d_w,
+                "lp_l": ref_l + d_l,
+                "len_w": 17,
+                "len_l": 17,
+                "edit_distance_norm": dist,
+                "distance_bucket": "[0, 1]",
+                "ches": 0.0,
+                "ches_norm": 0.0,
+            }
+        ),
+        "pair_eval",
+    )
 
 
 def _gens(correct: np.ndarray, model: str) -> pl.DataFrame:
-    return conform(pl.DataFrame({"prompt_id": [f"q{i:03d}" for i in range(len(correct))], "model": model,
-                                 "text": "", "extracted_answer": None, "correct": correct.astype(bool)}),
-                   "generations")
+    return conform(
+        pl.DataFrame(
+            {
+                "prompt_id": [f"q{i:03d}" for i in range(len(correct))],
+                "model": model,
+                "text": "",
+                "extracted_answer": None,
+                "correct": correct.astype(bool),
+            }
+        ),
+        "generations",
+    )
 
 
 def _runs(effect: bool, seeds=(0, 1, 2), draw: int = 7) -> list[study.StudyRun]:
@@ -50,13 +74,32 @@ def _runs(effect: bool, seeds=(0, 1, 2), draw: int = 7) -> list[study.StudyRun]:
         else:
             dpo_w, dpo_l, dpop_w = pair_base + noise, rng.normal(0, 1, N_PAIRS), rng.normal(0, 1, N_PAIRS)
             trained_d = rng.normal(0, 1, 30)
-        trained = pl.DataFrame({"pair_id": [f"t{i:02d}" for i in range(30)], "d": trained_d,
-                                "edit_distance_norm": train_dist})
-        runs.append(study.StudyRun(f"x-seed{seed}", "default", seed, "dpo", _pairs("dpo", dpo_w, dpo_l, dist), before,
-                                _gens(rng.random(N_PROMPTS) < (0.1 if effect else 0.5), "dpo"), trained))
-        runs.append(study.StudyRun(f"x-seed{seed}", "default", seed, "dpop",
-                                _pairs("dpop", dpop_w, rng.normal(-1, 1, N_PAIRS), dist), before,
-                                _gens(before["correct"].to_numpy(), "dpop")))
+        trained = pl.DataFrame(
+            {"pair_id": [f"t{i:02d}" for i in range(30)], "d": trained_d, "edit_distance_norm": train_dist}
+        )
+        runs.append(
+            study.StudyRun(
+                f"x-seed{seed}",
+                "default",
+                seed,
+                "dpo",
+                _pairs("dpo", dpo_w, dpo_l, dist),
+                before,
+                _gens(rng.random(N_PROMPTS) < (0.1 if effect else 0.5), "dpo"),
+                trained,
+            )
+        )
+        runs.append(
+            study.StudyRun(
+                f"x-seed{seed}",
+                "default",
+                seed,
+                "dpop",
+                _pairs("dpop", dpop_w, rng.normal(-1, 1, N_PAIRS), dist),
+                before,
+                _gens(before["correct"].to_numpy(), "dpop"),
+            )
+        )
     return runs
 
 
@@ -73,8 +116,9 @@ def test_pooled_figures_match_an_independent_computation():
     per_seed = stacked.mean(1)
     assert summary["delta_w_seeds"]["mean"] == pytest.approx(per_seed.mean())
     assert summary["delta_w_seeds"]["sd"] == pytest.approx(per_seed.std(ddof=1))
-    boot = st.bootstrap((stacked.mean(0),), np.mean, confidence_level=0.95, n_resamples=2000, method="percentile",
-                        random_state=0)
+    boot = st.bootstrap(
+        (stacked.mean(0),), np.mean, confidence_level=0.95, n_resamples=2000, method="percentile", random_state=0
+    )
     assert summary["delta_w"].estimate == pytest.approx(stacked.mean())
     # the project's bootstrap (stats.bootstrap_ci) against scipy's own percentile interval, within resampling noise
     assert summary["delta_w"].low == pytest.approx(boot.confidence_interval.low, abs=0.15)
@@ -89,8 +133,10 @@ def test_pooled_figures_match_an_independent_computation():
 
 def test_claims_are_reproduced_on_an_effect_and_not_on_noise():
     def verdicts(runs):
-        return {(c.claim.split(":")[0].split(" (")[0] + ":" + c.measure): c.row(SETTINGS)["verdict"]
-                for c in study.study_claims(runs, ROLES, SETTINGS)}
+        return {
+            (c.claim.split(":")[0].split(" (")[0] + ":" + c.measure): c.row(SETTINGS)["verdict"]
+            for c in study.study_claims(runs, ROLES, SETTINGS)
+        }
 
     effect = verdicts(_runs(effect=True))
     assert len(effect) == 6 and set(effect.values()) == {"reproduced"}, effect
@@ -112,15 +158,27 @@ def test_the_edit_distance_claim_is_judged_on_the_trained_pairs():
     slope = next(c for c in study.study_claims(held, ROLES, SETTINGS) if "edit distance" in c.claim)
     pooled = study.pooled_pairs([r for r in held if r.variant == "dpo"])
     assert "held-out pairs" in slope.measure
-    assert slope.interval.estimate == pytest.approx(np.polyfit(pooled["edit_distance_norm"].to_numpy(),
-                                                               pooled["d_w"].to_numpy(), 1)[0])
+    assert slope.interval.estimate == pytest.approx(
+        np.polyfit(pooled["edit_distance_norm"].to_numpy(), pooled["d_w"].to_numpy(), 1)[0]
+    )
 
 
 def test_a_contradicted_claim_is_called_so():
     runs = _runs(effect=True)
-    flipped = [study.StudyRun(r.experiment, r.scenario, r.seed, r.variant,
-                           r.pairs.with_columns((2 * pl.col("ref_w") - pl.col("lp_w")).alias("lp_w")), r.before,
-                           r.after) if r.variant == "dpo" else r for r in runs]
+    flipped = [
+        study.StudyRun(
+            r.experiment,
+            r.scenario,
+            r.seed,
+            r.variant,
+            r.pairs.with_columns((2 * pl.col("ref_w") - pl.col("lp_w")).alias("lp_w")),
+            r.before,
+            r.after,
+        )
+        if r.variant == "dpo"
+        else r
+        for r in runs
+    ]
     rows = [c.row(SETTINGS) for c in study.study_claims(flipped, ROLES, SETTINGS)]
     displacement = next(r for r in rows if "likelihood displacement" in r["claim"])
     assert displacement["verdict"] == "contradicted" and displacement["estimate"] > 0

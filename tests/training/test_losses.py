@@ -68,8 +68,14 @@ def trl_cpo_trainer():
 def trl_cpo_loss(loss_type: str, chosen, rejected, *, beta: float, label_smoothing: float, simpo_gamma: float = 0.0):
     """TRL's ``CPOTrainer.cpo_loss`` on tensors: it reads only these settings of the trainer, so a stand-in
     for ``self`` calls it without building one (a model, a tokenizer and a dataset)."""
-    settings = SimpleNamespace(alpha=0.0, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
-                               simpo_gamma=simpo_gamma, accelerator=SimpleNamespace(device="cpu"))
+    settings = SimpleNamespace(
+        alpha=0.0,
+        loss_type=loss_type,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        simpo_gamma=simpo_gamma,
+        accelerator=SimpleNamespace(device="cpu"),
+    )
     losses, _, _ = trl_cpo_trainer().cpo_loss(settings, chosen, rejected)
     return losses
 
@@ -88,8 +94,9 @@ def test_cdpo_values():
     #   0.8 · (−log σ(0.75)) + 0.2 · (−log σ(−0.75)) = 0.8 · 0.386871 + 0.2 · 1.136871 = 0.536871
     # pair 1: d = (−5 + 4) − (−1.5 + 2) = −1.5, β d = −0.75:
     #   0.8 · (−log σ(−0.75)) + 0.2 · (−log σ(0.75)) = 0.8 · 1.136871 + 0.2 · 0.386871 = 0.986871
-    check("cdpo", [0.8 * nls(0.75) + 0.2 * nls(-0.75), 0.8 * nls(-0.75) + 0.2 * nls(0.75)],
-          beta=0.5, label_smoothing=0.2)
+    check(
+        "cdpo", [0.8 * nls(0.75) + 0.2 * nls(-0.75), 0.8 * nls(-0.75) + 0.2 * nls(0.75)], beta=0.5, label_smoothing=0.2
+    )
 
 
 def test_cdpo_is_dpo_plus_a_term_linear_in_the_smoothing():
@@ -247,8 +254,18 @@ def test_length_losses_need_lengths(name):
 
 
 def test_registry_complete():
-    assert set(L.LOSS_NAMES) == {"dpo", "cdpo", "dpop", "ipo", "slic", "flex_dpo", "dpo_sft",
-                                 "gamma_dpo", "hinge", "simpo"}
+    assert set(L.LOSS_NAMES) == {
+        "dpo",
+        "cdpo",
+        "dpop",
+        "ipo",
+        "slic",
+        "flex_dpo",
+        "dpo_sft",
+        "gamma_dpo",
+        "hinge",
+        "simpo",
+    }
     assert [n for n in L.LOSS_NAMES if L.needs_lengths(n)] == ["dpo_sft", "simpo"]
     for spec in L.LOSSES.values():
         assert spec.fn.__doc__ and "`" in spec.fn.__doc__

@@ -36,19 +36,28 @@ from pipeline.training.trainer import RunOptions, train_preference
 
 
 def worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
-    ctx = distributed.init(RuntimeParams(nproc=world, backend="gloo", strategy="ddp", checkpoint_every=0,
-                               checkpoint_dir="."))
+    ctx = distributed.init(
+        RuntimeParams(nproc=world, backend="gloo", strategy="ddp", checkpoint_every=0, checkpoint_dir=".")
+    )
     results: dict[str, list[dict]] = {}
     for strategy in spec["strategies"]:  # one process group serves both: only the wrapping differs
         sctx = dataclasses.replace(ctx, strategy=strategy)
         results[strategy] = []
         for case in spec["cases"]:
             model = loading.load_model(spec["model"], "float32")
-            history = train_preference(model, case["examples"], case["terms"], case["settings"],
-                                       pad_id=spec["pad_id"], ctx=sctx, run=RunOptions(buckets=case["buckets"]))
+            history = train_preference(
+                model,
+                case["examples"],
+                case["terms"],
+                case["settings"],
+                pad_id=spec["pad_id"],
+                ctx=sctx,
+                run=RunOptions(buckets=case["buckets"]),
+            )
             results[strategy].append({"history": history, "weights": distributed.full_state_dict(model, sctx)})
     if ctx.is_main:
         torch.save(results, out_path)

@@ -89,6 +89,7 @@ def run_coro(coro):
             box["v"] = asyncio.run(coro)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             box["e"] = e
+
     t = threading.Thread(target=target)
     t.start()
     t.join()
@@ -102,8 +103,13 @@ class JudgeClient:
     counting calls, failures and tokens in ``stats``. ``client_factory(api_key)`` replaces
     ``openai.AsyncOpenAI`` (tests)."""
 
-    def __init__(self, params: LLMJudgeParams, cache: JudgeCache, stats: Stats,
-                 client_factory: Callable[[str], Any] | None = None):
+    def __init__(
+        self,
+        params: LLMJudgeParams,
+        cache: JudgeCache,
+        stats: Stats,
+        client_factory: Callable[[str], Any] | None = None,
+    ):
         self.p = params
         self.cache = cache
         self.stats = stats
@@ -118,8 +124,10 @@ class JudgeClient:
             return "EMPTY"  # a local server without authentication
         key = os.environ.get(name)
         if not key:
-            raise LLMJudgeError(f"judge.llm.api_key_env: the environment variable {name} is not set "
-                                "(it must hold the API key; use null for a server without a key)")
+            raise LLMJudgeError(
+                f"judge.llm.api_key_env: the environment variable {name} is not set "
+                "(it must hold the API key; use null for a server without a key)"
+            )
         return key
 
     def redact(self, text: str) -> str:
@@ -135,16 +143,21 @@ class JudgeClient:
             return self._client_factory(key)
         import openai
 
-        return openai.AsyncOpenAI(api_key=key, base_url=self.p.base_url, timeout=self.p.timeout_s,
-                                  max_retries=self.p.max_retries)
+        return openai.AsyncOpenAI(
+            api_key=key, base_url=self.p.base_url, timeout=self.p.timeout_s, max_retries=self.p.max_retries
+        )
 
     async def _call(self, client, sem: asyncio.Semaphore, r: Request) -> tuple[str, Outcome]:
         import openai
 
         bad_answers = 0
         while True:
-            kwargs = {"model": self.p.model, "messages": list(r.messages), "temperature": self.p.temperature,
-                      "max_tokens": self.p.max_tokens}
+            kwargs = {
+                "model": self.p.model,
+                "messages": list(r.messages),
+                "temperature": self.p.temperature,
+                "max_tokens": self.p.max_tokens,
+            }
             try:
                 async with sem:
                     structured = self.structured  # read once a slot is free: a refusal may have come meanwhile
@@ -156,16 +169,21 @@ class JudgeClient:
                     raise ValueError("no choices in the response")
                 content = choices[0].message.content
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                raise LLMJudgeError(f"judge.llm: {type(e).__name__} (HTTP {e.status_code}) from "
-                                    f"{self.p.base_url or 'the OpenAI API'} for model {self.p.model!r}: "
-                                    f"{self.redact(str(e.message))[:300]}") from None
+                raise LLMJudgeError(
+                    f"judge.llm: {type(e).__name__} (HTTP {e.status_code}) from "
+                    f"{self.p.base_url or 'the OpenAI API'} for model {self.p.model!r}: "
+                    f"{self.redact(str(e.message))[:300]}"
+                ) from None
             except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
                 msg = self.redact(str(e.message)).lower()
                 if structured and any(w in msg for w in ("response_format", "json_schema", "structured")):
                     if self.structured:
                         self.structured = False
-                        log.warning("the endpoint refused structured output (HTTP %d); asking for plain JSON "
-                                    "text and parsing it instead", e.status_code)
+                        log.warning(
+                            "the endpoint refused structured output (HTTP %d); asking for plain JSON "
+                            "text and parsing it instead",
+                            e.status_code,
+                        )
                     continue
                 if structured and not self.structured:
                     continue  # another request switched to plain text meanwhile
@@ -181,8 +199,13 @@ class JudgeClient:
                 self.stats.calls += 1
                 bad_answers += 1
                 self.stats.parse_failures += 1
-                log.warning("malformed response (%s) for %s; attempt %d of %d", type(e).__name__,
-                            self._where(r), bad_answers, self.p.max_parse_retries + 1)
+                log.warning(
+                    "malformed response (%s) for %s; attempt %d of %d",
+                    type(e).__name__,
+                    self._where(r),
+                    bad_answers,
+                    self.p.max_parse_retries + 1,
+                )
                 if bad_answers > self.p.max_parse_retries:
                     return r.key, self._fail("malformed_response")
                 continue
@@ -193,13 +216,28 @@ class JudgeClient:
             except ParseError as e:
                 bad_answers += 1
                 self.stats.parse_failures += 1
-                log.warning("malformed answer (%s) for %s; attempt %d of %d", e, self._where(r), bad_answers,
-                            self.p.max_parse_retries + 1)
+                log.warning(
+                    "malformed answer (%s) for %s; attempt %d of %d",
+                    e,
+                    self._where(r),
+                    bad_answers,
+                    self.p.max_parse_retries + 1,
+                )
                 if bad_answers > self.p.max_parse_retries:
                     return r.key, self._fail("malformed_answer")
                 continue
-            self.cache.put(r.key, {"answer": answer, "content": content, "usage": usage, "model": self.p.model,
-                                   "mode": r.kind, "template_version": TEMPLATE_VERSION, "meta": r.meta})
+            self.cache.put(
+                r.key,
+                {
+                    "answer": answer,
+                    "content": content,
+                    "usage": usage,
+                    "model": self.p.model,
+                    "mode": r.kind,
+                    "template_version": TEMPLATE_VERSION,
+                    "meta": r.meta,
+                },
+            )
             return r.key, Outcome(answer)
 
     @staticmethod
@@ -232,8 +270,7 @@ class JudgeClient:
                 key, outcome = await fut
                 results[key] = outcome
                 if i % step == 0 or i == len(tasks):
-                    log.info("judge requests: %d/%d done (%d failed so far)", i, len(tasks),
-                             self.stats.failed_requests)
+                    log.info("judge requests: %d/%d done (%d failed so far)", i, len(tasks), self.stats.failed_requests)
         except BaseException:
             for t in tasks:
                 t.cancel()
