@@ -22,12 +22,15 @@ def test_the_gpu_profile_changes_existing_keys_into_valid_params():
     assert cfg.policy.eval.backend == cfg.evaluate.generation.backend == "vllm"
     assert cfg.vllm.block_size is None and cfg.vllm.max_num_seqs == 1024 and cfg.prepare.n_test == 512
     assert cfg.train.runtime.nproc == PROFILE["train.runtime.nproc"]
+
+    def flat(d, p=""):
+        return {
+            k2: v2
+            for k, v in d.items()
+            for k2, v2 in (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])
+        }
+
     # nothing else moved
-    flat = lambda d, p="": {
-        k2: v2
-        for k, v in d.items()  # noqa: E731
-        for k2, v2 in (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])
-    }
     before, after = flat(repo_params()), flat(params)
     assert {k for k in after if after[k] != before.get(k)} <= set(PROFILE)
 

@@ -185,8 +185,8 @@ def displacement_finding(variant: str, h: HeldoutStats, s: StatSettings) -> Find
 def trained_pair_changes(fixed: pl.DataFrame | None, distances: pl.DataFrame | None) -> pl.DataFrame | None:
     """Per pair of the fixed training subset: Δ chosen ``d`` = lp_w − ref_w at the last evaluation, joined with
     ``distances`` (pair_id, edit_distance_norm and any other columns); None without both tables. Claim
-    1 of docs/losses.md (displacement strongest at low edit distance) is about these pairs: on held-out pairs the rejected
-    side was never trained on."""
+    1 of docs/losses.md (displacement strongest at low edit distance) is about these pairs: on held-out
+    pairs the rejected side was never trained on."""
     if fixed is None or distances is None or fixed.is_empty():
         return None
     t = fixed.filter(pl.col("set") == "train")

@@ -9,12 +9,16 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from pipeline.data import edits, tagging
 from pipeline.data.trl_format import IMPORTED, SCENARIO_IMPORTED
 from pipeline.model.encoding import encode_prompt, encode_response
+
+if TYPE_CHECKING:
+    import torch
 
 EDIT_SOURCE = "edit"  # rejected_source of constructed pairs: edit:<kind>
 # (prompt ids, response ids) -> per response: summed log-prob, hidden-state sum [N, d] and token count [N]
@@ -319,8 +323,8 @@ def _tag_under_policy(rows: list[dict], policy_tags: PolicyTags) -> pl.DataFrame
     lw, h_w, n_w = policy_tags(prompts_ids, [r["chosen_ids"] for r in rows])
     ll, h_l, n_l = policy_tags(prompts_ids, [r["rejected_ids"] for r in rows])
     ches, norm = ches_scores(h_w, h_l, n_w, n_l)
-    for r, w, l, c, cn in zip(rows, lw, ll, ches, norm):
-        r.update(chosen_policy_logprob=float(w), rejected_policy_logprob=float(l), ches=c, ches_norm=cn)
+    for r, lp_w, lp_l, c, cn in zip(rows, lw, ll, ches, norm):
+        r.update(chosen_policy_logprob=float(lp_w), rejected_policy_logprob=float(lp_l), ches=c, ches_norm=cn)
     return pl.DataFrame(rows, schema=schema_of("pairs"))
 
 

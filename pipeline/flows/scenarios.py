@@ -46,11 +46,12 @@ def scenarios_flow(
 ) -> dict[str, Any]:
     """The data scenarios side by side for one loss: one DVC experiment per ``pairs.scenario``
     (default ``flows.scenarios.list``), each ``dvc exp run --temp -S pairs.source=judged -S
-    pairs.scenario=<k> evaluate@<variant>`` (so only the stages that variant needs run), at most ``flows.scenarios.max_parallel`` at once after
-    the first (which runs alone: prepare, policy, sample and judge are shared and land in DVC's
-    run-cache once). Then ``flows.scenarios.report`` (and the markdown artifact ``dpo-scenarios``) puts
-    the experiments' pair and evaluation metrics side by side, one column per scenario. The same
-    experiments as a sweep with ``flows.sweep.grid: {pairs.source: [judged], pairs.scenario: [1, 2, 3, 4]}``."""
+    pairs.scenario=<k> evaluate@<variant>`` (so only the stages that variant needs run), at most
+    ``flows.scenarios.max_parallel`` at once after the first (which runs alone: prepare, policy, sample
+    and judge are shared and land in DVC's run-cache once). Then ``flows.scenarios.report`` (and the
+    markdown artifact ``dpo-scenarios``) puts the experiments' pair and evaluation metrics side by side,
+    one column per scenario. The same experiments as a sweep with
+    ``flows.sweep.grid: {pairs.source: [judged], pairs.scenario: [1, 2, 3, 4]}``."""
     from pipeline.analysis.scenarios import scenario_table
     from pipeline.io import write_text
 

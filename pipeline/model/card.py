@@ -190,6 +190,7 @@ def _eval_results(record: Mapping[str, Any]) -> list[EvalResult]:
 
 
 # The body, from the record alone; g(): floats to 4 significant digits (the front matter keeps them exact).
+# Its lines are the card's Markdown lines (a Jinja statement's line is its output's), hence E501 off.
 _TEMPLATE = """{% macro g(v) %}{{ "%.4g"|format(v) if v is float else ("" if v is none else v) }}{% endmacro -%}
 ---
 {{ card_data }}
@@ -270,4 +271,4 @@ LLM rubric ({{ r.evaluation.llm_rubric.judge }}): {% for k, v in r.evaluation.ll
 {%- else -%}
 Not evaluated in this folder: the `export` stage writes `export/models/{{ r.variant }}`, this model with its
 evaluation figures.
-{% endif %}"""
+{% endif %}"""  # noqa: E501

@@ -131,7 +131,7 @@ def test_trained_pairs_slope_on_edit_distance_fires_only_where_the_fall_depends_
                 + pl.col("pair_id")
                 .str.slice(1)
                 .cast(pl.Int64)
-                .map_elements(lambda i: float(d[i]), return_dtype=pl.Float64)
+                .map_elements(lambda i, d=d: float(d[i]), return_dtype=pl.Float64)
             )
             .otherwise(pl.col("lp_w"))
             .alias("lp_w")

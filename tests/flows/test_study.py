@@ -90,7 +90,8 @@ TABLES_PY = textwrap.dedent('''\
     write_table(pl.DataFrame({"pair_id": [f"p{i:02d}" for i in range(n)], "variant": variant, "ref_w": -20.0,
                               "ref_l": -25.0, "lp_w": -20.0 + d_w, "lp_l": -30.0 + rng.normal(size=n),
                               "len_w": 17, "len_l": 17, "edit_distance_norm": np.linspace(0.05, 0.6, n),
-                              "distance_bucket": "x", "ches": 0.0, "ches_norm": 0.0}), out / "pairs.parquet", "pair_eval")
+                              "distance_bucket": "x", "ches": 0.0, "ches_norm": 0.0}),
+                out / "pairs.parquet", "pair_eval")
     write_table(pl.DataFrame({"prompt_id": prompts, "model": variant, "text": "", "extracted_answer": None,
                               "correct": [bool(x) for x in rng.random(n_test) < (0.1 if variant == "dpo" else 0.5)]}),
                 out / "generations.parquet", "generations")

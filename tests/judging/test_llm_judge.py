@@ -178,8 +178,8 @@ def test_cache_key_is_the_sha256_of_the_canonical_json_in_any_process():
     material = {"model": "m", "messages": [{"role": "user", "content": "¿Cuánto es 2 + 3?"}], "temperature": 0.0}
     # The canonical JSON written out by hand: keys sorted at every level, no whitespace, UTF-8 kept (not escaped)
     text = (
-        '{"cache_format":%d,"messages":[{"content":"¿Cuánto es 2 + 3?","role":"user"}],"model":"m",'
-        '"temperature":0.0}' % FORMAT
+        '{"cache_format":' + str(FORMAT) + ',"messages":[{"content":"¿Cuánto es 2 + 3?","role":"user"}],"model":"m",'
+        '"temperature":0.0}'
     )
     expected = hashlib.sha256(text.encode("utf-8")).hexdigest()
     assert cache_key(material) == expected

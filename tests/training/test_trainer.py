@@ -365,7 +365,7 @@ def test_resume_from_a_checkpoint_continues_the_same_run(tiny_model_dir, tmp_pat
             [("dpo", 1.0, {"beta": 0.5})],
             s,
             pad_id=tok.pad_token_id,
-            run=RunOptions(log_fn=lambda i, m: logged.append(i), checkpoint=ck),
+            run=RunOptions(log_fn=lambda i, m, logged=logged: logged.append(i), checkpoint=ck),
         )
         runs.append((hist, logged, next(model.parameters()).detach().clone()))
         assert torch.load(ck.path, weights_only=False)["step"] == 3  # none after the last step
