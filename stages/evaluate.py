@@ -17,6 +17,7 @@ from pipeline.cli import run_stage, stage_parser
 from pipeline.data import tagging
 from pipeline.generation.registry import sampler_for
 from pipeline.generation.transformers_backend import TransformersSampler
+from pipeline.generation.types import Sampler
 from pipeline.io import read_json, read_table, write_json, write_table
 from pipeline.judging.llm.metrics import rubric_eval
 from pipeline.model import loading
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     gen, model_id = params.generation, loading.fingerprint(model_dir)
     if gen.backend == "transformers":  # one model for both halves
         model = loading.load_model(model_dir, cfg.policy.dtype, loading.device_for()).eval()
-        sampler = TransformersSampler.from_model(model, tokenizer, model_id, gen.batch_size)
+        sampler: Sampler = TransformersSampler.from_model(model, tokenizer, model_id, gen.batch_size)
     else:
         sampler = sampler_for(
             gen.backend, model_dir, dtype=cfg.policy.dtype, batch_size=gen.batch_size, vllm=cfg.vllm, model_id=model_id

@@ -6,6 +6,7 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -13,7 +14,7 @@ from pipeline import paths
 from pipeline.cli import run_stage, stage_parser
 from pipeline.io import read_table, write_json, write_table, write_text
 from pipeline.judging.registry import get_judge
-from pipeline.judging.types import CandidateView, Group
+from pipeline.judging.types import CandidateView, Group, Score
 from pipeline.schema import schema_of
 from pipeline.settings.judge import JudgedPairs
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     score_rows, sel_rows = [], []
     for v in verdicts:
         pid, src = group_key[v.prompt_id]
-        by_idx = {s.idx: s for s in v.scores}
+        by_idx: dict[int | None, Score] = {s.idx: s for s in v.scores}  # v.best, v.worst: None when failed
         # A candidate the judge failed on has no score row (never a made-up score); it is counted below.
         score_rows += [
             {
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     write_table(pl.DataFrame(sel_rows, infer_schema_length=None), paths.SELECTIONS, "selections")
     policy_verdicts = [v for v in verdicts if group_key[v.prompt_id][1] == "policy"]
     status = Counter(v.status for v in policy_verdicts)
-    metrics = {
+    metrics: dict[str, Any] = {
         "judge": judge.name,
         "n_groups": len(policy_verdicts),
         "kept": status.get("ok", 0),
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
             "candidate_accuracy": scores.filter(pl.col("source") != "policy")["correct"].cast(pl.Float64).mean(),
         }
     if params.backend == "llm":
+        from pipeline.judging.llm.judge import LLMJudge  # get_judge imported it for this backend
+
+        assert isinstance(judge, LLMJudge)
         metrics["llm"] = judge.metrics  # usage, cost, failures, cache hits, position bias
         write_text(
             "".join(

@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         }
         # constructed pairs' rejected were never judged: their scores stay null in the export
         pair_scores = judge_scores(pairs, selections) if params.source == trl_format.JUDGED else {}
-        quarantine, rows_read = [], None
+        quarantine: list[dict] = []
+        rows_read = None
     else:
         rows, quarantine, rows_read = trl_format.read_pairs_file(params.source, tokenizer, params.on_bad_rows)
         pairs, skipped = build_imported_pairs(rows, params.heldout_fraction, params.seed, policy_tags), {}

@@ -12,6 +12,7 @@ from pipeline.analysis.accuracy import greedy_eval
 from pipeline.cli import run_stage, stage_parser
 from pipeline.generation.registry import sampler_for
 from pipeline.generation.transformers_backend import TransformersSampler
+from pipeline.generation.types import Sampler
 from pipeline.io import read_table, write_json, write_table
 from pipeline.model import loading
 from pipeline.model.encoding import encode_prompt, encode_response
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     model_id = loading.fingerprint(paths.POLICY_DIR)
     if params.eval.backend == "transformers":
-        sampler = TransformersSampler.from_model(model, tokenizer, model_id, params.eval.batch_size)
+        sampler: Sampler = TransformersSampler.from_model(model, tokenizer, model_id, params.eval.batch_size)
     else:
         del model  # free the device for the vLLM engine
         sampler = sampler_for(

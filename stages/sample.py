@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if params.backend == "vllm" and argv is None:  # run as the stage's process, not called by a test
         reexec_with_cpu_preload("stages.sample", sys.argv[1:])  # vLLM's CPU build: tcmalloc, Intel OpenMP
-    model_path = paths.POLICY_DIR if args.source == "policy" else loading.resolve(params.model)
+    model_path = paths.POLICY_DIR if args.source == "policy" else loading.resolve(cfg.sample_other.model)
 
     # Work: sample in resumable chunks, then re-score a few candidates with the training code
     model_id = loading.fingerprint(model_path)

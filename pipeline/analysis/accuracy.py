@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import polars as pl
 
 from pipeline.generation.types import GenerationSettings
@@ -27,4 +29,5 @@ def greedy_eval(
             }
         )
     df = pl.DataFrame(rows)
-    return df, float(df["correct"].mean()) if len(df) else 0.0
+    # polars types mean() for any column; a non-empty Boolean column's is a float
+    return df, cast(float, df["correct"].mean()) if len(df) else 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import polars as pl
 
@@ -16,7 +17,8 @@ def summarise_pair_eval(df: pl.DataFrame, buckets: Sequence[str]) -> dict:
     d = df.with_columns(
         (pl.col("lp_w") - pl.col("ref_w")).alias("d_w"), (pl.col("lp_l") - pl.col("ref_l")).alias("d_l")
     )
-    out = {
+    by_distance: dict[str, dict[str, Any]] = {}
+    out: dict[str, Any] = {
         "n_pairs": len(d),
         "ref_w": d["ref_w"].mean(),
         "ref_l": d["ref_l"].mean(),
@@ -30,11 +32,11 @@ def summarise_pair_eval(df: pl.DataFrame, buckets: Sequence[str]) -> dict:
         "ref_l_per_token": (d["ref_l"] / d["len_l"]).mean(),
         "displaced_share": (d["d_w"] < 0).mean(),
         "pair_accuracy": (d["d_w"] > d["d_l"]).mean(),
-        "by_distance": {},
+        "by_distance": by_distance,
     }
     for b in buckets:
         sub = d.filter(pl.col("distance_bucket") == b)
-        out["by_distance"][b] = (
+        by_distance[b] = (
             {
                 "n": len(sub),
                 "delta_w": sub["d_w"].mean(),
@@ -62,7 +64,7 @@ def last_fixed_scores(fixed: pl.DataFrame | None, pair_ids: Sequence[str]) -> tu
     held = fixed.filter(pl.col("set") == "heldout")
     if held.is_empty():
         return None
-    step = int(held["step"].max())
+    step = cast(int, held["step"].max())  # polars types max() for any column; this is a non-empty Int64
     last = held.filter(pl.col("step") == step).select("pair_id", "lp_w", "lp_l")
     if sorted(last["pair_id"].to_list()) != sorted(pair_ids):
         return None

@@ -216,7 +216,7 @@ def predictor_figures(variants: dict[str, VariantInputs], s: StatSettings) -> di
     a variant's pairs carry no CHES."""
     if not all({"ches", "ches_norm"} <= set(v.pairs.columns) for v in variants.values()):
         return None
-    boot = {"level": s.level, "n_resamples": s.n_resamples, "seed": s.seed}
+    boot: dict[str, Any] = {"level": s.level, "n_resamples": s.n_resamples, "seed": s.seed}
     out = {}
     for n in sorted(variants):
         p = variants[n].pairs

@@ -21,7 +21,7 @@ significant** otherwise.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, is_dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -304,7 +304,7 @@ def study_summary(runs: list[StudyRun], s: StatSettings) -> list[dict[str, Any]]
                     "delta_w_seeds": _spread([r["delta_w"] for r in seeds]),
                     "delta_l_seeds": _spread([r["delta_l"] for r in seeds]),
                     "accuracy_seeds": _spread([r["accuracy"] for r in seeds]),
-                    "accuracy_before": float(rs[0].before["correct"].mean()),
+                    "accuracy_before": cast(float, rs[0].before["correct"].mean()),  # a Boolean column: a float
                     "delta_w": s.boot(d_w),
                     "delta_l": s.boot(d_l),
                     "below": below_share,
@@ -383,6 +383,9 @@ def study_report(
             f"| {r['scenario']} | {r['variant']} | {r['seed']} | {r['experiment']} | {r['pairs']} | "
             f"{r['delta_w']:+.2f} | {r['delta_l']:+.2f} | {100 * r['accuracy']:.1f} |"
         )
-    plain = [{k: asdict(v) if is_dataclass(v) else v for k, v in r.items()} for r in summary]
+    # the tests' and intervals' dataclass instances as dicts (is_dataclass is also true of a class)
+    plain = [
+        {k: asdict(v) if is_dataclass(v) and not isinstance(v, type) else v for k, v in r.items()} for r in summary
+    ]
     record = {"settings": asdict(s), "per_seed": seeds, "summary": plain, "claims": claims}
     return "\n".join(lines) + "\n", json_safe(record)

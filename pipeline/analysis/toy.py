@@ -47,7 +47,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 import torch
@@ -148,6 +148,7 @@ def _record(logp: torch.Tensor, lp_w: torch.Tensor, lp_l: torch.Tensor, disp_mas
     autograd gradients of the loss w.r.t. ``lp_w``/``lp_l [..., pairs]``. ∂L/∂π = (∂L/∂log π) / π."""
     p = logp.exp()
     p_w, p_l = lp_w.detach().exp(), lp_l.detach().exp()
+    assert lp_w.grad is not None and lp_l.grad is not None  # the caller ran the loss's backward
     gw = lp_w.grad.abs() / p_w
     gl = lp_l.grad.abs() / p_l
     ratio = torch.where(gw > 0, gl / gw, torch.full_like(gw, math.nan))
@@ -244,7 +245,8 @@ class _StackedMLPs:
     alone (checked against :func:`run_one`)."""
 
     def __init__(self, models: list[torch.nn.Sequential]):
-        layers = [[m[i] for m in models] for i in (0, 2, 4)]
+        # per layer (make_mlp's three Linear layers), that layer of every model
+        layers = list(zip(*([lin for lin in m if isinstance(lin, torch.nn.Linear)] for m in models)))
         self.weights = [torch.stack([lin.weight.detach() for lin in ls]).clone() for ls in layers]
         self.biases = [torch.stack([lin.bias.detach() for lin in ls]).clone() for ls in layers]
 
@@ -358,7 +360,7 @@ def final_metrics(df: pl.DataFrame, confidence: float) -> dict[str, Any]:
             change = final - init
             m[f"{c}_init"] = float(init.mean())
             if c == "p_chosen":
-                m["p_chosen_peak"] = float(g["p_chosen_peak"].mean())
+                m["p_chosen_peak"] = cast(float, g["p_chosen_peak"].mean())  # a Float64 column: a float
             m[c] = float(final.mean())
             m[f"{c}_sd"] = float(final.std(ddof=1)) if len(final) > 1 else None
             m[f"{c}_change"] = float(change.mean())

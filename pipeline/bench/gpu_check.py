@@ -109,7 +109,7 @@ class Checks:
         for i, (name, bf16) in enumerate((("same_precision", settings.bf16), ("fp32_reference", False))):
             if i:
                 model, pad_id, _ = load_policy(self.policy)  # a fresh policy: the first run stepped this one
-            seen: dict = {}
+            seen: dict[int, dict[str, float]] = {}
             try:
                 train_preference(
                     model,
@@ -117,7 +117,7 @@ class Checks:
                     self.variant.losses,
                     settings,
                     pad_id=pad_id,
-                    run=RunOptions(log_fn=lambda step, m, seen=seen: seen.setdefault(step, m)),
+                    run=RunOptions(log_fn=seen.setdefault),
                 )
                 out[name] = {
                     "ref_gap_max": seen[0]["ref_gap_max"],

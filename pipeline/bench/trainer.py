@@ -224,7 +224,11 @@ def run_children(spec: dict, configs: list[str], workdir: Path, verbose: bool) -
         start, load_before = time.perf_counter(), loadavg()
         cmd = [sys.executable, "-m", "pipeline.bench.trainer_child", str(spec_path), config, str(result_path)]
         proc = subprocess.run(
-            cmd, env=env, text=True, **({} if verbose else {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT})
+            cmd,
+            env=env,
+            text=True,
+            stdout=None if verbose else subprocess.PIPE,
+            stderr=None if verbose else subprocess.STDOUT,
         )
         if proc.returncode != 0 or not result_path.is_file():
             if proc.stdout:

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -81,7 +82,13 @@ def run_ours(spec: dict, config: str, model, tokenizer, clock: StepClock) -> Run
     train_preference = getattr(importlib.import_module(module), name)
     settings = TrainSettings(**spec["settings"][config])
     reference = spec["reference"][config]
-    examples = [PairExample(*(tuple(spec["pairs"][p][key]) for key in IDS), *reference[p]) for p in spec["examples"]]
+    pairs = spec["pairs"]
+    examples = [
+        PairExample(
+            tuple(pairs[p]["prompt_ids"]), tuple(pairs[p]["chosen_ids"]), tuple(pairs[p]["rejected_ids"]), *reference[p]
+        )
+        for p in spec["examples"]
+    ]
     # train_preference shuffles with step_batches: the benchmark laid TRL's rows out in that order
     assert [i for batch in step_batches(len(examples), settings.batch_size, 1, settings.seed) for i in batch] == spec[
         "order"
@@ -172,7 +179,8 @@ def run_trl(spec: dict, config: str, model, tokenizer, clock: StepClock, workdir
     )
     init_s = time.perf_counter() - start  # tokenization, the reference model's load or the precompute pass
     init_peak = hwm_mb()
-    dataset = trainer.train_dataset
+    # TRL types train_dataset for every trainer (or None); DPOTrainer holds the tokenized Dataset it was given
+    dataset = cast(Dataset, trainer.train_dataset)
     seen = [{key: dataset[i][key] for key in IDS} for i in range(len(dataset))]
     identical = sum(all(s[key] == r[key] for key in IDS) for s, r in zip(seen, rows))
     can_reset = reset_hwm() and can_reset

@@ -9,7 +9,7 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -371,7 +371,7 @@ def on_policy_summary(pairs: pl.DataFrame) -> dict:
     and, for sides the policy sampled itself, how far the sampler's log-prob is from the policy's."""
     if len(pairs) == 0:
         return {}
-    out = {}
+    out: dict[str, Any] = {}
     for side, n in (("chosen", "len_w"), ("rejected", "len_l")):
         out[f"{side}_policy_logprob_per_token"] = (pairs[f"{side}_policy_logprob"] / pairs[n]).mean()
         own = pairs.filter(pl.col(f"{side}_source") == "policy")

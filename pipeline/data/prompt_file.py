@@ -116,6 +116,7 @@ def _parse_answer(a: object, acol: str, preset: str | None) -> tuple[str, str | 
 def _parse_row(obj: dict, mapping: dict[str, str | None], preset: str | None) -> dict:
     """Validate one record; raises :class:`RowError` on the first problem."""
     qcol, acol = mapping["question"], mapping["answer"]
+    assert qcol is not None and acol is not None  # _resolve_fields requires both
     scol, icol = mapping.get("solution"), mapping.get("id")
 
     if qcol not in obj:
@@ -200,13 +201,16 @@ def load_prompt_file(
     first_id: dict[str, str] = {}
     source = f"file:{path.name}"
 
+    qcol, icol = mapping["question"], mapping.get("id")
+    assert qcol is not None  # _resolve_fields requires it
+
     def parse(obj: dict, where: str) -> dict:
         rec = _parse_row(obj, mapping, preset)
         key = normalize_question(rec["question"])
         if key in first_q:
-            raise RowError(mapping["question"], R_DUP, f"duplicate question, first seen at {first_q[key]}")
-        if "id" in rec and rec["id"] in first_id:
-            raise RowError(mapping["id"], R_DUP_ID, f"duplicate id {rec['id']!r}, first seen at {first_id[rec['id']]}")
+            raise RowError(qcol, R_DUP, f"duplicate question, first seen at {first_q[key]}")
+        if icol and rec["id"] in first_id:  # a record has an id when the id field is mapped
+            raise RowError(icol, R_DUP_ID, f"duplicate id {rec['id']!r}, first seen at {first_id[rec['id']]}")
         first_q[key] = where
         if "id" in rec:
             first_id[rec["id"]] = where

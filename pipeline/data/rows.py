@@ -10,6 +10,7 @@ it (``"quarantine"``). Never dropped silently.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -41,11 +42,12 @@ def check_on_bad_rows(value: str, key: str, error: type[ValueError]) -> None:
         raise error(f"{key}: must be 'error' or 'quarantine', got {value!r}")
 
 
-def jsonl_records(path: Path, fields: Iterable[str]) -> Iterator[Record]:
+def jsonl_records(path: Path, fields: Iterable[str | None]) -> Iterator[Record]:
     """Each non-blank line of a JSON Lines file; rows are 1-based line numbers.
 
     A line that is not UTF-8, not JSON or not an object comes as a :class:`RowError`; for bad
-    bytes the field named is the first of ``fields`` (then the line's own keys) holding them."""
+    bytes the field named is the first of ``fields`` (then the line's own keys) holding them (None:
+    a field with no column)."""
     fields = list(fields)
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
@@ -141,7 +143,7 @@ def validate_rows(
     return good, bad
 
 
-def no_good_rows(path: Path | str, what: str, bad: list[dict]) -> str:
+def no_good_rows(path: str | os.PathLike, what: str, bad: list[dict]) -> str:
     """The message of a file left with no valid row, quoting the first bad one."""
     detail = f"; {len(bad)} bad row(s), the first: {bad[0]['message']}" if bad else ""
     return f"{path}: no valid {what}{detail}"

@@ -23,6 +23,7 @@ import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -254,7 +255,7 @@ def parse_row(obj: dict, tokenizer) -> dict:
     prompt, chosen, rejected = split_conversation(obj)
     if chosen.strip() == rejected.strip():
         raise RowError("rejected", R_IDENTICAL, "fields 'chosen' and 'rejected' hold the same text")
-    row = {"prompt": prompt, "chosen_text": chosen, "rejected_text": rejected}
+    row: dict[str, Any] = {"prompt": prompt, "chosen_text": chosen, "rejected_text": rejected}
     for col, (ok, what) in CARRIED.items():
         v = obj.get(col)
         if v is not None and not ok(v):

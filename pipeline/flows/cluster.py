@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from prefect import flow, get_run_logger
 
 from pipeline.flows.dag import segments, stage_order
 from pipeline.flows.settings import load_flow_params
 from pipeline.flows.tasks import flow_run_name
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
 
 
 @flow(name="dpo-cluster")
@@ -46,16 +49,20 @@ def cluster_flow(
         last = i == len(segs) - 1
         deployment = fp.deployments[cls]
         logger.info("segment %d/%d on %s (%s): %s", i + 1, len(segs), deployment, cls, ", ".join(stages))
-        fr = run_deployment(
-            deployment,
-            parameters={
-                "overrides": overrides,
-                "targets": stages,
-                "remote": remote,
-                "record": last and do_record,
-                "experiment": name if last else None,
-            },
-            flow_run_name=f"{name}-{i + 1}-{cls}",
+        # Prefect types it FlowRun | Coroutine (an async caller gets a coroutine); this flow is sync
+        fr = cast(
+            "FlowRun",
+            run_deployment(
+                deployment,
+                parameters={
+                    "overrides": overrides,
+                    "targets": stages,
+                    "remote": remote,
+                    "record": last and do_record,
+                    "experiment": name if last else None,
+                },
+                flow_run_name=f"{name}-{i + 1}-{cls}",
+            ),
         )
         runs.append(
             {

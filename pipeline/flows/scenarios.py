@@ -68,7 +68,7 @@ def scenarios_flow(
     variant = sc.variant
     targets = check_evaluate_targets(root, [variant], "scenarios_flow")
     prefix = name or f"scenarios-{flow_run_name()}"
-    names = {k: f"{prefix}-s{k}" for k in sc.list}
+    names: dict[int, str] = {k: f"{prefix}-s{k}" for k in sc.list}
     # scenarios are of judged pairs, whatever pairs.source says (constructed pairs have none)
     points = [{"pairs.source": "judged", "pairs.scenario": k} for k in sc.list]
     logger.info(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,13 @@ from pipeline.settings.params import Params
 
 
 def study_points(
-    seeds: list[int], scenarios: list[int], overrides: dict[str, Any], sample_seed: bool
+    seeds: Sequence[int], scenarios: Sequence[int], overrides: dict[str, Any], sample_seed: bool
 ) -> list[tuple[str, int, dict[str, Any]]]:
     """``(pair set, seed, params)`` of each experiment: the study's overrides, the training seed (and the
     sampling seed with ``sample_seed``), and for a scenario judged pairs of that scenario."""
+    pair_sets: list[int | None] = list(scenarios) if scenarios else [None]  # None: the pairs of params.yaml
     out = []
-    for scenario in scenarios or [None]:
+    for scenario in pair_sets:
         for seed in seeds:
             point = {**overrides, "train.seed": seed}
             if sample_seed:

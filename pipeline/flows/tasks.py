@@ -13,6 +13,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
 
 from pipeline.flows.dag import stage_graph
 from pipeline.flows.dvc_process import StageFailed, repro_stage, run_dvc
@@ -108,7 +109,8 @@ def run_experiments(
             "remove them (dvc exp remove)"
         )
     exp_task = dvc_experiment.with_options(retries=schedule.retries)
-    futures, pending = [], []
+    futures: list[PrefectFuture[Any]] = []
+    pending: list[PrefectFuture[Any]] = []
     for i, (exp, point) in enumerate(points.items()):
         if len(pending) >= schedule.parallel:
             wait_any(pending)

@@ -8,6 +8,7 @@ return the same :class:`~pipeline.generation.types.Candidate` records.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pipeline.generation.transformers_backend import TransformersSampler
@@ -27,7 +28,7 @@ def _vllm(model_path: str, *, dtype: str, vllm: VLLMParams, model_id: str | None
     )
 
 
-SAMPLERS = {"transformers": TransformersSampler, "vllm": _vllm}
+SAMPLERS: dict[str, Callable[..., Sampler]] = {"transformers": TransformersSampler, "vllm": _vllm}
 
 
 def get_sampler(backend: str, model_path: str, **kwargs) -> Sampler:

@@ -95,4 +95,4 @@ class TransformersSampler:
                 results[i] = cands
             bar.update(len(idx))
         bar.close()
-        return results  # type: ignore[return-value]
+        return results

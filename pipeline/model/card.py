@@ -145,6 +145,7 @@ def render(record: Mapping[str, Any]) -> ModelCard:
     """The card of a training record (and its evaluation, when ``record['evaluation']`` is set)."""
     names = [t["name"] for t in record["losses"]]
     base = base_model_id(record["base_model"])
+    record_field: dict[str, Any] = {KEY: dict(record)}  # the front matter's training record
     data = ModelCardData(
         base_model=base,
         library_name="transformers",
@@ -152,7 +153,7 @@ def render(record: Mapping[str, Any]) -> ModelCard:
         tags=list(dict.fromkeys(["dpo", *names, "dpo-pipeline"])),
         model_name=record["variant"],
         eval_results=_eval_results(record) or None,
-        **{KEY: dict(record)},
+        **record_field,
     )
     return ModelCard.from_template(data, template_str=_TEMPLATE, r=record, base_hub=base)
 

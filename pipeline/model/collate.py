@@ -66,7 +66,15 @@ class ScoreBatch:
     n_out: int
 
     def to(self, device) -> ScoreBatch:
-        return ScoreBatch(*(t if t is None else t.to(device) for t in self.args()[:-1]), self.n_out)
+        return ScoreBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            None if self.position_ids is None else self.position_ids.to(device),
+            self.predictors.to(device),
+            self.targets.to(device),
+            self.rows.to(device),
+            self.n_out,
+        )
 
     def args(self) -> tuple:
         """Positional arguments of :class:`~pipeline.model.logprobs.ResponseLogprobs` (tensors, so DDP

@@ -110,7 +110,8 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype, device: str = 
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return model.to(device)
+    # transformers wraps Module.to with functools.wraps, which mypy reads as the unbound function
+    return model.to(device)  # type: ignore[arg-type]
 
 
 def load_policy(path: str | os.PathLike, dtype: str | torch.dtype, device: str = "cpu"):

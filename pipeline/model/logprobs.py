@@ -151,7 +151,7 @@ def response_logprobs_and_hidden(
     arXiv 2410.08847)."""
     device = next(model.parameters()).device
     lps = [0.0] * len(prompts)
-    hidden_sums: list[torch.Tensor | None] = [None] * len(prompts)
+    hidden_sums: dict[int, torch.Tensor] = {}
     counts = torch.zeros(len(prompts), dtype=torch.long)
     for idx in _batches(len(prompts), lambda i: len(prompts[i]) + len(responses[i]), batch_size, progress):
         batch = padded_batch(*collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id, max_length)).to(
@@ -164,7 +164,8 @@ def response_logprobs_and_hidden(
         for j, i in enumerate(idx):
             lps[i], hidden_sums[i], counts[i] = float(lp[j]), h[j], int(n[j])
     d = model.config.hidden_size
-    return lps, torch.stack(hidden_sums) if hidden_sums else torch.zeros(0, d), counts
+    stacked = torch.stack([hidden_sums[i] for i in range(len(prompts))]) if prompts else torch.zeros(0, d)
+    return lps, stacked, counts
 
 
 def reference_check(model, input_ids, attention_mask, response_mask) -> torch.Tensor:

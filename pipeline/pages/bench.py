@@ -135,7 +135,9 @@ def trainer_rows(name: str, data: Mapping) -> list[list[str]]:
 
 
 def trainer_ratio_rows(name: str, data: Mapping) -> list[list[str]]:
-    ratios = data.get("ratios") if isinstance(data.get("ratios"), Mapping) else {}
+    ratios = data.get("ratios")
+    if not isinstance(ratios, Mapping):
+        ratios = {}
     return [
         [
             f"`{name}`",

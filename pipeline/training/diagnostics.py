@@ -116,10 +116,11 @@ def implicit_beta(terms) -> tuple[float, float] | None:
         "dpo_sft": ("beta", "beta"),
         "flex_dpo": ("beta_w", "beta_l"),
     }
-    betas = set()
+    betas: set[tuple[float, float]] = set()
     for t in terms:
         name, hp = (t.name, t.hp) if hasattr(t, "hp") else (t[0], t[2])
         if name not in keys:
             return None
-        betas.add(tuple(float(hp[k]) for k in keys[name]))
+        key_w, key_l = keys[name]
+        betas.add((float(hp[key_w]), float(hp[key_l])))
     return betas.pop() if len(betas) == 1 else None

@@ -136,7 +136,7 @@ def dpo_sft(
     Yan et al. 2024 (arXiv 2406.07327) §3.3 and §B.2.2 (α = ``sft_weight``; the SFT term is the
     per-token NLL).
     """
-    _need_lengths("dpo_sft", len_w, len_l)
+    len_w, len_l = _need_lengths("dpo_sft", len_w, len_l)
     return dpo(lp_w, lp_l, ref_w, ref_l, beta=beta) + sft_weight * (-lp_w / len_w)
 
 
@@ -176,16 +176,18 @@ def simpo(
     Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward",
     arXiv 2405.14734.
     """
-    _need_lengths("simpo", len_w, len_l)
+    len_w, len_l = _need_lengths("simpo", len_w, len_l)
     return -logsigmoid(beta * (lp_w / len_w - lp_l / len_l) - margin)
 
 
-def _need_lengths(name: str, len_w: Any, len_l: Any) -> None:
+def _need_lengths(name: str, len_w: Tensor | None, len_l: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(len_w, len_l)`` for loss ``name``, which normalises by them; a ValueError when one is missing."""
     if len_w is None or len_l is None:
         raise ValueError(
             f"loss '{name}' normalises by response length: pass len_w and len_l "
             "(number of response tokens of the chosen and rejected responses)"
         )
+    return len_w, len_l
 
 
 # --------------------------------------------------------------------------------------------- registry

@@ -54,14 +54,17 @@ class LiveLog:
         return self._log_step if self.live is not None else None
 
     def _log_step(self, step: int, metrics: dict[str, float]) -> None:
+        live = self.live
+        assert live is not None  # log_fn hands this out on rank 0 only
         for k, v in metrics.items():
-            self.live.log_metric(k, v)
-        self.live.next_step()
+            live.log_metric(k, v)
+        live.next_step()
 
     def end(self, summary: dict[str, Any]) -> None:
-        """Add ``summary`` to the metrics file and close the log (rank 0)."""
-        self.live.summary.update(summary)
-        self.live.end()
+        """Add ``summary`` to the metrics file and close the log (rank 0; the other ranks have none)."""
+        if self.live is not None:
+            self.live.summary.update(summary)
+            self.live.end()
 
 
 def gathered_policy(model, ctx: distributed.Context, base_dir: str, dtype: str):

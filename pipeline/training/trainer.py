@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline.training.trainer")
 
-LogFn = Callable[[int, dict[str, float]], None]
+LogFn = Callable[[int, dict[str, float]], object]  # (step, metrics); what it returns is ignored
 
 
 @dataclass
@@ -307,6 +307,7 @@ def train_preference(
 
     history, start = checkpoints.resume(run.checkpoint, trainer, evaluate.curves)
     if start:
+        assert run.checkpoint is not None  # steps are restored only from a checkpoint
         log.info("resuming from checkpoint %s at step %d of %d", run.checkpoint.path, start, n_steps)
         if log_fn is not None:
             for i, m in enumerate(history):  # a restarted stage re-logs what its outputs lost

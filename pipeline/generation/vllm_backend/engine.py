@@ -8,9 +8,13 @@ import importlib
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from pipeline.generation.types import GenerationSettings
 from pipeline.generation.vllm_backend.environment import configure_cache_env, configure_cpu_env, visible_gpus
+
+if TYPE_CHECKING:
+    from vllm import LLM
 
 INSTALL_HINT = (
     "vLLM is not installed. On GPU machines: `pip install -e '.[vllm]'`; on CPU machines: "
@@ -84,7 +88,7 @@ class VLLMEngine:
             configure_cpu_env(settings.cpu_kvcache_space_gb)
         from vllm import LLM
 
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             model=settings.model,
             tokenizer=settings.model,
             dtype=settings.dtype,
@@ -109,7 +113,7 @@ class VLLMEngine:
             kwargs["max_num_batched_tokens"] = max(settings.max_model_len or 8192, 8192)
         kwargs.update(settings.extra)
         self.eos_id = eos_id
-        self.llm = LLM(**kwargs)
+        self.llm: LLM | None = LLM(**kwargs)  # None once closed
 
     def run(
         self, prompt_ids: Sequence[Sequence[int]], prompts: Sequence[str], settings: GenerationSettings
@@ -131,7 +135,11 @@ class VLLMEngine:
             )
             for p in prompts
         ]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(x)) for x in prompt_ids], params, use_tqdm=False)
+        assert self.llm is not None, "the engine is closed"
+        # vLLM imports NotRequired from typing (3.11+), which mypy checking for 3.10 cannot resolve: every
+        # optional key of TokensPrompt reads as required
+        requests = [TokensPrompt(prompt_token_ids=list(x)) for x in prompt_ids]  # type: ignore[typeddict-item]
+        outs = self.llm.generate(requests, params, use_tqdm=False)
         return [[to_raw(c) for c in o.outputs] for o in outs]
 
     def close(self) -> None:

@@ -19,9 +19,9 @@ import os
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.judging.cache import JudgeCache
 from pipeline.judging.llm.parsing import ParseError, parse_listwise, parse_rubric
@@ -29,6 +29,8 @@ from pipeline.judging.llm.templates import TEMPLATE_VERSION
 
 if TYPE_CHECKING:
     from pipeline.settings.judge import LLMJudgeParams
+
+T = TypeVar("T")
 
 log = logging.getLogger("pipeline.judging.llm")
 
@@ -76,15 +78,15 @@ class Stats:
     failure_reasons: Counter = field(default_factory=Counter)
 
 
-def run_coro(coro):
+def run_coro(coro: Coroutine[Any, Any, T]) -> T:
     """asyncio.run, also from a thread that already runs an event loop."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
-    box: dict = {}
+    box: dict[str, Any] = {}
 
-    def target():
+    def target() -> None:
         try:
             box["v"] = asyncio.run(coro)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread

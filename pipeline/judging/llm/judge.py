@@ -128,7 +128,11 @@ class LLMJudge:
 
     def dry_run(self, groups: Sequence[Group] | None = None, requests: Sequence[Request] | None = None) -> dict:
         """What a run would send: request counts, estimated tokens and cost. Sends nothing."""
-        reqs = list({r.key: r for r in (requests if requests is not None else self.plan(groups))}.values())
+        if requests is None:
+            if groups is None:
+                raise ValueError("dry_run needs the groups or the requests")
+            requests = self.plan(groups)
+        reqs = list({r.key: r for r in requests}.values())
         to_send = [r for r in reqs if r.key not in self.cache]
         est_in = sum(r.est_input_tokens() for r in to_send)
         typical = sum(TYPICAL_OUTPUT_TOKENS[r.kind] for r in to_send)
@@ -208,7 +212,8 @@ class LLMJudge:
 
     def _rubric_verdict(self, g: Group, reqs: list[Request], results: dict[str, Outcome]) -> Verdict:
         corr = self._correctness(g)
-        scores, failures = [], {}
+        scores: list[Score] = []
+        failures: dict[int, str | None] = {}  # an outcome without an answer carries its failure
         for c in g.candidates:
             out = next((results[r.key] for r in reqs if r.meta["candidate_idx"] == c.idx), None)
             s = None
@@ -254,7 +259,8 @@ class LLMJudge:
         failed; for the evaluate stage with :func:`.metrics.rubric_rates`. Uses and fills the same cache."""
         reqs = {(g.prompt_id, c.idx): self.rubric_request(g, c) for g in groups for c in g.candidates}
         results = self.execute(list(reqs.values()))
-        return {k: (float(results[r.key].answer["score"]) if results[r.key].answer else None) for k, r in reqs.items()}
+        answers = {k: results[r.key].answer for k, r in reqs.items()}
+        return {k: float(a["score"]) if a else None for k, a in answers.items()}
 
     # --------------------------------------------------------------- metrics
     @property
