@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from pipeline import paths
-from pipeline.analysis.toy import final_metrics, plot_toy, run_toy
+from pipeline.analysis.toy import run_toy
+from pipeline.analysis.toy_report import final_metrics, plot_toy
 from pipeline.analysis.toy_settings import ToyParams
 from pipeline.cli import run_stage, stage_parser
 from pipeline.io import atomic_dir, atomic_path, write_json

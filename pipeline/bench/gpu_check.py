@@ -15,7 +15,7 @@ Each check runs on its own; one that fails or cannot run records why and the oth
    ``train.shared_prompt``), timed steps after one warm-up: tokens/s (prompt + chosen + rejected) and
    MFU = 6 · N_params · tokens/s / peak (also with the non-embedding parameter count).
 4. ``nccl``: DDP and FSDP2 through ``torchrun`` with NCCL on every visible GPU (needs at least 2), the
-   same steps as one process: the largest difference of the loss curves.
+   same steps as one process: the largest difference of the loss curves (:mod:`pipeline.bench.gpu_nccl`).
 5. ``vllm``: the sampling benchmark (:mod:`pipeline.bench.sampling`: transformers vs vLLM, compiled,
    bf16) when vLLM is installed.
 6. ``repro``: ``dvc repro`` of a fresh clone of this repository with ``profiles/gpu.yaml`` applied to its
@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.bench.gpu_nccl import dist_worker, nccl_check
 from pipeline.bench.gpu_policy import (
     PolicySpec,
     check_settings,
@@ -195,66 +196,7 @@ class Checks:
         return out
 
     def nccl(self) -> dict:
-        from pipeline.training.trainer import train_preference
-
-        n_gpu = torch.cuda.device_count()
-        world = n_gpu if n_gpu >= 2 else (2 if self.args.quick else 0)
-        if not world:
-            return {"skipped": f"{n_gpu} GPU(s) visible: NCCL needs one GPU per process, so at least 2"}
-        backend = "nccl" if n_gpu >= 2 else "gloo"  # a quick run on a CPU: the same launch with gloo
-        model, pad_id, source = load_policy(self.policy)
-        settings = check_settings(
-            self.variant.settings, batch_size=max(8, world), epochs=2, ref_check_tol=1e9, bf16=n_gpu >= 2
-        )
-        pairs = synth_pairs(settings.batch_size * 2 + 2, 64, 16, model.config.vocab_size, seed=3)  # a 2-pair tail
-        examples = examples_with_reference(model.eval(), pairs, pad_id, settings, settings.bf16)
-        single = [h["loss"] for h in train_preference(model, examples, self.variant.losses, settings, pad_id=pad_id)]
-        with tempfile.TemporaryDirectory() as tmp:
-            spec, result = Path(tmp) / "spec.pt", Path(tmp) / "losses.pt"
-            torch.save(
-                {
-                    "examples": examples,
-                    "terms": self.variant.losses,
-                    "settings": settings,
-                    "backend": backend,
-                    "policy": self.policy,
-                },
-                spec,
-            )
-            start = time.perf_counter()
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--standalone",
-                    f"--nproc_per_node={world}",
-                    "-m",
-                    "pipeline.bench.gpu_check",
-                    "--dist-worker",
-                    str(spec),
-                    str(result),
-                ],
-                env=child_env(),
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if proc.returncode:
-                return {"backend": backend, "world": world, "failed": proc.stderr[-3000:]}
-            losses = torch.load(result)
-        diffs = {k: max(abs(a - b) for a, b in zip(v, single)) for k, v in losses.items()}
-        return {
-            "backend": backend,
-            "world": world,
-            "model_source": source,
-            "steps": len(single),
-            "single": single,
-            **{f"{k}_losses": v for k, v in losses.items()},
-            "max_abs_loss_diff": diffs,
-            "wall_s": time.perf_counter() - start,
-            "passed": all(d < self.args.loss_tol for d in diffs.values()),
-        }
+        return nccl_check(self.variant, self.policy, quick=self.args.quick, loss_tol=self.args.loss_tol)
 
     def vllm(self) -> dict:
         import importlib.util
@@ -318,41 +260,6 @@ class Checks:
         if proc.returncode == 0:
             result["metrics"] = {p.name: json.loads(p.read_text()) for p in (work / "metrics" / "eval").glob("*.json")}
         return result
-
-
-def dist_worker(spec_path: str, out_path: str) -> None:
-    """Under torchrun: train the spec's pairs with DDP, then FSDP2; rank 0 writes the loss curves."""
-    import dataclasses
-
-    from pipeline.settings.train import RuntimeParams
-    from pipeline.training import distributed
-    from pipeline.training.trainer import train_preference
-
-    spec = torch.load(spec_path, weights_only=False)
-    ctx = distributed.init(
-        RuntimeParams(
-            nproc=int(os.environ["WORLD_SIZE"]),
-            backend=spec["backend"],
-            strategy="ddp",
-            checkpoint_every=0,
-            checkpoint_dir=".",
-        )
-    )
-    losses = {}
-    for strategy in ("ddp", "fsdp"):
-        model, pad_id, _ = load_policy(spec["policy"])
-        history = train_preference(
-            model.to(ctx.device),
-            spec["examples"],
-            spec["terms"],
-            spec["settings"],
-            pad_id=pad_id,
-            ctx=dataclasses.replace(ctx, strategy=strategy),
-        )
-        losses[strategy] = [h["loss"] for h in history]
-    if ctx.is_main:
-        torch.save(losses, out_path)
-    distributed.shutdown(ctx)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import polars as pl
 
@@ -299,7 +299,7 @@ def _edited_pair(prompt: dict, chosen: Side, kind: str, split: str, tokenizer, s
     )
 
 
-# --------------------------------------------------------------------------------------------- tags and summaries
+# --------------------------------------------------------------------------------------------- tags and scores
 def token_tags(chosen_ids: list[int], rejected_ids: list[int]) -> dict:
     """The tags read off the two sides' token ids: edit distance, first difference, lengths."""
     return {
@@ -364,65 +364,3 @@ def judge_scores(pairs: pl.DataFrame, selections: pl.DataFrame) -> dict[str, tup
         chosen = sel[(pid, "policy")]["best_score"] if p["chosen_source"] == "policy" else None
         out[p["pair_id"]] = (chosen, sel[(pid, p["rejected_source"])]["worst_score"])
     return out
-
-
-def on_policy_summary(pairs: pl.DataFrame) -> dict:
-    """How on-policy the pairs are: mean per-token log-prob of each side under the starting policy,
-    and, for sides the policy sampled itself, how far the sampler's log-prob is from the policy's."""
-    if len(pairs) == 0:
-        return {}
-    out: dict[str, Any] = {}
-    for side, n in (("chosen", "len_w"), ("rejected", "len_l")):
-        out[f"{side}_policy_logprob_per_token"] = (pairs[f"{side}_policy_logprob"] / pairs[n]).mean()
-        own = pairs.filter(pl.col(f"{side}_source") == "policy")
-        if len(own):
-            d = (own[f"{side}_sampler_logprob"] - own[f"{side}_policy_logprob"]).abs()
-            out[f"{side}_sampler_vs_policy_abs_diff"] = {"mean": d.mean(), "max": d.max(), "n": len(own)}
-    return out
-
-
-def summarise_pairs(pairs: pl.DataFrame, distance_buckets: list[float]) -> dict:
-    """What a pairs table holds, for the stage's metrics: pairs per split, per edit kind and per edit-distance
-    bucket, the tags' means, and how on-policy the sides are."""
-    n_train = int((pairs["split"] == "train").sum())
-    edit_kinds = pairs.filter(pl.col("rejected_source").str.starts_with(f"{EDIT_SOURCE}:"))["rejected_source"].to_list()
-    return {
-        "edits": dict(sorted(Counter(edit_kinds).items())),
-        "by_distance_bucket": {
-            split: dict(
-                sorted(
-                    Counter(
-                        tagging.bucket_of(v, distance_buckets)
-                        for v in pairs.filter(pl.col("split") == split)["edit_distance_norm"]
-                    ).items()
-                )
-            )
-            for split in ("train", "heldout")
-        },
-        "n_pairs": len(pairs),
-        "n_train": n_train,
-        "n_heldout": len(pairs) - n_train,
-        "mean_edit_distance": pairs["edit_distance"].mean(),
-        "mean_edit_distance_norm": pairs["edit_distance_norm"].mean(),
-        "mean_first_diff": pairs["first_diff"].mean(),
-        "on_policy": on_policy_summary(pairs),
-        "mean_ches": pairs["ches"].mean(),
-        "mean_ches_norm": pairs["ches_norm"].mean(),
-    }
-
-
-def filter_by_ches(pairs: pl.DataFrame, by: str, percent: float) -> tuple[pl.DataFrame, dict]:
-    """Drop the ``percent`` % training pairs of highest ``by`` (ches or ches_norm); held-out pairs stay, so that
-    runs with and without the filter are evaluated on the same pairs. Returns the pairs and what was dropped."""
-    from pipeline.data.ches import top_share
-
-    train = pairs.filter(pl.col("split") == "train")
-    drop = top_share(train[by].to_list(), percent) if percent else set()
-    dropped = [train["pair_id"][i] for i in sorted(drop)]
-    info = {
-        "by": by,
-        "top_percent": percent,
-        "dropped": len(dropped),
-        "threshold": min((train[by][i] for i in drop), default=None),
-    }
-    return pairs.filter(~pl.col("pair_id").is_in(dropped)), info

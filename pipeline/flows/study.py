@@ -1,6 +1,7 @@
 """``study_flow``: training seeds × variants × pair sets as DVC experiments, then a report that tells a
 claim from seed noise (``python -m pipeline.flows study``; mean ± sd across seeds, pooled per-pair
-statistics, one row per claim of docs/losses.md it can judge: :mod:`pipeline.analysis.study`)."""
+statistics, one row per claim of docs/losses.md it can judge: :mod:`pipeline.analysis.study`, reported by
+:mod:`pipeline.analysis.study_report`)."""
 
 from __future__ import annotations
 
@@ -182,7 +183,7 @@ def study_flow(
     no experiment runs; the report is rebuilt from the experiments a study of that ``name`` left (those
     missing are reported as such)."""
     from pipeline.analysis.findings import StatSettings
-    from pipeline.analysis.study import study_report
+    from pipeline.analysis.study_report import study_report
 
     logger = get_run_logger()
     root = Path(repo).resolve()

@@ -3,7 +3,7 @@
 The default run is read from ``reports/findings.json``, the report stage's findings
 (:func:`pipeline.analysis.report.findings_record`), which git tracks so that the page can be checked on a
 fresh clone where DVC's other outputs are absent. The study is read from
-``reports/study/summary.json`` (:func:`pipeline.analysis.study.study_report`). Every figure carries its
+``reports/study/summary.json`` (:func:`pipeline.analysis.study_report.study_report`). Every figure carries its
 interval and its test, printed as the report prints them; a missing file makes its section say that it
 has not been run yet.
 """

@@ -1,5 +1,6 @@
-"""pipeline/analysis/study.py: a multi-seed study's pooled statistics and claim verdicts, against numbers
-computed here independently (numpy, scipy), on synthetic runs with and without an effect."""
+"""pipeline/analysis/study.py and study_report.py: a multi-seed study's pooled statistics, claim verdicts and
+report, against numbers computed here independently (numpy, scipy), on synthetic runs with and without an
+effect."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import polars as pl
 import pytest
 from scipy import stats as st
 
-from pipeline.analysis import study
+from pipeline.analysis import study, study_report
 from pipeline.analysis.findings import StatSettings
 from pipeline.schema import conform
 
@@ -112,7 +113,7 @@ def test_pooled_figures_match_an_independent_computation():
     stacked = np.stack([(r.pairs["lp_w"] - r.pairs["ref_w"]).to_numpy() for r in dpo])  # [seeds, pairs]
     pooled = study.pooled_pairs(dpo)
     assert pooled["d_w"].to_numpy() == pytest.approx(stacked.mean(0)) and set(pooled["seeds"]) == {3}
-    summary = {r["variant"]: r for r in study.study_summary(runs, SETTINGS)}["dpo"]
+    summary = {r["variant"]: r for r in study_report.study_summary(runs, SETTINGS)}["dpo"]
     per_seed = stacked.mean(1)
     assert summary["delta_w_seeds"]["mean"] == pytest.approx(per_seed.mean())
     assert summary["delta_w_seeds"]["sd"] == pytest.approx(per_seed.std(ddof=1))
@@ -185,7 +186,9 @@ def test_a_contradicted_claim_is_called_so():
 
 
 def test_report_markdown_and_record():
-    md, record = study.study_report(_runs(effect=True), ROLES, SETTINGS, "Study t", "python -m pipeline.flows study")
+    md, record = study_report.study_report(
+        _runs(effect=True), ROLES, SETTINGS, "Study t", "python -m pipeline.flows study"
+    )
     assert md.startswith("# Study t") and "## Claims (docs/losses.md)" in md and "**reproduced**" in md
     assert md.count("| default | dpo | ") == 4 and md.count("| default | dpop | ") == 4  # 1 summary + 3 seeds each
     json.dumps(record, allow_nan=False)  # every figure serialisable, no NaN

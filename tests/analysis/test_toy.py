@@ -14,13 +14,13 @@ from pipeline.analysis.toy import (
     CHOSEN,
     HISTORY_COLUMNS,
     REJECTED,
-    final_metrics,
     make_pairs,
     run_one,
     run_toy,
     sft,
     target_distribution,
 )
+from pipeline.analysis.toy_report import final_metrics
 from pipeline.analysis.toy_settings import ToyParams
 from pipeline.training.losses import preference_loss
 

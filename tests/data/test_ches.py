@@ -6,8 +6,7 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline.data.ches import ches_scores, top_share
-from pipeline.data.pairs import filter_by_ches
+from pipeline.data.ches import ches_scores, filter_by_ches, top_share
 from pipeline.model import loading
 from pipeline.model.encoding import encode_prompt, encode_response
 from pipeline.model.logprobs import batched_logprobs, response_logprobs_and_hidden

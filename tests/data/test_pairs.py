@@ -6,7 +6,8 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from pipeline.data.pairs import PairSettings, build_constructed_pairs, build_pairs, on_policy_summary
+from pipeline.data.pair_summary import on_policy_summary
+from pipeline.data.pairs import PairSettings, build_constructed_pairs, build_pairs
 from pipeline.model.encoding import encode_response
 from pipeline.schema import conform
 
