@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     # Work: greedy accuracy (the generation backend gets the device alone), then held-out log-probs
     # against the reference ("before")
     gen, model_id = params.generation, loading.fingerprint(model_dir)
+    model = None
     if gen.backend == "transformers":  # one model for both halves
         model = loading.load_model(model_dir, cfg.policy.dtype, loading.device_for()).eval()
         sampler: Sampler = TransformersSampler.from_model(model, tokenizer, model_id, gen.batch_size)
@@ -72,29 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     finally:
         sampler.close()
-    # The training stage scored these pairs after its last step with the model it saved (train.eval_every):
-    # those log-probs are reused; else computed as the reference was (truncation and precision), so that
-    # lp − ref is the change.
-    scored = last_fixed_scores(fixed, pairs["pair_id"].to_list())
-    if scored is not None:
-        after, scored_by = scored[0], f"train@{args.variant} (fixed held-out set after step {scored[1]})"
-    else:
-        if gen.backend != "transformers":  # loaded only now, after the engine is gone, and only if needed
-            model = loading.load_model(model_dir, cfg.policy.dtype, loading.device_for()).eval()
-        lw, ll, _, _ = pair_logprobs(
-            model,
-            pairs,
-            tokenizer.pad_token_id,
-            params.batch_size,
-            cfg.reference.max_length,
-            progress=f"eval {args.variant}",
-            bf16=cfg.train.bf16,
-            shared_prompt=cfg.train.shared_prompt,
-        )
-        after = pairs.select(
-            "pair_id", pl.Series("lp_w", lw, dtype=pl.Float64), pl.Series("lp_l", ll, dtype=pl.Float64)
-        )
-        scored_by = f"evaluate@{args.variant}"
+    after, scored_by = heldout_scores(cfg, args.variant, pairs, fixed, model, tokenizer)
     table = (
         pairs.select("pair_id", "len_w", "len_l", "edit_distance_norm", "ches", "ches_norm")
         .join(ref.select("pair_id", "ref_w", "ref_l"), on="pair_id", how="left")
@@ -129,6 +108,32 @@ def main(argv: list[str] | None = None) -> None:
         _fmt(summary.get("ref_w")),
         _fmt(summary.get("lp_w")),
     )
+
+
+def heldout_scores(
+    cfg: Settings, variant: str, pairs: pl.DataFrame, fixed: pl.DataFrame | None, model, tokenizer
+) -> tuple[pl.DataFrame, str]:
+    """The held-out pairs' log-probs after training (pair_id, lp_w, lp_l) and what scored them. The training
+    stage scored these pairs after its last step with the model it saved (train.eval_every): those log-probs
+    are reused; else they are computed as the reference was (truncation and precision), so that lp − ref is
+    the change. ``model``: the trained model, or None when it is not loaded yet."""
+    scored = last_fixed_scores(fixed, pairs["pair_id"].to_list())
+    if scored is not None:
+        return scored[0], f"train@{variant} (fixed held-out set after step {scored[1]})"
+    if model is None:  # loaded only now, after the generation engine is gone, and only if needed
+        model = loading.load_model(paths.model_dir(variant), cfg.policy.dtype, loading.device_for()).eval()
+    lw, ll, _, _ = pair_logprobs(
+        model,
+        pairs,
+        tokenizer.pad_token_id,
+        cfg.evaluate.batch_size,
+        cfg.reference.max_length,
+        progress=f"eval {variant}",
+        bf16=cfg.train.bf16,
+        shared_prompt=cfg.train.shared_prompt,
+    )
+    after = pairs.select("pair_id", pl.Series("lp_w", lw, dtype=pl.Float64), pl.Series("lp_l", ll, dtype=pl.Float64))
+    return after, f"evaluate@{variant}"
 
 
 def _fmt(x) -> str:

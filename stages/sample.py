@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import random
 import sys
+from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -18,7 +20,7 @@ from pipeline.cli import run_stage, stage_parser
 from pipeline.generation.logprob_check import logprob_check
 from pipeline.generation.registry import sampler_for
 from pipeline.generation.resumable import sample_resumable
-from pipeline.generation.types import GenerationSettings
+from pipeline.generation.types import Candidate, GenerationSettings
 from pipeline.generation.vllm_backend.environment import preloaded_libs, reexec_with_cpu_preload
 from pipeline.io import read_table, write_json, write_table
 from pipeline.model import loading
@@ -67,45 +69,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Work: sample in resumable chunks, then re-score a few candidates with the training code
     model_id = loading.fingerprint(model_path)
-    settings = GenerationSettings(
-        n=params.n,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        max_new_tokens=params.max_new_tokens,
-        seed=params.seed,
-    )
-    identity = {
-        "model": model_id,
-        "backend": params.backend,
-        "dtype": cfg.policy.dtype,
-        **({"batch_size": params.batch_size} if params.backend == "transformers" else {}),
-    }
-    sampler = sampler_for(
-        params.backend,
-        model_path,
-        dtype=cfg.policy.dtype,
-        batch_size=params.batch_size,
-        vllm=cfg.vllm,
-        model_id=model_id,
-    )
-    cache_dir = resolve_cache_dir(params.cache_dir, env_var=None) / args.source
-    try:
-        outs, resume = sample_resumable(
-            sampler,
-            prompts["prompt_id"].to_list(),
-            prompts["prompt"].to_list(),
-            settings,
-            params.chunk_size,
-            cache_dir,
-            identity,
-            progress=f"sample {args.source}",
-        )
-    finally:
-        sampler.close()
-    # The metrics file is committed: the chunk folder relative to the repository root (None when it
-    # lies outside it); the log line below names the full path.
-    root = repo_root()
-    resume["cache_dir"] = cache_dir.relative_to(root).as_posix() if cache_dir.is_relative_to(root) else None
+    outs, resume, cache_dir = sample_candidates(cfg, params, args.source, model_path, model_id, prompts)
     rows = [
         {
             "prompt_id": pid,
@@ -158,6 +122,53 @@ def main(argv: list[str] | None = None) -> None:
         check.get("mean_abs_diff", float("nan")),
         check["n"],
     )
+
+
+def sample_candidates(
+    cfg: Settings, params: SampleParams, source: str, model_path: str, model_id: str, prompts: pl.DataFrame
+) -> tuple[list[list[Candidate]], dict[str, Any], Path]:
+    """Every prompt's candidates, sampled in chunks that a rerun reuses; with the resume record (the chunk
+    folder relative to the repository root) and the chunk folder."""
+    settings = GenerationSettings(
+        n=params.n,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        max_new_tokens=params.max_new_tokens,
+        seed=params.seed,
+    )
+    identity = {
+        "model": model_id,
+        "backend": params.backend,
+        "dtype": cfg.policy.dtype,
+        **({"batch_size": params.batch_size} if params.backend == "transformers" else {}),
+    }
+    sampler = sampler_for(
+        params.backend,
+        model_path,
+        dtype=cfg.policy.dtype,
+        batch_size=params.batch_size,
+        vllm=cfg.vllm,
+        model_id=model_id,
+    )
+    cache_dir = resolve_cache_dir(params.cache_dir, env_var=None) / source
+    try:
+        outs, resume = sample_resumable(
+            sampler,
+            prompts["prompt_id"].to_list(),
+            prompts["prompt"].to_list(),
+            settings,
+            params.chunk_size,
+            cache_dir,
+            identity,
+            progress=f"sample {source}",
+        )
+    finally:
+        sampler.close()
+    # The metrics file is committed: the chunk folder relative to the repository root (None when it
+    # lies outside it); the stage's log line names the full path.
+    root = repo_root()
+    resume["cache_dir"] = cache_dir.relative_to(root).as_posix() if cache_dir.is_relative_to(root) else None
+    return outs, resume, cache_dir
 
 
 if __name__ == "__main__":

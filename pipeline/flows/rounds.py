@@ -95,6 +95,45 @@ def rounds_report(rows: list[dict[str, Any]], variant: str) -> str:
     )
 
 
+def keep_trained(root: Path, out_dir: Path, variant: str) -> tuple[str, Path]:
+    """A copy of the round's trained model under ``<out_dir>/models/<variant>-<fingerprint>`` (the next round's
+    ``policy.model``: its path changes whenever the weights do, so DVC's run-cache stays right); its
+    fingerprint and path."""
+    from pipeline.model import loading  # torch: only when the flow runs
+
+    trained = root / paths.model_dir(variant)
+    trained_fp = loading.fingerprint(trained)
+    keep = out_dir / "models" / f"{variant}-{trained_fp}"
+    if not keep.exists():
+        shutil.copytree(trained, keep)
+    return trained_fp, keep
+
+
+def round_row(r: int, info: dict[str, Any], trained_fp: str, next_model: str, exp_name: str | None) -> dict[str, Any]:
+    """The report's row of round ``r`` from what :func:`archive_round` read."""
+    ev, held = info["eval"], info["eval"].get("heldout", {})
+    return {
+        "round": r,
+        "policy_model": info["policy_source"],
+        "policy_fingerprint": info["policy"].get("model_fingerprint"),
+        "policy_test_accuracy": info["policy"].get("test_accuracy"),
+        "sample_fingerprint": info["sample"].get("model_fingerprint"),
+        "sample_mean_logprob": info["sample"].get("mean_logprob"),
+        "candidate_accuracy": info["judge"].get("candidate_accuracy"),
+        "n_pairs": info["pairs"].get("n_pairs"),
+        "train_loss": info["train"].get("loss"),
+        "train_delta_margin": info["train"].get("delta_margin"),
+        "test_accuracy": ev.get("test_accuracy"),
+        "heldout_delta_w": held.get("delta_w"),
+        "heldout_delta_l": held.get("delta_l"),
+        "heldout_displaced_share": held.get("displaced_share"),
+        "trained_fingerprint": trained_fp,
+        "trained_from": info["trained_base"],
+        "next_policy_model": next_model,
+        "experiment": exp_name,
+    }
+
+
 @flow(name="dpo-rounds")
 def rounds_flow(
     rounds: int | None = None,
@@ -109,8 +148,6 @@ def rounds_flow(
     so the path changes whenever the weights do and DVC's run-cache stays right) with the warm-up off.
     Each round's outputs are copied to ``rounds/round_<r>/`` and recorded as the DVC experiment
     ``<name>-round-<r>``; ``rounds/report.md`` compares them. params.yaml is restored at the end."""
-    from pipeline.model import loading  # torch: only when the flow runs
-
     logger = get_run_logger()
     root = Path(repo).resolve()
     params_path = root / DEFAULT_PARAMS
@@ -142,11 +179,7 @@ def rounds_flow(
             )
             results = run_stages(root, order, fp, fp.remote, label=f"r{r}-")
             info = archive_round(root, out_dir / f"round_{r}", variant)
-            trained = root / paths.model_dir(variant)
-            trained_fp = loading.fingerprint(trained)
-            keep = out_dir / "models" / f"{variant}-{trained_fp}"
-            if not keep.exists():
-                shutil.copytree(trained, keep)
+            trained_fp, keep = keep_trained(root, out_dir, variant)
             exp_name = None
             if rp.save_experiments:
                 exp_name = exp_save(
@@ -158,30 +191,8 @@ def rounds_flow(
                     tail_lines=fp.log_tail_lines,
                 )
                 push_experiment(root, fp, exp_name)
-            ev, held = info["eval"], info["eval"].get("heldout", {})
-            rows.append(
-                {
-                    "round": r,
-                    "policy_model": info["policy_source"],
-                    "policy_fingerprint": info["policy"].get("model_fingerprint"),
-                    "policy_test_accuracy": info["policy"].get("test_accuracy"),
-                    "sample_fingerprint": info["sample"].get("model_fingerprint"),
-                    "sample_mean_logprob": info["sample"].get("mean_logprob"),
-                    "candidate_accuracy": info["judge"].get("candidate_accuracy"),
-                    "n_pairs": info["pairs"].get("n_pairs"),
-                    "train_loss": info["train"].get("loss"),
-                    "train_delta_margin": info["train"].get("delta_margin"),
-                    "test_accuracy": ev.get("test_accuracy"),
-                    "heldout_delta_w": held.get("delta_w"),
-                    "heldout_delta_l": held.get("delta_l"),
-                    "heldout_displaced_share": held.get("displaced_share"),
-                    "trained_fingerprint": trained_fp,
-                    "trained_from": info["trained_base"],
-                    "next_policy_model": os.path.relpath(keep, root),
-                    "experiment": exp_name,
-                    "stages": {s: res["status"] for s, res in results.items()},
-                }
-            )
+            row = round_row(r, info, trained_fp, os.path.relpath(keep, root), exp_name)
+            rows.append({**row, "stages": {s: res["status"] for s, res in results.items()}})
             prev_model = os.path.relpath(keep, root)
             (out_dir / "rounds.json").write_text(json.dumps(rows, indent=2) + "\n")
     finally:

@@ -200,15 +200,7 @@ class JudgeClient:
                 # A body that is not a chat completion: as malformed as a bad answer.
                 self.stats.calls += 1
                 bad_answers += 1
-                self.stats.parse_failures += 1
-                log.warning(
-                    "malformed response (%s) for %s; attempt %d of %d",
-                    type(e).__name__,
-                    self._where(r),
-                    bad_answers,
-                    self.p.max_parse_retries + 1,
-                )
-                if bad_answers > self.p.max_parse_retries:
+                if self._malformed("response", type(e).__name__, r, bad_answers):
                     return r.key, self._fail("malformed_response")
                 continue
             self.stats.calls += 1
@@ -217,30 +209,39 @@ class JudgeClient:
                 answer = r.parse(content)
             except ParseError as e:
                 bad_answers += 1
-                self.stats.parse_failures += 1
-                log.warning(
-                    "malformed answer (%s) for %s; attempt %d of %d",
-                    e,
-                    self._where(r),
-                    bad_answers,
-                    self.p.max_parse_retries + 1,
-                )
-                if bad_answers > self.p.max_parse_retries:
+                if self._malformed("answer", e, r, bad_answers):
                     return r.key, self._fail("malformed_answer")
                 continue
-            self.cache.put(
-                r.key,
-                {
-                    "answer": answer,
-                    "content": content,
-                    "usage": usage,
-                    "model": self.p.model,
-                    "mode": r.kind,
-                    "template_version": TEMPLATE_VERSION,
-                    "meta": r.meta,
-                },
-            )
+            self._keep(r, answer, content, usage)
             return r.key, Outcome(answer)
+
+    def _malformed(self, what: str, detail: object, r: Request, attempt: int) -> bool:
+        """Count a malformed response or answer (the request's ``attempt``-th); True once no retry is left."""
+        self.stats.parse_failures += 1
+        log.warning(
+            "malformed %s (%s) for %s; attempt %d of %d",
+            what,
+            detail,
+            self._where(r),
+            attempt,
+            self.p.max_parse_retries + 1,
+        )
+        return attempt > self.p.max_parse_retries
+
+    def _keep(self, r: Request, answer: dict, content: str | None, usage: dict) -> None:
+        """Cache a valid answer with what produced it."""
+        self.cache.put(
+            r.key,
+            {
+                "answer": answer,
+                "content": content,
+                "usage": usage,
+                "model": self.p.model,
+                "mode": r.kind,
+                "template_version": TEMPLATE_VERSION,
+                "meta": r.meta,
+            },
+        )
 
     @staticmethod
     def _where(r: Request) -> str:
