@@ -1,4 +1,5 @@
-# `make repro` and `make test` each set everything up first (idempotent), then run.
+# `make repro`, `make lint` and `make test` each set everything up first (idempotent), then run;
+# the test targets run the quality gates (`make lint`: ruff and mypy) before the tests.
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
@@ -6,7 +7,7 @@ export DPO_PIPELINE_CACHE ?= $(CURDIR)/.cache/dpo-pipeline
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup repro test test-all test-slow
+.PHONY: setup repro lint test test-all test-slow
 
 setup:
 	bash scripts/setup.sh
@@ -15,6 +16,12 @@ repro: setup
 	bash scripts/ensure_dvc.sh
 	dvc repro
 
+# Lint and format check (ruff) and type check (mypy), configured in pyproject.toml.
+lint: setup
+	ruff check pipeline stages tests
+	ruff format --check pipeline stages tests
+	mypy
+
 # Two workers (pytest-xdist), one test file each at a time: the suite is mostly stage and DVC
 # subprocesses, and module fixtures (the e2e repo, the vLLM engine) stay on one worker.
 # Random order (pytest-randomly): `make test SEED=<n>` repeats the order a run printed.
@@ -22,14 +29,14 @@ ifndef SEED
 SEED := $(shell python3 -c 'import random; print(random.randrange(10**9))')
 endif
 
-test: setup
+test: setup lint
 	@echo "test order: --randomly-seed=$(SEED)"
 	python -m pytest -m "not slow" -q -n 2 --dist loadfile --no-loadscope-reorder -p randomly --randomly-seed=$(SEED)
 
-test-all: setup
+test-all: setup lint
 	@echo "test order: --randomly-seed=$(SEED)"
 	python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -p randomly --randomly-seed=$(SEED)
 
-test-slow: setup
+test-slow: setup lint
 	@echo "test order: --randomly-seed=$(SEED)"
 	python -m pytest -m slow -q -n 2 --dist loadfile --no-loadscope-reorder -p randomly --randomly-seed=$(SEED)

@@ -22,8 +22,7 @@ def stage_parser(description: str | None) -> argparse.ArgumentParser:
 
 def setup_logging() -> None:
     level = os.environ.get("DPO_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(stream=sys.stderr, level=level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Third-party chatter (HTTP, file locks) is not what a stage log is for.
     for noisy in ("httpx", "filelock", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -89,8 +89,9 @@ def repo_root(start: str | os.PathLike | None = None) -> Path:
     return cwd
 
 
-def resolve_cache_dir(configured: str | os.PathLike, *, env_var: str | None,
-                      start: str | os.PathLike | None = None) -> Path:
+def resolve_cache_dir(
+    configured: str | os.PathLike, *, env_var: str | None, start: str | os.PathLike | None = None
+) -> Path:
     """``$<env_var>`` if that variable is set, else ``configured`` (absolute as is, relative to
     :func:`repo_root`). Each cache names its own variable (the judge's: ``pipeline.judging.cache.CACHE_ENV``),
     or None for a cache that only follows its configured path."""

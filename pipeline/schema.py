@@ -18,7 +18,7 @@ MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))  # chat
 
 @dataclass(frozen=True)
 class Column:
-    dtype: pl.DataType
+    dtype: pl.DataType | type[pl.DataType]  # an instance (pl.List(pl.Int32)) or a class (pl.String)
     nullable: bool = False
 
 
@@ -183,15 +183,19 @@ TABLES: dict[str, dict[str, Column]] = {
     },
 }
 # the study flow's report: every run's held-out pairs (pair_eval) with the experiment, seed and pair set.
-TABLES["study_pairs"] = {**TABLES["pair_eval"], "experiment": C(pl.String), "seed": C(pl.Int64),
-                         "pair_set": C(pl.String)}
+TABLES["study_pairs"] = {
+    **TABLES["pair_eval"],
+    "experiment": C(pl.String),
+    "seed": C(pl.Int64),
+    "pair_set": C(pl.String),
+}
 
 
 class SchemaError(ValueError):
     """A table that does not match its schema; the message names file, row and field."""
 
 
-def schema_of(table: str) -> dict[str, pl.DataType]:
+def schema_of(table: str) -> dict[str, pl.DataType | type[pl.DataType]]:
     return {name: col.dtype for name, col in TABLES[table].items()}
 
 
@@ -218,12 +222,16 @@ def conform(df: pl.DataFrame, table: str, where: str = "<memory>") -> pl.DataFra
                 cast = s.cast(col.dtype, strict=False)
             bad = cast.is_null() & s.is_not_null()
             if bad.any():
-                row = int(bad.arg_max())
-                raise SchemaError(f"{where}: row {row}, field '{name}': expected {col.dtype}, "
-                                  f"got {s[row]!r}")
+                row = _first_true(bad)
+                raise SchemaError(f"{where}: row {row}, field '{name}': expected {col.dtype}, got {s[row]!r}")
             s = cast
         if not col.nullable and s.null_count():
-            row = int(s.is_null().arg_max())
+            row = _first_true(s.is_null())
             raise SchemaError(f"{where}: row {row}, field '{name}': null in a required field")
         out[name] = s
     return pl.DataFrame(out)
+
+
+def _first_true(mask: pl.Series) -> int:
+    """The row of the first True of a boolean column that has one."""
+    return int(mask.arg_true()[0])

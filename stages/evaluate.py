@@ -11,20 +11,21 @@ from pathlib import Path
 import polars as pl
 
 from pipeline import paths
-from pipeline.model import loading
-from pipeline.data import tagging
+from pipeline.analysis.accuracy import greedy_eval
+from pipeline.analysis.heldout import bucketise, last_fixed_scores, summarise_pair_eval
 from pipeline.cli import run_stage, stage_parser
+from pipeline.data import tagging
+from pipeline.generation.registry import sampler_for
+from pipeline.generation.transformers_backend import TransformersSampler
+from pipeline.generation.types import Sampler
+from pipeline.io import read_json, read_table, write_json, write_table
+from pipeline.judging.llm.metrics import rubric_eval
+from pipeline.model import loading
+from pipeline.model.logprobs import pair_logprobs
 from pipeline.settings.evaluate import BeforeAndAfter
 from pipeline.settings.judge import JudgedPairs
 from pipeline.settings.sampling import VLLMParams
 from pipeline.settings.train import ReferenceAndTraining
-from pipeline.analysis.accuracy import greedy_eval
-from pipeline.analysis.heldout import bucketise, last_fixed_scores, summarise_pair_eval
-from pipeline.judging.llm.metrics import rubric_eval
-from pipeline.model.logprobs import pair_logprobs
-from pipeline.io import read_json, read_table, write_json, write_table
-from pipeline.generation.registry import sampler_for
-from pipeline.generation.transformers_backend import TransformersSampler
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -46,8 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_table(paths.PROMPTS, "prompts").filter(pl.col("split") == "test")
     pairs = read_table(paths.PAIRS, "pairs").filter(pl.col("split") == "heldout")
     ref = read_table(paths.REFERENCE, "reference")
-    fixed = read_table(paths.fixed_curves(args.variant), "fixed_curves") \
-        if Path(paths.fixed_curves(args.variant)).is_file() else None
+    fixed = (
+        read_table(paths.fixed_curves(args.variant), "fixed_curves")
+        if Path(paths.fixed_curves(args.variant)).is_file()
+        else None
+    )
     before = read_json(paths.metrics_file("policy"))
     model_dir = paths.model_dir(args.variant)
     tokenizer = loading.load_tokenizer(model_dir)
@@ -55,35 +59,27 @@ def main(argv: list[str] | None = None) -> None:
     # Work: greedy accuracy (the generation backend gets the device alone), then held-out log-probs
     # against the reference ("before")
     gen, model_id = params.generation, loading.fingerprint(model_dir)
+    model = None
     if gen.backend == "transformers":  # one model for both halves
         model = loading.load_model(model_dir, cfg.policy.dtype, loading.device_for()).eval()
-        sampler = TransformersSampler.from_model(model, tokenizer, model_id, gen.batch_size)
+        sampler: Sampler = TransformersSampler.from_model(model, tokenizer, model_id, gen.batch_size)
     else:
-        sampler = sampler_for(gen.backend, model_dir, dtype=cfg.policy.dtype, batch_size=gen.batch_size,
-                              vllm=cfg.vllm, model_id=model_id)
+        sampler = sampler_for(
+            gen.backend, model_dir, dtype=cfg.policy.dtype, batch_size=gen.batch_size, vllm=cfg.vllm, model_id=model_id
+        )
     try:
-        gens, accuracy = greedy_eval(sampler, prompts, gen.max_new_tokens, args.variant,
-                                     progress=f"eval {args.variant}")
+        gens, accuracy = greedy_eval(
+            sampler, prompts, gen.max_new_tokens, args.variant, progress=f"eval {args.variant}"
+        )
     finally:
         sampler.close()
-    # The training stage scored these pairs after its last step with the model it saved (train.eval_every):
-    # those log-probs are reused; else computed as the reference was (truncation and precision), so that
-    # lp − ref is the change.
-    scored = last_fixed_scores(fixed, pairs["pair_id"].to_list())
-    if scored is not None:
-        after, scored_by = scored[0], f"train@{args.variant} (fixed held-out set after step {scored[1]})"
-    else:
-        if gen.backend != "transformers":  # loaded only now, after the engine is gone, and only if needed
-            model = loading.load_model(model_dir, cfg.policy.dtype, loading.device_for()).eval()
-        lw, ll, _, _ = pair_logprobs(model, pairs, tokenizer.pad_token_id, params.batch_size,
-                                     cfg.reference.max_length, progress=f"eval {args.variant}", bf16=cfg.train.bf16,
-                                     shared_prompt=cfg.train.shared_prompt)
-        after = pairs.select("pair_id", pl.Series("lp_w", lw, dtype=pl.Float64), pl.Series("lp_l", ll, dtype=pl.Float64))
-        scored_by = f"evaluate@{args.variant}"
-    table = pairs.select("pair_id", "len_w", "len_l", "edit_distance_norm", "ches", "ches_norm").join(
-        ref.select("pair_id", "ref_w", "ref_l"), on="pair_id", how="left").join(
-        after, on="pair_id", how="left").with_columns(
-        pl.lit(args.variant).alias("variant"), bucketise(pairs, cfg.pairs.distance_buckets))
+    after, scored_by = heldout_scores(cfg, args.variant, pairs, fixed, model, tokenizer)
+    table = (
+        pairs.select("pair_id", "len_w", "len_l", "edit_distance_norm", "ches", "ches_norm")
+        .join(ref.select("pair_id", "ref_w", "ref_l"), on="pair_id", how="left")
+        .join(after, on="pair_id", how="left")
+        .with_columns(pl.lit(args.variant).alias("variant"), bucketise(pairs, cfg.pairs.distance_buckets))
+    )
     summary = summarise_pair_eval(table, tagging.bucket_labels(cfg.pairs.distance_buckets))
     rubric = None
     if params.llm_rubric:
@@ -95,11 +91,49 @@ def main(argv: list[str] | None = None) -> None:
     # Outputs
     write_table(gens, paths.eval_generations(args.variant), "generations")
     write_table(table, paths.eval_table(args.variant), "pair_eval")
-    metrics = {"variant": args.variant, "test_accuracy": accuracy, "test_accuracy_before": before["test_accuracy"],
-               "heldout": summary, "heldout_scored_by": scored_by, "llm_rubric": rubric}
+    metrics = {
+        "variant": args.variant,
+        "test_accuracy": accuracy,
+        "test_accuracy_before": before["test_accuracy"],
+        "heldout": summary,
+        "heldout_scored_by": scored_by,
+        "llm_rubric": rubric,
+    }
     write_json(metrics, paths.eval_metrics(args.variant))
-    log.info("%s: test accuracy %.1f%% (before %.1f%%); held-out lp_w %s -> %s", args.variant, 100 * accuracy,
-             100 * before["test_accuracy"], _fmt(summary.get("ref_w")), _fmt(summary.get("lp_w")))
+    log.info(
+        "%s: test accuracy %.1f%% (before %.1f%%); held-out lp_w %s -> %s",
+        args.variant,
+        100 * accuracy,
+        100 * before["test_accuracy"],
+        _fmt(summary.get("ref_w")),
+        _fmt(summary.get("lp_w")),
+    )
+
+
+def heldout_scores(
+    cfg: Settings, variant: str, pairs: pl.DataFrame, fixed: pl.DataFrame | None, model, tokenizer
+) -> tuple[pl.DataFrame, str]:
+    """The held-out pairs' log-probs after training (pair_id, lp_w, lp_l) and what scored them. The training
+    stage scored these pairs after its last step with the model it saved (train.eval_every): those log-probs
+    are reused; else they are computed as the reference was (truncation and precision), so that lp − ref is
+    the change. ``model``: the trained model, or None when it is not loaded yet."""
+    scored = last_fixed_scores(fixed, pairs["pair_id"].to_list())
+    if scored is not None:
+        return scored[0], f"train@{variant} (fixed held-out set after step {scored[1]})"
+    if model is None:  # loaded only now, after the generation engine is gone, and only if needed
+        model = loading.load_model(paths.model_dir(variant), cfg.policy.dtype, loading.device_for()).eval()
+    lw, ll, _, _ = pair_logprobs(
+        model,
+        pairs,
+        tokenizer.pad_token_id,
+        cfg.evaluate.batch_size,
+        cfg.reference.max_length,
+        progress=f"eval {variant}",
+        bf16=cfg.train.bf16,
+        shared_prompt=cfg.train.shared_prompt,
+    )
+    after = pairs.select("pair_id", pl.Series("lp_w", lw, dtype=pl.Float64), pl.Series("lp_l", ll, dtype=pl.Float64))
+    return after, f"evaluate@{variant}"
 
 
 def _fmt(x) -> str:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.cli import run_stage, stage_parser
-from pipeline.settings.train import Training
 from pipeline.io import atomic_dir, read_json
 from pipeline.model import card as model_card
+from pipeline.settings.train import Training
 
 log = logging.getLogger("pipeline.export")
 
@@ -41,11 +41,20 @@ def main(argv: list[str] | None = None) -> None:
 
     # Output: the model's files, then the completed card, renamed into place together
     with atomic_dir(paths.export_dir(args.variant)) as tmp:
-        shutil.copytree(model_dir, tmp, dirs_exist_ok=True, copy_function=link_or_copy,
-                        ignore=shutil.ignore_patterns(model_card.CARD_FILE))
+        shutil.copytree(
+            model_dir,
+            tmp,
+            dirs_exist_ok=True,
+            copy_function=link_or_copy,
+            ignore=shutil.ignore_patterns(model_card.CARD_FILE),
+        )
         model_card.save(card, tmp / model_card.CARD_FILE)
-    log.info("%s: %s with its model card (test accuracy %.3f)", args.variant, paths.export_dir(args.variant),
-             metrics["test_accuracy"])
+    log.info(
+        "%s: %s with its model card (test accuracy %.3f)",
+        args.variant,
+        paths.export_dir(args.variant),
+        metrics["test_accuracy"],
+    )
 
 
 def link_or_copy(src: str, dst: str) -> None:

@@ -8,15 +8,16 @@ import logging
 import polars as pl
 
 from pipeline import paths
-from pipeline.model import loading
-from pipeline.cli import run_stage, stage_parser
-from pipeline.settings.evaluate import BeforeAndAfter
-from pipeline.settings.sampling import VLLMParams
 from pipeline.analysis.accuracy import greedy_eval
-from pipeline.io import read_table, write_json, write_table
-from pipeline.model.encoding import encode_prompt, encode_response
+from pipeline.cli import run_stage, stage_parser
 from pipeline.generation.registry import sampler_for
 from pipeline.generation.transformers_backend import TransformersSampler
+from pipeline.generation.types import Sampler
+from pipeline.io import read_table, write_json, write_table
+from pipeline.model import loading
+from pipeline.model.encoding import encode_prompt, encode_response
+from pipeline.settings.evaluate import BeforeAndAfter
+from pipeline.settings.sampling import VLLMParams
 from pipeline.training.sft import train_sft
 
 log = logging.getLogger("pipeline.policy")
@@ -43,37 +44,60 @@ def main(argv: list[str] | None = None) -> None:
     sft_losses: list[float] = []
     if params.warmup.enabled:
         if len(warm) == 0:
-            raise ValueError(f"policy.warmup.enabled: no warm-up prompts with a gold solution in {paths.PROMPTS} "
-                             "(set prepare.n_warmup > 0, or disable the warm-up)")
-        sft_losses = train_sft(model, [encode_prompt(tokenizer, p) for p in warm["prompt"]],
-                               [encode_response(tokenizer, s) for s in warm["solution"]],
-                               params.warmup, pad_id=tokenizer.pad_token_id)
+            raise ValueError(
+                f"policy.warmup.enabled: no warm-up prompts with a gold solution in {paths.PROMPTS} "
+                "(set prepare.n_warmup > 0, or disable the warm-up)"
+            )
+        sft_losses = train_sft(
+            model,
+            [encode_prompt(tokenizer, p) for p in warm["prompt"]],
+            [encode_response(tokenizer, s) for s in warm["solution"]],
+            params.warmup,
+            pad_id=tokenizer.pad_token_id,
+        )
 
     # Outputs: the model folder, then its greedy accuracy on the test prompts
-    loading.save_model(model, tokenizer, paths.POLICY_DIR,
-                        {"source": params.model, "warmup": params.warmup.model_dump() if params.warmup.enabled
-                         else None})
+    loading.save_model(
+        model,
+        tokenizer,
+        paths.POLICY_DIR,
+        {"source": params.model, "warmup": params.warmup.model_dump() if params.warmup.enabled else None},
+    )
     model_id = loading.fingerprint(paths.POLICY_DIR)
     if params.eval.backend == "transformers":
-        sampler = TransformersSampler.from_model(model, tokenizer, model_id, params.eval.batch_size)
+        sampler: Sampler = TransformersSampler.from_model(model, tokenizer, model_id, params.eval.batch_size)
     else:
         del model  # free the device for the vLLM engine
-        sampler = sampler_for(params.eval.backend, paths.POLICY_DIR, dtype=params.dtype,
-                              batch_size=params.eval.batch_size, vllm=cfg.vllm, model_id=model_id)
+        sampler = sampler_for(
+            params.eval.backend,
+            paths.POLICY_DIR,
+            dtype=params.dtype,
+            batch_size=params.eval.batch_size,
+            vllm=cfg.vllm,
+            model_id=model_id,
+        )
     test = prompts.filter(pl.col("split") == "test")
     try:
         gens, accuracy = greedy_eval(sampler, test, params.eval.max_new_tokens, "policy")
     finally:
         sampler.close()
     write_table(gens, paths.POLICY_GENERATIONS, "generations")
-    metrics = {"test_accuracy": accuracy, "n_test": len(test), "model_fingerprint": model_id,
-               "warmup_steps": len(sft_losses), "warmup_final_loss": sft_losses[-1] if sft_losses else None,
-               "warmup_first_loss": sft_losses[0] if sft_losses else None}
+    metrics = {
+        "test_accuracy": accuracy,
+        "n_test": len(test),
+        "model_fingerprint": model_id,
+        "warmup_steps": len(sft_losses),
+        "warmup_final_loss": sft_losses[-1] if sft_losses else None,
+        "warmup_first_loss": sft_losses[0] if sft_losses else None,
+    }
     write_json(metrics, paths.metrics_file("policy"))
     log.info("starting policy %s: greedy test accuracy %.1f%% on %d prompts", model_id, 100 * accuracy, len(test))
     if not 0.2 <= accuracy <= 0.7:
-        log.warning("greedy accuracy %.1f%% is outside 20-70%%: candidates may be all right or all wrong, "
-                    "and most groups will tie", 100 * accuracy)
+        log.warning(
+            "greedy accuracy %.1f%% is outside 20-70%%: candidates may be all right or all wrong, "
+            "and most groups will tie",
+            100 * accuracy,
+        )
 
 
 if __name__ == "__main__":

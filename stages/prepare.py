@@ -12,9 +12,9 @@ import logging
 
 from pipeline import paths
 from pipeline.cli import run_stage, stage_parser
-from pipeline.settings.params import Params
 from pipeline.data import prompts
 from pipeline.io import atomic_path, write_json, write_table
+from pipeline.settings.params import Params
 
 log = logging.getLogger("pipeline.prepare")
 
@@ -37,13 +37,24 @@ def main(argv: list[str] | None = None) -> None:
     write_json(metrics, paths.metrics_file("prepare"))
 
     s = metrics["splits"]
-    log.info("prepare: source=%s read=%d quarantined=%d duplicates_removed=%d -> train=%d test=%d warmup=%d "
-             "(%s)", prep.source, metrics["rows_read"], metrics["quarantined"]["total"],
-             metrics["duplicates_removed"], s["train"], s["test"], s["warmup"], paths.PROMPTS)
+    log.info(
+        "prepare: source=%s read=%d quarantined=%d duplicates_removed=%d -> train=%d test=%d warmup=%d (%s)",
+        prep.source,
+        metrics["rows_read"],
+        metrics["quarantined"]["total"],
+        metrics["duplicates_removed"],
+        s["train"],
+        s["test"],
+        s["warmup"],
+        paths.PROMPTS,
+    )
     if quarantine:
-        log.warning("prepare: %d bad input row(s) quarantined (%s), see %s", len(quarantine),
-                    ", ".join(f"{k}: {v}" for k, v in metrics["quarantined"]["by_reason"].items()),
-                    paths.QUARANTINE)
+        log.warning(
+            "prepare: %d bad input row(s) quarantined (%s), see %s",
+            len(quarantine),
+            ", ".join(f"{k}: {v}" for k, v in metrics["quarantined"]["by_reason"].items()),
+            paths.QUARANTINE,
+        )
 
 
 if __name__ == "__main__":

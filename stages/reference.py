@@ -9,13 +9,13 @@ import logging
 import polars as pl
 
 from pipeline import paths
-from pipeline.model import loading
 from pipeline.cli import run_stage, stage_parser
-from pipeline.settings.policy import PolicyParams
-from pipeline.settings.train import ReferenceAndTraining
+from pipeline.io import read_table, write_json, write_table
+from pipeline.model import loading
 from pipeline.model.logprobs import pair_logprobs
 from pipeline.model.precision import uses_bf16_autocast
-from pipeline.io import read_table, write_json, write_table
+from pipeline.settings.policy import PolicyParams
+from pipeline.settings.train import ReferenceAndTraining
 
 log = logging.getLogger("pipeline.reference")
 
@@ -37,19 +37,40 @@ def main(argv: list[str] | None = None) -> None:
     model.eval()
 
     # Work
-    lw, ll, nw, nl = pair_logprobs(model, pairs, tokenizer.pad_token_id, params.batch_size, params.max_length,
-                                   progress="reference", bf16=cfg.train.bf16,
-                                   shared_prompt=cfg.train.shared_prompt)
+    lw, ll, nw, nl = pair_logprobs(
+        model,
+        pairs,
+        tokenizer.pad_token_id,
+        params.batch_size,
+        params.max_length,
+        progress="reference",
+        bf16=cfg.train.bf16,
+        shared_prompt=cfg.train.shared_prompt,
+    )
 
     # Outputs
-    df = write_table(pl.DataFrame({"pair_id": pairs["pair_id"], "ref_w": lw, "ref_l": ll, "len_w": nw,
-                                   "len_l": nl}), paths.REFERENCE, "reference")
-    write_json({"n_pairs": len(df), "ref_w": df["ref_w"].mean(), "ref_l": df["ref_l"].mean(),
-                "bf16_autocast": uses_bf16_autocast(device, cfg.train.bf16),
-                "shared_prompt": cfg.train.shared_prompt,
-                "model_fingerprint": loading.fingerprint(paths.POLICY_DIR)}, paths.metrics_file("reference"))
-    log.info("reference log-probs for %d pairs: mean ref_w %.2f, ref_l %.2f", len(df), df["ref_w"].mean() or 0,
-             df["ref_l"].mean() or 0)
+    df = write_table(
+        pl.DataFrame({"pair_id": pairs["pair_id"], "ref_w": lw, "ref_l": ll, "len_w": nw, "len_l": nl}),
+        paths.REFERENCE,
+        "reference",
+    )
+    write_json(
+        {
+            "n_pairs": len(df),
+            "ref_w": df["ref_w"].mean(),
+            "ref_l": df["ref_l"].mean(),
+            "bf16_autocast": uses_bf16_autocast(device, cfg.train.bf16),
+            "shared_prompt": cfg.train.shared_prompt,
+            "model_fingerprint": loading.fingerprint(paths.POLICY_DIR),
+        },
+        paths.metrics_file("reference"),
+    )
+    log.info(
+        "reference log-probs for %d pairs: mean ref_w %.2f, ref_l %.2f",
+        len(df),
+        df["ref_w"].mean() or 0,
+        df["ref_l"].mean() or 0,
+    )
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ from pipeline.analysis.heldout import bucketise
 from pipeline.analysis.report import VariantInputs, compute_report, findings_record, read_live_history
 from pipeline.analysis.report_render import render_report
 from pipeline.cli import run_stage, stage_parser
+from pipeline.io import atomic_dir, read_json, read_table, write_json
 from pipeline.settings.pairs import PairsParams
 from pipeline.settings.report import ReportParams
 from pipeline.settings.train import Training
-from pipeline.io import atomic_dir, read_json, read_table, write_json
 
 log = logging.getLogger("pipeline.report")
 
@@ -35,12 +35,14 @@ def _optional_table(path: str, table: str):
 
 
 def _read_variant(variant: str) -> VariantInputs:
-    return VariantInputs(eval=read_json(paths.eval_metrics(variant)),
-                         pairs=read_table(paths.eval_table(variant), "pair_eval"),
-                         answers=read_table(paths.eval_generations(variant), "generations"),
-                         history=read_live_history(paths.live_dir(variant)),
-                         fixed=_optional_table(paths.fixed_curves(variant), "fixed_curves"),
-                         probe=_optional_table(paths.probe_curves(variant), "probe_curves"))
+    return VariantInputs(
+        eval=read_json(paths.eval_metrics(variant)),
+        pairs=read_table(paths.eval_table(variant), "pair_eval"),
+        answers=read_table(paths.eval_generations(variant), "generations"),
+        history=read_live_history(paths.live_dir(variant)),
+        fixed=_optional_table(paths.fixed_curves(variant), "fixed_curves"),
+        probe=_optional_table(paths.probe_curves(variant), "probe_curves"),
+    )
 
 
 class Settings(Training):
@@ -61,8 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     variants = {v: _read_variant(v) for v in sorted(cfg.train.variants)}
     distances = read_table(paths.PAIRS, "pairs").select("pair_id", "edit_distance_norm")
     distances = distances.with_columns(bucketise(distances, cfg.pairs.distance_buckets))
-    stage_metrics = {s: read_json(paths.metrics_file(s)) for s in ("prepare", "sample", "judge", "pairs")
-                     if Path(paths.metrics_file(s)).is_file()}
+    stage_metrics = {
+        s: read_json(paths.metrics_file(s))
+        for s in ("prepare", "sample", "judge", "pairs")
+        if Path(paths.metrics_file(s)).is_file()
+    }
 
     # Compute
     figures = compute_report(start_answers, variants, stage_metrics, settings, distances)
@@ -72,8 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         (tmp / "report.md").write_text(render_report(cfg.report.title, figures, tmp), encoding="utf-8")
     write_json(json_safe(findings_record(figures)), paths.FINDINGS)
     fired = [f"{v}: {f['kind']}" for v, fs in figures["findings"].items() for f in fs if f["fired"]]
-    log.info("report written to %s/report.md; findings that passed their tests: %s", paths.REPORT_DIR,
-             ", ".join(fired) or "none")
+    log.info(
+        "report written to %s/report.md; findings that passed their tests: %s",
+        paths.REPORT_DIR,
+        ", ".join(fired) or "none",
+    )
 
 
 if __name__ == "__main__":

@@ -10,24 +10,26 @@ from __future__ import annotations
 import logging
 import random
 import sys
+from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from pipeline import paths
-from pipeline.model import loading
 from pipeline.cli import run_stage, stage_parser
+from pipeline.generation.logprob_check import logprob_check
+from pipeline.generation.registry import sampler_for
+from pipeline.generation.resumable import sample_resumable
+from pipeline.generation.types import Candidate, GenerationSettings
+from pipeline.generation.vllm_backend.environment import preloaded_libs, reexec_with_cpu_preload
+from pipeline.io import read_table, write_json, write_table
+from pipeline.model import loading
+from pipeline.paths import repo_root, resolve_cache_dir
+from pipeline.schema import empty
 from pipeline.settings.base import StageParams
 from pipeline.settings.pairs import PairsParams
 from pipeline.settings.policy import PolicyParams
 from pipeline.settings.sampling import OtherSampleParams, SampleParams, VLLMParams
-from pipeline.io import read_table, write_json, write_table
-from pipeline.paths import repo_root, resolve_cache_dir
-from pipeline.generation.logprob_check import logprob_check
-from pipeline.generation.registry import sampler_for
-from pipeline.generation.resumable import sample_resumable
-from pipeline.generation.types import GenerationSettings
-from pipeline.generation.vllm_backend.environment import preloaded_libs, reexec_with_cpu_preload
-from pipeline.schema import empty
 
 log = logging.getLogger("pipeline.sample")
 
@@ -49,60 +51,124 @@ def main(argv: list[str] | None = None) -> None:
     # Inputs and params
     cfg = Settings.load(args.params)
     params = cfg.sample if args.source == "policy" else cfg.sample_other
-    out_path, metrics_path = paths.candidates(args.source), paths.metrics_file(
-        "sample" if args.source == "policy" else "sample_other")
+    out_path, metrics_path = (
+        paths.candidates(args.source),
+        paths.metrics_file("sample" if args.source == "policy" else "sample_other"),
+    )
     prompts = read_table(paths.PROMPTS, "prompts").filter(pl.col("split") == "train").sort("prompt_id")
     if args.source == "other" and cfg.pairs.scenario not in (3, 4):
         write_table(empty("candidates"), out_path, "candidates")
-        write_json({"source": "other", "sampled": False, "reason": f"pairs.scenario is {cfg.pairs.scenario}"},
-                   metrics_path)
+        write_json(
+            {"source": "other", "sampled": False, "reason": f"pairs.scenario is {cfg.pairs.scenario}"}, metrics_path
+        )
         log.info("pairs.scenario %d uses no other-model samples; wrote an empty %s", cfg.pairs.scenario, out_path)
         return
     if params.backend == "vllm" and argv is None:  # run as the stage's process, not called by a test
         reexec_with_cpu_preload("stages.sample", sys.argv[1:])  # vLLM's CPU build: tcmalloc, Intel OpenMP
-    model_path = paths.POLICY_DIR if args.source == "policy" else loading.resolve(params.model)
+    model_path = paths.POLICY_DIR if args.source == "policy" else loading.resolve(cfg.sample_other.model)
 
     # Work: sample in resumable chunks, then re-score a few candidates with the training code
     model_id = loading.fingerprint(model_path)
-    settings = GenerationSettings(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                                  max_new_tokens=params.max_new_tokens, seed=params.seed)
-    identity = {"model": model_id, "backend": params.backend, "dtype": cfg.policy.dtype,
-                **({"batch_size": params.batch_size} if params.backend == "transformers" else {})}
-    sampler = sampler_for(params.backend, model_path, dtype=cfg.policy.dtype, batch_size=params.batch_size,
-                          vllm=cfg.vllm, model_id=model_id)
-    cache_dir = resolve_cache_dir(params.cache_dir, env_var=None) / args.source
-    try:
-        outs, resume = sample_resumable(sampler, prompts["prompt_id"].to_list(), prompts["prompt"].to_list(),
-                                        settings, params.chunk_size, cache_dir, identity,
-                                        progress=f"sample {args.source}")
-    finally:
-        sampler.close()
-    # The metrics file is committed: the chunk folder relative to the repository root (None when it
-    # lies outside it); the log line below names the full path.
-    root = repo_root()
-    resume["cache_dir"] = cache_dir.relative_to(root).as_posix() if cache_dir.is_relative_to(root) else None
-    rows = [{"prompt_id": pid, "candidate_idx": k, "text": c.text, "token_ids": list(c.token_ids),
-             "num_tokens": len(c.token_ids), "logprob_sum": c.logprob_sum, "finish_reason": c.finish_reason,
-             "source": args.source, "model": model_id}
-            for pid, cands in zip(prompts["prompt_id"], outs) for k, c in enumerate(cands)]
+    outs, resume, cache_dir = sample_candidates(cfg, params, args.source, model_path, model_id, prompts)
+    rows = [
+        {
+            "prompt_id": pid,
+            "candidate_idx": k,
+            "text": c.text,
+            "token_ids": list(c.token_ids),
+            "num_tokens": len(c.token_ids),
+            "logprob_sum": c.logprob_sum,
+            "finish_reason": c.finish_reason,
+            "source": args.source,
+            "model": model_id,
+        }
+        for pid, cands in zip(prompts["prompt_id"], outs)
+        for k, c in enumerate(cands)
+    ]
     flat = [(p, c) for p, cands in zip(prompts["prompt"], outs) for c in cands]
     picked = random.Random(params.seed).sample(flat, min(params.logprob_check, len(flat)))
-    check = logprob_check(model_path, cfg.policy.dtype, [p for p, _ in picked], [c for _, c in picked],
-                          batch_size=params.batch_size)
+    check = logprob_check(
+        model_path, cfg.policy.dtype, [p for p, _ in picked], [c for _, c in picked], batch_size=params.batch_size
+    )
 
     # Outputs
     df = write_table(pl.DataFrame(rows), out_path, "candidates")
-    metrics = {"source": args.source, "sampled": True, "backend": params.backend, "n_prompts": len(prompts),
-               "n_candidates": len(df), "mean_tokens": df["num_tokens"].mean(),
-               "stopped_share": (df["finish_reason"] == "stop").mean(), "mean_logprob": df["logprob_sum"].mean(),
-               "model_fingerprint": model_id, "resume": resume, "sampler_vs_training_logprob": check,
-               "ld_preload": preloaded_libs()}
+    metrics = {
+        "source": args.source,
+        "sampled": True,
+        "backend": params.backend,
+        "n_prompts": len(prompts),
+        "n_candidates": len(df),
+        "mean_tokens": df["num_tokens"].mean(),
+        "stopped_share": (df["finish_reason"] == "stop").mean(),
+        "mean_logprob": df["logprob_sum"].mean(),
+        "model_fingerprint": model_id,
+        "resume": resume,
+        "sampler_vs_training_logprob": check,
+        "ld_preload": preloaded_libs(),
+    }
     write_json(metrics, metrics_path)
-    log.info("sampled %d candidates for %d prompts with %s (mean %.1f tokens, %.0f%% stopped; %d/%d chunks "
-             "reused from %s); sampler vs training log-prob: mean |diff| %.4f over %d candidates", len(df),
-             len(prompts), params.backend, metrics["mean_tokens"], 100 * metrics["stopped_share"],
-             resume["chunks_reused"], resume["chunks"], cache_dir, check.get("mean_abs_diff", float("nan")),
-             check["n"])
+    log.info(
+        "sampled %d candidates for %d prompts with %s (mean %.1f tokens, %.0f%% stopped; %d/%d chunks "
+        "reused from %s); sampler vs training log-prob: mean |diff| %.4f over %d candidates",
+        len(df),
+        len(prompts),
+        params.backend,
+        metrics["mean_tokens"],
+        100 * metrics["stopped_share"],
+        resume["chunks_reused"],
+        resume["chunks"],
+        cache_dir,
+        check.get("mean_abs_diff", float("nan")),
+        check["n"],
+    )
+
+
+def sample_candidates(
+    cfg: Settings, params: SampleParams, source: str, model_path: str, model_id: str, prompts: pl.DataFrame
+) -> tuple[list[list[Candidate]], dict[str, Any], Path]:
+    """Every prompt's candidates, sampled in chunks that a rerun reuses; with the resume record (the chunk
+    folder relative to the repository root) and the chunk folder."""
+    settings = GenerationSettings(
+        n=params.n,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        max_new_tokens=params.max_new_tokens,
+        seed=params.seed,
+    )
+    identity = {
+        "model": model_id,
+        "backend": params.backend,
+        "dtype": cfg.policy.dtype,
+        **({"batch_size": params.batch_size} if params.backend == "transformers" else {}),
+    }
+    sampler = sampler_for(
+        params.backend,
+        model_path,
+        dtype=cfg.policy.dtype,
+        batch_size=params.batch_size,
+        vllm=cfg.vllm,
+        model_id=model_id,
+    )
+    cache_dir = resolve_cache_dir(params.cache_dir, env_var=None) / source
+    try:
+        outs, resume = sample_resumable(
+            sampler,
+            prompts["prompt_id"].to_list(),
+            prompts["prompt"].to_list(),
+            settings,
+            params.chunk_size,
+            cache_dir,
+            identity,
+            progress=f"sample {source}",
+        )
+    finally:
+        sampler.close()
+    # The metrics file is committed: the chunk folder relative to the repository root (None when it
+    # lies outside it); the stage's log line names the full path.
+    root = repo_root()
+    resume["cache_dir"] = cache_dir.relative_to(root).as_posix() if cache_dir.is_relative_to(root) else None
+    return outs, resume, cache_dir
 
 
 if __name__ == "__main__":

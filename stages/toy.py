@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 
 from pipeline import paths
-from pipeline.cli import run_stage, stage_parser
+from pipeline.analysis.toy import run_toy
+from pipeline.analysis.toy_report import final_metrics, plot_toy
 from pipeline.analysis.toy_settings import ToyParams
-from pipeline.settings.base import StageParams
+from pipeline.cli import run_stage, stage_parser
 from pipeline.io import atomic_dir, atomic_path, write_json
-from pipeline.analysis.toy import final_metrics, plot_toy, run_toy
+from pipeline.settings.base import StageParams
 
 log = logging.getLogger("pipeline.toy")
 
@@ -39,7 +40,11 @@ def main(argv: list[str] | None = None, root: str | Path = ".") -> dict:
     args = stage_parser(__doc__).parse_args(argv)
     # Params
     root = Path(root)
-    history, reports, metrics_path = root / paths.TOY_HISTORY, root / paths.TOY_REPORTS, root / paths.metrics_file("toy")
+    history, reports, metrics_path = (
+        root / paths.TOY_HISTORY,
+        root / paths.TOY_REPORTS,
+        root / paths.metrics_file("toy"),
+    )
     params = Settings.load(args.params).toy
 
     # Work
@@ -54,8 +59,17 @@ def main(argv: list[str] | None = None, root: str | Path = ".") -> dict:
         plot_toy(df, tmp_dir)
     metrics = final_metrics(df, params.confidence)
     write_json(metrics, metrics_path)
-    log.info("%d seeds x %d losses x %d scenarios x %d steps in %.1fs -> %s, %s/, %s", len(params.seeds),
-             len(params.losses), len(params.scenarios), params.steps, elapsed, history, reports, metrics_path)
+    log.info(
+        "%d seeds x %d losses x %d scenarios x %d steps in %.1fs -> %s, %s/, %s",
+        len(params.seeds),
+        len(params.losses),
+        len(params.scenarios),
+        params.steps,
+        elapsed,
+        history,
+        reports,
+        metrics_path,
+    )
     return metrics
 
 

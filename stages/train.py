@@ -55,35 +55,59 @@ def main(argv: list[str] | None = None) -> None:
     train = join_reference(pairs.filter(pl.col("split") == "train"), reference)
     model, tokenizer = loading.load_policy(paths.POLICY_DIR, cfg.policy.dtype, ctx.device)
     # What the model card records the model was trained on
-    fingerprint = model_card.data_fingerprint(paths.PAIRS, paths.REFERENCE, n_train=len(train),
-                                              n_heldout=int((pairs["split"] == "heldout").sum()),
-                                              scenarios=pairs["scenario"].unique().to_list())
+    fingerprint = model_card.data_fingerprint(
+        paths.PAIRS,
+        paths.REFERENCE,
+        n_train=len(train),
+        n_heldout=int((pairs["split"] == "heldout").sum()),
+        scenarios=pairs["scenario"].unique().to_list(),
+    )
 
     # Work: metrics go to dvclive step by step; the fixed sets and probe are the same for every variant
     live = outputs.LiveLog(variant, len(train), ctx)
-    evaluation = Evaluation(fixed_sets_of(pairs, reference, s, cfg.evaluate.batch_size),
-                            probe_of(prompts, s, cfg.evaluate.generation.max_new_tokens), tokenizer)
+    evaluation = Evaluation(
+        fixed_sets_of(pairs, reference, s, cfg.evaluate.batch_size),
+        probe_of(prompts, s, cfg.evaluate.generation.max_new_tokens),
+        tokenizer,
+    )
     checkpoint = Checkpointing.for_run(rt, variant, [paths.PAIRS, paths.REFERENCE, paths.PROMPTS, paths.POLICY_DIR])
-    buckets = [tagging.bucket_slug(tagging.bucket_of(v, cfg.pairs.distance_buckets))
-               for v in train["edit_distance_norm"]]
-    run = RunOptions(log_fn=live.log_fn, progress=f"train {args.variant}", buckets=buckets, evaluation=evaluation,
-                     checkpoint=checkpoint)
-    history = train_preference(model, pair_examples(train), variant.losses, s, pad_id=tokenizer.pad_token_id,
-                               ctx=ctx, run=run)
+    buckets = [
+        tagging.bucket_slug(tagging.bucket_of(v, cfg.pairs.distance_buckets)) for v in train["edit_distance_norm"]
+    ]
+    run = RunOptions(
+        log_fn=live.log_fn,
+        progress=f"train {args.variant}",
+        buckets=buckets,
+        evaluation=evaluation,
+        checkpoint=checkpoint,
+    )
+    history = train_preference(
+        model, pair_examples(train), variant.losses, s, pad_id=tokenizer.pad_token_id, ctx=ctx, run=run
+    )
 
     # Outputs: the trained policy with its card, the curves, the first-step check (rank 0 writes)
     policy = outputs.gathered_policy(model, ctx, paths.POLICY_DIR, cfg.policy.dtype)
     if ctx.is_main:
         check = first_step_check(history, s.ref_check_tol)
         live.end({"ref_check": check})
-        trained = outputs.TrainedRun(variant, cfg.policy.model, paths.POLICY_DIR, fingerprint, history, ctx.world, check)
+        trained = outputs.TrainedRun(
+            variant, cfg.policy.model, paths.POLICY_DIR, fingerprint, history, ctx.world, check
+        )
         outputs.save_policy(policy, tokenizer, trained, paths.model_dir(args.variant))
         outputs.write_curves(evaluation.curves, args.variant)
         if checkpoint is not None:
             Path(checkpoint.path).unlink(missing_ok=True)
         last = history[-1]
-        log.info("%s: %d steps on %d process(es), final loss %.4f, lp_w %.2f, lp_l %.2f, accuracy %.2f",
-                 args.variant, len(history), ctx.world, last["loss"], last["lp_w"], last["lp_l"], last["accuracy"])
+        log.info(
+            "%s: %d steps on %d process(es), final loss %.4f, lp_w %.2f, lp_l %.2f, accuracy %.2f",
+            args.variant,
+            len(history),
+            ctx.world,
+            last["loss"],
+            last["lp_w"],
+            last["lp_l"],
+            last["accuracy"],
+        )
     distributed.shutdown(ctx)
 
 

@@ -17,16 +17,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # workers in collection order (given --no-loadscope-reorder: by default it puts the files with the
 # most tests first, so the 2-test e2e file, the longest, started last and one worker sat idle for
 # minutes at the end). A stable sort after pytest-randomly's shuffle: the seed still fixes the order.
-LONGEST_FIRST = ("tests/flows/test_worker.py", "tests/test_e2e.py", "tests/flows/test_cluster_path.py",
-                 "tests/generation/test_vllm_backend.py")
+LONGEST_FIRST = (
+    "tests/flows/test_worker.py",
+    "tests/test_e2e.py",
+    "tests/flows/test_cluster_path.py",
+    "tests/generation/test_vllm_backend.py",
+)
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
         path = item.nodeid.split("::")[0]
-        return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith(name.removeprefix("tests/"))),
-                    len(LONGEST_FIRST))
+        return next(
+            (i for i, name in enumerate(LONGEST_FIRST) if path.endswith(name.removeprefix("tests/"))),
+            len(LONGEST_FIRST),
+        )
 
     items.sort(key=rank)
 

@@ -30,9 +30,17 @@ _RUBRIC_RESPONSE = re.compile(r"Response:\n<<<\n(.*)\n>>>", re.DOTALL)
 
 
 class FakeOpenAI:
-    def __init__(self, api_key: str = "sk-test-key", *, delay: float = 0.0, faults: dict[str, list[str]] | None = None,
-                 listwise_policy: str = "content", reject_structured: bool = False, hang_s: float = 3.0,
-                 retry_after: str = "1"):
+    def __init__(
+        self,
+        api_key: str = "sk-test-key",
+        *,
+        delay: float = 0.0,
+        faults: dict[str, list[str]] | None = None,
+        listwise_policy: str = "content",
+        reject_structured: bool = False,
+        hang_s: float = 3.0,
+        retry_after: str = "1",
+    ):
         self.api_key = api_key
         self.delay = delay
         self.faults = {k: list(v) for k, v in (faults or {}).items()}
@@ -112,9 +120,17 @@ class FakeOpenAI:
         else:
             m = _QID.search(user)
         content_id = m.group(1) if m else "?"
-        rec = {"t": t0, "content_id": content_id, "kind": kind, "structured": "response_format" in body,
-               "temperature": body.get("temperature"), "max_tokens": body.get("max_tokens"),
-               "fault": None, "status": 200, "answered": False}
+        rec = {
+            "t": t0,
+            "content_id": content_id,
+            "kind": kind,
+            "structured": "response_format" in body,
+            "temperature": body.get("temperature"),
+            "max_tokens": body.get("max_tokens"),
+            "fault": None,
+            "status": 200,
+            "answered": False,
+        }
         with self._lock:
             self.log.append(rec)
             queue = self.faults.get(content_id)
@@ -123,9 +139,17 @@ class FakeOpenAI:
 
         if h.headers.get("Authorization") != f"Bearer {self.api_key}":
             rec["status"] = 401
-            return self._send(h, 401, {"error": {"message": f"Incorrect API key provided: "
-                                                            f"{h.headers.get('Authorization')}",
-                                                 "type": "invalid_request_error", "code": "invalid_api_key"}})
+            return self._send(
+                h,
+                401,
+                {
+                    "error": {
+                        "message": f"Incorrect API key provided: {h.headers.get('Authorization')}",
+                        "type": "invalid_request_error",
+                        "code": "invalid_api_key",
+                    }
+                },
+            )
         if self.reject_structured and rec["structured"]:
             rec["status"] = 400
             return self._send(h, 400, {"error": {"message": "response_format of type json_schema is not supported"}})
@@ -133,8 +157,12 @@ class FakeOpenAI:
             self._stop.wait(self.delay)
         if fault == "429":
             rec["status"] = 429
-            return self._send(h, 429, {"error": {"message": "Rate limit reached", "type": "rate_limit"}},
-                              {"Retry-After": self.retry_after})
+            return self._send(
+                h,
+                429,
+                {"error": {"message": "Rate limit reached", "type": "rate_limit"}},
+                {"Retry-After": self.retry_after},
+            )
         if fault == "500":
             rec["status"] = 500
             return self._send(h, 500, {"error": {"message": "internal error"}})
@@ -165,17 +193,33 @@ class FakeOpenAI:
         if fault == "prose":
             content = "This response looks reasonable to me."
         elif fault == "range":
-            content = json.dumps({"score": 7}) if kind == "rubric" else json.dumps(
-                {"best": 99, "worst": 1, "all_equal": False})
+            content = (
+                json.dumps({"score": 7})
+                if kind == "rubric"
+                else json.dumps({"best": 99, "worst": 1, "all_equal": False})
+            )
         elif fault == "textscore":
             content = f"Score: {json.loads(content).get('score', 3)}"
         rec["answered"] = fault in (None, "textscore")
         prompt_tokens = sum(len(m["content"]) for m in body["messages"]) // 4
-        self._send(h, 200, {
-            "id": f"chatcmpl-{len(self.log)}", "object": "chat.completion", "created": 0, "model": body.get("model"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(content) // 4 + 1,
-                      "total_tokens": prompt_tokens + len(content) // 4 + 1}})
+        self._send(
+            h,
+            200,
+            {
+                "id": f"chatcmpl-{len(self.log)}",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body.get("model"),
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": len(content) // 4 + 1,
+                    "total_tokens": prompt_tokens + len(content) // 4 + 1,
+                },
+            },
+        )
 
     def _send(self, h, status: int, obj: dict, headers: dict | None = None) -> None:
         self._send_raw(h, status, json.dumps(obj).encode(), headers)

@@ -22,9 +22,19 @@ def value_in_fresh_process(imports: str, expression: str, hash_seed: int) -> Any
 
     The project's checkout comes first on the path, so the code under test is this checkout's even where
     the environment has the package installed from another one."""
-    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed),
-           "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", f"import json\n{imports}\nprint(json.dumps({expression}))"],
-                          cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    env = {
+        **os.environ,
+        "PYTHONHASHSEED": str(hash_seed),
+        "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import json\n{imports}\nprint(json.dumps({expression}))"],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)

@@ -35,8 +35,9 @@ def tiny_params(model_dir: Path, other_dir: Path | None = None) -> dict:
     # transformers: a tiny model samples in less time than a vLLM engine takes to start
     p["sample"].update(backend="transformers", n=3, max_new_tokens=6, batch_size=12, logprob_check=4)
     # Scenarios 3 and 4: another model's samples (a second tiny random model)
-    p["sample_other"].update(model=str(other_dir or model_dir), backend="transformers", n=2, max_new_tokens=6, batch_size=12,
-                             logprob_check=4)
+    p["sample_other"].update(
+        model=str(other_dir or model_dir), backend="transformers", n=2, max_new_tokens=6, batch_size=12, logprob_check=4
+    )
     # A random tiny model gets every answer wrong, so all its groups tie: pair the gold solution
     # against its worst sample (scenario 2, judged pairs) to have something to train on.
     p["pairs"].update(source="judged", scenario=2, heldout_fraction=0.3)
@@ -67,22 +68,56 @@ def write_stage_workspace(root: Path, model_dir: Path) -> Path:
     for i in range(STAGE_WORKSPACE_PAIRS):
         q = f"What is {i} + {3 * i}?" + " Be brief." * (i % 3)
         split = "heldout" if i % 2 else "train"
-        prompts.append({"prompt_id": f"p{i}", "split": "test" if i % 2 else "train", "question": q, "prompt": q,
-                        "answer": str(4 * i), "solution": None, "source": "test"})
+        prompts.append(
+            {
+                "prompt_id": f"p{i}",
+                "split": "test" if i % 2 else "train",
+                "question": q,
+                "prompt": q,
+                "answer": str(4 * i),
+                "solution": None,
+                "source": "test",
+            }
+        )
         w = encode_response(tok, "So" + " then" * (2 * i % 5) + f" {4 * i}")
         l_ = encode_response(tok, f"It is {4 * i + 1}" + ", surely" * (i % 4))
-        pairs.append({"pair_id": f"p{i}-s1", "prompt_id": f"p{i}", "split": split, "prompt_ids": encode_prompt(tok, q),
-                      "chosen_ids": w, "rejected_ids": l_, "chosen_text": "", "rejected_text": "",
-                      "chosen_source": "policy", "rejected_source": "policy", "chosen_correct": True,
-                      "rejected_correct": False, "chosen_sampler_logprob": None, "rejected_sampler_logprob": None,
-                      "chosen_policy_logprob": -1.0, "rejected_policy_logprob": -2.0, "scenario": 1,
-                      "edit_distance": 3, "edit_distance_norm": 0.3, "first_diff": 0, "len_w": len(w), "len_l": len(l_),
-                      "ches": -1.0, "ches_norm": -0.1})
+        pairs.append(
+            {
+                "pair_id": f"p{i}-s1",
+                "prompt_id": f"p{i}",
+                "split": split,
+                "prompt_ids": encode_prompt(tok, q),
+                "chosen_ids": w,
+                "rejected_ids": l_,
+                "chosen_text": "",
+                "rejected_text": "",
+                "chosen_source": "policy",
+                "rejected_source": "policy",
+                "chosen_correct": True,
+                "rejected_correct": False,
+                "chosen_sampler_logprob": None,
+                "rejected_sampler_logprob": None,
+                "chosen_policy_logprob": -1.0,
+                "rejected_policy_logprob": -2.0,
+                "scenario": 1,
+                "edit_distance": 3,
+                "edit_distance_norm": 0.3,
+                "first_diff": 0,
+                "len_w": len(w),
+                "len_l": len(l_),
+                "ches": -1.0,
+                "ches_norm": -0.1,
+            }
+        )
     write_table(pl.DataFrame(prompts), root / "data/prompts.parquet", "prompts")
     write_table(pl.DataFrame(pairs), root / "data/pairs.parquet", "pairs")
-    write_params(root / "params.yaml", {
-        "policy": {"model": str(root / "models/policy")},
-        "evaluate": {"generation": {"max_new_tokens": 4, "batch_size": 4}}})
+    write_params(
+        root / "params.yaml",
+        {
+            "policy": {"model": str(root / "models/policy")},
+            "evaluate": {"generation": {"max_new_tokens": 4, "batch_size": 4}},
+        },
+    )
     return root
 
 
@@ -94,8 +129,13 @@ def make_repo(root: Path, params: dict) -> Path:
     for pkg in ("pipeline", "stages"):
         shutil.copytree(PROJECT / pkg, repo / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
         run(cmd, repo)
     return repo
 
@@ -108,11 +148,17 @@ def copy_repo(src: Path, dst: Path) -> Path:
 
 
 def run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(cwd), "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(cwd),
+        "DVC_NO_ANALYTICS": "1",
+    }
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=2400)
     if proc.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc.stdout + proc.stderr
 
 
@@ -120,8 +166,15 @@ def run_module(module: str, args: list[str], cwd: Path, timeout: float = 300) ->
     """``python -m module args`` in ``cwd`` with this checkout's package, as a user runs a tool; the
     caller checks the exit status."""
     env = {**os.environ, "PYTHONPATH": str(PROJECT)}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def ran(output: str) -> set[str]:

@@ -5,13 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import BaseModel
 from repo_utils import repo_params
 
-import yaml
-
 from pipeline.flows.settings import FlowParams
-from pipeline.settings.base import ConfigError, SECTIONS, StageParams
+from pipeline.settings.base import SECTIONS, ConfigError, StageParams
 from pipeline.settings.params import Params
 
 BASE = repo_params()
@@ -33,22 +32,27 @@ def test_repository_params_parse():
     assert p.train.variants["dpop"].losses[0].hp == {"beta": 0.1, "dpop_lambda": 50.0}
     assert p.train.variants["dpo"].settings.lr == BASE["train"]["lr"]
     assert p.variant("dpo") is p.train.variants["dpo"]
-    with pytest.raises(ConfigError, match=r"^params\.yaml: train\.variants\.nope: no such variant \(have \['dpo', 'dpop'\]\)"):
+    with pytest.raises(
+        ConfigError, match=r"^params\.yaml: train\.variants\.nope: no such variant \(have \['dpo', 'dpop'\]\)"
+    ):
         p.variant("nope")
 
 
-@pytest.mark.parametrize("path,value,key", [
-    ("sample.n", "four", "sample.n"),
-    ("sample.temperature", [1], "sample.temperature"),
-    ("train.lr", "fast", "train.lr"),
-    ("prepare.on_bad_rows", "ignore", "prepare.on_bad_rows"),
-    ("pairs.heldout_fraction", 1.5, "pairs.heldout_fraction"),
-    ("policy.warmup.epochs", 0, "policy.warmup.epochs"),
-    ("pairs.constructed.edits", ["final", "swap"], "pairs.constructed.edits"),
-    ("pairs.constructed.edits", ["final", "final"], "pairs.constructed.edits"),
-    ("pairs.constructed.edits", [], "pairs.constructed.edits"),
-    ("pairs.constructed.chosen", ["other"], "pairs.constructed.chosen"),
-])
+@pytest.mark.parametrize(
+    "path,value,key",
+    [
+        ("sample.n", "four", "sample.n"),
+        ("sample.temperature", [1], "sample.temperature"),
+        ("train.lr", "fast", "train.lr"),
+        ("prepare.on_bad_rows", "ignore", "prepare.on_bad_rows"),
+        ("pairs.heldout_fraction", 1.5, "pairs.heldout_fraction"),
+        ("policy.warmup.epochs", 0, "policy.warmup.epochs"),
+        ("pairs.constructed.edits", ["final", "swap"], "pairs.constructed.edits"),
+        ("pairs.constructed.edits", ["final", "final"], "pairs.constructed.edits"),
+        ("pairs.constructed.edits", [], "pairs.constructed.edits"),
+        ("pairs.constructed.chosen", ["other"], "pairs.constructed.chosen"),
+    ],
+)
 def test_wrong_type_names_the_key(path, value, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         Params.parse(_with(path, value))
@@ -82,10 +86,18 @@ def test_variant_errors_name_the_key():
 
 
 def test_variant_overrides_and_combined_terms():
-    raw = _with("train.variants", {
-        "mix": {"loss": [{"name": "dpo", "beta": 0.2}, {"name": "dpo_sft", "weight": 0.5, "beta": 0.2,
-                                                         "sft_weight": 1.0}], "lr": 1e-4},
-    })
+    raw = _with(
+        "train.variants",
+        {
+            "mix": {
+                "loss": [
+                    {"name": "dpo", "beta": 0.2},
+                    {"name": "dpo_sft", "weight": 0.5, "beta": 0.2, "sft_weight": 1.0},
+                ],
+                "lr": 1e-4,
+            },
+        },
+    )
     v = Params.parse(raw).train.variants["mix"]
     assert [t.name for t in v.losses] == ["dpo", "dpo_sft"]
     assert v.losses[1].weight == 0.5
@@ -102,14 +114,14 @@ def test_reference_and_training_must_truncate_and_round_alike():
         Params.parse(_with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "max_length": 96}))
     bf16 = BASE["train"]["bf16"]
     with pytest.raises(ConfigError, match=r"train\.variants\.dpop\.bf16: .* differs from train\.bf16"):
-        Params.parse(_with("train.variants.dpop", {"loss": "dpop", "beta": 0.1, "dpop_lambda": 5.0,
-                                                   "bf16": not bf16}))
+        Params.parse(_with("train.variants.dpop", {"loss": "dpop", "beta": 0.1, "dpop_lambda": 5.0, "bf16": not bf16}))
     shared = BASE["train"]["shared_prompt"]
     with pytest.raises(ConfigError, match=r"train\.variants\.dpo\.shared_prompt: .* differs from train\.shared_prompt"):
         Params.parse(_with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "shared_prompt": not shared}))
     # Restating the shared values is fine; changing both sides together too.
-    same = _with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "bf16": bf16,
-                                        "max_length": BASE["reference"]["max_length"]})
+    same = _with(
+        "train.variants.dpo", {"loss": "dpo", "beta": 0.1, "bf16": bf16, "max_length": BASE["reference"]["max_length"]}
+    )
     assert Params.parse(same).train.variants["dpo"].settings.bf16 == bf16
     both = _with("train.max_length", 96)
     both["reference"]["max_length"] = 96
@@ -163,20 +175,32 @@ def test_unknown_section_is_refused():
 
 
 # --------------------------------------------------------------------------------------------- ground floor
-SETTINGS_MODULES = {"pipeline.settings.base", "pipeline.settings.evaluate", "pipeline.settings.judge",
-                    "pipeline.settings.pairs", "pipeline.settings.params", "pipeline.settings.policy",
-                    "pipeline.settings.prepare", "pipeline.settings.report", "pipeline.settings.sampling",
-                    "pipeline.settings.train", "pipeline.training.loss_hparams", "pipeline.analysis.toy_settings",
-                    "pipeline.model.builtin"}
+SETTINGS_MODULES = {
+    "pipeline.settings.base",
+    "pipeline.settings.evaluate",
+    "pipeline.settings.judge",
+    "pipeline.settings.pairs",
+    "pipeline.settings.params",
+    "pipeline.settings.policy",
+    "pipeline.settings.prepare",
+    "pipeline.settings.report",
+    "pipeline.settings.sampling",
+    "pipeline.settings.train",
+    "pipeline.training.loss_hparams",
+    "pipeline.analysis.toy_settings",
+    "pipeline.model.builtin",
+}
 
 
 def test_settings_do_not_import_torch():
     """Loading every stage's settings imports pydantic and yaml, none of the heavy packages."""
     # In a fresh interpreter: the test process itself has torch loaded by other tests.
-    code = ("import sys; from pipeline.settings.params import Params; Params.load('params.yaml'); "
-            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'prefect', "
-            "'polars', 'dvc')); "
-            "print(heavy); print(sorted(m for m in sys.modules if m.startswith('pipeline')))")
+    code = (
+        "import sys; from pipeline.settings.params import Params; Params.load('params.yaml'); "
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'prefect', "
+        "'polars', 'dvc')); "
+        "print(heavy); print(sorted(m for m in sys.modules if m.startswith('pipeline')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     heavy, ours = out.splitlines()
     assert heavy == "[]", heavy
@@ -192,8 +216,11 @@ def _stage_views() -> dict[str, type[StageParams]]:
     views = {}
     for name, stage in spec.items():
         module = importlib.import_module((stage.get("do", stage))["cmd"].split()[2])
-        loaded = [v for v in vars(module).values()
-                  if isinstance(v, type) and issubclass(v, StageParams) and v is not StageParams]
+        loaded = [
+            v
+            for v in vars(module).values()
+            if isinstance(v, type) and issubclass(v, StageParams) and v is not StageParams
+        ]
         assert loaded, f"stages/{name}.py defines or imports no StageParams view"
         views[name] = max(loaded, key=lambda v: len(v.model_fields))
     return views
@@ -238,7 +265,9 @@ def test_a_missing_key_is_named_not_defaulted():
 
 # Fields whose default is not a setting of params.yaml: "inherit" markers and derived values.
 DEFAULT_ALLOWED = {
-    ("StageTaskOverride", "retries"), ("StageTaskOverride", "retry_delay_s"), ("StageTaskOverride", "timeout_s"),
+    ("StageTaskOverride", "retries"),
+    ("StageTaskOverride", "retry_delay_s"),
+    ("StageTaskOverride", "timeout_s"),
 }
 
 
@@ -263,7 +292,12 @@ def test_config_models_have_no_defaults():
                 found.append(f"{model.__name__}.{name}")
     assert not found, f"defaults outside params.yaml: {found}"
     assert {m.__name__ for m in _models(Params) | _models(FlowParams)} >= {
-        "ToyParams", "FlowParams", "TrainParams", "VLLMParams", "Variant"}
+        "ToyParams",
+        "FlowParams",
+        "TrainParams",
+        "VLLMParams",
+        "Variant",
+    }
 
 
 def _params_keys(node, out=None):
@@ -296,12 +330,15 @@ def test_no_default_that_params_yaml_sets_is_written_in_code():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 a = node.args
                 pos = a.posonlyargs + a.args
-                pairs = list(zip(pos[len(pos) - len(a.defaults):], a.defaults))
+                pairs = list(zip(pos[len(pos) - len(a.defaults) :], a.defaults))
                 pairs += [(k, d) for k, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
                 pairs = [(arg.arg, d) for arg, d in pairs]
             elif isinstance(node, ast.ClassDef):
-                pairs = [(st.target.id, st.value) for st in node.body if isinstance(st, ast.AnnAssign)
-                         and isinstance(st.target, ast.Name) and st.value is not None]
+                pairs = [
+                    (st.target.id, st.value)
+                    for st in node.body
+                    if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name) and st.value is not None
+                ]
             for name, default in pairs:
                 literal = isinstance(default, ast.Constant) and default.value is not None
                 if name in keys and literal and (rel, node.name, name) not in SAME_NAME_ALLOWED:

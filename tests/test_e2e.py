@@ -23,8 +23,23 @@ def stages_importing(module: str) -> set[str]:
     return out
 
 
-ALL = {"prepare", "policy", "sample", "sample_other", "judge", "pairs", "reference", "train@dpo", "train@dpop",
-       "evaluate@dpo", "evaluate@dpop", "export@dpo", "export@dpop", "report", "toy"}
+ALL = {
+    "prepare",
+    "policy",
+    "sample",
+    "sample_other",
+    "judge",
+    "pairs",
+    "reference",
+    "train@dpo",
+    "train@dpop",
+    "evaluate@dpo",
+    "evaluate@dpop",
+    "export@dpo",
+    "export@dpop",
+    "report",
+    "toy",
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +87,12 @@ def test_dvc_repro_end_to_end_and_reruns(built, repo):
 
     ids = torch.tensor([[1, 42, 7, 99, 3]])
     with torch.no_grad():
-        assert torch.equal(*(AutoModelForCausalLM.from_pretrained(repo / d).eval()(ids).logits
-                             for d in ("models/dpo", "export/models/dpo")))
+        assert torch.equal(
+            *(
+                AutoModelForCausalLM.from_pretrained(repo / d).eval()(ids).logits
+                for d in ("models/dpo", "export/models/dpo")
+            )
+        )
 
     # Nothing changed: nothing reruns
     assert ran(run(["dvc", "repro"], repo)) == set()
@@ -103,8 +122,10 @@ def test_dvc_repro_end_to_end_and_reruns(built, repo):
     assert len(other) == 10 * 2 and set(other["source"]) == {"other"}
     pairs = read_table(repo / "data/pairs.parquet", "pairs")
     assert len(pairs) > 0 and set(pairs["rejected_source"]) == {"other"} and set(pairs["scenario"]) == {4}
-    assert all(r["rejected_text"] in set(other.filter(pl.col("prompt_id") == r["prompt_id"])["text"])
-               for r in pairs.iter_rows(named=True))
+    assert all(
+        r["rejected_text"] in set(other.filter(pl.col("prompt_id") == r["prompt_id"])["text"])
+        for r in pairs.iter_rows(named=True)
+    )
     pm = read_json(repo / "metrics/pairs.json")
     assert pm["scenario"] == 4 and pm["on_policy"]["rejected_policy_logprob_per_token"] < 0
 

@@ -22,9 +22,15 @@ def test_the_gpu_profile_changes_existing_keys_into_valid_params():
     assert cfg.policy.eval.backend == cfg.evaluate.generation.backend == "vllm"
     assert cfg.vllm.block_size is None and cfg.vllm.max_num_seqs == 1024 and cfg.prepare.n_test == 512
     assert cfg.train.runtime.nproc == PROFILE["train.runtime.nproc"]
+
+    def flat(d, p=""):
+        return {
+            k2: v2
+            for k, v in d.items()
+            for k2, v2 in (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])
+        }
+
     # nothing else moved
-    flat = lambda d, p="": {k2: v2 for k, v in d.items()  # noqa: E731
-                            for k2, v2 in (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])}
     before, after = flat(repo_params()), flat(params)
     assert {k for k in after if after[k] != before.get(k)} <= set(PROFILE)
 
@@ -35,10 +41,19 @@ def test_a_profile_key_missing_from_params_is_refused():
 
 
 def test_profile_args_are_what_dvc_exp_run_takes():
-    args = profile_args({"vllm.block_size": None, "train.variants.dpo.beta": 0.3, "a.b": [1, 2],
-                         "evaluate.generation.backend": "vllm"})
-    assert shlex.split(" ".join(args)) == ["-S", "vllm.block_size=null", "-S", "train.variants.dpo.beta=0.3",
-                                           "-S", "a.b=[1, 2]", "-S", "evaluate.generation.backend=vllm"]
+    args = profile_args(
+        {"vllm.block_size": None, "train.variants.dpo.beta": 0.3, "a.b": [1, 2], "evaluate.generation.backend": "vllm"}
+    )
+    assert shlex.split(" ".join(args)) == [
+        "-S",
+        "vllm.block_size=null",
+        "-S",
+        "train.variants.dpo.beta=0.3",
+        "-S",
+        "a.b=[1, 2]",
+        "-S",
+        "evaluate.generation.backend=vllm",
+    ]
 
 
 def test_the_command_prints_the_profile_as_dvc_exp_run_arguments():
@@ -60,8 +75,12 @@ def test_gpu_check_quick_runs_its_checks_on_cpu(tmp_path):
     import torch
 
     out = tmp_path / "gpu.json"
-    proc = run_module("pipeline.bench.gpu_check", ["--quick", "--checks", "peak,bf16_reference,nccl", "--out",
-                                                   str(out)], ROOT, timeout=900)
+    proc = run_module(
+        "pipeline.bench.gpu_check",
+        ["--quick", "--checks", "peak,bf16_reference,nccl", "--out", str(out)],
+        ROOT,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     if torch.cuda.is_available():  # a timed rate: below any GPU's bf16 peak (an unsynchronised timer is far above)

@@ -6,8 +6,15 @@ import pytest
 from pipeline.io import atomic_dir, atomic_path, read_table, write_table
 from pipeline.schema import SchemaError
 
-ROW = {"prompt_id": "a", "split": "train", "question": "q", "prompt": "q!", "answer": "1", "solution": None,
-       "source": "t"}
+ROW = {
+    "prompt_id": "a",
+    "split": "train",
+    "question": "q",
+    "prompt": "q!",
+    "answer": "1",
+    "solution": None,
+    "source": "t",
+}
 
 
 def test_read_table_validates(tmp_path):

@@ -23,8 +23,12 @@ SETTINGS = StatSettings(alpha=0.05, level=0.95, n_resamples=200, seed=0, drastic
 
 def _copy_sources(dest: Path) -> Path:
     """The generated pages and the JSON they are made from, in a fresh tree."""
-    for rel in [*build.PAGES, results.STUDY_JSON, results.REPORT_JSON,
-                *(p.relative_to(ROOT).as_posix() for p in (ROOT / bench.BENCH_DIR).glob("*.json"))]:
+    for rel in [
+        *build.PAGES,
+        results.STUDY_JSON,
+        results.REPORT_JSON,
+        *(p.relative_to(ROOT).as_posix() for p in (ROOT / bench.BENCH_DIR).glob("*.json")),
+    ]:
         if (ROOT / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dest / rel)
@@ -33,7 +37,8 @@ def _copy_sources(dest: Path) -> Path:
 
 def test_every_generated_page_in_the_repository_is_up_to_date():
     assert build.main(["--check", "--root", str(ROOT)]) == 0, (
-        f"stale generated pages {build.stale_pages(ROOT)}: run python -m pipeline.pages")
+        f"stale generated pages {build.stale_pages(ROOT)}: run python -m pipeline.pages"
+    )
 
 
 def test_the_check_fails_naming_the_page_when_a_json_value_changes(tmp_path: Path, capsys):
@@ -68,18 +73,42 @@ def _variant(rng, shift: float, n_right: int) -> VariantInputs:
     """A small variant: 30 held-out pairs whose chosen moves by ``shift`` nats, 40 test prompts, fixed curves."""
     n = 30
     d_w = rng.normal(shift, 0.3, n)
-    pairs = pl.DataFrame({"pair_id": [f"p{i:02d}" for i in range(n)], "ref_w": [-20.0] * n, "ref_l": [-25.0] * n,
-                          "lp_w": -20.0 + d_w, "lp_l": -27.0 + rng.normal(0, 0.3, n),
-                          "edit_distance_norm": np.linspace(0, 0.9, n),
-                          "distance_bucket": ["[0.00,0.50)"] * 15 + ["[0.50,1.00]"] * 15,
-                          "ches": -3.0 * d_w + rng.normal(0, 0.05, n), "ches_norm": -d_w + rng.normal(0, 0.02, n)})
+    pairs = pl.DataFrame(
+        {
+            "pair_id": [f"p{i:02d}" for i in range(n)],
+            "ref_w": [-20.0] * n,
+            "ref_l": [-25.0] * n,
+            "lp_w": -20.0 + d_w,
+            "lp_l": -27.0 + rng.normal(0, 0.3, n),
+            "edit_distance_norm": np.linspace(0, 0.9, n),
+            "distance_bucket": ["[0.00,0.50)"] * 15 + ["[0.50,1.00]"] * 15,
+            "ches": -3.0 * d_w + rng.normal(0, 0.05, n),
+            "ches_norm": -d_w + rng.normal(0, 0.02, n),
+        }
+    )
     answers = pl.DataFrame({"prompt_id": [f"q{i:02d}" for i in range(40)], "correct": [i < n_right for i in range(40)]})
-    fixed = pl.DataFrame([{"step": st, "set": w, "pair_id": f"p{i:02d}", "lp_w": -20.0 + d_w[i] * st / 8,
-                           "lp_l": -25.0 - 2 * st / 8, "ref_w": -20.0, "ref_l": -25.0, "len_w": 10, "len_l": 12,
-                           "log10_grad_ratio": 0.1 * st} for st in (0, 4, 8) for w in ("heldout", "train")
-                          for i in range(n)])
-    probe = pl.DataFrame([{"step": st, "probe": f"q{i}", "greedy_lp": -5.0 + 0.1 * st * (i % 3)}
-                          for st in (0, 8) for i in range(8)])
+    fixed = pl.DataFrame(
+        [
+            {
+                "step": st,
+                "set": w,
+                "pair_id": f"p{i:02d}",
+                "lp_w": -20.0 + d_w[i] * st / 8,
+                "lp_l": -25.0 - 2 * st / 8,
+                "ref_w": -20.0,
+                "ref_l": -25.0,
+                "len_w": 10,
+                "len_l": 12,
+                "log10_grad_ratio": 0.1 * st,
+            }
+            for st in (0, 4, 8)
+            for w in ("heldout", "train")
+            for i in range(n)
+        ]
+    )
+    probe = pl.DataFrame(
+        [{"step": st, "probe": f"q{i}", "greedy_lp": -5.0 + 0.1 * st * (i % 3)} for st in (0, 8) for i in range(8)]
+    )
     return VariantInputs(eval={"heldout": {}}, pairs=pairs, answers=answers, history={}, fixed=fixed, probe=probe)
 
 
@@ -88,18 +117,26 @@ def findings() -> dict:
     """A findings record as the report stage writes it (``json_safe`` of ``findings_record``)."""
     rng = np.random.default_rng(0)
     start = pl.DataFrame({"prompt_id": [f"q{i:02d}" for i in range(40)], "correct": [i < 20 for i in range(40)]})
-    distances = pl.DataFrame({"pair_id": [f"p{i:02d}" for i in range(30)],
-                              "edit_distance_norm": np.linspace(0, 0.9, 30),
-                              "distance_bucket": ["[0.00,0.50)"] * 15 + ["[0.50,1.00]"] * 15})
-    figures = compute_report(start, {"dpo": _variant(rng, -1.0, 4), "dpop": _variant(rng, 0.2, 21)}, {},
-                             SETTINGS, distances)
+    distances = pl.DataFrame(
+        {
+            "pair_id": [f"p{i:02d}" for i in range(30)],
+            "edit_distance_norm": np.linspace(0, 0.9, 30),
+            "distance_bucket": ["[0.00,0.50)"] * 15 + ["[0.50,1.00]"] * 15,
+        }
+    )
+    figures = compute_report(
+        start, {"dpo": _variant(rng, -1.0, 4), "dpop": _variant(rng, 0.2, 21)}, {}, SETTINGS, distances
+    )
     record = findings_record(figures)
     return json.loads(json.dumps(json_safe(record)))  # through JSON, as the page reads it
 
 
 def _rows(md: str, first_cell: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip("|").split(" | ")] for line in md.splitlines()
-            if line.startswith(f"| {first_cell} ")]
+    return [
+        [c.strip() for c in line.strip("|").split(" | ")]
+        for line in md.splitlines()
+        if line.startswith(f"| {first_cell} ")
+    ]
 
 
 def test_results_page_prints_each_figure_with_its_interval_and_test(tmp_path: Path, findings: dict):
@@ -147,20 +184,45 @@ def test_bench_page_has_a_table_per_kind_and_a_row_for_an_unknown_file(tmp_path:
     folder = tmp_path / bench.BENCH_DIR
     folder.mkdir(parents=True)
     run = {"startup_s": 2.0, "wall_s": 10.0, "tokens": 1000, "tok_per_s": 100.0, "end_to_end_s": 12.0}
-    (folder / "a.json").write_text(json.dumps({
-        "args": {"prompts": 4, "n": 2, "max_new_tokens": 8, "dtype": "float32", "batch_size": 8, "compiled": False},
-        "results": {"transformers": {**run, "logprob_check": None},
-                    "vllm": {**run, "tok_per_s": 400.0, "end_to_end_s": 4.0,
-                             "logprob_check": {"n": 16, "mean_abs_diff": 0.01, "mean_abs_diff_per_token": 0.001,
-                                               "max_abs_diff": 0.05, "dtype": "float32"}},
-                    "ratio_tok_per_s": 4.0}}))
+    (folder / "a.json").write_text(
+        json.dumps(
+            {
+                "args": {
+                    "prompts": 4,
+                    "n": 2,
+                    "max_new_tokens": 8,
+                    "dtype": "float32",
+                    "batch_size": 8,
+                    "compiled": False,
+                },
+                "results": {
+                    "transformers": {**run, "logprob_check": None},
+                    "vllm": {
+                        **run,
+                        "tok_per_s": 400.0,
+                        "end_to_end_s": 4.0,
+                        "logprob_check": {
+                            "n": 16,
+                            "mean_abs_diff": 0.01,
+                            "mean_abs_diff_per_token": 0.001,
+                            "max_abs_diff": 0.05,
+                            "dtype": "float32",
+                        },
+                    },
+                    "ratio_tok_per_s": 4.0,
+                },
+            }
+        )
+    )
     (folder / "b.json").write_text(json.dumps({"something": "else"}))
     (folder / "c.json").write_text("{not json")
-    (folder / "d.json").write_text(json.dumps({"gpus": [], "quick": True, "peak": {"skipped": "no GPU"},
-                                                "nccl": {"passed": False, "world": 2}}))
+    (folder / "d.json").write_text(
+        json.dumps({"gpus": [], "quick": True, "peak": {"skipped": "no GPU"}, "nccl": {"passed": False, "world": 2}})
+    )
     md = bench.bench_page(tmp_path)
-    assert ("| `a.json` | transformers | 4 × 2, 8 tokens | float32 | batch 8 sequences | 2.0 | 10.0 | 1000 | 100.0 |"
-            in md)
+    assert (
+        "| `a.json` | transformers | 4 × 2, 8 tokens | float32 | batch 8 sequences | 2.0 | 10.0 | 1000 | 100.0 |" in md
+    )
     assert "| `a.json` | 4.00 | 3.00 |" in md  # tokens/s ratio as recorded, end to end 12 s / 4 s
     assert "| `a.json` | vllm | float32 | 16 | 0.0100 |" in md
     assert "| `b.json` | a shape this page does not know (top level: `something`) |" in md
@@ -169,15 +231,16 @@ def test_bench_page_has_a_table_per_kind_and_a_row_for_an_unknown_file(tmp_path:
     assert "Trainer" not in md  # no trainer bench, no trainer table
 
 
-
 DOC_PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 
 
 def test_docs_hold_no_commit_hashes_or_dates():
     """The docs describe the code as it is: no commit-hash-like tokens, no calendar dates."""
     hexlike = re.compile(r"(?<![\w/.-])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,12}(?![\w/-])")
-    date = re.compile(r"\b(19|20)\d\d-(0[1-9]|1[0-2])(-\d\d)?\b|\b(January|February|March|April|May|June|July|"
-                      r"August|September|October|November|December) (19|20)\d\d\b")
+    date = re.compile(
+        r"\b(19|20)\d\d-(0[1-9]|1[0-2])(-\d\d)?\b|\b(January|February|March|April|May|June|July|"
+        r"August|September|October|November|December) (19|20)\d\d\b"
+    )
     for page in DOC_PAGES:
         text = page.read_text(encoding="utf-8")
         assert not hexlike.findall(text), (page.name, hexlike.findall(text))
@@ -186,8 +249,7 @@ def test_docs_hold_no_commit_hashes_or_dates():
 
 def _anchors(page: Path) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
-    heads = [line.lstrip("#").strip() for line in page.read_text(encoding="utf-8").splitlines()
-             if line.startswith("#")]
+    heads = [line.lstrip("#").strip() for line in page.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
     return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
 
 

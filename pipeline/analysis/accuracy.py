@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import polars as pl
 
 from pipeline.generation.types import GenerationSettings
 from pipeline.judging.answers import is_correct
 
 
-def greedy_eval(sampler, prompts: pl.DataFrame, max_new_tokens: int, label: str,
-                progress: str | None = "greedy eval") -> tuple[pl.DataFrame, float]:
+def greedy_eval(
+    sampler, prompts: pl.DataFrame, max_new_tokens: int, label: str, progress: str | None = "greedy eval"
+) -> tuple[pl.DataFrame, float]:
     """Greedy answers of ``sampler`` on ``prompts``; returns the generations table and accuracy."""
     settings = GenerationSettings.greedy(max_new_tokens)
     outs = sampler.generate(prompts["prompt"].to_list(), settings, progress=progress)
     rows = []
     for p, cands in zip(prompts.iter_rows(named=True), outs):
         ok, pred, _ = is_correct(cands[0].text, p["answer"])
-        rows.append({"prompt_id": p["prompt_id"], "model": label, "text": cands[0].text,
-                     "extracted_answer": pred, "correct": ok})
+        rows.append(
+            {
+                "prompt_id": p["prompt_id"],
+                "model": label,
+                "text": cands[0].text,
+                "extracted_answer": pred,
+                "correct": ok,
+            }
+        )
     df = pl.DataFrame(rows)
-    return df, float(df["correct"].mean()) if len(df) else 0.0
+    # polars types mean() for any column; a non-empty Boolean column's is a float
+    return df, cast(float, df["correct"].mean()) if len(df) else 0.0

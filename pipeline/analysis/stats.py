@@ -31,6 +31,10 @@ from typing import Any
 import numpy as np
 from scipy import stats as st
 
+# A sample: a list of numbers or a numpy array (polars columns arrive as ``.to_numpy()``).
+Floats = Sequence[float] | np.ndarray
+Bools = Sequence[bool] | np.ndarray
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -84,15 +88,14 @@ def fmt_number(x: Any, nd: int = 2, signed: bool = False) -> str:
     return (f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}") if isinstance(x, float) else str(x)
 
 
-def _arr(x: Sequence[float]) -> np.ndarray:
+def _arr(x: Floats) -> np.ndarray:
     a = np.asarray(x, dtype=float)
     if not np.all(np.isfinite(a)):
         raise ValueError("statistics need finite values; got NaN or infinity")
     return a
 
 
-def bootstrap_ci(x: Sequence[float], statistic: Callable, *, level: float,
-                 n_resamples: int, seed: int) -> Interval:
+def bootstrap_ci(x: Floats, statistic: Callable, *, level: float, n_resamples: int, seed: int) -> Interval:
     """``statistic`` of ``x`` with its percentile bootstrap interval; a sample of fewer than 2 values, or of one
     repeated value, has no interval (its bounds are the estimate)."""
     a = _arr(x)
@@ -101,12 +104,19 @@ def bootstrap_ci(x: Sequence[float], statistic: Callable, *, level: float,
     est = float(statistic(a))
     if len(a) < 2 or np.ptp(a) == 0:
         return Interval(est, est, est, level)
-    res = st.bootstrap((a,), statistic, confidence_level=level, n_resamples=n_resamples, method="percentile",
-                       vectorized=False, rng=np.random.default_rng(seed))
+    res = st.bootstrap(
+        (a,),
+        statistic,
+        confidence_level=level,
+        n_resamples=n_resamples,
+        method="percentile",
+        vectorized=False,
+        rng=np.random.default_rng(seed),
+    )
     return Interval(est, float(res.confidence_interval.low), float(res.confidence_interval.high), level)
 
 
-def sign_test(x: Sequence[float], *, level: float) -> tuple[Interval, Test]:
+def sign_test(x: Floats, *, level: float) -> tuple[Interval, Test]:
     """The share of ``x`` below zero among its non-zero values, with the Wilson interval of that share and the
     exact two-sided binomial (sign) test of 1/2."""
     a = _arr(x)
@@ -119,7 +129,7 @@ def sign_test(x: Sequence[float], *, level: float) -> tuple[Interval, Test]:
     return Interval(k / len(nz), float(ci.low), float(ci.high), level), Test("sign test", float(res.pvalue), len(nz))
 
 
-def wilcoxon_test(x: Sequence[float]) -> Test:
+def wilcoxon_test(x: Floats) -> Test:
     """Two-sided Wilcoxon signed-rank test that ``x`` is symmetric about zero (zeros dropped)."""
     a = _arr(x)
     nz = a[a != 0]
@@ -149,8 +159,7 @@ class McNemar:
     test: Test
 
 
-def mcnemar_test(a: Sequence[bool], b: Sequence[bool], *, level: float, n_resamples: int,
-                 seed: int) -> McNemar:
+def mcnemar_test(a: Bools, b: Bools, *, level: float, n_resamples: int, seed: int) -> McNemar:
     """Exact McNemar test of equal accuracy for correctness ``a`` and ``b`` on the same prompts (in the same
     order), and the accuracy difference B − A with a paired bootstrap interval over prompts."""
     from statsmodels.stats.contingency_tables import mcnemar
@@ -165,15 +174,17 @@ def mcnemar_test(a: Sequence[bool], b: Sequence[bool], *, level: float, n_resamp
     return McNemar(len(x), only_a, only_b, diff, Test("exact McNemar", p, len(x)))
 
 
-def slope(x: Sequence[float], y: Sequence[float], *, level: float) -> tuple[Interval, Test]:
+def slope(x: Floats, y: Floats, *, level: float) -> tuple[Interval, Test]:
     """Least-squares slope of ``y`` on ``x`` with its t interval, and the t test of a zero slope."""
     xa, ya = _arr(x), _arr(y)
     if len(xa) < 3 or np.ptp(xa) == 0:
         return Interval(math.nan, math.nan, math.nan, level), Test("t test of the slope", math.nan, len(xa))
     res = st.linregress(xa, ya)
     half = float(st.t.ppf(0.5 + level / 2, len(xa) - 2)) * res.stderr
-    return (Interval(float(res.slope), float(res.slope - half), float(res.slope + half), level),
-            Test("t test of the slope", float(res.pvalue), len(xa)))
+    return (
+        Interval(float(res.slope), float(res.slope - half), float(res.slope + half), level),
+        Test("t test of the slope", float(res.pvalue), len(xa)),
+    )
 
 
 def _rho(u: np.ndarray, v: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -186,8 +197,7 @@ def _rho(u: np.ndarray, v: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.nan_to_num(r, nan=0.0)
 
 
-def spearman(x: Sequence[float], y: Sequence[float], *, level: float, n_resamples: int,
-             seed: int) -> tuple[Interval, Test]:
+def spearman(x: Floats, y: Floats, *, level: float, n_resamples: int, seed: int) -> tuple[Interval, Test]:
     """Spearman's rank correlation with its paired bootstrap interval (pairs resampled together) and test."""
     xa, ya = _arr(x), _arr(y)
     if len(xa) < 3 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
@@ -197,15 +207,24 @@ def spearman(x: Sequence[float], y: Sequence[float], *, level: float, n_resample
     def rho(u, v, axis=-1):
         return _rho(u, v, axis)
 
-    boot = st.bootstrap((xa, ya), rho, paired=True, vectorized=True, confidence_level=level,
-                        n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed))
+    boot = st.bootstrap(
+        (xa, ya),
+        rho,
+        paired=True,
+        vectorized=True,
+        confidence_level=level,
+        n_resamples=n_resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     ci = boot.confidence_interval
-    return (Interval(float(res.statistic), float(ci.low), float(ci.high), level),
-            Test("Spearman", float(res.pvalue), len(xa)))
+    return (
+        Interval(float(res.statistic), float(ci.low), float(ci.high), level),
+        Test("Spearman", float(res.pvalue), len(xa)),
+    )
 
 
-def spearman_gap(a: Sequence[float], b: Sequence[float], y: Sequence[float], *, level: float, n_resamples: int,
-                 seed: int) -> Interval:
+def spearman_gap(a: Floats, b: Floats, y: Floats, *, level: float, n_resamples: int, seed: int) -> Interval:
     """``|ρ(b, y)| − |ρ(a, y)|`` (Spearman) with a paired bootstrap interval (triples resampled together): which
     of two predictors ranks ``y`` better; an interval above zero says ``b``."""
     aa, ba, ya = _arr(a), _arr(b), _arr(y)
@@ -216,6 +235,14 @@ def spearman_gap(a: Sequence[float], b: Sequence[float], y: Sequence[float], *, 
         return np.abs(_rho(v, w, axis)) - np.abs(_rho(u, w, axis))
 
     est = gap(aa, ba, ya)
-    boot = st.bootstrap((aa, ba, ya), gap, paired=True, vectorized=True, confidence_level=level,
-                        n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed))
+    boot = st.bootstrap(
+        (aa, ba, ya),
+        gap,
+        paired=True,
+        vectorized=True,
+        confidence_level=level,
+        n_resamples=n_resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     return Interval(float(est), float(boot.confidence_interval.low), float(boot.confidence_interval.high), level)

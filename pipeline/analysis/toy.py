@@ -15,8 +15,9 @@ log-probs of the chosen and rejected responses; the reference is the SFT model, 
 responses have length 1 (for ``dpo_sft`` and ``simpo``).
 
 Each seed of ``toy.seeds`` is its own MLP initialisation and draw of rejected responses; every seed ×
-scenario × loss trains at once (:func:`run_toy`, stacked MLPs), and :func:`final_metrics` reports the
-changes from the initial probabilities across seeds.
+scenario × loss trains at once (:func:`run_toy`, stacked MLPs), and
+:func:`pipeline.analysis.toy_report.final_metrics` reports the changes from the initial probabilities
+across seeds.
 
 The four scenarios (the paper's §3.2, §5.2 and Table 4) differ in the initial distribution, i.e. in
 where the chosen and rejected mass starts: ``toy.scenario_init`` in params.yaml.
@@ -44,16 +45,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import polars as pl
 import torch
 
-from pipeline.analysis.toy_settings import ScenarioInit, TOY_REJECTED, ToyParams
-
+from pipeline.analysis.toy_settings import TOY_REJECTED, ScenarioInit, ToyParams
 from pipeline.training.loss_hparams import validate_loss_hparams
 from pipeline.training.losses import LOSSES
 
@@ -63,8 +60,19 @@ CHOSEN = tuple(range(0, 4))
 REJECTED = tuple(range(4, 4 + TOY_REJECTED))
 UNSEEN = (8, 9)
 
-HISTORY_COLUMNS = ("seed", "loss", "scenario", "step", "p_chosen", "p_rejected", "p_dispersed", "grad_w",
-                   "grad_l", "grad_ratio", "prob_ratio")
+HISTORY_COLUMNS = (
+    "seed",
+    "loss",
+    "scenario",
+    "step",
+    "p_chosen",
+    "p_rejected",
+    "p_dispersed",
+    "grad_w",
+    "grad_l",
+    "grad_ratio",
+    "prob_ratio",
+)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -82,8 +90,10 @@ def _one_thread() -> Iterator[None]:
 def make_mlp(hidden: int) -> torch.nn.Sequential:
     """The 3-layer MLP policy: one-hot prompt (4) → logits over the 10 responses."""
     return torch.nn.Sequential(
-        torch.nn.Linear(N_PROMPTS, hidden), torch.nn.ReLU(),
-        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(N_PROMPTS, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
         torch.nn.Linear(hidden, N_RESPONSES),
     ).double()
 
@@ -136,11 +146,22 @@ def _record(logp: torch.Tensor, lp_w: torch.Tensor, lp_l: torch.Tensor, disp_mas
     autograd gradients of the loss w.r.t. ``lp_w``/``lp_l [..., pairs]``. ∂L/∂π = (∂L/∂log π) / π."""
     p = logp.exp()
     p_w, p_l = lp_w.detach().exp(), lp_l.detach().exp()
+    assert lp_w.grad is not None and lp_l.grad is not None  # the caller ran the loss's backward
     gw = lp_w.grad.abs() / p_w
     gl = lp_l.grad.abs() / p_l
     ratio = torch.where(gw > 0, gl / gw, torch.full_like(gw, math.nan))
-    return torch.stack([p_w.mean(-1), p_l.mean(-1), (p * disp_mask).sum(-1).mean(-1), gw.mean(-1),
-                        gl.mean(-1), ratio.mean(-1), (p_w / p_l).mean(-1)], -1)
+    return torch.stack(
+        [
+            p_w.mean(-1),
+            p_l.mean(-1),
+            (p * disp_mask).sum(-1).mean(-1),
+            gw.mean(-1),
+            gl.mean(-1),
+            ratio.mean(-1),
+            (p_w / p_l).mean(-1),
+        ],
+        -1,
+    )
 
 
 def _optimise(steps: int, log_probs, pick, loss_of, opt: torch.optim.Optimizer) -> torch.Tensor:
@@ -184,8 +205,9 @@ def sft(params: ToyParams, init: ScenarioInit, seed: int) -> tuple[torch.nn.Modu
     return model, kl
 
 
-def run_one(params: ToyParams, loss: str, sft_model: torch.nn.Module,
-            pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+def run_one(
+    params: ToyParams, loss: str, sft_model: torch.nn.Module, pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Step 2 for one loss, starting from (a copy of) ``sft_model``. Returns per-step series.
 
     :func:`run_toy` computes the same for every seed × scenario × loss at once; this is the
@@ -201,9 +223,13 @@ def run_one(params: ToyParams, loss: str, sft_model: torch.nn.Module,
     model = copy.deepcopy(sft_model)
     opt = _optimizer(params, model.parameters())
     with _one_thread():
-        out = _optimise(params.steps, lambda: torch.log_softmax(model(x), dim=-1),
-                        lambda logp: (logp[prompt, chosen], logp[prompt, rejected]),
-                        lambda lp_w, lp_l: fn(lp_w, lp_l, ref_w, ref_l, ones, ones, **hp).mean(), opt)
+        out = _optimise(
+            params.steps,
+            lambda: torch.log_softmax(model(x), dim=-1),
+            lambda logp: (logp[prompt, chosen], logp[prompt, rejected]),
+            lambda lp_w, lp_l: fn(lp_w, lp_l, ref_w, ref_l, ones, ones, **hp).mean(),
+            opt,
+        )
     return {k: out[:, j] for j, k in enumerate(RECORDED)}
 
 
@@ -217,7 +243,8 @@ class _StackedMLPs:
     alone (checked against :func:`run_one`)."""
 
     def __init__(self, models: list[torch.nn.Sequential]):
-        layers = [[m[i] for m in models] for i in (0, 2, 4)]
+        # per layer (make_mlp's three Linear layers), that layer of every model
+        layers = list(zip(*([lin for lin in m if isinstance(lin, torch.nn.Linear)] for m in models)))
         self.weights = [torch.stack([lin.weight.detach() for lin in ls]).clone() for ls in layers]
         self.biases = [torch.stack([lin.bias.detach() for lin in ls]).clone() for ls in layers]
 
@@ -275,116 +302,32 @@ def run_toy(params: ToyParams) -> pl.DataFrame:
         ref_w, ref_l = ref[runs, prompt, chosen], ref[runs, prompt, rejected]
         ones = torch.ones_like(ref_w)
         loss_of_run = torch.arange(n_runs) % len(losses)
-        groups = [(torch.nonzero(loss_of_run == k).squeeze(1), LOSSES[name].fn,
-                   validate_loss_hparams(name, params.hparams[name])) for k, name in enumerate(losses)]
+        groups = [
+            (
+                torch.nonzero(loss_of_run == k).squeeze(1),
+                LOSSES[name].fn,
+                validate_loss_hparams(name, params.hparams[name]),
+            )
+            for k, name in enumerate(losses)
+        ]
         # each run's loss is its loss function's mean over its pairs; the sum keeps them apart
-        out = _optimise(params.steps, mlps.log_probs,
-                        lambda logp: (logp[runs, prompt, chosen], logp[runs, prompt, rejected]),
-                        lambda lp_w, lp_l: sum(fn(lp_w[i], lp_l[i], ref_w[i], ref_l[i], ones[i], ones[i], **hp)
-                                               .mean(-1).sum() for i, fn, hp in groups),
-                        _optimizer(params, mlps.parameters())).numpy()  # [steps + 1, runs, recorded]
+        out = _optimise(
+            params.steps,
+            mlps.log_probs,
+            lambda logp: (logp[runs, prompt, chosen], logp[runs, prompt, rejected]),
+            lambda lp_w, lp_l: sum(
+                fn(lp_w[i], lp_l[i], ref_w[i], ref_l[i], ones[i], ones[i], **hp).mean(-1).sum() for i, fn, hp in groups
+            ),
+            _optimizer(params, mlps.parameters()),
+        ).numpy()  # [steps + 1, runs, recorded]
     n = params.steps + 1
     keys = [(s, c, name) for s in seeds for c in scenarios for name in losses]
-    return pl.DataFrame({
-        "seed": pl.Series([s for s, _, _ in keys for _ in range(n)], dtype=pl.Int32),
-        "loss": [name for _, _, name in keys for _ in range(n)],
-        "scenario": pl.Series([c for _, c, _ in keys for _ in range(n)], dtype=pl.Int32),
-        "step": pl.Series(list(range(n)) * n_runs, dtype=pl.Int32),
-        **{k: out[:, :, j].T.reshape(-1) for j, k in enumerate(RECORDED)},
-    }).select(HISTORY_COLUMNS)
-
-
-def final_metrics(df: pl.DataFrame, confidence: float) -> dict[str, Any]:
-    """``{loss: {"scenario_<s>": ...}}`` over the seeds: for the chosen, rejected and dispersed
-    probabilities the initial, peak and final means, the final level's sd, and the change from the
-    initial value (final − initial) with its mean, sd, ``confidence`` t interval and one-sample t test
-    (``scipy.stats.ttest_1samp``; none with one seed), and how many seeds rose and fell; the median
-    final gradient ratio."""
-    from scipy import stats
-
-    out: dict[str, Any] = {}
-    per_run = df.sort("step").group_by(["loss", "scenario", "seed"], maintain_order=True).agg(
-        *[pl.col(c).first().alias(f"{c}_init") for c in ("p_chosen", "p_rejected", "p_dispersed")],
-        *[pl.col(c).last().alias(c) for c in ("p_chosen", "p_rejected", "p_dispersed", "grad_ratio")],
-        pl.col("p_chosen").max().alias("p_chosen_peak"))
-    for (loss, scenario), g in per_run.group_by(["loss", "scenario"], maintain_order=True):
-        m: dict[str, Any] = {"seeds": g.height}
-        for c in ("p_chosen", "p_rejected", "p_dispersed"):
-            init, final = g[f"{c}_init"].to_numpy(), g[c].to_numpy()
-            change = final - init
-            m[f"{c}_init"] = float(init.mean())
-            if c == "p_chosen":
-                m["p_chosen_peak"] = float(g["p_chosen_peak"].mean())
-            m[c] = float(final.mean())
-            m[f"{c}_sd"] = float(final.std(ddof=1)) if len(final) > 1 else None
-            m[f"{c}_change"] = float(change.mean())
-            m[f"{c}_change_sd"] = float(change.std(ddof=1)) if len(change) > 1 else None
-            lo = hi = p = None
-            if len(change) > 1 and change.std() > 0:
-                t = stats.ttest_1samp(change, 0.0)
-                ci = t.confidence_interval(confidence)
-                lo, hi, p = float(ci.low), float(ci.high), float(t.pvalue)
-            m.update({f"{c}_change_lo": lo, f"{c}_change_hi": hi, f"{c}_change_p": p,
-                      f"{c}_rose": int((change > 0).sum()), f"{c}_fell": int((change < 0).sum())})
-        ratios = [r for r in g["grad_ratio"].to_list() if r is not None and math.isfinite(r)]
-        m["grad_ratio"] = float(sorted(ratios)[len(ratios) // 2]) if ratios else None
-        out.setdefault(loss, {})[f"scenario_{scenario}"] = m
-    return out
-
-
-# --------------------------------------------------------------------------------------------- plots
-def plot_toy(df: pl.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
-    """One PNG per scenario (``scenario_<s>.png``): for each loss a panel with the chosen, rejected
-    and dispersed probabilities over steps (the mean over seeds, shaded from the lowest seed to the
-    highest), and a last panel with the median gradient ratio ``|∂L/∂π(y_l)| / |∂L/∂π(y_w)|`` over
-    seeds of every loss (log scale). Files are written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.io import atomic_path
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    losses = list(dict.fromkeys(df["loss"].to_list()))
-    for scenario in sorted(set(df["scenario"].to_list())):
-        sub = df.filter(pl.col("scenario") == scenario).group_by(["loss", "step"]).agg(
-            *[pl.col(c).mean().alias(c) for c in ("p_chosen", "p_rejected", "p_dispersed")],
-            *[pl.col(c).min().alias(f"{c}_lo") for c in ("p_chosen", "p_rejected", "p_dispersed")],
-            *[pl.col(c).max().alias(f"{c}_hi") for c in ("p_chosen", "p_rejected", "p_dispersed")],
-            pl.col("grad_ratio").median()).sort("step")
-        n = len(losses) + 1
-        cols = min(4, n)
-        rows = math.ceil(n / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
-        flat = axes.ravel()
-        for ax, loss in zip(flat, losses):
-            d = sub.filter(pl.col("loss") == loss)
-            for c, label, color in (("p_chosen", "chosen", "tab:green"), ("p_rejected", "rejected", "tab:red"),
-                                    ("p_dispersed", "dispersed", "tab:blue")):
-                ax.plot(d["step"], d[c], label=label, color=color)
-                ax.fill_between(d["step"], d[f"{c}_lo"], d[f"{c}_hi"], color=color, alpha=0.2, linewidth=0)
-            ax.set_title(loss)
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_xlabel("step")
-        flat[0].legend(fontsize=7)
-        ax = flat[len(losses)]
-        for loss in losses:
-            d = sub.filter(pl.col("loss") == loss)
-            ax.plot(d["step"], d["grad_ratio"], label=loss)
-        ax.set_yscale("log")
-        ax.set_title("|dL/dπ(y_l)| / |dL/dπ(y_w)|")
-        ax.set_xlabel("step")
-        ax.legend(fontsize=6, ncol=2)
-        for extra in flat[n:]:
-            extra.axis("off")
-        fig.suptitle(f"toy model, scenario {scenario} ({df['seed'].n_unique()} seeds: mean and range)")
-        fig.tight_layout()
-        path = out_dir / f"scenario_{scenario}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
-        plt.close(fig)
-        written.append(path)
-    return written
+    return pl.DataFrame(
+        {
+            "seed": pl.Series([s for s, _, _ in keys for _ in range(n)], dtype=pl.Int32),
+            "loss": [name for _, _, name in keys for _ in range(n)],
+            "scenario": pl.Series([c for _, c, _ in keys for _ in range(n)], dtype=pl.Int32),
+            "step": pl.Series(list(range(n)) * n_runs, dtype=pl.Int32),
+            **{k: out[:, :, j].T.reshape(-1) for j, k in enumerate(RECORDED)},
+        }
+    ).select(HISTORY_COLUMNS)

@@ -15,7 +15,7 @@ Each check runs on its own; one that fails or cannot run records why and the oth
    ``train.shared_prompt``), timed steps after one warm-up: tokens/s (prompt + chosen + rejected) and
    MFU = 6 · N_params · tokens/s / peak (also with the non-embedding parameter count).
 4. ``nccl``: DDP and FSDP2 through ``torchrun`` with NCCL on every visible GPU (needs at least 2), the
-   same steps as one process: the largest difference of the loss curves.
+   same steps as one process: the largest difference of the loss curves (:mod:`pipeline.bench.gpu_nccl`).
 5. ``vllm``: the sampling benchmark (:mod:`pipeline.bench.sampling`: transformers vs vLLM, compiled,
    bf16) when vLLM is installed.
 6. ``repro``: ``dvc repro`` of a fresh clone of this repository with ``profiles/gpu.yaml`` applied to its
@@ -47,8 +47,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bench.gpu_policy import (PolicySpec, check_settings, examples_with_reference, load_policy,
-                                       policy_spec, synth_pairs)
+from pipeline.bench.gpu_nccl import dist_worker, nccl_check
+from pipeline.bench.gpu_policy import (
+    PolicySpec,
+    check_settings,
+    examples_with_reference,
+    load_policy,
+    policy_spec,
+    synth_pairs,
+)
 from pipeline.bench.process import PROJECT_ROOT, child_env
 from pipeline.settings.params import Params
 from pipeline.settings.train import Variant
@@ -81,7 +88,7 @@ class Checks:
             left @ right
         _sync()
         seconds = (time.perf_counter() - start) / 10
-        return {"n": n, "tflops": 2 * n ** 3 / seconds / 1e12, "gpu": torch.cuda.get_device_name(0)}
+        return {"n": n, "tflops": 2 * n**3 / seconds / 1e12, "gpu": torch.cuda.get_device_name(0)}
 
     def bf16_reference(self) -> dict:
         from pipeline.training.trainer import RunOptions, train_preference
@@ -89,24 +96,40 @@ class Checks:
         model, pad_id, source = load_policy(self.policy)
         settings = check_settings(self.variant.settings, batch_size=8, epochs=1, lr=1e-12)
         pairs = synth_pairs(8, 94, 17, model.config.vocab_size, seed=1)  # the default pairs' lengths
-        out = {"model_source": source, "ref_check_tol": settings.ref_check_tol, "bf16": settings.bf16,
-               "device": str(next(model.parameters()).device)}
+        out = {
+            "model_source": source,
+            "ref_check_tol": settings.ref_check_tol,
+            "bf16": settings.bf16,
+            "device": str(next(model.parameters()).device),
+        }
         # both references from the starting policy, each computed once
-        refs = {bf16: examples_with_reference(model.eval(), pairs, pad_id, settings, bf16)
-                for bf16 in {settings.bf16, False}}
+        refs = {
+            bf16: examples_with_reference(model.eval(), pairs, pad_id, settings, bf16)
+            for bf16 in {settings.bf16, False}
+        }
         for i, (name, bf16) in enumerate((("same_precision", settings.bf16), ("fp32_reference", False))):
             if i:
                 model, pad_id, _ = load_policy(self.policy)  # a fresh policy: the first run stepped this one
-            seen: dict = {}
+            seen: dict[int, dict[str, float]] = {}
             try:
-                train_preference(model, refs[bf16], self.variant.losses, settings, pad_id=pad_id,
-                                 run=RunOptions(log_fn=lambda step, m, seen=seen: seen.setdefault(step, m)))
-                out[name] = {"ref_gap_max": seen[0]["ref_gap_max"], "ref_gap_mean": seen[0]["ref_gap_mean"],
-                             "failed": None}
+                train_preference(
+                    model,
+                    refs[bf16],
+                    self.variant.losses,
+                    settings,
+                    pad_id=pad_id,
+                    run=RunOptions(log_fn=seen.setdefault),
+                )
+                out[name] = {
+                    "ref_gap_max": seen[0]["ref_gap_max"],
+                    "ref_gap_mean": seen[0]["ref_gap_mean"],
+                    "failed": None,
+                }
             except ValueError as e:  # the trainer's first-step check refused it
                 out[name] = {"failed": str(e)[:400]}
-        out["reference_bf16_vs_fp32_max_abs"] = max(max(abs(x.ref_w - y.ref_w), abs(x.ref_l - y.ref_l))
-                                                    for x, y in zip(refs[settings.bf16], refs[False]))
+        out["reference_bf16_vs_fp32_max_abs"] = max(
+            max(abs(x.ref_w - y.ref_w), abs(x.ref_l - y.ref_l)) for x, y in zip(refs[settings.bf16], refs[False])
+        )
         same = out["same_precision"]
         out["passed"] = same.get("failed") is None and same["ref_gap_mean"] <= settings.ref_check_tol
         return out
@@ -118,11 +141,14 @@ class Checks:
         args = self.args
         model, pad_id, source = load_policy(self.policy)
         batch, steps, prompt_len, response_len, max_length = (
-            (8, 3, 64, 16, 160) if args.quick else
-            (args.mfu_batch, args.mfu_steps, args.mfu_prompt_len, args.mfu_response_len, args.mfu_max_length))
+            (8, 3, 64, 16, 160)
+            if args.quick
+            else (args.mfu_batch, args.mfu_steps, args.mfu_prompt_len, args.mfu_response_len, args.mfu_max_length)
+        )
         # random pairs: their reference is meaningless, so the first-step check is set out of the way
-        settings = check_settings(self.variant.settings, batch_size=batch, epochs=1, max_length=max_length,
-                                  ref_check_tol=1e9)
+        settings = check_settings(
+            self.variant.settings, batch_size=batch, epochs=1, max_length=max_length, ref_check_tol=1e9
+        )
         pairs = synth_pairs(batch * (steps + 1), prompt_len, response_len, model.config.vocab_size, seed=2)
         stamps: list[float] = []
 
@@ -130,24 +156,39 @@ class Checks:
             _sync()
             stamps.append(time.perf_counter())
 
-        train_preference(model, examples_with_reference(model, pairs, pad_id, settings, None), self.variant.losses,
-                         settings, pad_id=pad_id, run=RunOptions(log_fn=log_fn))
+        train_preference(
+            model,
+            examples_with_reference(model, pairs, pad_id, settings, None),
+            self.variant.losses,
+            settings,
+            pad_id=pad_id,
+            run=RunOptions(log_fn=log_fn),
+        )
         order = [i for b in step_batches(len(pairs), batch, 1, settings.seed) for i in b]
         tokens = 0
         for i in order[batch:]:  # the timed steps: every step after the first
             lengths = [len(pairs[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
             if lengths[0] + max(lengths[1:]) > max_length:  # truncated: the count would overstate the work
-                raise ValueError(f"a pair of {lengths[0]} + {max(lengths[1:])} tokens exceeds --mfu-max-length "
-                                 f"{max_length}")
+                raise ValueError(
+                    f"a pair of {lengths[0]} + {max(lengths[1:])} tokens exceeds --mfu-max-length {max_length}"
+                )
             tokens += sum(lengths)
         seconds = stamps[steps] - stamps[0]
         n_params = sum(p.numel() for p in model.parameters())
         n_embed = model.get_input_embeddings().weight.numel()
         tokens_per_s = tokens / seconds
-        out = {"model_source": source, "batch_pairs": batch, "timed_steps": steps, "tokens": tokens,
-               "seconds": seconds, "tokens_per_s": tokens_per_s, "n_params": n_params,
-               "n_params_non_embedding": n_params - n_embed, "bf16": settings.bf16,
-               "device": str(next(model.parameters()).device)}
+        out = {
+            "model_source": source,
+            "batch_pairs": batch,
+            "timed_steps": steps,
+            "tokens": tokens,
+            "seconds": seconds,
+            "tokens_per_s": tokens_per_s,
+            "n_params": n_params,
+            "n_params_non_embedding": n_params - n_embed,
+            "bf16": settings.bf16,
+            "device": str(next(model.parameters()).device),
+        }
         peak = self.results.get("peak", {}).get("tflops")
         if peak:
             out["mfu"] = 6 * n_params * tokens_per_s / (peak * 1e12)
@@ -155,35 +196,7 @@ class Checks:
         return out
 
     def nccl(self) -> dict:
-        from pipeline.training.trainer import RunOptions, train_preference
-
-        n_gpu = torch.cuda.device_count()
-        world = n_gpu if n_gpu >= 2 else (2 if self.args.quick else 0)
-        if not world:
-            return {"skipped": f"{n_gpu} GPU(s) visible: NCCL needs one GPU per process, so at least 2"}
-        backend = "nccl" if n_gpu >= 2 else "gloo"  # a quick run on a CPU: the same launch with gloo
-        model, pad_id, source = load_policy(self.policy)
-        settings = check_settings(self.variant.settings, batch_size=max(8, world), epochs=2, ref_check_tol=1e9,
-                                  bf16=n_gpu >= 2)
-        pairs = synth_pairs(settings.batch_size * 2 + 2, 64, 16, model.config.vocab_size, seed=3)  # a 2-pair tail
-        examples = examples_with_reference(model.eval(), pairs, pad_id, settings, settings.bf16)
-        single = [h["loss"] for h in train_preference(model, examples, self.variant.losses, settings, pad_id=pad_id)]
-        with tempfile.TemporaryDirectory() as tmp:
-            spec, result = Path(tmp) / "spec.pt", Path(tmp) / "losses.pt"
-            torch.save({"examples": examples, "terms": self.variant.losses, "settings": settings, "backend": backend,
-                        "policy": self.policy}, spec)
-            start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   f"--nproc_per_node={world}", "-m", "pipeline.bench.gpu_check", "--dist-worker",
-                                   str(spec), str(result)], env=child_env(), capture_output=True, text=True,
-                                  check=False)
-            if proc.returncode:
-                return {"backend": backend, "world": world, "failed": proc.stderr[-3000:]}
-            losses = torch.load(result)
-        diffs = {k: max(abs(a - b) for a, b in zip(v, single)) for k, v in losses.items()}
-        return {"backend": backend, "world": world, "model_source": source, "steps": len(single), "single": single,
-                **{f"{k}_losses": v for k, v in losses.items()}, "max_abs_loss_diff": diffs,
-                "wall_s": time.perf_counter() - start, "passed": all(d < self.args.loss_tol for d in diffs.values())}
+        return nccl_check(self.variant, self.policy, quick=self.args.quick, loss_tol=self.args.loss_tol)
 
     def vllm(self) -> dict:
         import importlib.util
@@ -194,11 +207,29 @@ class Checks:
             out = Path(tmp) / "sampling.json"
             cmd = [sys.executable, "-m", "pipeline.bench.sampling", "--params", self.args.params, "--out", str(out)]
             if torch.cuda.is_available():
-                cmd += ["--prompts", "512", "--n", "8", "--max-new-tokens", "128", "--batch-size", "512", "--dtype",
-                        "bfloat16", "--compiled", "--max-num-seqs", "1024", "--logprob-check", "256"]
+                cmd += [
+                    "--prompts",
+                    "512",
+                    "--n",
+                    "8",
+                    "--max-new-tokens",
+                    "128",
+                    "--batch-size",
+                    "512",
+                    "--dtype",
+                    "bfloat16",
+                    "--compiled",
+                    "--max-num-seqs",
+                    "1024",
+                    "--logprob-check",
+                    "256",
+                ]
             else:
-                cmd += ["--quick", "--backends", "transformers,vllm"] if self.args.quick else \
-                    ["--prompts", "8", "--n", "2", "--max-new-tokens", "8"]
+                cmd += (
+                    ["--quick", "--backends", "transformers,vllm"]
+                    if self.args.quick
+                    else ["--prompts", "8", "--n", "2", "--max-new-tokens", "8"]
+                )
             proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, check=False)
             if proc.returncode:
                 return {"failed": proc.stderr[-3000:]}
@@ -220,51 +251,39 @@ class Checks:
         env = {**os.environ, "DPO_PIPELINE_CACHE": str(cache_root())}  # the converted models, shared
         start = time.perf_counter()
         proc = subprocess.run(["dvc", "repro"], cwd=work, env=env, capture_output=True, text=True, check=False)
-        result = {"workdir": str(work), "wall_s": time.perf_counter() - start, "rc": proc.returncode,
-                  "log_tail": proc.stdout[-2000:]}
+        result = {
+            "workdir": str(work),
+            "wall_s": time.perf_counter() - start,
+            "rc": proc.returncode,
+            "log_tail": proc.stdout[-2000:],
+        }
         if proc.returncode == 0:
             result["metrics"] = {p.name: json.loads(p.read_text()) for p in (work / "metrics" / "eval").glob("*.json")}
         return result
 
 
-def dist_worker(spec_path: str, out_path: str) -> None:
-    """Under torchrun: train the spec's pairs with DDP, then FSDP2; rank 0 writes the loss curves."""
-    import dataclasses
-
-    from pipeline.settings.params import Params
-
-    from pipeline.settings.train import RuntimeParams
-    from pipeline.training import distributed
-    from pipeline.training.trainer import RunOptions, train_preference
-
-    spec = torch.load(spec_path, weights_only=False)
-    ctx = distributed.init(RuntimeParams(nproc=int(os.environ["WORLD_SIZE"]), backend=spec["backend"],
-                                         strategy="ddp", checkpoint_every=0, checkpoint_dir="."))
-    losses = {}
-    for strategy in ("ddp", "fsdp"):
-        model, pad_id, _ = load_policy(spec["policy"])
-        history = train_preference(model.to(ctx.device), spec["examples"], spec["terms"], spec["settings"],
-                                   pad_id=pad_id, ctx=dataclasses.replace(ctx, strategy=strategy))
-        losses[strategy] = [h["loss"] for h in history]
-    if ctx.is_main:
-        torch.save(losses, out_path)
-    distributed.shutdown(ctx)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--variant", help="the train.variants entry whose loss and settings train (default: the "
-                                          "first one)")
-    parser.add_argument("--checks", default="peak,bf16_reference,mfu,nccl,vllm",
-                        help=f"comma-separated subset of {','.join(CHECKS)}")
+    parser.add_argument(
+        "--variant", help="the train.variants entry whose loss and settings train (default: the first one)"
+    )
+    parser.add_argument(
+        "--checks", default="peak,bf16_reference,mfu,nccl,vllm", help=f"comma-separated subset of {','.join(CHECKS)}"
+    )
     parser.add_argument("--repro", action="store_true", help="also run the GPU profile's dvc repro")
     parser.add_argument("--gpu-profile", default="profiles/gpu.yaml", help="the profile --repro applies")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: a tiny random model, small sizes (on a "
-                                                             "CPU, gloo stands in for NCCL)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: a tiny random model, small sizes (on a CPU, gloo stands in for NCCL)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads on a CPU (0: torch's default)")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="SmolLM2-135M's architecture with random weights instead of policy.model")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="SmolLM2-135M's architecture with random weights instead of policy.model",
+    )
     parser.add_argument("--mfu-batch", type=int, default=64, help="pairs per step")
     parser.add_argument("--mfu-steps", type=int, default=10)
     parser.add_argument("--mfu-prompt-len", type=int, default=256)
@@ -293,9 +312,17 @@ def main(argv: list[str] | None = None) -> int:
     variant = cfg.variant(args.variant or next(iter(cfg.train.variants)))
     runner = Checks(args, cfg, variant, policy_spec(cfg, quick=args.quick, random_weights=args.random_weights))
     results = runner.results
-    results.update({"bench": "gpu_check", "host": platform.node(), "torch": torch.__version__,
-                    "cuda": torch.version.cuda, "variant": variant.name, "quick": args.quick,
-                    "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]})
+    results.update(
+        {
+            "bench": "gpu_check",
+            "host": platform.node(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "variant": variant.name,
+            "quick": args.quick,
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        }
+    )
     for name in checks:
         start = time.perf_counter()
         try:

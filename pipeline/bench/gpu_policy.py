@@ -14,22 +14,39 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.settings.params import Params
-
 from pipeline.settings.train import TrainSettings
 
 # SmolLM2-135M's architecture (its config.json), for machines without the embedded weights.
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1,
-                    eos_token_id=2, pad_token_id=2)
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
 # The same vocabulary (so the same token ids), two narrow layers: a quick run's stand-in.
-TINY = {**SMOLLM2_135M, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 2}
+TINY = {
+    **SMOLLM2_135M,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
 
 
 @dataclass(frozen=True)
 class PolicySpec:
     """Which policy to load; picklable, so a torchrun worker loads the same one."""
+
     model: str  # params' policy.model
     dtype: str  # params' policy.dtype
     random_architecture: dict | None  # a LlamaConfig's fields: random weights instead of ``model``
@@ -47,8 +64,11 @@ def _random_policy(architecture: dict, dtype: str, why: str):
     config = LlamaConfig(**architecture)
     config._attn_implementation = "sdpa"
     size = "tiny" if architecture == TINY else "full-size"
-    return (LlamaForCausalLM(config).to(getattr(torch, dtype)), architecture["pad_token_id"],
-            f"SmolLM2-135M architecture, {size}, random weights ({why})")
+    return (
+        LlamaForCausalLM(config).to(getattr(torch, dtype)),
+        architecture["pad_token_id"],
+        f"SmolLM2-135M architecture, {size}, random weights ({why})",
+    )
 
 
 def load_policy(spec: PolicySpec):
@@ -78,8 +98,13 @@ def synth_pairs(n: int, prompt_len: int, resp_len: int, vocab: int, seed: int) -
         n_prompt = prompt_len + rng.randrange(-prompt_len // 4, prompt_len // 4 + 1)
         n_chosen, n_rejected = (max(2, resp_len + rng.randrange(-resp_len // 3, resp_len // 3 + 1)) for _ in range(2))
         chosen = [rng.randrange(100, vocab) for _ in range(n_chosen)]
-        out.append({"prompt_ids": [rng.randrange(100, vocab) for _ in range(n_prompt)], "chosen_ids": chosen,
-                    "rejected_ids": chosen[:1] + [rng.randrange(100, vocab) for _ in range(n_rejected - 1)]})
+        out.append(
+            {
+                "prompt_ids": [rng.randrange(100, vocab) for _ in range(n_prompt)],
+                "chosen_ids": chosen,
+                "rejected_ids": chosen[:1] + [rng.randrange(100, vocab) for _ in range(n_rejected - 1)],
+            }
+        )
     return out
 
 
@@ -99,7 +124,9 @@ def examples_with_reference(model, pairs: list[dict], pad_id: int, settings: Tra
     table = pl.DataFrame(pairs)
     if bf16 is None:
         return pair_examples(table.with_columns(ref_w=pl.lit(0.0), ref_l=pl.lit(0.0)))
-    ref_w, ref_l, _, _ = pair_logprobs(model, table, pad_id, 16, settings.max_length, bf16=bf16,
-                                       shared_prompt=settings.shared_prompt)
-    return pair_examples(table.with_columns(ref_w=pl.Series(ref_w, dtype=pl.Float64),
-                                            ref_l=pl.Series(ref_l, dtype=pl.Float64)))
+    ref_w, ref_l, _, _ = pair_logprobs(
+        model, table, pad_id, 16, settings.max_length, bf16=bf16, shared_prompt=settings.shared_prompt
+    )
+    return pair_examples(
+        table.with_columns(ref_w=pl.Series(ref_w, dtype=pl.Float64), ref_l=pl.Series(ref_l, dtype=pl.Float64))
+    )

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import paths
-from pipeline.settings.params import Params
 from pipeline.model import loading
+from pipeline.settings.params import Params
 
 
 def has_policy() -> bool:

@@ -13,8 +13,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 def child_env(**overrides: str) -> dict[str, str]:
     """``os.environ`` with this checkout first on ``PYTHONPATH``, and ``overrides`` set."""
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *([path] if path else [])]),
-            **overrides}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *([path] if path else [])]), **overrides}
 
 
 def loadavg() -> float | None:

@@ -58,30 +58,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--model", help="builtin name or model folder (default: models/policy, else policy.model)")
-    parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK.prompts} prompts x n={QUICK.n}, "
-                        f"{QUICK.max_new_tokens} new tokens, {QUICK.backends} only, a tiny random model where "
-                        "there is no models/policy")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a smoke run: {QUICK.prompts} prompts x n={QUICK.n}, "
+        f"{QUICK.max_new_tokens} new tokens, {QUICK.backends} only, a tiny random model where "
+        "there is no models/policy",
+    )
     parser.add_argument("--backends", help=f"comma-separated (default {FULL.backends})")
     parser.add_argument("--prompts", type=int, help=f"timed prompts (default {FULL.prompts})")
-    parser.add_argument("--warmup-prompts", type=int, help=f"prompts of the untimed call (default {FULL.warmup_prompts})")
+    parser.add_argument(
+        "--warmup-prompts", type=int, help=f"prompts of the untimed call (default {FULL.warmup_prompts})"
+    )
     parser.add_argument("--n", type=int, help="candidates per prompt (default: sample.n)")
     parser.add_argument("--temperature", type=float, help="default: sample.temperature")
     parser.add_argument("--max-new-tokens", type=int, help="default: sample.max_new_tokens")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: policy.dtype")
-    parser.add_argument("--batch-size", type=int, help="transformers: sequences per generate call "
-                                                       "(default: sample.batch_size)")
+    parser.add_argument(
+        "--batch-size", type=int, help="transformers: sequences per generate call (default: sample.batch_size)"
+    )
     parser.add_argument("--max-num-seqs", type=int, help="vLLM: sequences per engine step (default: vllm.max_num_seqs)")
-    parser.add_argument("--gpu-memory-utilization", type=float, help="vLLM on a GPU (default: "
-                                                                     "vllm.gpu_memory_utilization)")
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, help="vLLM on a GPU (default: vllm.gpu_memory_utilization)"
+    )
     parser.add_argument("--compiled", action="store_true", help="vLLM: torch.compile instead of enforce_eager")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the children (0: torch's default)")
-    parser.add_argument("--prompts-file", help="JSON list of prompt strings (from --write-prompts) instead of "
-                                               "reasoning-gym")
+    parser.add_argument(
+        "--prompts-file", help="JSON list of prompt strings (from --write-prompts) instead of reasoning-gym"
+    )
     parser.add_argument("--write-prompts", help="write the prompts as JSON here and exit")
-    parser.add_argument("--logprob-check", type=int, default=0,
-                        help="re-score this many vLLM candidates with the training code path (generation.logprob_check)")
-    parser.add_argument("--no-preload", action="store_true",
-                        help="vLLM on CPU: without the tcmalloc / Intel OpenMP LD_PRELOAD the sample stage uses")
+    parser.add_argument(
+        "--logprob-check",
+        type=int,
+        default=0,
+        help="re-score this many vLLM candidates with the training code path (generation.logprob_check)",
+    )
+    parser.add_argument(
+        "--no-preload",
+        action="store_true",
+        help="vLLM on CPU: without the tcmalloc / Intel OpenMP LD_PRELOAD the sample stage uses",
+    )
     parser.add_argument("--out", help="write the figures as JSON here (reports/bench/ keeps recorded runs)")
     parser.add_argument("--child", nargs=3, metavar=("SPEC", "BACKEND", "RESULT"), help=argparse.SUPPRESS)
     return parser
@@ -119,23 +135,38 @@ def prompts_for(args: argparse.Namespace, cfg: Params) -> list[str]:
 
 def build_spec(args: argparse.Namespace, cfg: Params, model: str, prompts: list[str]) -> dict:
     """What every backend's child runs: the model, prompts, decoding and engine settings."""
-    engine = {"max_num_seqs": args.max_num_seqs, "gpu_memory_utilization": args.gpu_memory_utilization,
-              "enforce_eager": False if args.compiled else None}
+    engine = {
+        "max_num_seqs": args.max_num_seqs,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "enforce_eager": False if args.compiled else None,
+    }
     vllm = cfg.vllm.model_copy(update={k: v for k, v in engine.items() if v is not None})
-    generation = {"n": args.n, "temperature": args.temperature, "top_p": cfg.sample.top_p,
-                  "max_new_tokens": args.max_new_tokens, "seed": cfg.sample.seed}
-    return {"model": model, "dtype": args.dtype, "prompts": prompts, "warmup_prompts": args.warmup_prompts,
-            "generation": generation, "batch_size": args.batch_size, "vllm": vllm.model_dump(),
-            "threads": args.threads, "logprob_check": args.logprob_check}
+    generation = {
+        "n": args.n,
+        "temperature": args.temperature,
+        "top_p": cfg.sample.top_p,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": cfg.sample.seed,
+    }
+    return {
+        "model": model,
+        "dtype": args.dtype,
+        "prompts": prompts,
+        "warmup_prompts": args.warmup_prompts,
+        "generation": generation,
+        "batch_size": args.batch_size,
+        "vllm": vllm.model_dump(),
+        "threads": args.threads,
+        "logprob_check": args.logprob_check,
+    }
 
 
 def run_backend(spec: dict, backend: str) -> dict:
     """One backend's figures, in this process: start-up, an untimed warm-up call, the timed call."""
-    from pipeline.settings.params import Params
-    from pipeline.settings.sampling import VLLMParams
     from pipeline.generation.registry import sampler_for
     from pipeline.generation.types import GenerationSettings
     from pipeline.generation.vllm_backend.environment import preloaded_libs
+    from pipeline.settings.sampling import VLLMParams
 
     torch_threads = None
     if spec["threads"]:
@@ -143,7 +174,7 @@ def run_backend(spec: dict, backend: str) -> dict:
 
         torch.set_num_threads(spec["threads"])
         torch_threads = torch.get_num_threads()
-    warm, timed = spec["prompts"][:spec["warmup_prompts"]], spec["prompts"][spec["warmup_prompts"]:]
+    warm, timed = spec["prompts"][: spec["warmup_prompts"]], spec["prompts"][spec["warmup_prompts"] :]
     settings = GenerationSettings(**spec["generation"])
     vllm = VLLMParams(**spec["vllm"])
     start = time.perf_counter()
@@ -162,14 +193,26 @@ def run_backend(spec: dict, backend: str) -> dict:
     if spec["logprob_check"] and backend != "transformers":
         from pipeline.generation.logprob_check import logprob_check
 
-        pairs = [(p, c) for p, cands in zip(timed, outs) for c in cands][:spec["logprob_check"]]
-        check = logprob_check(spec["model"], spec["dtype"], [p for p, _ in pairs], [c for _, c in pairs],
-                              batch_size=spec["batch_size"])
-    return {"logprob_check": check, "backend": backend, "startup_s": startup, "warmup_s": warmup, "wall_s": wall,
-            "cpu_s_main_process": cpu, "tokens": tokens, "sequences": sum(len(c) for c in outs),
-            "stopped": sum(c.finish_reason == "stop" for cands in outs for c in cands),
-            "tok_per_s": tokens / wall, "end_to_end_s": startup + warmup + wall, "torch_threads": torch_threads,
-            "ld_preload": preloaded_libs(), "block_size": vllm.block_size if backend == "vllm" else None}
+        pairs = [(p, c) for p, cands in zip(timed, outs) for c in cands][: spec["logprob_check"]]
+        check = logprob_check(
+            spec["model"], spec["dtype"], [p for p, _ in pairs], [c for _, c in pairs], batch_size=spec["batch_size"]
+        )
+    return {
+        "logprob_check": check,
+        "backend": backend,
+        "startup_s": startup,
+        "warmup_s": warmup,
+        "wall_s": wall,
+        "cpu_s_main_process": cpu,
+        "tokens": tokens,
+        "sequences": sum(len(c) for c in outs),
+        "stopped": sum(c.finish_reason == "stop" for cands in outs for c in cands),
+        "tok_per_s": tokens / wall,
+        "end_to_end_s": startup + warmup + wall,
+        "torch_threads": torch_threads,
+        "ld_preload": preloaded_libs(),
+        "block_size": vllm.block_size if backend == "vllm" else None,
+    }
 
 
 def run_children(spec: dict, backends: list[str], workdir: Path, preload: bool) -> dict:
@@ -196,25 +239,33 @@ def run_children(spec: dict, backends: list[str], workdir: Path, preload: bool) 
 
 def report(args: argparse.Namespace, results: dict) -> None:
     """The table, the vLLM / transformers ratios (also into ``results``) and the log-prob checks."""
-    print(f"model {args.model}, {args.dtype}, {args.prompts} prompts x n={args.n}, T={args.temperature}, "
-          f"max_new_tokens={args.max_new_tokens}; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"model {args.model}, {args.dtype}, {args.prompts} prompts x n={args.n}, T={args.temperature}, "
+        f"max_new_tokens={args.max_new_tokens}; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs"
+    )
     print(f"{'backend':<13}{'startup s':>10}{'gen s':>9}{'tokens':>8}{'tok/s':>9}{'end-to-end s':>14}")
     for r in results.values():
-        print(f"{r['backend']:<13}{r['startup_s']:>10.1f}{r['wall_s']:>9.1f}{r['tokens']:>8d}"
-              f"{r['tok_per_s']:>9.1f}{r['end_to_end_s']:>14.1f}")
+        print(
+            f"{r['backend']:<13}{r['startup_s']:>10.1f}{r['wall_s']:>9.1f}{r['tokens']:>8d}"
+            f"{r['tok_per_s']:>9.1f}{r['end_to_end_s']:>14.1f}"
+        )
     if {"transformers", "vllm"} <= results.keys():
         transformers, vllm = results["transformers"], results["vllm"]
         ratio = vllm["tok_per_s"] / transformers["tok_per_s"]
-        print(f"vllm / transformers: {ratio:.2f}x tokens/s; end-to-end "
-              f"{transformers['end_to_end_s'] / vllm['end_to_end_s']:.2f}x")
+        print(
+            f"vllm / transformers: {ratio:.2f}x tokens/s; end-to-end "
+            f"{transformers['end_to_end_s'] / vllm['end_to_end_s']:.2f}x"
+        )
         results["ratio_tok_per_s"] = ratio
     for r in results.values():
         if isinstance(r, dict) and r.get("logprob_check"):
             check = r["logprob_check"]
-            print(f"{r['backend']} log-prob vs training path ({check['dtype']}, {check['n']} candidates): mean "
-                  f"|diff| {check['mean_abs_diff']:.2e} nats/seq, max {check['max_abs_diff']:.2e}, "
-                  f"{check['mean_abs_diff_per_token']:.2e} per token")
+            print(
+                f"{r['backend']} log-prob vs training path ({check['dtype']}, {check['n']} candidates): mean "
+                f"|diff| {check['mean_abs_diff']:.2e} nats/seq, max {check['max_abs_diff']:.2e}, "
+                f"{check['mean_abs_diff_per_token']:.2e} per token"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,8 +288,13 @@ def main(argv: list[str] | None = None) -> int:
         results = run_children(spec, args.backends.split(","), Path(tmp), preload=not args.no_preload)
     report(args, results)
     if args.out:
-        payload = {"bench": "sampling", "args": {k: v for k, v in vars(args).items() if k != "child"},
-                   "generation": spec["generation"], "vllm": spec["vllm"], "results": results}
+        payload = {
+            "bench": "sampling",
+            "args": {k: v for k, v in vars(args).items() if k != "child"},
+            "generation": spec["generation"],
+            "vllm": spec["vllm"],
+            "results": results,
+        }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     return 0

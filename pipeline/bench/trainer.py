@@ -68,29 +68,48 @@ QUICK = Sizes(steps=2, n_synth=8, batch_size=2, configs=("ours",))
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--variant", help="the train.variants entry whose loss and settings run "
-                                          "(default: the first one)")
-    parser.add_argument("--model", help="builtin name, model folder or hf:<id> (default: models/policy, the "
-                                        "model the train stage trains; without it policy.model)")
-    parser.add_argument("--pairs", help="'pipeline' (data/pairs.parquet's training pairs, with "
-                                        "data/reference.parquet), 'synth' or a pairs parquet; default: pipeline "
-                                        "where the pairs stage has run, else synth")
-    parser.add_argument("--reference", help="reference parquet (pair_id, ref_w, ref_l) of a --pairs file; "
-                                            "missing log-probs are computed, untimed")
-    parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK.steps} steps of "
-                        f"{QUICK.batch_size} pairs, configs {','.join(QUICK.configs)}, a tiny random model "
-                        "where there is no models/policy")
+    parser.add_argument(
+        "--variant", help="the train.variants entry whose loss and settings run (default: the first one)"
+    )
+    parser.add_argument(
+        "--model",
+        help="builtin name, model folder or hf:<id> (default: models/policy, the "
+        "model the train stage trains; without it policy.model)",
+    )
+    parser.add_argument(
+        "--pairs",
+        help="'pipeline' (data/pairs.parquet's training pairs, with "
+        "data/reference.parquet), 'synth' or a pairs parquet; default: pipeline "
+        "where the pairs stage has run, else synth",
+    )
+    parser.add_argument(
+        "--reference",
+        help="reference parquet (pair_id, ref_w, ref_l) of a --pairs file; missing log-probs are computed, untimed",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a smoke run: {QUICK.steps} steps of "
+        f"{QUICK.batch_size} pairs, configs {','.join(QUICK.configs)}, a tiny random model "
+        "where there is no models/policy",
+    )
     parser.add_argument("--n-synth", type=int, help=f"problems behind --pairs synth (default {FULL.n_synth})")
-    parser.add_argument("--steps", type=int, help=f"timed optimiser steps (default {FULL.steps}; one more "
-                                                   "warm-up step runs first)")
+    parser.add_argument(
+        "--steps", type=int, help=f"timed optimiser steps (default {FULL.steps}; one more warm-up step runs first)"
+    )
     parser.add_argument("--batch-size", type=int, help="pairs per optimiser step (default: train.batch_size)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--configs", help=f"comma-separated subset of {','.join(CONFIGS)} "
-                                          f"(default {','.join(FULL.configs)})")
-    parser.add_argument("--profile", type=int, default=0, help="print the top-N ops (torch.profiler) of the "
-                                                               "timed steps")
-    parser.add_argument("--ours-fn", default="pipeline.training.trainer:train_preference",
-                        help="module:function with train_preference's signature, to try a candidate change of ours")
+    parser.add_argument(
+        "--configs", help=f"comma-separated subset of {','.join(CONFIGS)} (default {','.join(FULL.configs)})"
+    )
+    parser.add_argument(
+        "--profile", type=int, default=0, help="print the top-N ops (torch.profiler) of the timed steps"
+    )
+    parser.add_argument(
+        "--ours-fn",
+        default="pipeline.training.trainer:train_preference",
+        help="module:function with train_preference's signature, to try a candidate change of ours",
+    )
     parser.add_argument("--verbose", action="store_true", help="show the children's output (TRL's logs, warnings)")
     parser.add_argument("--out", help="write the results as JSON here (reports/bench/ keeps recorded runs)")
     return parser
@@ -114,9 +133,11 @@ def trl_beta(variant: Variant) -> float:
     """The beta TRL's sigmoid loss runs at: that of the variant's loss, which must be DPO's alone."""
     terms = variant.losses
     if len(terms) != 1 or terms[0].name != "dpo" or terms[0].weight != 1.0:
-        raise SystemExit(f"TRL's configurations run DPO's sigmoid loss; variant {variant.name!r} trains "
-                         f"{[(t.name, t.weight) for t in terms]}: pass --variant naming a variant with `loss: dpo`, "
-                         "or --configs ours")
+        raise SystemExit(
+            f"TRL's configurations run DPO's sigmoid loss; variant {variant.name!r} trains "
+            f"{[(t.name, t.weight) for t in terms]}: pass --variant naming a variant with `loss: dpo`, "
+            "or --configs ours"
+        )
     return terms[0].hp["beta"]
 
 
@@ -134,8 +155,9 @@ def build_spec(args: argparse.Namespace, cfg: Params, variant: Variant, workdir:
     if Path(model_path).is_dir():
         model_path = str(Path(model_path).resolve())
     tokenizer = load_tokenizer(model_path)
-    pair_set = trainer_data.load_pair_set(args.pairs, args.reference,
-                                          model_path=model_path, tokenizer=tokenizer, cfg=cfg, n_synth=args.n_synth)
+    pair_set = trainer_data.load_pair_set(
+        args.pairs, args.reference, model_path=model_path, tokenizer=tokenizer, cfg=cfg, n_synth=args.n_synth
+    )
     if not pair_set.pairs.height:
         raise SystemExit("no pairs")
     trainer_data.check_tokenizer(pair_set.pairs, tokenizer)
@@ -146,21 +168,39 @@ def build_spec(args: argparse.Namespace, cfg: Params, variant: Variant, workdir:
         if config.startswith("ours"):
             layout = settings[config].shared_prompt
             if layout not in computed:
-                references[layout], computed[layout] = trainer_data.reference_logprobs(pair_set, model_path, cfg, layout)
+                references[layout], computed[layout] = trainer_data.reference_logprobs(
+                    pair_set, model_path, cfg, layout
+                )
                 if computed[layout]:
-                    source += (f"; {computed[layout]} reference log-prob pairs computed with the model itself "
-                               f"({'shared-prompt' if layout else 'padded'} layout, untimed)")
+                    source += (
+                        f"; {computed[layout]} reference log-prob pairs computed with the model itself "
+                        f"({'shared-prompt' if layout else 'padded'} layout, untimed)"
+                    )
     examples, order = trainer_data.step_layout(pair_set.pairs.height, base.batch_size, args.steps + 1, base.seed)
-    pairs = [{**{key: list(row[key]) for key in trainer_data.IDS},
-              # TRL's text inputs: the chat-templated prompt and the responses (with their EOS)
-              **{text: tokenizer.decode(row[f"{text}_ids"]) for text in ("prompt", "chosen", "rejected")}}
-             for row in pair_set.pairs.iter_rows(named=True)]
-    spec = {"model_path": model_path, "dtype": cfg.policy.dtype, "threads": args.threads, "profile": args.profile,
-            "ours_fn": args.ours_fn, "steps": args.steps, "losses": [t.model_dump() for t in variant.losses],
-            "trl_beta": trl_beta(variant) if any(not c.startswith("ours") for c in configs) else None,
-            "train": base.model_dump(), "settings": {c: s.model_dump() for c, s in settings.items()},
-            "reference": {c: references[settings[c].shared_prompt] for c in configs if c.startswith("ours")},
-            "pairs": pairs, "examples": examples, "order": order}
+    pairs = [
+        {
+            **{key: list(row[key]) for key in trainer_data.IDS},
+            # TRL's text inputs: the chat-templated prompt and the responses (with their EOS)
+            **{text: tokenizer.decode(row[f"{text}_ids"]) for text in ("prompt", "chosen", "rejected")},
+        }
+        for row in pair_set.pairs.iter_rows(named=True)
+    ]
+    spec = {
+        "model_path": model_path,
+        "dtype": cfg.policy.dtype,
+        "threads": args.threads,
+        "profile": args.profile,
+        "ours_fn": args.ours_fn,
+        "steps": args.steps,
+        "losses": [t.model_dump() for t in variant.losses],
+        "trl_beta": trl_beta(variant) if any(not c.startswith("ours") for c in configs) else None,
+        "train": base.model_dump(),
+        "settings": {c: s.model_dump() for c, s in settings.items()},
+        "reference": {c: references[settings[c].shared_prompt] for c in configs if c.startswith("ours")},
+        "pairs": pairs,
+        "examples": examples,
+        "order": order,
+    }
     return spec, source
 
 
@@ -169,16 +209,27 @@ def run_children(spec: dict, configs: list[str], workdir: Path, verbose: bool) -
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
     threads = str(spec["threads"])
-    env = child_env(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_DATASETS_CACHE=str(workdir / "hf-datasets"),
-                    TRANSFORMERS_VERBOSITY="error", DATASETS_VERBOSITY="error", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    env = child_env(
+        OMP_NUM_THREADS=threads,
+        MKL_NUM_THREADS=threads,
+        HF_DATASETS_CACHE=str(workdir / "hf-datasets"),
+        TRANSFORMERS_VERBOSITY="error",
+        DATASETS_VERBOSITY="error",
+        HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+    )
     results: dict[str, dict] = {}
     for config in configs:
         result_path = workdir / f"{config}.json"
         print(f"running {config} ...", flush=True)
         start, load_before = time.perf_counter(), loadavg()
         cmd = [sys.executable, "-m", "pipeline.bench.trainer_child", str(spec_path), config, str(result_path)]
-        proc = subprocess.run(cmd, env=env, text=True,
-                              **({} if verbose else {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}))
+        proc = subprocess.run(
+            cmd,
+            env=env,
+            text=True,
+            stdout=None if verbose else subprocess.PIPE,
+            stderr=None if verbose else subprocess.STDOUT,
+        )
         if proc.returncode != 0 or not result_path.is_file():
             if proc.stdout:
                 print(proc.stdout[-8000:])
@@ -190,14 +241,18 @@ def run_children(spec: dict, configs: list[str], workdir: Path, verbose: bool) -
 
 
 def format_table(results: dict[str, dict]) -> str:
-    head = (f"{'config':<16}{'steps':>6}{'tokens':>9}{'seconds':>9}{'tokens/s':>10}{'train peak MB':>15}"
-            f"{'abs peak MB':>13}{'init s':>8}{'CPU s':>8}{'tok/CPU-s':>11}")
+    head = (
+        f"{'config':<16}{'steps':>6}{'tokens':>9}{'seconds':>9}{'tokens/s':>10}{'train peak MB':>15}"
+        f"{'abs peak MB':>13}{'init s':>8}{'CPU s':>8}{'tok/CPU-s':>11}"
+    )
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         train_peak = "n/a" if r["train_peak_mb"] is None else f"{r['train_peak_mb']:.0f}"
-        lines.append(f"{name:<16}{r['steps']:>6}{r['tokens']:>9}{r['seconds']:>9.2f}{r['tokens_per_s']:>10.1f}"
-                     f"{train_peak:>15}{r['abs_peak_mb']:>13.0f}{r['init_s']:>8.2f}{r['cpu_s']:>8.1f}"
-                     f"{r['tokens_per_cpu_s']:>11.1f}")
+        lines.append(
+            f"{name:<16}{r['steps']:>6}{r['tokens']:>9}{r['seconds']:>9.2f}{r['tokens_per_s']:>10.1f}"
+            f"{train_peak:>15}{r['abs_peak_mb']:>13.0f}{r['init_s']:>8.2f}{r['cpu_s']:>8.1f}"
+            f"{r['tokens_per_cpu_s']:>11.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -212,8 +267,11 @@ def ratios(results: dict[str, dict]) -> dict[str, dict[str, float | None]]:
         out[f"ours/{other}"] = {
             "tokens_per_s": ours["tokens_per_s"] / theirs["tokens_per_s"],
             "tokens_per_cpu_s": ours["tokens_per_cpu_s"] / theirs["tokens_per_cpu_s"],
-            "train_peak_mb": (ours["train_peak_mb"] / theirs["train_peak_mb"]
-                              if ours["train_peak_mb"] is not None and theirs["train_peak_mb"] else None),
+            "train_peak_mb": (
+                ours["train_peak_mb"] / theirs["train_peak_mb"]
+                if ours["train_peak_mb"] is not None and theirs["train_peak_mb"]
+                else None
+            ),
             "abs_peak_mb": ours["abs_peak_mb"] / theirs["abs_peak_mb"],
         }
     return out
@@ -224,20 +282,27 @@ def notes(results: dict[str, dict], rat: dict, n_rows: int) -> list[str]:
     optimizers, the target and the load on the machine."""
     out = []
     if "trl_precompute" in results:
-        out.append(f"trl_precompute: precompute pass {results['trl_precompute']['precompute_s']:.2f} s "
-                   "(in 'init s', not in the timed loop)")
+        out.append(
+            f"trl_precompute: precompute pass {results['trl_precompute']['precompute_s']:.2f} s "
+            "(in 'init s', not in the timed loop)"
+        )
     for name, r in results.items():
         if "ref_gap_mean" in r:
-            out.append(f"{name}: first step |lp - ref| mean {r['ref_gap_mean']:.3g}, max {r['ref_gap_max']:.3g} "
-                       f"nats per sequence (train.ref_check_tol {r['ref_check_tol']:g})")
+            out.append(
+                f"{name}: first step |lp - ref| mean {r['ref_gap_mean']:.3g}, max {r['ref_gap_max']:.3g} "
+                f"nats per sequence (train.ref_check_tol {r['ref_check_tol']:g})"
+            )
         if r.get("ids_identical_to_ours") != n_rows:
-            out.append(f"{name}: token ids identical to ours for {r.get('ids_identical_to_ours')}/{n_rows} "
-                       "pairs (tokens counted from its own ids)")
+            out.append(
+                f"{name}: token ids identical to ours for {r.get('ids_identical_to_ours')}/{n_rows} "
+                "pairs (tokens counted from its own ids)"
+            )
         if r.get("truncated_tokens"):
             out.append(f"{name}: {r['truncated_tokens']} tokens cut by max_length (still counted in 'tokens')")
         if r.get("trl_optimizer"):
-            out.append(f"{name}: optimizer {r['trl_optimizer']} (TRL default); ours: torch.optim.AdamW fused "
-                       "(FSDP2: foreach)")
+            out.append(
+                f"{name}: optimizer {r['trl_optimizer']} (TRL default); ours: torch.optim.AdamW fused (FSDP2: foreach)"
+            )
     trl = [n for n in ("trl_default", "trl_precompute") if n in results]
     if "ours" in results and trl:
         best = max(trl, key=lambda n: results[n]["tokens_per_s"])
@@ -246,8 +311,10 @@ def notes(results: dict[str, dict], rat: dict, n_rows: int) -> list[str]:
         verdict = "MET" if r["tokens_per_s"] >= 2.0 and memory_ok else "NOT met"
         out.append(f"target (>= 2x tokens/s of the faster TRL config, {best}, at no more peak memory): {verdict}")
     loads = {n: r["loadavg_1m_before_after"] for n, r in results.items()}
-    out.append("1-min load average before/after each config (CPU shared when above --threads): "
-               + ", ".join(f"{n} {a:.1f}/{b:.1f}" for n, (a, b) in loads.items() if a is not None))
+    out.append(
+        "1-min load average before/after each config (CPU shared when above --threads): "
+        + ", ".join(f"{n} {a:.1f}/{b:.1f}" for n, (a, b) in loads.items() if a is not None)
+    )
     return out
 
 
@@ -259,12 +326,20 @@ def environment(settings: TrainSettings) -> dict:
 
     try:
         import trl
+
         trl_version = trl.__version__
     except ImportError:
         trl_version = None
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": trl_version, "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "device": "cpu", "bf16_autocast": uses_bf16_autocast("cpu", settings.bf16)}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl_version,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "device": "cpu",
+        "bf16_autocast": uses_bf16_autocast("cpu", settings.bf16),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,25 +358,36 @@ def main(argv: list[str] | None = None) -> int:
         env = environment(TrainSettings(**train))
         if env["trl"] is None and any(not c.startswith("ours") for c in configs):
             raise SystemExit("TRL is not installed: pip install -e '.[bench]'")
-        print(f"model {spec['model_path']}\npairs {source}\nvariant {variant.name}: steps {args.steps} (+1 warm-up), "
-              f"batch {train['batch_size']} pairs, max_length {train['max_length']}, bf16 autocast "
-              f"{env['bf16_autocast']}, threads {args.threads}, torch {env['torch']}, transformers "
-              f"{env['transformers']}, trl {env['trl']}", flush=True)
+        print(
+            f"model {spec['model_path']}\npairs {source}\nvariant {variant.name}: steps {args.steps} (+1 warm-up), "
+            f"batch {train['batch_size']} pairs, max_length {train['max_length']}, bf16 autocast "
+            f"{env['bf16_autocast']}, threads {args.threads}, torch {env['torch']}, transformers "
+            f"{env['transformers']}, trl {env['trl']}",
+            flush=True,
+        )
         results = run_children(spec, configs, Path(tmp), args.verbose)
     rat = ratios(results)
     print(f"\n{format_table(results)}")
     for name, r in rat.items():
         train_peak = "n/a" if r["train_peak_mb"] is None else f"{r['train_peak_mb']:.2f}x"
-        print(f"{name:<22} tokens/s {r['tokens_per_s']:.2f}x   train peak {train_peak}   abs peak "
-              f"{r['abs_peak_mb']:.2f}x   (tokens/CPU-s {r['tokens_per_cpu_s']:.2f}x)")
+        print(
+            f"{name:<22} tokens/s {r['tokens_per_s']:.2f}x   train peak {train_peak}   abs peak "
+            f"{r['abs_peak_mb']:.2f}x   (tokens/CPU-s {r['tokens_per_cpu_s']:.2f}x)"
+        )
     print("\n".join(notes(results, rat, len(spec["order"]))))
     for name, r in results.items():
         if r.get("profile"):
             print(f"\n--- profile: {name} (timed steps) ---\n{r['profile']}")
     if args.out:
         settings = {**vars(args), "model": spec["model_path"], "train": train, "losses": spec["losses"]}
-        payload = {"bench": "trainer", "settings": settings, "environment": env, "pairs": source,
-                   "results": results, "ratios": rat}
+        payload = {
+            "bench": "trainer",
+            "settings": settings,
+            "environment": env,
+            "pairs": source,
+            "results": results,
+            "ratios": rat,
+        }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.out}")

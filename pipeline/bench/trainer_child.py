@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -59,6 +60,7 @@ class StepClock:
 @dataclass
 class Run:
     """What a configuration's training saw and cost besides its step times."""
+
     seen: list[dict]  # the examples in step order, as the trainer tokenized them
     init_s: float  # set-up inside the trainer before the first step (TRL: tokenization, reference pass)
     init_peak_mb: float
@@ -80,10 +82,17 @@ def run_ours(spec: dict, config: str, model, tokenizer, clock: StepClock) -> Run
     train_preference = getattr(importlib.import_module(module), name)
     settings = TrainSettings(**spec["settings"][config])
     reference = spec["reference"][config]
-    examples = [PairExample(*(tuple(spec["pairs"][p][key]) for key in IDS), *reference[p]) for p in spec["examples"]]
+    pairs = spec["pairs"]
+    examples = [
+        PairExample(
+            tuple(pairs[p]["prompt_ids"]), tuple(pairs[p]["chosen_ids"]), tuple(pairs[p]["rejected_ids"]), *reference[p]
+        )
+        for p in spec["examples"]
+    ]
     # train_preference shuffles with step_batches: the benchmark laid TRL's rows out in that order
-    assert [i for batch in step_batches(len(examples), settings.batch_size, 1, settings.seed)
-            for i in batch] == spec["order"]
+    assert [i for batch in step_batches(len(examples), settings.batch_size, 1, settings.seed) for i in batch] == spec[
+        "order"
+    ]
     first_step: dict = {}
 
     def log_fn(step: int, metrics: dict) -> None:
@@ -93,11 +102,22 @@ def run_ours(spec: dict, config: str, model, tokenizer, clock: StepClock) -> Run
 
     init_peak = hwm_mb()
     can_reset = reset_hwm()
-    train_preference(model, examples, [LossTerm(**term) for term in spec["losses"]], settings,
-                     pad_id=tokenizer.pad_token_id, run=RunOptions(log_fn=log_fn))
+    train_preference(
+        model,
+        examples,
+        [LossTerm(**term) for term in spec["losses"]],
+        settings,
+        pad_id=tokenizer.pad_token_id,
+        run=RunOptions(log_fn=log_fn),
+    )
     rows = step_rows(spec)
-    return Run(rows, 0.0, init_peak, can_reset,
-               {"ids_identical_to_ours": len(rows), "ref_check_tol": settings.ref_check_tol, **first_step})
+    return Run(
+        rows,
+        0.0,
+        init_peak,
+        can_reset,
+        {"ids_identical_to_ours": len(rows), "ref_check_tol": settings.ref_check_tol, **first_step},
+    )
 
 
 def _trl_config(spec: dict, config: str, workdir: Path, n_steps: int):
@@ -105,21 +125,39 @@ def _trl_config(spec: dict, config: str, workdir: Path, n_steps: int):
     the benchmark's precision, no evaluation, logging or saving."""
     from trl import DPOConfig
 
-    from pipeline.settings.train import TrainSettings
     from pipeline.model.precision import uses_bf16_autocast
+    from pipeline.settings.train import TrainSettings
 
     settings = TrainSettings(**spec["settings"][config])
     return DPOConfig(
-        output_dir=str(workdir / f"trl-{config}"), max_steps=n_steps,
+        output_dir=str(workdir / f"trl-{config}"),
+        max_steps=n_steps,
         per_device_train_batch_size=settings.batch_size // settings.grad_accum,
-        gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.lr,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=settings.warmup_steps,
-        weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm, beta=spec["trl_beta"],
-        loss_type=["sigmoid"], max_length=settings.max_length, bf16=uses_bf16_autocast("cpu", settings.bf16),
-        fp16=False, gradient_checkpointing=False, use_cpu=True, seed=settings.seed, data_seed=settings.seed,
-        train_sampling_strategy="sequential", dataloader_num_workers=0, dataloader_pin_memory=False,
-        report_to=[], logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
-        precompute_ref_log_probs=config == "trl_precompute")
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        beta=spec["trl_beta"],
+        loss_type=["sigmoid"],
+        max_length=settings.max_length,
+        bf16=uses_bf16_autocast("cpu", settings.bf16),
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        report_to=[],
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        precompute_ref_log_probs=config == "trl_precompute",
+    )
 
 
 def run_trl(spec: dict, config: str, model, tokenizer, clock: StepClock, workdir: Path) -> Run:
@@ -136,11 +174,13 @@ def run_trl(spec: dict, config: str, model, tokenizer, clock: StepClock, workdir
     trl_config = _trl_config(spec, config, workdir, spec["steps"] + 1)
     can_reset = reset_hwm()
     start = time.perf_counter()
-    trainer = DPOTrainer(model=model, args=trl_config, train_dataset=data, processing_class=tokenizer,
-                         callbacks=[Stamp()])
+    trainer = DPOTrainer(
+        model=model, args=trl_config, train_dataset=data, processing_class=tokenizer, callbacks=[Stamp()]
+    )
     init_s = time.perf_counter() - start  # tokenization, the reference model's load or the precompute pass
     init_peak = hwm_mb()
-    dataset = trainer.train_dataset
+    # TRL types train_dataset for every trainer (or None); DPOTrainer holds the tokenized Dataset it was given
+    dataset = cast(Dataset, trainer.train_dataset)
     seen = [{key: dataset[i][key] for key in IDS} for i in range(len(dataset))]
     identical = sum(all(s[key] == r[key] for key in IDS) for s, r in zip(seen, rows))
     can_reset = reset_hwm() and can_reset
@@ -172,16 +212,28 @@ def summarize(spec: dict, config: str, run: Run, clock: StepClock, memory: dict)
     seconds = clock.wall[-1] - clock.wall[0]  # the warm-up step 0 ends at the first stamp
     cpu_s = clock.cpu[-1] - clock.cpu[0]
     max_length = spec["settings"][config]["max_length"]
-    tokens, seq_tokens, truncated = token_counts(run.seen[batch_size: total_steps * batch_size], max_length)
+    tokens, seq_tokens, truncated = token_counts(run.seen[batch_size : total_steps * batch_size], max_length)
     train_peak = hwm_mb()
-    out = {"config": config, "steps": spec["steps"], "rss_loaded_mb": memory["loaded"], **run.extra,
-           "tokens": tokens, "seq_tokens": seq_tokens, "truncated_tokens": truncated, "seconds": seconds,
-           "tokens_per_s": tokens / seconds, "cpu_s": cpu_s, "tokens_per_cpu_s": tokens / cpu_s,
-           "step_s": [b - a for a, b in zip(clock.wall, clock.wall[1:])],
-           "train_peak_mb": train_peak - memory["loaded"] if run.peak_reset_supported else None,
-           "abs_peak_mb": max(memory["load_peak"], run.init_peak_mb, train_peak), "init_s": run.init_s,
-           "init_peak_mb": run.init_peak_mb, "peak_reset_supported": run.peak_reset_supported,
-           "threads": torch.get_num_threads()}
+    out = {
+        "config": config,
+        "steps": spec["steps"],
+        "rss_loaded_mb": memory["loaded"],
+        **run.extra,
+        "tokens": tokens,
+        "seq_tokens": seq_tokens,
+        "truncated_tokens": truncated,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "cpu_s": cpu_s,
+        "tokens_per_cpu_s": tokens / cpu_s,
+        "step_s": [b - a for a, b in zip(clock.wall, clock.wall[1:])],
+        "train_peak_mb": train_peak - memory["loaded"] if run.peak_reset_supported else None,
+        "abs_peak_mb": max(memory["load_peak"], run.init_peak_mb, train_peak),
+        "init_s": run.init_s,
+        "init_peak_mb": run.init_peak_mb,
+        "peak_reset_supported": run.peak_reset_supported,
+        "threads": torch.get_num_threads(),
+    }
     table = clock.profile_table()
     if table is not None:
         out["profile"] = table
@@ -202,8 +254,11 @@ def run_configuration(spec: dict, config: str, workdir: Path) -> dict:
     model = load_model(spec["model_path"], spec["dtype"])
     memory = {"loaded": rss_mb(), "load_peak": hwm_mb()}
     clock = StepClock(spec["profile"])
-    run = (run_ours(spec, config, model, tokenizer, clock) if ours
-           else run_trl(spec, config, model, tokenizer, clock, workdir))
+    run = (
+        run_ours(spec, config, model, tokenizer, clock)
+        if ours
+        else run_trl(spec, config, model, tokenizer, clock, workdir)
+    )
     return summarize(spec, config, run, clock, memory)
 
 

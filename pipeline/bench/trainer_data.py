@@ -52,23 +52,31 @@ def synth_pairs(tokenizer, prepare: PrepareParams, n: int) -> pl.DataFrame:
         rejected = edit(problem["solution"], "step", problem["answer"], rng)
         if rejected is None:  # a solution without a number to change
             continue
-        rows.append({"pair_id": f"synth-{i}",
-                     "prompt_ids": encode_prompt(tokenizer, make_prompt(problem["question"], prepare.instruction)),
-                     "chosen_ids": encode_response(tokenizer, problem["solution"]),
-                     "rejected_ids": encode_response(tokenizer, rejected)})
+        rows.append(
+            {
+                "pair_id": f"synth-{i}",
+                "prompt_ids": encode_prompt(tokenizer, make_prompt(problem["question"], prepare.instruction)),
+                "chosen_ids": encode_response(tokenizer, problem["solution"]),
+                "rejected_ids": encode_response(tokenizer, rejected),
+            }
+        )
     return pl.DataFrame(rows)
 
 
-def load_pair_set(spec: str, reference: str | None, *, model_path: str, tokenizer, cfg: Params,
-                  n_synth: int) -> PairSet:
+def load_pair_set(
+    spec: str, reference: str | None, *, model_path: str, tokenizer, cfg: Params, n_synth: int
+) -> PairSet:
     """The pairs ``spec`` names and the reference log-probs that belong to them. ``pipeline``: the
     training pairs of ``data/pairs.parquet`` (those the train stage trains on), with the reference
     stage's log-probs where that stage has run and the model is its model (``models/policy``).
     ``synth``: :func:`synth_pairs`. Else a pairs parquet, with ``reference`` (a parquet of pair_id,
     ref_w, ref_l) when given."""
     if spec == SYNTH:
-        return PairSet(synth_pairs(tokenizer, cfg.prepare, n_synth), None,
-                       f"synthesized ({n_synth} {cfg.prepare.reasoning_gym.task} problems, step edits)")
+        return PairSet(
+            synth_pairs(tokenizer, cfg.prepare, n_synth),
+            None,
+            f"synthesized ({n_synth} {cfg.prepare.reasoning_gym.task} problems, step edits)",
+        )
     if spec == PIPELINE:
         pairs = pl.read_parquet(paths.PAIRS).filter(pl.col("split") == "train").select("pair_id", *IDS)
         same_model = Path(model_path).resolve() == Path(paths.POLICY_DIR).resolve()
@@ -86,8 +94,10 @@ def load_pair_set(spec: str, reference: str | None, *, model_path: str, tokenize
 def check_tokenizer(pairs: pl.DataFrame, tokenizer) -> None:
     top = max(max(max(ids) for ids in pairs[column]) for column in IDS)
     if top >= len(tokenizer):
-        raise SystemExit(f"pairs hold token id {top} >= the tokenizer's {len(tokenizer)}: they were made with "
-                         "another tokenizer; pass --pairs synth or the model they were made with")
+        raise SystemExit(
+            f"pairs hold token id {top} >= the tokenizer's {len(tokenizer)}: they were made with "
+            "another tokenizer; pass --pairs synth or the model they were made with"
+        )
 
 
 def reference_logprobs(pair_set: PairSet, model_path: str, cfg: Params, shared_prompt: bool) -> tuple[list, int]:
@@ -105,8 +115,15 @@ def reference_logprobs(pair_set: PairSet, model_path: str, cfg: Params, shared_p
 
         model = loading.load_model(model_path, cfg.policy.dtype).eval()
         pad_id = loading.load_tokenizer(model_path).pad_token_id
-        ref_w, ref_l, _, _ = pair_logprobs(model, todo, pad_id, cfg.reference.batch_size, cfg.reference.max_length,
-                                           bf16=cfg.train.bf16, shared_prompt=shared_prompt)
+        ref_w, ref_l, _, _ = pair_logprobs(
+            model,
+            todo,
+            pad_id,
+            cfg.reference.batch_size,
+            cfg.reference.max_length,
+            bf16=cfg.train.bf16,
+            shared_prompt=shared_prompt,
+        )
         known.update(zip(todo["pair_id"], zip(ref_w, ref_l)))
     return [known[pair_id] for pair_id in pairs["pair_id"]], todo.height
 

@@ -43,12 +43,13 @@ def edit(text: str, kind: str, gold: str, rng: random.Random) -> str | None:
     span = final_answer_span(text)
     if span is None:
         return None
-    answer = text[span[0]:span[1]].replace(",", "")
+    answer = text[span[0] : span[1]].replace(",", "")
     target = normalise_number(answer)
     new_values = {target: _other_number(answer, rng)}
     if kind == "final":
-        out = text[:span[0]] + new_values[target] + text[span[1]:]
+        out = text[: span[0]] + new_values[target] + text[span[1] :]
     else:
+
         def swap(m: re.Match) -> str:
             value = normalise_number(m.group(0))
             if kind == "step" and value != target:
@@ -57,7 +58,7 @@ def edit(text: str, kind: str, gold: str, rng: random.Random) -> str | None:
                 new_values[value] = _other_number(m.group(0), rng)
             return new_values[value]
 
-        out = _NUMBER.sub(swap, text[:span[0]]) + new_values[target] + _NUMBER.sub(swap, text[span[1]:])
+        out = _NUMBER.sub(swap, text[: span[0]]) + new_values[target] + _NUMBER.sub(swap, text[span[1] :])
     if is_correct(out, gold)[0]:
         raise AssertionError(f"edit {kind!r} left the answer correct: {out!r}")
     return out

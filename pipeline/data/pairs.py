@@ -9,12 +9,16 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from pipeline.data import edits, tagging
 from pipeline.data.trl_format import IMPORTED, SCENARIO_IMPORTED
 from pipeline.model.encoding import encode_prompt, encode_response
+
+if TYPE_CHECKING:
+    import torch
 
 EDIT_SOURCE = "edit"  # rejected_source of constructed pairs: edit:<kind>
 # (prompt ids, response ids) -> per response: summed log-prob, hidden-state sum [N, d] and token count [N]
@@ -42,8 +46,14 @@ class PairSettings:
 
     @classmethod
     def from_params(cls, pairs, judge) -> PairSettings:
-        return cls(pairs.scenario, pairs.heldout_fraction, pairs.seed, judge.min_gap,
-                   tuple(pairs.constructed.chosen), tuple(pairs.constructed.edits))
+        return cls(
+            pairs.scenario,
+            pairs.heldout_fraction,
+            pairs.seed,
+            judge.min_gap,
+            tuple(pairs.constructed.chosen),
+            tuple(pairs.constructed.edits),
+        )
 
     def split_of(self, prompt_id: str) -> str:
         return "heldout" if is_heldout(prompt_id, self.heldout_fraction, self.seed) else "train"
@@ -61,15 +71,28 @@ class Side:
     sampler_logprob: float | None
 
 
-def _row(pair_id: str, prompt_id: str, split: str, prompt_ids: list[int], chosen: Side, rejected: Side,
-         scenario: int) -> dict:
+def _row(
+    pair_id: str, prompt_id: str, split: str, prompt_ids: list[int], chosen: Side, rejected: Side, scenario: int
+) -> dict:
     """One row of the ``pairs`` table, before the starting policy's tags (:func:`_tag_under_policy`)."""
-    return {"pair_id": pair_id, "prompt_id": prompt_id, "split": split, "prompt_ids": prompt_ids,
-            "chosen_ids": chosen.ids, "rejected_ids": rejected.ids, "chosen_text": chosen.text,
-            "rejected_text": rejected.text, "chosen_source": chosen.source, "rejected_source": rejected.source,
-            "chosen_correct": chosen.correct, "rejected_correct": rejected.correct,
-            "chosen_sampler_logprob": chosen.sampler_logprob, "rejected_sampler_logprob": rejected.sampler_logprob,
-            "scenario": scenario, **token_tags(chosen.ids, rejected.ids)}
+    return {
+        "pair_id": pair_id,
+        "prompt_id": prompt_id,
+        "split": split,
+        "prompt_ids": prompt_ids,
+        "chosen_ids": chosen.ids,
+        "rejected_ids": rejected.ids,
+        "chosen_text": chosen.text,
+        "rejected_text": rejected.text,
+        "chosen_source": chosen.source,
+        "rejected_source": rejected.source,
+        "chosen_correct": chosen.correct,
+        "rejected_correct": rejected.correct,
+        "chosen_sampler_logprob": chosen.sampler_logprob,
+        "rejected_sampler_logprob": rejected.sampler_logprob,
+        "scenario": scenario,
+        **token_tags(chosen.ids, rejected.ids),
+    }
 
 
 # --------------------------------------------------------------------------------------------- judged pairs
@@ -84,19 +107,29 @@ class _Judged:
     selections: dict[tuple[str, str], dict]
 
     @classmethod
-    def index(cls, prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.DataFrame,
-              selections: pl.DataFrame) -> _Judged:
+    def index(
+        cls, prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.DataFrame, selections: pl.DataFrame
+    ) -> _Judged:
         def key(r: dict) -> tuple[str, str, int]:
             return r["prompt_id"], r["source"], r["candidate_idx"]
 
-        return cls({r["prompt_id"]: r for r in prompts.iter_rows(named=True)},
-                   {key(r): r for r in candidates.iter_rows(named=True)},
-                   {key(r): r for r in scores.iter_rows(named=True)},
-                   {(r["prompt_id"], r["source"]): r for r in selections.iter_rows(named=True)})
+        return cls(
+            {r["prompt_id"]: r for r in prompts.iter_rows(named=True)},
+            {key(r): r for r in candidates.iter_rows(named=True)},
+            {key(r): r for r in scores.iter_rows(named=True)},
+            {(r["prompt_id"], r["source"]): r for r in selections.iter_rows(named=True)},
+        )
 
 
-def build_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.DataFrame, selections: pl.DataFrame,
-                tokenizer, policy_tags: PolicyTags, settings: PairSettings) -> tuple[pl.DataFrame, dict]:
+def build_pairs(
+    prompts: pl.DataFrame,
+    candidates: pl.DataFrame,
+    scores: pl.DataFrame,
+    selections: pl.DataFrame,
+    tokenizer,
+    policy_tags: PolicyTags,
+    settings: PairSettings,
+) -> tuple[pl.DataFrame, dict]:
     """One pair per usable prompt; returns the pairs table and counts of what was skipped and why.
 
     The chosen side comes from the policy (the judge's best sample) or the dataset (the gold
@@ -137,16 +170,23 @@ def _judged_pair(pid: str, judged: _Judged, tokenizer, settings: PairSettings) -
         return f"judge_failed_{rejected_src}"
     rkey = (pid, rejected_src, rej_sel["worst_idx"])
     worst = judged.candidates[rkey]
-    rejected = Side(list(worst["token_ids"]), worst["text"], rejected_src, judged.scores[rkey]["correct"],
-                    worst["logprob_sum"])
-    chosen = (_policy_best(pid, rkey, judged, settings) if chosen_src == "policy"
-              else _gold(p, rejected, tokenizer))
+    rejected = Side(
+        list(worst["token_ids"]), worst["text"], rejected_src, judged.scores[rkey]["correct"], worst["logprob_sum"]
+    )
+    chosen = _policy_best(pid, rkey, judged, settings) if chosen_src == "policy" else _gold(p, rejected, tokenizer)
     if isinstance(chosen, str):
         return chosen
     if chosen.ids == rejected.ids:
         return "identical"
-    return _row(f"{pid}-s{settings.scenario}", pid, settings.split_of(pid), encode_prompt(tokenizer, p["prompt"]),
-                chosen, rejected, settings.scenario)
+    return _row(
+        f"{pid}-s{settings.scenario}",
+        pid,
+        settings.split_of(pid),
+        encode_prompt(tokenizer, p["prompt"]),
+        chosen,
+        rejected,
+        settings.scenario,
+    )
 
 
 def _policy_best(pid: str, rkey: tuple[str, str, int], judged: _Judged, settings: PairSettings) -> Side | str:
@@ -175,8 +215,14 @@ def _gold(prompt: dict, rejected: Side, tokenizer) -> Side | str:
 
 
 # --------------------------------------------------------------------------------------------- constructed pairs
-def build_constructed_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, scores: pl.DataFrame, tokenizer,
-                            policy_tags: PolicyTags, settings: PairSettings) -> tuple[pl.DataFrame, dict]:
+def build_constructed_pairs(
+    prompts: pl.DataFrame,
+    candidates: pl.DataFrame,
+    scores: pl.DataFrame,
+    tokenizer,
+    policy_tags: PolicyTags,
+    settings: PairSettings,
+) -> tuple[pl.DataFrame, dict]:
     """One constructed pair per usable prompt of the ``train`` split: the chosen a correct response, the
     rejected that response with a controlled edit (:mod:`pipeline.data.edits`), as the DPOP paper built its
     low-edit-distance sets (arXiv 2402.13228). Returns the pairs table and counts of skipped prompts.
@@ -213,8 +259,12 @@ def build_constructed_pairs(prompts: pl.DataFrame, candidates: pl.DataFrame, sco
 
 def _best_correct_policy(candidates: pl.DataFrame, scores: pl.DataFrame) -> dict[str, dict]:
     """Per prompt, the policy's correct candidate of highest sampler log-prob (of equals, the first)."""
-    correct = {(r["prompt_id"], r["candidate_idx"]) for r in scores.filter(
-        (pl.col("source") == "policy") & pl.col("correct")).select("prompt_id", "candidate_idx").iter_rows(named=True)}
+    correct = {
+        (r["prompt_id"], r["candidate_idx"])
+        for r in scores.filter((pl.col("source") == "policy") & pl.col("correct"))
+        .select("prompt_id", "candidate_idx")
+        .iter_rows(named=True)
+    }
     best: dict[str, dict] = {}
     for c in candidates.filter(pl.col("source") == "policy").iter_rows(named=True):
         if (c["prompt_id"], c["candidate_idx"]) in correct:
@@ -244,17 +294,21 @@ def _edited_pair(prompt: dict, chosen: Side, kind: str, split: str, tokenizer, s
         return None
     rejected = Side(ids, text, f"{EDIT_SOURCE}:{kind}", False, None)
     prompt_ids = encode_prompt(tokenizer, prompt["prompt"])
-    return _row(f"{prompt['prompt_id']}-e{kind}", prompt["prompt_id"], split, prompt_ids, chosen, rejected,
-                SCENARIO_IMPORTED)
+    return _row(
+        f"{prompt['prompt_id']}-e{kind}", prompt["prompt_id"], split, prompt_ids, chosen, rejected, SCENARIO_IMPORTED
+    )
 
 
-# --------------------------------------------------------------------------------------------- tags and summaries
+# --------------------------------------------------------------------------------------------- tags and scores
 def token_tags(chosen_ids: list[int], rejected_ids: list[int]) -> dict:
     """The tags read off the two sides' token ids: edit distance, first difference, lengths."""
-    return {"edit_distance": tagging.edit_distance(chosen_ids, rejected_ids),
-            "edit_distance_norm": tagging.normalised_distance(chosen_ids, rejected_ids),
-            "first_diff": tagging.first_difference(chosen_ids, rejected_ids),
-            "len_w": len(chosen_ids), "len_l": len(rejected_ids)}
+    return {
+        "edit_distance": tagging.edit_distance(chosen_ids, rejected_ids),
+        "edit_distance_norm": tagging.normalised_distance(chosen_ids, rejected_ids),
+        "first_diff": tagging.first_difference(chosen_ids, rejected_ids),
+        "len_w": len(chosen_ids),
+        "len_l": len(rejected_ids),
+    }
 
 
 def _tag_under_policy(rows: list[dict], policy_tags: PolicyTags) -> pl.DataFrame:
@@ -269,13 +323,12 @@ def _tag_under_policy(rows: list[dict], policy_tags: PolicyTags) -> pl.DataFrame
     lw, h_w, n_w = policy_tags(prompts_ids, [r["chosen_ids"] for r in rows])
     ll, h_l, n_l = policy_tags(prompts_ids, [r["rejected_ids"] for r in rows])
     ches, norm = ches_scores(h_w, h_l, n_w, n_l)
-    for r, w, l, c, cn in zip(rows, lw, ll, ches, norm):
-        r.update(chosen_policy_logprob=float(w), rejected_policy_logprob=float(l), ches=c, ches_norm=cn)
+    for r, lp_w, lp_l, c, cn in zip(rows, lw, ll, ches, norm):
+        r.update(chosen_policy_logprob=float(lp_w), rejected_policy_logprob=float(lp_l), ches=c, ches_norm=cn)
     return pl.DataFrame(rows, schema=schema_of("pairs"))
 
 
-def build_imported_pairs(rows: list[dict], heldout_fraction: float, seed: int,
-                         policy_tags: PolicyTags) -> pl.DataFrame:
+def build_imported_pairs(rows: list[dict], heldout_fraction: float, seed: int, policy_tags: PolicyTags) -> pl.DataFrame:
     """The ``pairs`` table of pairs read from a file (``trl_format.read_pairs_file``'s rows).
 
     They get what our pairs get: the held-out split by prompt (:func:`is_heldout`), the token tags and
@@ -285,8 +338,16 @@ def build_imported_pairs(rows: list[dict], heldout_fraction: float, seed: int,
     """
     out = []
     for r in rows:
-        chosen, rejected = (Side(r[f"{side}_ids"], r[f"{side}_text"], r[f"{side}_source"] or IMPORTED,
-                                 r[f"{side}_correct"], r[f"{side}_sampler_logprob"]) for side in ("chosen", "rejected"))
+        chosen, rejected = (
+            Side(
+                r[f"{side}_ids"],
+                r[f"{side}_text"],
+                r[f"{side}_source"] or IMPORTED,
+                r[f"{side}_correct"],
+                r[f"{side}_sampler_logprob"],
+            )
+            for side in ("chosen", "rejected")
+        )
         split = "heldout" if is_heldout(r["prompt_id"], heldout_fraction, seed) else "train"
         scenario = SCENARIO_IMPORTED if r["scenario"] is None else r["scenario"]
         out.append(_row(r["pair_id"], r["prompt_id"], split, r["prompt_ids"], chosen, rejected, scenario))
@@ -303,47 +364,3 @@ def judge_scores(pairs: pl.DataFrame, selections: pl.DataFrame) -> dict[str, tup
         chosen = sel[(pid, "policy")]["best_score"] if p["chosen_source"] == "policy" else None
         out[p["pair_id"]] = (chosen, sel[(pid, p["rejected_source"])]["worst_score"])
     return out
-
-
-def on_policy_summary(pairs: pl.DataFrame) -> dict:
-    """How on-policy the pairs are: mean per-token log-prob of each side under the starting policy,
-    and, for sides the policy sampled itself, how far the sampler's log-prob is from the policy's."""
-    if len(pairs) == 0:
-        return {}
-    out = {}
-    for side, n in (("chosen", "len_w"), ("rejected", "len_l")):
-        out[f"{side}_policy_logprob_per_token"] = (pairs[f"{side}_policy_logprob"] / pairs[n]).mean()
-        own = pairs.filter(pl.col(f"{side}_source") == "policy")
-        if len(own):
-            d = (own[f"{side}_sampler_logprob"] - own[f"{side}_policy_logprob"]).abs()
-            out[f"{side}_sampler_vs_policy_abs_diff"] = {"mean": d.mean(), "max": d.max(), "n": len(own)}
-    return out
-
-
-def summarise_pairs(pairs: pl.DataFrame, distance_buckets: list[float]) -> dict:
-    """What a pairs table holds, for the stage's metrics: pairs per split, per edit kind and per edit-distance
-    bucket, the tags' means, and how on-policy the sides are."""
-    n_train = int((pairs["split"] == "train").sum())
-    edit_kinds = pairs.filter(pl.col("rejected_source").str.starts_with(f"{EDIT_SOURCE}:"))["rejected_source"].to_list()
-    return {"edits": dict(sorted(Counter(edit_kinds).items())),
-            "by_distance_bucket": {split: dict(sorted(Counter(
-                tagging.bucket_of(v, distance_buckets) for v in pairs.filter(pl.col("split") == split)
-                ["edit_distance_norm"]).items())) for split in ("train", "heldout")},
-            "n_pairs": len(pairs), "n_train": n_train, "n_heldout": len(pairs) - n_train,
-            "mean_edit_distance": pairs["edit_distance"].mean(),
-            "mean_edit_distance_norm": pairs["edit_distance_norm"].mean(),
-            "mean_first_diff": pairs["first_diff"].mean(), "on_policy": on_policy_summary(pairs),
-            "mean_ches": pairs["ches"].mean(), "mean_ches_norm": pairs["ches_norm"].mean()}
-
-
-def filter_by_ches(pairs: pl.DataFrame, by: str, percent: float) -> tuple[pl.DataFrame, dict]:
-    """Drop the ``percent`` % training pairs of highest ``by`` (ches or ches_norm); held-out pairs stay, so that
-    runs with and without the filter are evaluated on the same pairs. Returns the pairs and what was dropped."""
-    from pipeline.data.ches import top_share
-
-    train = pairs.filter(pl.col("split") == "train")
-    drop = top_share(train[by].to_list(), percent) if percent else set()
-    dropped = [train["pair_id"][i] for i in sorted(drop)]
-    info = {"by": by, "top_percent": percent, "dropped": len(dropped),
-            "threshold": min((train[by][i] for i in drop), default=None)}
-    return pairs.filter(~pl.col("pair_id").is_in(dropped)), info

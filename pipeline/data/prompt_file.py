@@ -15,10 +15,17 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pipeline.data.prompt_text import (answer_line, last_boxed, normalize_question, split_gsm8k_answer,
-                                       with_answer_line)
-from pipeline.data.rows import (R_MISSING, R_TYPE, RowError, check_on_bad_rows, jsonl_records, no_good_rows,
-                                parquet_records, validate_rows)
+from pipeline.data.prompt_text import answer_line, last_boxed, normalize_question, split_gsm8k_answer, with_answer_line
+from pipeline.data.rows import (
+    R_MISSING,
+    R_TYPE,
+    RowError,
+    check_on_bad_rows,
+    jsonl_records,
+    no_good_rows,
+    parquet_records,
+    validate_rows,
+)
 
 OUR_FIELDS = ("question", "answer", "solution", "id")
 PRESETS: dict[str, dict[str, str]] = {
@@ -75,22 +82,29 @@ def _parse_answer(a: object, acol: str, preset: str | None) -> tuple[str, str | 
             raise RowError(acol, R_TYPE, f"field {_col_label('answer', acol)} must be a finite number, got {a!r}")
         return answer, None
     if not isinstance(a, str):
-        raise RowError(acol, R_TYPE, f"field {_col_label('answer', acol)} must be a string or a number, "
-                                      f"got {type(a).__name__} {a!r:.60}")
+        raise RowError(
+            acol,
+            R_TYPE,
+            f"field {_col_label('answer', acol)} must be a string or a number, got {type(a).__name__} {a!r:.60}",
+        )
     if not a.strip():
         raise RowError(acol, R_EMPTY_A, f"field {_col_label('answer', acol)} is empty")
     solution: str | None = None
     if preset == "gsm8k":
         parsed = split_gsm8k_answer(a)
         if parsed is None:
-            raise RowError(acol, R_MALFORMED, f"field {_col_label('answer', acol)} has no '#### <answer>' "
-                                               "line (preset gsm8k)")
+            raise RowError(
+                acol, R_MALFORMED, f"field {_col_label('answer', acol)} has no '#### <answer>' line (preset gsm8k)"
+            )
         answer, solution = parsed
     elif preset == "math":
         answer = last_boxed(a)
         if answer is None:
-            raise RowError(acol, R_MALFORMED, f"field {_col_label('answer', acol)} has no complete "
-                                               "\\boxed{...} answer (preset math)")
+            raise RowError(
+                acol,
+                R_MALFORMED,
+                f"field {_col_label('answer', acol)} has no complete \\boxed{{...}} answer (preset math)",
+            )
         solution = f"{a.rstrip()}\n{answer_line(answer)}"
     else:
         answer = a.strip()
@@ -102,14 +116,16 @@ def _parse_answer(a: object, acol: str, preset: str | None) -> tuple[str, str | 
 def _parse_row(obj: dict, mapping: dict[str, str | None], preset: str | None) -> dict:
     """Validate one record; raises :class:`RowError` on the first problem."""
     qcol, acol = mapping["question"], mapping["answer"]
+    assert qcol is not None and acol is not None  # _resolve_fields requires both
     scol, icol = mapping.get("solution"), mapping.get("id")
 
     if qcol not in obj:
         raise RowError(qcol, R_MISSING, f"field {_col_label('question', qcol)} is missing")
     q = obj[qcol]
     if not isinstance(q, str):
-        raise RowError(qcol, R_TYPE, f"field {_col_label('question', qcol)} must be a string, "
-                                      f"got {type(q).__name__} {q!r:.60}")
+        raise RowError(
+            qcol, R_TYPE, f"field {_col_label('question', qcol)} must be a string, got {type(q).__name__} {q!r:.60}"
+        )
     if not q.strip():
         raise RowError(qcol, R_EMPTY_Q, f"field {_col_label('question', qcol)} is empty")
 
@@ -120,8 +136,11 @@ def _parse_row(obj: dict, mapping: dict[str, str | None], preset: str | None) ->
     if scol and scol != acol and scol in obj:
         s = obj[scol]
         if s is not None and not isinstance(s, str):
-            raise RowError(scol, R_TYPE, f"field {_col_label('solution', scol)} must be a string or null, "
-                                          f"got {type(s).__name__} {s!r:.60}")
+            raise RowError(
+                scol,
+                R_TYPE,
+                f"field {_col_label('solution', scol)} must be a string or null, got {type(s).__name__} {s!r:.60}",
+            )
         if isinstance(s, str) and s.strip():
             solution = with_answer_line(s, answer)
 
@@ -131,8 +150,9 @@ def _parse_row(obj: dict, mapping: dict[str, str | None], preset: str | None) ->
             raise RowError(icol, R_MISSING, f"field {_col_label('id', icol)} is missing")
         i = obj[icol]
         if isinstance(i, bool) or not isinstance(i, (str, int)) or (isinstance(i, str) and not i.strip()):
-            raise RowError(icol, R_TYPE, f"field {_col_label('id', icol)} must be a non-empty string or an "
-                                          f"integer, got {i!r:.60}")
+            raise RowError(
+                icol, R_TYPE, f"field {_col_label('id', icol)} must be a non-empty string or an integer, got {i!r:.60}"
+            )
         row["id"] = str(i).strip()
     return row
 
@@ -147,13 +167,19 @@ def _detect_format(path: Path, fmt: str) -> str:
         return "jsonl"
     if ext in (".parquet", ".pq"):
         return "parquet"
-    raise PromptFileError(f"{path}: cannot tell the format from the extension {ext!r}; set prepare.file.format "
-                          "to jsonl or parquet")
+    raise PromptFileError(
+        f"{path}: cannot tell the format from the extension {ext!r}; set prepare.file.format to jsonl or parquet"
+    )
 
 
-def load_prompt_file(path: str | os.PathLike, *, format: Literal["auto", "jsonl", "parquet"], preset: str | None,
-                     fields: dict[str, str | None] | None,
-                     on_bad_rows: Literal["error", "quarantine"]) -> tuple[list[dict], list[dict]]:
+def load_prompt_file(
+    path: str | os.PathLike,
+    *,
+    format: Literal["auto", "jsonl", "parquet"],
+    preset: str | None,
+    fields: dict[str, str | None] | None,
+    on_bad_rows: Literal["error", "quarantine"],
+) -> tuple[list[dict], list[dict]]:
     """Read and validate a prompt file; returns (good rows, quarantined rows).
 
     Good rows have ``question``, ``answer``, ``solution``, ``source`` (and ``id`` when mapped).
@@ -169,20 +195,22 @@ def load_prompt_file(path: str | os.PathLike, *, format: Literal["auto", "jsonl"
         raise PromptFileError(f"{path}: prompt file not found (check prepare.file.path)")
     mapping = _resolve_fields(preset, fields)
     fmt = _detect_format(path, format)
-    records = (jsonl_records(path, mapping.values()) if fmt == "jsonl"
-               else parquet_records(path, PromptFileError))
+    records = jsonl_records(path, mapping.values()) if fmt == "jsonl" else parquet_records(path, PromptFileError)
 
     first_q: dict[str, str] = {}  # normalised question -> where
     first_id: dict[str, str] = {}
     source = f"file:{path.name}"
 
+    qcol, icol = mapping["question"], mapping.get("id")
+    assert qcol is not None  # _resolve_fields requires it
+
     def parse(obj: dict, where: str) -> dict:
         rec = _parse_row(obj, mapping, preset)
         key = normalize_question(rec["question"])
         if key in first_q:
-            raise RowError(mapping["question"], R_DUP, f"duplicate question, first seen at {first_q[key]}")
-        if "id" in rec and rec["id"] in first_id:
-            raise RowError(mapping["id"], R_DUP_ID, f"duplicate id {rec['id']!r}, first seen at {first_id[rec['id']]}")
+            raise RowError(qcol, R_DUP, f"duplicate question, first seen at {first_q[key]}")
+        if icol and rec["id"] in first_id:  # a record has an id when the id field is mapped
+            raise RowError(icol, R_DUP_ID, f"duplicate id {rec['id']!r}, first seen at {first_id[rec['id']]}")
         first_q[key] = where
         if "id" in rec:
             first_id[rec["id"]] = where

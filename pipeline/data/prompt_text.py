@@ -40,7 +40,7 @@ def with_answer_line(text: str, answer: str) -> str:
     if matches:
         m = matches[-1]
         final = m.group(1).strip() or answer
-        text = (text[: m.start()] + answer_line(final) + text[m.end():]).rstrip()
+        text = (text[: m.start()] + answer_line(final) + text[m.end() :]).rstrip()
         return text
     last = text.splitlines()[-1].strip() if text else ""
     if last.startswith("Answer:"):
@@ -55,7 +55,7 @@ def split_gsm8k_answer(text: str) -> tuple[str, str] | None:
         idx = text.rfind("####")  # "#### X" not on its own line
         if idx < 0:
             return None
-        final = text[idx + 4:].strip().replace(",", "").strip()
+        final = text[idx + 4 :].strip().replace(",", "").strip()
         reasoning = text[:idx].rstrip()
     else:
         m = matches[-1]

@@ -47,8 +47,9 @@ def collect_prompts(prep: Any) -> tuple[list[dict], list[dict], dict]:
         read, dups = stats.get("generated", len(rows)), stats.get("duplicates", 0)
     elif prep.source == "file":
         f = prep.file
-        rows, quarantine = load_prompt_file(f.path, format=f.format, preset=f.preset, fields=dict(f.fields),
-                                           on_bad_rows=prep.on_bad_rows)
+        rows, quarantine = load_prompt_file(
+            f.path, format=f.format, preset=f.preset, fields=dict(f.fields), on_bad_rows=prep.on_bad_rows
+        )
         read = len(rows) + len(quarantine)
         dups = sum(q["reason"] == R_DUP for q in quarantine)
     else:
@@ -64,15 +65,17 @@ def split_prompts(rows: list[dict], n_train: int, n_test: int, n_warmup: int, se
     """
     need = n_train + n_test + n_warmup
     if len(rows) < need:
-        raise ValueError(f"prepare.n_train + prepare.n_test + prepare.n_warmup = {n_train} + {n_test} + "
-                         f"{n_warmup} = {need} prompts requested, but only {len(rows)} unique prompt(s) are "
-                         "available; lower these or supply more prompts")
+        raise ValueError(
+            f"prepare.n_train + prepare.n_test + prepare.n_warmup = {n_train} + {n_test} + "
+            f"{n_warmup} = {need} prompts requested, but only {len(rows)} unique prompt(s) are "
+            "available; lower these or supply more prompts"
+        )
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     out: list[dict] = []
     pos = 0
     for split, k in zip(SPLITS, (n_test, n_train, n_warmup)):
-        for i in order[pos:pos + k]:
+        for i in order[pos : pos + k]:
             out.append({**rows[i], "split": split})
         pos += k
     return out
@@ -80,16 +83,26 @@ def split_prompts(rows: list[dict], n_train: int, n_test: int, n_warmup: int, se
 
 def build_prompts_frame(rows: list[dict], instruction: str) -> pl.DataFrame:
     """The ``prompts`` table for rows carrying a ``split``."""
-    return pl.DataFrame({
-        "prompt_id": [r.get("id") or prompt_id(r["question"]) for r in rows],
-        "split": [r["split"] for r in rows],
-        "question": [r["question"] for r in rows],
-        "prompt": [make_prompt(r["question"], instruction) for r in rows],
-        "answer": [r["answer"] for r in rows],
-        "solution": [r.get("solution") for r in rows],
-        "source": [r["source"] for r in rows],
-    }, schema={"prompt_id": pl.String, "split": pl.String, "question": pl.String, "prompt": pl.String,
-               "answer": pl.String, "solution": pl.String, "source": pl.String})
+    return pl.DataFrame(
+        {
+            "prompt_id": [r.get("id") or prompt_id(r["question"]) for r in rows],
+            "split": [r["split"] for r in rows],
+            "question": [r["question"] for r in rows],
+            "prompt": [make_prompt(r["question"], instruction) for r in rows],
+            "answer": [r["answer"] for r in rows],
+            "solution": [r.get("solution") for r in rows],
+            "source": [r["source"] for r in rows],
+        },
+        schema={
+            "prompt_id": pl.String,
+            "split": pl.String,
+            "question": pl.String,
+            "prompt": pl.String,
+            "answer": pl.String,
+            "solution": pl.String,
+            "source": pl.String,
+        },
+    )
 
 
 def prepare_metrics(counts: dict, quarantine: list[dict], split_rows: list[dict], n_unique: int) -> dict:
@@ -97,8 +110,10 @@ def prepare_metrics(counts: dict, quarantine: list[dict], split_rows: list[dict]
     per_split = Counter(r["split"] for r in split_rows)
     return {
         "rows_read": counts["rows_read"],
-        "quarantined": {"total": len(quarantine), "by_reason": dict(sorted(Counter(q["reason"]
-                                                                                     for q in quarantine).items()))},
+        "quarantined": {
+            "total": len(quarantine),
+            "by_reason": dict(sorted(Counter(q["reason"] for q in quarantine).items())),
+        },
         "duplicates_removed": counts["duplicates_removed"],
         "unique_prompts": n_unique,
         "unused": n_unique - len(split_rows),

@@ -21,8 +21,7 @@ def _solution(task: str, item: dict) -> str:
     return answer_line(answer)
 
 
-def generate_reasoning_gym(task: str, config: dict, seed: int, n: int, *,
-                           stats: dict | None = None) -> list[dict]:
+def generate_reasoning_gym(task: str, config: dict, seed: int, n: int, *, stats: dict | None = None) -> list[dict]:
     """``n`` unique problems of a reasoning-gym ``task``; the same arguments give the same rows.
 
     Datasets can repeat questions, so this generates more than ``n`` (doubling up to 64x) and
@@ -39,8 +38,10 @@ def generate_reasoning_gym(task: str, config: dict, seed: int, n: int, *,
     config = dict(config or {})
     for key in ("size", "seed"):
         if key in config:
-            raise ValueError(f"prepare.reasoning_gym.config.{key}: set by the pipeline (use prepare.n_* "
-                             "and prepare.reasoning_gym.seed), remove it from config")
+            raise ValueError(
+                f"prepare.reasoning_gym.config.{key}: set by the pipeline (use prepare.n_* "
+                "and prepare.reasoning_gym.seed), remove it from config"
+            )
     if n <= 0:
         return []
 
@@ -62,12 +63,14 @@ def generate_reasoning_gym(task: str, config: dict, seed: int, n: int, *,
                 dups += 1
                 continue
             seen.add(key)
-            rows.append({
-                "question": question,
-                "answer": str(item["answer"]).strip(),
-                "solution": _solution(task, item),
-                "source": f"reasoning_gym:{task}",
-            })
+            rows.append(
+                {
+                    "question": question,
+                    "answer": str(item["answer"]).strip(),
+                    "solution": _solution(task, item),
+                    "source": f"reasoning_gym:{task}",
+                }
+            )
             if len(rows) == n:
                 break
         if len(rows) >= n or size >= cap:

@@ -10,6 +10,7 @@ it (``"quarantine"``). Never dropped silently.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -41,11 +42,12 @@ def check_on_bad_rows(value: str, key: str, error: type[ValueError]) -> None:
         raise error(f"{key}: must be 'error' or 'quarantine', got {value!r}")
 
 
-def jsonl_records(path: Path, fields: Iterable[str]) -> Iterator[Record]:
+def jsonl_records(path: Path, fields: Iterable[str | None]) -> Iterator[Record]:
     """Each non-blank line of a JSON Lines file; rows are 1-based line numbers.
 
     A line that is not UTF-8, not JSON or not an object comes as a :class:`RowError`; for bad
-    bytes the field named is the first of ``fields`` (then the line's own keys) holding them."""
+    bytes the field named is the first of ``fields`` (then the line's own keys) holding them (None:
+    a field with no column)."""
     fields = list(fields)
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
@@ -63,8 +65,10 @@ def jsonl_records(path: Path, fields: Iterable[str]) -> Iterator[Record]:
             try:  # name the field that holds the bad bytes when the rest of the line parses
                 obj = json.loads(raw)
                 if isinstance(obj, dict):
-                    field = next((c for c in [*fields, *obj] if c and isinstance(obj.get(c), str)
-                                  and "\ufffd" in obj[c]), WHOLE_LINE)
+                    field = next(
+                        (c for c in [*fields, *obj] if c and isinstance(obj.get(c), str) and "\ufffd" in obj[c]),
+                        WHOLE_LINE,
+                    )
             except ValueError:
                 pass
             yield lineno, where, raw, RowError(field, R_UTF8, f"invalid UTF-8 at byte {e.start} of the line")
@@ -72,13 +76,26 @@ def jsonl_records(path: Path, fields: Iterable[str]) -> Iterator[Record]:
         try:
             obj = json.loads(text)
         except ValueError as e:
-            yield lineno, where, raw, RowError(WHOLE_LINE, R_JSON, f"not valid JSON ({e}); the file must be "
-                                                                   "JSON Lines, one object per line")
+            yield (
+                lineno,
+                where,
+                raw,
+                RowError(WHOLE_LINE, R_JSON, f"not valid JSON ({e}); the file must be JSON Lines, one object per line"),
+            )
             continue
         if not isinstance(obj, dict):
-            yield lineno, where, raw, RowError(WHOLE_LINE, R_JSON, f"expected a JSON object, got "
-                                                                   f"{type(obj).__name__}; the file must be JSON "
-                                                                   "Lines, one object per line")
+            yield (
+                lineno,
+                where,
+                raw,
+                RowError(
+                    WHOLE_LINE,
+                    R_JSON,
+                    f"expected a JSON object, got "
+                    f"{type(obj).__name__}; the file must be JSON "
+                    "Lines, one object per line",
+                ),
+            )
             continue
         yield lineno, where, raw, obj
 
@@ -89,12 +106,20 @@ def parquet_records(path: Path, error: type[ValueError]) -> list[Record]:
         df = pl.read_parquet(path)
     except Exception as e:  # noqa: BLE001 - polars/arrow raise many types
         raise error(f"{path}: cannot read as Parquet: {e}") from None
-    return [(idx, f"row {idx} (0-based index)", json.dumps(obj, ensure_ascii=False, default=str), obj)
-            for idx, obj in enumerate(df.iter_rows(named=True))]
+    return [
+        (idx, f"row {idx} (0-based index)", json.dumps(obj, ensure_ascii=False, default=str), obj)
+        for idx, obj in enumerate(df.iter_rows(named=True))
+    ]
 
 
-def validate_rows(records: Iterable[Record], parse: Callable[[dict, str], dict], *, file: Path | str,
-                  on_bad_rows: OnBadRows, error: type[ValueError]) -> tuple[list[dict], list[dict]]:
+def validate_rows(
+    records: Iterable[Record],
+    parse: Callable[[dict, str], dict],
+    *,
+    file: Path | str,
+    on_bad_rows: OnBadRows,
+    error: type[ValueError],
+) -> tuple[list[dict], list[dict]]:
     """``parse(record, where)`` of each record: (its results, quarantine records of the rows it refused).
 
     ``parse`` raises :class:`RowError` for a bad row (and updates any state it keeps, such as the
@@ -112,12 +137,13 @@ def validate_rows(records: Iterable[Record], parse: Callable[[dict, str], dict],
             message = f"{file}: {where}, field '{e.field}': {e.detail}"
             if on_bad_rows == "error":
                 raise error(message) from None
-            bad.append({"file": str(file), "row": row, "field": e.field, "reason": e.reason, "raw": raw,
-                        "message": message})
+            bad.append(
+                {"file": str(file), "row": row, "field": e.field, "reason": e.reason, "raw": raw, "message": message}
+            )
     return good, bad
 
 
-def no_good_rows(path: Path | str, what: str, bad: list[dict]) -> str:
+def no_good_rows(path: str | os.PathLike, what: str, bad: list[dict]) -> str:
     """The message of a file left with no valid row, quoting the first bad one."""
     detail = f"; {len(bad)} bad row(s), the first: {bad[0]['message']}" if bad else ""
     return f"{path}: no valid {what}{detail}"

@@ -23,12 +23,24 @@ import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from pipeline import paths
-from pipeline.data.rows import (R_MISSING, R_TYPE, WHOLE_LINE, OnBadRows, Record, RowError, check_on_bad_rows,
-                                jsonl_records, no_good_rows, parquet_records, validate_rows)
+from pipeline.data.rows import (
+    R_MISSING,
+    R_TYPE,
+    WHOLE_LINE,
+    OnBadRows,
+    Record,
+    RowError,
+    check_on_bad_rows,
+    jsonl_records,
+    no_good_rows,
+    parquet_records,
+    validate_rows,
+)
 from pipeline.io import atomic_dir, canonical_json
 from pipeline.model.encoding import encode_prompt, encode_response
 from pipeline.schema import conform
@@ -87,21 +99,30 @@ TOKEN_IDS = {"chosen": "chosen_token_ids", "rejected": "rejected_token_ids"}
 # --------------------------------------------------------------------------------------------- rows
 def _messages(value, field: str) -> list[dict]:
     if not isinstance(value, list):
-        raise RowError(field, R_TYPE, f"field '{field}' must be a string or a list of messages, "
-                                       f"got {type(value).__name__} {value!r:.60}")
+        raise RowError(
+            field,
+            R_TYPE,
+            f"field '{field}' must be a string or a list of messages, got {type(value).__name__} {value!r:.60}",
+        )
     if not value:
         raise RowError(field, R_EMPTY, f"field '{field}' is an empty list of messages")
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowError(field, R_MESSAGES, f"field '{field}', message {i}: must be an object with 'role' and "
-                                               f"'content', got {m!r:.60}")
+            raise RowError(
+                field,
+                R_MESSAGES,
+                f"field '{field}', message {i}: must be an object with 'role' and 'content', got {m!r:.60}",
+            )
         role, content = m["role"], m["content"]
         if role not in ROLES:
             raise RowError(field, R_MESSAGES, f"field '{field}', message {i}: role {role!r} is not one of {ROLES}")
         if not isinstance(content, str):
-            raise RowError(field, R_TYPE, f"field '{field}', message {i}: content must be a string, got "
-                                           f"{type(content).__name__} {content!r:.60}")
+            raise RowError(
+                field,
+                R_TYPE,
+                f"field '{field}', message {i}: content must be a string, got {type(content).__name__} {content!r:.60}",
+            )
         if role != "system" and not content.strip():
             raise RowError(field, R_EMPTY, f"field '{field}', message {i}: empty {role} content")
         out.append({"role": role, "content": content})
@@ -110,8 +131,11 @@ def _messages(value, field: str) -> list[dict]:
 
 def _text(value, field: str) -> str:
     if not isinstance(value, str):
-        raise RowError(field, R_TYPE, f"field '{field}' must be a string like the other fields, got "
-                                       f"{type(value).__name__} {value!r:.60}")
+        raise RowError(
+            field,
+            R_TYPE,
+            f"field '{field}' must be a string like the other fields, got {type(value).__name__} {value!r:.60}",
+        )
     if not value.strip():
         raise RowError(field, R_EMPTY, f"field '{field}' is empty")
     return value
@@ -124,13 +148,20 @@ def split_conversation(obj: dict) -> tuple[list[dict], str, str]:
             raise RowError(f, R_MISSING, f"field '{f}' is missing")
     chosen, rejected, prompt = obj["chosen"], obj["rejected"], obj.get("prompt")
     if isinstance(chosen, str) != isinstance(rejected, str):
-        raise RowError("rejected", R_TYPE, f"field 'rejected' must be of the same kind as 'chosen' (a string or a "
-                                            f"list of messages), got {type(rejected).__name__} {rejected!r:.60}")
+        raise RowError(
+            "rejected",
+            R_TYPE,
+            f"field 'rejected' must be of the same kind as 'chosen' (a string or a "
+            f"list of messages), got {type(rejected).__name__} {rejected!r:.60}",
+        )
     if isinstance(chosen, str):  # standard format: the prompt is one user turn
         if prompt is None:
             raise RowError("prompt", R_MISSING, "field 'prompt' is missing (needed when chosen is a string)")
-        return ([{"role": "user", "content": _text(prompt, "prompt")}], _text(chosen, "chosen"),
-                _text(rejected, "rejected"))
+        return (
+            [{"role": "user", "content": _text(prompt, "prompt")}],
+            _text(chosen, "chosen"),
+            _text(rejected, "rejected"),
+        )
     cm, rm = _messages(chosen, "chosen"), _messages(rejected, "rejected")
     if isinstance(prompt, list):
         pm = _messages(prompt, "prompt")
@@ -143,20 +174,30 @@ def split_conversation(obj: dict) -> tuple[list[dict], str, str]:
             if not pm:
                 pm = [{"role": "user", "content": prompt}]
             elif pm[-1]["content"].strip() != prompt.strip():
-                raise RowError("prompt", R_VALUE, f"field 'prompt' {prompt!r:.40} is not the last user turn "
-                                                   f"{pm[-1]['content']!r:.40} of the conversation in chosen/rejected")
+                raise RowError(
+                    "prompt",
+                    R_VALUE,
+                    f"field 'prompt' {prompt!r:.40} is not the last user turn "
+                    f"{pm[-1]['content']!r:.40} of the conversation in chosen/rejected",
+                )
         elif not pm:
             raise RowError("prompt", R_MISSING, "field 'prompt' is missing and chosen/rejected share no prompt turns")
     else:
-        raise RowError("prompt", R_TYPE, f"field 'prompt' must be a list of messages like chosen and rejected, got "
-                                          f"{type(prompt).__name__} {prompt!r:.60}")
+        raise RowError(
+            "prompt",
+            R_TYPE,
+            f"field 'prompt' must be a list of messages like chosen and rejected, got "
+            f"{type(prompt).__name__} {prompt!r:.60}",
+        )
     if pm[-1]["role"] != "user":
-        raise RowError("prompt", R_MESSAGES, f"the prompt must end with a user turn, its last is "
-                                              f"{pm[-1]['role']!r}")
+        raise RowError("prompt", R_MESSAGES, f"the prompt must end with a user turn, its last is {pm[-1]['role']!r}")
     for f, side in (("chosen", cm), ("rejected", rm)):
         if len(side) != 1 or side[0]["role"] != "assistant":
-            raise RowError(f, R_MESSAGES, f"field '{f}' must hold one assistant message after the prompt, got "
-                                           f"roles {[m['role'] for m in side]}")
+            raise RowError(
+                f,
+                R_MESSAGES,
+                f"field '{f}' must hold one assistant message after the prompt, got roles {[m['role'] for m in side]}",
+            )
     return pm, cm[0]["content"], rm[0]["content"]
 
 
@@ -174,13 +215,24 @@ def _token_ids(obj: dict, field: str, text: str, tokenizer) -> list[int]:
     ids = obj.get(field)
     if ids is None:
         return encode_response(tokenizer, text)
-    if not isinstance(ids, list) or not ids or any(isinstance(i, bool) or not isinstance(i, int) or not
-                                                   0 <= i < len(tokenizer) for i in ids):
-        raise RowError(field, R_TYPE, f"field '{field}' must be a non-empty list of token ids below the tokenizer's "
-                                       f"{len(tokenizer)}, got {ids!r:.60}")
+    if (
+        not isinstance(ids, list)
+        or not ids
+        or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(tokenizer) for i in ids)
+    ):
+        raise RowError(
+            field,
+            R_TYPE,
+            f"field '{field}' must be a non-empty list of token ids below the tokenizer's "
+            f"{len(tokenizer)}, got {ids!r:.60}",
+        )
     if tokenizer.decode(ids, skip_special_tokens=True).strip() != text.strip():
-        raise RowError(field, R_IDS, f"field '{field}' does not decode to the text with the policy's tokenizer "
-                                      "(made with another tokenizer? drop the column to tokenize the text)")
+        raise RowError(
+            field,
+            R_IDS,
+            f"field '{field}' does not decode to the text with the policy's tokenizer "
+            "(made with another tokenizer? drop the column to tokenize the text)",
+        )
     return list(ids)
 
 
@@ -189,8 +241,11 @@ def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
     if len(messages) == 1:
         return encode_prompt(tokenizer, messages[0]["content"])
     if not getattr(tokenizer, "chat_template", None):
-        raise RowError("prompt", R_MESSAGES, "a prompt of several messages needs a chat template, and the policy's "
-                                              "tokenizer has none")
+        raise RowError(
+            "prompt",
+            R_MESSAGES,
+            "a prompt of several messages needs a chat template, and the policy's tokenizer has none",
+        )
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
 
@@ -200,7 +255,7 @@ def parse_row(obj: dict, tokenizer) -> dict:
     prompt, chosen, rejected = split_conversation(obj)
     if chosen.strip() == rejected.strip():
         raise RowError("rejected", R_IDENTICAL, "fields 'chosen' and 'rejected' hold the same text")
-    row = {"prompt": prompt, "chosen_text": chosen, "rejected_text": rejected}
+    row: dict[str, Any] = {"prompt": prompt, "chosen_text": chosen, "rejected_text": rejected}
     for col, (ok, what) in CARRIED.items():
         v = obj.get(col)
         if v is not None and not ok(v):
@@ -213,7 +268,8 @@ def parse_row(obj: dict, tokenizer) -> dict:
         raise RowError("rejected", R_IDENTICAL, "fields 'chosen' and 'rejected' tokenize alike")
     row["prompt_id"] = _identifier(obj, "prompt_id") or hashlib.sha1(canonical_json(prompt).encode()).hexdigest()[:16]
     row["pair_id"] = _identifier(obj, "pair_id") or (
-        f"{row['prompt_id']}-{hashlib.sha1(canonical_json([chosen, rejected]).encode()).hexdigest()[:8]}")
+        f"{row['prompt_id']}-{hashlib.sha1(canonical_json([chosen, rejected]).encode()).hexdigest()[:8]}"
+    )
     return row
 
 
@@ -229,8 +285,9 @@ def pairs_files(path: str | os.PathLike) -> list[Path]:
     if not path.is_file():
         raise PairsFileError(f"{path}: pairs file not found (check pairs.source)")
     if path.suffix.lower() not in SUFFIXES:
-        raise PairsFileError(f"{path}: cannot tell the format from the extension {path.suffix!r}; pairs files are "
-                             f"{', '.join(SUFFIXES)}")
+        raise PairsFileError(
+            f"{path}: cannot tell the format from the extension {path.suffix!r}; pairs files are {', '.join(SUFFIXES)}"
+        )
     return [path]
 
 
@@ -254,16 +311,21 @@ def read_pairs_file(path: str | os.PathLike, tokenizer, on_bad_rows: OnBadRows) 
     first_pair: dict[str, str] = {}
     first_prompt: dict[str, tuple[list, str]] = {}
     for file in pairs_files(path):
+
         def parse(obj: dict, where: str, file: Path = file) -> dict:
             at = f"{file}: {where}"
             rec = parse_row(obj, tokenizer)
             if rec["pair_id"] in first_pair:
-                raise RowError("pair_id" if "pair_id" in obj else WHOLE_LINE, R_DUP,
-                               f"pair {rec['pair_id']!r} again, first seen at {first_pair[rec['pair_id']]}")
+                raise RowError(
+                    "pair_id" if "pair_id" in obj else WHOLE_LINE,
+                    R_DUP,
+                    f"pair {rec['pair_id']!r} again, first seen at {first_pair[rec['pair_id']]}",
+                )
             seen = first_prompt.get(rec["prompt_id"])
             if seen is not None and seen[0] != rec["prompt"]:
-                raise RowError("prompt_id", R_PROMPT_ID, f"prompt_id {rec['prompt_id']!r} names another prompt at "
-                                                         f"{seen[1]}")
+                raise RowError(
+                    "prompt_id", R_PROMPT_ID, f"prompt_id {rec['prompt_id']!r} names another prompt at {seen[1]}"
+                )
             first_pair[rec["pair_id"]] = at
             first_prompt.setdefault(rec["prompt_id"], (rec["prompt"], at))
             return {**rec, "where": at}
@@ -277,22 +339,29 @@ def read_pairs_file(path: str | os.PathLike, tokenizer, on_bad_rows: OnBadRows) 
 
 
 # --------------------------------------------------------------------------------------------- export
-def export_frame(pairs: pl.DataFrame, prompts: dict[str, list[dict]],
-                 scores: dict[str, tuple[float | None, float | None]]) -> pl.DataFrame:
+def export_frame(
+    pairs: pl.DataFrame, prompts: dict[str, list[dict]], scores: dict[str, tuple[float | None, float | None]]
+) -> pl.DataFrame:
     """The ``pairs_trl`` table: ``pairs`` in TRL's conversational format, ``prompts`` giving each
     prompt_id's messages and ``scores`` each pair_id's judge scores (absent: null)."""
+
     def msg(role, text):
         return [{"role": role, "content": text}]
 
     none = (None, None)
-    return conform(pairs.with_columns(
-        prompt=pl.Series([prompts[p] for p in pairs["prompt_id"]]),
-        chosen=pl.Series([msg("assistant", t) for t in pairs["chosen_text"]]),
-        rejected=pl.Series([msg("assistant", t) for t in pairs["rejected_text"]]),
-        score_chosen=pl.Series([scores.get(p, none)[0] for p in pairs["pair_id"]], dtype=pl.Float64),
-        score_rejected=pl.Series([scores.get(p, none)[1] for p in pairs["pair_id"]], dtype=pl.Float64),
-        chosen_token_ids=pairs["chosen_ids"], rejected_token_ids=pairs["rejected_ids"],
-    ), "pairs_trl", where="TRL export")
+    return conform(
+        pairs.with_columns(
+            prompt=pl.Series([prompts[p] for p in pairs["prompt_id"]]),
+            chosen=pl.Series([msg("assistant", t) for t in pairs["chosen_text"]]),
+            rejected=pl.Series([msg("assistant", t) for t in pairs["rejected_text"]]),
+            score_chosen=pl.Series([scores.get(p, none)[0] for p in pairs["pair_id"]], dtype=pl.Float64),
+            score_rejected=pl.Series([scores.get(p, none)[1] for p in pairs["pair_id"]], dtype=pl.Float64),
+            chosen_token_ids=pairs["chosen_ids"],
+            rejected_token_ids=pairs["rejected_ids"],
+        ),
+        "pairs_trl",
+        where="TRL export",
+    )
 
 
 def write_export(frame: pl.DataFrame, splits: pl.Series, out_dir: str | os.PathLike) -> dict[str, int]:

@@ -27,9 +27,11 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.flows",
-                                description="Prefect flows over the DVC stages: scheduled runs, sweeps, "
-                                            "on-policy rounds, GPU-cluster deployment.")
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.flows",
+        description="Prefect flows over the DVC stages: scheduled runs, sweeps, "
+        "on-policy rounds, GPU-cluster deployment.",
+    )
     p.add_argument("--repo", default=".", help="the DVC repository (default: .)")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="the pipeline flow (one task per DVC stage)")
@@ -37,27 +39,58 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("targets", nargs="*", help="stages to reproduce with their upstream (default: all)")
     r.add_argument("-n", "--name", help="DVC experiment name")
     s = sub.add_parser("sweep", help="a grid of DVC experiments")
-    s.add_argument("-G", "--grid", action="append", metavar="KEY=[V1,V2]", help="a grid axis (default: flows.sweep.grid)")
+    s.add_argument(
+        "-G", "--grid", action="append", metavar="KEY=[V1,V2]", help="a grid axis (default: flows.sweep.grid)"
+    )
     s.add_argument("-j", "--max-parallel", type=int)
     s.add_argument("-n", "--name")
     s.add_argument("targets", nargs="*")
     c = sub.add_parser("scenarios", help="one DVC experiment per pairs.scenario for one loss, side by side")
     c.add_argument("--variant", help="the train variant (loss) compared (default: flows.scenarios.variant)")
-    c.add_argument("--list", dest="scenarios", type=int, nargs="+", choices=(1, 2, 3, 4), metavar="K",
-                   help="scenarios to run, e.g. --list 1 3 (default: flows.scenarios.list)")
+    c.add_argument(
+        "--list",
+        dest="scenarios",
+        type=int,
+        nargs="+",
+        choices=(1, 2, 3, 4),
+        metavar="K",
+        help="scenarios to run, e.g. --list 1 3 (default: flows.scenarios.list)",
+    )
     c.add_argument("-n", "--name", help="experiment name prefix (experiments <name>-s<k>)")
-    t = sub.add_parser("study", help="training seeds x variants x pair sets, one DVC experiment per seed and pair set, "
-                       "reported with intervals and a row per claim of docs/losses.md (flows.study)")
-    t.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="train.seed values (default: flows.study.seeds)")
+    t = sub.add_parser(
+        "study",
+        help="training seeds x variants x pair sets, one DVC experiment per seed and pair set, "
+        "reported with intervals and a row per claim of docs/losses.md (flows.study)",
+    )
+    t.add_argument(
+        "--seeds", type=int, nargs="+", metavar="SEED", help="train.seed values (default: flows.study.seeds)"
+    )
     t.add_argument("--variants", nargs="+", metavar="V", help="train variants (default: flows.study.variants)")
-    t.add_argument("--scenarios", type=int, nargs="+", choices=(1, 2, 3, 4), metavar="K",
-                   help="pairs.scenario values of judged pairs (default: flows.study.scenarios; none: pairs.source)")
-    t.add_argument("-S", "--set-param", action="append", metavar="KEY=VALUE",
-                   help="params set in every experiment; any -S replaces flows.study.overrides as a whole")
-    t.add_argument("--default-size", action="store_true",
-                   help="no flows.study.overrides: every experiment at params.yaml's own sizes")
-    t.add_argument("--report-only", action="store_true",
-                   help="run nothing: rebuild the report from the experiments of the study named -n")
+    t.add_argument(
+        "--scenarios",
+        type=int,
+        nargs="+",
+        choices=(1, 2, 3, 4),
+        metavar="K",
+        help="pairs.scenario values of judged pairs (default: flows.study.scenarios; none: pairs.source)",
+    )
+    t.add_argument(
+        "-S",
+        "--set-param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="params set in every experiment; any -S replaces flows.study.overrides as a whole",
+    )
+    t.add_argument(
+        "--default-size",
+        action="store_true",
+        help="no flows.study.overrides: every experiment at params.yaml's own sizes",
+    )
+    t.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rebuild the report from the experiments of the study named -n",
+    )
     t.add_argument("-n", "--name", help="experiment name prefix (experiments <name>-d-seed<s> or <name>-s<k>-seed<s>)")
     o = sub.add_parser("rounds", help="on-policy rounds (iterative DPO)")
     o.add_argument("-R", "--rounds", type=int)
@@ -65,10 +98,13 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("-S", "--set-param", action="append", metavar="KEY=VALUE")
     o.add_argument("-n", "--name")
     sub.add_parser("order", help="print the stages in dvc dag order")
-    k = sub.add_parser("k8s-template", help="print the Kubernetes work pool's base job template (variable gpu_count: "
-                       "the pod's nvidia.com/gpu limit)")
-    k.add_argument("--gpus", type=int, default=0,
-                   help="GPUs of pods whose deployment sets no gpu_count (default 0: no GPU limit)")
+    k = sub.add_parser(
+        "k8s-template",
+        help="print the Kubernetes work pool's base job template (variable gpu_count: the pod's nvidia.com/gpu limit)",
+    )
+    k.add_argument(
+        "--gpus", type=int, default=0, help="GPUs of pods whose deployment sets no gpu_count (default 0: no GPU limit)"
+    )
     return p
 
 
@@ -81,16 +117,18 @@ def main(argv: list[str] | None = None) -> Any:
     if a.cmd == "run":
         from pipeline.flows import run
 
-        res = run.pipeline_flow(overrides=_parse_sets(a.set_param) or None, targets=a.targets or None,
-                                experiment=a.name, repo=a.repo)
+        res = run.pipeline_flow(
+            overrides=_parse_sets(a.set_param) or None, targets=a.targets or None, experiment=a.name, repo=a.repo
+        )
     elif a.cmd == "sweep":
         from pipeline.flows import sweep
 
         grid = _parse_sets(a.grid) or None
         if grid and not all(isinstance(v, list) for v in grid.values()):
             raise SystemExit("each --grid value must be a list, e.g. train.variants.dpo.beta=[0.1,0.3]")
-        res = sweep.sweep_flow(grid=grid, max_parallel=a.max_parallel, targets=a.targets or None, name=a.name,
-                               repo=a.repo)
+        res = sweep.sweep_flow(
+            grid=grid, max_parallel=a.max_parallel, targets=a.targets or None, name=a.name, repo=a.repo
+        )
         print(res["markdown"])
         return res
     elif a.cmd == "scenarios":
@@ -108,15 +146,23 @@ def main(argv: list[str] | None = None) -> Any:
         if a.report_only and not a.name:
             raise SystemExit("--report-only needs the study's name (-n NAME)")
         kw = {"report_only": True} if a.report_only else {}
-        res = study.study_flow(seeds=a.seeds, variants=a.variants, scenarios=a.scenarios, overrides=overrides,
-                               name=a.name, repo=a.repo, **kw)
+        res = study.study_flow(
+            seeds=a.seeds,
+            variants=a.variants,
+            scenarios=a.scenarios,
+            overrides=overrides,
+            name=a.name,
+            repo=a.repo,
+            **kw,
+        )
         print(res["markdown"])
         return res
     elif a.cmd == "rounds":
         from pipeline.flows import rounds
 
-        res = rounds.rounds_flow(rounds=a.rounds, variant=a.variant, overrides=_parse_sets(a.set_param) or None,
-                                 name=a.name, repo=a.repo)
+        res = rounds.rounds_flow(
+            rounds=a.rounds, variant=a.variant, overrides=_parse_sets(a.set_param) or None, name=a.name, repo=a.repo
+        )
         print(Path(res["report"]).read_text())
         return res
     elif a.cmd == "order":

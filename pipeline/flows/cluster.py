@@ -5,19 +5,27 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from prefect import flow, get_run_logger
 
-from pipeline.flows.settings import load_flow_params
 from pipeline.flows.dag import segments, stage_order
+from pipeline.flows.settings import load_flow_params
 from pipeline.flows.tasks import flow_run_name
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
 
 
 @flow(name="dpo-cluster")
-def cluster_flow(overrides: dict[str, Any] | None = None, targets: list[str] | None = None,
-                 experiment: str | None = None, record: bool | None = None, remote: str | None = None,
-                 repo: str = ".") -> dict[str, Any]:
+def cluster_flow(
+    overrides: dict[str, Any] | None = None,
+    targets: list[str] | None = None,
+    experiment: str | None = None,
+    record: bool | None = None,
+    remote: str | None = None,
+    repo: str = ".",
+) -> dict[str, Any]:
     """The pipeline across machines: consecutive stages of one resource class (``flows.resources``) run
     as one flow run of that class's deployment (``flows.deployments``: CPU pods for prepare, judge,
     pairs, export, report; GPU pods for policy, sample, reference, train, evaluate). The pods share
@@ -41,14 +49,34 @@ def cluster_flow(overrides: dict[str, Any] | None = None, targets: list[str] | N
         last = i == len(segs) - 1
         deployment = fp.deployments[cls]
         logger.info("segment %d/%d on %s (%s): %s", i + 1, len(segs), deployment, cls, ", ".join(stages))
-        fr = run_deployment(deployment, parameters={"overrides": overrides, "targets": stages, "remote": remote,
-                                                    "record": last and do_record, "experiment": name if last else None},
-                            flow_run_name=f"{name}-{i + 1}-{cls}")
-        runs.append({"segment": i + 1, "class": cls, "stages": stages, "flow_run": str(fr.id),
-                     "state": fr.state.name if fr.state else None})
+        # Prefect types it FlowRun | Coroutine (an async caller gets a coroutine); this flow is sync
+        fr = cast(
+            "FlowRun",
+            run_deployment(
+                deployment,
+                parameters={
+                    "overrides": overrides,
+                    "targets": stages,
+                    "remote": remote,
+                    "record": last and do_record,
+                    "experiment": name if last else None,
+                },
+                flow_run_name=f"{name}-{i + 1}-{cls}",
+            ),
+        )
+        runs.append(
+            {
+                "segment": i + 1,
+                "class": cls,
+                "stages": stages,
+                "flow_run": str(fr.id),
+                "state": fr.state.name if fr.state else None,
+            }
+        )
         if not (fr.state and fr.state.is_completed()):
-            raise RuntimeError(f"segment {i + 1} ({cls}: {', '.join(stages)}) ended {runs[-1]['state']}; "
-                               f"see flow run {fr.id}")
+            raise RuntimeError(
+                f"segment {i + 1} ({cls}: {', '.join(stages)}) ended {runs[-1]['state']}; see flow run {fr.id}"
+            )
     return {"segments": runs}
 
 
@@ -62,8 +90,10 @@ def kubernetes_job_template(gpus: int = 0) -> dict[str, Any]:
     try:
         from prefect_kubernetes.worker import KubernetesWorker
     except ImportError as e:
-        raise ImportError("the Kubernetes job template needs prefect-kubernetes: pip install prefect-kubernetes "
-                          "(it is in this project's dev extra)") from e
+        raise ImportError(
+            "the Kubernetes job template needs prefect-kubernetes: pip install prefect-kubernetes "
+            "(it is in this project's dev extra)"
+        ) from e
 
     if gpus < 0:
         raise ValueError(f"gpus must be >= 0, got {gpus}")
@@ -78,15 +108,30 @@ def kubernetes_job_template(gpus: int = 0) -> dict[str, Any]:
     pod["nodeSelector"] = "{{ node_selector }}"
     pod["tolerations"] = "{{ tolerations }}"
     props = tpl["variables"]["properties"]
-    props["gpu_count"] = {"title": "GPUs", "type": "integer", "minimum": 1,
-                          "description": "nvidia.com/gpu limit of the pod; leave it unset for CPU-only pods"}
+    props["gpu_count"] = {
+        "title": "GPUs",
+        "type": "integer",
+        "minimum": 1,
+        "description": "nvidia.com/gpu limit of the pod; leave it unset for CPU-only pods",
+    }
     if gpus:
         props["gpu_count"]["default"] = gpus
-    props["node_selector"] = {"title": "Node selector", "type": "object", "default": {},
-                              "description": "e.g. {\"nvidia.com/gpu.product\": \"NVIDIA-H100-80GB-HBM3\"}"}
-    props["tolerations"] = {"title": "Tolerations", "type": "array", "items": {"type": "object"},
-                            "default": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-                            if gpus else []}
-    props["secret_name"] = {"title": "Secret with env vars", "type": "string", "default": "dpo-pipeline",
-                            "description": "Kubernetes Secret: DVC remote credentials (e.g. AWS_*), GIT token"}
+    props["node_selector"] = {
+        "title": "Node selector",
+        "type": "object",
+        "default": {},
+        "description": 'e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}',
+    }
+    props["tolerations"] = {
+        "title": "Tolerations",
+        "type": "array",
+        "items": {"type": "object"},
+        "default": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}] if gpus else [],
+    }
+    props["secret_name"] = {
+        "title": "Secret with env vars",
+        "type": "string",
+        "default": "dpo-pipeline",
+        "description": "Kubernetes Secret: DVC remote credentials (e.g. AWS_*), GIT token",
+    }
     return tpl

@@ -8,8 +8,8 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 
-from pipeline.flows.settings import group_of
 from pipeline.flows.dvc_process import dvc_output
+from pipeline.flows.settings import ResourceClass, group_of
 
 
 def stage_graph(repo: str | os.PathLike) -> tuple[list[str], dict[str, set[str]]]:
@@ -78,9 +78,9 @@ def stage_order(repo: str | os.PathLike, targets: Iterable[str] | None = None) -
     return [n for n in order if n in keep]
 
 
-def segments(order: list[str], resource_of: Callable[[str], str]) -> list[tuple[str, list[str]]]:
+def segments(order: list[str], resource_of: Callable[[str], ResourceClass]) -> list[tuple[ResourceClass, list[str]]]:
     """Consecutive stages of one resource class: [("cpu", [prepare]), ("gpu", [policy, sample]), ...]."""
-    out: list[tuple[str, list[str]]] = []
+    out: list[tuple[ResourceClass, list[str]]] = []
     for stage, cls in ((s, resource_of(s)) for s in order):
         if out and out[-1][0] == cls:
             out[-1][1].append(stage)

@@ -26,13 +26,20 @@ from typing import Any
 class StageFailed(RuntimeError):
     """A DVC stage (or experiment) that failed: its name, exit status and the last lines of its log."""
 
-    def __init__(self, stage: str, returncode: int | None, tail: Iterable[str] = (), what: str = "stage",
-                 reason: str | None = None):
+    def __init__(
+        self,
+        stage: str,
+        returncode: int | None,
+        tail: Iterable[str] = (),
+        what: str = "stage",
+        reason: str | None = None,
+    ):
         self.stage, self.returncode, self.tail, self.what = stage, returncode, list(tail), what
         self.reason = reason or f"exit status {returncode}"
         lines = "\n".join(f"    {line}" for line in self.tail) or "    (no output)"
-        super().__init__(f"DVC {what} '{stage}' failed ({self.reason}); last {len(self.tail)} lines of its log:\n"
-                         f"{lines}")
+        super().__init__(
+            f"DVC {what} '{stage}' failed ({self.reason}); last {len(self.tail)} lines of its log:\n{lines}"
+        )
 
     def __reduce__(self):
         return (self.__class__, (self.stage, self.returncode, self.tail, self.what, self.reason))
@@ -81,16 +88,30 @@ def dvc_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
-def run_dvc(args: list[str], cwd: str | os.PathLike, on_line: Callable[[str], Any] | None = None,
-            timeout_s: float | None = None, *, tail_lines: int) -> DvcRun:
+def run_dvc(
+    args: list[str],
+    cwd: str | os.PathLike,
+    on_line: Callable[[str], Any] | None = None,
+    timeout_s: float | None = None,
+    *,
+    tail_lines: int,
+) -> DvcRun:
     """Run ``dvc <args>`` in ``cwd``, handing every output line (stdout and stderr) to ``on_line`` as it
     comes; the last ``tail_lines`` lines are kept for the error message. Past ``timeout_s`` the whole
     process group (DVC and the stage command) is terminated and the return code is :data:`TIMED_OUT`.
     The lines are consumed in the calling thread (Prefect's run logger is bound to it)."""
     start = time.monotonic()
-    proc = subprocess.Popen(dvc_cmd(*args), cwd=cwd, env=dvc_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        dvc_cmd(*args),
+        cwd=cwd,
+        env=dvc_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        start_new_session=True,
+    )
     lines: queue.Queue[str | None] = queue.Queue()
 
     def _read() -> None:
@@ -123,8 +144,9 @@ def run_dvc(args: list[str], cwd: str | os.PathLike, on_line: Callable[[str], An
         if on_line is not None:
             on_line(line)
     rc = proc.wait()
-    return DvcRun(returncode=TIMED_OUT if timed_out else rc, tail=list(tail), seconds=time.monotonic() - start,
-                  statuses=statuses)
+    return DvcRun(
+        returncode=TIMED_OUT if timed_out else rc, tail=list(tail), seconds=time.monotonic() - start, statuses=statuses
+    )
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -146,13 +168,21 @@ def dvc_output(args: list[str], cwd: str | os.PathLike) -> str:
     """Run a quick DVC command and return its stdout; raise with its output on failure."""
     proc = subprocess.run(dvc_cmd(*args), cwd=cwd, env=dvc_env(), capture_output=True, text=True, check=False)
     if proc.returncode:
-        raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}"
-                           f"\n{proc.stderr[-2000:]}")
+        raise RuntimeError(
+            f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
     return proc.stdout
 
 
-def repro_stage(repo: str | os.PathLike, stage: str, on_line: Callable[[str], Any] | None = None, *,
-                timeout_s: float, tail_lines: int, pull: bool = False) -> DvcRun:
+def repro_stage(
+    repo: str | os.PathLike,
+    stage: str,
+    on_line: Callable[[str], Any] | None = None,
+    *,
+    timeout_s: float,
+    tail_lines: int,
+    pull: bool = False,
+) -> DvcRun:
     """``dvc repro --single-item <stage>``: DVC reruns it only if its deps, params or command changed
     (or restores it from the run-cache). ``timeout_s``: wall-clock limit, 0 for none; ``pull``: fetch
     missing inputs from the default remote first. Raises :class:`StageFailed` naming the stage."""
@@ -162,7 +192,8 @@ def repro_stage(repo: str | os.PathLike, stage: str, on_line: Callable[[str], An
         raise StageTimeout(stage, None, run.tail, reason=f"timed out after {timeout_s:g} s")
     if run.returncode:
         exited = [m.group(1) for line in run.tail if (m := re.search(r"exited with (-?\d+)", line))]
-        raise StageFailed(stage, run.returncode, run.tail,
-                          reason=f"its command exited with {exited[-1]}" if exited else None)
+        raise StageFailed(
+            stage, run.returncode, run.tail, reason=f"its command exited with {exited[-1]}" if exited else None
+        )
     run.statuses.setdefault(stage, "skipped")
     return run

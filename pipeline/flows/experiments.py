@@ -20,7 +20,6 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from pipeline.settings.base import DEFAULT_PARAMS as PARAMS_FILE
 from pipeline.flows.dvc_process import (
     TIMED_OUT,
     DvcRun,
@@ -29,6 +28,7 @@ from pipeline.flows.dvc_process import (
     dvc_output,
     run_dvc,
 )
+from pipeline.settings.base import DEFAULT_PARAMS as PARAMS_FILE
 
 
 # ============================================================================================ overrides
@@ -54,8 +54,9 @@ def override_args(overrides: Mapping[str, Any] | None) -> list[str]:
     return [f"{k}={format_value(v)}" for k, v in (overrides or {}).items()]
 
 
-def apply_overrides(repo: str | os.PathLike, overrides: Mapping[str, Any] | None,
-                    params_file: str = PARAMS_FILE) -> None:
+def apply_overrides(
+    repo: str | os.PathLike, overrides: Mapping[str, Any] | None, params_file: str = PARAMS_FILE
+) -> None:
     """Write overrides into params.yaml exactly as ``dvc exp run -S key=value`` does (it is the same DVC
     function; comments and key order are kept; an unknown key fails unless written ``+key``)."""
     args = override_args(overrides)
@@ -80,8 +81,15 @@ def uncached_outputs(repo: str | os.PathLike) -> list[str]:
     return sorted(p for p in paths if (root / p).exists())
 
 
-def exp_save(repo: str | os.PathLike, name: str, stages: Iterable[str], message: str | None = None,
-             on_line: Callable[[str], Any] | None = None, *, tail_lines: int) -> str:
+def exp_save(
+    repo: str | os.PathLike,
+    name: str,
+    stages: Iterable[str],
+    message: str | None = None,
+    on_line: Callable[[str], Any] | None = None,
+    *,
+    tail_lines: int,
+) -> str:
     """Record the workspace (params, dvc.lock, metrics) as the DVC experiment ``name``; it then shows in
     ``dvc exp show`` and comes back with ``dvc exp apply <name>``. Returns the name used (a suffix is
     added if the name is taken)."""
@@ -97,8 +105,9 @@ def exp_save(repo: str | os.PathLike, name: str, stages: Iterable[str], message:
     raise StageFailed(name, 1, run.tail, what="experiment save")
 
 
-def exp_push(repo: str | os.PathLike, git_remote: str, name: str, on_line: Callable[[str], Any] | None = None,
-             *, tail_lines: int) -> None:
+def exp_push(
+    repo: str | os.PathLike, git_remote: str, name: str, on_line: Callable[[str], Any] | None = None, *, tail_lines: int
+) -> None:
     run = run_dvc(["exp", "push", git_remote, name], repo, on_line, tail_lines=tail_lines)
     if run.returncode:
         raise StageFailed(name, run.returncode, run.tail, what="experiment push")
@@ -115,12 +124,23 @@ _pause = time.sleep  # tenacity's pause between tries (tests replace it)
 
 
 def _lock_busy(e: BaseException) -> bool:
-    return isinstance(e, StageFailed) and not isinstance(e, StageTimeout) and \
-        any(DVC_LOCK_MESSAGE in line for line in e.tail)
+    return (
+        isinstance(e, StageFailed)
+        and not isinstance(e, StageTimeout)
+        and any(DVC_LOCK_MESSAGE in line for line in e.tail)
+    )
 
 
-def exp_run_temp(repo: str | os.PathLike, name: str, overrides: Mapping[str, Any], targets: Iterable[str] = (),
-                 on_line: Callable[[str], Any] | None = None, *, timeout_s: float, tail_lines: int) -> DvcRun:
+def exp_run_temp(
+    repo: str | os.PathLike,
+    name: str,
+    overrides: Mapping[str, Any],
+    targets: Iterable[str] = (),
+    on_line: Callable[[str], Any] | None = None,
+    *,
+    timeout_s: float,
+    tail_lines: int,
+) -> DvcRun:
     """One sweep point: ``dvc exp run --temp -n <name> -S k=v ... [targets]`` (a temporary copy of the
     repository, so points can run side by side; the cache and run-cache are shared). ``timeout_s``:
     wall-clock limit, 0 for none. A start refused by DVC's repository lock is tried again. A failed run
@@ -129,8 +149,13 @@ def exp_run_temp(repo: str | os.PathLike, name: str, overrides: Mapping[str, Any
     args = ["exp", "run", "--temp", "-n", name]
     for a in override_args(overrides):
         args += ["-S", a]
-    for attempt in Retrying(retry=retry_if_exception(_lock_busy), stop=stop_after_attempt(LOCK_TRIES),
-                            wait=wait_exponential(multiplier=2, max=30), sleep=lambda s: _pause(s), reraise=True):
+    for attempt in Retrying(
+        retry=retry_if_exception(_lock_busy),
+        stop=stop_after_attempt(LOCK_TRIES),
+        wait=wait_exponential(multiplier=2, max=30),
+        sleep=lambda s: _pause(s),
+        reraise=True,
+    ):
         with attempt:
             if attempt.retry_state.attempt_number > 1:
                 run_dvc(["exp", "remove", name], repo, on_line, tail_lines=tail_lines)  # absent: fails, fine
@@ -140,8 +165,10 @@ def exp_run_temp(repo: str | os.PathLike, name: str, overrides: Mapping[str, Any
             if run.returncode:
                 if not any(DVC_LOCK_MESSAGE in line for line in run.tail) and _recorded(repo, name):
                     if on_line is not None:
-                        on_line(f"experiment {name} was recorded; the failure above is another queued experiment's, "
-                                "which this `dvc exp run --temp` also ran (DVC's queue of temporary experiments)")
+                        on_line(
+                            f"experiment {name} was recorded; the failure above is another queued experiment's, "
+                            "which this `dvc exp run --temp` also ran (DVC's queue of temporary experiments)"
+                        )
                     return run
                 raise StageFailed(name, run.returncode, run.tail, what="experiment")
     return run
@@ -192,11 +219,22 @@ def experiments(repo: str | os.PathLike, all_commits: bool = False) -> list[dict
                 for file, content in (d.get("params") or {}).items():
                     for k, v in flatten(content.get("data") or {}).items():
                         params[k if file == PARAMS_FILE else f"{file}:{k}"] = v
-                metric_files = {file: (content or {}).get("data") or {}
-                                for file, content in (d.get("metrics") or {}).items()}
-                metrics = {f"{file}:{k}": v for file, content in metric_files.items() for k, v in flatten(content).items()}
-                out.append({"name": rev.get("name"), "rev": rev.get("rev"), "baseline": base.get("name"),
-                            "params": params, "metrics": metrics, "metric_files": metric_files})
+                metric_files = {
+                    file: (content or {}).get("data") or {} for file, content in (d.get("metrics") or {}).items()
+                }
+                metrics = {
+                    f"{file}:{k}": v for file, content in metric_files.items() for k, v in flatten(content).items()
+                }
+                out.append(
+                    {
+                        "name": rev.get("name"),
+                        "rev": rev.get("rev"),
+                        "baseline": base.get("name"),
+                        "params": params,
+                        "metrics": metrics,
+                        "metric_files": metric_files,
+                    }
+                )
     return out
 
 

@@ -12,11 +12,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from pipeline.flows.settings import load_flow_params
-
-from pipeline.settings.base import DEFAULT_PARAMS
 from pipeline.flows.dag import stage_order
 from pipeline.flows.experiments import apply_overrides, exp_save, override_args
+from pipeline.flows.settings import load_flow_params
 from pipeline.flows.tasks import (
     flow_run_name,
     publish,
@@ -24,12 +22,19 @@ from pipeline.flows.tasks import (
     push_experiment,
     run_stages,
 )
+from pipeline.settings.base import DEFAULT_PARAMS
 
 
 @flow(name="dpo-pipeline")
-def pipeline_flow(overrides: dict[str, Any] | None = None, targets: list[str] | None = None,
-                  experiment: str | None = None, record: bool | None = None, remote: str | None = None,
-                  keep_overrides: bool | None = None, repo: str = ".") -> dict[str, Any]:
+def pipeline_flow(
+    overrides: dict[str, Any] | None = None,
+    targets: list[str] | None = None,
+    experiment: str | None = None,
+    record: bool | None = None,
+    remote: str | None = None,
+    keep_overrides: bool | None = None,
+    repo: str = ".",
+) -> dict[str, Any]:
     """Run the DVC pipeline, one Prefect task per stage in ``dvc dag`` order.
 
     overrides: params to change for this run, ``{"train.variants.dpo.beta": 0.3}`` (``dvc exp run -S``
@@ -59,9 +64,14 @@ def pipeline_flow(overrides: dict[str, Any] | None = None, targets: list[str] | 
         do_record = record if record is not None else bool(overrides or experiment)
         exp_name = None
         if do_record:
-            exp_name = exp_save(root, experiment or flow_run_name(), order,
-                                message=f"prefect flow run {flow_run_name()}", on_line=logger.info,
-                                tail_lines=fp.log_tail_lines)
+            exp_name = exp_save(
+                root,
+                experiment or flow_run_name(),
+                order,
+                message=f"prefect flow run {flow_run_name()}",
+                on_line=logger.info,
+                tail_lines=fp.log_tail_lines,
+            )
             logger.info("recorded as DVC experiment %s (dvc exp show; dvc exp apply %s)", exp_name, exp_name)
             push_experiment(root, fp, exp_name)
         publish(root, fp, results, exp_name)
@@ -70,5 +80,4 @@ def pipeline_flow(overrides: dict[str, Any] | None = None, targets: list[str] | 
             params_path.write_text(original, encoding="utf-8")
     ran = [s for s, r in results.items() if r["status"] == "ran"]
     logger.info("ran %d of %d stages: %s", len(ran), len(order), ", ".join(ran) or "none")
-    return {"order": order, "stages": {s: r["status"] for s, r in results.items()}, "ran": ran,
-            "experiment": exp_name}
+    return {"order": order, "stages": {s: r["status"] for s, r in results.items()}, "ran": ran, "experiment": exp_name}

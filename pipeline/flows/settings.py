@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from pipeline.settings.base import ConfigError, DEFAULT_PARAMS, Strict, Unique, error_text
+from pipeline.settings.base import DEFAULT_PARAMS, ConfigError, Strict, Unique, error_text
 
 
 def group_of(stage: str) -> str:
@@ -65,6 +65,7 @@ class RoundsParams(Strict):
 
 
 Scenario = Literal[1, 2, 3, 4]
+ResourceClass = Literal["cpu", "gpu"]  # the kind of machine a stage runs on (cluster_flow)
 
 
 class ScenariosParams(Strict):
@@ -102,7 +103,6 @@ class StudyParams(Strict):
     retries: int = Field(ge=0)
 
 
-
 class FlowParams(Strict):
     """The ``flows:`` section: how Prefect runs the DVC stages. No stage depends on it."""
 
@@ -113,8 +113,8 @@ class FlowParams(Strict):
     remote: str | None
     git_remote: str | None
     report: str
-    resources: dict[str, Literal["cpu", "gpu"]]  # stage or foreach group -> resource class (cluster_flow)
-    deployments: dict[Literal["cpu", "gpu"], str]  # resource class -> Prefect deployment (cluster_flow)
+    resources: dict[str, ResourceClass]  # stage or foreach group -> resource class (cluster_flow)
+    deployments: dict[ResourceClass, str]  # resource class -> Prefect deployment (cluster_flow)
     sweep: SweepParams
     rounds: RoundsParams
     scenarios: ScenariosParams
@@ -127,7 +127,7 @@ class FlowParams(Strict):
                 merged.update({k: v for k, v in self.stages[key].model_dump().items() if v is not None})
         return StageTaskSettings(**merged)
 
-    def resource_of(self, stage: str) -> Literal["cpu", "gpu"]:
+    def resource_of(self, stage: str) -> ResourceClass:
         return self.resources.get(stage, self.resources.get(group_of(stage), "cpu"))
 
 

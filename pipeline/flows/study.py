@@ -1,11 +1,13 @@
 """``study_flow``: training seeds × variants × pair sets as DVC experiments, then a report that tells a
 claim from seed noise (``python -m pipeline.flows study``; mean ± sd across seeds, pooled per-pair
-statistics, one row per claim of docs/losses.md it can judge: :mod:`pipeline.analysis.study`)."""
+statistics, one row per claim of docs/losses.md it can judge: :mod:`pipeline.analysis.study`, reported by
+:mod:`pipeline.analysis.study_report`)."""
 
 from __future__ import annotations
 
 import io
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,14 @@ from pipeline.settings.base import merged
 from pipeline.settings.params import Params
 
 
-def study_points(seeds: list[int], scenarios: list[int], overrides: dict[str, Any],
-                 sample_seed: bool) -> list[tuple[str, int, dict[str, Any]]]:
+def study_points(
+    seeds: Sequence[int], scenarios: Sequence[int], overrides: dict[str, Any], sample_seed: bool
+) -> list[tuple[str, int, dict[str, Any]]]:
     """``(pair set, seed, params)`` of each experiment: the study's overrides, the training seed (and the
     sampling seed with ``sample_seed``), and for a scenario judged pairs of that scenario."""
+    pair_sets: list[int | None] = list(scenarios) if scenarios else [None]  # None: the pairs of params.yaml
     out = []
-    for scenario in scenarios or [None]:
+    for scenario in pair_sets:
         for seed in seeds:
             point = {**overrides, "train.seed": seed}
             if sample_seed:
@@ -42,11 +46,13 @@ def study_command(st: StudyParams) -> str:
     return "python -m pipeline.flows study " + " ".join(
         [f"--seeds {' '.join(map(str, st.seeds))}", f"--variants {' '.join(st.variants)}"]
         + ([f"--scenarios {' '.join(map(str, st.scenarios))}"] if st.scenarios else [])
-        + ([f"-S {shlex.quote(f'{k}={v}')}" for k, v in st.overrides.items()] or ["--default-size"]))
+        + ([f"-S {shlex.quote(f'{k}={v}')}" for k, v in st.overrides.items()] or ["--default-size"])
+    )
 
 
-def read_experiment_table(root: Path, rev: str, path: str, table: str | None,
-                          columns: list[str] | None = None) -> pl.DataFrame:
+def read_experiment_table(
+    root: Path, rev: str, path: str, table: str | None, columns: list[str] | None = None
+) -> pl.DataFrame:
     """A stage's table as the experiment at ``rev`` produced it (from DVC's cache), checked against its schema
     (``table``), or only ``columns`` of it."""
     import dvc.api
@@ -82,8 +88,9 @@ def loss_roles(cfg: Params, variants: list[str]) -> dict[str, str]:
     return roles
 
 
-def study_settings(root: Path, changes: dict[str, Any], overrides: dict[str, Any] | None) -> tuple[FlowParams,
-                                                                                                   StudyParams]:
+def study_settings(
+    root: Path, changes: dict[str, Any], overrides: dict[str, Any] | None
+) -> tuple[FlowParams, StudyParams]:
     """``flows`` of params.yaml with the flow's arguments over ``flows.study``, validated together."""
     fp = parse_flow_params(merged(load_flow_params(root).model_dump(), {"study": changes}), source="study_flow")
     st = fp.study if overrides is None else fp.study.model_copy(update={"overrides": dict(overrides)})
@@ -93,12 +100,19 @@ def study_settings(root: Path, changes: dict[str, Any], overrides: dict[str, Any
 def named_points(prefix: str, st: StudyParams) -> dict[str, tuple[str, int, dict[str, Any]]]:
     """Experiment name -> (pair set, seed, params) of each experiment of the study."""
     points = study_points(st.seeds, st.scenarios, st.overrides, st.sample_seed)
-    return {f"{prefix}-{'d' if ps == 'default' else 's' + ps.split()[-1]}-seed{seed}": (ps, seed, point)
-            for ps, seed, point in points}
+    return {
+        f"{prefix}-{'d' if ps == 'default' else 's' + ps.split()[-1]}-seed{seed}": (ps, seed, point)
+        for ps, seed, point in points
+    }
 
 
-def read_runs(root: Path, points: dict[str, tuple[str, int, dict[str, Any]]], skip: list[str],
-              variants: list[str], all_commits: bool) -> list:
+def read_runs(
+    root: Path,
+    points: dict[str, tuple[str, int, dict[str, Any]]],
+    skip: list[str],
+    variants: list[str],
+    all_commits: bool,
+) -> list:
     """Every variant's held-out pairs and answers of each recorded experiment, read back from DVC's cache."""
     from pipeline.analysis.study import StudyRun
 
@@ -111,9 +125,18 @@ def read_runs(root: Path, points: dict[str, tuple[str, int, dict[str, Any]]], sk
         before = read_experiment_table(root, rev, paths.POLICY_GENERATIONS, "generations")
         distances = read_experiment_table(root, rev, paths.PAIRS, None, ["pair_id", "edit_distance_norm"])
         for v in variants:
-            runs.append(StudyRun(exp, pair_set, seed, v, read_experiment_table(root, rev, paths.eval_table(v), "pair_eval"),
-                                 before, read_experiment_table(root, rev, paths.eval_generations(v), "generations"),
-                                 trained_changes(root, rev, v, distances)))
+            runs.append(
+                StudyRun(
+                    exp,
+                    pair_set,
+                    seed,
+                    v,
+                    read_experiment_table(root, rev, paths.eval_table(v), "pair_eval"),
+                    before,
+                    read_experiment_table(root, rev, paths.eval_generations(v), "generations"),
+                    trained_changes(root, rev, v, distances),
+                )
+            )
     return runs
 
 
@@ -123,17 +146,34 @@ def write_study(out: Path, runs: list, markdown: str, summary: dict[str, Any]) -
     from pipeline.io import write_json, write_table, write_text
 
     out.mkdir(parents=True, exist_ok=True)
-    write_table(pl.concat([r.pairs.with_columns(pl.lit(r.experiment).alias("experiment"), pl.lit(r.seed).alias("seed"),
-                                                pl.lit(r.scenario).alias("pair_set")) for r in runs]),
-                out / "per_pair.parquet", "study_pairs")
+    write_table(
+        pl.concat(
+            [
+                r.pairs.with_columns(
+                    pl.lit(r.experiment).alias("experiment"),
+                    pl.lit(r.seed).alias("seed"),
+                    pl.lit(r.scenario).alias("pair_set"),
+                )
+                for r in runs
+            ]
+        ),
+        out / "per_pair.parquet",
+        "study_pairs",
+    )
     write_json(summary, out / "summary.json")
     write_text(markdown, out / "report.md")
 
 
 @flow(name="dpo-study")
-def study_flow(seeds: list[int] | None = None, variants: list[str] | None = None,
-               scenarios: list[int] | None = None, overrides: dict[str, Any] | None = None,
-               name: str | None = None, repo: str = ".", report_only: bool = False) -> dict[str, Any]:
+def study_flow(
+    seeds: list[int] | None = None,
+    variants: list[str] | None = None,
+    scenarios: list[int] | None = None,
+    overrides: dict[str, Any] | None = None,
+    name: str | None = None,
+    repo: str = ".",
+    report_only: bool = False,
+) -> dict[str, Any]:
     """One ``dvc exp run --temp`` per training seed and pair set (default ``flows.study``), each reproducing
     ``evaluate@<v>`` of every study variant with ``flows.study.overrides`` set (``overrides=`` replaces them),
     at most ``max_parallel`` at once after the first (prepare, policy, sample and pairs are shared and come
@@ -143,20 +183,28 @@ def study_flow(seeds: list[int] | None = None, variants: list[str] | None = None
     no experiment runs; the report is rebuilt from the experiments a study of that ``name`` left (those
     missing are reported as such)."""
     from pipeline.analysis.findings import StatSettings
-    from pipeline.analysis.study import study_report
+    from pipeline.analysis.study_report import study_report
 
     logger = get_run_logger()
     root = Path(repo).resolve()
-    changes = {k: list(v) for k, v in (("seeds", seeds), ("variants", variants), ("scenarios", scenarios))
-               if v is not None}
+    changes = {
+        k: list(v) for k, v in (("seeds", seeds), ("variants", variants), ("scenarios", scenarios)) if v is not None
+    }
     fp, st = study_settings(root, changes, overrides)
     targets = check_evaluate_targets(root, st.variants, "study_flow")
     prefix = name or f"study-{flow_run_name()}"
     points = named_points(prefix, st)
     names = list(points)
-    logger.info("study %s: %d experiments (seeds %s, pair sets %s), variants %s, overrides %s, %d at a time",
-                prefix, len(points), st.seeds, st.scenarios or ["default"], st.variants, st.overrides,
-                st.max_parallel)
+    logger.info(
+        "study %s: %d experiments (seeds %s, pair sets %s), variants %s, overrides %s, %d at a time",
+        prefix,
+        len(points),
+        st.seeds,
+        st.scenarios or ["default"],
+        st.variants,
+        st.overrides,
+        st.max_parallel,
+    )
     if report_only:  # the study may have run on an earlier commit
         have = {e["name"] for e in experiments(root, all_commits=True)}
         failed = [n for n in names if n not in have]
@@ -167,18 +215,32 @@ def study_flow(seeds: list[int] | None = None, variants: list[str] | None = None
         raise RuntimeError(f"study {prefix}: all {len(names)} experiments failed: {', '.join(failed)}")
     cfg = Params.load(root / "params.yaml")
     command = study_command(st)
-    markdown, record = study_report(runs, loss_roles(cfg, st.variants), StatSettings.from_params(cfg.report),
-                                    f"Study `{prefix}`", command)
+    markdown, record = study_report(
+        runs, loss_roles(cfg, st.variants), StatSettings.from_params(cfg.report), f"Study `{prefix}`", command
+    )
     if failed:
-        markdown += (f"\n**{len(failed)} of {len(names)} experiments failed or are missing** and are left out: "
-                     f"{', '.join(failed)}.\n")
+        markdown += (
+            f"\n**{len(failed)} of {len(names)} experiments failed or are missing** and are left out: "
+            f"{', '.join(failed)}.\n"
+        )
     out = root / st.report
-    write_study(out, runs, markdown, {**record, "experiments": {n: p for n, (_, _, p) in points.items()},
-                                      "failed": failed, "command": command})
+    write_study(
+        out,
+        runs,
+        markdown,
+        {**record, "experiments": {n: p for n, (_, _, p) in points.items()}, "failed": failed, "command": command},
+    )
     create_markdown_artifact(markdown=markdown, key="dpo-study", description=f"study {prefix} ({st.report})")
     logger.info("study report: %s\n%s", out / "report.md", markdown)
     if failed:
-        raise RuntimeError(f"study {prefix}: {len(failed)} of {len(names)} experiments failed: {', '.join(failed)} "
-                           f"(report without them: {out / 'report.md'})")
-    return {"name": prefix, "experiments": names, "report": str(out / "report.md"), "markdown": markdown,
-            "claims": record["claims"]}
+        raise RuntimeError(
+            f"study {prefix}: {len(failed)} of {len(names)} experiments failed: {', '.join(failed)} "
+            f"(report without them: {out / 'report.md'})"
+        )
+    return {
+        "name": prefix,
+        "experiments": names,
+        "report": str(out / "report.md"),
+        "markdown": markdown,
+        "claims": record["claims"],
+    }

@@ -9,16 +9,21 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from pipeline.flows.settings import SweepParams, load_flow_params
 from pipeline.flows.dag import expand_targets, stage_graph
 from pipeline.flows.experiments import experiments, grid_points, select_metrics
+from pipeline.flows.settings import SweepParams, load_flow_params
 from pipeline.flows.tables import markdown_table, short_metric
 from pipeline.flows.tasks import Schedule, artifact_key, flow_run_name, run_experiments
 
 
 @flow(name="dpo-sweep")
-def sweep_flow(grid: dict[str, list[Any]] | None = None, max_parallel: int | None = None,
-               targets: list[str] | None = None, name: str | None = None, repo: str = ".") -> dict[str, Any]:
+def sweep_flow(
+    grid: dict[str, list[Any]] | None = None,
+    max_parallel: int | None = None,
+    targets: list[str] | None = None,
+    name: str | None = None,
+    repo: str = ".",
+) -> dict[str, Any]:
     """A grid over params (default ``flows.sweep.grid``), one DVC experiment per point, run with
     ``dvc exp run --temp`` at most ``max_parallel`` at a time; ends with the experiments' params and
     metrics as a table artifact. Stages a point shares with an earlier one come from DVC's run-cache."""
@@ -52,8 +57,11 @@ def sweep_flow(grid: dict[str, list[Any]] | None = None, max_parallel: int | Non
             row.update({short_metric(m): v for m, v in select_metrics(e["metrics"], sp.metrics).items()})
         rows.append(row)
     table = markdown_table(rows)
-    create_table_artifact(table=rows, key=artifact_key(f"sweep-{prefix}"),
-                          description=f"sweep {prefix}: params and metrics of each experiment (dvc exp show)")
+    create_table_artifact(
+        table=rows,
+        key=artifact_key(f"sweep-{prefix}"),
+        description=f"sweep {prefix}: params and metrics of each experiment (dvc exp show)",
+    )
     logger.info("sweep %s:\n%s", prefix, table)
     if failed:
         # the failing tasks already raised with the experiment's name and log tail

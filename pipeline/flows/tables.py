@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipeline.flows.dvc_process import dvc_output
@@ -32,7 +32,7 @@ def short_metric(name: str) -> str:
     return f"{file}:{key}"
 
 
-def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None) -> str:
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: list[str] | None = None) -> str:
     """Rows as a markdown table; columns default to every key, in order of first appearance."""
     if not rows:
         return "(no rows)\n"

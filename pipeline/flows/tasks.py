@@ -13,11 +13,12 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
 
-from pipeline.flows.settings import FlowParams, StageTaskSettings, group_of
 from pipeline.flows.dag import stage_graph
 from pipeline.flows.dvc_process import StageFailed, repro_stage, run_dvc
 from pipeline.flows.experiments import exp_push, exp_run_temp, override_args, taken_names
+from pipeline.flows.settings import FlowParams, StageTaskSettings, group_of
 from pipeline.flows.tables import metrics_rows
 
 
@@ -39,8 +40,9 @@ def dvc_stage(stage: str, repo: str, timeout_s: float, tail_lines: int, remote: 
 
 
 @task(name="dvc-experiment", cache_policy=NO_CACHE, persist_result=False)
-def dvc_experiment(name: str, repo: str, overrides: dict[str, Any], targets: list[str], timeout_s: float,
-                   tail_lines: int) -> dict[str, Any]:
+def dvc_experiment(
+    name: str, repo: str, overrides: dict[str, Any], targets: list[str], timeout_s: float, tail_lines: int
+) -> dict[str, Any]:
     """One ``dvc exp run --temp`` experiment (a sweep or scenario point)."""
     logger = get_run_logger()
     logger.info("experiment %s: %s", name, " ".join(override_args(overrides)))
@@ -52,8 +54,9 @@ def stage_task(stage: str, fp: FlowParams, label: str = "") -> tuple[Any, StageT
     """:func:`dvc_stage` with the retries of ``stage`` (``flows.defaults`` / ``flows.stages``), and the
     stage's settings."""
     s = fp.for_stage(stage)
-    return dvc_stage.with_options(name=f"{label}{stage}", task_run_name=f"{label}{stage}", retries=s.retries,
-                                  retry_delay_seconds=s.retry_delay_s), s
+    return dvc_stage.with_options(
+        name=f"{label}{stage}", task_run_name=f"{label}{stage}", retries=s.retries, retry_delay_seconds=s.retry_delay_s
+    ), s
 
 
 def run_stages(root: Path, order: list[str], fp: FlowParams, remote: str | None, label: str = "") -> dict[str, dict]:
@@ -92,24 +95,29 @@ class Schedule:
         return cls(settings.max_parallel, True, settings.retries, settings.timeout_s)
 
 
-def run_experiments(root: Path, fp: FlowParams, points: Mapping[str, dict[str, Any]], targets: list[str],
-                    schedule: Schedule) -> list[str]:
+def run_experiments(
+    root: Path, fp: FlowParams, points: Mapping[str, dict[str, Any]], targets: list[str], schedule: Schedule
+) -> list[str]:
     """One ``dvc exp run --temp`` task per point (experiment name -> the params it sets), as ``schedule``
     says. Each finished experiment is pushed (``flows.git_remote``). Returns the names of the experiments
     that failed."""
     names = list(points)
     taken = taken_names(root, names)
     if taken:
-        raise ValueError(f"experiment names already taken: {', '.join(taken)}; choose another name (-n) or "
-                         "remove them (dvc exp remove)")
+        raise ValueError(
+            f"experiment names already taken: {', '.join(taken)}; choose another name (-n) or "
+            "remove them (dvc exp remove)"
+        )
     exp_task = dvc_experiment.with_options(retries=schedule.retries)
-    futures, pending = [], []
+    futures: list[PrefectFuture[Any]] = []
+    pending: list[PrefectFuture[Any]] = []
     for i, (exp, point) in enumerate(points.items()):
         if len(pending) >= schedule.parallel:
             wait_any(pending)
             pending = [f for f in pending if not f.state.is_final()]
-        fut = exp_task.with_options(task_run_name=exp).submit(exp, str(root), point, targets, schedule.timeout_s,
-                                                              fp.log_tail_lines)
+        fut = exp_task.with_options(task_run_name=exp).submit(
+            exp, str(root), point, targets, schedule.timeout_s, fp.log_tail_lines
+        )
         futures.append(fut)
         pending.append(fut)
         if i == 0 and schedule.warm_start and len(points) > 1:
@@ -131,8 +139,9 @@ def check_evaluate_targets(root: Path, variants: list[str], flow: str) -> list[s
     unknown = [t for t in targets if t not in nodes]
     if unknown:
         known = sorted(n.split("@", 1)[1] for n in nodes if group_of(n) == "evaluate" and "@" in n)
-        raise ValueError(f"{flow}: no stage {', '.join(unknown)}: not in train.variants (known: "
-                         f"{', '.join(known) or 'none'})")
+        raise ValueError(
+            f"{flow}: no stage {', '.join(unknown)}: not in train.variants (known: {', '.join(known) or 'none'})"
+        )
     return targets
 
 
@@ -160,16 +169,22 @@ def publish(root: Path, fp: FlowParams, results: Mapping[str, dict], experiment:
     summary = [{"stage": s, "status": r["status"], "seconds": r["seconds"]} for s, r in results.items()]
     report = root / fp.report
     if report.is_file():
-        create_markdown_artifact(markdown=report.read_text(encoding="utf-8"), key="dpo-report",
-                                 description=f"{fp.report}" + (f" (experiment {experiment})" if experiment else ""))
+        create_markdown_artifact(
+            markdown=report.read_text(encoding="utf-8"),
+            key="dpo-report",
+            description=f"{fp.report}" + (f" (experiment {experiment})" if experiment else ""),
+        )
     try:
         rows = metrics_rows(root)
     except RuntimeError as e:
         logger.warning("no metrics table: %s", e)
         rows = []
     if rows:
-        create_table_artifact(table=rows, key="dpo-metrics", description="dvc metrics show"
-                              + (f" (experiment {experiment})" if experiment else ""))
+        create_table_artifact(
+            table=rows,
+            key="dpo-metrics",
+            description="dvc metrics show" + (f" (experiment {experiment})" if experiment else ""),
+        )
     create_table_artifact(table=summary, key="dpo-stages", description="what each DVC stage did in this run")
 
 
@@ -179,11 +194,13 @@ def pull_run_cache(root: Path, fp: FlowParams, remote: str | None) -> None:
     if not remote:
         return
     logger = get_run_logger()
-    pull = run_dvc(["pull", "-r", remote, "--run-cache", "--allow-missing"], root, logger.info,
-                   tail_lines=fp.log_tail_lines)
+    pull = run_dvc(
+        ["pull", "-r", remote, "--run-cache", "--allow-missing"], root, logger.info, tail_lines=fp.log_tail_lines
+    )
     if pull.returncode:
-        logger.warning("dvc pull of the run-cache from %s failed (exit %d); stages may recompute",
-                       remote, pull.returncode)
+        logger.warning(
+            "dvc pull of the run-cache from %s failed (exit %d); stages may recompute", remote, pull.returncode
+        )
 
 
 def push_experiment(root: Path, fp: FlowParams, name: str | None) -> None:

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from pipeline.generation.types import Candidate
 
 
-def logprob_check(model_path: str, dtype: str, prompts: Sequence[str], candidates: Sequence[Candidate],
-                  batch_size: int) -> dict:
+def logprob_check(
+    model_path: str, dtype: str, prompts: Sequence[str], candidates: Sequence[Candidate], batch_size: int
+) -> dict:
     """Re-score sampled tokens with the training code path; report how far the sampler's log-probs are off.
 
     ``batch_size``: sequences per forward pass of the training code path."""
@@ -27,6 +28,11 @@ def logprob_check(model_path: str, dtype: str, prompts: Sequence[str], candidate
     train_lp, n_tok = batched_logprobs(model, prompt_ids, resp, tok.pad_token_id, batch_size, longest)
     diffs = [c.logprob_sum - t for c, t in zip(candidates, train_lp)]
     per_tok = [abs(d) / max(1, n) for d, n in zip(diffs, n_tok)]
-    return {"n": len(diffs), "mean_diff": sum(diffs) / len(diffs), "mean_abs_diff": sum(map(abs, diffs)) / len(diffs),
-            "max_abs_diff": max(map(abs, diffs)), "mean_abs_diff_per_token": sum(per_tok) / len(per_tok),
-            "dtype": dtype}
+    return {
+        "n": len(diffs),
+        "mean_diff": sum(diffs) / len(diffs),
+        "mean_abs_diff": sum(map(abs, diffs)) / len(diffs),
+        "max_abs_diff": max(map(abs, diffs)),
+        "mean_abs_diff_per_token": sum(per_tok) / len(per_tok),
+        "dtype": dtype,
+    }

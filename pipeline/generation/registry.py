@@ -8,6 +8,7 @@ return the same :class:`~pipeline.generation.types.Candidate` records.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pipeline.generation.transformers_backend import TransformersSampler
@@ -22,11 +23,12 @@ def _vllm(model_path: str, *, dtype: str, vllm: VLLMParams, model_id: str | None
     # vLLM itself is imported only when an engine starts
     from pipeline.generation.vllm_backend.sampler import VLLMSampler, engine_settings
 
-    return VLLMSampler(engine_settings(model_path, dtype, vllm), data_parallel_size=vllm.data_parallel_size,
-                       model_id=model_id)
+    return VLLMSampler(
+        engine_settings(model_path, dtype, vllm), data_parallel_size=vllm.data_parallel_size, model_id=model_id
+    )
 
 
-SAMPLERS = {"transformers": TransformersSampler, "vllm": _vllm}
+SAMPLERS: dict[str, Callable[..., Sampler]] = {"transformers": TransformersSampler, "vllm": _vllm}
 
 
 def get_sampler(backend: str, model_path: str, **kwargs) -> Sampler:
@@ -36,8 +38,9 @@ def get_sampler(backend: str, model_path: str, **kwargs) -> Sampler:
     return SAMPLERS[backend](model_path, **kwargs)
 
 
-def sampler_for(backend: str, model_path: str, *, dtype: str, batch_size: int, vllm: VLLMParams | None,
-                model_id: str | None = None) -> Sampler:
+def sampler_for(
+    backend: str, model_path: str, *, dtype: str, batch_size: int, vllm: VLLMParams | None, model_id: str | None = None
+) -> Sampler:
     """The sampler a stage asks for in params: transformers (``batch_size``) or vLLM (``vllm``: the
     params' ``vllm`` section, a :class:`pipeline.settings.sampling.VLLMParams`; unused by transformers)."""
     if backend == "vllm":

@@ -20,9 +20,16 @@ def chunk_key(material: dict) -> str:
     return hashlib.sha256(canonical_json(material).encode()).hexdigest()[:24]
 
 
-def sample_resumable(sampler: Sampler, prompt_ids: Sequence[str], prompts: Sequence[str],
-                     settings: GenerationSettings, chunk_size: int, cache_dir, identity: dict,
-                     progress: str | None = "sampling") -> tuple[list[list[Candidate]], dict]:
+def sample_resumable(
+    sampler: Sampler,
+    prompt_ids: Sequence[str],
+    prompts: Sequence[str],
+    settings: GenerationSettings,
+    chunk_size: int,
+    cache_dir,
+    identity: dict,
+    progress: str | None = "sampling",
+) -> tuple[list[list[Candidate]], dict]:
     """Sample ``prompts`` in chunks of ``chunk_size``, each chunk saved (atomically) as soon as it is done.
 
     A chunk's file name is a hash of everything that determines its candidates: ``identity`` (the
@@ -47,7 +54,7 @@ def sample_resumable(sampler: Sampler, prompt_ids: Sequence[str], prompts: Seque
     starts = range(0, len(prompts), chunk_size)
     bar = tqdm(total=len(prompts), desc=progress, disable=progress is None, unit="prompt")
     for s in starts:
-        ids, texts = list(prompt_ids[s: s + chunk_size]), list(prompts[s: s + chunk_size])
+        ids, texts = list(prompt_ids[s : s + chunk_size]), list(prompts[s : s + chunk_size])
         path = cache / f"chunk-{chunk_key({**base, 'prompt_ids': ids, 'prompts': texts})}.parquet"
         cands = _read_chunk(path, ids, settings.n) if path.exists() else None
         if cands is not None:
@@ -55,13 +62,30 @@ def sample_resumable(sampler: Sampler, prompt_ids: Sequence[str], prompts: Seque
             reused_prompts += len(ids)
         else:
             cands = sampler.generate(texts, settings, progress=None)
-            rows = [{"prompt_id": pid, "candidate_idx": k, "text": c.text, "token_ids": list(c.token_ids),
-                     "logprob_sum": c.logprob_sum, "finish_reason": c.finish_reason}
-                    for pid, per in zip(ids, cands) for k, c in enumerate(per)]
+            rows = [
+                {
+                    "prompt_id": pid,
+                    "candidate_idx": k,
+                    "text": c.text,
+                    "token_ids": list(c.token_ids),
+                    "logprob_sum": c.logprob_sum,
+                    "finish_reason": c.finish_reason,
+                }
+                for pid, per in zip(ids, cands)
+                for k, c in enumerate(per)
+            ]
             with atomic_path(path, fsync=True) as tmp:
-                pl.DataFrame(rows, schema={"prompt_id": pl.String, "candidate_idx": pl.Int32, "text": pl.String,
-                                           "token_ids": pl.List(pl.Int32), "logprob_sum": pl.Float64,
-                                           "finish_reason": pl.String}).write_parquet(tmp)
+                pl.DataFrame(
+                    rows,
+                    schema={
+                        "prompt_id": pl.String,
+                        "candidate_idx": pl.Int32,
+                        "text": pl.String,
+                        "token_ids": pl.List(pl.Int32),
+                        "logprob_sum": pl.Float64,
+                        "finish_reason": pl.String,
+                    },
+                ).write_parquet(tmp)
         results.extend(cands)
         bar.update(len(ids))
     bar.close()
@@ -80,5 +104,10 @@ def _read_chunk(path, ids: list[str], n: int) -> list[list[Candidate]] | None:
     except Exception as e:  # noqa: BLE001 - a damaged chunk is resampled, never trusted
         log.warning("ignoring cached chunk %s (%s); sampling it again", path, e)
         return None
-    return [[Candidate(r["text"], tuple(r["token_ids"]), r["logprob_sum"], r["finish_reason"])
-             for r in groups[pid].iter_rows(named=True)] for pid in ids]
+    return [
+        [
+            Candidate(r["text"], tuple(r["token_ids"]), r["logprob_sum"], r["finish_reason"])
+            for r in groups[pid].iter_rows(named=True)
+        ]
+        for pid in ids
+    ]

@@ -13,8 +13,9 @@ class TransformersSampler:
 
     ``batch_size`` is sequences per ``generate`` call (prompts per call: ``batch_size // n``)."""
 
-    def __init__(self, model_path: str, *, batch_size: int, dtype: str, device: str = "auto",
-                 model_id: str | None = None):
+    def __init__(
+        self, model_path: str, *, batch_size: int, dtype: str, device: str = "auto", model_id: str | None = None
+    ):
         from pipeline.model import loading
 
         self.device = loading.device_for(device)
@@ -45,7 +46,7 @@ class TransformersSampler:
         # Sort by length so each batch pads little; results are put back in prompt order.
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         per_batch = max(1, self.batch_size // max(1, settings.n))
-        batches = [order[s: s + per_batch] for s in range(0, len(order), per_batch)]
+        batches = [order[s : s + per_batch] for s in range(0, len(order), per_batch)]
         results: list[list[Candidate] | None] = [None] * len(prompts)
         bar = tqdm(total=len(prompts), desc=progress, disable=progress is None, unit="prompt")
         for b, idx in enumerate(batches):
@@ -53,16 +54,24 @@ class TransformersSampler:
             ids = torch.full((len(idx), L), pad, dtype=torch.long)
             att = torch.zeros_like(ids)
             for r, i in enumerate(idx):
-                ids[r, L - len(encoded[i]):] = torch.tensor(encoded[i])
-                att[r, L - len(encoded[i]):] = 1
+                ids[r, L - len(encoded[i]) :] = torch.tensor(encoded[i])
+                att[r, L - len(encoded[i]) :] = 1
             greedy = settings.temperature == 0
             torch.manual_seed(settings.seed * 1_000_003 + b)
             out = model.generate(
-                input_ids=ids.to(self.device), attention_mask=att.to(self.device),
-                do_sample=not greedy, temperature=None if greedy else settings.temperature,
-                top_p=None if greedy else settings.top_p, top_k=None if greedy else 0,
-                num_return_sequences=settings.n, max_new_tokens=settings.max_new_tokens,
-                pad_token_id=pad, eos_token_id=eos, return_dict_in_generate=True, output_logits=True)
+                input_ids=ids.to(self.device),
+                attention_mask=att.to(self.device),
+                do_sample=not greedy,
+                temperature=None if greedy else settings.temperature,
+                top_p=None if greedy else settings.top_p,
+                top_k=None if greedy else 0,
+                num_return_sequences=settings.n,
+                max_new_tokens=settings.max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
             gen = out.sequences[:, L:].cpu()
             # Raw logits (before temperature / top-p): the policy's own log-prob of each token.
             logits = torch.stack(out.logits, 1).float().cpu()
@@ -75,11 +84,15 @@ class TransformersSampler:
                     stop = eos in toks
                     n_tok = toks.index(eos) + 1 if stop else len(toks)
                     toks = toks[:n_tok]
-                    cands.append(Candidate(
-                        text=tok.decode(toks, skip_special_tokens=True).strip(),
-                        token_ids=tuple(toks), logprob_sum=float(lps[row, :n_tok].sum()),
-                        finish_reason="stop" if stop else "length"))
+                    cands.append(
+                        Candidate(
+                            text=tok.decode(toks, skip_special_tokens=True).strip(),
+                            token_ids=tuple(toks),
+                            logprob_sum=float(lps[row, :n_tok].sum()),
+                            finish_reason="stop" if stop else "length",
+                        )
+                    )
                 results[i] = cands
             bar.update(len(idx))
         bar.close()
-        return results  # type: ignore[return-value]
+        return results

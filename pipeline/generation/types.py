@@ -41,8 +41,9 @@ class Candidate:
 class Sampler(Protocol):
     model_id: str
 
-    def generate(self, prompts: Sequence[str], settings: GenerationSettings,
-                 progress: str | None = "sampling") -> list[list[Candidate]]:
+    def generate(
+        self, prompts: Sequence[str], settings: GenerationSettings, progress: str | None = "sampling"
+    ) -> list[list[Candidate]]:
         """Return ``settings.n`` candidates for each prompt, in prompt order."""
 
     def close(self) -> None:

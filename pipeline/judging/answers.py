@@ -29,14 +29,11 @@ def normalise_number(s: str | None) -> str | None:
 def _final_answer(text: str) -> tuple[re.Match, int, bool] | None:
     """The match holding the final answer, its group, and whether it was stated as ``Answer: <number>``:
     the last ``Answer:`` number, else the last number; None when the text has no number."""
-    m = None
-    for m in _ANSWER_RE.finditer(text):
-        pass
-    if m is not None:
-        return m, 1, True
-    for m in _NUMBER_RE.finditer(text):
-        pass
-    return (m, 0, False) if m is not None else None
+    answers = list(_ANSWER_RE.finditer(text))
+    if answers:
+        return answers[-1], 1, True
+    numbers = list(_NUMBER_RE.finditer(text))
+    return (numbers[-1], 0, False) if numbers else None
 
 
 def extract_answer(text: str) -> tuple[str | None, bool]:

@@ -34,7 +34,6 @@ class RuleVerifier:
         out = []
         for g in groups:
             scores = tuple(self.score_one(c, g.answer) for c in g.candidates)
-            best, worst, status = select_best_worst(scores, {c.idx: c.num_tokens for c in g.candidates},
-                                                    self.min_gap)
+            best, worst, status = select_best_worst(scores, {c.idx: c.num_tokens for c in g.candidates}, self.min_gap)
             out.append(Verdict(g.prompt_id, scores, best, worst, status))
         return out

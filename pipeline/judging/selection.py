@@ -16,11 +16,11 @@ def select_best_worst(scores: Sequence[Score], lengths: dict[int, int], min_gap:
 
     A group whose best and worst scores differ by less than ``min_gap`` (``judge.min_gap``) gets
     status ``tie``: its picks are still reported (scenario 2 uses the worst) but scenario 1 drops it."""
-    valid = [s for s in scores if s.score is not None]
+    valid = [(s.score, s.idx) for s in scores if s.score is not None]
     if len(valid) < 2:
         return None, None, "failed"
-    best = min(valid, key=lambda s: (-s.score, lengths.get(s.idx, 0), s.idx))
-    worst = min(valid, key=lambda s: (s.score, -lengths.get(s.idx, 0), -s.idx))
-    if best.score - worst.score < min_gap:
-        return best.idx, worst.idx, "tie"
-    return best.idx, worst.idx, "ok"
+    best_score, best_idx = min(valid, key=lambda v: (-v[0], lengths.get(v[1], 0), v[1]))
+    worst_score, worst_idx = min(valid, key=lambda v: (v[0], -lengths.get(v[1], 0), -v[1]))
+    if best_score - worst_score < min_gap:
+        return best_idx, worst_idx, "tie"
+    return best_idx, worst_idx, "ok"

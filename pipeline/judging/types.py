@@ -46,6 +46,7 @@ class Verdict:
 
 
 class Judge(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...  # read-only: a frozen dataclass's field satisfies it
 
     def judge(self, groups: Sequence[Group]) -> list[Verdict]: ...

@@ -49,14 +49,23 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(pairs_path: str | os.PathLike, reference_path: str | os.PathLike, *, n_train: int,
-                     n_heldout: int, scenarios: Sequence[int]) -> dict[str, Any]:
+def data_fingerprint(
+    pairs_path: str | os.PathLike,
+    reference_path: str | os.PathLike,
+    *,
+    n_train: int,
+    n_heldout: int,
+    scenarios: Sequence[int],
+) -> dict[str, Any]:
     """What a model was trained on: SHA-256 of the pairs table and of the reference log-probs (the whole
     files, as DVC tracks them), the pair counts and the data scenario(s)."""
-    return {"pairs": {"path": str(pairs_path), "sha256": file_sha256(pairs_path)},
-            "reference": {"path": str(reference_path), "sha256": file_sha256(reference_path)},
-            "n_pairs_train": int(n_train), "n_pairs_heldout": int(n_heldout),
-            "scenarios": sorted({int(s) for s in scenarios})}
+    return {
+        "pairs": {"path": str(pairs_path), "sha256": file_sha256(pairs_path)},
+        "reference": {"path": str(reference_path), "sha256": file_sha256(reference_path)},
+        "n_pairs_train": int(n_train),
+        "n_pairs_heldout": int(n_heldout),
+        "scenarios": sorted({int(s) for s in scenarios}),
+    }
 
 
 def loss_record(name: str, weight: float, hp: Mapping[str, float]) -> dict[str, Any]:
@@ -66,8 +75,13 @@ def loss_record(name: str, weight: float, hp: Mapping[str, float]) -> dict[str, 
 
     doc = inspect.cleandoc(LOSSES[name].fn.__doc__ or "")
     summary, _, rest = doc.partition("\n\n")
-    return {"name": name, "weight": float(weight), "hyperparameters": dict(hp),
-            "formula": " ".join(summary.split()), "reference": " ".join(rest.split())}
+    return {
+        "name": name,
+        "weight": float(weight),
+        "hyperparameters": dict(hp),
+        "formula": " ".join(summary.split()),
+        "reference": " ".join(rest.split()),
+    }
 
 
 def base_model_id(spec: str) -> str | None:
@@ -77,14 +91,29 @@ def base_model_id(spec: str) -> str | None:
     return BUILTIN_HUB_IDS.get(spec)
 
 
-def training_card(*, variant: str, base_model: str, base_fingerprint: str, losses: Sequence[Mapping[str, Any]],
-                  hyperparameters: Mapping[str, Any], data: Mapping[str, Any],
-                  training: Mapping[str, Any]) -> ModelCard:
+def training_card(
+    *,
+    variant: str,
+    base_model: str,
+    base_fingerprint: str,
+    losses: Sequence[Mapping[str, Any]],
+    hyperparameters: Mapping[str, Any],
+    data: Mapping[str, Any],
+    training: Mapping[str, Any],
+) -> ModelCard:
     """The card of ``models/<variant>``: ``losses`` from :func:`loss_record`, ``hyperparameters`` the
     variant's resolved settings, ``data`` from :func:`data_fingerprint`, ``training`` its summary figures."""
-    record = {"variant": variant, "base_model": base_model, "base_model_fingerprint": base_fingerprint,
-              "losses": [dict(t) for t in losses], "hyperparameters": dict(hyperparameters), "data": dict(data),
-              "training": dict(training), "evaluation": None, "evaluation_source": None}
+    record = {
+        "variant": variant,
+        "base_model": base_model,
+        "base_model_fingerprint": base_fingerprint,
+        "losses": [dict(t) for t in losses],
+        "hyperparameters": dict(hyperparameters),
+        "data": dict(data),
+        "training": dict(training),
+        "evaluation": None,
+        "evaluation_source": None,
+    }
     return render(record)
 
 
@@ -94,8 +123,9 @@ def with_evaluation(card: ModelCard, metrics: Mapping[str, Any], source: str) ->
     if not isinstance(record, dict) or "hyperparameters" not in record:
         raise ModelCardError(f"the model card has no '{KEY}' training record; rerun the train stage")
     if metrics.get("variant") not in (None, record["variant"]):
-        raise ModelCardError(f"{source}: variant {metrics.get('variant')!r} evaluated, but the card is "
-                             f"variant {record['variant']!r}'s")
+        raise ModelCardError(
+            f"{source}: variant {metrics.get('variant')!r} evaluated, but the card is variant {record['variant']!r}'s"
+        )
     return render({**record, "evaluation": dict(metrics), "evaluation_source": source})
 
 
@@ -115,10 +145,16 @@ def render(record: Mapping[str, Any]) -> ModelCard:
     """The card of a training record (and its evaluation, when ``record['evaluation']`` is set)."""
     names = [t["name"] for t in record["losses"]]
     base = base_model_id(record["base_model"])
-    data = ModelCardData(base_model=base, library_name="transformers", pipeline_tag="text-generation",
-                         tags=list(dict.fromkeys(["dpo", *names, "dpo-pipeline"])),
-                         model_name=record["variant"], eval_results=_eval_results(record) or None,
-                         **{KEY: dict(record)})
+    record_field: dict[str, Any] = {KEY: dict(record)}  # the front matter's training record
+    data = ModelCardData(
+        base_model=base,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=list(dict.fromkeys(["dpo", *names, "dpo-pipeline"])),
+        model_name=record["variant"],
+        eval_results=_eval_results(record) or None,
+        **record_field,
+    )
     return ModelCard.from_template(data, template_str=_TEMPLATE, r=record, base_hub=base)
 
 
@@ -126,19 +162,36 @@ def _eval_results(record: Mapping[str, Any]) -> list[EvalResult]:
     ev = record.get("evaluation")
     if not ev:
         return []
-    out = [EvalResult(task_type="text-generation", dataset_type="dpo-pipeline/test-prompts",
-                      dataset_name="test prompts (greedy decoding)", dataset_split="test", metric_type="accuracy",
-                      metric_name="greedy test accuracy", metric_value=ev["test_accuracy"])]
+    out = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type="dpo-pipeline/test-prompts",
+            dataset_name="test prompts (greedy decoding)",
+            dataset_split="test",
+            metric_type="accuracy",
+            metric_name="greedy test accuracy",
+            metric_value=ev["test_accuracy"],
+        )
+    ]
     heldout = ev.get("heldout") or {}
     for key, (mtype, mname) in _HELDOUT_RESULTS.items():
         if heldout.get(key) is not None:
-            out.append(EvalResult(task_type="text-generation", dataset_type="dpo-pipeline/preference-pairs",
-                                  dataset_name="held-out preference pairs", dataset_split="heldout",
-                                  metric_type=mtype, metric_name=mname, metric_value=heldout[key]))
+            out.append(
+                EvalResult(
+                    task_type="text-generation",
+                    dataset_type="dpo-pipeline/preference-pairs",
+                    dataset_name="held-out preference pairs",
+                    dataset_split="heldout",
+                    metric_type=mtype,
+                    metric_name=mname,
+                    metric_value=heldout[key],
+                )
+            )
     return out
 
 
 # The body, from the record alone; g(): floats to 4 significant digits (the front matter keeps them exact).
+# Its lines are the card's Markdown lines (a Jinja statement's line is its output's), hence E501 off.
 _TEMPLATE = """{% macro g(v) %}{{ "%.4g"|format(v) if v is float else ("" if v is none else v) }}{% endmacro -%}
 ---
 {{ card_data }}
@@ -219,4 +272,4 @@ LLM rubric ({{ r.evaluation.llm_rubric.judge }}): {% for k, v in r.evaluation.ll
 {%- else -%}
 Not evaluated in this folder: the `export` stage writes `export/models/{{ r.variant }}`, this model with its
 evaluation figures.
-{% endif %}"""
+{% endif %}"""  # noqa: E501

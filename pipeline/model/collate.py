@@ -20,13 +20,14 @@ def _truncate(p: Sequence[int], r: Sequence[int], max_length: int | None) -> tup
     p, r = list(p), list(r)
     if max_length is not None and len(p) + len(r) > max_length:
         keep_p = max(max_length - len(r), min(len(p), max_length // 4))
-        p = p[len(p) - keep_p:] if keep_p else []
+        p = p[len(p) - keep_p :] if keep_p else []
         r = r[: max_length - len(p)]
     return p, r
 
 
-def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
-            max_length: int | None = None):
+def collate(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, max_length: int | None = None
+):
     """Right-padded ``input_ids``, ``attention_mask`` and a mask of response-token positions, one row
     per (prompt, response), each cut to ``max_length`` by :func:`_truncate`."""
     seqs, resp_lens = [], []
@@ -42,7 +43,7 @@ def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
     for i, (s, rl) in enumerate(zip(seqs, resp_lens)):
         input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         attention[i, : len(s)] = 1
-        response[i, len(s) - rl: len(s)] = True
+        response[i, len(s) - rl : len(s)] = True
     return input_ids, attention, response
 
 
@@ -65,13 +66,28 @@ class ScoreBatch:
     n_out: int
 
     def to(self, device) -> ScoreBatch:
-        return ScoreBatch(*(t if t is None else t.to(device) for t in self.args()[:-1]), self.n_out)
+        return ScoreBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            None if self.position_ids is None else self.position_ids.to(device),
+            self.predictors.to(device),
+            self.targets.to(device),
+            self.rows.to(device),
+            self.n_out,
+        )
 
     def args(self) -> tuple:
         """Positional arguments of :class:`~pipeline.model.logprobs.ResponseLogprobs` (tensors, so DDP
         moves them)."""
-        return (self.input_ids, self.attention_mask, self.position_ids, self.predictors, self.targets,
-                self.rows, self.n_out)
+        return (
+            self.input_ids,
+            self.attention_mask,
+            self.position_ids,
+            self.predictors,
+            self.targets,
+            self.rows,
+            self.n_out,
+        )
 
 
 def padded_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor) -> ScoreBatch:
@@ -79,13 +95,18 @@ def padded_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, response
     # Position t predicts token t+1: a response token at t+1 is scored from hidden state t.
     rows, t = response_mask[:, 1:].nonzero(as_tuple=True)
     T = input_ids.shape[1]
-    return ScoreBatch(input_ids, attention_mask, None, rows * T + t, input_ids[rows, t + 1], rows,
-                      input_ids.shape[0])
+    return ScoreBatch(input_ids, attention_mask, None, rows * T + t, input_ids[rows, t + 1], rows, input_ids.shape[0])
 
 
-def collate_pairs(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
-                  rejected: Sequence[Sequence[int]], pad_id: int, max_length: int | None = None, *,
-                  shared_prompt: bool) -> ScoreBatch:
+def collate_pairs(
+    prompts: Sequence[Sequence[int]],
+    chosen: Sequence[Sequence[int]],
+    rejected: Sequence[Sequence[int]],
+    pad_id: int,
+    max_length: int | None = None,
+    *,
+    shared_prompt: bool,
+) -> ScoreBatch:
     """A batch of k pairs scoring chosen (outputs 0..k-1) then rejected (k..2k-1) responses.
 
     ``shared_prompt`` False: 2k padded rows, each response after its own copy of the prompt
@@ -112,9 +133,9 @@ def collate_pairs(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[in
     for i, (p, w, l_) in enumerate(rows):
         P, W, L = len(p), len(w), len(l_)
         input_ids[i, : P + W + L] = torch.tensor(p + w + l_, dtype=torch.long)
-        segment[i, :P], segment[i, P: P + W], segment[i, P + W: P + W + L] = 0, 1, 2
+        segment[i, :P], segment[i, P : P + W], segment[i, P + W : P + W + L] = 0, 1, 2
         positions[i, : P + W] = torch.arange(P + W)
-        positions[i, P + W: P + W + L] = torch.arange(P, P + L)
+        positions[i, P + W : P + W + L] = torch.arange(P, P + L)
         # Token j of a response is predicted by the state before it; the first by the prompt's last
         # (an empty prompt leaves the first token unscored, as in collate).
         skip = 0 if P else 1

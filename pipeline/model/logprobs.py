@@ -38,8 +38,10 @@ def _model_mask(model, mask: torch.Tensor) -> torch.Tensor:
     if impl == "eager":
         dtype = next(model.parameters()).dtype
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    raise ValueError(f"train.shared_prompt needs the model's attention to take a 4D mask (sdpa or eager), not "
-                     f"{impl!r}; set train.shared_prompt: false")
+    raise ValueError(
+        f"train.shared_prompt needs the model's attention to take a 4D mask (sdpa or eager), not "
+        f"{impl!r}; set train.shared_prompt: false"
+    )
 
 
 def _model_inputs(model, batch: ScoreBatch) -> dict:
@@ -60,8 +62,9 @@ def score_batch(model, batch: ScoreBatch, chunk: int = 4096) -> tuple[torch.Tens
     return logprobs_from_hidden(model, hidden, batch, chunk)
 
 
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      response_mask: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of the response tokens of each row of a :func:`~pipeline.model.collate.collate`
     batch, and their number."""
     return score_batch(model, padded_batch(input_ids, attention_mask, response_mask), chunk)
@@ -72,10 +75,10 @@ def _token_logprobs(model, h: torch.Tensor, targets: torch.Tensor, chunk: int) -
     softcap = getattr(model.config, "final_logit_softcapping", None)
     token_lp = []
     for s in range(0, h.shape[0], chunk):  # bound the [N, V] logits the head produces at once
-        logits = head(h[s: s + chunk]).float()
+        logits = head(h[s : s + chunk]).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        token_lp.append(logits.gather(-1, targets[s: s + chunk, None]).squeeze(-1) - torch.logsumexp(logits, -1))
+        token_lp.append(logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - torch.logsumexp(logits, -1))
     return torch.cat(token_lp) if token_lp else h.new_zeros(0, dtype=torch.float32)
 
 
@@ -86,8 +89,9 @@ def _sums(batch: ScoreBatch, token_lp: torch.Tensor) -> tuple[torch.Tensor, torc
     return sums, counts
 
 
-def logprobs_from_hidden(model, hidden: torch.Tensor, batch: ScoreBatch,
-                         chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def logprobs_from_hidden(
+    model, hidden: torch.Tensor, batch: ScoreBatch, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`score_batch` from the last-layer hidden states ``[B, T, d]`` of the same batch."""
     h = hidden.reshape(-1, hidden.shape[-1])[batch.predictors]
     return _sums(batch, _token_logprobs(model, h, batch.targets, chunk))
@@ -98,14 +102,22 @@ def _batches(n: int, length, batch_size: int, progress: str | None):
     from tqdm.auto import tqdm
 
     order = sorted(range(n), key=length)
-    batches = [order[s: s + batch_size] for s in range(0, n, batch_size)]
+    batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
     return tqdm(batches, desc=progress, disable=progress is None, unit="batch")
 
 
 @torch.no_grad()
-def batched_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                     pad_id: int, batch_size: int, max_length: int | None = None,
-                     progress: str | None = None, *, bf16: bool | None = None) -> tuple[list[float], list[int]]:
+def batched_logprobs(
+    model,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int,
+    max_length: int | None = None,
+    progress: str | None = None,
+    *,
+    bf16: bool | None = None,
+) -> tuple[list[float], list[int]]:
     """Summed response log-probs for many (prompt, response) pairs, batched by similar length, under
     :func:`autocast` with ``bf16`` (``train.bf16`` where they are compared with training's; None: no
     autocast, the model's own dtype)."""
@@ -123,9 +135,15 @@ def batched_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequenc
 
 
 @torch.no_grad()
-def response_logprobs_and_hidden(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                                 pad_id: int, batch_size: int, max_length: int | None = None,
-                                 progress: str | None = None) -> tuple[list[float], torch.Tensor, torch.Tensor]:
+def response_logprobs_and_hidden(
+    model,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int,
+    max_length: int | None = None,
+    progress: str | None = None,
+) -> tuple[list[float], torch.Tensor, torch.Tensor]:
     """Per (prompt, response), from one forward (batched by similar length): the summed response log-prob
     (as :func:`batched_logprobs` without autocast); the sum over the response's tokens of the last-layer
     hidden state at the position that predicts each token (the LM head's input), ``[N, d]`` float32 on
@@ -133,11 +151,12 @@ def response_logprobs_and_hidden(model, prompts: Sequence[Sequence[int]], respon
     arXiv 2410.08847)."""
     device = next(model.parameters()).device
     lps = [0.0] * len(prompts)
-    hidden_sums: list[torch.Tensor | None] = [None] * len(prompts)
+    hidden_sums: dict[int, torch.Tensor] = {}
     counts = torch.zeros(len(prompts), dtype=torch.long)
     for idx in _batches(len(prompts), lambda i: len(prompts[i]) + len(responses[i]), batch_size, progress):
-        batch = padded_batch(*collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id,
-                                      max_length)).to(device)
+        batch = padded_batch(*collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id, max_length)).to(
+            device
+        )
         hidden = _body(model)(**_model_inputs(model, batch)).last_hidden_state
         lp, n = logprobs_from_hidden(model, hidden, batch)
         picked = hidden.float().reshape(-1, hidden.shape[-1])[batch.predictors]
@@ -145,7 +164,8 @@ def response_logprobs_and_hidden(model, prompts: Sequence[Sequence[int]], respon
         for j, i in enumerate(idx):
             lps[i], hidden_sums[i], counts[i] = float(lp[j]), h[j], int(n[j])
     d = model.config.hidden_size
-    return lps, torch.stack(hidden_sums) if hidden_sums else torch.zeros(0, d), counts
+    stacked = torch.stack([hidden_sums[i] for i in range(len(prompts))]) if prompts else torch.zeros(0, d)
+    return lps, stacked, counts
 
 
 def reference_check(model, input_ids, attention_mask, response_mask) -> torch.Tensor:
@@ -182,9 +202,17 @@ def score_batch_via_forward(model, *args) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def pair_logprobs(model, pairs: pl.DataFrame, pad_id: int, batch_size: int, max_length: int,
-                  progress: str | None = None, *, bf16: bool,
-                  shared_prompt: bool) -> tuple[list[float], list[float], list[int], list[int]]:
+def pair_logprobs(
+    model,
+    pairs: pl.DataFrame,
+    pad_id: int,
+    batch_size: int,
+    max_length: int,
+    progress: str | None = None,
+    *,
+    bf16: bool,
+    shared_prompt: bool,
+) -> tuple[list[float], list[float], list[int], list[int]]:
     """Summed log-probs of chosen and rejected of every pair under ``model`` (the reference stage's and
     evaluation's one code path), and the response lengths in tokens. ``max_length``, ``bf16`` and
     ``shared_prompt`` are training's (``train.*``), so both sides are laid out, truncated and rounded
@@ -195,8 +223,14 @@ def pair_logprobs(model, pairs: pl.DataFrame, pad_id: int, batch_size: int, max_
     lw, ll, nw, nl = [0.0] * n, [0.0] * n, [0] * n, [0] * n
     length = lambda i: len(prompts[i]) + len(chosen[i]) + len(rejected[i])  # noqa: E731
     for idx in _batches(n, length, batch_size, progress):
-        batch = collate_pairs([prompts[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx],
-                              pad_id, max_length, shared_prompt=shared_prompt).to(device)
+        batch = collate_pairs(
+            [prompts[i] for i in idx],
+            [chosen[i] for i in idx],
+            [rejected[i] for i in idx],
+            pad_id,
+            max_length,
+            shared_prompt=shared_prompt,
+        ).to(device)
         with autocast(device, bf16):
             s, c = score_batch(model, batch)
         k = len(idx)

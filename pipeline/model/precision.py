@@ -23,14 +23,15 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def uses_bf16_autocast(device, bf16: bool) -> bool:
-    """Whether log-probs on ``device`` are computed under bf16 autocast with ``train.bf16 = bf16``."""
+def uses_bf16_autocast(device, bf16: bool | None) -> bool:
+    """Whether log-probs on ``device`` are computed under bf16 autocast with ``train.bf16 = bf16`` (None:
+    no autocast)."""
     kind = torch.device(device).type
     return bool(bf16) and (kind in BF16_AUTOCAST_DEVICES or (kind == "cpu" and cpu_has_native_bf16()))
 
 
 @contextlib.contextmanager
-def autocast(device, bf16: bool):
+def autocast(device, bf16: bool | None):
     """The precision of the policy's and the reference's log-probs: bf16 autocast when
     :func:`uses_bf16_autocast`, else none (the model's own dtype, fp32 by default). One choice for
     training, the reference stage and evaluation, because bf16 and fp32 log-probs differ by enough to

@@ -28,8 +28,11 @@ def kind_of(data: Any) -> str | None:
     results = data.get("results")
     if isinstance(data.get("settings"), Mapping) and isinstance(results, Mapping) and "ratios" in data:
         return "trainer"
-    if isinstance(data.get("args"), Mapping) and isinstance(results, Mapping) and any(
-            isinstance(r, Mapping) and "tok_per_s" in r for r in results.values()):
+    if (
+        isinstance(data.get("args"), Mapping)
+        and isinstance(results, Mapping)
+        and any(isinstance(r, Mapping) and "tok_per_s" in r for r in results.values())
+    ):
         return "sampling"
     if isinstance(data.get("gpus"), list) and "quick" in data:
         return "gpu_check"
@@ -43,8 +46,10 @@ def _backends(data: Mapping) -> list[tuple[str, Mapping]]:
 def _engine(backend: str, args: Mapping, result: Mapping) -> str:
     if backend != "vllm":
         return f"batch {count(args.get('batch_size'))} sequences"
-    parts = ["compiled" if args.get("compiled") else "eager",
-             f"max_num_seqs {count(args.get('max_num_seqs')) if args.get('max_num_seqs') else 'default'}"]
+    parts = [
+        "compiled" if args.get("compiled") else "eager",
+        f"max_num_seqs {count(args.get('max_num_seqs')) if args.get('max_num_seqs') else 'default'}",
+    ]
     if result.get("block_size"):
         parts.append(f"block_size {result['block_size']}")
     if result.get("ld_preload"):
@@ -55,9 +60,21 @@ def _engine(backend: str, args: Mapping, result: Mapping) -> str:
 def sampling_rows(name: str, data: Mapping) -> list[list[str]]:
     args = data["args"]
     work = f"{count(args.get('prompts'))} × {count(args.get('n'))}, {count(args.get('max_new_tokens'))} tokens"
-    return [[f"`{name}`", backend, work, str(args.get("dtype", NA)), _engine(backend, args, r),
-             fixed(r.get("startup_s")), fixed(r.get("wall_s")), count(r.get("tokens")), fixed(r.get("tok_per_s")),
-             fixed(r.get("end_to_end_s"))] for backend, r in _backends(data)]
+    return [
+        [
+            f"`{name}`",
+            backend,
+            work,
+            str(args.get("dtype", NA)),
+            _engine(backend, args, r),
+            fixed(r.get("startup_s")),
+            fixed(r.get("wall_s")),
+            count(r.get("tokens")),
+            fixed(r.get("tok_per_s")),
+            fixed(r.get("end_to_end_s")),
+        ]
+        for backend, r in _backends(data)
+    ]
 
 
 def speedup_row(name: str, data: Mapping) -> list[str] | None:
@@ -66,8 +83,11 @@ def speedup_row(name: str, data: Mapping) -> list[str] | None:
     vllm, hf = results.get("vllm"), results.get("transformers")
     if not (isinstance(vllm, Mapping) and isinstance(hf, Mapping)):
         return None
-    return [f"`{name}`", fixed(results.get("ratio_tok_per_s"), 2),
-            fixed(ratio(hf.get("end_to_end_s"), vllm.get("end_to_end_s")), 2)]
+    return [
+        f"`{name}`",
+        fixed(results.get("ratio_tok_per_s"), 2),
+        fixed(ratio(hf.get("end_to_end_s"), vllm.get("end_to_end_s")), 2),
+    ]
 
 
 def logprob_rows(name: str, data: Mapping) -> list[list[str]]:
@@ -75,28 +95,61 @@ def logprob_rows(name: str, data: Mapping) -> list[list[str]]:
     for backend, r in _backends(data):
         check = r.get("logprob_check")
         if isinstance(check, Mapping):
-            rows.append([f"`{name}`", backend, str(check.get("dtype", NA)), count(check.get("n")),
-                         fixed(check.get("mean_abs_diff"), 4), fixed(check.get("mean_abs_diff_per_token"), 5),
-                         fixed(check.get("max_abs_diff"), 3)])
+            rows.append(
+                [
+                    f"`{name}`",
+                    backend,
+                    str(check.get("dtype", NA)),
+                    count(check.get("n")),
+                    fixed(check.get("mean_abs_diff"), 4),
+                    fixed(check.get("mean_abs_diff_per_token"), 5),
+                    fixed(check.get("max_abs_diff"), 3),
+                ]
+            )
     return rows
 
 
 def trainer_rows(name: str, data: Mapping) -> list[list[str]]:
     s, env = data["settings"], data.get("environment") or {}
-    where = (f"{env.get('device', NA)}, {count(env.get('cpu_count'))} CPUs, torch {env.get('torch', NA)}, "
-             f"TRL {env.get('trl', NA)}")
-    shape = (f"{count(s.get('steps'))} steps × {count(s.get('batch_size'))} pairs, "
-             f"max length {count(s.get('max_length'))}")
-    return [[f"`{name}`", where, shape, config, fixed(r.get("tokens_per_s")), fixed(r.get("tokens_per_cpu_s")),
-             fixed(r.get("train_peak_mb"), 2, 1 / 1024), fixed(r.get("abs_peak_mb"), 2, 1 / 1024)]
-            for config, r in data["results"].items() if isinstance(r, Mapping)]
+    where = (
+        f"{env.get('device', NA)}, {count(env.get('cpu_count'))} CPUs, torch {env.get('torch', NA)}, "
+        f"TRL {env.get('trl', NA)}"
+    )
+    shape = (
+        f"{count(s.get('steps'))} steps × {count(s.get('batch_size'))} pairs, max length {count(s.get('max_length'))}"
+    )
+    return [
+        [
+            f"`{name}`",
+            where,
+            shape,
+            config,
+            fixed(r.get("tokens_per_s")),
+            fixed(r.get("tokens_per_cpu_s")),
+            fixed(r.get("train_peak_mb"), 2, 1 / 1024),
+            fixed(r.get("abs_peak_mb"), 2, 1 / 1024),
+        ]
+        for config, r in data["results"].items()
+        if isinstance(r, Mapping)
+    ]
 
 
 def trainer_ratio_rows(name: str, data: Mapping) -> list[list[str]]:
-    ratios = data.get("ratios") if isinstance(data.get("ratios"), Mapping) else {}
-    return [[f"`{name}`", pair, fixed(r.get("tokens_per_s"), 2), fixed(r.get("tokens_per_cpu_s"), 2),
-             fixed(r.get("train_peak_mb"), 2), fixed(r.get("abs_peak_mb"), 2)]
-            for pair, r in ratios.items() if isinstance(r, Mapping)]
+    ratios = data.get("ratios")
+    if not isinstance(ratios, Mapping):
+        ratios = {}
+    return [
+        [
+            f"`{name}`",
+            pair,
+            fixed(r.get("tokens_per_s"), 2),
+            fixed(r.get("tokens_per_cpu_s"), 2),
+            fixed(r.get("train_peak_mb"), 2),
+            fixed(r.get("abs_peak_mb"), 2),
+        ]
+        for pair, r in ratios.items()
+        if isinstance(r, Mapping)
+    ]
 
 
 def _outcome(result: Mapping) -> str:
@@ -114,10 +167,20 @@ def gpu_check_rows(name: str, data: Mapping) -> list[list[str]]:
     for check, result in data.items():
         if not isinstance(result, Mapping):
             continue
-        figures = [f"{key} {number(v):.4g}" for key, v in result.items()
-                   if key != "check_s" and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        rows.append([f"`{name}`", ", ".join(data.get("gpus") or []) or "no GPU", check, _outcome(result),
-                     "; ".join(figures) or NA])
+        figures = [
+            f"{key} {number(v):.4g}"
+            for key, v in result.items()
+            if key != "check_s" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        rows.append(
+            [
+                f"`{name}`",
+                ", ".join(data.get("gpus") or []) or "no GPU",
+                check,
+                _outcome(result),
+                "; ".join(figures) or NA,
+            ]
+        )
     return rows
 
 
@@ -136,26 +199,62 @@ def _unknown(name: str, data: Any, error: str | None) -> list[str]:
 
 
 SECTIONS = {
-    "sampling": ("Sampling: transformers and vLLM", "Each backend through the pipeline's samplers on the same "
-                 "prompts, in a fresh process per backend; start-up includes loading the model (and vLLM's engine "
-                 "and compilation), generate is the timed generation after a warm-up.",
-                 ["file", "backend", "prompts × n, new tokens", "dtype", "engine", "start-up s", "generate s",
-                  "tokens", "tokens/s", "end to end s"]),
-    "speedup": ("vLLM against transformers", "Within one run of the sampling bench: the ratio of generation "
-                "throughput, and of the whole time including start-up.",
-                ["file", "tokens/s ratio", "end-to-end ratio"]),
-    "logprob": ("Sampler against training log-probs", "Candidates re-scored by the training code: the absolute "
-                "difference of each sequence's summed log-prob, in nats.",
-                ["file", "sampler", "dtype", "candidates", "mean per sequence", "mean per token", "max per sequence"]),
-    "trainer": ("Trainer against TRL's DPOTrainer", "The same model trained on the same pairs by each "
-                "configuration. Training peak: the training loop's peak resident memory above the loaded "
-                "policy; process peak: the whole process's.",
-                ["file", "machine", "run", "configuration", "tokens/s", "tokens per CPU s", "training peak GiB",
-                 "process peak GiB"]),
-    "trainer_ratio": ("Trainer ratios", "Ours over the other configuration, within one run of the bench.",
-                      ["file", "ratio", "tokens/s", "tokens per CPU s", "training peak", "process peak"]),
-    "gpu_check": ("GPU checks", "One row per check of the GPU check script; its numeric figures as recorded.",
-                  ["file", "GPUs", "check", "outcome", "figures"]),
+    "sampling": (
+        "Sampling: transformers and vLLM",
+        "Each backend through the pipeline's samplers on the same "
+        "prompts, in a fresh process per backend; start-up includes loading the model (and vLLM's engine "
+        "and compilation), generate is the timed generation after a warm-up.",
+        [
+            "file",
+            "backend",
+            "prompts × n, new tokens",
+            "dtype",
+            "engine",
+            "start-up s",
+            "generate s",
+            "tokens",
+            "tokens/s",
+            "end to end s",
+        ],
+    ),
+    "speedup": (
+        "vLLM against transformers",
+        "Within one run of the sampling bench: the ratio of generation "
+        "throughput, and of the whole time including start-up.",
+        ["file", "tokens/s ratio", "end-to-end ratio"],
+    ),
+    "logprob": (
+        "Sampler against training log-probs",
+        "Candidates re-scored by the training code: the absolute "
+        "difference of each sequence's summed log-prob, in nats.",
+        ["file", "sampler", "dtype", "candidates", "mean per sequence", "mean per token", "max per sequence"],
+    ),
+    "trainer": (
+        "Trainer against TRL's DPOTrainer",
+        "The same model trained on the same pairs by each "
+        "configuration. Training peak: the training loop's peak resident memory above the loaded "
+        "policy; process peak: the whole process's.",
+        [
+            "file",
+            "machine",
+            "run",
+            "configuration",
+            "tokens/s",
+            "tokens per CPU s",
+            "training peak GiB",
+            "process peak GiB",
+        ],
+    ),
+    "trainer_ratio": (
+        "Trainer ratios",
+        "Ours over the other configuration, within one run of the bench.",
+        ["file", "ratio", "tokens/s", "tokens per CPU s", "training peak", "process peak"],
+    ),
+    "gpu_check": (
+        "GPU checks",
+        "One row per check of the GPU check script; its numeric figures as recorded.",
+        ["file", "GPUs", "check", "outcome", "figures"],
+    ),
     "unknown": ("Other files", "Files this page cannot read.", ["file", "why"]),
 }
 
@@ -176,10 +275,14 @@ def bench_page(root: Path) -> str:
             rows["gpu_check"] += gpu_check_rows(path.name, data)
         else:
             rows["unknown"].append(_unknown(path.name, data, error))
-    lines = ["# Benchmarks", "",
-             "Generated by `python -m pipeline.pages` from the JSON files in this folder; do not edit it by hand. "
-             "Each file is one run of a benchmark, with every setting it ran with: compare figures within one "
-             "file, not across machines or runs. How to run the benchmarks: `docs/development.md`.", ""]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python -m pipeline.pages` from the JSON files in this folder; do not edit it by hand. "
+        "Each file is one run of a benchmark, with every setting it ran with: compare figures within one "
+        "file, not across machines or runs. How to run the benchmarks: `docs/development.md`.",
+        "",
+    ]
     if not any(rows.values()):
         lines += ["No benchmark results yet.", ""]
     for key, (title, text, header) in SECTIONS.items():

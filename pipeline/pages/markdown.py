@@ -61,8 +61,13 @@ def settings(d: Any) -> StatSettings | None:
     if not isinstance(d, Mapping):
         return None
     try:
-        return StatSettings(alpha=float(d["alpha"]), level=float(d["level"]), n_resamples=int(d["n_resamples"]),
-                            seed=int(d["seed"]), drastic_drop_orders=float(d["drastic_drop_orders"]))
+        return StatSettings(
+            alpha=float(d["alpha"]),
+            level=float(d["level"]),
+            n_resamples=int(d["n_resamples"]),
+            seed=int(d["seed"]),
+            drastic_drop_orders=float(d["drastic_drop_orders"]),
+        )
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -77,6 +82,7 @@ def tested(d: Any, s: StatSettings | None) -> str:
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """A Markdown table; a cell's ``|`` is escaped so that text from JSON cannot break the layout."""
+
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
 

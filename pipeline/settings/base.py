@@ -22,8 +22,21 @@ DEFAULT_PARAMS = "params.yaml"
 
 # Every top-level section of params.yaml; a stage validates only the sections it reads, so an unknown
 # (mistyped) section is caught here instead of being silently ignored.
-SECTIONS = ("prepare", "policy", "sample", "sample_other", "vllm", "judge", "pairs", "reference", "train",
-            "evaluate", "report", "toy", "flows")
+SECTIONS = (
+    "prepare",
+    "policy",
+    "sample",
+    "sample_other",
+    "vllm",
+    "judge",
+    "pairs",
+    "reference",
+    "train",
+    "evaluate",
+    "report",
+    "toy",
+    "flows",
+)
 
 
 class ConfigError(ValueError):

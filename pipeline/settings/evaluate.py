@@ -26,6 +26,8 @@ class BeforeAndAfter(StageParams):
     def _same_decoder(self) -> Self:
         before, after = self.policy.eval.backend, self.evaluate.generation.backend
         if before != after:
-            raise ConfigError(f"evaluate.generation.backend: {after!r} differs from policy.eval.backend {before!r}; "
-                              "accuracy before and after training must come from the same decoder")
+            raise ConfigError(
+                f"evaluate.generation.backend: {after!r} differs from policy.eval.backend {before!r}; "
+                "accuracy before and after training must come from the same decoder"
+            )
         return self

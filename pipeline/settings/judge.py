@@ -56,10 +56,12 @@ class LLMJudgeParams(Strict):
     def _key_env_is_a_name(cls, data: Any) -> Any:
         # Checked on the whole mapping so that a pasted key is never echoed in the error message.
         name = data.get("api_key_env") if isinstance(data, dict) else None
-        if name is not None and not (isinstance(name, str) and name.isascii() and name.isidentifier()
-                                     and len(name) <= 128):
-            raise ValueError("api_key_env must be the name of an environment variable (e.g. OPENAI_API_KEY), "
-                             "not the key itself")
+        if name is not None and not (
+            isinstance(name, str) and name.isascii() and name.isidentifier() and len(name) <= 128
+        ):
+            raise ValueError(
+                "api_key_env must be the name of an environment variable (e.g. OPENAI_API_KEY), not the key itself"
+            )
         return data
 
 
@@ -79,7 +81,9 @@ class JudgedPairs(StageParams):
     @model_validator(mode="after")
     def _scenario_has_scores(self) -> Self:
         if self.pairs.scenario == 3 and self.judge.backend == "llm" and self.judge.llm.mode == "listwise":
-            raise ConfigError("pairs.scenario: scenario 3 compares the policy's best with the other model's worst "
-                              "across two judged groups, which needs absolute scores: use judge.backend rule or "
-                              "judge.llm.mode rubric")
+            raise ConfigError(
+                "pairs.scenario: scenario 3 compares the policy's best with the other model's worst "
+                "across two judged groups, which needs absolute scores: use judge.backend rule or "
+                "judge.llm.mode rubric"
+            )
         return self

@@ -56,6 +56,8 @@ class PairsParams(Strict):
         if source in (None, "judged", "constructed"):
             return v  # source itself is invalid (that error is reported), or the stage checks
         if any(os.path.normpath(p) != os.path.normpath(source) for p in v):
-            raise ValueError(f"must be {[source] * 3} when pairs.source is {source!r} (the stage's DVC deps: your "
-                             "file in each slot, so that no sampling or judging runs)")
+            raise ValueError(
+                f"must be {[source] * 3} when pairs.source is {source!r} (the stage's DVC deps: your "
+                "file in each slot, so that no sampling or judging runs)"
+            )
         return v

@@ -17,8 +17,10 @@ def check_model(spec: str) -> str:
         return spec
     path = Path(spec)
     if not path.is_dir():
-        raise ValueError(f"model folder {spec!r} does not exist (use a local folder with config.json, a builtin "
-                         f"name {sorted(BUILTIN_MODELS)}, or 'hf:<org>/<name>')")
+        raise ValueError(
+            f"model folder {spec!r} does not exist (use a local folder with config.json, a builtin "
+            f"name {sorted(BUILTIN_MODELS)}, or 'hf:<org>/<name>')"
+        )
     if not (path / "config.json").is_file():
         raise ValueError(f"{spec!r} has no config.json, so it is not a model folder")
     return spec

@@ -82,8 +82,10 @@ def _loss_specs(key: str, loss: Any, rest: dict[str, Any]) -> list[tuple[str, An
         return [(key, {"name": loss, **rest})]
     if isinstance(loss, list):
         if rest:
-            raise ConfigError(f"{key}.{next(iter(rest))}: unknown key (with a list of loss terms, put "
-                              "hyperparameters inside each term)")
+            raise ConfigError(
+                f"{key}.{next(iter(rest))}: unknown key (with a list of loss terms, put "
+                "hyperparameters inside each term)"
+            )
         return [(f"{key}.loss[{i}]", t) for i, t in enumerate(loss)]
     raise ConfigError(f"{key}.loss: must be a loss name or a list of terms, got {type(loss).__name__}")
 
@@ -143,8 +145,10 @@ class TrainParams(TrainSettings):
             for key in SHARED_WITH_REFERENCE:
                 mine, shared = getattr(variant.settings, key), getattr(self, key)
                 if mine != shared:
-                    raise ConfigError(f"train.variants.{name}.{key}: {mine} differs from train.{key} {shared}: the "
-                                      "reference log-probs are computed once for all variants at the shared setting")
+                    raise ConfigError(
+                        f"train.variants.{name}.{key}: {mine} differs from train.{key} {shared}: the "
+                        "reference log-probs are computed once for all variants at the shared setting"
+                    )
         return self
 
     def variant(self, name: str) -> Variant:
@@ -174,7 +178,9 @@ class ReferenceAndTraining(Training):
     @model_validator(mode="after")
     def _same_truncation(self) -> Self:
         if self.train.max_length != self.reference.max_length:
-            raise ConfigError(f"train.max_length: {self.train.max_length} differs from reference.max_length "
-                              f"{self.reference.max_length}; the reference and training must truncate the same "
-                              "sequences alike")
+            raise ConfigError(
+                f"train.max_length: {self.train.max_length} differs from reference.max_length "
+                f"{self.reference.max_length}; the reference and training must truncate the same "
+                "sequences alike"
+            )
         return self

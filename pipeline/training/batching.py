@@ -17,5 +17,5 @@ def step_batches(n: int, batch_size: int, epochs: int, seed: int, *, drop_tail: 
         order = list(range(n))
         random.Random(seed * 7919 + epoch).shuffle(order)
         stop = n - n % batch_size if drop_tail and n >= batch_size else n
-        out += [order[s: s + batch_size] for s in range(0, stop, batch_size)]
+        out += [order[s : s + batch_size] for s in range(0, stop, batch_size)]
     return out

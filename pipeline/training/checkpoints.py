@@ -71,17 +71,23 @@ def run_key(variant: dict, inputs: list[str]) -> str:
     return h.hexdigest()[:12]
 
 
-def save(ck: Checkpointing, trainer: PreferenceTrainer, done: int, history: list[dict[str, float]],
-         curves: Curves) -> None:
+def save(
+    ck: Checkpointing, trainer: PreferenceTrainer, done: int, history: list[dict[str, float]], curves: Curves
+) -> None:
     """The trainer's state after ``done`` steps, with the history and curves so far."""
     from pipeline.io import atomic_path
 
     ctx = trainer.ctx
     # Every rank takes part in gathering the full states; rank 0 writes.
-    state = {"key": ck.key, "step": done, "model": distributed.full_state_dict(trainer.model, ctx),
-             "optim": distributed.optimizer_state(trainer.model, trainer.opt, ctx),
-             "sched": trainer.sched.state_dict(),
-             "history": history, "curves": {"fixed": curves.fixed, "probe": curves.probe}}
+    state = {
+        "key": ck.key,
+        "step": done,
+        "model": distributed.full_state_dict(trainer.model, ctx),
+        "optim": distributed.optimizer_state(trainer.model, trainer.opt, ctx),
+        "sched": trainer.sched.state_dict(),
+        "history": history,
+        "curves": {"fixed": curves.fixed, "probe": curves.probe},
+    }
     if ctx.is_main:
         with atomic_path(ck.path) as tmp:
             torch.save(state, tmp)

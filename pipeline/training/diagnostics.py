@@ -15,8 +15,7 @@ import torch
 from pipeline.training import losses
 
 
-def preference_metrics(lp_w, lp_l, ref_w, ref_l, len_w, len_l,
-                       beta: tuple[float, float] | None) -> dict[str, float]:
+def preference_metrics(lp_w, lp_l, ref_w, ref_l, len_w, len_l, beta: tuple[float, float] | None) -> dict[str, float]:
     """Batch means of the per-pair diagnostics. ``delta_margin`` is the unscaled ``Δw − Δl`` whatever the
     loss; ``reward_w``/``reward_l``/``reward_margin`` are the implicit rewards ``β_w·Δw``, ``β_l·Δl`` and
     their difference, logged only when ``beta`` = (β_w, β_l) of the loss (:func:`implicit_beta`).
@@ -28,20 +27,28 @@ def preference_metrics(lp_w, lp_l, ref_w, ref_l, len_w, len_l,
     gap = (lp - ref).abs()
     worst = int(gap.argmax())
     out = {
-        "lp_w": lp_w.mean().item(), "lp_l": lp_l.mean().item(),
-        "lp_w_per_token": (lp_w / len_w).mean().item(), "lp_l_per_token": (lp_l / len_l).mean().item(),
-        "delta_w": d_w.mean().item(), "delta_l": d_l.mean().item(),
+        "lp_w": lp_w.mean().item(),
+        "lp_l": lp_l.mean().item(),
+        "lp_w_per_token": (lp_w / len_w).mean().item(),
+        "lp_l_per_token": (lp_l / len_l).mean().item(),
+        "delta_w": d_w.mean().item(),
+        "delta_l": d_l.mean().item(),
         "delta_margin": (d_w - d_l).mean().item(),
         "accuracy": (d_w > d_l).float().mean().item(),
         # The failure mode DPO-Positive targets: Pal et al. 2024, "Smaug" (arXiv 2402.13228).
         "displaced_share": (lp_w < ref_w).float().mean().item(),
-        "ref_gap_max": gap.max().item(), "ref_gap_mean": gap.mean().item(),
-        "ref_gap_lp": lp[worst].item(), "ref_gap_ref": ref[worst].item(),
+        "ref_gap_max": gap.max().item(),
+        "ref_gap_mean": gap.mean().item(),
+        "ref_gap_lp": lp[worst].item(),
+        "ref_gap_ref": ref[worst].item(),
     }
     if beta is not None:
         b_w, b_l = beta
-        out.update(reward_w=(b_w * d_w).mean().item(), reward_l=(b_l * d_l).mean().item(),
-                   reward_margin=(b_w * d_w - b_l * d_l).mean().item())
+        out.update(
+            reward_w=(b_w * d_w).mean().item(),
+            reward_l=(b_l * d_l).mean().item(),
+            reward_margin=(b_w * d_w - b_l * d_l).mean().item(),
+        )
     return out
 
 
@@ -62,8 +69,10 @@ def gradient_diagnostics(g_w: torch.Tensor, g_l: torch.Tensor, lp_w: torch.Tenso
     log_gw_prob = _log10_abs(g_w) - lp_w / ln10
     log_gl_prob = _log10_abs(g_l) - lp_l / ln10
     return {
-        "grad_logp_w": g_w.abs().mean().item(), "grad_logp_l": g_l.abs().mean().item(),
-        "log10_grad_prob_w": log_gw_prob.mean().item(), "log10_grad_prob_l": log_gl_prob.mean().item(),
+        "grad_logp_w": g_w.abs().mean().item(),
+        "grad_logp_l": g_l.abs().mean().item(),
+        "log10_grad_prob_w": log_gw_prob.mean().item(),
+        "log10_grad_prob_l": log_gl_prob.mean().item(),
         "log10_grad_ratio": (log_gl_prob - log_gw_prob).median().item(),
     }
 
@@ -81,8 +90,9 @@ def pair_grad_ratio(terms, lp_w, lp_l, ref_w, ref_l, len_w, len_l) -> torch.Tens
     return torch.where((g_w == 0) | (g_l == 0), torch.full_like(ratio, math.nan), ratio)
 
 
-def bucket_displaced_shares(lp_w: torch.Tensor, ref_w: torch.Tensor, order: Sequence[int],
-                            buckets: Sequence[str]) -> dict[str, float]:
+def bucket_displaced_shares(
+    lp_w: torch.Tensor, ref_w: torch.Tensor, order: Sequence[int], buckets: Sequence[str]
+) -> dict[str, float]:
     """``displaced_share_<bucket>``: the share of the step's pairs of each bucket with ``lp_w < ref_w``."""
     below = (lp_w < ref_w).tolist()
     out = {}
@@ -99,12 +109,18 @@ def implicit_beta(terms) -> tuple[float, float] | None:
     gamma_dpo and hinge scale ``lp`` and ``ref`` apart (β, γ), ipo has τ, slic and simpo no reference:
     none of them has a ``β·Δ`` reward. A mix of terms has one only if every term has the same.
     """
-    keys = {"dpo": ("beta", "beta"), "cdpo": ("beta", "beta"), "dpop": ("beta", "beta"),
-            "dpo_sft": ("beta", "beta"), "flex_dpo": ("beta_w", "beta_l")}
-    betas = set()
+    keys = {
+        "dpo": ("beta", "beta"),
+        "cdpo": ("beta", "beta"),
+        "dpop": ("beta", "beta"),
+        "dpo_sft": ("beta", "beta"),
+        "flex_dpo": ("beta_w", "beta_l"),
+    }
+    betas: set[tuple[float, float]] = set()
     for t in terms:
         name, hp = (t.name, t.hp) if hasattr(t, "hp") else (t[0], t[2])
         if name not in keys:
             return None
-        betas.add(tuple(float(hp[k]) for k in keys[name]))
+        key_w, key_l = keys[name]
+        betas.add((float(hp[key_w]), float(hp[key_l])))
     return betas.pop() if len(betas) == 1 else None

@@ -45,8 +45,16 @@ def under_torchrun() -> bool:
 
 def relaunch_with_torchrun(nproc: int, module: str, argv: list[str]) -> int:
     """Run ``python -m module argv`` under torchrun with ``nproc`` local workers; return its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", module, *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        module,
+        *argv,
+    ]
     return subprocess.call(cmd)
 
 
@@ -167,7 +175,11 @@ def optimizer_state(model, opt, ctx: Context) -> dict:
 
 def load_states(model, opt, model_sd: dict, opt_sd: dict, ctx: Context) -> None:
     if ctx.strategy == "fsdp" and ctx.distributed:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, model_sd, options=opts)

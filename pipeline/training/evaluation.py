@@ -60,8 +60,10 @@ def probe_scores(model, tokenizer, probe: Probe) -> list[tuple[float, int]]:
 
 def probe_metrics(scores: Sequence[tuple[float, int]]) -> dict[str, float]:
     """Mean summed (and per-token) log-prob of the probe prompts' greedy decodes."""
-    return {"probe_greedy_lp": sum(lp for lp, _ in scores) / len(scores),
-            "probe_greedy_lp_per_token": sum(lp / max(1, n) for lp, n in scores) / len(scores)}
+    return {
+        "probe_greedy_lp": sum(lp for lp, _ in scores) / len(scores),
+        "probe_greedy_lp_per_token": sum(lp / max(1, n) for lp, n in scores) / len(scores),
+    }
 
 
 def probe_of(prompts: pl.DataFrame, settings: TrainSettings, max_new_tokens: int) -> Probe | None:
@@ -88,8 +90,9 @@ class FixedSets:
         object.__setattr__(self, "sets", {k: v for k, v in self.sets.items() if v[1]})
 
 
-def fixed_sets_of(pairs: pl.DataFrame, reference: pl.DataFrame, settings: TrainSettings,
-                  batch_size: int) -> FixedSets | None:
+def fixed_sets_of(
+    pairs: pl.DataFrame, reference: pl.DataFrame, settings: TrainSettings, batch_size: int
+) -> FixedSets | None:
     """All held-out pairs and the first ``settings.eval_train_pairs`` training pairs by id, the same
     for every variant (None when ``eval_every`` is 0)."""
     if not settings.eval_every:
@@ -97,8 +100,9 @@ def fixed_sets_of(pairs: pl.DataFrame, reference: pl.DataFrame, settings: TrainS
     held = join_reference(pairs.filter(pl.col("split") == "heldout"), reference).sort("pair_id")
     train = join_reference(pairs.filter(pl.col("split") == "train"), reference).sort("pair_id")
     sets = {"heldout": held, "train": train.head(settings.eval_train_pairs)}
-    return FixedSets({name: (d["pair_id"].to_list(), pair_examples(d)) for name, d in sets.items()},
-                     settings.eval_every, batch_size)
+    return FixedSets(
+        {name: (d["pair_id"].to_list(), pair_examples(d)) for name, d in sets.items()}, settings.eval_every, batch_size
+    )
 
 
 def score_fixed(trainer: PreferenceTrainer, fixed: FixedSets, step: int) -> list[dict]:
@@ -114,10 +118,20 @@ def score_fixed(trainer: PreferenceTrainer, fixed: FixedSets, step: int) -> list
         ratio = pair_grad_ratio(trainer.terms, lp_w, lp_l, ref_w, ref_l, len_w, len_l)
         for i, pid in enumerate(ids):
             r = ratio[i].item()
-            rows.append({"step": step, "set": name, "pair_id": pid, "lp_w": lp_w[i].item(),
-                         "lp_l": lp_l[i].item(), "ref_w": ref_w[i].item(), "ref_l": ref_l[i].item(),
-                         "len_w": int(len_w[i]), "len_l": int(len_l[i]),
-                         "log10_grad_ratio": r if math.isfinite(r) else None})
+            rows.append(
+                {
+                    "step": step,
+                    "set": name,
+                    "pair_id": pid,
+                    "lp_w": lp_w[i].item(),
+                    "lp_l": lp_l[i].item(),
+                    "ref_w": ref_w[i].item(),
+                    "ref_l": ref_l[i].item(),
+                    "len_w": int(len_w[i]),
+                    "len_l": int(len_l[i]),
+                    "log10_grad_ratio": r if math.isfinite(r) else None,
+                }
+            )
     trainer.model.train(was_training)
     return rows
 
@@ -125,8 +139,12 @@ def score_fixed(trainer: PreferenceTrainer, fixed: FixedSets, step: int) -> list
 def fixed_set_metrics(rows: Sequence[dict]) -> dict[str, float]:
     """``fixed_<set>_<mean>`` of every fixed set scored at one step (:func:`fixed_set_means`), for the log."""
     means = fixed_set_means(pl.DataFrame(rows, schema=schema_of("fixed_curves")))
-    return {f"fixed_{m['set']}_{k}": v for m in means.iter_rows(named=True) for k, v in m.items()
-            if k not in ("set", "step") and v is not None}
+    return {
+        f"fixed_{m['set']}_{k}": v
+        for m in means.iter_rows(named=True)
+        for k, v in m.items()
+        if k not in ("set", "step") and v is not None
+    }
 
 
 # --------------------------------------------------------------------------------------------- both
@@ -155,6 +173,7 @@ class Evaluation:
             scores = probe_scores(trainer.model, self.tokenizer, self.probe)
             out.update(probe_metrics(scores))
             ids = self.probe.ids or tuple(str(i) for i in range(len(scores)))
-            self.curves.probe += [{"step": step, "probe": pid, "greedy_lp": lp, "n_tokens": n}
-                                  for pid, (lp, n) in zip(ids, scores)]
+            self.curves.probe += [
+                {"step": step, "probe": pid, "greedy_lp": lp, "n_tokens": n} for pid, (lp, n) in zip(ids, scores)
+            ]
         return out

@@ -30,12 +30,15 @@ def join_reference(pairs: pl.DataFrame, reference: pl.DataFrame) -> pl.DataFrame
     data = pairs.join(reference.select("pair_id", "ref_w", "ref_l"), on="pair_id", how="left")
     missing = data["ref_w"].null_count()
     if missing:
-        raise ValueError(f"{paths.REFERENCE}: missing reference log-probs for {missing} pairs; "
-                         "rerun the reference stage")
+        raise ValueError(
+            f"{paths.REFERENCE}: missing reference log-probs for {missing} pairs; rerun the reference stage"
+        )
     return data
 
 
 def pair_examples(data: pl.DataFrame) -> list[PairExample]:
     """One example per row of ``data``: ``prompt_ids``, ``chosen_ids``, ``rejected_ids``, ``ref_w``, ``ref_l``."""
-    return [PairExample(tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"]), r["ref_w"], r["ref_l"])
-            for r in data.iter_rows(named=True)]
+    return [
+        PairExample(tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"]), r["ref_w"], r["ref_l"])
+        for r in data.iter_rows(named=True)
+    ]

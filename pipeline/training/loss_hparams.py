@@ -48,14 +48,16 @@ def _range_text(rng: tuple[float, bool, float]) -> str:
 
 def _checked_value(name: str, key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise LossConfigError(f"hyperparameter {key!r} of loss '{name}' must be a number, "
-                              f"got {value!r} ({type(value).__name__})", key=key)
+        raise LossConfigError(
+            f"hyperparameter {key!r} of loss '{name}' must be a number, got {value!r} ({type(value).__name__})", key=key
+        )
     value = float(value)
     rng = LOSS_HPARAMS[name][key]
     low, inclusive, high = rng
     if not (math.isfinite(value) and (value >= low if inclusive else value > low) and value < high):
-        raise LossConfigError(f"hyperparameter {key!r} of loss '{name}' must be {_range_text(rng)}, "
-                              f"got {value:g}", key=key)
+        raise LossConfigError(
+            f"hyperparameter {key!r} of loss '{name}' must be {_range_text(rng)}, got {value:g}", key=key
+        )
     return value
 
 
@@ -73,10 +75,12 @@ def validate_loss_hparams(name: Any, hp: Mapping[str, Any]) -> dict[str, float]:
     allowed = LOSS_HPARAMS[name]
     for key in hp:
         if key not in allowed:
-            raise LossConfigError(f"unknown hyperparameter {key!r} for loss '{name}' "
-                                  f"(expected: {', '.join(allowed)})", key=str(key))
+            raise LossConfigError(
+                f"unknown hyperparameter {key!r} for loss '{name}' (expected: {', '.join(allowed)})", key=str(key)
+            )
     missing = [key for key in allowed if key not in hp]
     if missing:
-        raise LossConfigError(f"missing hyperparameter {missing[0]!r} for loss '{name}' "
-                              f"(required: {', '.join(allowed)})", key=missing[0])
+        raise LossConfigError(
+            f"missing hyperparameter {missing[0]!r} for loss '{name}' (required: {', '.join(allowed)})", key=missing[0]
+        )
     return {key: _checked_value(name, key, hp[key]) for key in allowed}

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn.functional import logsigmoid
 from torch import Tensor
+from torch.nn.functional import logsigmoid
 
 from pipeline.training.loss_hparams import LOSS_HPARAMS, LOSS_NAMES, LossConfigError
 from pipeline.training.loss_hparams import validate_loss_hparams as validate_hparams
@@ -41,8 +41,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------- losses
-def dpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *,
-        beta: float) -> Tensor:
+def dpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *, beta: float) -> Tensor:
     """DPO: ``−log σ(β (Δw − Δl))``.
 
     Rafailov et al. 2023, "Direct Preference Optimization", arXiv 2305.18290.
@@ -50,8 +49,17 @@ def dpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, le
     return -logsigmoid(beta * ((lp_w - ref_w) - (lp_l - ref_l)))
 
 
-def cdpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *,
-         beta: float, label_smoothing: float) -> Tensor:
+def cdpo(
+    lp_w: Tensor,
+    lp_l: Tensor,
+    ref_w: Tensor,
+    ref_l: Tensor,
+    len_w=None,
+    len_l=None,
+    *,
+    beta: float,
+    label_smoothing: float,
+) -> Tensor:
     """Conservative DPO (label smoothing ε): ``−(1−ε) log σ(β d) − ε log σ(−β d)``, ``d = Δw − Δl``.
 
     Mitchell 2023, "A note on DPO with noisy preferences" (cDPO, a technical note); ε = 0 is DPO.
@@ -60,8 +68,9 @@ def cdpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, l
     return -(1.0 - label_smoothing) * logsigmoid(z) - label_smoothing * logsigmoid(-z)
 
 
-def dpop(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *,
-         beta: float, dpop_lambda: float) -> Tensor:
+def dpop(
+    lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *, beta: float, dpop_lambda: float
+) -> Tensor:
     """DPO-Positive: ``−log σ(β (Δw − Δl − λ·max(0, ref_w − lp_w)))``.
 
     Pal et al. 2024, "Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive"
@@ -71,8 +80,7 @@ def dpop(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, l
     return -logsigmoid(beta * ((lp_w - ref_w) - (lp_l - ref_l) - dpop_lambda * penalty))
 
 
-def ipo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *,
-        tau: float) -> Tensor:
+def ipo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *, tau: float) -> Tensor:
     """IPO: ``(Δw − Δl − 1/(2τ))²`` (τ plays β's role).
 
     Azar et al. 2024, "A General Theoretical Paradigm to Understand Learning from Human
@@ -81,8 +89,17 @@ def ipo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, le
     return ((lp_w - ref_w) - (lp_l - ref_l) - 1.0 / (2.0 * tau)) ** 2
 
 
-def slic(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor | None = None, ref_l: Tensor | None = None,
-         len_w=None, len_l=None, *, delta: float, reg_weight: float) -> Tensor:
+def slic(
+    lp_w: Tensor,
+    lp_l: Tensor,
+    ref_w: Tensor | None = None,
+    ref_l: Tensor | None = None,
+    len_w=None,
+    len_l=None,
+    *,
+    delta: float,
+    reg_weight: float,
+) -> Tensor:
     """SLiC-HF: ``max(0, δ − (lp_w − lp_l)) − λ_reg · lp_w`` (reference-free).
 
     Rank calibration plus the NLL of the chosen response as the regulariser. Zhao et al. 2023,
@@ -92,8 +109,9 @@ def slic(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor | None = None, ref_l: Tensor 
     return torch.clamp(delta - (lp_w - lp_l), min=0.0) - reg_weight * lp_w
 
 
-def flex_dpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *,
-             beta_w: float, beta_l: float) -> Tensor:
+def flex_dpo(
+    lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *, beta_w: float, beta_l: float
+) -> Tensor:
     """Flexible-β DPO: ``−log σ(β_w Δw − β_l Δl)``; a lower β_l slows the drop of ``lp_l``.
 
     Yan et al. 2024, "3D-Properties: Identifying Challenges in DPO and Charting a Path Forward", arXiv 2406.07327,
@@ -102,19 +120,29 @@ def flex_dpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=Non
     return -logsigmoid(beta_w * (lp_w - ref_w) - beta_l * (lp_l - ref_l))
 
 
-def dpo_sft(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w: Tensor | None = None,
-            len_l: Tensor | None = None, *, beta: float, sft_weight: float) -> Tensor:
+def dpo_sft(
+    lp_w: Tensor,
+    lp_l: Tensor,
+    ref_w: Tensor,
+    ref_l: Tensor,
+    len_w: Tensor | None = None,
+    len_l: Tensor | None = None,
+    *,
+    beta: float,
+    sft_weight: float,
+) -> Tensor:
     """DPO plus an SFT term on the chosen response: ``dpo + α · (−lp_w / |y_w|)``.
 
     Yan et al. 2024 (arXiv 2406.07327) §3.3 and §B.2.2 (α = ``sft_weight``; the SFT term is the
     per-token NLL).
     """
-    _need_lengths("dpo_sft", len_w, len_l)
+    len_w, len_l = _need_lengths("dpo_sft", len_w, len_l)
     return dpo(lp_w, lp_l, ref_w, ref_l, beta=beta) + sft_weight * (-lp_w / len_w)
 
 
-def gamma_dpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *,
-              beta: float, gamma: float) -> Tensor:
+def gamma_dpo(
+    lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *, beta: float, gamma: float
+) -> Tensor:
     """DPO with a separate reference scale: ``−log σ(β (lp_w − lp_l) − γ (ref_w − ref_l))``.
 
     Kyunghyun Cho, "Continued musing on DPO" (blog post, 2024): γ = β is DPO, γ = 0 ignores the reference.
@@ -122,8 +150,9 @@ def gamma_dpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=No
     return -logsigmoid(beta * (lp_w - lp_l) - gamma * (ref_w - ref_l))
 
 
-def hinge(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *,
-          beta: float, gamma: float) -> Tensor:
+def hinge(
+    lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, len_l=None, *, beta: float, gamma: float
+) -> Tensor:
     """Margin (hinge) form of gamma_dpo: ``max(0, γ (ref_w − ref_l) − β (lp_w − lp_l))``.
 
     Kyunghyun Cho, "Continued musing on DPO" (blog post, 2024): zero once ``lp_w − lp_l ≥ (γ/β)(ref_w − ref_l)``.
@@ -131,22 +160,34 @@ def hinge(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor, ref_l: Tensor, len_w=None, 
     return torch.clamp(gamma * (ref_w - ref_l) - beta * (lp_w - lp_l), min=0.0)
 
 
-def simpo(lp_w: Tensor, lp_l: Tensor, ref_w: Tensor | None = None, ref_l: Tensor | None = None,
-          len_w: Tensor | None = None, len_l: Tensor | None = None, *, beta: float,
-          margin: float) -> Tensor:
+def simpo(
+    lp_w: Tensor,
+    lp_l: Tensor,
+    ref_w: Tensor | None = None,
+    ref_l: Tensor | None = None,
+    len_w: Tensor | None = None,
+    len_l: Tensor | None = None,
+    *,
+    beta: float,
+    margin: float,
+) -> Tensor:
     """SimPO: ``−log σ(β (lp_w/|y_w| − lp_l/|y_l|) − γ_margin)`` (reference-free, length-normalised).
 
     Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward",
     arXiv 2405.14734.
     """
-    _need_lengths("simpo", len_w, len_l)
+    len_w, len_l = _need_lengths("simpo", len_w, len_l)
     return -logsigmoid(beta * (lp_w / len_w - lp_l / len_l) - margin)
 
 
-def _need_lengths(name: str, len_w: Any, len_l: Any) -> None:
+def _need_lengths(name: str, len_w: Tensor | None, len_l: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(len_w, len_l)`` for loss ``name``, which normalises by them; a ValueError when one is missing."""
     if len_w is None or len_l is None:
-        raise ValueError(f"loss '{name}' normalises by response length: pass len_w and len_l "
-                         "(number of response tokens of the chosen and rejected responses)")
+        raise ValueError(
+            f"loss '{name}' normalises by response length: pass len_w and len_l "
+            "(number of response tokens of the chosen and rejected responses)"
+        )
+    return len_w, len_l
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -170,11 +211,21 @@ def _spec(fn: Callable[..., Tensor], uses_reference: bool = True, uses_lengths: 
     return LossSpec(fn, LOSS_HPARAMS[fn.__name__], uses_reference, uses_lengths)
 
 
-LOSSES: dict[str, LossSpec] = {spec.fn.__name__: spec for spec in (
-    _spec(dpo), _spec(cdpo), _spec(dpop), _spec(ipo), _spec(slic, uses_reference=False), _spec(flex_dpo),
-    _spec(dpo_sft, uses_lengths=True), _spec(gamma_dpo), _spec(hinge),
-    _spec(simpo, uses_reference=False, uses_lengths=True),
-)}
+LOSSES: dict[str, LossSpec] = {
+    spec.fn.__name__: spec
+    for spec in (
+        _spec(dpo),
+        _spec(cdpo),
+        _spec(dpop),
+        _spec(ipo),
+        _spec(slic, uses_reference=False),
+        _spec(flex_dpo),
+        _spec(dpo_sft, uses_lengths=True),
+        _spec(gamma_dpo),
+        _spec(hinge),
+        _spec(simpo, uses_reference=False, uses_lengths=True),
+    )
+}
 
 
 def _lookup(name: Any) -> LossSpec:
@@ -194,8 +245,16 @@ def needs_lengths(name: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- entry points
-def preference_loss(name: str, lp_w: Tensor, lp_l: Tensor, ref_w: Tensor | None, ref_l: Tensor | None,
-                    len_w: Tensor | None = None, len_l: Tensor | None = None, **hp: Any) -> Tensor:
+def preference_loss(
+    name: str,
+    lp_w: Tensor,
+    lp_l: Tensor,
+    ref_w: Tensor | None,
+    ref_l: Tensor | None,
+    len_w: Tensor | None = None,
+    len_l: Tensor | None = None,
+    **hp: Any,
+) -> Tensor:
     """Per-pair loss (shape ``[B]``) of loss ``name`` with hyperparameters ``hp`` (validated)."""
     spec = _lookup(name)
     params = validate_hparams(name, hp)
@@ -214,8 +273,15 @@ def _unpack_term(term: Any) -> tuple[str, float, Mapping[str, Any]]:
     raise TypeError(f"a loss term must have .name .weight .hp or be a (name, weight, hp) tuple, got {term!r}")
 
 
-def combined_loss(terms: Iterable[Any], lp_w: Tensor, lp_l: Tensor, ref_w: Tensor | None,
-                  ref_l: Tensor | None, len_w: Tensor | None = None, len_l: Tensor | None = None) -> Tensor:
+def combined_loss(
+    terms: Iterable[Any],
+    lp_w: Tensor,
+    lp_l: Tensor,
+    ref_w: Tensor | None,
+    ref_l: Tensor | None,
+    len_w: Tensor | None = None,
+    len_l: Tensor | None = None,
+) -> Tensor:
     """Per-pair weighted sum ``Σ weight · preference_loss(name, …, **hp)`` over ``terms``.
 
     Each term is an object with ``.name .weight .hp`` or a tuple ``(name, weight, hp)``.

@@ -32,11 +32,21 @@ class LiveLog:
     def __init__(self, variant: Variant, n_pairs: int, ctx: distributed.Context):
         from dvclive import Live
 
-        self.live = Live(dir=paths.live_dir(variant.name), dvcyaml=None, save_dvc_exp=False, report=None) \
-            if ctx.is_main else None
+        self.live = (
+            Live(dir=paths.live_dir(variant.name), dvcyaml=None, save_dvc_exp=False, report=None)
+            if ctx.is_main
+            else None
+        )
         if self.live is not None:
-            self.live.log_params({"variant": variant.name, "losses": [t.model_dump() for t in variant.losses],
-                                  **variant.settings.model_dump(), "n_pairs": n_pairs, "world_size": ctx.world})
+            self.live.log_params(
+                {
+                    "variant": variant.name,
+                    "losses": [t.model_dump() for t in variant.losses],
+                    **variant.settings.model_dump(),
+                    "n_pairs": n_pairs,
+                    "world_size": ctx.world,
+                }
+            )
 
     @property
     def log_fn(self) -> LogFn | None:
@@ -44,14 +54,17 @@ class LiveLog:
         return self._log_step if self.live is not None else None
 
     def _log_step(self, step: int, metrics: dict[str, float]) -> None:
+        live = self.live
+        assert live is not None  # log_fn hands this out on rank 0 only
         for k, v in metrics.items():
-            self.live.log_metric(k, v)
-        self.live.next_step()
+            live.log_metric(k, v)
+        live.next_step()
 
     def end(self, summary: dict[str, Any]) -> None:
-        """Add ``summary`` to the metrics file and close the log (rank 0)."""
-        self.live.summary.update(summary)
-        self.live.end()
+        """Add ``summary`` to the metrics file and close the log (rank 0; the other ranks have none)."""
+        if self.live is not None:
+            self.live.summary.update(summary)
+            self.live.end()
 
 
 def gathered_policy(model, ctx: distributed.Context, base_dir: str, dtype: str):
@@ -62,8 +75,9 @@ def gathered_policy(model, ctx: distributed.Context, base_dir: str, dtype: str):
     state = distributed.full_state_dict(model, ctx)
     if not ctx.is_main:
         return None
-    plain = loading.load_model(base_dir, dtype) if ctx.strategy == "fsdp" and ctx.distributed \
-        else distributed.unwrap(model)
+    plain = (
+        loading.load_model(base_dir, dtype) if ctx.strategy == "fsdp" and ctx.distributed else distributed.unwrap(model)
+    )
     plain.load_state_dict(state)
     return plain.to("cpu")
 
@@ -86,24 +100,46 @@ def save_policy(policy, tokenizer, run: TrainedRun, out_dir: str) -> None:
     the folder needs to know it was trained on. The export stage completes the card with the evaluation."""
     v = run.variant
     base_fingerprint = loading.fingerprint(run.base_dir)
-    loading.save_model(policy, tokenizer, out_dir,
-                       {"variant": v.name, "losses": [t.model_dump() for t in v.losses],
-                        "settings": v.settings.model_dump(), "steps": len(run.history), "world_size": run.world_size,
-                        "base_fingerprint": base_fingerprint})
+    loading.save_model(
+        policy,
+        tokenizer,
+        out_dir,
+        {
+            "variant": v.name,
+            "losses": [t.model_dump() for t in v.losses],
+            "settings": v.settings.model_dump(),
+            "steps": len(run.history),
+            "world_size": run.world_size,
+            "base_fingerprint": base_fingerprint,
+        },
+    )
     card = model_card.training_card(
-        variant=v.name, base_model=run.base_model, base_fingerprint=base_fingerprint,
+        variant=v.name,
+        base_model=run.base_model,
+        base_fingerprint=base_fingerprint,
         losses=[model_card.loss_record(t.name, t.weight, t.hp) for t in v.losses],
         hyperparameters=v.settings.model_dump(),
         data=run.data,
-        training={"steps": len(run.history), "world_size": run.world_size, "last_step": run.history[-1],
-                  "ref_check": run.ref_check})
+        training={
+            "steps": len(run.history),
+            "world_size": run.world_size,
+            "last_step": run.history[-1],
+            "ref_check": run.ref_check,
+        },
+    )
     model_card.save(card, Path(out_dir) / model_card.CARD_FILE)
 
 
 def write_curves(curves: Curves, variant: str) -> None:
     """The tables ``fixed_curves`` and ``probe_curves``, in one folder (one DVC output)."""
     with atomic_dir(paths.train_dir(variant)) as tmp:
-        write_table(pl.DataFrame(curves.fixed, schema=schema_of("fixed_curves")),
-                    tmp / Path(paths.fixed_curves(variant)).name, "fixed_curves")
-        write_table(pl.DataFrame(curves.probe, schema=schema_of("probe_curves")),
-                    tmp / Path(paths.probe_curves(variant)).name, "probe_curves")
+        write_table(
+            pl.DataFrame(curves.fixed, schema=schema_of("fixed_curves")),
+            tmp / Path(paths.fixed_curves(variant)).name,
+            "fixed_curves",
+        )
+        write_table(
+            pl.DataFrame(curves.probe, schema=schema_of("probe_curves")),
+            tmp / Path(paths.probe_curves(variant)).name,
+            "probe_curves",
+        )

@@ -19,8 +19,15 @@ if TYPE_CHECKING:
 SFT_MAX_GRAD_NORM = 1.0
 
 
-def train_sft(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-              warmup: WarmupParams, *, pad_id: int, progress: str | None = "warm-up") -> list[float]:
+def train_sft(
+    model,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    warmup: WarmupParams,
+    *,
+    pad_id: int,
+    progress: str | None = "warm-up",
+) -> list[float]:
     """Token-level NLL of ``responses`` given ``prompts`` (the SFT warm-up on gold solutions); the losses."""
     from tqdm.auto import tqdm
 

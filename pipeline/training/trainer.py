@@ -32,8 +32,12 @@ from pipeline.model import collate, precision
 from pipeline.training import checkpoints, distributed, losses
 from pipeline.training.batching import step_batches
 from pipeline.training.checkpoints import Checkpointing
-from pipeline.training.diagnostics import (bucket_displaced_shares, gradient_diagnostics, implicit_beta,
-                                           preference_metrics)
+from pipeline.training.diagnostics import (
+    bucket_displaced_shares,
+    gradient_diagnostics,
+    implicit_beta,
+    preference_metrics,
+)
 from pipeline.training.evaluation import Evaluation
 from pipeline.training.examples import PairExample
 
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline.training.trainer")
 
-LogFn = Callable[[int, dict[str, float]], None]
+LogFn = Callable[[int, dict[str, float]], object]  # (step, metrics); what it returns is ignored
 
 
 @dataclass
@@ -57,8 +61,7 @@ class RunOptions:
 
 
 # --------------------------------------------------------------------------------------------- batches
-def micro_batches(idx: Sequence[int], ctx: distributed.Context,
-                  grad_accum: int) -> list[tuple[list[int], list[bool]]]:
+def micro_batches(idx: Sequence[int], ctx: distributed.Context, grad_accum: int) -> list[tuple[list[int], list[bool]]]:
     """This rank's ``grad_accum`` micro-batches of a step, each ``(example indices, real-pair mask)``.
 
     The rank's share is every ``world``-th pair of ``idx``, split into ``grad_accum`` parts. Every
@@ -67,16 +70,21 @@ def micro_batches(idx: Sequence[int], ctx: distributed.Context,
     batch, fewer pairs than ``world * grad_accum``) gets one padding row, a copy of the step's first
     pair (finite when the real pairs are) masked False: trained with weight 0, never in the stats.
     """
-    mine = list(idx[ctx.rank::ctx.world])
+    mine = list(idx[ctx.rank :: ctx.world])
     parts = [mine[m::grad_accum] for m in range(grad_accum)]
     return [(p, [True] * len(p)) if p else ([idx[0]], [False]) for p in parts]
 
 
 def collate_examples(ex: Sequence[PairExample], pad_id: int, settings: TrainSettings):
     """One batch scoring the chosen responses, then the rejected ones (``train.shared_prompt``: one row per pair)."""
-    return collate.collate_pairs([e.prompt_ids for e in ex], [e.chosen_ids for e in ex],
-                                  [e.rejected_ids for e in ex], pad_id, settings.max_length,
-                                  shared_prompt=settings.shared_prompt)
+    return collate.collate_pairs(
+        [e.prompt_ids for e in ex],
+        [e.chosen_ids for e in ex],
+        [e.rejected_ids for e in ex],
+        pad_id,
+        settings.max_length,
+        shared_prompt=settings.shared_prompt,
+    )
 
 
 @dataclass
@@ -167,8 +175,9 @@ class PreferenceTrainer:
         self.opt.zero_grad(set_to_none=True)
         return StepResult(PairStats.cat(parts), pairs, loss, float(grad_norm), self.sched.get_last_lr()[0])
 
-    def _forward_backward(self, ex: Sequence[PairExample], real: Sequence[bool],
-                          global_batch: int) -> tuple[torch.Tensor, PairStats]:
+    def _forward_backward(
+        self, ex: Sequence[PairExample], real: Sequence[bool], global_batch: int
+    ) -> tuple[torch.Tensor, PairStats]:
         """Loss of one micro-batch via the loss registry, backpropagated: its share of the mean over the
         step's ``global_batch`` real pairs, and the per-pair tensors of its real rows (``real`` False:
         padding, weight 0)."""
@@ -195,7 +204,7 @@ class PreferenceTrainer:
         """lp_w, lp_l, len_w, len_l of ``ex`` under the current policy, as training computes them (no update)."""
         out: list[list[torch.Tensor]] = [[], [], [], []]
         for s in range(0, len(ex), batch_size):
-            chunk = ex[s: s + batch_size]
+            chunk = ex[s : s + batch_size]
             batch = collate_examples(chunk, self.pad_id, self.settings).to(self.device)
             with self._autocast():
                 lp, n_tok = self.forward(*batch.args())
@@ -211,9 +220,13 @@ class PreferenceTrainer:
         loss = result.loss
         if self.ctx.distributed:
             torch.distributed.all_reduce(loss)
-        metrics = {"loss": loss.item(), "grad_norm": result.grad_norm, "lr": result.lr,
-                   **preference_metrics(s.lp_w, s.lp_l, s.ref_w, s.ref_l, s.len_w, s.len_l, self.beta),
-                   **gradient_diagnostics(s.g_w, s.g_l, s.lp_w, s.lp_l)}
+        metrics = {
+            "loss": loss.item(),
+            "grad_norm": result.grad_norm,
+            "lr": result.lr,
+            **preference_metrics(s.lp_w, s.lp_l, s.ref_w, s.ref_l, s.len_w, s.len_l, self.beta),
+            **gradient_diagnostics(s.g_w, s.g_l, s.lp_w, s.lp_l),
+        }
         if buckets is not None:
             metrics.update(bucket_displaced_shares(s.lp_w, s.ref_w, order, buckets))
         return metrics
@@ -234,7 +247,8 @@ def check_step(metrics: dict[str, float], step: int, tol: float) -> None:
             f"{metrics['ref_gap_mean']:.4g} nats per sequence on average (max {metrics['ref_gap_max']:.4g}), "
             f"above train.ref_check_tol = {tol:g} (worst sequence: lp {worst_lp:.4f}, ref "
             f"{worst_ref:.4f}). Before any update they must agree: the reference was computed with another "
-            "precision (train.bf16), max_length or model; rerun the reference stage")
+            "precision (train.bf16), max_length or model; rerun the reference stage"
+        )
     if not math.isfinite(metrics["loss"]):
         raise FloatingPointError(f"loss became {metrics['loss']} at step {step}; lower train.lr")
 
@@ -243,12 +257,24 @@ def first_step_check(history: list[dict[str, float]], tol: float) -> dict:
     """The first-step check of the policy against the reference (:func:`check_step` raises when it
     fails), for the stage's metrics. ``history[0]`` is the first step also after a resume."""
     first = history[0]
-    return {"gap_max": first["ref_gap_max"], "gap_mean": first["ref_gap_mean"], "tol": tol,
-            "passed": first["ref_gap_mean"] <= tol}
+    return {
+        "gap_max": first["ref_gap_max"],
+        "gap_mean": first["ref_gap_mean"],
+        "tol": tol,
+        "passed": first["ref_gap_mean"] <= tol,
+    }
 
 
-def train_preference(model, examples: Sequence[PairExample], terms, settings: TrainSettings, *, pad_id: int,
-                     ctx: distributed.Context | None = None, run: RunOptions | None = None) -> list[dict[str, float]]:
+def train_preference(
+    model,
+    examples: Sequence[PairExample],
+    terms,
+    settings: TrainSettings,
+    *,
+    pad_id: int,
+    ctx: distributed.Context | None = None,
+    run: RunOptions | None = None,
+) -> list[dict[str, float]]:
     """Train ``model`` in place on ``examples`` with the weighted loss ``terms``; return the history.
 
     ``settings`` is the variant's :class:`~pipeline.settings.train.TrainSettings` (``tail: drop`` drops each
@@ -266,24 +292,30 @@ def train_preference(model, examples: Sequence[PairExample], terms, settings: Tr
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     trainer = PreferenceTrainer(model, terms, settings, pad_id=pad_id, ctx=ctx)
-    batches = step_batches(len(examples), settings.batch_size, settings.epochs, settings.seed,
-                           drop_tail=settings.tail == "drop")
+    batches = step_batches(
+        len(examples), settings.batch_size, settings.epochs, settings.seed, drop_tail=settings.tail == "drop"
+    )
     if len(examples) < settings.batch_size:
-        log.warning("train.batch_size = %d is more than the %d training pairs: every step takes all of them",
-                    settings.batch_size, len(examples))
+        log.warning(
+            "train.batch_size = %d is more than the %d training pairs: every step takes all of them",
+            settings.batch_size,
+            len(examples),
+        )
     n_steps = len(batches)
     log_fn = run.log_fn if ctx.is_main else None
     evaluate = run.evaluation if run.evaluation is not None else Evaluation()
 
     history, start = checkpoints.resume(run.checkpoint, trainer, evaluate.curves)
     if start:
+        assert run.checkpoint is not None  # steps are restored only from a checkpoint
         log.info("resuming from checkpoint %s at step %d of %d", run.checkpoint.path, start, n_steps)
         if log_fn is not None:
             for i, m in enumerate(history):  # a restarted stage re-logs what its outputs lost
                 log_fn(i, m)
 
-    bar = tqdm(total=n_steps, initial=start, desc=run.progress, disable=run.progress is None or not ctx.is_main,
-               unit="step")
+    bar = tqdm(
+        total=n_steps, initial=start, desc=run.progress, disable=run.progress is None or not ctx.is_main, unit="step"
+    )
     for step, idx in enumerate(batches[start:], start):
         before = evaluate(trainer, step, n_steps)
         metrics = trainer.step_metrics(trainer.train_step(examples, idx), run.buckets)

@@ -15,11 +15,19 @@ N = 40
 def _pairs(d_w, d_l=None, dist=None) -> pl.DataFrame:
     n = len(d_w)
     d_l = np.zeros(n) - 1.0 if d_l is None else d_l
-    return pl.DataFrame({"pair_id": [f"p{i:03d}" for i in range(n)], "ref_w": [-20.0] * n, "ref_l": [-25.0] * n,
-                         "lp_w": -20.0 + np.asarray(d_w), "lp_l": -25.0 + np.asarray(d_l),
-                         "len_w": [10] * n, "len_l": [10] * n,
-                         "edit_distance_norm": np.linspace(0.05, 0.95, n) if dist is None else dist,
-                         "distance_bucket": ["x"] * n})
+    return pl.DataFrame(
+        {
+            "pair_id": [f"p{i:03d}" for i in range(n)],
+            "ref_w": [-20.0] * n,
+            "ref_l": [-25.0] * n,
+            "lp_w": -20.0 + np.asarray(d_w),
+            "lp_l": -25.0 + np.asarray(d_l),
+            "len_w": [10] * n,
+            "len_l": [10] * n,
+            "edit_distance_norm": np.linspace(0.05, 0.95, n) if dist is None else dist,
+            "distance_bucket": ["x"] * n,
+        }
+    )
 
 
 def _displacement(variant: str, pairs: pl.DataFrame) -> findings.Finding:
@@ -28,7 +36,7 @@ def _displacement(variant: str, pairs: pl.DataFrame) -> findings.Finding:
 
 def test_displacement_fires_on_an_effect_not_on_noise():
     rng = np.random.default_rng(0)
-    effect = _displacement("dpo", _pairs(rng.normal(-1.0, 0.5, N), rng.normal(-2, .5, N)))
+    effect = _displacement("dpo", _pairs(rng.normal(-1.0, 0.5, N), rng.normal(-2, 0.5, N)))
     assert effect.fired and "**likelihood displacement**" in effect.text and "both likelihoods fell" in effect.text
     assert effect.figures["delta_w"]["high"] < 0 and effect.figures["sign_test"]["p_value"] < 0.05
     noise = _displacement("dpo", _pairs(rng.normal(0.0, 1.0, N)))
@@ -67,8 +75,11 @@ def test_accuracy_finding_by_mcnemar():
     _, same = findings.accuracy_finding("dpo", before, noisy, SETTINGS)
     assert not same.fired and "not significant at this size" in same.text
     with pytest.raises(ValueError, match="different test prompts"):
-        findings.correctness_pairs(pl.DataFrame({"prompt_id": ["a"], "correct": [True]}),
-                            pl.DataFrame({"prompt_id": ["b"], "correct": [True]}), "x")
+        findings.correctness_pairs(
+            pl.DataFrame({"prompt_id": ["a"], "correct": [True]}),
+            pl.DataFrame({"prompt_id": ["b"], "correct": [True]}),
+            "x",
+        )
 
 
 def _curves(steps, heldout_fn, train_fn=None, ratio_fn=None) -> pl.DataFrame:
@@ -78,9 +89,20 @@ def _curves(steps, heldout_fn, train_fn=None, ratio_fn=None) -> pl.DataFrame:
             d_w = fn(k)
             ratio = ratio_fn(k) if ratio_fn else np.zeros(N)
             for i in range(N):
-                rows.append({"step": st, "set": which, "pair_id": f"p{i:03d}", "lp_w": -20.0 + d_w[i], "lp_l": -25.0,
-                             "ref_w": -20.0, "ref_l": -25.0, "len_w": 10, "len_l": 10,
-                             "log10_grad_ratio": float(ratio[i])})
+                rows.append(
+                    {
+                        "step": st,
+                        "set": which,
+                        "pair_id": f"p{i:03d}",
+                        "lp_w": -20.0 + d_w[i],
+                        "lp_l": -25.0,
+                        "ref_w": -20.0,
+                        "ref_l": -25.0,
+                        "len_w": 10,
+                        "len_l": 10,
+                        "log10_grad_ratio": float(ratio[i]),
+                    }
+                )
     return pl.DataFrame(rows)
 
 
@@ -103,8 +125,11 @@ def test_degradation_chooses_the_peak_on_train_and_tests_on_heldout():
     up_down = _curves(range(0, 20, 4), lambda k: shape[k] + rng.normal(0, 0.2, N))
     f = findings.degradation_finding("dpo", up_down, SETTINGS)
     assert f.fired and f.figures["peak_step"] == 8 and "**degradation**" in f.text
-    flat_after = _curves(range(0, 20, 4), lambda k: (shape[k] if k <= 2 else 1.0) + rng.normal(0, 0.4, N),
-                         train_fn=lambda k: np.full(N, shape[k]))
+    flat_after = _curves(
+        range(0, 20, 4),
+        lambda k: (shape[k] if k <= 2 else 1.0) + rng.normal(0, 0.4, N),
+        train_fn=lambda k: np.full(N, shape[k]),
+    )
     f = findings.degradation_finding("dpo", flat_after, SETTINGS)
     assert not f.fired and "not significant at this size" in f.text
     rising = _curves(range(0, 20, 4), lambda k: np.full(N, 0.2 * k))
@@ -116,8 +141,13 @@ def test_squeezing_needs_the_probe_to_rise_while_both_sides_fall():
     fell = findings.heldout_stats(_pairs(rng.normal(-1, 0.3, N), rng.normal(-2, 0.3, N)), SETTINGS)
 
     def probe(change):
-        return pl.DataFrame([{"step": st, "probe": f"q{i}", "greedy_lp": -5.0 + (change[i] if st else 0.0),
-                              "n_tokens": 20} for st in (0, 8) for i in range(len(change))])
+        return pl.DataFrame(
+            [
+                {"step": st, "probe": f"q{i}", "greedy_lp": -5.0 + (change[i] if st else 0.0), "n_tokens": 20}
+                for st in (0, 8)
+                for i in range(len(change))
+            ]
+        )
 
     assert findings.squeezing_finding("dpo", probe(rng.normal(1.0, 0.3, 16)), fell, SETTINGS).fired
     noise = findings.squeezing_finding("dpo", probe(rng.normal(0.0, 1.0, 16)), fell, SETTINGS)

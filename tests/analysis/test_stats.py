@@ -104,7 +104,7 @@ def test_spearman_equals_pearson_of_ranks_and_its_interval_covers_it():
 def spearman_p_by_hand(rho: float, n: int) -> float:
     """Two-sided p-value of Spearman's ρ from its t statistic, t = ρ √((n − 2) / (1 − ρ²)), n − 2 degrees of
     freedom."""
-    t_stat = rho * math.sqrt((n - 2) / (1 - rho ** 2))
+    t_stat = rho * math.sqrt((n - 2) / (1 - rho**2))
     return 2 * scipy_stats.t.sf(abs(t_stat), n - 2)
 
 

@@ -1,5 +1,6 @@
-"""pipeline/analysis/study.py: a multi-seed study's pooled statistics and claim verdicts, against numbers
-computed here independently (numpy, scipy), on synthetic runs with and without an effect."""
+"""pipeline/analysis/study.py and study_report.py: a multi-seed study's pooled statistics, claim verdicts and
+report, against numbers computed here independently (numpy, scipy), on synthetic runs with and without an
+effect."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import polars as pl
 import pytest
 from scipy import stats as st
 
-from pipeline.analysis import study
+from pipeline.analysis import study, study_report
 from pipeline.analysis.findings import StatSettings
 from pipeline.schema import conform
 
@@ -21,16 +22,40 @@ N_PAIRS, N_PROMPTS = 40, 60
 def _pairs(variant: str, d_w: np.ndarray, d_l: np.ndarray, dist: np.ndarray) -> pl.DataFrame:
     n = len(d_w)
     ref_w, ref_l = np.full(n, -20.0), np.full(n, -25.0)
-    return conform(pl.DataFrame({
-        "pair_id": [f"p{i:03d}" for i in range(n)], "variant": variant, "ref_w": ref_w, "ref_l": ref_l,
-        "lp_w": ref_w + d_w, "lp_l": ref_l + d_l, "len_w": 17, "len_l": 17, "edit_distance_norm": dist,
-        "distance_bucket": "[0, 1]", "ches": 0.0, "ches_norm": 0.0}), "pair_eval")
+    return conform(
+        pl.DataFrame(
+            {
+                "pair_id": [f"p{i:03d}" for i in range(n)],
+                "variant": variant,
+                "ref_w": ref_w,
+                "ref_l": ref_l,
+                "lp_w": ref_w + d_w,
+                "lp_l": ref_l + d_l,
+                "len_w": 17,
+                "len_l": 17,
+                "edit_distance_norm": dist,
+                "distance_bucket": "[0, 1]",
+                "ches": 0.0,
+                "ches_norm": 0.0,
+            }
+        ),
+        "pair_eval",
+    )
 
 
 def _gens(correct: np.ndarray, model: str) -> pl.DataFrame:
-    return conform(pl.DataFrame({"prompt_id": [f"q{i:03d}" for i in range(len(correct))], "model": model,
-                                 "text": "", "extracted_answer": None, "correct": correct.astype(bool)}),
-                   "generations")
+    return conform(
+        pl.DataFrame(
+            {
+                "prompt_id": [f"q{i:03d}" for i in range(len(correct))],
+                "model": model,
+                "text": "",
+                "extracted_answer": None,
+                "correct": correct.astype(bool),
+            }
+        ),
+        "generations",
+    )
 
 
 def _runs(effect: bool, seeds=(0, 1, 2), draw: int = 7) -> list[study.StudyRun]:
@@ -50,13 +75,32 @@ def _runs(effect: bool, seeds=(0, 1, 2), draw: int = 7) -> list[study.StudyRun]:
         else:
             dpo_w, dpo_l, dpop_w = pair_base + noise, rng.normal(0, 1, N_PAIRS), rng.normal(0, 1, N_PAIRS)
             trained_d = rng.normal(0, 1, 30)
-        trained = pl.DataFrame({"pair_id": [f"t{i:02d}" for i in range(30)], "d": trained_d,
-                                "edit_distance_norm": train_dist})
-        runs.append(study.StudyRun(f"x-seed{seed}", "default", seed, "dpo", _pairs("dpo", dpo_w, dpo_l, dist), before,
-                                _gens(rng.random(N_PROMPTS) < (0.1 if effect else 0.5), "dpo"), trained))
-        runs.append(study.StudyRun(f"x-seed{seed}", "default", seed, "dpop",
-                                _pairs("dpop", dpop_w, rng.normal(-1, 1, N_PAIRS), dist), before,
-                                _gens(before["correct"].to_numpy(), "dpop")))
+        trained = pl.DataFrame(
+            {"pair_id": [f"t{i:02d}" for i in range(30)], "d": trained_d, "edit_distance_norm": train_dist}
+        )
+        runs.append(
+            study.StudyRun(
+                f"x-seed{seed}",
+                "default",
+                seed,
+                "dpo",
+                _pairs("dpo", dpo_w, dpo_l, dist),
+                before,
+                _gens(rng.random(N_PROMPTS) < (0.1 if effect else 0.5), "dpo"),
+                trained,
+            )
+        )
+        runs.append(
+            study.StudyRun(
+                f"x-seed{seed}",
+                "default",
+                seed,
+                "dpop",
+                _pairs("dpop", dpop_w, rng.normal(-1, 1, N_PAIRS), dist),
+                before,
+                _gens(before["correct"].to_numpy(), "dpop"),
+            )
+        )
     return runs
 
 
@@ -69,12 +113,13 @@ def test_pooled_figures_match_an_independent_computation():
     stacked = np.stack([(r.pairs["lp_w"] - r.pairs["ref_w"]).to_numpy() for r in dpo])  # [seeds, pairs]
     pooled = study.pooled_pairs(dpo)
     assert pooled["d_w"].to_numpy() == pytest.approx(stacked.mean(0)) and set(pooled["seeds"]) == {3}
-    summary = {r["variant"]: r for r in study.study_summary(runs, SETTINGS)}["dpo"]
+    summary = {r["variant"]: r for r in study_report.study_summary(runs, SETTINGS)}["dpo"]
     per_seed = stacked.mean(1)
     assert summary["delta_w_seeds"]["mean"] == pytest.approx(per_seed.mean())
     assert summary["delta_w_seeds"]["sd"] == pytest.approx(per_seed.std(ddof=1))
-    boot = st.bootstrap((stacked.mean(0),), np.mean, confidence_level=0.95, n_resamples=2000, method="percentile",
-                        random_state=0)
+    boot = st.bootstrap(
+        (stacked.mean(0),), np.mean, confidence_level=0.95, n_resamples=2000, method="percentile", random_state=0
+    )
     assert summary["delta_w"].estimate == pytest.approx(stacked.mean())
     # the project's bootstrap (stats.bootstrap_ci) against scipy's own percentile interval, within resampling noise
     assert summary["delta_w"].low == pytest.approx(boot.confidence_interval.low, abs=0.15)
@@ -89,8 +134,10 @@ def test_pooled_figures_match_an_independent_computation():
 
 def test_claims_are_reproduced_on_an_effect_and_not_on_noise():
     def verdicts(runs):
-        return {(c.claim.split(":")[0].split(" (")[0] + ":" + c.measure): c.row(SETTINGS)["verdict"]
-                for c in study.study_claims(runs, ROLES, SETTINGS)}
+        return {
+            (c.claim.split(":")[0].split(" (")[0] + ":" + c.measure): c.row(SETTINGS)["verdict"]
+            for c in study.study_claims(runs, ROLES, SETTINGS)
+        }
 
     effect = verdicts(_runs(effect=True))
     assert len(effect) == 6 and set(effect.values()) == {"reproduced"}, effect
@@ -112,22 +159,36 @@ def test_the_edit_distance_claim_is_judged_on_the_trained_pairs():
     slope = next(c for c in study.study_claims(held, ROLES, SETTINGS) if "edit distance" in c.claim)
     pooled = study.pooled_pairs([r for r in held if r.variant == "dpo"])
     assert "held-out pairs" in slope.measure
-    assert slope.interval.estimate == pytest.approx(np.polyfit(pooled["edit_distance_norm"].to_numpy(),
-                                                               pooled["d_w"].to_numpy(), 1)[0])
+    assert slope.interval.estimate == pytest.approx(
+        np.polyfit(pooled["edit_distance_norm"].to_numpy(), pooled["d_w"].to_numpy(), 1)[0]
+    )
 
 
 def test_a_contradicted_claim_is_called_so():
     runs = _runs(effect=True)
-    flipped = [study.StudyRun(r.experiment, r.scenario, r.seed, r.variant,
-                           r.pairs.with_columns((2 * pl.col("ref_w") - pl.col("lp_w")).alias("lp_w")), r.before,
-                           r.after) if r.variant == "dpo" else r for r in runs]
+    flipped = [
+        study.StudyRun(
+            r.experiment,
+            r.scenario,
+            r.seed,
+            r.variant,
+            r.pairs.with_columns((2 * pl.col("ref_w") - pl.col("lp_w")).alias("lp_w")),
+            r.before,
+            r.after,
+        )
+        if r.variant == "dpo"
+        else r
+        for r in runs
+    ]
     rows = [c.row(SETTINGS) for c in study.study_claims(flipped, ROLES, SETTINGS)]
     displacement = next(r for r in rows if "likelihood displacement" in r["claim"])
     assert displacement["verdict"] == "contradicted" and displacement["estimate"] > 0
 
 
 def test_report_markdown_and_record():
-    md, record = study.study_report(_runs(effect=True), ROLES, SETTINGS, "Study t", "python -m pipeline.flows study")
+    md, record = study_report.study_report(
+        _runs(effect=True), ROLES, SETTINGS, "Study t", "python -m pipeline.flows study"
+    )
     assert md.startswith("# Study t") and "## Claims (docs/losses.md)" in md and "**reproduced**" in md
     assert md.count("| default | dpo | ") == 4 and md.count("| default | dpop | ") == 4  # 1 summary + 3 seeds each
     json.dumps(record, allow_nan=False)  # every figure serialisable, no NaN

@@ -14,13 +14,13 @@ from pipeline.analysis.toy import (
     CHOSEN,
     HISTORY_COLUMNS,
     REJECTED,
-    final_metrics,
     make_pairs,
     run_one,
     run_toy,
     sft,
     target_distribution,
 )
+from pipeline.analysis.toy_report import final_metrics
 from pipeline.analysis.toy_settings import ToyParams
 from pipeline.training.losses import preference_loss
 
@@ -138,8 +138,7 @@ def test_probability_gradients_match_leaf_autograd(params, hist):
         lp = p.log()
         lp_w, lp_l = lp[prompt, chosen], lp[prompt, rejected]
         ones = torch.ones_like(lp_w)
-        out = preference_loss(loss, lp_w, lp_l, lp_w.detach(), lp_l.detach(), ones, ones,
-                                **params.hparams[loss]).mean()
+        out = preference_loss(loss, lp_w, lp_l, lp_w.detach(), lp_l.detach(), ones, ones, **params.hparams[loss]).mean()
         (g,) = torch.autograd.grad(out, p)
         gw, gl = g[prompt, chosen].abs(), g[prompt, rejected].abs()
         s = series(hist, loss)
@@ -171,8 +170,13 @@ def test_params_validation():
 
 def test_stacked_runs_follow_their_one_at_a_time_trajectories():
     """run_toy trains every seed x scenario x loss at once; each run must be the run it would be alone."""
-    p = toy_params(steps=80, sft_steps=60, seeds=(0, 5), scenarios=(1, 2, 4),
-                   losses=("dpo", "dpop", "ipo", "hinge", "simpo", "slic"))
+    p = toy_params(
+        steps=80,
+        sft_steps=60,
+        seeds=(0, 5),
+        scenarios=(1, 2, 4),
+        losses=("dpo", "dpop", "ipo", "hinge", "simpo", "slic"),
+    )
     df = run_toy(p)
     assert df.height == 2 * 3 * 6 * 81
     for seed, scenario, loss in ((0, 1, "dpo"), (5, 2, "dpop"), (5, 4, "hinge"), (0, 4, "simpo"), (5, 1, "slic")):
@@ -180,7 +184,9 @@ def test_stacked_runs_follow_their_one_at_a_time_trajectories():
         alone = run_one(p, loss, model, make_pairs(p, seed))
         got = series(df, loss, scenario, seed)
         for k in ("p_chosen", "p_rejected", "p_dispersed", "grad_w", "grad_l"):
-            np.testing.assert_allclose(got[k], alone[k].numpy(), rtol=1e-9, atol=1e-300, err_msg=f"{seed} {scenario} {loss} {k}")
+            np.testing.assert_allclose(
+                got[k], alone[k].numpy(), rtol=1e-9, atol=1e-300, err_msg=f"{seed} {scenario} {loss} {k}"
+            )
     # the seeds are different runs
     assert not np.allclose(series(df, "dpo", 1, 0)["p_chosen"], series(df, "dpo", 1, 5)["p_chosen"])
 
@@ -201,7 +207,9 @@ def test_metrics_over_seeds_give_changes_from_the_initial_values():
     assert m["p_chosen_change"] == pytest.approx(change.mean()) and m["p_chosen_sd"] == pytest.approx(final.std(ddof=1))
     # the 90 % t interval of the mean change, from the t quantile by hand
     half = stats.t.ppf(0.95, 3) * change.std(ddof=1) / 2
-    assert (m["p_chosen_change_lo"], m["p_chosen_change_hi"]) == pytest.approx((change.mean() - half, change.mean() + half))
+    assert (m["p_chosen_change_lo"], m["p_chosen_change_hi"]) == pytest.approx(
+        (change.mean() - half, change.mean() + half)
+    )
     assert m["p_chosen_rose"] == int((change > 0).sum()) and m["p_chosen_fell"] == int((change < 0).sum())
     # DPO drives the rejected probability down in every seed, significantly
     assert m["p_rejected_fell"] == 4 and m["p_rejected_change_hi"] < 0 and m["p_rejected_change_p"] < 0.01

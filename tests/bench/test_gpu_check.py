@@ -12,8 +12,11 @@ from pipeline.settings.params import Params
 
 def test_quick_checks_record_the_reference_check_and_the_throughput(tmp_path):
     write_params(tmp_path / "params.yaml")
-    proc = run_module("pipeline.bench.gpu_check", ["--quick", "--threads", "1", "--checks", "peak,bf16_reference,mfu",
-                                                   "--out", "gpu.json"], tmp_path)
+    proc = run_module(
+        "pipeline.bench.gpu_check",
+        ["--quick", "--threads", "1", "--checks", "peak,bf16_reference,mfu", "--out", "gpu.json"],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.splitlines()[-1] == "failed checks: none"
     out = json.loads((tmp_path / "gpu.json").read_text())

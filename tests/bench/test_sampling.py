@@ -23,9 +23,17 @@ def test_quick_run_samples_with_params_settings(tmp_path, monkeypatch):
     args = out["args"]
     assert (args["prompts"], args["n"], args["max_new_tokens"]) == (quick.prompts, quick.n, quick.max_new_tokens)
     assert (args["temperature"], args["dtype"], args["batch_size"]) == (
-        cfg.sample.temperature, cfg.policy.dtype, cfg.sample.batch_size)
-    assert out["generation"] == {"n": quick.n, "temperature": cfg.sample.temperature, "top_p": cfg.sample.top_p,
-                                 "max_new_tokens": quick.max_new_tokens, "seed": cfg.sample.seed}
+        cfg.sample.temperature,
+        cfg.policy.dtype,
+        cfg.sample.batch_size,
+    )
+    assert out["generation"] == {
+        "n": quick.n,
+        "temperature": cfg.sample.temperature,
+        "top_p": cfg.sample.top_p,
+        "max_new_tokens": quick.max_new_tokens,
+        "seed": cfg.sample.seed,
+    }
     assert out["vllm"] == cfg.vllm.model_dump()
     result = out["results"]["transformers"]
     assert result["sequences"] == quick.prompts * quick.n

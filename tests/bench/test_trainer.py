@@ -60,7 +60,10 @@ def test_ours_on_the_pipelines_pairs_passes_the_first_step_reference_check(pipel
     assert out["settings"]["model"] == str((pipeline_outputs / "models/policy").resolve())
     train = out["settings"]["train"]
     assert (train["bf16"], train["shared_prompt"], train["max_length"]) == (
-        cfg.train.bf16, cfg.train.shared_prompt, cfg.reference.max_length)
+        cfg.train.bf16,
+        cfg.train.shared_prompt,
+        cfg.reference.max_length,
+    )
     assert out["environment"]["bf16_autocast"] == reference_metrics["bf16_autocast"]
     ours = out["results"]["ours"]
     assert ours["ref_check_tol"] == cfg.train.ref_check_tol

@@ -6,8 +6,7 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline.data.ches import ches_scores, top_share
-from pipeline.data.pairs import filter_by_ches
+from pipeline.data.ches import ches_scores, filter_by_ches, top_share
 from pipeline.model import loading
 from pipeline.model.encoding import encode_prompt, encode_response
 from pipeline.model.logprobs import batched_logprobs, response_logprobs_and_hidden
@@ -60,12 +59,25 @@ def test_pairs_get_each_sides_policy_logprob_and_ches_from_one_pass_per_side(tin
         calls.append(len(response_ids))
         return response_logprobs_and_hidden(model, prompt_ids, response_ids, tok.pad_token_id, 4, 64)
 
-    rows = [{"pair_id": f"x{i}", "prompt_id": f"q{i}", "prompt_ids": encode_prompt(tok, q),
-             "chosen_ids": encode_response(tok, w), "rejected_ids": encode_response(tok, l_),
-             "chosen_text": w, "rejected_text": l_, "chosen_source": None, "rejected_source": None,
-             "chosen_correct": None, "rejected_correct": None, "chosen_sampler_logprob": None,
-             "rejected_sampler_logprob": None, "scenario": None}
-            for i, (q, w, l_) in enumerate((("Hi?", "Hello.", "Go."), ("2 + 2?", "Answer: 4", "Answer: 5 or so")))]
+    rows = [
+        {
+            "pair_id": f"x{i}",
+            "prompt_id": f"q{i}",
+            "prompt_ids": encode_prompt(tok, q),
+            "chosen_ids": encode_response(tok, w),
+            "rejected_ids": encode_response(tok, l_),
+            "chosen_text": w,
+            "rejected_text": l_,
+            "chosen_source": None,
+            "rejected_source": None,
+            "chosen_correct": None,
+            "rejected_correct": None,
+            "chosen_sampler_logprob": None,
+            "rejected_sampler_logprob": None,
+            "scenario": None,
+        }
+        for i, (q, w, l_) in enumerate((("Hi?", "Hello.", "Go."), ("2 + 2?", "Answer: 4", "Answer: 5 or so")))
+    ]
     out = build_imported_pairs(rows, 0.0, 0, tags)
     assert calls == [2, 2]
     _, h_w, n_w = tags([r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows])
@@ -79,8 +91,14 @@ def test_pairs_get_each_sides_policy_logprob_and_ches_from_one_pass_per_side(tin
 def test_top_share_and_the_filter_drop_only_training_pairs():
     assert top_share([0.1, 5.0, 3.0, 5.0, -1.0], 40) == {1, 3}
     assert top_share([1.0, 2.0], 49) == set()
-    pairs = pl.DataFrame({"pair_id": list("abcdef"), "split": ["train"] * 4 + ["heldout"] * 2,
-                          "ches": [1.0, 4.0, 2.0, 3.0, 9.0, 8.0], "ches_norm": [0.0] * 6})
+    pairs = pl.DataFrame(
+        {
+            "pair_id": list("abcdef"),
+            "split": ["train"] * 4 + ["heldout"] * 2,
+            "ches": [1.0, 4.0, 2.0, 3.0, 9.0, 8.0],
+            "ches_norm": [0.0] * 6,
+        }
+    )
     kept, info = filter_by_ches(pairs, "ches", 50)
     assert kept["pair_id"].to_list() == ["a", "c", "e", "f"]  # b, d: the two highest of the four training pairs
     assert info == {"by": "ches", "top_percent": 50, "dropped": 2, "threshold": 3.0}

@@ -16,6 +16,7 @@ COT = "She buys 3 packs of 12 eggs: 3 * 12 = 36 eggs.\nShe uses 6, so 36 - 6 = 3
 
 def numbers(text):
     import re
+
     return re.findall(r"-?\d+", text)
 
 
@@ -70,6 +71,8 @@ def test_the_kinds_span_edit_distance(tokenizer):
 
     ids = encode_response(tokenizer, CHAIN)
     for seed in range(10):
-        d = [normalised_distance(ids, encode_response(tokenizer, edit(CHAIN, k, "105", random.Random(seed))))
-             for k in KINDS]
+        d = [
+            normalised_distance(ids, encode_response(tokenizer, edit(CHAIN, k, "105", random.Random(seed))))
+            for k in KINDS
+        ]
         assert d[0] < d[1] < d[2], (seed, d)

@@ -8,7 +8,7 @@ import json
 import polars as pl
 import pytest
 
-from pipeline.data.prompt_file import PromptFileError, R_DUP, R_EMPTY_A, R_EMPTY_Q, load_prompt_file
+from pipeline.data.prompt_file import R_DUP, R_EMPTY_A, R_EMPTY_Q, PromptFileError, load_prompt_file
 from pipeline.data.rows import R_JSON, R_MISSING, R_TYPE, R_UTF8, WHOLE_LINE
 
 
@@ -32,8 +32,14 @@ def test_jsonl_and_parquet_with_field_mapping(tmp_path):
     fields = {"question": "q", "answer": "a", "solution": "why", "id": "uid"}
     jl = write_jsonl(tmp_path / "in.jsonl", objs)
     pq = tmp_path / "in.parquet"
-    pl.DataFrame({"q": [o["q"] for o in objs], "a": [str(o["a"]) for o in objs],
-                  "why": [o["why"] for o in objs], "uid": [o["uid"] for o in objs]}).write_parquet(pq)
+    pl.DataFrame(
+        {
+            "q": [o["q"] for o in objs],
+            "a": [str(o["a"]) for o in objs],
+            "why": [o["why"] for o in objs],
+            "uid": [o["uid"] for o in objs],
+        }
+    ).write_parquet(pq)
     for path in (jl, pq):
         good, bad = load(path, fields=fields)
         assert bad == []
@@ -51,9 +57,13 @@ def test_jsonl_and_parquet_with_field_mapping(tmp_path):
 
 
 def test_gsm8k_preset(tmp_path):
-    objs = [{"question": "Tom has 1,000 apples and buys 234. How many?",
-             "answer": "He has 1000 + 234 = <<1000+234=1234>>1234 apples.\n#### 1,234"},
-            {"question": "Two?", "answer": "One plus one.\n#### 2"}]
+    objs = [
+        {
+            "question": "Tom has 1,000 apples and buys 234. How many?",
+            "answer": "He has 1000 + 234 = <<1000+234=1234>>1234 apples.\n#### 1,234",
+        },
+        {"question": "Two?", "answer": "One plus one.\n#### 2"},
+    ]
     good, _ = load(write_jsonl(tmp_path / "gsm.jsonl", objs), preset="gsm8k")
     assert good[0]["answer"] == "1234"
     assert good[0]["solution"] == "He has 1000 + 234 = <<1000+234=1234>>1234 apples.\nAnswer: 1234"
@@ -65,8 +75,10 @@ def test_gsm8k_preset(tmp_path):
 
 
 def test_math_preset(tmp_path):
-    objs = [{"problem": "Simplify.", "solution": r"We get $\boxed{1}$ first, then $\boxed{\frac{1}{\sqrt{2}}}$."},
-            {"problem": "Other.", "solution": r"So $x = \boxed{\{1, 2\}}$"}]
+    objs = [
+        {"problem": "Simplify.", "solution": r"We get $\boxed{1}$ first, then $\boxed{\frac{1}{\sqrt{2}}}$."},
+        {"problem": "Other.", "solution": r"So $x = \boxed{\{1, 2\}}$"},
+    ]
     good, _ = load(write_jsonl(tmp_path / "math.jsonl", objs), preset="math")
     assert good[0]["question"] == "Simplify."
     assert good[0]["answer"] == r"\frac{1}{\sqrt{2}}"
@@ -74,8 +86,7 @@ def test_math_preset(tmp_path):
     assert good[1]["answer"] == r"\{1, 2\}"
     # fields override the preset's defaults
     renamed = [{"prob": "Q?", "solution": r"\boxed{3}"}]
-    good, _ = load(write_jsonl(tmp_path / "m2.jsonl", renamed), preset="math",
-                                 fields={"question": "prob"})
+    good, _ = load(write_jsonl(tmp_path / "m2.jsonl", renamed), preset="math", fields={"question": "prob"})
     assert good[0]["answer"] == "3"
 
 

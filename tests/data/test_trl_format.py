@@ -27,9 +27,15 @@ GOOD = {
     # standard: plain strings
     "standard": {"prompt": Q, "chosen": "Answer: 5", "rejected": "Answer: 6"},
     # implicit prompt, UltraFeedback-binarised style: whole conversations, the prompt string, extra columns
-    "ultrafeedback": {"prompt": Q, "prompt_id": "uf-1", "chosen": [user(Q), assistant("Answer: 5")],
-                      "rejected": [user(Q), assistant("Answer: 6")],
-                      "messages": [user(Q), assistant("Answer: 5")], "score_chosen": 8.5, "score_rejected": 3.0},
+    "ultrafeedback": {
+        "prompt": Q,
+        "prompt_id": "uf-1",
+        "chosen": [user(Q), assistant("Answer: 5")],
+        "rejected": [user(Q), assistant("Answer: 6")],
+        "messages": [user(Q), assistant("Answer: 5")],
+        "score_chosen": 8.5,
+        "score_rejected": 3.0,
+    },
     # implicit prompt without a prompt column (trl-lib/ultrafeedback_binarized)
     "implicit": {"chosen": [user(Q), assistant("Answer: 5")], "rejected": [user(Q), assistant("Answer: 6")]},
 }
@@ -61,13 +67,18 @@ def test_each_trl_layout_reads_to_the_same_pair(tmp_path, tokenizer, layout):
 
 def test_multi_turn_prompt_and_parquet(tmp_path, tokenizer):
     conv = [{"role": "system", "content": "Be terse."}, user("Hi"), assistant("Hello."), user(Q)]
-    df = pl.DataFrame([{"prompt": conv, "chosen": [assistant("5")], "rejected": [assistant("6")]},
-                       {"prompt": conv, "chosen": [assistant("five")], "rejected": [assistant("six")]}])
+    df = pl.DataFrame(
+        [
+            {"prompt": conv, "chosen": [assistant("5")], "rejected": [assistant("6")]},
+            {"prompt": conv, "chosen": [assistant("five")], "rejected": [assistant("six")]},
+        ]
+    )
     df.write_parquet(tmp_path / "p.parquet")
     rows, _, _ = trl_format.read_pairs_file(tmp_path / "p.parquet", tokenizer, "error")
     assert [r["prompt"] for r in rows] == [conv, conv]
-    assert rows[0]["prompt_ids"] == list(tokenizer.apply_chat_template(conv, tokenize=True,
-                                                                       add_generation_prompt=True)["input_ids"])
+    assert rows[0]["prompt_ids"] == list(
+        tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)["input_ids"]
+    )
     assert rows[0]["prompt_id"] == rows[1]["prompt_id"] and rows[0]["pair_id"] != rows[1]["pair_id"]
     assert rows[1]["where"].endswith("p.parquet: row 1 (0-based index)")
 
@@ -78,20 +89,44 @@ BAD = [  # (record or raw line, field, reason, words of the message)
     ({"prompt": Q, "chosen": "5", "rejected": "  "}, "rejected", trl_format.R_EMPTY, "is empty"),
     ({"prompt": [user(Q)], "chosen": "5", "rejected": "6"}, "prompt", "wrong type", "must be a string"),
     ({"prompt": Q, "chosen": " 5", "rejected": "5 "}, "rejected", trl_format.R_IDENTICAL, "same text"),
-    ({"prompt": [user(Q)], "chosen": [{"role": "bot", "content": "5"}], "rejected": [assistant("6")]},
-     "chosen", trl_format.R_MESSAGES, "role 'bot'"),
-    ({"prompt": [user(Q)], "chosen": [assistant("5"), assistant("again")], "rejected": [assistant("6")]},
-     "chosen", trl_format.R_MESSAGES, "one assistant message"),
-    ({"prompt": [user(Q), assistant("ok")], "chosen": [assistant("5")], "rejected": [assistant("6")]},
-     "prompt", trl_format.R_MESSAGES, "end with a user turn"),
-    ({"prompt": [user(Q)], "chosen": [{"role": "assistant", "content": 5}], "rejected": [assistant("6")]},
-     "chosen", "wrong type", "content must be a string"),
-    ({"prompt": "Another question", "chosen": [user(Q), assistant("5")], "rejected": [user(Q), assistant("6")]},
-     "prompt", trl_format.R_VALUE, "not the last user turn"),
+    (
+        {"prompt": [user(Q)], "chosen": [{"role": "bot", "content": "5"}], "rejected": [assistant("6")]},
+        "chosen",
+        trl_format.R_MESSAGES,
+        "role 'bot'",
+    ),
+    (
+        {"prompt": [user(Q)], "chosen": [assistant("5"), assistant("again")], "rejected": [assistant("6")]},
+        "chosen",
+        trl_format.R_MESSAGES,
+        "one assistant message",
+    ),
+    (
+        {"prompt": [user(Q), assistant("ok")], "chosen": [assistant("5")], "rejected": [assistant("6")]},
+        "prompt",
+        trl_format.R_MESSAGES,
+        "end with a user turn",
+    ),
+    (
+        {"prompt": [user(Q)], "chosen": [{"role": "assistant", "content": 5}], "rejected": [assistant("6")]},
+        "chosen",
+        "wrong type",
+        "content must be a string",
+    ),
+    (
+        {"prompt": "Another question", "chosen": [user(Q), assistant("5")], "rejected": [user(Q), assistant("6")]},
+        "prompt",
+        trl_format.R_VALUE,
+        "not the last user turn",
+    ),
     ({"prompt": Q, "chosen": "5", "rejected": "6", "scenario": 7}, "scenario", "wrong type", "an integer 0-4"),
     ({"prompt": Q, "chosen": "5", "rejected": "6", "score_chosen": "high"}, "score_chosen", "wrong type", "number"),
-    ({"prompt": Q, "chosen": "5", "rejected": "6", "chosen_token_ids": [1, 2]}, "chosen_token_ids", trl_format.R_IDS,
-     "does not decode to the text"),
+    (
+        {"prompt": Q, "chosen": "5", "rejected": "6", "chosen_token_ids": [1, 2]},
+        "chosen_token_ids",
+        trl_format.R_IDS,
+        "does not decode to the text",
+    ),
     ('{"prompt": "x", "chosen": ', "(whole line)", "invalid json", "not valid JSON"),
 ]
 
@@ -110,16 +145,25 @@ def test_a_bad_row_is_named_by_file_row_and_field(tmp_path, tokenizer, record, f
 
 def test_quarantine_counts_and_cross_row_checks(tmp_path, tokenizer):
     a, b = GOOD["standard"], {"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"}
-    path = write_jsonl(tmp_path / "p.jsonl", [
-        a, {**b, "pair_id": "x"}, "", {**a, "chosen": "five", "pair_id": "x"},  # a blank line is no row
-        a,  # the same pair again
-        {**b, "prompt_id": "q1"}, {**a, "chosen": "five", "prompt_id": "q1"},  # one prompt_id, two prompts
-    ])
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            a,
+            {**b, "pair_id": "x"},
+            "",
+            {**a, "chosen": "five", "pair_id": "x"},  # a blank line is no row
+            a,  # the same pair again
+            {**b, "prompt_id": "q1"},
+            {**a, "chosen": "five", "prompt_id": "q1"},  # one prompt_id, two prompts
+        ],
+    )
     good, bad, read = trl_format.read_pairs_file(path, tokenizer, "quarantine")
     assert read == 6 and len(good) == 3
     assert [(q["row"], q["field"], q["reason"]) for q in bad] == [
-        (4, "pair_id", trl_format.R_DUP), (5, "(whole line)", trl_format.R_DUP),
-        (7, "prompt_id", trl_format.R_PROMPT_ID)]
+        (4, "pair_id", trl_format.R_DUP),
+        (5, "(whole line)", trl_format.R_DUP),
+        (7, "prompt_id", trl_format.R_PROMPT_ID),
+    ]
     assert "first seen at" in bad[0]["message"] and f"{path}: line 1" in bad[1]["message"]
 
 

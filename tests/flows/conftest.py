@@ -33,8 +33,11 @@ def prefect_harness(tmp_path_factory):
     """One temporary Prefect server + database for the whole session."""
     os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect_home")))
     # the project's settings for a temporary server (no telemetry: its start-up write raced the
-    # harness's own migrations, "database is locked") apply before this server starts, as in a flow run
+    # harness's own migrations, "database is locked") apply before this server starts, as in a flow run;
+    # pipeline.flows sets them in the environment, so it is imported (for that alone) before Prefect
     import pipeline.flows  # noqa: F401
+
+    # isort: split
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
@@ -114,11 +117,19 @@ SHELL_DVC_YAML = textwrap.dedent("""\
 def shell_params_text(root: Path) -> str:
     """params.yaml of the shell pipeline (``flaky``'s marker under ``root``), with a comment the override
     round-trip must keep."""
-    params = {"a": {"x": 1}, "b": {"y": 2}, "marker": str(root / "flaky.marker"),
-              "flows": project_flows({"defaults": {"retries": 0, "retry_delay_s": 0},
-                                      "stages": {"flaky": {"retries": 1}, "bad": {"timeout_s": 60}},
-                                      "log_tail_lines": 5,
-                                      "sweep": {"metrics": ["m_*.json:y"]}})}
+    params = {
+        "a": {"x": 1},
+        "b": {"y": 2},
+        "marker": str(root / "flaky.marker"),
+        "flows": project_flows(
+            {
+                "defaults": {"retries": 0, "retry_delay_s": 0},
+                "stages": {"flaky": {"retries": 1}, "bad": {"timeout_s": 60}},
+                "log_tail_lines": 5,
+                "sweep": {"metrics": ["m_*.json:y"]},
+            }
+        ),
+    }
     return "# shell pipeline\n" + yaml.safe_dump(params, sort_keys=False)
 
 
@@ -136,8 +147,13 @@ def new_shell_repo(root: Path) -> Path:
     repo.mkdir()
     (repo / "dvc.yaml").write_text(SHELL_DVC_YAML)
     (repo / "params.yaml").write_text(shell_params_text(root))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
         run(cmd, repo)
     return repo
 

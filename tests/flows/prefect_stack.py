@@ -62,9 +62,16 @@ class PrefectStack:
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         """The environment of anything that talks to this server (CLI, workers, flow runs)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update({"PREFECT_HOME": str(self.home), "PREFECT_API_URL": self.api_url,
-                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-                    "PREFECT_LOGGING_LEVEL": "INFO", "DO_NOT_TRACK": "1"})
+        env.update(
+            {
+                "PREFECT_HOME": str(self.home),
+                "PREFECT_API_URL": self.api_url,
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_UI_ENABLED": "false",
+                "PREFECT_LOGGING_LEVEL": "INFO",
+                "DO_NOT_TRACK": "1",
+            }
+        )
         env.update(extra or {})
         return env
 
@@ -74,7 +81,12 @@ class PrefectStack:
         env.pop("PREFECT_API_URL")  # the server itself must not think a server is configured elsewhere
         env.update(self.server_env)
         self.server = subprocess.Popen(
-            [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.server.poll() is not None:
@@ -96,30 +108,50 @@ class PrefectStack:
         path = self.home / "server.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
-    def cli(self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-            timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    def cli(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 600,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess:
         """``prefect <args>`` against this server; raises with the output when it fails (``check``)."""
-        res = subprocess.run([*PREFECT, *args], cwd=cwd, env=self.env(env), capture_output=True, text=True,
-                             timeout=timeout)
+        res = subprocess.run(
+            [*PREFECT, *args], cwd=cwd, env=self.env(env), capture_output=True, text=True, timeout=timeout
+        )
         if check and res.returncode != 0:
-            raise RuntimeError(f"prefect {' '.join(args)} -> {res.returncode}\n{res.stdout[-4000:]}\n"
-                               f"{res.stderr[-4000:]}")
+            raise RuntimeError(
+                f"prefect {' '.join(args)} -> {res.returncode}\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+            )
         return res
 
-    def start_worker(self, pool: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-                     log: Path | None = None, *extra: str) -> subprocess.Popen:
+    def start_worker(
+        self,
+        pool: str,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        *extra: str,
+    ) -> subprocess.Popen:
         """``prefect worker start --pool <pool>`` in the background (its own process group)."""
         log = log or self.home / f"worker-{pool}-{len(self.procs)}.log"
-        proc = subprocess.Popen([*PREFECT, "worker", "start", "--pool", pool, *extra], cwd=cwd, env=self.env(env),
-                                stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [*PREFECT, "worker", "start", "--pool", pool, *extra],
+            cwd=cwd,
+            env=self.env(env),
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,  # noqa: SIM115
+            start_new_session=True,
+        )
         proc.log_path = log  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
 
     @contextlib.contextmanager
-    def worker(self, pool: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-               *extra: str) -> Iterator[subprocess.Popen]:
+    def worker(
+        self, pool: str, cwd: Path | None = None, env: dict[str, str] | None = None, *extra: str
+    ) -> Iterator[subprocess.Popen]:
         proc = self.start_worker(pool, cwd, env, None, *extra)
         try:
             yield proc
@@ -139,8 +171,11 @@ class PrefectStack:
 
     def flow_run_logs(self, flow_run_id: str) -> str:
         """The last 200 log lines of one flow run, oldest first."""
-        logs = self.api("POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}},
-                                                      "sort": "TIMESTAMP_DESC", "limit": 200}).json()
+        logs = self.api(
+            "POST",
+            "/logs/filter",
+            json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_DESC", "limit": 200},
+        ).json()
         return "\n".join(entry["message"] for entry in reversed(logs))
 
     def artifacts(self, key: str) -> list[dict]:

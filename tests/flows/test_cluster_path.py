@@ -38,14 +38,22 @@ def process_pool_spec(cache_dir: Path) -> dict:
             continue
         dep = copy.deepcopy(dep)
         env = {**dep["work_pool"]["job_variables"]["env"], "DPO_PIPELINE_CACHE": str(cache_dir)}
-        dep["work_pool"] = {"name": dep["work_pool"]["name"], "work_queue_name": dep["work_pool"]["work_queue_name"],
-                            "job_variables": {"env": env}}
+        dep["work_pool"] = {
+            "name": dep["work_pool"]["name"],
+            "work_queue_name": dep["work_pool"]["work_queue_name"],
+            "job_variables": {"env": env},
+        }
         dep.pop("schedules", None)
         deployments.append(dep)
     assert sorted(d["name"] for d in deployments) == sorted(CLUSTER_DEPLOYMENTS)
     assert len({d["work_pool"]["name"] for d in deployments}) == 1, "one pool (GPU and CPU pods differ in k8s only)"
-    return {"name": spec["name"], "prefect-version": spec["prefect-version"], "build": None, "push": None,
-            "deployments": deployments}
+    return {
+        "name": spec["name"],
+        "prefect-version": spec["prefect-version"],
+        "build": None,
+        "push": None,
+        "deployments": deployments,
+    }
 
 
 def add_flows_code(repo: Path) -> Path:
@@ -68,8 +76,11 @@ def test_cluster_deployments_name_the_remote_their_pods_add():
     for dep in spec["deployments"]:
         if dep["name"] not in ("k8s", *CLUSTER_DEPLOYMENTS):
             continue
-        script = next(s["prefect.deployments.steps.run_shell_script"]["script"] for s in dep["pull"]
-                      if "prefect.deployments.steps.run_shell_script" in s)
+        script = next(
+            s["prefect.deployments.steps.run_shell_script"]["script"]
+            for s in dep["pull"]
+            if "prefect.deployments.steps.run_shell_script" in s
+        )
         args = shlex.split(script.split("dvc remote add", 1)[1])
         added = next(a for a in args if not a.startswith("-"))  # the remote's name
         assert dep["parameters"].get("remote") == added, dep["name"]
@@ -105,13 +116,25 @@ def test_cluster_flow_segments_share_the_remote_and_push_the_experiment(tmp_path
         stack.cli("work-pool", "create", pool, "--type", "process")
         stack.cli("--no-prompt", "deploy", "--all", "--prefect-file", str(spec_file), cwd=repo, env=deploy_env)
         with stack.worker(pool, cwd=tmp_path, env=worker_env) as worker:
-            res = stack.cli("deployment", "run", "dpo-cluster/k8s-cluster", "--flow-run-name", "nightly",
-                            "--watch", "--watch-timeout", "900", check=False, timeout=960)
+            res = stack.cli(
+                "deployment",
+                "run",
+                "dpo-cluster/k8s-cluster",
+                "--flow-run-name",
+                "nightly",
+                "--watch",
+                "--watch-timeout",
+                "900",
+                check=False,
+                timeout=960,
+            )
         runs = {r["name"]: r for r in stack.flow_runs()}
         logs = {name: stack.flow_run_logs(r["id"]) for name, r in runs.items()}
-        detail = f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n" + "\n".join(
-            f"--- {n} ({r['state_type']})\n{logs[n][-3000:]}" for n, r in runs.items()) + \
-            f"\n--- worker\n{Path(worker.log_path).read_text()[-3000:]}"
+        detail = (
+            f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n"
+            + "\n".join(f"--- {n} ({r['state_type']})\n{logs[n][-3000:]}" for n, r in runs.items())
+            + f"\n--- worker\n{Path(worker.log_path).read_text()[-3000:]}"
+        )
         assert res.returncode == 0 and runs["nightly"]["state_type"] == "COMPLETED", detail
         name_of = {r["id"]: n for n, r in runs.items()}
         stages = {name_of[a["flow_run_id"]]: table(a) for a in stack.artifacts("dpo-stages")}
@@ -120,8 +143,12 @@ def test_cluster_flow_segments_share_the_remote_and_push_the_experiment(tmp_path
     # run-cache instead of recomputing it, then ran its own stages
     assert set(runs) == {"nightly", "nightly-1-gpu", "nightly-2-cpu"}, detail
     assert {r["stage"]: r["status"] for r in stages["nightly-1-gpu"]} == {"first": "ran"}
-    assert {r["stage"]: r["status"] for r in stages["nightly-2-cpu"]} == \
-        {"first": "restored", "second@p": "ran", "second@q": "ran", "flaky": "ran"}
+    assert {r["stage"]: r["status"] for r in stages["nightly-2-cpu"]} == {
+        "first": "restored",
+        "second@p": "ran",
+        "second@q": "ran",
+        "flaky": "ran",
+    }
     assert not (repo / "first.txt").exists()  # nothing ran in the source checkout
 
     # the remote holds the outputs and the run-cache

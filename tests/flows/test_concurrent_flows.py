@@ -15,12 +15,40 @@ from repo_utils import PROJECT
 @pytest.mark.slow  # two temporary servers and six DVC experiments: about 1.5 min on 2 cores
 def test_two_sweeps_with_max_parallel_2_share_a_prefect_home_without_lock_errors(shell_repos, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # no harness, no API URL
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect_home"), "PYTHONPATH": str(PROJECT),
-            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    cmd = [sys.executable, "-m", "pipeline.flows", "--repo", "{repo}", "sweep", "-G", "a.x=[1,2,3]",
-           "-G", "b.y=[4]", "-j", "2", "-n", "par", "second"]
-    procs = [subprocess.Popen([a.format(repo=repo) for a in cmd], env=env, cwd=tmp_path, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for repo in shell_repos(2)]
+    env |= {
+        "PREFECT_HOME": str(tmp_path / "prefect_home"),
+        "PYTHONPATH": str(PROJECT),
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.flows",
+        "--repo",
+        "{repo}",
+        "sweep",
+        "-G",
+        "a.x=[1,2,3]",
+        "-G",
+        "b.y=[4]",
+        "-j",
+        "2",
+        "-n",
+        "par",
+        "second",
+    ]
+    procs = [
+        subprocess.Popen(
+            [a.format(repo=repo) for a in cmd],
+            env=env,
+            cwd=tmp_path,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for repo in shell_repos(2)
+    ]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
@@ -55,10 +83,16 @@ def test_temporary_server_start_waits_for_the_lock_and_is_reused(tmp_path, monke
     monkeypatch.setattr(prefect_server.SubprocessASGIServer, "start", fake_start)
     monkeypatch.setattr(prefect_server.SubprocessASGIServer, "_instances", {})
     holder = subprocess.Popen(  # another process starting its server: holds the lock for 1.5 s
-        [sys.executable, "-c", "import sys, time; from filelock import FileLock\n"
-         f"with FileLock({str(tmp_path / ours.LOCK_NAME)!r}):\n"
-         "    print('held', flush=True); time.sleep(1.5); print(time.time(), flush=True)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from filelock import FileLock\n"
+            f"with FileLock({str(tmp_path / ours.LOCK_NAME)!r}):\n"
+            "    print('held', flush=True); time.sleep(1.5); print(time.time(), flush=True)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline() == "held\n"
     # no API URL, whatever ran before on this worker (the session harness sets one while it is up)
     with temporary_settings({PREFECT_HOME: str(tmp_path)}, restore_defaults={PREFECT_API_URL}):

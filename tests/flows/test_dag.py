@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.flows.settings import parse_flow_params
 from pipeline.flows import dag
+from pipeline.flows.settings import parse_flow_params
 
 
 def test_stage_order_and_targets(shell_repo):
@@ -23,7 +23,10 @@ def test_topo_order_keeps_dvc_order_and_finds_cycles():
     with pytest.raises(ValueError, match="cycle"):
         dag.topo_order(nodes, {"a": {"b"}, "b": {"a"}})
     assert dag.expand_targets(["train", "prepare"], ["prepare", "train@dpo", "train@dpop"]) == [
-        "train@dpo", "train@dpop", "prepare"]
+        "train@dpo",
+        "train@dpop",
+        "prepare",
+    ]
     assert dag.with_ancestors(["c"], {"c": {"b"}, "b": {"a"}}) == {"a", "b", "c"}
 
 
@@ -31,5 +34,9 @@ def test_segments_of_the_real_pipeline(flows_section):
     # the CPU / GPU split of the real pipeline (flows.resources of params.yaml)
     real = ["prepare", "policy", "sample", "judge", "pairs", "reference", "train@dpo", "evaluate@dpo", "report"]
     assert dag.segments(real, parse_flow_params(flows_section()).resource_of) == [
-        ("cpu", ["prepare"]), ("gpu", ["policy", "sample"]), ("cpu", ["judge", "pairs"]),
-        ("gpu", ["reference", "train@dpo", "evaluate@dpo"]), ("cpu", ["report"])]
+        ("cpu", ["prepare"]),
+        ("gpu", ["policy", "sample"]),
+        ("cpu", ["judge", "pairs"]),
+        ("gpu", ["reference", "train@dpo", "evaluate@dpo"]),
+        ("cpu", ["report"]),
+    ]

@@ -12,7 +12,11 @@ from pipeline.flows import experiments
 def test_overrides_written_by_dvc_keep_comments(shell_params):
     # overrides in the `dvc exp run -S` grammar, written by DVC's own code (comments kept)
     assert experiments.override_args({"a.x": 0.5, "p": "it's", "l": [1, "b"], "t": True}) == [
-        "a.x=0.5", "p='it\\'s'", "l=[1, 'b']", "t=true"]
+        "a.x=0.5",
+        "p='it\\'s'",
+        "l=[1, 'b']",
+        "t=true",
+    ]
     experiments.apply_overrides(shell_params, {"a.x": 5, "b.y": "/some/path with space"})
     text = (shell_params / "params.yaml").read_text()
     assert text.startswith("# shell pipeline") and yaml.safe_load(text)["b"]["y"] == "/some/path with space"
@@ -21,12 +25,19 @@ def test_overrides_written_by_dvc_keep_comments(shell_params):
 
 def test_flatten_select_and_grid():
     assert experiments.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
-    metrics = {"metrics/eval/dpo.json:test_accuracy": 0.5, "metrics/eval/dpo.json:variant": "dpo",
-               "metrics/pairs.json:n_train": 8, "metrics/pairs.json:ok": True}
+    metrics = {
+        "metrics/eval/dpo.json:test_accuracy": 0.5,
+        "metrics/eval/dpo.json:variant": "dpo",
+        "metrics/pairs.json:n_train": 8,
+        "metrics/pairs.json:ok": True,
+    }
     assert experiments.select_metrics(metrics, ["metrics/eval/*.json:test_*"]) == {
-        "metrics/eval/dpo.json:test_accuracy": 0.5}
-    assert experiments.select_metrics(metrics, []) == {"metrics/eval/dpo.json:test_accuracy": 0.5,
-                                                       "metrics/pairs.json:n_train": 8}
+        "metrics/eval/dpo.json:test_accuracy": 0.5
+    }
+    assert experiments.select_metrics(metrics, []) == {
+        "metrics/eval/dpo.json:test_accuracy": 0.5,
+        "metrics/pairs.json:n_train": 8,
+    }
     assert experiments.grid_points({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
 
 
@@ -48,8 +59,13 @@ def test_a_point_refused_by_the_dvc_lock_is_tried_again(monkeypatch, tmp_path):
     run = E.exp_run_temp(tmp_path, "p1", {"a.x": 1}, timeout_s=0, tail_lines=5)
     assert run.returncode == 0
     # each retry first removes what the refused attempt may have recorded under the name
-    assert [c[:2] for c in calls] == [["exp", "run"], ["exp", "remove"], ["exp", "run"], ["exp", "remove"],
-                                      ["exp", "run"]]
+    assert [c[:2] for c in calls] == [
+        ["exp", "run"],
+        ["exp", "remove"],
+        ["exp", "run"],
+        ["exp", "remove"],
+        ["exp", "run"],
+    ]
     assert calls[0][:5] == ["exp", "run", "--temp", "-n", "p1"] and calls[1] == ["exp", "remove", "p1"]
 
     # any other failure is not retried; a lock that stays busy fails after LOCK_TRIES attempts

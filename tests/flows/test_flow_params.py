@@ -15,8 +15,9 @@ def test_stage_settings_from_params_yaml(shell_params, flows_section):
     # settings from params.yaml; a foreach group covers its members, a stage entry wins over it
     fp = load_flow_params(shell_params)
     assert fp.for_stage("flaky").retries == 1 and fp.for_stage("first").retries == 0
-    fp = parse_flow_params(flows_section({"stages": {"train": {"retries": 2, "timeout_s": 9},
-                                                     "train@dpo": {"timeout_s": 5}}}))
+    fp = parse_flow_params(
+        flows_section({"stages": {"train": {"retries": 2, "timeout_s": 9}, "train@dpo": {"timeout_s": 5}}})
+    )
     assert (fp.for_stage("train@dpo").retries, fp.for_stage("train@dpo").timeout_s) == (2, 5)
     assert fp.for_stage("train@dpop").timeout_s == 9 and fp.resource_of("train@dpo") == "gpu"
     with pytest.raises(ValueError, match=r"flows\.stages\.x\.retries"):
@@ -41,12 +42,21 @@ def test_scenarios_settings(flows_section):
     sc = parse_flow_params(flows_section(yaml.safe_load(SCENARIOS_PARAMS_BLOCK))).scenarios
     assert sc == parse_flow_params(flows_section()).scenarios
     assert (sc.list, sc.variant, sc.max_parallel, sc.report, sc.timeout_s, sc.retries) == (
-        [1, 2, 3, 4], "dpo", 1, "reports/scenarios.md", 0, 0)
+        [1, 2, 3, 4],
+        "dpo",
+        1,
+        "reports/scenarios.md",
+        0,
+        0,
+    )
     changed = flows_section({"scenarios": {"list": [3, 1], "variant": "dpop"}})
     assert parse_flow_params(changed).scenarios.list == [3, 1]
-    for bad, msg in (({"list": []}, r": List should have at least 1 item"),
-                     ({"list": [1, 5]}, r"\.1: Input should be 1, 2, 3 or 4 \(got 5\)"),
-                     ({"list": [2, 2]}, r": 2 listed more than once"), ({"list": "1"}, r": .*valid list")):
+    for bad, msg in (
+        ({"list": []}, r": List should have at least 1 item"),
+        ({"list": [1, 5]}, r"\.1: Input should be 1, 2, 3 or 4 \(got 5\)"),
+        ({"list": [2, 2]}, r": 2 listed more than once"),
+        ({"list": "1"}, r": .*valid list"),
+    ):
         with pytest.raises(FlowParamsError, match=rf"flows\.scenarios\.list{msg}"):
             parse_flow_params(flows_section({"scenarios": bad}))
     with pytest.raises(FlowParamsError, match=r"flows\.scenarios\.max_parallel"):

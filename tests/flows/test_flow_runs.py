@@ -10,8 +10,8 @@ from repo_utils import run
 
 def test_flow_retries_overrides_and_failures(shell_repo, prefect_harness, artifacts, task_runs):
     from pipeline.flows.dvc_process import StageFailed
-    from pipeline.flows.run import pipeline_flow
     from pipeline.flows.experiments import experiments
+    from pipeline.flows.run import pipeline_flow
 
     # first run: every stage runs; `flaky` fails once and its retry succeeds
     res = pipeline_flow(repo=str(shell_repo))
@@ -45,8 +45,11 @@ def test_flow_retries_overrides_and_failures(shell_repo, prefect_harness, artifa
     params = yaml.safe_load((shell_repo / "params.yaml").read_text())
     params["flows"]["stages"]["bad"] = {"timeout_s": 1}
     (shell_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    text = (shell_repo / "dvc.yaml").read_text().replace("echo 'bad is about to fail' && exit 3",
-                                                        "echo 'bad is sleeping' && sleep 60")
+    text = (
+        (shell_repo / "dvc.yaml")
+        .read_text()
+        .replace("echo 'bad is about to fail' && exit 3", "echo 'bad is sleeping' && sleep 60")
+    )
     (shell_repo / "dvc.yaml").write_text(text)
     with pytest.raises(StageFailed, match=r"'bad' failed \(timed out after 1 s\)"):
         pipeline_flow(targets=["bad"], repo=str(shell_repo))
@@ -56,8 +59,9 @@ def test_flow_retries_overrides_and_failures(shell_repo, prefect_harness, artifa
 def test_sweep_flow_on_shell_pipeline(shell_repo, prefect_harness, artifacts, exp_names):
     from pipeline.flows.sweep import sweep_flow
 
-    res = sweep_flow(grid={"a.x": [1, 2], "b.y": [3, 4]}, max_parallel=2, targets=["second"], name="grid",
-                     repo=str(shell_repo))
+    res = sweep_flow(
+        grid={"a.x": [1, 2], "b.y": [3, 4]}, max_parallel=2, targets=["second"], name="grid", repo=str(shell_repo)
+    )
     assert res["experiments"] == ["grid-1", "grid-2", "grid-3", "grid-4"]
     assert {(r["a.x"], r["b.y"], r["m_p:y"]) for r in res["table"]} == {(1, 3, 3), (1, 4, 4), (2, 3, 3), (2, 4, 4)}
     assert {"grid-1", "grid-2", "grid-3", "grid-4"} <= exp_names(shell_repo)

@@ -13,8 +13,11 @@ import uuid
 from typing import Any
 
 import pytest
-from prefect.cli.deploy._config import (_extract_variable, _load_deploy_configs_and_actions,
-                                        _merge_with_default_deploy_config)
+from prefect.cli.deploy._config import (
+    _extract_variable,
+    _load_deploy_configs_and_actions,
+    _merge_with_default_deploy_config,
+)
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import Flow, FlowRun
 from prefect.client.schemas.responses import DeploymentResponse
@@ -28,17 +31,29 @@ from pipeline.flows.cluster import kubernetes_job_template
 
 POOL = "k8s-gpu"
 # nvidia.com/gpu limit each k8s deployment must get (None: no GPU limit at all)
-EXPECTED_GPUS = {"k8s": 1, "k8s-gpu-stages": 1, "k8s-sweep": 1, "k8s-rounds": 1,
-                 "k8s-cpu-stages": None, "k8s-cluster": None}
+EXPECTED_GPUS = {
+    "k8s": 1,
+    "k8s-gpu-stages": 1,
+    "k8s-sweep": 1,
+    "k8s-rounds": 1,
+    "k8s-cpu-stages": None,
+    "k8s-cluster": None,
+}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 # what `prefect deploy` reads from the shell (prefect.yaml's header)
-DEPLOY_ENV = {"DPO_PIPELINE_IMAGE": "registry.test/dpo-pipeline:t-1234",
-              "DPO_PIPELINE_REPO": "https://git.test/org/dpo-pipeline.git",
-              "DVC_REMOTE_URL": "s3://bucket-test/dpo-pipeline"}
+DEPLOY_ENV = {
+    "DPO_PIPELINE_IMAGE": "registry.test/dpo-pipeline:t-1234",
+    "DPO_PIPELINE_REPO": "https://git.test/org/dpo-pipeline.git",
+    "DVC_REMOTE_URL": "s3://bucket-test/dpo-pipeline",
+}
 # secrets in the environment of whoever deploys / runs the worker: none may reach a manifest
-SECRETS = {"AWS_ACCESS_KEY_ID": "AKIA-TEST-7f3a9c", "AWS_SECRET_ACCESS_KEY": "aws-secret-value-5d81e2",
-           "OPENAI_API_KEY": "sk-test-openai-c0ffee", "GIT_TOKEN": "ghp-test-token-9b2d44",
-           "HF_TOKEN": "hf-test-token-31a7"}
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIA-TEST-7f3a9c",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-value-5d81e2",
+    "OPENAI_API_KEY": "sk-test-openai-c0ffee",
+    "GIT_TOKEN": "ghp-test-token-9b2d44",
+    "HF_TOKEN": "hf-test-token-31a7",
+}
 # a client for an address nothing listens on: the template holds no block or variable references, so
 # Prefect must not call it (if it did, the test would fail on the connection)
 OFFLINE = PrefectClient(api="http://127.0.0.1:9/api")
@@ -69,16 +84,24 @@ def used_placeholders(template: dict[str, Any]) -> set[str]:
 
 def validate_job_variables(template: dict[str, Any], job_variables: dict[str, Any]) -> None:
     """What the server checks when a deployment is created (prefect.server.api.validation)."""
-    validate(job_variables, template["variables"], raise_on_error=True, preprocess=True, ignore_required=True,
-             allow_none_with_default=True)
+    validate(
+        job_variables,
+        template["variables"],
+        raise_on_error=True,
+        preprocess=True,
+        ignore_required=True,
+        allow_none_with_default=True,
+    )
 
 
-def build_job(template: dict[str, Any], job_variables: dict[str, Any], deployment: str = "k8s",
-              flow_name: str = "dpo-pipeline") -> tuple[KubernetesWorkerJobConfiguration, FlowRun]:
+def build_job(
+    template: dict[str, Any], job_variables: dict[str, Any], deployment: str = "k8s", flow_name: str = "dpo-pipeline"
+) -> tuple[KubernetesWorkerJobConfiguration, FlowRun]:
     """The worker's job configuration for one flow run of ``deployment``, as the Kubernetes worker
     prepares it before creating the Job."""
-    config = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(
-        template, job_variables, client=OFFLINE))
+    config = asyncio.run(
+        KubernetesWorkerJobConfiguration.from_template_and_values(template, job_variables, client=OFFLINE)
+    )
     flow = Flow(id=uuid.uuid4(), name=flow_name)
     run = FlowRun(id=uuid.uuid4(), name="brisk-otter", flow_id=flow.id)
     dep = DeploymentResponse(id=uuid.uuid4(), name=deployment, flow_id=flow.id, job_variables=job_variables)
@@ -161,8 +184,14 @@ def test_job_manifest_of_each_k8s_deployment(deploy_env, name):
     assert jv["secret_name"] == "dpo-pipeline"
     env = {e["name"]: e["value"] for e in c["env"]}
     assert all(isinstance(v, str) for v in env.values())
-    assert env.items() >= {**jv["env"], "DPO_PIPELINE_REPO": DEPLOY_ENV["DPO_PIPELINE_REPO"],
-                           "DVC_REMOTE_URL": DEPLOY_ENV["DVC_REMOTE_URL"]}.items()
+    assert (
+        env.items()
+        >= {
+            **jv["env"],
+            "DPO_PIPELINE_REPO": DEPLOY_ENV["DPO_PIPELINE_REPO"],
+            "DVC_REMOTE_URL": DEPLOY_ENV["DVC_REMOTE_URL"],
+        }.items()
+    )
     assert env["PREFECT__FLOW_RUN_ID"] == str(run.id) and env["PREFECT__FLOW_ID"] == str(run.flow_id)
     assert env["PREFECT__DEPLOYMENT_NAME"] == name
     assert job["metadata"]["labels"]["prefect.io/flow-run-id"] == str(run.id)

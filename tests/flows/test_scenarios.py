@@ -14,14 +14,29 @@ def test_scenario_rows():
     from pipeline.flows.scenarios import scenario_rows
 
     # the report's rows from `dvc exp show` (experiments.experiments): each scenario's metrics files
-    exps = [{"name": "c-s1", "metrics": {}, "metric_files": {
-                "metrics/pairs.json": {"scenario": 1, "n_train": 8}, "metrics/eval/dpo.json": {"test_accuracy": 0.5},
-                "metrics/eval/dpop.json": {"test_accuracy": 0.1}}},
-            {"name": "other", "metric_files": {"metrics/pairs.json": {"n_train": 99}}}]
+    exps = [
+        {
+            "name": "c-s1",
+            "metrics": {},
+            "metric_files": {
+                "metrics/pairs.json": {"scenario": 1, "n_train": 8},
+                "metrics/eval/dpo.json": {"test_accuracy": 0.5},
+                "metrics/eval/dpop.json": {"test_accuracy": 0.1},
+            },
+        },
+        {"name": "other", "metric_files": {"metrics/pairs.json": {"n_train": 99}}},
+    ]
     rows = scenario_rows(exps, {1: "c-s1", 3: "c-s3"}, ["c-s3"], "dpo")
-    assert rows == [{"scenario": 1, "status": "done", "experiment": "c-s1", "pairs": {"scenario": 1, "n_train": 8},
-                     "eval": {"test_accuracy": 0.5}},
-                    {"scenario": 3, "status": "failed", "experiment": "c-s3", "pairs": {}, "eval": {}}]
+    assert rows == [
+        {
+            "scenario": 1,
+            "status": "done",
+            "experiment": "c-s1",
+            "pairs": {"scenario": 1, "n_train": 8},
+            "eval": {"test_accuracy": 0.5},
+        },
+        {"scenario": 3, "status": "failed", "experiment": "c-s3", "pairs": {}, "eval": {}},
+    ]
 
 
 SCENARIOS_DVC_YAML = textwrap.dedent("""\
@@ -54,8 +69,7 @@ SCENARIOS_DVC_YAML = textwrap.dedent("""\
 
 
 @pytest.mark.slow
-def test_scenarios_flow_on_shell_pipeline(tmp_path_factory, prefect_harness, flows_section, exp_names,
-                                          latest_artifact):
+def test_scenarios_flow_on_shell_pipeline(tmp_path_factory, prefect_harness, flows_section, exp_names, latest_artifact):
     """scenarios_flow over a shell pipeline whose `pairs` fails in scenario 3: one experiment per
     scenario, the report with one column each (the failed one says so), the flow failing at the end."""
     from pipeline.flows.scenarios import scenarios_flow
@@ -64,12 +78,20 @@ def test_scenarios_flow_on_shell_pipeline(tmp_path_factory, prefect_harness, flo
     repo.mkdir()
     (repo / "dvc.yaml").write_text(SCENARIOS_DVC_YAML)
     # the default's pairs are constructed: each scenario experiment must switch to judged pairs
-    params = {"pairs": {"scenario": 1, "source": "constructed"},
-              "flows": flows_section({"log_tail_lines": 5,
-                                      "scenarios": {"list": [1, 2], "max_parallel": 2, "report": "out/s.md"}})}
+    params = {
+        "pairs": {"scenario": 1, "source": "constructed"},
+        "flows": flows_section(
+            {"log_tail_lines": 5, "scenarios": {"list": [1, 2], "max_parallel": 2, "report": "out/s.md"}}
+        ),
+    }
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
         run(cmd, repo)
     with pytest.raises(RuntimeError, match=r"1 of 3 experiments failed: cmp-s3"):
         scenarios_flow(scenarios=[1, 3, 4], name="cmp", repo=str(repo))

@@ -20,16 +20,20 @@ def test_study_points():
     from pipeline.flows.study import study_points
 
     pts = study_points([0, 1], [], {"prepare.n_test": 512}, sample_seed=False)
-    assert pts == [("default", 0, {"prepare.n_test": 512, "train.seed": 0}),
-                   ("default", 1, {"prepare.n_test": 512, "train.seed": 1})]
+    assert pts == [
+        ("default", 0, {"prepare.n_test": 512, "train.seed": 0}),
+        ("default", 1, {"prepare.n_test": 512, "train.seed": 1}),
+    ]
     pts = study_points([3], [1, 4], {}, sample_seed=True)
-    assert pts == [("scenario 1", 3, {"train.seed": 3, "sample.seed": 3, "pairs.source": "judged", "pairs.scenario": 1}),
-                   ("scenario 4", 3, {"train.seed": 3, "sample.seed": 3, "pairs.source": "judged", "pairs.scenario": 4})]
+    assert pts == [
+        ("scenario 1", 3, {"train.seed": 3, "sample.seed": 3, "pairs.source": "judged", "pairs.scenario": 1}),
+        ("scenario 4", 3, {"train.seed": 3, "sample.seed": 3, "pairs.source": "judged", "pairs.scenario": 4}),
+    ]
 
 
 def test_study_command_runs_the_same_study_again():
-    from pipeline.flows.settings import parse_flow_params
     from pipeline.flows.cli import parser
+    from pipeline.flows.settings import parse_flow_params
     from pipeline.flows.study import study_command
 
     st = parse_flow_params(repo_params()["flows"]).study
@@ -86,7 +90,8 @@ TABLES_PY = textwrap.dedent('''\
     write_table(pl.DataFrame({"pair_id": [f"p{i:02d}" for i in range(n)], "variant": variant, "ref_w": -20.0,
                               "ref_l": -25.0, "lp_w": -20.0 + d_w, "lp_l": -30.0 + rng.normal(size=n),
                               "len_w": 17, "len_l": 17, "edit_distance_norm": np.linspace(0.05, 0.6, n),
-                              "distance_bucket": "x", "ches": 0.0, "ches_norm": 0.0}), out / "pairs.parquet", "pair_eval")
+                              "distance_bucket": "x", "ches": 0.0, "ches_norm": 0.0}),
+                out / "pairs.parquet", "pair_eval")
     write_table(pl.DataFrame({"prompt_id": prompts, "model": variant, "text": "", "extracted_answer": None,
                               "correct": [bool(x) for x in rng.random(n_test) < (0.1 if variant == "dpo" else 0.5)]}),
                 out / "generations.parquet", "generations")
@@ -122,8 +127,9 @@ STUDY_DVC_YAML = textwrap.dedent("""\
 
 
 @pytest.mark.slow
-def test_study_flow_reads_every_seeds_tables_and_judges_the_claims(tmp_path_factory, prefect_harness, exp_names,
-                                                                    latest_artifact):
+def test_study_flow_reads_every_seeds_tables_and_judges_the_claims(
+    tmp_path_factory, prefect_harness, exp_names, latest_artifact
+):
     from pipeline.flows.study import study_flow
 
     repo = tmp_path_factory.mktemp("studyflow") / "repo"
@@ -133,8 +139,13 @@ def test_study_flow_reads_every_seeds_tables_and_judges_the_claims(tmp_path_fact
     params = repo_params()
     params["flows"]["study"].update({"report": "out/study", "max_parallel": 2})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
         run(cmd, repo)
     res = study_flow(seeds=[0, 1, 2], overrides={"prepare.n_test": 40}, name="st", repo=str(repo))
     assert {"st-d-seed0", "st-d-seed1", "st-d-seed2"} <= exp_names(repo)
@@ -162,11 +173,15 @@ def test_study_flow_reads_every_seeds_tables_and_judges_the_claims(tmp_path_fact
     # on the previous one); a seed never run is reported missing
     (out / "report.md").unlink()
     (repo / "notes.md").write_text("later work\n")
-    for cmd in (["git", "add", "notes.md"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "later"]):
+    for cmd in (
+        ["git", "add", "notes.md"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "later"],
+    ):
         run(cmd, repo)
     with pytest.raises(RuntimeError, match=r"1 of 4 experiments failed: st-d-seed3"):
         study_flow(seeds=[0, 1, 2, 3], overrides={"prepare.n_test": 40}, name="st", repo=str(repo), report_only=True)
     again = (out / "report.md").read_text()
+
     def claims(text):
         return text.split("## Claims (docs/losses.md)")[1].split("## Per variant")[0]
 

@@ -9,8 +9,23 @@ import json
 import pytest
 from repo_utils import copy_repo, make_repo, ran, run, tiny_params
 
-ALL = {"prepare", "policy", "sample", "sample_other", "judge", "pairs", "reference", "train@dpo", "train@dpop",
-       "evaluate@dpo", "evaluate@dpop", "export@dpo", "export@dpop", "report", "toy"}
+ALL = {
+    "prepare",
+    "policy",
+    "sample",
+    "sample_other",
+    "judge",
+    "pairs",
+    "reference",
+    "train@dpo",
+    "train@dpop",
+    "evaluate@dpo",
+    "evaluate@dpop",
+    "export@dpo",
+    "export@dpop",
+    "report",
+    "toy",
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +48,30 @@ def test_pipeline_flow_end_to_end_then_nothing(flowed_repo, latest_artifact, tas
     repo, first = flowed_repo
     assert set(first["ran"]) == ALL and set(first["order"]) == ALL
     order = first["order"]
-    assert order.index("prepare") < order.index("policy") < order.index("sample") < order.index("judge") \
-        < order.index("pairs") < order.index("reference") < order.index("train@dpo") < order.index("evaluate@dpo") \
+    assert (
+        order.index("prepare")
+        < order.index("policy")
+        < order.index("sample")
+        < order.index("judge")
+        < order.index("pairs")
+        < order.index("reference")
+        < order.index("train@dpo")
+        < order.index("evaluate@dpo")
         < order.index("report")
+    )
     # the same outputs `dvc repro` makes: DVC finds every stage up to date
     assert ran(run(["dvc", "repro"], repo)) == set()
-    for rel in ("data/prompts.parquet", "data/candidates.parquet", "data/pairs.parquet", "data/reference.parquet",
-                "models/dpo/config.json", "models/dpop/config.json", "metrics/eval/dpo.json",
-                "reports/main/report.md", "data/toy/history.parquet"):
+    for rel in (
+        "data/prompts.parquet",
+        "data/candidates.parquet",
+        "data/pairs.parquet",
+        "data/reference.parquet",
+        "models/dpo/config.json",
+        "models/dpop/config.json",
+        "metrics/eval/dpo.json",
+        "reports/main/report.md",
+        "data/toy/history.parquet",
+    ):
         assert (repo / rel).is_file(), rel
     assert "| dpo |" in latest_artifact("dpo-report").data
     assert any(r["file"] == "metrics/eval/dpo.json" for r in json.loads(latest_artifact("dpo-metrics").data))
@@ -71,12 +102,21 @@ def test_sweep_flow_tiny_2x2(flowed_repo, artifacts, exp_names):
     from pipeline.flows.sweep import sweep_flow
 
     repo, _ = flowed_repo
-    res = sweep_flow(grid={"train.variants.dpo.beta": [0.2, 0.4], "train.lr": [1e-4, 2e-4]}, max_parallel=2,
-                     targets=["evaluate@dpo"], name="tiny", repo=str(repo))
+    res = sweep_flow(
+        grid={"train.variants.dpo.beta": [0.2, 0.4], "train.lr": [1e-4, 2e-4]},
+        max_parallel=2,
+        targets=["evaluate@dpo"],
+        name="tiny",
+        repo=str(repo),
+    )
     assert len(res["experiments"]) == 4 and set(res["experiments"]) <= exp_names(repo)
     rows = res["table"]
     assert {(r["train.variants.dpo.beta"], r["train.lr"]) for r in rows} == {
-        (0.2, 1e-4), (0.2, 2e-4), (0.4, 1e-4), (0.4, 2e-4)}
+        (0.2, 1e-4),
+        (0.2, 2e-4),
+        (0.4, 1e-4),
+        (0.4, 2e-4),
+    }
     assert all(0 <= r["eval/dpo:test_accuracy"] <= 1 and "eval/dpo:heldout.delta_w" in r for r in rows)
     assert artifacts("sweep-tiny")
 

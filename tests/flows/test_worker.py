@@ -35,8 +35,9 @@ DEPLOYMENT = "dpo-pipeline/gpu-box"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     # the scheduler looks for due deployments every 2 s instead of 60, so an interval schedule shows soon
-    with PrefectStack(tmp_path_factory.mktemp("prefect"),
-                      server_env={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}) as s:
+    with PrefectStack(
+        tmp_path_factory.mktemp("prefect"), server_env={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
+    ) as s:
         yield s
 
 
@@ -55,13 +56,20 @@ def shell_repo(root: Path, dvc_yaml: str, params: dict, stages: dict | None = No
     repo = root / "repo"
     repo.mkdir()
     (repo / "dvc.yaml").write_text(dvc_yaml)
-    flows = merged(repo_params()["flows"], {"defaults": {"retries": 0, "retry_delay_s": 0},
-                                            "stages": stages or {}, "log_tail_lines": 5})
+    flows = merged(
+        repo_params()["flows"],
+        {"defaults": {"retries": 0, "retry_delay_s": 0}, "stages": stages or {}, "log_tail_lines": 5},
+    )
     (repo / "params.yaml").write_text(yaml.safe_dump({**params, "flows": flows}, sort_keys=False))
     shutil.copytree(PROJECT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     (repo / ".gitignore").write_text("*.count\n*.started\n")
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
         run(cmd, repo)
     return commit_prefect_yaml(repo)
 
@@ -75,8 +83,9 @@ def deploy(stack: PrefectStack, repo: Path, pool: str, *extra: str) -> dict[str,
     return env
 
 
-def run_deployment(stack: PrefectStack, repo: Path, env: dict[str, str], timeout: float = 3000,
-                   check: bool = True) -> tuple[str, str]:
+def run_deployment(
+    stack: PrefectStack, repo: Path, env: dict[str, str], timeout: float = 3000, check: bool = True
+) -> tuple[str, str]:
     """``prefect deployment run dpo-pipeline/gpu-box --watch``: the flow run's id and the CLI's output."""
     res = stack.cli("deployment", "run", DEPLOYMENT, "--watch", cwd=repo, env=env, timeout=timeout, check=check)
     out = res.stdout + res.stderr
@@ -90,8 +99,9 @@ def flow_run(stack: PrefectStack, run_id: str) -> dict:
 
 
 def deployment_runs(stack: PrefectStack, deployment_id: str) -> list[dict]:
-    return stack.api("POST", "/flow_runs/filter",
-                     json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}}).json()
+    return stack.api(
+        "POST", "/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}}
+    ).json()
 
 
 def artifacts(stack: PrefectStack, run_id: str) -> dict[str, dict]:
@@ -111,9 +121,11 @@ def logs(stack: PrefectStack, run_id: str) -> str:
     """The run log of a flow run (its tasks' lines included), as the server keeps it."""
     out, offset = [], 0
     while True:
-        page = stack.api("POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}},
-                                                        "sort": "TIMESTAMP_ASC", "offset": offset,
-                                                        "limit": 200}).json()
+        page = stack.api(
+            "POST",
+            "/logs/filter",
+            json={"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "offset": offset, "limit": 200},
+        ).json()
         out += [r["message"] for r in page]
         if len(page) < 200:
             return "\n".join(out)
@@ -192,8 +204,11 @@ def test_interval_schedule_runs_unasked(stack, tmp_path):
     dep = stack.api("GET", f"/deployments/name/{DEPLOYMENT}").json()
 
     def ours(*states: str) -> list[dict]:  # this pool's runs (an earlier test may have run this deployment)
-        return [r for r in deployment_runs(stack, dep["id"])
-                if r["work_pool_name"] == "sched-box" and (not states or r["state_type"] in states)]
+        return [
+            r
+            for r in deployment_runs(stack, dep["id"])
+            if r["work_pool_name"] == "sched-box" and (not states or r["state_type"] in states)
+        ]
 
     try:
         # --interval adds to prefect.yaml's nightly cron
@@ -244,12 +259,15 @@ def test_worker_killed_mid_stage_next_run_finishes(stack, tmp_path):
 def test_failing_stage_fails_the_flow_run(stack, tmp_path):
     """A stage that keeps failing, with a retry from flows.stages: the run is Failed on the server and
     its log names the stage and quotes the stage's last lines."""
-    dvc_yaml = SHELL_STAGES + textwrap.indent(textwrap.dedent("""\
+    dvc_yaml = SHELL_STAGES + textwrap.indent(
+        textwrap.dedent("""\
         bad:
           cmd: echo "bad is about to fail" && exit 3
           deps: [second.txt]
           outs: [bad.txt]
-        """), "  ")
+        """),
+        "  ",
+    )
     repo = shell_repo(tmp_path, dvc_yaml, {"x": 1, "sleep_s": 0}, stages={"bad": {"retries": 1}})
     env = deploy(stack, repo, "fail-box")
     with stack.worker("fail-box", cwd=repo, env=env):
@@ -259,10 +277,16 @@ def test_failing_stage_fails_the_flow_run(stack, tmp_path):
     assert "DVC stage 'bad' failed" in fr["state"]["message"], fr["state"]["message"]
     text = logs(stack, run_id)
     # the stage's name, why, and its log's tail (at most flows.log_tail_lines = 5 lines)
-    assert re.search(r"DVC stage 'bad' failed \(its command exited with 3\); last [1-5] lines of its log:\n"
-                     r"(.*\n)*.*bad is about to fail", text), text[-3000:]
-    [bad] = stack.api("POST", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}},
-                                                         "task_runs": {"name": {"any_": ["bad"]}}}).json()
+    assert re.search(
+        r"DVC stage 'bad' failed \(its command exited with 3\); last [1-5] lines of its log:\n"
+        r"(.*\n)*.*bad is about to fail",
+        text,
+    ), text[-3000:]
+    [bad] = stack.api(
+        "POST",
+        "/task_runs/filter",
+        json={"flow_runs": {"id": {"any_": [run_id]}}, "task_runs": {"name": {"any_": ["bad"]}}},
+    ).json()
     assert bad["run_count"] == 2 and bad["state_type"] == "FAILED"  # the retry of flows.stages.bad
     # the stages before it are done and stay done
     assert "up to date" in run(["dvc", "status", "first", "second"], repo)

@@ -18,8 +18,7 @@ def test_settings_have_no_defaults_and_take_keywords_only():
 
 
 def test_greedy_is_one_candidate_at_temperature_zero():
-    assert GenerationSettings.greedy(7) == GenerationSettings(n=1, temperature=0.0, top_p=1.0, max_new_tokens=7,
-                                                              seed=0)
+    assert GenerationSettings.greedy(7) == GenerationSettings(n=1, temperature=0.0, top_p=1.0, max_new_tokens=7, seed=0)
 
 
 def test_candidates_are_immutable_values_where_every_field_counts():

@@ -14,8 +14,9 @@ from pipeline.generation.types import GenerationSettings
 def test_transformers_samples_agree_with_the_training_code_path(tiny_model_dir):
     sampler = TransformersSampler(str(tiny_model_dir), batch_size=4, dtype="float32")
     prompts = ["What is 2 + 3?", "Name a colour."]
-    out = sampler.generate(prompts, GenerationSettings(n=2, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=1),
-                           progress=None)
+    out = sampler.generate(
+        prompts, GenerationSettings(n=2, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=1), progress=None
+    )
     flat = [(p, c) for p, cands in zip(prompts, out) for c in cands]
     check = logprob_check(str(tiny_model_dir), "float32", [p for p, _ in flat], [c for _, c in flat], batch_size=3)
     assert check["n"] == 4 and check["dtype"] == "float32"
@@ -32,7 +33,8 @@ def test_transformers_samples_agree_with_the_training_code_path(tiny_model_dir):
     assert off["max_abs_diff"] == pytest.approx(2.0, abs=1e-2)
     n_tokens = [len(c.token_ids) for _, c in flat]
     assert off["mean_abs_diff_per_token"] == pytest.approx(
-        sum(abs(o) / n for o, n in zip(offsets, n_tokens)) / 4, abs=1e-3)
+        sum(abs(o) / n for o, n in zip(offsets, n_tokens)) / 4, abs=1e-3
+    )
 
 
 def test_no_candidates_no_model_loaded():

@@ -87,15 +87,38 @@ def test_sample_stage_killed_half_way_resumes(tmp_path, tiny_model_dir):
 
     root = Path(__file__).resolve().parents[2]
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["sample"].update(backend="transformers", n=2, max_new_tokens=24, batch_size=4, chunk_size=4, logprob_check=4,
-                            cache_dir=".cache/samples", temperature=1.0)  # relative: from the repository root
+    params["sample"].update(
+        backend="transformers",
+        n=2,
+        max_new_tokens=24,
+        batch_size=4,
+        chunk_size=4,
+        logprob_check=4,
+        cache_dir=".cache/samples",
+        temperature=1.0,
+    )  # relative: from the repository root
     params["policy"]["model"] = str(tiny_model_dir)
     work = tmp_path / "work"
     (work / "models").mkdir(parents=True)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    save_model(load_model(tiny_model_dir, "float32"), load_tokenizer(tiny_model_dir), work / "models/policy", {"source": "tiny"})
-    rows = [{"prompt_id": f"p{i:02d}", "split": "train", "question": f"{i} + 1", "prompt": f"What is {i} + 1?",
-             "answer": str(i + 1), "solution": None, "source": "test"} for i in range(16)]
+    save_model(
+        load_model(tiny_model_dir, "float32"),
+        load_tokenizer(tiny_model_dir),
+        work / "models/policy",
+        {"source": "tiny"},
+    )
+    rows = [
+        {
+            "prompt_id": f"p{i:02d}",
+            "split": "train",
+            "question": f"{i} + 1",
+            "prompt": f"What is {i} + 1?",
+            "answer": str(i + 1),
+            "solution": None,
+            "source": "test",
+        }
+        for i in range(16)
+    ]
     write_table(pl.DataFrame(rows), work / "data/prompts.parquet", "prompts")
     env = {**os.environ, "PYTHONPATH": str(root)}
     cmd = [sys.executable, "-m", "stages.sample", "--source", "policy"]

@@ -9,8 +9,8 @@ import sys
 import pytest
 from repo_utils import repo_params
 
-from pipeline.settings.sampling import VLLMParams
 from pipeline.generation import registry
+from pipeline.settings.sampling import VLLMParams
 
 VLLM = repo_params()["vllm"]
 
@@ -36,8 +36,10 @@ def test_sampler_for_passes_each_backend_its_params(monkeypatch):
     params = VLLMParams(**{**VLLM, "max_num_seqs": 7})
     registry.sampler_for("vllm", "m", dtype="bfloat16", batch_size=8, vllm=params, model_id="id")
     registry.sampler_for("transformers", "m", dtype="float32", batch_size=8, vllm=params)
-    assert calls == [("vllm", "m", {"dtype": "bfloat16", "model_id": "id", "vllm": params}),
-                     ("tf", "m", {"dtype": "float32", "batch_size": 8, "model_id": None})]
+    assert calls == [
+        ("vllm", "m", {"dtype": "bfloat16", "model_id": "id", "vllm": params}),
+        ("tf", "m", {"dtype": "float32", "batch_size": 8, "model_id": None}),
+    ]
     with pytest.raises(ValueError, match="`vllm` section"):
         registry.sampler_for("vllm", "m", dtype="float32", batch_size=8, vllm=None)
 
@@ -45,8 +47,10 @@ def test_sampler_for_passes_each_backend_its_params(monkeypatch):
 def test_vllm_itself_is_imported_only_when_an_engine_starts():
     """The sample stage imports the backend's environment (its re-execution) and the registry its sampler
     module; none of the backend's modules imports vLLM (an optional extra) before an engine is built."""
-    code = ("import sys, stages.sample\n"
-            "from pipeline.generation.vllm_backend import engine, environment, pool, sampler\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))")
+    code = (
+        "import sys, stages.sample\n"
+        "from pipeline.generation.vllm_backend import engine, environment, pool, sampler\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

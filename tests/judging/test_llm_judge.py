@@ -23,7 +23,6 @@ from fresh_process import value_in_fresh_process
 from repo_utils import PROJECT as REPO
 from repo_utils import repo_params
 
-from pipeline.settings.judge import LLMJudgeParams
 from pipeline.io import write_table
 from pipeline.judging.cache import CACHE_ENV, FORMAT, JudgeCache, cache_key
 from pipeline.judging.llm.client import LLMJudgeError
@@ -31,6 +30,7 @@ from pipeline.judging.llm.judge import LLMJudge
 from pipeline.judging.llm.metrics import rubric_rates
 from pipeline.judging.registry import get_judge
 from pipeline.judging.types import CandidateView, Group
+from pipeline.settings.judge import LLMJudgeParams
 
 KEY = "sk-test-SECRET-7f3a9c1e5b"
 KEY_ENV = "DPO_TEST_JUDGE_KEY"
@@ -50,28 +50,73 @@ def q_of(i: int, j: int) -> int:
 
 
 def make_groups(n_prompts: int, n_cands: int = 4) -> list[Group]:
-    return [Group(f"p{i}", f"qid=p{i} What is {i} + 2? Give the final answer as 'Answer: <number>'.", str(i + 2),
-                  tuple(CandidateView(j, f"cid=p{i}-c{j} q={q_of(i, j)} {i} + 2 = {i + j}\nAnswer: {i + j}",
-                                      10 + j, "stop") for j in range(n_cands)))
-            for i in range(n_prompts)]
+    return [
+        Group(
+            f"p{i}",
+            f"qid=p{i} What is {i} + 2? Give the final answer as 'Answer: <number>'.",
+            str(i + 2),
+            tuple(
+                CandidateView(j, f"cid=p{i}-c{j} q={q_of(i, j)} {i} + 2 = {i + j}\nAnswer: {i + j}", 10 + j, "stop")
+                for j in range(n_cands)
+            ),
+        )
+        for i in range(n_prompts)
+    ]
 
 
 def write_inputs(root: Path, groups: list[Group]) -> None:
-    prompts = pl.DataFrame([{"prompt_id": g.prompt_id, "split": "train", "question": g.question, "prompt": g.question,
-                             "answer": g.answer, "solution": None, "source": "test"} for g in groups],
-                           schema_overrides={"solution": pl.String})
-    cands = pl.DataFrame([{"prompt_id": g.prompt_id, "candidate_idx": c.idx, "text": c.text, "token_ids": [1, 2],
-                           "num_tokens": c.num_tokens, "logprob_sum": -1.0, "finish_reason": c.finish_reason,
-                           "source": "policy", "model": "m"} for g in groups for c in g.candidates])
+    prompts = pl.DataFrame(
+        [
+            {
+                "prompt_id": g.prompt_id,
+                "split": "train",
+                "question": g.question,
+                "prompt": g.question,
+                "answer": g.answer,
+                "solution": None,
+                "source": "test",
+            }
+            for g in groups
+        ],
+        schema_overrides={"solution": pl.String},
+    )
+    cands = pl.DataFrame(
+        [
+            {
+                "prompt_id": g.prompt_id,
+                "candidate_idx": c.idx,
+                "text": c.text,
+                "token_ids": [1, 2],
+                "num_tokens": c.num_tokens,
+                "logprob_sum": -1.0,
+                "finish_reason": c.finish_reason,
+                "source": "policy",
+                "model": "m",
+            }
+            for g in groups
+            for c in g.candidates
+        ]
+    )
     write_table(prompts, root / "data/prompts.parquet", "prompts")
     write_table(cands, root / "data/candidates.parquet", "candidates")
     write_table(cands.clear(), root / "data/candidates_other.parquet", "candidates")  # scenarios 1-2: empty
 
 
 def llm_params(base_url: str, cache_dir: Path, **kw) -> dict:
-    return {**repo_params()["judge"]["llm"], "mode": "rubric", "model": MODEL, "base_url": base_url,
-            "api_key_env": KEY_ENV, "cache_dir": str(cache_dir), "timeout_s": 0.5, "max_retries": 3,
-            "max_in_flight": 4, "max_parse_retries": 2, "prices": PRICES, **kw}
+    return {
+        **repo_params()["judge"]["llm"],
+        "mode": "rubric",
+        "model": MODEL,
+        "base_url": base_url,
+        "api_key_env": KEY_ENV,
+        "cache_dir": str(cache_dir),
+        "timeout_s": 0.5,
+        "max_retries": 3,
+        "max_in_flight": 4,
+        "max_parse_retries": 2,
+        "prices": PRICES,
+        **kw,
+    }
 
 
 def write_params(root: Path, llm: dict) -> Path:
@@ -83,8 +128,9 @@ def write_params(root: Path, llm: dict) -> Path:
 
 
 def make_judge(base_url: str, cache_dir: Path, **kw) -> LLMJudge:
-    return get_judge("llm", min_gap=repo_params()["judge"]["min_gap"],
-                     llm=LLMJudgeParams(**llm_params(base_url, cache_dir, **kw)))
+    return get_judge(
+        "llm", min_gap=repo_params()["judge"]["min_gap"], llm=LLMJudgeParams(**llm_params(base_url, cache_dir, **kw))
+    )
 
 
 def run_stage_inprocess(root: Path, monkeypatch, *extra: str) -> dict:
@@ -131,19 +177,33 @@ def test_cache_key_is_the_sha256_of_the_canonical_json_in_any_process():
     orphans every cached answer, comes with a new ``FORMAT``."""
     material = {"model": "m", "messages": [{"role": "user", "content": "¿Cuánto es 2 + 3?"}], "temperature": 0.0}
     # The canonical JSON written out by hand: keys sorted at every level, no whitespace, UTF-8 kept (not escaped)
-    text = ('{"cache_format":%d,"messages":[{"content":"¿Cuánto es 2 + 3?","role":"user"}],"model":"m",'
-            '"temperature":0.0}' % FORMAT)
+    text = (
+        '{"cache_format":' + str(FORMAT) + ',"messages":[{"content":"¿Cuánto es 2 + 3?","role":"user"}],"model":"m",'
+        '"temperature":0.0}'
+    )
     expected = hashlib.sha256(text.encode("utf-8")).hexdigest()
     assert cache_key(material) == expected
     assert cache_key(dict(reversed(material.items()))) == expected
     for hash_seed in (1, 2):
-        assert value_in_fresh_process("from pipeline.judging.cache import cache_key",
-                                      f"cache_key({material!r})", hash_seed) == expected
+        assert (
+            value_in_fresh_process(
+                "from pipeline.judging.cache import cache_key", f"cache_key({material!r})", hash_seed
+            )
+            == expected
+        )
 
 
 # ----------------------------------------------------------------------------- faults through the stage
-FAULTS = {"p0-c0": ["429"], "p0-c1": ["500", "500"], "p0-c2": ["hang"], "p1-c0": ["badbody"],
-          "p1-c1": ["prose"], "p1-c2": ["range"], "p1-c3": ["textscore"], "p2-c0": ["500", "range"]}
+FAULTS = {
+    "p0-c0": ["429"],
+    "p0-c1": ["500", "500"],
+    "p0-c2": ["hang"],
+    "p1-c0": ["badbody"],
+    "p1-c1": ["prose"],
+    "p1-c2": ["range"],
+    "p1-c3": ["textscore"],
+    "p2-c0": ["500", "range"],
+}
 EXPECTED_CALLS = {"p0-c0": 2, "p0-c1": 3, "p0-c2": 2, "p1-c0": 2, "p1-c1": 2, "p1-c2": 2, "p2-c0": 3}
 
 
@@ -170,7 +230,8 @@ def test_stage_with_injected_faults_completes_caches_and_rerun_sends_nothing(tmp
         sel = pl.read_parquet(tmp_path / "data/judge/selections.parquet")
         assert len(scores) == 12 and scores["score"].is_between(1, 5).all()
         assert {(r["prompt_id"], r["candidate_idx"]): r["score"] for r in scores.iter_rows(named=True)} == {
-            (f"p{i}", j): float(q_of(i, j)) for i in range(3) for j in range(4)}
+            (f"p{i}", j): float(q_of(i, j)) for i in range(3) for j in range(4)
+        }
         for r in sel.iter_rows(named=True):  # best = highest rubric score, worst = lowest
             i = int(r["prompt_id"][1:])
             qs = [q_of(i, j) for j in range(4)]
@@ -179,10 +240,13 @@ def test_stage_with_injected_faults_completes_caches_and_rerun_sends_nothing(tmp
         assert metrics["failed_candidates"] == 0 and metrics["dropped_failed"] == 0
         assert llm["parse_failures"] == 4 and llm["failed_requests"] == 0 and llm["cache_hits"] == 0
         assert llm["calls"] == 12 + 4 and llm["prompt_tokens"] > 0 and llm["completion_tokens"] > 0
-        assert llm["cost_usd"] == pytest.approx(llm["prompt_tokens"] / 1000 * 0.0025
-                                                + llm["completion_tokens"] / 1000 * 0.01, abs=1e-6)
-        first = {p: (tmp_path / "data/judge" / p).read_bytes() for p in
-                 ("scores.parquet", "selections.parquet", "llm_judgements.jsonl")}
+        assert llm["cost_usd"] == pytest.approx(
+            llm["prompt_tokens"] / 1000 * 0.0025 + llm["completion_tokens"] / 1000 * 0.01, abs=1e-6
+        )
+        first = {
+            p: (tmp_path / "data/judge" / p).read_bytes()
+            for p in ("scores.parquet", "selections.parquet", "llm_judgements.jsonl")
+        }
 
         # rerun after success: no request at all, same outputs
         mark = srv.mark()
@@ -226,8 +290,9 @@ def test_permanent_failure_policy_and_failures_are_retried_on_rerun(tmp_path, mo
 
         # ignore_failed: the group is judged on the candidates that did get a score
         srv.faults = {"p1-c2": ["range"] * 3}
-        v3 = {x.prompt_id: x for x in make_judge(srv.base_url, tmp_path / "c2", on_failure="ignore_failed")
-              .judge(groups)}
+        v3 = {
+            x.prompt_id: x for x in make_judge(srv.base_url, tmp_path / "c2", on_failure="ignore_failed").judge(groups)
+        }
         assert v3["p1"].status == "ok" and v3["p1"].scores[2].score is None
         assert {v3["p1"].best, v3["p1"].worst} <= {0, 1, 3}
 
@@ -314,8 +379,10 @@ def test_rejected_key_is_fatal_and_never_shown(tmp_path, monkeypatch, caplog):
 
 def test_score_candidates_and_rubric_rates_for_evaluate(tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
-    gens = [Group(f"t{i}", f"qid=t{i} q?", "1", (CandidateView(0, f"cid=t{i}-c0 q={s} Answer: 1", 5, "stop"),))
-            for i, s in enumerate([5, 5, 4, 3, 1])]
+    gens = [
+        Group(f"t{i}", f"qid=t{i} q?", "1", (CandidateView(0, f"cid=t{i}-c0 q={s} Answer: 1", 5, "stop"),))
+        for i, s in enumerate([5, 5, 4, 3, 1])
+    ]
     with FakeOpenAI(KEY) as srv:
         j = make_judge(srv.base_url, tmp_path, mode="listwise")  # evaluate scores with the rubric anyway
         scores = j.score_candidates(gens)
@@ -330,8 +397,13 @@ def test_score_candidates_and_rubric_rates_for_evaluate(tmp_path, monkeypatch):
 def _stage_proc(root: Path, log_name: str, **env) -> subprocess.Popen:
     full_env = {k: v for k, v in os.environ.items() if k not in (CACHE_ENV, KEY_ENV)}
     full_env.update(PYTHONPATH=str(REPO), **{KEY_ENV: KEY}, **env)
-    return subprocess.Popen([sys.executable, "-m", "stages.judge"], cwd=root, env=full_env,
-                            stdout=open(root / f"{log_name}.out", "wb"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.judge"],
+        cwd=root,
+        env=full_env,
+        stdout=open(root / f"{log_name}.out", "wb"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_sigkill_mid_run_then_rerun_repeats_no_answered_request(tmp_path):
@@ -355,8 +427,9 @@ def test_sigkill_mid_run_then_rerun_repeats_no_answered_request(tmp_path):
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
-        cached = {f"{r['meta']['prompt_id']}-c{r['meta']['candidate_idx']}"
-                  for r in (cache_a.get(k) for k in cache_a.keys())}
+        cached = {
+            f"{r['meta']['prompt_id']}-c{r['meta']['candidate_idx']}" for r in (cache_a.get(k) for k in cache_a.keys())
+        }
         assert 6 <= len(cached) < 32 and not (a / "data/judge/selections.parquet").exists()
         answered_run1 = srv.answered()
 
@@ -393,8 +466,18 @@ def test_evaluation_rubric_eval_over_greedy_generations(tmp_path, monkeypatch):
 
     monkeypatch.setenv(KEY_ENV, KEY)
     prompts = pl.DataFrame([{"prompt_id": f"e{i}", "prompt": f"qid=e{i} what?", "answer": "1"} for i in range(4)])
-    gens = pl.DataFrame([{"prompt_id": f"e{i}", "model": "dpo", "text": f"cid=e{i}-c0 q={s} Answer: 1",
-                          "extracted_answer": "1", "correct": True} for i, s in enumerate([5, 4, 2, 7])])
+    gens = pl.DataFrame(
+        [
+            {
+                "prompt_id": f"e{i}",
+                "model": "dpo",
+                "text": f"cid=e{i}-c0 q={s} Answer: 1",
+                "extracted_answer": "1",
+                "correct": True,
+            }
+            for i, s in enumerate([5, 4, 2, 7])
+        ]
+    )
     with FakeOpenAI(KEY, faults={"e3-c0": ["range"] * 10}) as srv:  # e3: an out-of-range score, every time
         out = rubric_eval(make_judge(srv.base_url, tmp_path), gens, prompts)
     assert out["n_scored"] == 3 and out["failed"] == 1

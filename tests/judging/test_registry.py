@@ -5,12 +5,11 @@ import copy
 import pytest
 import repo_utils
 
-from pipeline.settings.base import ConfigError
-
-from pipeline.settings.judge import JudgeParams, LLMJudgeParams
-from pipeline.settings.params import Params
 from pipeline.judging.registry import get_judge
 from pipeline.judging.rule import RuleVerifier
+from pipeline.settings.base import ConfigError
+from pipeline.settings.judge import JudgeParams, LLMJudgeParams
+from pipeline.settings.params import Params
 
 KEY = "sk-test-SECRET-7f3a9c1e5b"
 

@@ -11,17 +11,34 @@ import pytest
 from huggingface_hub import ModelCard
 from repo_utils import repo_params
 
-from pipeline.settings.params import Params
 from pipeline.model import card as C
+from pipeline.settings.params import Params
 from pipeline.training.losses import LOSSES
 
-TRAINING = {"steps": 3, "world_size": 1, "last_step": {"loss": 0.6931471805599453, "lp_w": -12.25, "accuracy": 0.5},
-            "ref_check": {"gap_max": 1.5e-5, "gap_mean": 4e-6, "tol": 0.1, "passed": True}}
-METRICS = {"variant": "mix", "test_accuracy": 0.3125, "test_accuracy_before": 0.25, "llm_rubric": None,
-           "heldout": {"n_pairs": 5, "delta_w": -0.123456789, "delta_l": -2.5, "pair_accuracy": 0.8,
-                       "displaced_share": 0.6, "lp_w": -20.0,
-                       "by_distance": {"0-0.25": {"n": 0}, "0.25-0.5": {"n": 5, "delta_w": -0.1, "delta_l": -2.5,
-                                                                      "displaced_share": 0.6}}}}
+TRAINING = {
+    "steps": 3,
+    "world_size": 1,
+    "last_step": {"loss": 0.6931471805599453, "lp_w": -12.25, "accuracy": 0.5},
+    "ref_check": {"gap_max": 1.5e-5, "gap_mean": 4e-6, "tol": 0.1, "passed": True},
+}
+METRICS = {
+    "variant": "mix",
+    "test_accuracy": 0.3125,
+    "test_accuracy_before": 0.25,
+    "llm_rubric": None,
+    "heldout": {
+        "n_pairs": 5,
+        "delta_w": -0.123456789,
+        "delta_l": -2.5,
+        "pair_accuracy": 0.8,
+        "displaced_share": 0.6,
+        "lp_w": -20.0,
+        "by_distance": {
+            "0-0.25": {"n": 0},
+            "0.25-0.5": {"n": 5, "delta_w": -0.1, "delta_l": -2.5, "displaced_share": 0.6},
+        },
+    },
+}
 
 
 def _pairs(tmp_path, value: float):
@@ -33,18 +50,36 @@ def _pairs(tmp_path, value: float):
 @pytest.fixture
 def variant():
     """A variant of two loss terms that overrides the shared learning rate, resolved by the config."""
-    raw = repo_params({"train": {"variants": {"mix": {
-        "lr": 3.0e-4, "loss": [{"name": "dpop", "weight": 1.0, "beta": 0.2, "dpop_lambda": 5.0},
-                               {"name": "simpo", "weight": 0.5, "beta": 2.0, "margin": 1.0}]}}}})
+    raw = repo_params(
+        {
+            "train": {
+                "variants": {
+                    "mix": {
+                        "lr": 3.0e-4,
+                        "loss": [
+                            {"name": "dpop", "weight": 1.0, "beta": 0.2, "dpop_lambda": 5.0},
+                            {"name": "simpo", "weight": 0.5, "beta": 2.0, "margin": 1.0},
+                        ],
+                    }
+                }
+            }
+        }
+    )
     return Params.parse(raw).train.variants["mix"]
 
 
 @pytest.fixture
 def trained(tmp_path, variant):
     data = C.data_fingerprint(_pairs(tmp_path, 0.5), _pairs(tmp_path, 0.9), n_train=7, n_heldout=2, scenarios=[2])
-    card = C.training_card(variant="mix", base_model="smollm2-135m-instruct", base_fingerprint="0123abcd",
-                           losses=[C.loss_record(t.name, t.weight, t.hp) for t in variant.losses],
-                           hyperparameters=variant.settings.model_dump(), data=data, training=TRAINING)
+    card = C.training_card(
+        variant="mix",
+        base_model="smollm2-135m-instruct",
+        base_fingerprint="0123abcd",
+        losses=[C.loss_record(t.name, t.weight, t.hp) for t in variant.losses],
+        hyperparameters=variant.settings.model_dump(),
+        data=data,
+        training=TRAINING,
+    )
     C.save(card, tmp_path / "README.md")
     return tmp_path / "README.md"
 
@@ -58,7 +93,8 @@ def test_training_card_parses_with_the_loss_and_resolved_hyperparameters(trained
     assert rec["hyperparameters"] == variant.settings.model_dump()
     assert rec["hyperparameters"]["lr"] == 3.0e-4  # the variant's override, not train.lr
     assert [(t["name"], t["weight"], t["hyperparameters"]) for t in rec["losses"]] == [
-        (t.name, t.weight, t.hp) for t in variant.losses]
+        (t.name, t.weight, t.hp) for t in variant.losses
+    ]
     # the loss's description is the registry's docstring: formula first, then the paper
     dpop = rec["losses"][0]
     assert dpop["formula"].startswith("DPO-Positive:") and "2402.13228" in dpop["reference"]
@@ -68,8 +104,9 @@ def test_training_card_parses_with_the_loss_and_resolved_hyperparameters(trained
     assert "## Loss" in card.text and "Smaug" in card.text and "| lr | 0.0003 |" in card.text
     assert "Not evaluated in this folder" in card.text
     # the first-step check is stated on the figure that decides it: the mean gap, against its tolerance
-    assert ("mean |lp − ref| 4e-06 nats per sequence (tolerance 0.1, passed; largest 1.5e-05)"
-            in " ".join(card.text.split()))
+    assert "mean |lp − ref| 4e-06 nats per sequence (tolerance 0.1, passed; largest 1.5e-05)" in " ".join(
+        card.text.split()
+    )
 
 
 def test_data_fingerprint_hashes_the_files_and_changes_with_the_pairs(tmp_path):

@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.model import loading
-from pipeline.model import precision
+from pipeline.model import loading, precision
 from pipeline.model.collate import collate, collate_pairs
 from pipeline.model.encoding import encode_prompt, encode_response
 from pipeline.model.logprobs import (
@@ -105,8 +104,10 @@ def test_shared_prompt_layout_scores_as_each_response_after_its_own_prompt(tiny_
     want, want_n = score_batch(model, padded)
     assert want_n.tolist() == [len(r) for r in chosen + rejected]
     # independently: each response alone after its prompt, full logits
-    alone = [reference_check(model, *collate([p], [r], tok.pad_token_id)).item()
-             for p, r in zip(prompts * 2, chosen + rejected)]
+    alone = [
+        reference_check(model, *collate([p], [r], tok.pad_token_id)).item()
+        for p, r in zip(prompts * 2, chosen + rejected)
+    ]
     assert want.tolist() == pytest.approx(alone, abs=1e-4)
     got, got_n = score_batch(model, shared)
     assert got_n.tolist() == want_n.tolist() and got.tolist() == pytest.approx(want.tolist(), abs=1e-4)
@@ -134,8 +135,9 @@ def test_shared_prompt_rejected_does_not_see_the_chosen(tiny):
 
 
 def test_shared_prompt_truncation_keeps_what_the_longer_response_leaves():
-    batch = collate_pairs([list(range(100, 150))], [[7, 8, 9]], [list(range(10, 22))], pad_id=0, max_length=20,
-                          shared_prompt=True)
+    batch = collate_pairs(
+        [list(range(100, 150))], [[7, 8, 9]], [list(range(10, 22))], pad_id=0, max_length=20, shared_prompt=True
+    )
     # the rejected (12 tokens) leaves 8 prompt tokens; both sides follow the same 8, neither is cut
     assert batch.input_ids[0].tolist() == list(range(142, 150)) + [7, 8, 9] + list(range(10, 22))
     assert torch.bincount(batch.rows).tolist() == [3, 12]
@@ -157,11 +159,11 @@ def _batched_pair_scores(model, pairs, batch_size: int, kernel) -> torch.Tensor:
     """Each pair's (lp_w, lp_l) scored in batches of ``batch_size`` inside ``kernel()``."""
     out = []
     for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s: s + batch_size]
+        chunk = pairs[s : s + batch_size]
         batch = collate_pairs(*zip(*chunk), 0, 160, shared_prompt=True)
         with torch.no_grad(), kernel():
             lp, _ = score_batch(model, batch)
-        out.append(torch.stack([lp[: len(chunk)], lp[len(chunk):]], 1))
+        out.append(torch.stack([lp[: len(chunk)], lp[len(chunk) :]], 1))
     return torch.cat(out)
 
 
@@ -174,9 +176,14 @@ def test_bf16_log_probs_on_cpu_do_not_depend_on_the_batch(tiny, monkeypatch):
     model, _ = tiny
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     rng = random.Random(0)
-    pairs = [([rng.randrange(5, 2000) for _ in range(rng.randint(20, 90))],
-              [rng.randrange(5, 2000) for _ in range(rng.randint(3, 30))],
-              [rng.randrange(5, 2000) for _ in range(rng.randint(3, 30))]) for _ in range(12)]
+    pairs = [
+        (
+            [rng.randrange(5, 2000) for _ in range(rng.randint(20, 90))],
+            [rng.randrange(5, 2000) for _ in range(rng.randint(3, 30))],
+            [rng.randrange(5, 2000) for _ in range(rng.randint(3, 30))],
+        )
+        for _ in range(12)
+    ]
     ours = lambda: precision.autocast("cpu", True)  # noqa: E731
     alone, together = _batched_pair_scores(model, pairs, 1, ours), _batched_pair_scores(model, pairs, 12, ours)
     assert torch.equal(alone, together)

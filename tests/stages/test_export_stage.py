@@ -14,9 +14,9 @@ import torch
 from huggingface_hub import ModelCard
 from repo_utils import write_params
 
-from pipeline.settings.params import Params
 from pipeline.io import read_json
 from pipeline.model import card as C
+from pipeline.settings.params import Params
 
 LR = 3.0e-4  # the variant's own learning rate (train.lr is shared by the others)
 
@@ -26,10 +26,14 @@ def trained(workspace):
     """train@dpo (with its own lr), evaluate@dpo and export@dpo run in the workspace, as DVC runs them."""
     from stages import evaluate, export, reference, train
 
-    write_params(workspace / "params.yaml", {
-        "policy": {"model": str(workspace / "models/policy")},
-        "evaluate": {"generation": {"max_new_tokens": 4, "batch_size": 4}},
-        "train": {"variants": {"dpo": {"lr": LR}}}})
+    write_params(
+        workspace / "params.yaml",
+        {
+            "policy": {"model": str(workspace / "models/policy")},
+            "evaluate": {"generation": {"max_new_tokens": 4, "batch_size": 4}},
+            "train": {"variants": {"dpo": {"lr": LR}}},
+        },
+    )
     reference.main(["--params", "params.yaml"])
     train.main(["--params", "params.yaml", "--variant", "dpo"])
     (workspace / "metrics/policy.json").write_text(json.dumps({"test_accuracy": 0.0}))
@@ -67,11 +71,13 @@ def test_trained_and_exported_model_cards(trained):
     out = ModelCard.load(exported / "README.md")
     out_rec = out.data.to_dict()[C.KEY]
     assert out_rec["evaluation"] == metrics and out_rec["evaluation_source"] == "metrics/eval/dpo.json"
-    assert {k: v for k, v in out_rec.items() if not k.startswith("evaluation")} == \
-        {k: v for k, v in rec.items() if not k.startswith("evaluation")}
+    assert {k: v for k, v in out_rec.items() if not k.startswith("evaluation")} == {
+        k: v for k, v in rec.items() if not k.startswith("evaluation")
+    }
     assert {(r.metric_name, r.metric_value) for r in out.data.eval_results} >= {
         ("greedy test accuracy", metrics["test_accuracy"]),
-        ("held-out pair accuracy (Δw > Δl)", metrics["heldout"]["pair_accuracy"])}
+        ("held-out pair accuracy (Δw > Δl)", metrics["heldout"]["pair_accuracy"]),
+    }
     assert sorted(p.name for p in exported.iterdir()) == sorted(p.name for p in model.iterdir())
     weights = model / "model.safetensors"
     assert os.path.samefile(weights, exported / weights.name)  # a hard link: no second copy on disk

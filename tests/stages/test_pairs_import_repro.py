@@ -22,10 +22,17 @@ def ultrafeedback_rows(n: int) -> list[dict]:
     for i in range(n):
         q = f"Add {i} and {2 * i + 1}."
         conv = [{"role": "user", "content": q}]
-        rows.append({"prompt": q, "prompt_id": f"uf{i:02d}",
-                     "chosen": conv + [{"role": "assistant", "content": f"{i} + {2 * i + 1} = {3 * i + 1}"}],
-                     "rejected": conv + [{"role": "assistant", "content": f"It is {3 * i + 4}, I think."}],
-                     "messages": conv, "score_chosen": 9.0, "score_rejected": 2.5})
+        rows.append(
+            {
+                "prompt": q,
+                "prompt_id": f"uf{i:02d}",
+                "chosen": conv + [{"role": "assistant", "content": f"{i} + {2 * i + 1} = {3 * i + 1}"}],
+                "rejected": conv + [{"role": "assistant", "content": f"It is {3 * i + 4}, I think."}],
+                "messages": conv,
+                "score_chosen": 9.0,
+                "score_rejected": 2.5,
+            }
+        )
     return rows
 
 
@@ -53,7 +60,11 @@ def test_tiny_pipeline_trains_and_reports_on_imported_pairs(tmp_path, tiny_model
     assert pl.read_csv(live / "plots/metrics/loss.tsv", separator="\t")["step"].to_list() == list(range(n_steps))
     m = read_json(repo / "metrics/pairs.json")
     assert (m["source"], m["scenario"], m["n_train"], m["exported"]["test"]) == (
-        "my_pairs.jsonl", "imported", n_train, N_PAIRS - n_train)
+        "my_pairs.jsonl",
+        "imported",
+        n_train,
+        N_PAIRS - n_train,
+    )
 
     # The displacement diagnostics and the report on the imported held-out pairs
     out = run(["dvc", "repro", "report"], repo)

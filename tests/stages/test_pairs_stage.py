@@ -13,13 +13,13 @@ import pytest
 import yaml
 from repo_utils import repo_params, write_params
 
-from pipeline.settings.base import ConfigError
-from pipeline.settings.params import Params
 from pipeline.data.trl_format import PairsFileError
 from pipeline.io import read_json, read_table, write_table
 from pipeline.model import loading
 from pipeline.model.encoding import encode_response
 from pipeline.schema import TABLES, empty
+from pipeline.settings.base import ConfigError
+from pipeline.settings.params import Params
 
 N_PROMPTS = 8
 
@@ -32,28 +32,71 @@ def judged(tmp_path, monkeypatch, tiny_model_dir):
     prompts, cands, scores, sels = [], [], [], []
     for i in range(N_PROMPTS):
         q = f"What is {i} + {i + 5}?"
-        prompts.append({"prompt_id": f"p{i}", "split": "train", "question": q, "prompt": q + " Be brief.",
-                        "answer": str(2 * i + 5), "solution": None, "source": "test"})
+        prompts.append(
+            {
+                "prompt_id": f"p{i}",
+                "split": "train",
+                "question": q,
+                "prompt": q + " Be brief.",
+                "answer": str(2 * i + 5),
+                "solution": None,
+                "source": "test",
+            }
+        )
         right, wrong = f"Answer: {2 * i + 5}", f"Answer: {2 * i + 6}"
         # the sampler's ids need not be the text's own tokenization: the right answer's final digit apart
         right_ids = encode_response(tok, right[:-1])[:-1] + encode_response(tok, right[-1])
         for idx, (text, ids, ok, score) in enumerate(((right, right_ids, True, 5.5), (wrong, None, False, 1.5))):
             ids = ids or encode_response(tok, text)
-            cands.append({"prompt_id": f"p{i}", "candidate_idx": idx, "text": text, "token_ids": ids,
-                          "num_tokens": len(ids), "logprob_sum": -1.25 - idx, "finish_reason": "stop",
-                          "source": "policy", "model": "tiny"})
-            scores.append({"prompt_id": f"p{i}", "source": "policy", "candidate_idx": idx, "score": score,
-                           "correct": ok, "extracted_answer": text[8:], "judge": "rule"})
-        sels.append({"prompt_id": f"p{i}", "source": "policy", "status": "ok", "best_idx": 0, "worst_idx": 1,
-                     "best_score": 5.5, "worst_score": 1.5, "best_correct": True, "worst_correct": False})
+            cands.append(
+                {
+                    "prompt_id": f"p{i}",
+                    "candidate_idx": idx,
+                    "text": text,
+                    "token_ids": ids,
+                    "num_tokens": len(ids),
+                    "logprob_sum": -1.25 - idx,
+                    "finish_reason": "stop",
+                    "source": "policy",
+                    "model": "tiny",
+                }
+            )
+            scores.append(
+                {
+                    "prompt_id": f"p{i}",
+                    "source": "policy",
+                    "candidate_idx": idx,
+                    "score": score,
+                    "correct": ok,
+                    "extracted_answer": text[8:],
+                    "judge": "rule",
+                }
+            )
+        sels.append(
+            {
+                "prompt_id": f"p{i}",
+                "source": "policy",
+                "status": "ok",
+                "best_idx": 0,
+                "worst_idx": 1,
+                "best_score": 5.5,
+                "worst_score": 1.5,
+                "best_correct": True,
+                "worst_correct": False,
+            }
+        )
     write_table(pl.DataFrame(prompts), tmp_path / "data/prompts.parquet", "prompts")
     write_table(pl.DataFrame(cands), tmp_path / "data/candidates.parquet", "candidates")
     write_table(empty("candidates"), tmp_path / "data/candidates_other.parquet", "candidates")
     write_table(pl.DataFrame(scores), tmp_path / "data/judge/scores.parquet", "scores")
     write_table(pl.DataFrame(sels), tmp_path / "data/judge/selections.parquet", "selections")
-    write_params(tmp_path / "params.yaml", {"policy": {"model": str(tmp_path / "models/policy")},
-                                            "pairs": {"source": "judged", "scenario": 1,
-                                                                      "heldout_fraction": 0.5}})
+    write_params(
+        tmp_path / "params.yaml",
+        {
+            "policy": {"model": str(tmp_path / "models/policy")},
+            "pairs": {"source": "judged", "scenario": 1, "heldout_fraction": 0.5},
+        },
+    )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -80,10 +123,15 @@ def test_export_is_what_datasets_load_dataset_reads(judged):
     assert set(pairs["split"]) == {"train", "heldout"} and len(pairs) == N_PROMPTS
     want = {"train": pairs.filter(pl.col("split") == "train"), "test": pairs.filter(pl.col("split") == "heldout")}
     cache = str(judged / "hf-cache")
-    for loaded in (datasets.load_dataset(str(judged / "data/pairs_trl/parquet"), cache_dir=cache),
-                   datasets.load_dataset(str(judged / "data/pairs_trl/jsonl"), cache_dir=cache),
-                   datasets.load_dataset("json", cache_dir=cache, data_files={
-                       s: str(judged / f"data/pairs_trl/jsonl/{s}.jsonl") for s in ("train", "test")})):
+    for loaded in (
+        datasets.load_dataset(str(judged / "data/pairs_trl/parquet"), cache_dir=cache),
+        datasets.load_dataset(str(judged / "data/pairs_trl/jsonl"), cache_dir=cache),
+        datasets.load_dataset(
+            "json",
+            cache_dir=cache,
+            data_files={s: str(judged / f"data/pairs_trl/jsonl/{s}.jsonl") for s in ("train", "test")},
+        ),
+    ):
         assert set(loaded) == {"train", "test"}
         for split, ds in loaded.items():
             assert ds.column_names == list(TABLES["pairs_trl"])
@@ -97,13 +145,24 @@ def test_export_is_what_datasets_load_dataset_reads(judged):
                 assert r["rejected"] == [{"role": "assistant", "content": p["rejected_text"]}]
                 assert (r["score_chosen"], r["score_rejected"]) == (5.5, 1.5)  # the judge's best and worst
                 assert r["chosen_token_ids"] == p["chosen_ids"]  # the sampled ids, not the text's tokenization
-                for tag in ("scenario", "chosen_source", "chosen_correct", "rejected_sampler_logprob",
-                            "edit_distance", "first_diff", "len_w", "len_l"):
+                for tag in (
+                    "scenario",
+                    "chosen_source",
+                    "chosen_correct",
+                    "rejected_sampler_logprob",
+                    "edit_distance",
+                    "first_diff",
+                    "len_w",
+                    "len_l",
+                ):
                     assert r[tag] == p[tag], tag
                 assert r["chosen_policy_logprob"] == pytest.approx(p["chosen_policy_logprob"], rel=1e-12)
     m = read_json(judged / "metrics/pairs.json")
-    assert (m["source"], m["scenario"], m["exported"]) == ("judged", 1, {"train": len(want["train"]),
-                                                                         "test": len(want["test"])})
+    assert (m["source"], m["scenario"], m["exported"]) == (
+        "judged",
+        1,
+        {"train": len(want["train"]), "test": len(want["test"])},
+    )
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
@@ -116,21 +175,35 @@ def test_importing_the_export_round_trips(judged, fmt):
     after = run_pairs(judged, **import_params(f"mine/{fmt}"))
     # the same pairs, split and tags (the policy log-probs recomputed under the same policy)
     assert after.drop("chosen_policy_logprob", "rejected_policy_logprob").equals(
-        before.drop("chosen_policy_logprob", "rejected_policy_logprob"))
+        before.drop("chosen_policy_logprob", "rejected_policy_logprob")
+    )
     for c in ("chosen_policy_logprob", "rejected_policy_logprob"):
         assert after[c].to_list() == pytest.approx(before[c].to_list(), abs=1e-5)
     for s, df in export_before.items():
         again = pl.read_parquet(judged / f"data/pairs_trl/parquet/{s}.parquet")
         assert again.drop("chosen_policy_logprob", "rejected_policy_logprob").equals(
-            df.drop("chosen_policy_logprob", "rejected_policy_logprob"))
+            df.drop("chosen_policy_logprob", "rejected_policy_logprob")
+        )
     m = read_json(judged / "metrics/pairs.json")
     assert (m["source"], m["scenario"], m["rows_read"], m["quarantined"]["total"]) == (
-        f"mine/{fmt}", "imported", N_PROMPTS, 0)
+        f"mine/{fmt}",
+        "imported",
+        N_PROMPTS,
+        0,
+    )
 
 
 def test_a_users_file_bad_rows_fail_or_are_quarantined(judged):
-    good = [{"prompt": f"What is {i} + {i}?", "chosen": f"Answer: {2 * i}", "rejected": f"Answer: {2 * i + 1}",
-             "score_chosen": 9.0, "score_rejected": 2.0} for i in range(6)]
+    good = [
+        {
+            "prompt": f"What is {i} + {i}?",
+            "chosen": f"Answer: {2 * i}",
+            "rejected": f"Answer: {2 * i + 1}",
+            "score_chosen": 9.0,
+            "score_rejected": 2.0,
+        }
+        for i in range(6)
+    ]
     bad = [{"prompt": "What is 1 + 1?", "chosen": "2"}, {"prompt": "x", "chosen": "2", "rejected": "2"}]
     path = judged / "mine.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in good[:3] + bad + good[3:]))
@@ -143,10 +216,14 @@ def test_a_users_file_bad_rows_fail_or_are_quarantined(judged):
     assert pairs["chosen_correct"].is_null().all() and not pairs["chosen_policy_logprob"].is_null().any()
     q = [json.loads(line) for line in (judged / "data/pairs_quarantine.jsonl").read_text().splitlines()]
     assert [(r["file"], r["row"], r["field"], r["reason"]) for r in q] == [
-        (str(path), 4, "rejected", "missing field"), (str(path), 5, "rejected", "chosen equals rejected")]
+        (str(path), 4, "rejected", "missing field"),
+        (str(path), 5, "rejected", "chosen equals rejected"),
+    ]
     m = read_json(judged / "metrics/pairs.json")
-    assert (m["rows_read"], m["quarantined"]) == (8, {"total": 2, "by_reason": {"chosen equals rejected": 1,
-                                                                                  "missing field": 1}})
+    assert (m["rows_read"], m["quarantined"]) == (
+        8,
+        {"total": 2, "by_reason": {"chosen equals rejected": 1, "missing field": 1}},
+    )
     trl = pl.concat([pl.read_parquet(f) for f in (judged / "data/pairs_trl/parquet").iterdir()])
     assert set(trl["score_chosen"]) == {9.0}  # the file's own scores are carried to the export
 
@@ -174,9 +251,23 @@ def test_trl_dpo_trainer_trains_from_the_export(judged, tiny_model_dir):
     train = datasets.load_dataset(str(judged / "data/pairs_trl/jsonl"), cache_dir=str(judged / "hf-cache"))["train"]
     tok, model = loading.load_tokenizer(tiny_model_dir), loading.load_model(tiny_model_dir, "float32")
     before = [p.detach().clone() for p in model.parameters()]
-    cfg = DPOConfig(output_dir=str(judged / "trl"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
-                    beta=0.1, max_length=64, use_cpu=True, bf16=False, seed=0, report_to=[], save_strategy="no",
-                    logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, dataset_num_proc=None)
+    cfg = DPOConfig(
+        output_dir=str(judged / "trl"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        beta=0.1,
+        max_length=64,
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+    )
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=train, processing_class=tok)
     trainer.train()
     assert trainer.state.global_step == 2
@@ -195,8 +286,10 @@ def test_every_pair_has_ches_and_the_filter_drops_the_top_training_pairs(judged)
     filtered = run_pairs(judged, filter={"ches_top_percent": 50, "by": "ches"})
     k = len(train) // 2
     assert set(full["pair_id"]) - set(filtered["pair_id"]) == set(train["pair_id"][:k])
-    assert filtered.filter(pl.col("split") == "heldout")["pair_id"].to_list() == \
-        full.filter(pl.col("split") == "heldout")["pair_id"].to_list()
+    assert (
+        filtered.filter(pl.col("split") == "heldout")["pair_id"].to_list()
+        == full.filter(pl.col("split") == "heldout")["pair_id"].to_list()
+    )
     m = read_json(judged / "metrics/pairs.json")
     assert m["filtered"] == {"by": "ches", "top_percent": 50, "dropped": k, "threshold": train["ches"][k - 1]}
     assert m["n_train"] == len(train) - k
@@ -225,5 +318,6 @@ def test_constructed_source_edits_the_correct_candidates_and_counts_the_kinds(ju
     params["pairs"]["inputs"] = ["a.jsonl"] * 3
     (judged / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     from stages import pairs as stage
+
     with pytest.raises(ValueError, match="pairs.inputs: must be .* when pairs.source is 'constructed'"):
         stage.main(["--params", "params.yaml"])

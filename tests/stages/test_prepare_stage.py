@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from repo_utils import write_params
 
-from pipeline.data.prompt_file import PromptFileError, R_DUP
+from pipeline.data.prompt_file import R_DUP, PromptFileError
 from pipeline.data.rows import R_JSON, R_MISSING
 
 
@@ -32,9 +32,18 @@ def stage(monkeypatch, tmp_path):
 
 
 def test_stage_reasoning_gym(stage, tmp_path, caplog):
-    write_params(tmp_path / "params.yaml", {"prepare": {
-        "source": "reasoning_gym", "reasoning_gym": {"task": "chain_sum", "config": {}, "seed": 5},
-        "n_train": 12, "n_test": 6, "n_warmup": 4}})
+    write_params(
+        tmp_path / "params.yaml",
+        {
+            "prepare": {
+                "source": "reasoning_gym",
+                "reasoning_gym": {"task": "chain_sum", "config": {}, "seed": 5},
+                "n_train": 12,
+                "n_test": 6,
+                "n_warmup": 4,
+            }
+        },
+    )
     with caplog.at_level(logging.INFO, logger="pipeline.prepare"):
         stage.main(["--params", "params.yaml"])
     df = pl.read_parquet(tmp_path / "data/prompts.parquet")
@@ -55,9 +64,19 @@ def test_stage_file_quarantine(stage, tmp_path, caplog):
     write_jsonl(tmp_path / "in.jsonl", objs)
     with (tmp_path / "in.jsonl").open("ab") as f:
         f.write(b"{not json\n")
-    write_params(tmp_path / "params.yaml", {"prepare": {
-        "source": "file", "file": {"path": "in.jsonl"}, "on_bad_rows": "quarantine",
-        "n_train": 5, "n_test": 3, "n_warmup": 0}})
+    write_params(
+        tmp_path / "params.yaml",
+        {
+            "prepare": {
+                "source": "file",
+                "file": {"path": "in.jsonl"},
+                "on_bad_rows": "quarantine",
+                "n_train": 5,
+                "n_test": 3,
+                "n_warmup": 0,
+            }
+        },
+    )
     with caplog.at_level(logging.INFO, logger="pipeline.prepare"):
         stage.main(["--params", "params.yaml"])
     df = pl.read_parquet(tmp_path / "data/prompts.parquet")
@@ -77,8 +96,10 @@ def test_stage_file_quarantine(stage, tmp_path, caplog):
 
 def test_stage_error_mode_writes_nothing(stage, tmp_path):
     write_jsonl(tmp_path / "in.jsonl", good_objs(5) + [{"question": "Q?"}])
-    write_params(tmp_path / "params.yaml", {"prepare": {
-        "source": "file", "file": {"path": "in.jsonl"}, "n_train": 2, "n_test": 1, "n_warmup": 0}})
+    write_params(
+        tmp_path / "params.yaml",
+        {"prepare": {"source": "file", "file": {"path": "in.jsonl"}, "n_train": 2, "n_test": 1, "n_warmup": 0}},
+    )
     with pytest.raises(PromptFileError, match=r"in\.jsonl: line 6, field 'answer'"):
         stage.main(["--params", "params.yaml"])
     assert not (tmp_path / "data/prompts.parquet").exists()

@@ -9,9 +9,9 @@ import shutil
 
 import polars as pl
 
-from pipeline.settings.params import Params
 from pipeline.io import read_table, write_table
 from pipeline.model import loading
+from pipeline.settings.params import Params
 from pipeline.training.examples import join_reference, pair_examples
 from pipeline.training.trainer import train_preference
 
@@ -80,8 +80,8 @@ def test_evaluate_reuses_the_training_stages_last_held_out_scoring(workspace, mo
     """After train@dpo, evaluate@dpo takes the held-out log-probs of the training stage's last fixed-set
     scoring (by the model it saved) instead of a second forward pass; they equal a fresh computation on the
     saved model. Without fixed curves (train.eval_every 0) it computes them itself."""
-    from stages import evaluate, reference, train
     from pipeline.model.logprobs import pair_logprobs
+    from stages import evaluate, reference, train
 
     reference.main(["--params", "params.yaml"])
     train.main(["--params", "params.yaml", "--variant", "dpo"])
@@ -100,9 +100,15 @@ def test_evaluate_reuses_the_training_stages_last_held_out_scoring(workspace, mo
     cfg = Params.load("params.yaml")
     pairs = read_table("data/pairs.parquet", "pairs").filter(pl.col("split") == "heldout").sort("pair_id")
     model = loading.load_model("models/dpo", "float32").eval()
-    lw, ll, _, _ = pair_logprobs(model, pairs, loading.load_tokenizer("models/dpo").pad_token_id, 4,
-                                 cfg.reference.max_length, bf16=cfg.train.bf16,
-                                 shared_prompt=cfg.train.shared_prompt)
+    lw, ll, _, _ = pair_logprobs(
+        model,
+        pairs,
+        loading.load_tokenizer("models/dpo").pad_token_id,
+        4,
+        cfg.reference.max_length,
+        bf16=cfg.train.bf16,
+        shared_prompt=cfg.train.shared_prompt,
+    )
     assert max(abs(a - b) for a, b in zip(lw + ll, table["lp_w"].to_list() + table["lp_l"].to_list())) < TINY_TOL
     # no fixed curves: computed here
     (workspace / "data/train/dpo/fixed_curves.parquet").unlink()

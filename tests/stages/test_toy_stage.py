@@ -27,8 +27,9 @@ def test_stage_writes_outputs(tmp_path):
     assert set(m) == {"dpo", "hinge"} and set(m["dpo"]) == {"scenario_1", "scenario_2"}
     final = m["dpo"]["scenario_1"]
     assert final["seeds"] == 3
-    assert final["p_chosen"] == pytest.approx(df.filter((pl.col("loss") == "dpo") & (pl.col("scenario") == 1)
-                                                       & (pl.col("step") == 15))["p_chosen"].mean())
+    assert final["p_chosen"] == pytest.approx(
+        df.filter((pl.col("loss") == "dpo") & (pl.col("scenario") == 1) & (pl.col("step") == 15))["p_chosen"].mean()
+    )
     assert all(v is None or math.isfinite(v) for d in m.values() for s in d.values() for v in s.values())
     # no temporary files left behind
     assert not [p for p in tmp_path.rglob("*.tmp")]

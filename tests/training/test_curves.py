@@ -23,10 +23,20 @@ def _rows(seed: int = 0) -> list[dict]:
             for i in range(n):
                 undefined = i == 1 or (name == "heldout" and i == 4) or (name == "train" and step == 2)
                 ratio = None if undefined else rng.uniform(-3, 3)
-                rows.append({"step": step, "set": name, "pair_id": f"{name}{i}",
-                             "lp_w": rng.uniform(-90, -20), "lp_l": rng.uniform(-90, -20),
-                             "ref_w": rng.uniform(-90, -20), "ref_l": rng.uniform(-90, -20),
-                             "len_w": rng.randint(3, 40), "len_l": rng.randint(3, 40), "log10_grad_ratio": ratio})
+                rows.append(
+                    {
+                        "step": step,
+                        "set": name,
+                        "pair_id": f"{name}{i}",
+                        "lp_w": rng.uniform(-90, -20),
+                        "lp_l": rng.uniform(-90, -20),
+                        "ref_w": rng.uniform(-90, -20),
+                        "ref_l": rng.uniform(-90, -20),
+                        "len_w": rng.randint(3, 40),
+                        "len_l": rng.randint(3, 40),
+                        "log10_grad_ratio": ratio,
+                    }
+                )
     return rows
 
 
@@ -36,12 +46,16 @@ def _python_means(rows: list[dict]) -> dict[str, float]:
     d_w = [r["lp_w"] - r["ref_w"] for r in rows]
     d_l = [r["lp_l"] - r["ref_l"] for r in rows]
     ratios = sorted(r["log10_grad_ratio"] for r in rows if r["log10_grad_ratio"] is not None)
-    out = {"lp_w": sum(r["lp_w"] for r in rows) / n, "lp_l": sum(r["lp_l"] for r in rows) / n,
-           "lp_w_per_token": sum(r["lp_w"] / r["len_w"] for r in rows) / n,
-           "lp_l_per_token": sum(r["lp_l"] / r["len_l"] for r in rows) / n,
-           "delta_w": sum(d_w) / n, "delta_l": sum(d_l) / n,
-           "delta_margin": (sum(d_w) - sum(d_l)) / n,
-           "displaced_share": sum(d < 0 for d in d_w) / n}
+    out = {
+        "lp_w": sum(r["lp_w"] for r in rows) / n,
+        "lp_l": sum(r["lp_l"] for r in rows) / n,
+        "lp_w_per_token": sum(r["lp_w"] / r["len_w"] for r in rows) / n,
+        "lp_l_per_token": sum(r["lp_l"] / r["len_l"] for r in rows) / n,
+        "delta_w": sum(d_w) / n,
+        "delta_l": sum(d_l) / n,
+        "delta_margin": (sum(d_w) - sum(d_l)) / n,
+        "displaced_share": sum(d < 0 for d in d_w) / n,
+    }
     if ratios:
         out["log10_grad_ratio"] = float(torch.tensor(ratios).median())
     return out
@@ -71,7 +85,9 @@ def test_the_trainer_logs_each_sets_means_under_its_name():
 
 def test_the_report_reads_the_curves_without_torch():
     # In a fresh interpreter: the test process itself has torch loaded by other tests.
-    code = ("import sys; import pipeline.analysis.report; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    code = (
+        "import sys; import pipeline.analysis.report; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

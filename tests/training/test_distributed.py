@@ -37,25 +37,66 @@ def workspace(tmp_path_factory, tiny_model_dir) -> Path:
     prompts, pairs = [], []
     for i in range(N_PAIRS):
         q = f"What is {i} + {i + 1}?"
-        prompts.append({"prompt_id": f"p{i:02d}", "split": "train" if i < N_PAIRS - 4 else "test", "question": q,
-                        "prompt": q, "answer": str(2 * i + 1), "solution": None, "source": "test"})
+        prompts.append(
+            {
+                "prompt_id": f"p{i:02d}",
+                "split": "train" if i < N_PAIRS - 4 else "test",
+                "question": q,
+                "prompt": q,
+                "answer": str(2 * i + 1),
+                "solution": None,
+                "source": "test",
+            }
+        )
         w, l_ = encode_response(tok, f"Answer: {2 * i + 1}"), encode_response(tok, f"Answer: {2 * i + 3}")
-        pairs.append({"pair_id": f"p{i:02d}-s1", "prompt_id": f"p{i:02d}", "split": "train",
-                      "prompt_ids": encode_prompt(tok, q), "chosen_ids": w, "rejected_ids": l_,
-                      "chosen_text": "", "rejected_text": "", "chosen_source": "policy", "rejected_source": "policy",
-                      "chosen_correct": True, "rejected_correct": False, "chosen_sampler_logprob": None,
-                      "rejected_sampler_logprob": None, "chosen_policy_logprob": -1.0,
-                      "rejected_policy_logprob": -2.0, "scenario": 1, "edit_distance": 1,
-                      "edit_distance_norm": 1 / len(w), "first_diff": 2, "len_w": len(w), "len_l": len(l_),
-                      "ches": -1.0, "ches_norm": -0.1})
+        pairs.append(
+            {
+                "pair_id": f"p{i:02d}-s1",
+                "prompt_id": f"p{i:02d}",
+                "split": "train",
+                "prompt_ids": encode_prompt(tok, q),
+                "chosen_ids": w,
+                "rejected_ids": l_,
+                "chosen_text": "",
+                "rejected_text": "",
+                "chosen_source": "policy",
+                "rejected_source": "policy",
+                "chosen_correct": True,
+                "rejected_correct": False,
+                "chosen_sampler_logprob": None,
+                "rejected_sampler_logprob": None,
+                "chosen_policy_logprob": -1.0,
+                "rejected_policy_logprob": -2.0,
+                "scenario": 1,
+                "edit_distance": 1,
+                "edit_distance_norm": 1 / len(w),
+                "first_diff": 2,
+                "len_w": len(w),
+                "len_l": len(l_),
+                "ches": -1.0,
+                "ches_norm": -0.1,
+            }
+        )
     pairs_df = pl.DataFrame(pairs)
-    (rw, rl) = (batched_logprobs(model, pairs_df["prompt_ids"].to_list(), pairs_df[c].to_list(), tok.pad_token_id, 16)[0]
-                for c in ("chosen_ids", "rejected_ids"))
+    (rw, rl) = (
+        batched_logprobs(model, pairs_df["prompt_ids"].to_list(), pairs_df[c].to_list(), tok.pad_token_id, 16)[0]
+        for c in ("chosen_ids", "rejected_ids")
+    )
     write_table(pl.DataFrame(prompts), root / "data/prompts.parquet", "prompts")
     write_table(pairs_df, root / "data/pairs.parquet", "pairs")
-    write_table(pl.DataFrame({"pair_id": pairs_df["pair_id"], "ref_w": rw, "ref_l": rl,
-                              "len_w": pairs_df["len_w"], "len_l": pairs_df["len_l"]}),
-                root / "data/reference.parquet", "reference")
+    write_table(
+        pl.DataFrame(
+            {
+                "pair_id": pairs_df["pair_id"],
+                "ref_w": rw,
+                "ref_l": rl,
+                "len_w": pairs_df["len_w"],
+                "len_l": pairs_df["len_l"],
+            }
+        ),
+        root / "data/reference.parquet",
+        "reference",
+    )
     return root
 
 
@@ -63,8 +104,16 @@ def make_run(workspace: Path, dest: Path, **runtime) -> Path:
     shutil.copytree(workspace, dest)
     params = repo_params()
     params["policy"]["model"] = str(dest / "models/policy")
-    params["train"].update(lr=1e-3, epochs=4, batch_size=4, grad_accum=2, max_length=64, probe_every=6,
-                           probe_prompts=2, variants={"dpo": {"loss": "dpo", "beta": 0.5}})
+    params["train"].update(
+        lr=1e-3,
+        epochs=4,
+        batch_size=4,
+        grad_accum=2,
+        max_length=64,
+        probe_every=6,
+        probe_prompts=2,
+        variants={"dpo": {"loss": "dpo", "beta": 0.5}},
+    )
     params["reference"]["max_length"] = 64  # must equal train.max_length (checked)
     # fp32: the test compares loss curves to 1e-4; under bf16 (the default on CPUs with native bf16) each
     # rank's gradient sum over its own rows is rounded to bf16 before the all-reduce (6e-4 to 8e-4 apart)

@@ -68,8 +68,14 @@ def trl_cpo_trainer():
 def trl_cpo_loss(loss_type: str, chosen, rejected, *, beta: float, label_smoothing: float, simpo_gamma: float = 0.0):
     """TRL's ``CPOTrainer.cpo_loss`` on tensors: it reads only these settings of the trainer, so a stand-in
     for ``self`` calls it without building one (a model, a tokenizer and a dataset)."""
-    settings = SimpleNamespace(alpha=0.0, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
-                               simpo_gamma=simpo_gamma, accelerator=SimpleNamespace(device="cpu"))
+    settings = SimpleNamespace(
+        alpha=0.0,
+        loss_type=loss_type,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        simpo_gamma=simpo_gamma,
+        accelerator=SimpleNamespace(device="cpu"),
+    )
     losses, _, _ = trl_cpo_trainer().cpo_loss(settings, chosen, rejected)
     return losses
 
@@ -77,7 +83,7 @@ def trl_cpo_loss(loss_type: str, chosen, rejected, *, beta: float, label_smoothi
 # --------------------------------------------------------------------------------------------- values
 def test_dpo_values():
     b = 0.5
-    exp = [nls(b * ((w - rw) - (l - rl))) for w, l, rw, rl, *_ in rows()]
+    exp = [nls(b * ((win - ref_win) - (lose - ref_lose))) for win, lose, ref_win, ref_lose, *_ in rows()]
     # pair 0: Δw = 0.5, Δl = -1.0 -> -log σ(0.75)
     assert exp[0] == pytest.approx(-math.log(1 / (1 + math.exp(-0.75))))
     check("dpo", exp, beta=b)
@@ -88,8 +94,9 @@ def test_cdpo_values():
     #   0.8 · (−log σ(0.75)) + 0.2 · (−log σ(−0.75)) = 0.8 · 0.386871 + 0.2 · 1.136871 = 0.536871
     # pair 1: d = (−5 + 4) − (−1.5 + 2) = −1.5, β d = −0.75:
     #   0.8 · (−log σ(−0.75)) + 0.2 · (−log σ(0.75)) = 0.8 · 1.136871 + 0.2 · 0.386871 = 0.986871
-    check("cdpo", [0.8 * nls(0.75) + 0.2 * nls(-0.75), 0.8 * nls(-0.75) + 0.2 * nls(0.75)],
-          beta=0.5, label_smoothing=0.2)
+    check(
+        "cdpo", [0.8 * nls(0.75) + 0.2 * nls(-0.75), 0.8 * nls(-0.75) + 0.2 * nls(0.75)], beta=0.5, label_smoothing=0.2
+    )
 
 
 def test_cdpo_is_dpo_plus_a_term_linear_in_the_smoothing():
@@ -118,9 +125,9 @@ def test_cdpo_zero_smoothing_is_dpo():
 def test_dpop_values():
     b, lam = 0.5, 5.0
     exp = []
-    for w, l, rw, rl, *_ in rows():
-        pen = max(0.0, rw - w)
-        exp.append(nls(b * ((w - rw) - (l - rl) - lam * pen)))
+    for win, lose, ref_win, ref_lose, *_ in rows():
+        pen = max(0.0, ref_win - win)
+        exp.append(nls(b * ((win - ref_win) - (lose - ref_lose) - lam * pen)))
     # pair 0 has lp_w > ref_w (no penalty), pair 1 lp_w < ref_w (penalty 1.0)
     assert exp[1] == pytest.approx(nls(0.5 * ((-1.0) - 0.5 - 5.0)))
     check("dpop", exp, beta=b, dpop_lambda=lam)
@@ -128,14 +135,14 @@ def test_dpop_values():
 
 def test_ipo_values():
     tau = 0.25
-    exp = [((w - rw) - (l - rl) - 1 / (2 * tau)) ** 2 for w, l, rw, rl, *_ in rows()]
+    exp = [((win - ref_win) - (lose - ref_lose) - 1 / (2 * tau)) ** 2 for win, lose, ref_win, ref_lose, *_ in rows()]
     assert exp[0] == pytest.approx((1.5 - 2.0) ** 2)
     check("ipo", exp, tau=tau)
 
 
 def test_slic_values():
     delta, reg = 2.0, 0.1
-    exp = [max(0.0, delta - (w - l)) - reg * w for w, l, *_ in rows()]
+    exp = [max(0.0, delta - (win - lose)) - reg * win for win, lose, *_ in rows()]
     # pair 0: margin 1 -> hinge 1 ; +0.2 ; pair 1: margin -3.5 -> 5.5 ; +0.5
     assert exp == pytest.approx([1.2, 6.0])
     check("slic", exp, delta=delta, reg_weight=reg)
@@ -167,7 +174,10 @@ def test_flex_dpo_with_one_beta_is_dpo():
 
 def test_dpo_sft_values():
     b, a = 0.5, 2.0
-    exp = [nls(b * ((w - rw) - (l - rl))) + a * (-w / nw) for w, l, rw, rl, nw, _ in rows()]
+    exp = [
+        nls(b * ((win - ref_win) - (lose - ref_lose))) + a * (-win / n_win)
+        for win, lose, ref_win, ref_lose, n_win, _ in rows()
+    ]
     assert exp[0] == pytest.approx(nls(0.75) + 2.0 * 0.5)
     check("dpo_sft", exp, beta=b, sft_weight=a)
 
@@ -191,11 +201,11 @@ def test_gamma_dpo_with_gamma_zero_ignores_the_reference_and_matches_trl():
 
 def test_hinge_values():
     b, g = 1.0, 2.0
-    exp = [max(0.0, g * (rw - rl) - b * (w - l)) for w, l, rw, rl, *_ in rows()]
+    exp = [max(0.0, g * (ref_win - ref_lose) - b * (win - lose)) for win, lose, ref_win, ref_lose, *_ in rows()]
     # both margins met: pair 0: 2*(-0.5) - 1 = -2 -> 0 ; pair 1: 2*(-2) - (-3.5) = -0.5 -> 0
     check("hinge", exp, beta=b, gamma=g)
     b, g = 2.0, 0.5
-    exp = [max(0.0, g * (rw - rl) - b * (w - l)) for w, l, rw, rl, *_ in rows()]
+    exp = [max(0.0, g * (ref_win - ref_lose) - b * (win - lose)) for win, lose, ref_win, ref_lose, *_ in rows()]
     assert exp == pytest.approx([0.0, 6.0])
     check("hinge", exp, beta=b, gamma=g)
 
@@ -247,8 +257,18 @@ def test_length_losses_need_lengths(name):
 
 
 def test_registry_complete():
-    assert set(L.LOSS_NAMES) == {"dpo", "cdpo", "dpop", "ipo", "slic", "flex_dpo", "dpo_sft",
-                                 "gamma_dpo", "hinge", "simpo"}
+    assert set(L.LOSS_NAMES) == {
+        "dpo",
+        "cdpo",
+        "dpop",
+        "ipo",
+        "slic",
+        "flex_dpo",
+        "dpo_sft",
+        "gamma_dpo",
+        "hinge",
+        "simpo",
+    }
     assert [n for n in L.LOSS_NAMES if L.needs_lengths(n)] == ["dpo_sft", "simpo"]
     for spec in L.LOSSES.values():
         assert spec.fn.__doc__ and "`" in spec.fn.__doc__
@@ -308,8 +328,8 @@ def test_dpo_gradient_matches_analytic():
     ref_w, ref_l = t(REF_W), t(REF_L)
     loss = preference_loss("dpo", lp_w, lp_l, ref_w, ref_l, beta=beta).sum()
     gw, gl = torch.autograd.grad(loss, (lp_w, lp_l))
-    for i, (w, l, rw, rl, *_) in enumerate(rows()):
-        m = (w - rw) - (l - rl)
+    for i, (win, lose, ref_win, ref_lose, *_) in enumerate(rows()):
+        m = (win - ref_win) - (lose - ref_lose)
         assert gw[i].item() == pytest.approx(-beta * sig(-beta * m), rel=1e-12)
         assert gl[i].item() == pytest.approx(beta * sig(-beta * m), rel=1e-12)
 
@@ -416,9 +436,9 @@ def test_combined_loss_weighted_sum_tuples_and_objects():
         assert got.shape == (2,)
         torch.testing.assert_close(got, expected)
     # and by hand for the first pair
-    w, l, rw, rl, nw, nl = rows()[0]
-    d = (w - rw) - (l - rl)
-    by_hand = nls(0.1 * d) + 0.5 * (d - 2.0) ** 2 + 2.0 * nls(1.0 * (w / nw - l / nl) - 0.3)
+    win, lose, ref_win, ref_lose, n_win, n_lose = rows()[0]
+    d = (win - ref_win) - (lose - ref_lose)
+    by_hand = nls(0.1 * d) + 0.5 * (d - 2.0) ** 2 + 2.0 * nls(1.0 * (win / n_win - lose / n_lose) - 0.3)
     assert got[0].item() == pytest.approx(by_hand, rel=1e-10)
 
 

@@ -1,6 +1,5 @@
 """Preference training and the SFT warm-up on a tiny random model with SmolLM2's real tokenizer."""
 
-
 import math
 import re
 
@@ -9,13 +8,11 @@ import pytest
 import torch
 from repo_utils import repo_params
 
-from pipeline.settings.policy import WarmupParams
-
-from pipeline.settings.train import TrainSettings
-from pipeline.model import loading
-from pipeline.model import precision
+from pipeline.model import loading, precision
 from pipeline.model.encoding import encode_prompt, encode_response
 from pipeline.model.logprobs import batched_logprobs, pair_logprobs
+from pipeline.settings.policy import WarmupParams
+from pipeline.settings.train import TrainSettings
 from pipeline.training import distributed, losses
 from pipeline.training.batching import step_batches
 from pipeline.training.checkpoints import Checkpointing
@@ -82,7 +79,9 @@ def test_fixed_sets_start_at_the_reference_and_are_scored_every_k_steps(tiny_mod
     assert logged[0]["fixed_heldout_delta_w"] == pytest.approx(0.0, abs=1e-4) and "fixed_train_lp_w" in logged[2]
     assert "fixed_heldout_lp_w" not in logged[1]
     assert [(r["step"], r["probe"]) for r in curves.probe] == [(st, q) for st in (0, 2, 4) for q in ("a", "b")]
-    assert logged[0]["probe_greedy_lp"] == pytest.approx((curves.probe[0]["greedy_lp"] + curves.probe[1]["greedy_lp"]) / 2)
+    assert logged[0]["probe_greedy_lp"] == pytest.approx(
+        (curves.probe[0]["greedy_lp"] + curves.probe[1]["greedy_lp"]) / 2
+    )
 
 
 def test_a_fixed_set_without_pairs_is_left_out(tiny_model_dir):
@@ -96,8 +95,14 @@ def test_a_fixed_set_without_pairs_is_left_out(tiny_model_dir):
     assert set(fixed.sets) == {"train"}
     evaluation, logged = Evaluation(fixed), {}
     s = train_settings(lr=1e-3, epochs=1, batch_size=2, grad_accum=1, max_length=64, seed=0, tail="drop")
-    train_preference(model, ex, [("dpo", 1.0, {"beta": 0.5})], s, pad_id=tok.pad_token_id,
-                     run=RunOptions(log_fn=lambda step, m: logged.setdefault(step, m), evaluation=evaluation))
+    train_preference(
+        model,
+        ex,
+        [("dpo", 1.0, {"beta": 0.5})],
+        s,
+        pad_id=tok.pad_token_id,
+        run=RunOptions(log_fn=lambda step, m: logged.setdefault(step, m), evaluation=evaluation),
+    )
     curves = evaluation.curves
     assert {r["set"] for r in curves.fixed} == {"train"} and {r["step"] for r in curves.fixed} == {0, 1, 2}
     assert not any(k.startswith("fixed_heldout") for m in logged.values() for k in m)
@@ -114,16 +119,29 @@ def test_evaluations_are_due_at_the_start_every_k_steps_and_after_the_last():
 
 def test_micro_batches_split_each_ranks_share():
     idx = [5, 3, 8, 1, 0, 9, 2]
-    assert micro_batches(idx, distributed.Context(), 3) == [([5, 1, 2], [True] * 3), ([3, 0], [True] * 2), ([8, 9], [True] * 2)]
+    assert micro_batches(idx, distributed.Context(), 3) == [
+        ([5, 1, 2], [True] * 3),
+        ([3, 0], [True] * 2),
+        ([8, 9], [True] * 2),
+    ]
     ranks = [micro_batches(idx, distributed.Context(rank=r, world=2), 2) for r in range(2)]
     assert [[mb for mb, _ in r] for r in ranks] == [[[5, 0], [8, 2]], [[3, 9], [1]]]
     assert all(all(real) for r in ranks for _, real in r)
 
 
-@pytest.mark.parametrize(("n", "world", "grad_accum"), [
-    (2, 8, 1),  # a tail of 2 pairs on 8 processes (e.g. 58 pairs in steps of 8)
-    (2, 3, 1), (2, 4, 2), (5, 3, 2), (7, 2, 3), (1, 1, 4), (8, 8, 1), (12, 3, 2),
-])
+@pytest.mark.parametrize(
+    ("n", "world", "grad_accum"),
+    [
+        (2, 8, 1),  # a tail of 2 pairs on 8 processes (e.g. 58 pairs in steps of 8)
+        (2, 3, 1),
+        (2, 4, 2),
+        (5, 3, 2),
+        (7, 2, 3),
+        (1, 1, 4),
+        (8, 8, 1),
+        (12, 3, 2),
+    ],
+)
 def test_micro_batches_give_every_rank_the_same_number_of_nonempty_parts(n, world, grad_accum):
     """Every rank runs ``grad_accum`` micro-batches of at least one row (so all take part in every
     collective); every real pair of the step appears once; padding only fills an otherwise empty
@@ -168,12 +186,17 @@ def test_dpo_training_raises_the_margin(tiny_model_dir):
     deltas = [(-2.0, -3.0), (-1.0, -4.0), (1.0, -1.0), (-0.5, -1.0), (2.0, 3.0), (-1.0, 1.0)]
     placed = []
     for e, (d_w, d_l) in zip(ex, deltas):
-        (lp_w, lp_l), _ = batched_logprobs(model, [e.prompt_ids] * 2, [e.chosen_ids, e.rejected_ids],
-                                           tok.pad_token_id, 2)
+        (lp_w, lp_l), _ = batched_logprobs(
+            model, [e.prompt_ids] * 2, [e.chosen_ids, e.rejected_ids], tok.pad_token_id, 2
+        )
         placed.append(PairExample(e.prompt_ids, e.chosen_ids, e.rejected_ids, lp_w - d_w, lp_l - d_l))
-    first = train_preference(model, placed, terms, train_settings(lr=1e-3, epochs=1, batch_size=6, grad_accum=1,
-                                                                  max_length=64, seed=0, ref_check_tol=1e9),
-                             pad_id=tok.pad_token_id)[0]
+    first = train_preference(
+        model,
+        placed,
+        terms,
+        train_settings(lr=1e-3, epochs=1, batch_size=6, grad_accum=1, max_length=64, seed=0, ref_check_tol=1e9),
+        pad_id=tok.pad_token_id,
+    )[0]
     assert first["accuracy"] == pytest.approx(4 / 6)
     # mean of Δw − Δl: (1 + 3 + 2 + 0.5 − 1 − 2) / 6
     assert first["delta_margin"] == pytest.approx(3.5 / 6, abs=1e-4)
@@ -183,20 +206,25 @@ def test_dpo_training_raises_the_margin(tiny_model_dir):
 OFF_W, OFF_L = [0.3, -0.2, 0.5, 0.1], [-0.4, 0.2, -0.1, -0.6]
 
 
-@pytest.mark.parametrize("terms,rewards", [
-    ([("gamma_dpo", 1.0, {"beta": 0.5, "gamma": 0.1})], None),  # σ(β(lp_w − lp_l) − γ(ref_w − ref_l)): no β·Δ
-    ([("ipo", 1.0, {"tau": 0.25})], None),  # τ sets the target margin, Δw − Δl is IPO's margin itself
-    ([("flex_dpo", 1.0, {"beta_w": 0.5, "beta_l": 0.1})], (0.5, 0.1)),
-    ([("dpo", 1.0, {"beta": 0.3})], (0.3, 0.3)),
-    ([("dpo", 1.0, {"beta": 0.3}), ("gamma_dpo", 1.0, {"beta": 0.3, "gamma": 0.3})], None),
-])
+@pytest.mark.parametrize(
+    "terms,rewards",
+    [
+        ([("gamma_dpo", 1.0, {"beta": 0.5, "gamma": 0.1})], None),  # σ(β(lp_w − lp_l) − γ(ref_w − ref_l)): no β·Δ
+        ([("ipo", 1.0, {"tau": 0.25})], None),  # τ sets the target margin, Δw − Δl is IPO's margin itself
+        ([("flex_dpo", 1.0, {"beta_w": 0.5, "beta_l": 0.1})], (0.5, 0.1)),
+        ([("dpo", 1.0, {"beta": 0.3})], (0.3, 0.3)),
+        ([("dpo", 1.0, {"beta": 0.3}), ("gamma_dpo", 1.0, {"beta": 0.3, "gamma": 0.3})], None),
+    ],
+)
 def test_logged_margins_are_what_their_names_say(tiny_model_dir, terms, rewards):
     """delta_margin is the unscaled Δw − Δl for every loss; reward_* only where the loss has the
     implicit reward β·Δ, and then with its own β_w, β_l (not the first term's β)."""
     model = loading.load_model(tiny_model_dir, "float32")
     tok = loading.load_tokenizer(tiny_model_dir)
-    ex = [PairExample(e.prompt_ids, e.chosen_ids, e.rejected_ids, e.ref_w - ow, e.ref_l - ol)
-          for e, ow, ol in zip(_examples(model, tok, 4), OFF_W, OFF_L)]
+    ex = [
+        PairExample(e.prompt_ids, e.chosen_ids, e.rejected_ids, e.ref_w - ow, e.ref_l - ol)
+        for e, ow, ol in zip(_examples(model, tok, 4), OFF_W, OFF_L)
+    ]
     # The offsets would fail the first-step check on purpose, so it is widened here.
     s = train_settings(lr=1e-3, epochs=1, batch_size=4, max_length=64, ref_check_tol=10.0)
     m = train_preference(model, ex, terms, s, pad_id=tok.pad_token_id)[0]
@@ -219,8 +247,13 @@ def _pairs(tok, n: int) -> pl.DataFrame:
     rows = []
     for i in range(n):
         p = encode_prompt(tok, f"What is {i} + {3 * i}?" + " Be brief." * (i % 3))
-        rows.append({"prompt_ids": p, "chosen_ids": encode_response(tok, "So" + " then" * (2 * i % 5) + f" {4 * i}"),
-                     "rejected_ids": encode_response(tok, f"It is {4 * i + 1}" + ", surely" * (i % 4))})
+        rows.append(
+            {
+                "prompt_ids": p,
+                "chosen_ids": encode_response(tok, "So" + " then" * (2 * i % 5) + f" {4 * i}"),
+                "rejected_ids": encode_response(tok, f"It is {4 * i + 1}" + ", surely" * (i % 4)),
+            }
+        )
     return pl.DataFrame(rows)
 
 
@@ -230,9 +263,15 @@ def _first_step_check(tiny_model_dir, ref_bf16: bool, train_bf16: bool, tol: flo
     tok = loading.load_tokenizer(tiny_model_dir)
     pairs = _pairs(tok, 8)
     params = repo_params()
-    rw, rl, _, _ = pair_logprobs(model, pairs, tok.pad_token_id, params["reference"]["batch_size"],
-                                 params["reference"]["max_length"], bf16=ref_bf16,
-                                 shared_prompt=params["train"]["shared_prompt"])
+    rw, rl, _, _ = pair_logprobs(
+        model,
+        pairs,
+        tok.pad_token_id,
+        params["reference"]["batch_size"],
+        params["reference"]["max_length"],
+        bf16=ref_bf16,
+        shared_prompt=params["train"]["shared_prompt"],
+    )
     ex = pair_examples(pairs.with_columns(ref_w=pl.Series(rw), ref_l=pl.Series(rl)))
     s = train_settings(lr=1e-3, epochs=1, batch_size=4, grad_accum=2, bf16=train_bf16, ref_check_tol=tol)
     return train_preference(model, ex, [("dpo", 1.0, {"beta": 0.1})], s, pad_id=tok.pad_token_id)
@@ -274,8 +313,9 @@ def test_grad_accumulation_matches_one_big_batch(tiny_model_dir):
         model = loading.load_model(tiny_model_dir, "float32")
         ex = _examples(model, tok)
         s = train_settings(lr=1e-3, epochs=1, batch_size=6, grad_accum=accum, max_length=64, seed=0)
-        hist = train_preference(model, ex, [("dpop", 1.0, {"beta": 0.5, "dpop_lambda": 5.0})], s,
-                                pad_id=tok.pad_token_id)
+        hist = train_preference(
+            model, ex, [("dpop", 1.0, {"beta": 0.5, "dpop_lambda": 5.0})], s, pad_id=tok.pad_token_id
+        )
         results.append((hist[0], next(model.parameters()).detach().clone()))
     for metrics, weights in results[1:]:
         assert metrics["loss"] == pytest.approx(results[0][0]["loss"], abs=1e-5)
@@ -283,8 +323,9 @@ def test_grad_accumulation_matches_one_big_batch(tiny_model_dir):
         # and displaced share compare Δ's that are rounding noise before the first update: left out.
         continuous = [k for k in metrics if not k.startswith(("accuracy", "displaced_share"))]
         assert metrics.keys() == results[0][0].keys()
-        assert {k: metrics[k] for k in continuous} == pytest.approx({k: results[0][0][k] for k in continuous},
-                                                                    rel=1e-4, abs=1e-5)
+        assert {k: metrics[k] for k in continuous} == pytest.approx(
+            {k: results[0][0][k] for k in continuous}, rel=1e-4, abs=1e-5
+        )
         assert torch.allclose(results[0][1], weights, atol=1e-6)
 
 
@@ -296,10 +337,10 @@ def test_shared_prompt_layout_trains_as_the_padded_one(tiny_model_dir):
     for shared in (False, True):
         model = loading.load_model(tiny_model_dir, "float32")
         ex = _examples(model, tok)
-        s = train_settings(lr=1e-3, epochs=3, batch_size=3, grad_accum=1, max_length=64, seed=0,
-                           shared_prompt=shared)
-        hist = train_preference(model, ex, [("dpop", 1.0, {"beta": 0.5, "dpop_lambda": 5.0})], s,
-                                pad_id=tok.pad_token_id)
+        s = train_settings(lr=1e-3, epochs=3, batch_size=3, grad_accum=1, max_length=64, seed=0, shared_prompt=shared)
+        hist = train_preference(
+            model, ex, [("dpop", 1.0, {"beta": 0.5, "dpop_lambda": 5.0})], s, pad_id=tok.pad_token_id
+        )
         runs[shared] = hist, torch.cat([p.detach().flatten() for p in model.parameters()])
     (h0, w0), (h1, w1) = runs[False], runs[True]
     assert len(h0) == len(h1) == 6
@@ -318,9 +359,14 @@ def test_resume_from_a_checkpoint_continues_the_same_run(tiny_model_dir, tmp_pat
     for _ in range(2):
         model = loading.load_model(tiny_model_dir, "float32")
         logged = []
-        hist = train_preference(model, _examples(model, tok), [("dpo", 1.0, {"beta": 0.5})], s,
-                                pad_id=tok.pad_token_id,
-                                run=RunOptions(log_fn=lambda i, m: logged.append(i), checkpoint=ck))
+        hist = train_preference(
+            model,
+            _examples(model, tok),
+            [("dpo", 1.0, {"beta": 0.5})],
+            s,
+            pad_id=tok.pad_token_id,
+            run=RunOptions(log_fn=lambda i, m, logged=logged: logged.append(i), checkpoint=ck),
+        )
         runs.append((hist, logged, next(model.parameters()).detach().clone()))
         assert torch.load(ck.path, weights_only=False)["step"] == 3  # none after the last step
     (h1, log1, w1), (h2, log2, w2) = runs
@@ -339,8 +385,14 @@ def test_sft_warmup_lowers_the_nll(tiny_model_dir):
     tok = loading.load_tokenizer(tiny_model_dir)
     prompts = [encode_prompt(tok, f"What is {i} + 1?") for i in range(4)]
     responses = [encode_response(tok, f"Answer: {i + 1}") for i in range(4)]
-    step_losses = train_sft(model, prompts, responses, warmup_settings(epochs=5, lr=1e-3, batch_size=4),
-                            pad_id=tok.pad_token_id, progress=None)
+    step_losses = train_sft(
+        model,
+        prompts,
+        responses,
+        warmup_settings(epochs=5, lr=1e-3, batch_size=4),
+        pad_id=tok.pad_token_id,
+        progress=None,
+    )
     assert len(step_losses) == 5 and step_losses[-1] < step_losses[0]
 
 
@@ -353,8 +405,14 @@ def test_sft_warmup_autocasts_where_bf16_applies(tiny_model_dir, monkeypatch):
 
     def first_loss(bf16: bool) -> float:
         model = loading.load_model(tiny_model_dir, "float32")
-        out = train_sft(model, prompts, responses, warmup_settings(epochs=1, lr=1e-3, batch_size=4, bf16=bf16),
-                        pad_id=tok.pad_token_id, progress=None)
+        out = train_sft(
+            model,
+            prompts,
+            responses,
+            warmup_settings(epochs=1, lr=1e-3, batch_size=4, bf16=bf16),
+            pad_id=tok.pad_token_id,
+            progress=None,
+        )
         assert all(p.dtype == torch.float32 for p in model.parameters())
         return out[0]
 

@@ -18,37 +18,46 @@ import socket
 import sys
 
 import torch
-import torch.multiprocessing as mp
 
 # Imported before the fork (the workers would each take seconds over them), with what the train
 # loop imports lazily: DDP, FSDP2, its state dicts, the model class, tqdm.
 import torch.distributed.checkpoint.state_dict  # noqa: F401
 import torch.distributed.fsdp  # noqa: F401
+import torch.multiprocessing as mp
 import torch.nn.parallel  # noqa: F401
 import tqdm.auto  # noqa: F401
 import transformers.models.llama.modeling_llama  # noqa: F401
 from transformers import AutoModelForCausalLM  # noqa: F401
 
-from pipeline.settings.train import RuntimeParams
 from pipeline.model import loading
+from pipeline.settings.train import RuntimeParams
 from pipeline.training import distributed
 from pipeline.training.trainer import RunOptions, train_preference
 
 
 def worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
-    ctx = distributed.init(RuntimeParams(nproc=world, backend="gloo", strategy="ddp", checkpoint_every=0,
-                               checkpoint_dir="."))
+    ctx = distributed.init(
+        RuntimeParams(nproc=world, backend="gloo", strategy="ddp", checkpoint_every=0, checkpoint_dir=".")
+    )
     results: dict[str, list[dict]] = {}
     for strategy in spec["strategies"]:  # one process group serves both: only the wrapping differs
         sctx = dataclasses.replace(ctx, strategy=strategy)
         results[strategy] = []
         for case in spec["cases"]:
             model = loading.load_model(spec["model"], "float32")
-            history = train_preference(model, case["examples"], case["terms"], case["settings"],
-                                       pad_id=spec["pad_id"], ctx=sctx, run=RunOptions(buckets=case["buckets"]))
+            history = train_preference(
+                model,
+                case["examples"],
+                case["terms"],
+                case["settings"],
+                pad_id=spec["pad_id"],
+                ctx=sctx,
+                run=RunOptions(buckets=case["buckets"]),
+            )
             results[strategy].append({"history": history, "weights": distributed.full_state_dict(model, sctx)})
     if ctx.is_main:
         torch.save(results, out_path)

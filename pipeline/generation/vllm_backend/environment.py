@@ -57,8 +57,7 @@ def _find_lib(name: str, prefix: str) -> str | None:
     return found if found and found.startswith(name.split(".so")[0]) else None
 
 
-def cpu_preload_env(environ: dict | None = None, prefix: str | None = None,
-                    machine: str | None = None) -> dict | None:
+def cpu_preload_env(environ: dict | None = None, prefix: str | None = None, machine: str | None = None) -> dict | None:
     """``environ`` with vLLM's CPU libraries (:data:`CPU_PRELOAD_LIBS`, found under ``prefix``/lib, the
     virtual environment, or by the system's loader) put in front of ``LD_PRELOAD``; None when there is
     nothing to do: a GPU is visible, not x86-64 Linux, already re-executed, or none of them is found or
@@ -71,8 +70,13 @@ def cpu_preload_env(environ: dict | None = None, prefix: str | None = None,
     if env.get(PRELOADED_ENV) or machine != "linux-x86_64" or visible_gpus():
         return None
     have = env.get("LD_PRELOAD", "")
-    libs = [path for name in CPU_PRELOAD_LIBS if name.split(".so")[0] not in have
-            for path in [_find_lib(name, prefix or sys.prefix)] if path]
+    libs = [
+        path
+        for name in CPU_PRELOAD_LIBS
+        if name.split(".so")[0] not in have
+        for path in [_find_lib(name, prefix or sys.prefix)]
+        if path
+    ]
     if not libs:
         return None
     env["LD_PRELOAD"] = ":".join(libs + ([have] if have else []))

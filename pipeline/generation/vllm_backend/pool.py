@@ -37,9 +37,11 @@ def device_groups(n_engines: int, tp: int, visible: Sequence[str]) -> list[str |
     if not visible:
         return [None] * n_engines
     if n_engines * tp > len(visible):
-        raise ValueError(f"vllm: data_parallel_size {n_engines} x tensor_parallel_size {tp} needs "
-                         f"{n_engines * tp} GPUs, {len(visible)} visible ({','.join(visible)})")
-    return [",".join(visible[i * tp:(i + 1) * tp]) for i in range(n_engines)]
+        raise ValueError(
+            f"vllm: data_parallel_size {n_engines} x tensor_parallel_size {tp} needs "
+            f"{n_engines * tp} GPUs, {len(visible)} visible ({','.join(visible)})"
+        )
+    return [",".join(visible[i * tp : (i + 1) * tp]) for i in range(n_engines)]
 
 
 def assemble(parts: Sequence[range], results: dict[int, list]) -> list:
@@ -53,8 +55,9 @@ def assemble(parts: Sequence[range], results: dict[int, list]) -> list:
     return out
 
 
-def _engine_process(rank: int, devices: str | None, factory: str, engine_settings: dict, eos_id: int | None,
-                    inbox, outbox) -> None:
+def _engine_process(
+    rank: int, devices: str | None, factory: str, engine_settings: dict, eos_id: int | None, inbox, outbox
+) -> None:
     """Body of one data-parallel engine process: build the engine, then serve jobs until None."""
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices
@@ -76,17 +79,29 @@ def _engine_process(rank: int, devices: str | None, factory: str, engine_setting
 class EnginePool:
     """``n`` engine processes (spawned: CUDA must not be initialised before they pin their GPUs)."""
 
-    def __init__(self, n: int, engine_settings: EngineSettings, eos_id: int | None,
-                 factory: str = ENGINE_FACTORY, devices: Sequence[str | None] | None = None,
-                 start_timeout_s: float = 1800):
+    def __init__(
+        self,
+        n: int,
+        engine_settings: EngineSettings,
+        eos_id: int | None,
+        factory: str = ENGINE_FACTORY,
+        devices: Sequence[str | None] | None = None,
+        start_timeout_s: float = 1800,
+    ):
         ctx = multiprocessing.get_context("spawn")
         devices = list(devices) if devices is not None else [None] * n
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(n)]
         # Not daemonic: a vLLM engine starts processes of its own, which daemonic processes may not.
-        self.procs = [ctx.Process(target=_engine_process, daemon=False, name=f"vllm-engine-{i}",
-                                  args=(i, devices[i], factory, asdict(engine_settings), eos_id,
-                                        self.inboxes[i], self.outbox)) for i in range(n)]
+        self.procs = [
+            ctx.Process(
+                target=_engine_process,
+                daemon=False,
+                name=f"vllm-engine-{i}",
+                args=(i, devices[i], factory, asdict(engine_settings), eos_id, self.inboxes[i], self.outbox),
+            )
+            for i in range(n)
+        ]
         for p in self.procs:
             p.start()
         ready = 0
@@ -112,7 +127,9 @@ class EnginePool:
                     self.close()
                     raise TimeoutError("vLLM engines did not answer in time") from None
 
-    def run(self, prompt_ids, prompts, settings: GenerationSettings, wait_s: float = ENGINE_WAIT_S) -> list[list[RawSeq]]:
+    def run(
+        self, prompt_ids, prompts, settings: GenerationSettings, wait_s: float = ENGINE_WAIT_S
+    ) -> list[list[RawSeq]]:
         parts = shard(len(prompts), len(self.procs))
         for job_id, (r, inbox) in enumerate(zip(parts, self.inboxes)):
             inbox.put((job_id, [prompt_ids[i] for i in r], [prompts[i] for i in r], settings))

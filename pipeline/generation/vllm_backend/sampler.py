@@ -28,8 +28,12 @@ def engine_settings(model_path, dtype: str, vllm: VLLMParams) -> EngineSettings:
     """The engine settings of params.yaml's ``vllm`` section for ``model_path`` in ``dtype``
     (``policy.dtype``), with the engines' caches in the pipeline's cache folder. Every field of the
     section but ``data_parallel_size`` (how many engines, not how each is built) is an engine setting."""
-    return EngineSettings(model=str(model_path), dtype=dtype, cache_dir=str(loading.cache_root()),
-                          **vllm.model_dump(exclude={"data_parallel_size"}))
+    return EngineSettings(
+        model=str(model_path),
+        dtype=dtype,
+        cache_dir=str(loading.cache_root()),
+        **vllm.model_dump(exclude={"data_parallel_size"}),
+    )
 
 
 class VLLMSampler:
@@ -38,8 +42,14 @@ class VLLMSampler:
     ``settings`` build each engine (:func:`engine_settings`); ``data_parallel_size`` engines (0: one per
     ``tensor_parallel_size`` visible GPUs) share each call's prompts."""
 
-    def __init__(self, settings: EngineSettings, *, data_parallel_size: int, model_id: str | None = None,
-                 engine_factory: str = ENGINE_FACTORY):
+    def __init__(
+        self,
+        settings: EngineSettings,
+        *,
+        data_parallel_size: int,
+        model_id: str | None = None,
+        engine_factory: str = ENGINE_FACTORY,
+    ):
         if engine_factory == ENGINE_FACTORY:
             require_vllm()  # before the tokenizer or the model is touched
         self.tokenizer = loading.load_tokenizer(settings.model)
@@ -51,22 +61,35 @@ class VLLMSampler:
             self.pool, self.engine = None, load_factory(engine_factory)(settings, eos)
         else:
             self.engine = None
-            self.pool = EnginePool(n, settings, eos, engine_factory,
-                                   device_groups(n, settings.tensor_parallel_size, gpus) if gpus else None)
+            self.pool = EnginePool(
+                n,
+                settings,
+                eos,
+                engine_factory,
+                device_groups(n, settings.tensor_parallel_size, gpus) if gpus else None,
+            )
 
-    def generate(self, prompts: Sequence[str], settings: GenerationSettings,
-                 progress: str | None = "sampling") -> list[list[Candidate]]:
+    def generate(
+        self, prompts: Sequence[str], settings: GenerationSettings, progress: str | None = "sampling"
+    ) -> list[list[Candidate]]:
         if settings.temperature == 0 and settings.n > 1:
             raise ValueError("greedy decoding (temperature 0) returns one candidate; set n: 1")
         prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
-        raw = (self.engine.run(prompt_ids, list(prompts), settings) if self.pool is None
-               else self.pool.run(prompt_ids, list(prompts), settings))
+        raw = (
+            self.engine.run(prompt_ids, list(prompts), settings)
+            if self.pool is None
+            else self.pool.run(prompt_ids, list(prompts), settings)
+        )
         return [[self._candidate(r) for r in per_prompt] for per_prompt in raw]
 
     def _candidate(self, r: RawSeq) -> Candidate:
         ids, lp, reason = r
-        return Candidate(text=self.tokenizer.decode(list(ids), skip_special_tokens=True).strip(),
-                         token_ids=tuple(ids), logprob_sum=lp, finish_reason=reason)
+        return Candidate(
+            text=self.tokenizer.decode(list(ids), skip_special_tokens=True).strip(),
+            token_ids=tuple(ids),
+            logprob_sum=lp,
+            finish_reason=reason,
+        )
 
     def close(self) -> None:
         if self.pool is not None:

@@ -19,9 +19,9 @@ import os
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.judging.cache import JudgeCache
 from pipeline.judging.llm.parsing import ParseError, parse_listwise, parse_rubric
@@ -29,6 +29,8 @@ from pipeline.judging.llm.templates import TEMPLATE_VERSION
 
 if TYPE_CHECKING:
     from pipeline.settings.judge import LLMJudgeParams
+
+T = TypeVar("T")
 
 log = logging.getLogger("pipeline.judging.llm")
 
@@ -76,19 +78,20 @@ class Stats:
     failure_reasons: Counter = field(default_factory=Counter)
 
 
-def run_coro(coro):
+def run_coro(coro: Coroutine[Any, Any, T]) -> T:
     """asyncio.run, also from a thread that already runs an event loop."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
-    box: dict = {}
+    box: dict[str, Any] = {}
 
-    def target():
+    def target() -> None:
         try:
             box["v"] = asyncio.run(coro)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             box["e"] = e
+
     t = threading.Thread(target=target)
     t.start()
     t.join()
@@ -102,8 +105,13 @@ class JudgeClient:
     counting calls, failures and tokens in ``stats``. ``client_factory(api_key)`` replaces
     ``openai.AsyncOpenAI`` (tests)."""
 
-    def __init__(self, params: LLMJudgeParams, cache: JudgeCache, stats: Stats,
-                 client_factory: Callable[[str], Any] | None = None):
+    def __init__(
+        self,
+        params: LLMJudgeParams,
+        cache: JudgeCache,
+        stats: Stats,
+        client_factory: Callable[[str], Any] | None = None,
+    ):
         self.p = params
         self.cache = cache
         self.stats = stats
@@ -118,8 +126,10 @@ class JudgeClient:
             return "EMPTY"  # a local server without authentication
         key = os.environ.get(name)
         if not key:
-            raise LLMJudgeError(f"judge.llm.api_key_env: the environment variable {name} is not set "
-                                "(it must hold the API key; use null for a server without a key)")
+            raise LLMJudgeError(
+                f"judge.llm.api_key_env: the environment variable {name} is not set "
+                "(it must hold the API key; use null for a server without a key)"
+            )
         return key
 
     def redact(self, text: str) -> str:
@@ -135,16 +145,21 @@ class JudgeClient:
             return self._client_factory(key)
         import openai
 
-        return openai.AsyncOpenAI(api_key=key, base_url=self.p.base_url, timeout=self.p.timeout_s,
-                                  max_retries=self.p.max_retries)
+        return openai.AsyncOpenAI(
+            api_key=key, base_url=self.p.base_url, timeout=self.p.timeout_s, max_retries=self.p.max_retries
+        )
 
     async def _call(self, client, sem: asyncio.Semaphore, r: Request) -> tuple[str, Outcome]:
         import openai
 
         bad_answers = 0
         while True:
-            kwargs = {"model": self.p.model, "messages": list(r.messages), "temperature": self.p.temperature,
-                      "max_tokens": self.p.max_tokens}
+            kwargs = {
+                "model": self.p.model,
+                "messages": list(r.messages),
+                "temperature": self.p.temperature,
+                "max_tokens": self.p.max_tokens,
+            }
             try:
                 async with sem:
                     structured = self.structured  # read once a slot is free: a refusal may have come meanwhile
@@ -156,16 +171,21 @@ class JudgeClient:
                     raise ValueError("no choices in the response")
                 content = choices[0].message.content
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                raise LLMJudgeError(f"judge.llm: {type(e).__name__} (HTTP {e.status_code}) from "
-                                    f"{self.p.base_url or 'the OpenAI API'} for model {self.p.model!r}: "
-                                    f"{self.redact(str(e.message))[:300]}") from None
+                raise LLMJudgeError(
+                    f"judge.llm: {type(e).__name__} (HTTP {e.status_code}) from "
+                    f"{self.p.base_url or 'the OpenAI API'} for model {self.p.model!r}: "
+                    f"{self.redact(str(e.message))[:300]}"
+                ) from None
             except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
                 msg = self.redact(str(e.message)).lower()
                 if structured and any(w in msg for w in ("response_format", "json_schema", "structured")):
                     if self.structured:
                         self.structured = False
-                        log.warning("the endpoint refused structured output (HTTP %d); asking for plain JSON "
-                                    "text and parsing it instead", e.status_code)
+                        log.warning(
+                            "the endpoint refused structured output (HTTP %d); asking for plain JSON "
+                            "text and parsing it instead",
+                            e.status_code,
+                        )
                     continue
                 if structured and not self.structured:
                     continue  # another request switched to plain text meanwhile
@@ -180,10 +200,7 @@ class JudgeClient:
                 # A body that is not a chat completion: as malformed as a bad answer.
                 self.stats.calls += 1
                 bad_answers += 1
-                self.stats.parse_failures += 1
-                log.warning("malformed response (%s) for %s; attempt %d of %d", type(e).__name__,
-                            self._where(r), bad_answers, self.p.max_parse_retries + 1)
-                if bad_answers > self.p.max_parse_retries:
+                if self._malformed("response", type(e).__name__, r, bad_answers):
                     return r.key, self._fail("malformed_response")
                 continue
             self.stats.calls += 1
@@ -192,15 +209,39 @@ class JudgeClient:
                 answer = r.parse(content)
             except ParseError as e:
                 bad_answers += 1
-                self.stats.parse_failures += 1
-                log.warning("malformed answer (%s) for %s; attempt %d of %d", e, self._where(r), bad_answers,
-                            self.p.max_parse_retries + 1)
-                if bad_answers > self.p.max_parse_retries:
+                if self._malformed("answer", e, r, bad_answers):
                     return r.key, self._fail("malformed_answer")
                 continue
-            self.cache.put(r.key, {"answer": answer, "content": content, "usage": usage, "model": self.p.model,
-                                   "mode": r.kind, "template_version": TEMPLATE_VERSION, "meta": r.meta})
+            self._keep(r, answer, content, usage)
             return r.key, Outcome(answer)
+
+    def _malformed(self, what: str, detail: object, r: Request, attempt: int) -> bool:
+        """Count a malformed response or answer (the request's ``attempt``-th); True once no retry is left."""
+        self.stats.parse_failures += 1
+        log.warning(
+            "malformed %s (%s) for %s; attempt %d of %d",
+            what,
+            detail,
+            self._where(r),
+            attempt,
+            self.p.max_parse_retries + 1,
+        )
+        return attempt > self.p.max_parse_retries
+
+    def _keep(self, r: Request, answer: dict, content: str | None, usage: dict) -> None:
+        """Cache a valid answer with what produced it."""
+        self.cache.put(
+            r.key,
+            {
+                "answer": answer,
+                "content": content,
+                "usage": usage,
+                "model": self.p.model,
+                "mode": r.kind,
+                "template_version": TEMPLATE_VERSION,
+                "meta": r.meta,
+            },
+        )
 
     @staticmethod
     def _where(r: Request) -> str:
@@ -232,8 +273,7 @@ class JudgeClient:
                 key, outcome = await fut
                 results[key] = outcome
                 if i % step == 0 or i == len(tasks):
-                    log.info("judge requests: %d/%d done (%d failed so far)", i, len(tasks),
-                             self.stats.failed_requests)
+                    log.info("judge requests: %d/%d done (%d failed so far)", i, len(tasks), self.stats.failed_requests)
         except BaseException:
             for t in tasks:
                 t.cancel()

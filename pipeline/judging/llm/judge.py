@@ -27,8 +27,16 @@ from pipeline.judging.cache import CACHE_ENV, JudgeCache, cache_key
 from pipeline.judging.llm.client import JudgeClient, LLMJudgeError, Outcome, Request, Stats
 from pipeline.judging.llm.metrics import TYPICAL_OUTPUT_TOKENS, cost_usd, position_bias, run_metrics
 from pipeline.judging.llm.parsing import listwise_format, rubric_format
-from pipeline.judging.llm.templates import (SYSTEM_LISTWISE, SYSTEM_RUBRIC, TEMPLATE_HASH, TEMPLATE_VERSION,
-                                            USER_LISTWISE_ITEM, USER_QUESTION, USER_REFERENCE, USER_RUBRIC)
+from pipeline.judging.llm.templates import (
+    SYSTEM_LISTWISE,
+    SYSTEM_RUBRIC,
+    TEMPLATE_HASH,
+    TEMPLATE_VERSION,
+    USER_LISTWISE_ITEM,
+    USER_QUESTION,
+    USER_REFERENCE,
+    USER_RUBRIC,
+)
 from pipeline.judging.selection import select_best_worst
 from pipeline.judging.types import CandidateView, Group, Score, Verdict
 from pipeline.paths import resolve_cache_dir
@@ -62,10 +70,17 @@ class LLMJudge:
 
     # --------------------------------------------------------------- building requests
     def _material(self, kind: str, g: Group, texts: list[str]) -> dict:
-        return {"model": self.p.model, "mode": kind, "template_version": TEMPLATE_VERSION,
-                "template": TEMPLATE_HASH[kind], "prompt": g.question,
-                "reference": g.answer if self.p.show_reference else None,
-                "candidates": texts, "temperature": self.p.temperature, "max_tokens": self.p.max_tokens}
+        return {
+            "model": self.p.model,
+            "mode": kind,
+            "template_version": TEMPLATE_VERSION,
+            "template": TEMPLATE_HASH[kind],
+            "prompt": g.question,
+            "reference": g.answer if self.p.show_reference else None,
+            "candidates": texts,
+            "temperature": self.p.temperature,
+            "max_tokens": self.p.max_tokens,
+        }
 
     def _user_head(self, g: Group) -> str:
         head = USER_QUESTION.format(question=g.question)
@@ -75,18 +90,27 @@ class LLMJudge:
 
     def rubric_request(self, g: Group, c: CandidateView) -> Request:
         user = self._user_head(g) + USER_RUBRIC.format(response=c.text)
-        return Request(cache_key(self._material("rubric", g, [c.text])), "rubric",
-                       ({"role": "system", "content": SYSTEM_RUBRIC}, {"role": "user", "content": user}),
-                       rubric_format(), 1, {"prompt_id": g.prompt_id, "candidate_idx": c.idx})
+        return Request(
+            cache_key(self._material("rubric", g, [c.text])),
+            "rubric",
+            ({"role": "system", "content": SYSTEM_RUBRIC}, {"role": "user", "content": user}),
+            rubric_format(),
+            1,
+            {"prompt_id": g.prompt_id, "candidate_idx": c.idx},
+        )
 
     def listwise_request(self, g: Group, order: list[int]) -> Request:
         by_idx = {c.idx: c for c in g.candidates}
         texts = [by_idx[i].text for i in order]
-        user = self._user_head(g) + "".join(USER_LISTWISE_ITEM.format(k=k, response=t)
-                                            for k, t in enumerate(texts, 1))
-        return Request(cache_key(self._material("listwise", g, texts)), "listwise",
-                       ({"role": "system", "content": SYSTEM_LISTWISE}, {"role": "user", "content": user}),
-                       listwise_format(len(texts)), len(texts), {"prompt_id": g.prompt_id, "shown_order": order})
+        user = self._user_head(g) + "".join(USER_LISTWISE_ITEM.format(k=k, response=t) for k, t in enumerate(texts, 1))
+        return Request(
+            cache_key(self._material("listwise", g, texts)),
+            "listwise",
+            ({"role": "system", "content": SYSTEM_LISTWISE}, {"role": "user", "content": user}),
+            listwise_format(len(texts)),
+            len(texts),
+            {"prompt_id": g.prompt_id, "shown_order": order},
+        )
 
     def plan(self, groups: Sequence[Group]) -> list[Request]:
         """Every request the groups need (groups with fewer than 2 candidates need none)."""
@@ -97,23 +121,35 @@ class LLMJudge:
             if self.p.mode == "rubric":
                 reqs += [self.rubric_request(g, c) for c in g.candidates]
             else:
-                reqs.append(self.listwise_request(g, shown_order(g.prompt_id, [c.idx for c in g.candidates],
-                                                                 self.p.seed)))
+                reqs.append(
+                    self.listwise_request(g, shown_order(g.prompt_id, [c.idx for c in g.candidates], self.p.seed))
+                )
         return reqs
 
     def dry_run(self, groups: Sequence[Group] | None = None, requests: Sequence[Request] | None = None) -> dict:
         """What a run would send: request counts, estimated tokens and cost. Sends nothing."""
-        reqs = list({r.key: r for r in (requests if requests is not None else self.plan(groups))}.values())
+        if requests is None:
+            if groups is None:
+                raise ValueError("dry_run needs the groups or the requests")
+            requests = self.plan(groups)
+        reqs = list({r.key: r for r in requests}.values())
         to_send = [r for r in reqs if r.key not in self.cache]
         est_in = sum(r.est_input_tokens() for r in to_send)
         typical = sum(TYPICAL_OUTPUT_TOKENS[r.kind] for r in to_send)
         bound = len(to_send) * self.p.max_tokens
-        return {"mode": self.p.mode, "model": self.p.model, "requests": len(reqs),
-                "cached": len(reqs) - len(to_send), "to_send": len(to_send), "est_input_tokens": est_in,
-                "est_output_tokens": typical, "max_output_tokens": bound,
-                "est_cost_usd": cost_usd(self.p.prices, self.p.model, est_in, typical),
-                "max_cost_usd": cost_usd(self.p.prices, self.p.model, est_in, bound),
-                "cache_dir": str(self.cache.dir)}
+        return {
+            "mode": self.p.mode,
+            "model": self.p.model,
+            "requests": len(reqs),
+            "cached": len(reqs) - len(to_send),
+            "to_send": len(to_send),
+            "est_input_tokens": est_in,
+            "est_output_tokens": typical,
+            "max_output_tokens": bound,
+            "est_cost_usd": cost_usd(self.p.prices, self.p.model, est_in, typical),
+            "max_cost_usd": cost_usd(self.p.prices, self.p.model, est_in, bound),
+            "cache_dir": str(self.cache.dir),
+        }
 
     # --------------------------------------------------------------- answers
     def execute(self, requests: Sequence[Request]) -> dict[str, Outcome]:
@@ -133,9 +169,16 @@ class LLMJudge:
         self.stats.requests_planned += len(unique)
         self.stats.cache_hits += len(unique) - len(todo)
         plan = self.dry_run(requests=list(unique.values()))
-        log.info("LLM judge %s: %d requests, %d cached, %d to send (~%d input tokens, at most %d output "
-                 "tokens); cache %s", self.name, plan["requests"], plan["cached"], plan["to_send"],
-                 plan["est_input_tokens"], plan["max_output_tokens"], self.cache.dir)
+        log.info(
+            "LLM judge %s: %d requests, %d cached, %d to send (~%d input tokens, at most %d output tokens); cache %s",
+            self.name,
+            plan["requests"],
+            plan["cached"],
+            plan["to_send"],
+            plan["est_input_tokens"],
+            plan["max_output_tokens"],
+            self.cache.dir,
+        )
         if todo:
             self.client.send(todo, results)
         return results
@@ -149,7 +192,8 @@ class LLMJudge:
             raise LLMJudgeError(
                 f"judge.llm: {self.stats.failed_requests} of {planned} requests failed "
                 f"({dict(self.stats.failure_reasons)}), more than max_failed_fraction={self.p.max_failed_fraction}; "
-                "no outputs written. Answered requests are cached: rerun to retry only the failed ones.")
+                "no outputs written. Answered requests are cached: rerun to retry only the failed ones."
+            )
         by_group: dict[str, list[Request]] = {}
         for r in reqs:
             by_group.setdefault(r.meta["prompt_id"], []).append(r)
@@ -168,7 +212,8 @@ class LLMJudge:
 
     def _rubric_verdict(self, g: Group, reqs: list[Request], results: dict[str, Outcome]) -> Verdict:
         corr = self._correctness(g)
-        scores, failures = [], {}
+        scores: list[Score] = []
+        failures: dict[int, str | None] = {}  # an outcome without an answer carries its failure
         for c in g.candidates:
             out = next((results[r.key] for r in reqs if r.meta["candidate_idx"] == c.idx), None)
             s = None
@@ -194,16 +239,16 @@ class LLMJudge:
         extra: dict[str, Any] = {"mode": "listwise", "shown_order": order}
         if out is None or out.answer is None:
             extra["failures"] = {str(c.idx): (out.failure if out else "too_few_candidates") for c in g.candidates}
-            return Verdict(g.prompt_id, tuple(Score(c.idx, None, *corr[c.idx]) for c in g.candidates),
-                           None, None, "failed", extra)
+            return Verdict(
+                g.prompt_id, tuple(Score(c.idx, None, *corr[c.idx]) for c in g.candidates), None, None, "failed", extra
+            )
         a = out.answer
         extra.update(failures={}, all_equal=a["all_equal"], best_position=a["best"], worst_position=a["worst"])
         if a["all_equal"]:
             value = {c.idx: 0.0 for c in g.candidates}
         else:
             best_idx, worst_idx = order[a["best"] - 1], order[a["worst"] - 1]
-            value = {c.idx: 1.0 if c.idx == best_idx else -1.0 if c.idx == worst_idx else 0.0
-                     for c in g.candidates}
+            value = {c.idx: 1.0 if c.idx == best_idx else -1.0 if c.idx == worst_idx else 0.0 for c in g.candidates}
         scores = tuple(Score(c.idx, value[c.idx], *corr[c.idx]) for c in g.candidates)
         best, worst, status = select_best_worst(scores, {c.idx: c.num_tokens for c in g.candidates}, self.min_gap)
         return Verdict(g.prompt_id, scores, best, worst, status, extra)
@@ -214,8 +259,8 @@ class LLMJudge:
         failed; for the evaluate stage with :func:`.metrics.rubric_rates`. Uses and fills the same cache."""
         reqs = {(g.prompt_id, c.idx): self.rubric_request(g, c) for g in groups for c in g.candidates}
         results = self.execute(list(reqs.values()))
-        return {k: (float(results[r.key].answer["score"]) if results[r.key].answer else None)
-                for k, r in reqs.items()}
+        answers = {k: results[r.key].answer for k, r in reqs.items()}
+        return {k: float(a["score"]) if a else None for k, a in answers.items()}
 
     # --------------------------------------------------------------- metrics
     @property

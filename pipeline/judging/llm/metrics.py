@@ -14,8 +14,8 @@ from pipeline.judging.types import CandidateView, Group, Verdict
 if TYPE_CHECKING:
     import polars as pl
 
-    from pipeline.settings.judge import LLMJudgeParams
     from pipeline.judging.llm.client import Stats
+    from pipeline.settings.judge import LLMJudgeParams
 
 log = logging.getLogger("pipeline.judging.llm")
 
@@ -28,16 +28,21 @@ def rubric_rates(scores: Iterable[float | int | None]) -> dict[str, float | int 
     DPO and Charting a Path Forward" (arXiv:2406.07327), over rubric scores (failed = None, excluded)."""
     valid = [s for s in scores if s is not None]
     n = len(valid)
-    return {"five_point_rate": sum(s >= 5 for s in valid) / n if n else None,
-            "four_five_point_rate": sum(s >= 4 for s in valid) / n if n else None,
-            "n_scored": n}
+    return {
+        "five_point_rate": sum(s >= 5 for s in valid) / n if n else None,
+        "four_five_point_rate": sum(s >= 4 for s in valid) / n if n else None,
+        "n_scored": n,
+    }
 
 
 def position_bias(verdicts: Sequence[Verdict]) -> dict | None:
     """Where, in the shown (shuffled) order, the listwise judge's picks were. An unbiased judge picks
     position 1 as best about 1/N of the time; ``best_first_excess`` is the observed rate minus that."""
-    picks = [v.extra for v in verdicts if v.status == "ok" and v.extra.get("mode") == "listwise"
-             and not v.extra.get("all_equal")]
+    picks = [
+        v.extra
+        for v in verdicts
+        if v.status == "ok" and v.extra.get("mode") == "listwise" and not v.extra.get("all_equal")
+    ]
     if not picks:
         return None
     n_max = max(len(e["shown_order"]) for e in picks)
@@ -48,10 +53,16 @@ def position_bias(verdicts: Sequence[Verdict]) -> dict | None:
     expected_first = sum(1 / len(e["shown_order"]) for e in picks) / len(picks)
     best_first = best_hist[0] / len(picks)
     worst_last = sum(e["worst_position"] == len(e["shown_order"]) for e in picks) / len(picks)
-    return {"n_groups": len(picks), "best_position_counts": best_hist, "worst_position_counts": worst_hist,
-            "best_first_rate": best_first, "expected_first_rate": expected_first,
-            "best_first_excess": best_first - expected_first, "worst_last_rate": worst_last,
-            "worst_last_excess": worst_last - expected_first}
+    return {
+        "n_groups": len(picks),
+        "best_position_counts": best_hist,
+        "worst_position_counts": worst_hist,
+        "best_first_rate": best_first,
+        "expected_first_rate": expected_first,
+        "best_first_excess": best_first - expected_first,
+        "worst_last_rate": worst_last,
+        "worst_last_excess": worst_last - expected_first,
+    }
 
 
 def cost_usd(prices: Mapping[str, Any], model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
@@ -66,25 +77,39 @@ def run_metrics(p: LLMJudgeParams, s: Stats, structured_output: bool, bias: dict
     """The ``llm`` section of the judge stage's metrics: requests, failures, tokens, cost, position bias."""
     if p.model not in p.prices:
         log.warning("judge.llm.prices has no entry for %r: cost not estimated", p.model)
-    return {"mode": p.mode, "model": p.model, "requests_planned": s.requests_planned,
-            "cache_hits": s.cache_hits, "calls": s.calls, "parse_failures": s.parse_failures,
-            "api_failures": s.api_failures, "failed_requests": s.failed_requests,
-            "failure_reasons": dict(sorted(s.failure_reasons.items())),
-            "structured_output": structured_output,
-            "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-            # this run's spend (malformed answers included)
-            "cost_usd": cost_usd(p.prices, p.model, s.prompt_tokens, s.completion_tokens),
-            # what the answers taken from the cache cost when they were first asked
-            "cost_usd_saved_by_cache": cost_usd(p.prices, p.model, s.cached_prompt_tokens,
-                                                s.cached_completion_tokens),
-            "position_bias": bias}
+    return {
+        "mode": p.mode,
+        "model": p.model,
+        "requests_planned": s.requests_planned,
+        "cache_hits": s.cache_hits,
+        "calls": s.calls,
+        "parse_failures": s.parse_failures,
+        "api_failures": s.api_failures,
+        "failed_requests": s.failed_requests,
+        "failure_reasons": dict(sorted(s.failure_reasons.items())),
+        "structured_output": structured_output,
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": s.completion_tokens,
+        # this run's spend (malformed answers included)
+        "cost_usd": cost_usd(p.prices, p.model, s.prompt_tokens, s.completion_tokens),
+        # what the answers taken from the cache cost when they were first asked
+        "cost_usd_saved_by_cache": cost_usd(p.prices, p.model, s.cached_prompt_tokens, s.cached_completion_tokens),
+        "position_bias": bias,
+    }
 
 
 def rubric_eval(judge, generations: pl.DataFrame, prompts: pl.DataFrame) -> dict:
     """The "5 points" and "4 & 5 points" rates (:func:`rubric_rates`) of the greedy answers in
     ``generations``, each scored 1–5 on its own by the LLM ``judge`` (stage evaluate, ``evaluate.llm_rubric``)."""
     by_id = {r["prompt_id"]: r for r in prompts.iter_rows(named=True)}
-    groups = [Group(r["prompt_id"], by_id[r["prompt_id"]]["prompt"], by_id[r["prompt_id"]]["answer"],
-                    (CandidateView(0, r["text"], 0, "stop"),)) for r in generations.iter_rows(named=True)]
+    groups = [
+        Group(
+            r["prompt_id"],
+            by_id[r["prompt_id"]]["prompt"],
+            by_id[r["prompt_id"]]["answer"],
+            (CandidateView(0, r["text"], 0, "stop"),),
+        )
+        for r in generations.iter_rows(named=True)
+    ]
     scores = judge.score_candidates(groups)
     return {**rubric_rates(scores.values()), "failed": sum(v is None for v in scores.values())}

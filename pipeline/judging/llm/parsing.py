@@ -96,14 +96,34 @@ def parse_listwise(text: str | None, n: int) -> dict[str, Any]:
 
 def rubric_format() -> dict:
     """The ``response_format`` of a rubric request: ``{"score": 1..5}``."""
-    return {"type": "json_schema", "json_schema": {"name": "rubric_score", "strict": True, "schema": {
-        "type": "object", "properties": {"score": {"type": "integer", "enum": [1, 2, 3, 4, 5]}},
-        "required": ["score"], "additionalProperties": False}}}
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "rubric_score",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {"score": {"type": "integer", "enum": [1, 2, 3, 4, 5]}},
+                "required": ["score"],
+                "additionalProperties": False,
+            },
+        },
+    }
 
 
 def listwise_format(n: int) -> dict:
     """The ``response_format`` of a listwise request over ``n`` shown responses."""
     pos = {"type": "integer", "enum": list(range(1, n + 1))}
-    return {"type": "json_schema", "json_schema": {"name": "best_worst", "strict": True, "schema": {
-        "type": "object", "properties": {"best": pos, "worst": pos, "all_equal": {"type": "boolean"}},
-        "required": ["best", "worst", "all_equal"], "additionalProperties": False}}}
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "best_worst",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {"best": pos, "worst": pos, "all_equal": {"type": "boolean"}},
+                "required": ["best", "worst", "all_equal"],
+                "additionalProperties": False,
+            },
+        },
+    }
