@@ -12,9 +12,11 @@ export TOKENIZERS_PARALLELISM := false
 setup:
 	bash scripts/setup.sh
 
+# dvc repro, then the pages generated from its figures (docs/results.md, reports/bench/README.md).
 repro: setup
 	bash scripts/ensure_dvc.sh
 	dvc repro
+	python -m pipeline.pages
 
 # Lint and format check (ruff) and type check (mypy), configured in pyproject.toml.
 lint: setup

@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.params}: pairs.inputs: must be {trl_format.judged_inputs()} when pairs.source is "
             f"{params.source!r} (the stage's DVC deps: the candidates and the judge's picks)"
         )
-    tokenizer = loading.load_tokenizer(paths.POLICY_DIR)
-    policy = loading.load_model(paths.POLICY_DIR, cfg.policy.dtype, loading.device_for()).eval()
+    policy, tokenizer = loading.load_policy(paths.POLICY_DIR, cfg.policy.dtype, loading.device_for())
 
     def policy_tags(prompt_ids, response_ids):  # truncated as training truncates
         return response_logprobs_and_hidden(

@@ -20,8 +20,7 @@ def logprob_check(
 
     if not candidates:
         return {"n": 0}
-    tok = loading.load_tokenizer(model_path)
-    model = loading.load_model(model_path, dtype, loading.device_for()).eval()
+    model, tok = loading.load_policy(model_path, dtype, loading.device_for())
     prompt_ids = [encode_prompt(tok, p) for p in prompts]
     resp = [list(c.token_ids) for c in candidates]
     longest = max(len(p) + len(r) for p, r in zip(prompt_ids, resp))

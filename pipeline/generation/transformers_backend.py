@@ -19,8 +19,7 @@ class TransformersSampler:
         from pipeline.model import loading
 
         self.device = loading.device_for(device)
-        self.tokenizer = loading.load_tokenizer(model_path)
-        self.model = loading.load_model(model_path, dtype, self.device).eval()
+        self.model, self.tokenizer = loading.load_policy(model_path, dtype, self.device)
         self.batch_size = batch_size
         self.model_id = model_id or loading.fingerprint(model_path)
 

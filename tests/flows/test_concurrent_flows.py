@@ -55,7 +55,7 @@ def test_two_sweeps_with_max_parallel_2_share_a_prefect_home_without_lock_errors
         # the temporary server writes its errors to the flow's own output
         assert "Starting temporary server" in log and "database is locked" not in log, log[-4000:]
         # Up to the temporary server's stop, no error at all. While it stops (after the flows finished),
-        # Prefect's SQLAlchemy pool may log a cancelled SQLite rollback (seen once at fd19925): its own
+        # Prefect's SQLAlchemy pool may log a cancelled SQLite rollback while its temporary server stops: its own
         # shutdown, not the flows'; anything else there still fails.
         body, _, stopping = log.partition("Stopping temporary server")
         assert "Traceback" not in body and "| ERROR" not in body, log[-4000:]

@@ -42,7 +42,6 @@ def test_flatten_select_and_grid():
 
 
 def test_a_point_refused_by_the_dvc_lock_is_tried_again(monkeypatch, tmp_path):
-    from pipeline.flows import experiments as E
     from pipeline.flows.dvc_process import DvcRun, StageFailed
 
     calls = []
@@ -54,9 +53,9 @@ def test_a_point_refused_by_the_dvc_lock_is_tried_again(monkeypatch, tmp_path):
             return DvcRun(255, [lock_line], 0.1)
         return DvcRun(0, ["done"], 0.1)
 
-    monkeypatch.setattr(E, "run_dvc", fake_run_dvc)
-    monkeypatch.setattr(E, "_pause", lambda s: None)  # no real pauses in the test
-    run = E.exp_run_temp(tmp_path, "p1", {"a.x": 1}, timeout_s=0, tail_lines=5)
+    monkeypatch.setattr(experiments, "run_dvc", fake_run_dvc)
+    monkeypatch.setattr(experiments, "_pause", lambda s: None)  # no real pauses in the test
+    run = experiments.exp_run_temp(tmp_path, "p1", {"a.x": 1}, timeout_s=0, tail_lines=5)
     assert run.returncode == 0
     # each retry first removes what the refused attempt may have recorded under the name
     assert [c[:2] for c in calls] == [
@@ -70,24 +69,25 @@ def test_a_point_refused_by_the_dvc_lock_is_tried_again(monkeypatch, tmp_path):
 
     # any other failure is not retried; a lock that stays busy fails after LOCK_TRIES attempts
     calls.clear()
-    monkeypatch.setattr(E, "run_dvc", lambda args, *a, **k: calls.append(args) or DvcRun(1, ["boom"], 0.1))
+    monkeypatch.setattr(experiments, "run_dvc", lambda args, *a, **k: calls.append(args) or DvcRun(1, ["boom"], 0.1))
     with pytest.raises(StageFailed, match="boom"):
-        E.exp_run_temp(tmp_path, "p2", {}, timeout_s=0, tail_lines=5)
+        experiments.exp_run_temp(tmp_path, "p2", {}, timeout_s=0, tail_lines=5)
     assert len(calls) == 1
     calls.clear()
-    monkeypatch.setattr(E, "run_dvc", lambda args, *a, **k: calls.append(args) or DvcRun(255, [lock_line], 0.1))
+    monkeypatch.setattr(
+        experiments, "run_dvc", lambda args, *a, **k: calls.append(args) or DvcRun(255, [lock_line], 0.1)
+    )
     with pytest.raises(StageFailed, match="Unable to acquire lock"):
-        E.exp_run_temp(tmp_path, "p3", {}, timeout_s=0, tail_lines=5)
-    assert len([c for c in calls if c[:2] == ["exp", "run"]]) == E.LOCK_TRIES
+        experiments.exp_run_temp(tmp_path, "p3", {}, timeout_s=0, tail_lines=5)
+    assert len([c for c in calls if c[:2] == ["exp", "run"]]) == experiments.LOCK_TRIES
 
 
 def test_a_refused_attempt_that_recorded_its_experiment_is_retried_cleanly(shell_repo, monkeypatch):
     """Seen with two sweeps side by side: DVC recorded the point's experiment, then gave up waiting for
     its lock; the retry then failed with "Experiment conflicts with existing experiment"."""
-    from pipeline.flows import experiments as E
     from pipeline.flows.dvc_process import DvcRun
 
-    real, refused = E.run_dvc, []
+    real, refused = experiments.run_dvc, []
 
     def run_dvc(args, *a, **k):
         out = real(args, *a, **k)
@@ -97,13 +97,13 @@ def test_a_refused_attempt_that_recorded_its_experiment_is_retried_cleanly(shell
             return DvcRun(255, ["ERROR: Unable to acquire lock. Most likely another DVC process is running"], 0.1)
         return out
 
-    monkeypatch.setattr(E, "run_dvc", run_dvc)
-    monkeypatch.setattr(E, "_pause", lambda s: None)
-    assert E.taken_names(shell_repo, ["pt", "other"]) == []
-    run = E.exp_run_temp(shell_repo, "pt", {"a.x": 7}, ["first"], timeout_s=0, tail_lines=20)
+    monkeypatch.setattr(experiments, "run_dvc", run_dvc)
+    monkeypatch.setattr(experiments, "_pause", lambda s: None)
+    assert experiments.taken_names(shell_repo, ["pt", "other"]) == []
+    run = experiments.exp_run_temp(shell_repo, "pt", {"a.x": 7}, ["first"], timeout_s=0, tail_lines=20)
     assert refused and run.returncode == 0, run.tail
-    assert E.taken_names(shell_repo, ["pt", "other"]) == ["pt"]
-    [exp] = [e for e in E.experiments(shell_repo) if e["name"] == "pt"]
+    assert experiments.taken_names(shell_repo, ["pt", "other"]) == ["pt"]
+    [exp] = [e for e in experiments.experiments(shell_repo) if e["name"] == "pt"]
     assert exp["params"]["a.x"] == 7
 
 
@@ -111,20 +111,23 @@ def test_a_point_whose_experiment_was_recorded_is_not_failed_by_another_queued_p
     """DVC's queue race (seen in the scenarios flow test with two points side by side): the scenario-4
     `dvc exp run --temp` recorded its own experiment, then also ran scenario 3's queued entry, which failed,
     and exited with that failure. A recorded experiment is a success; one not recorded is a failure."""
-    from pipeline.flows import experiments as E
     from pipeline.flows.dvc_process import DvcRun, StageFailed
 
     lines = []
-    monkeypatch.setattr(E, "run_dvc", lambda args, *a, **k: DvcRun(255, ["ERROR: failed to reproduce 'pairs'"], 0.1))
-    monkeypatch.setattr(E, "experiments", lambda repo, all_commits=False: [{"name": "cmp-s4"}, {"name": "x"}])
-    run = E.exp_run_temp(tmp_path, "cmp-s4", {"pairs.scenario": 4}, on_line=lines.append, timeout_s=0, tail_lines=5)
+    monkeypatch.setattr(
+        experiments, "run_dvc", lambda args, *a, **k: DvcRun(255, ["ERROR: failed to reproduce 'pairs'"], 0.1)
+    )
+    monkeypatch.setattr(experiments, "experiments", lambda repo, all_commits=False: [{"name": "cmp-s4"}, {"name": "x"}])
+    run = experiments.exp_run_temp(
+        tmp_path, "cmp-s4", {"pairs.scenario": 4}, on_line=lines.append, timeout_s=0, tail_lines=5
+    )
     assert run.returncode == 255 and "cmp-s4 was recorded" in lines[-1]
     with pytest.raises(StageFailed, match="failed to reproduce 'pairs'"):
-        E.exp_run_temp(tmp_path, "cmp-s3", {"pairs.scenario": 3}, timeout_s=0, tail_lines=5)
+        experiments.exp_run_temp(tmp_path, "cmp-s3", {"pairs.scenario": 3}, timeout_s=0, tail_lines=5)
 
     def no_answer(repo, all_commits=False):
         raise RuntimeError("dvc exp show failed")
 
-    monkeypatch.setattr(E, "experiments", no_answer)
+    monkeypatch.setattr(experiments, "experiments", no_answer)
     with pytest.raises(StageFailed):
-        E.exp_run_temp(tmp_path, "cmp-s4", {}, timeout_s=0, tail_lines=5)
+        experiments.exp_run_temp(tmp_path, "cmp-s4", {}, timeout_s=0, tail_lines=5)

@@ -11,7 +11,7 @@ import pytest
 from huggingface_hub import ModelCard
 from repo_utils import repo_params
 
-from pipeline.model import card as C
+from pipeline.model import card as model_card
 from pipeline.settings.params import Params
 from pipeline.training.losses import LOSSES
 
@@ -70,17 +70,19 @@ def variant():
 
 @pytest.fixture
 def trained(tmp_path, variant):
-    data = C.data_fingerprint(_pairs(tmp_path, 0.5), _pairs(tmp_path, 0.9), n_train=7, n_heldout=2, scenarios=[2])
-    card = C.training_card(
+    data = model_card.data_fingerprint(
+        _pairs(tmp_path, 0.5), _pairs(tmp_path, 0.9), n_train=7, n_heldout=2, scenarios=[2]
+    )
+    card = model_card.training_card(
         variant="mix",
         base_model="smollm2-135m-instruct",
         base_fingerprint="0123abcd",
-        losses=[C.loss_record(t.name, t.weight, t.hp) for t in variant.losses],
+        losses=[model_card.loss_record(t.name, t.weight, t.hp) for t in variant.losses],
         hyperparameters=variant.settings.model_dump(),
         data=data,
         training=TRAINING,
     )
-    C.save(card, tmp_path / "README.md")
+    model_card.save(card, tmp_path / "README.md")
     return tmp_path / "README.md"
 
 
@@ -89,7 +91,7 @@ def test_training_card_parses_with_the_loss_and_resolved_hyperparameters(trained
     d = card.data
     assert d.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and d.library_name == "transformers"
     assert d.pipeline_tag == "text-generation" and {"dpo", "dpop", "simpo"} <= set(d.tags)
-    rec = d.to_dict()[C.KEY]
+    rec = d.to_dict()[model_card.KEY]
     assert rec["hyperparameters"] == variant.settings.model_dump()
     assert rec["hyperparameters"]["lr"] == 3.0e-4  # the variant's override, not train.lr
     assert [(t["name"], t["weight"], t["hyperparameters"]) for t in rec["losses"]] == [
@@ -111,20 +113,20 @@ def test_training_card_parses_with_the_loss_and_resolved_hyperparameters(trained
 
 def test_data_fingerprint_hashes_the_files_and_changes_with_the_pairs(tmp_path):
     pairs, ref = _pairs(tmp_path, 0.5), _pairs(tmp_path, 0.9)
-    fp = C.data_fingerprint(pairs, ref, n_train=7, n_heldout=2, scenarios=[2, 1, 2])
+    fp = model_card.data_fingerprint(pairs, ref, n_train=7, n_heldout=2, scenarios=[2, 1, 2])
     assert fp["pairs"]["sha256"] == hashlib.sha256(pairs.read_bytes()).hexdigest()
     assert fp["reference"]["sha256"] == hashlib.sha256(ref.read_bytes()).hexdigest()
     assert (fp["n_pairs_train"], fp["n_pairs_heldout"], fp["scenarios"]) == (7, 2, [1, 2])
-    changed = C.data_fingerprint(_pairs(tmp_path, 0.25), ref, n_train=7, n_heldout=2, scenarios=[2])
+    changed = model_card.data_fingerprint(_pairs(tmp_path, 0.25), ref, n_train=7, n_heldout=2, scenarios=[2])
     assert changed["pairs"]["sha256"] != fp["pairs"]["sha256"]
     assert changed["reference"] == fp["reference"]
 
 
 def test_evaluation_completes_the_card(trained, tmp_path):
-    card = C.with_evaluation(C.load(trained), METRICS, source="metrics/eval/mix.json")
-    C.save(card, tmp_path / "out.md")
+    card = model_card.with_evaluation(model_card.load(trained), METRICS, source="metrics/eval/mix.json")
+    model_card.save(card, tmp_path / "out.md")
     loaded = ModelCard.load(tmp_path / "out.md")
-    rec = loaded.data.to_dict()[C.KEY]
+    rec = loaded.data.to_dict()[model_card.KEY]
     assert rec["evaluation"] == METRICS and rec["evaluation_source"] == "metrics/eval/mix.json"
     assert rec["training"] == TRAINING  # the training record is kept
     # the headline figures as the Hub's model-index results
@@ -137,16 +139,18 @@ def test_evaluation_completes_the_card(trained, tmp_path):
 
 
 def test_evaluation_of_another_variant_or_a_card_without_record_is_refused(trained, tmp_path):
-    with pytest.raises(C.ModelCardError, match="metrics/eval/dpo.json: variant 'dpo' evaluated"):
-        C.with_evaluation(C.load(trained), {**METRICS, "variant": "dpo"}, source="metrics/eval/dpo.json")
+    with pytest.raises(model_card.ModelCardError, match="metrics/eval/dpo.json: variant 'dpo' evaluated"):
+        model_card.with_evaluation(
+            model_card.load(trained), {**METRICS, "variant": "dpo"}, source="metrics/eval/dpo.json"
+        )
     (tmp_path / "plain.md").write_text("---\nlicense: mit\n---\n# a model\n")
-    with pytest.raises(C.ModelCardError, match="no 'dpo_pipeline' training record"):
-        C.with_evaluation(C.load(tmp_path / "plain.md"), METRICS, source="m.json")
-    with pytest.raises(C.ModelCardError, match="nothere/README.md: no model card"):
-        C.load(tmp_path / "nothere/README.md")
+    with pytest.raises(model_card.ModelCardError, match="no 'dpo_pipeline' training record"):
+        model_card.with_evaluation(model_card.load(tmp_path / "plain.md"), METRICS, source="m.json")
+    with pytest.raises(model_card.ModelCardError, match="nothere/README.md: no model card"):
+        model_card.load(tmp_path / "nothere/README.md")
 
 
 def test_base_model_is_a_hub_id_or_left_out():
-    assert C.base_model_id("hf:org/name") == "org/name"
-    assert C.base_model_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert C.base_model_id("/data/models/mine") is None
+    assert model_card.base_model_id("hf:org/name") == "org/name"
+    assert model_card.base_model_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert model_card.base_model_id("/data/models/mine") is None

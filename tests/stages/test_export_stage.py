@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 from repo_utils import write_params
 
 from pipeline.io import read_json
-from pipeline.model import card as C
+from pipeline.model import card as model_card
 from pipeline.settings.params import Params
 
 LR = 3.0e-4  # the variant's own learning rate (train.lr is shared by the others)
@@ -54,7 +54,7 @@ def test_trained_and_exported_model_cards(trained):
 
     # models/dpo: the training card
     card = ModelCard.load(model / "README.md")
-    rec = card.data.to_dict()[C.KEY]
+    rec = card.data.to_dict()[model_card.KEY]
     assert card.data.library_name == "transformers" and {"dpo"} <= set(card.data.tags)
     assert card.data.base_model is None  # the policy is a local folder, not a Hub model
     assert rec["hyperparameters"] == variant.settings.model_dump() and rec["hyperparameters"]["lr"] == LR
@@ -69,7 +69,7 @@ def test_trained_and_exported_model_cards(trained):
     # export/models/dpo: the same files, the card completed with metrics/eval/dpo.json
     metrics = read_json("metrics/eval/dpo.json")
     out = ModelCard.load(exported / "README.md")
-    out_rec = out.data.to_dict()[C.KEY]
+    out_rec = out.data.to_dict()[model_card.KEY]
     assert out_rec["evaluation"] == metrics and out_rec["evaluation_source"] == "metrics/eval/dpo.json"
     assert {k: v for k, v in out_rec.items() if not k.startswith("evaluation")} == {
         k: v for k, v in rec.items() if not k.startswith("evaluation")
@@ -98,7 +98,7 @@ def test_export_names_what_is_missing(workspace):
     shutil.copytree("models/policy", "models/dpo")  # a model folder without a card
     (workspace / "metrics/eval").mkdir(parents=True)
     (workspace / "metrics/eval/dpo.json").write_text(json.dumps({"variant": "dpo", "test_accuracy": 0.0}))
-    with pytest.raises(C.ModelCardError, match="models/dpo/README.md: no model card"):
+    with pytest.raises(model_card.ModelCardError, match="models/dpo/README.md: no model card"):
         export.main(["--params", "params.yaml", "--variant", "dpo"])
     with pytest.raises(ValueError, match="train.variants.nope: no such variant"):
         export.main(["--params", "params.yaml", "--variant", "nope"])

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.training import losses as L
+from pipeline.training import losses
 from pipeline.training.losses import (
     LossConfigError,
     combined_loss,
@@ -153,8 +153,8 @@ def test_slic_and_simpo_run_without_reference():
     lw, ll = lens()
     preference_loss("slic", lp_w, lp_l, None, None, delta=1.0, reg_weight=0.0)
     preference_loss("simpo", lp_w, lp_l, None, None, lw, ll, beta=1.0, margin=0.5)
-    assert not L.needs_reference("slic") and not L.needs_reference("simpo")
-    assert L.needs_reference("dpo")
+    assert not losses.needs_reference("slic") and not losses.needs_reference("simpo")
+    assert losses.needs_reference("dpo")
     with pytest.raises(ValueError, match="reference"):
         preference_loss("dpo", lp_w, lp_l, None, None, beta=0.1)
 
@@ -249,7 +249,7 @@ def test_simpo_matches_trl():
 @pytest.mark.parametrize("name", ["dpo_sft", "simpo"])
 def test_length_losses_need_lengths(name):
     hp = {"dpo_sft": {"beta": 0.1, "sft_weight": 1.0}, "simpo": {"beta": 1.0, "margin": 0.0}}[name]
-    assert L.needs_lengths(name)
+    assert losses.needs_lengths(name)
     with pytest.raises(ValueError, match="len_w"):
         preference_loss(name, *inputs(), **hp)
     with pytest.raises(ValueError, match="len_w"):
@@ -257,7 +257,7 @@ def test_length_losses_need_lengths(name):
 
 
 def test_registry_complete():
-    assert set(L.LOSS_NAMES) == {
+    assert set(losses.LOSS_NAMES) == {
         "dpo",
         "cdpo",
         "dpop",
@@ -269,8 +269,8 @@ def test_registry_complete():
         "hinge",
         "simpo",
     }
-    assert [n for n in L.LOSS_NAMES if L.needs_lengths(n)] == ["dpo_sft", "simpo"]
-    for spec in L.LOSSES.values():
+    assert [n for n in losses.LOSS_NAMES if losses.needs_lengths(n)] == ["dpo_sft", "simpo"]
+    for spec in losses.LOSSES.values():
         assert spec.fn.__doc__ and "`" in spec.fn.__doc__
 
 
