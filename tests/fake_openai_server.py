@@ -11,6 +11,18 @@ Faults are scripted per content id, consumed one per request in order: ``429`` (
 valid through the tolerant parser). ``listwise_policy="first"`` makes a judge that always prefers the
 first candidate shown (and rejects the last), for the position-bias test. A wrong ``Authorization``
 header gets a 401 whose message echoes the header, as a careless server might, to test redaction.
+
+The Files and Batches endpoints of the Batch API: ``POST /v1/files`` (multipart upload),
+``GET /v1/files/<id>`` and ``/v1/files/<id>/content``, ``POST /v1/batches``, ``GET /v1/batches/<id>``
+and ``POST /v1/batches/<id>/cancel``. A created batch checks its input file's lines (a bad line fails the
+batch, as the API's validation does) and is ``validating``; each retrieve moves it on: ``in_progress``
+(and it stays there while ``batch_hold`` is true), then it ends as ``batch_outcome`` says. When it ends,
+its requests are answered as the chat endpoint answers them (same markers and faults; ``429``, ``500``
+and ``hang`` give an error-file line with that status, ``badbody`` a status 200 body without choices),
+and the output and error files are written. ``expired`` answers the first ``batch_partial`` requests and
+puts the others in the error file with ``batch_expired``; ``cancelled`` (also after a cancel call)
+answers the first ``batch_partial`` and leaves the others out; ``failed`` fails the batch. Every call is
+in ``api_calls`` as ``(operation, id)``.
 """
 
 from __future__ import annotations
@@ -20,6 +32,8 @@ import re
 import threading
 import time
 from collections import Counter
+from email import policy
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _CID = re.compile(r"\bcid=([\w.-]+)")
@@ -49,7 +63,14 @@ class FakeOpenAI:
         self.hang_s = hang_s
         self.retry_after = retry_after
         self.log: list[dict] = []
-        self._lock = threading.Lock()
+        # The Batch API's script, set by the tests as attributes (see the module docstring)
+        self.batch_outcome = "completed"
+        self.batch_partial = 0
+        self.batch_hold = False
+        self.files: dict[str, dict] = {}
+        self.batches: dict[str, dict] = {}
+        self.api_calls: list[tuple[str, str]] = []
+        self._lock = threading.RLock()  # the Batch API answers chat requests under it
         self._stop = threading.Event()
         self._server: ThreadingHTTPServer | None = None
 
@@ -65,6 +86,9 @@ class FakeOpenAI:
 
             def do_POST(self):  # noqa: N802 - http.server API
                 fake._handle(self)
+
+            def do_GET(self):  # noqa: N802 - http.server API
+                fake._batch_api(self, b"")
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
@@ -103,40 +127,22 @@ class FakeOpenAI:
     def answered(self, since: int = 0) -> Counter:
         return Counter(r["content_id"] for r in self.requests(since) if r["answered"])
 
+    def calls(self, operation: str) -> list[str]:
+        """The ids the Batch API calls of ``operation`` (e.g. ``batches.create``) were about, in order."""
+        with self._lock:
+            return [i for op, i in self.api_calls if op == operation]
+
     # ------------------------------------------------------------------ serving
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
-        t0 = time.monotonic()
         raw = h.rfile.read(int(h.headers.get("Content-Length") or 0))
         if h.path.rstrip("/") != "/v1/chat/completions":
-            return self._send(h, 404, {"error": {"message": f"no route {h.path}"}})
+            return self._batch_api(h, raw)
         try:
             body = json.loads(raw)
-            user = next(m["content"] for m in body["messages"] if m["role"] == "user")
+            _user(body)
         except (ValueError, KeyError, StopIteration):
             return self._send(h, 400, {"error": {"message": "bad request body"}})
-        kind = "listwise" if "[Response 1]" in user else "rubric"
-        if kind == "rubric":
-            m = _CID.search(user)
-        else:
-            m = _QID.search(user)
-        content_id = m.group(1) if m else "?"
-        rec = {
-            "t": t0,
-            "content_id": content_id,
-            "kind": kind,
-            "structured": "response_format" in body,
-            "temperature": body.get("temperature"),
-            "max_tokens": body.get("max_tokens"),
-            "fault": None,
-            "status": 200,
-            "answered": False,
-        }
-        with self._lock:
-            self.log.append(rec)
-            queue = self.faults.get(content_id)
-            fault = queue.pop(0) if queue else None
-        rec["fault"] = fault
-
+        rec = self._record(body, "http")
         if h.headers.get("Authorization") != f"Bearer {self.api_key}":
             rec["status"] = 401
             return self._send(
@@ -155,23 +161,58 @@ class FakeOpenAI:
             return self._send(h, 400, {"error": {"message": "response_format of type json_schema is not supported"}})
         if self.delay:
             self._stop.wait(self.delay)
+        if rec["fault"] == "hang":
+            self._stop.wait(self.hang_s)
+            rec["status"] = None  # the client has given up by now
+            return self._send(h, 500, {"error": {"message": "too late"}})
+        status, payload, headers = self._complete(body, rec)
+        if isinstance(payload, bytes):
+            return self._send_raw(h, status, payload)
+        self._send(h, status, payload, headers)
+
+    def _record(self, body: dict, via: str) -> dict:
+        """Log a chat request (``via`` http or batch) and take its next scripted fault."""
+        user = _user(body)
+        kind = "listwise" if "[Response 1]" in user else "rubric"
+        if kind == "rubric":
+            m = _CID.search(user)
+        else:
+            m = _QID.search(user)
+        content_id = m.group(1) if m else "?"
+        rec = {
+            "t": time.monotonic(),
+            "via": via,
+            "content_id": content_id,
+            "kind": kind,
+            "structured": "response_format" in body,
+            "temperature": body.get("temperature"),
+            "max_tokens": body.get("max_tokens"),
+            "fault": None,
+            "status": 200,
+            "answered": False,
+        }
+        with self._lock:
+            self.log.append(rec)
+            queue = self.faults.get(content_id)
+            fault = queue.pop(0) if queue else None
+        rec["fault"] = fault
+        return rec
+
+    def _complete(self, body: dict, rec: dict) -> tuple[int, dict | bytes, dict | None]:
+        """The status, body and headers of the answer to a logged chat request."""
+        fault, kind, user = rec["fault"], rec["kind"], _user(body)
         if fault == "429":
             rec["status"] = 429
-            return self._send(
-                h,
+            return (
                 429,
                 {"error": {"message": "Rate limit reached", "type": "rate_limit"}},
                 {"Retry-After": self.retry_after},
             )
-        if fault == "500":
+        if fault in ("500", "hang"):
             rec["status"] = 500
-            return self._send(h, 500, {"error": {"message": "internal error"}})
-        if fault == "hang":
-            self._stop.wait(self.hang_s)
-            rec["status"] = None  # the client has given up by now
-            return self._send(h, 500, {"error": {"message": "too late"}})
+            return 500, {"error": {"message": "internal error"}}, None
         if fault == "badbody":
-            return self._send_raw(h, 200, b'{"id": "chatcmpl-x", "choices": [{"index": 0, "mess')
+            return 200, b'{"id": "chatcmpl-x", "choices": [{"index": 0, "mess', None
 
         if kind == "rubric":
             cm = _RUBRIC_RESPONSE.search(user)
@@ -202,8 +243,7 @@ class FakeOpenAI:
             content = f"Score: {json.loads(content).get('score', 3)}"
         rec["answered"] = fault in (None, "textscore")
         prompt_tokens = sum(len(m["content"]) for m in body["messages"]) // 4
-        self._send(
-            h,
+        return (
             200,
             {
                 "id": f"chatcmpl-{len(self.log)}",
@@ -219,7 +259,133 @@ class FakeOpenAI:
                     "total_tokens": prompt_tokens + len(content) // 4 + 1,
                 },
             },
+            None,
         )
+
+    # ------------------------------------------------------------------ the Batch API
+    def _batch_api(self, h: BaseHTTPRequestHandler, raw: bytes) -> None:
+        if h.headers.get("Authorization") != f"Bearer {self.api_key}":
+            msg = f"Incorrect API key provided: {h.headers.get('Authorization')}"
+            return self._send(h, 401, {"error": {"message": msg, "code": "invalid_api_key"}})
+        parts = h.path.split("?")[0].strip("/").split("/")[1:]  # after "v1"
+        route = (h.command, *parts[:1], *parts[2:])
+        with self._lock:
+            if route == ("POST", "files"):
+                return self._send(h, 200, self._upload(h, raw))
+            if route == ("POST", "batches"):
+                return self._send(h, 200, self._create(json.loads(raw)))
+            obj = (self.files if parts[0] == "files" else self.batches).get(parts[1]) if len(parts) > 1 else None
+            if obj is None:
+                return self._send(h, 404, {"error": {"message": f"no such object: {h.path}"}})
+            if route == ("GET", "files", "content"):
+                self.api_calls.append(("files.content", obj["id"]))
+                return self._send_raw(h, 200, obj["data"])
+            if route == ("GET", "files"):
+                return self._send(h, 200, {k: v for k, v in obj.items() if k != "data"})
+            if route == ("GET", "batches"):
+                self.api_calls.append(("batches.retrieve", obj["id"]))
+                self._advance(obj)
+                return self._send(h, 200, obj)
+            if route == ("POST", "batches", "cancel"):
+                self.api_calls.append(("batches.cancel", obj["id"]))
+                if obj["status"] in ("validating", "in_progress"):
+                    obj["status"] = "cancelling"
+                return self._send(h, 200, obj)
+        return self._send(h, 404, {"error": {"message": f"no route {h.command} {h.path}"}})
+
+    def _new_file(self, data: bytes, purpose: str, filename: str) -> dict:
+        fid = f"file-{len(self.files) + 1}"
+        self.files[fid] = {
+            "id": fid,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": 0,
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "data": data,
+        }
+        return self.files[fid]
+
+    def _upload(self, h: BaseHTTPRequestHandler, raw: bytes) -> dict:
+        head = f"Content-Type: {h.headers.get('Content-Type')}\r\n\r\n".encode()
+        form = BytesParser(policy=policy.HTTP).parsebytes(head + raw)
+        fields = {p.get_param("name", header="content-disposition"): p for p in form.iter_parts()}
+        part = fields["file"]
+        f = self._new_file(part.get_payload(decode=True), fields["purpose"].get_content().strip(), part.get_filename())
+        self.api_calls.append(("files.create", f["id"]))
+        return {k: v for k, v in f.items() if k != "data"}
+
+    def _create(self, req: dict) -> dict:
+        bid = f"batch_{len(self.batches) + 1}"
+        self.api_calls.append(("batches.create", bid))
+        b = {
+            "id": bid,
+            "object": "batch",
+            "endpoint": req["endpoint"],
+            "input_file_id": req["input_file_id"],
+            "completion_window": req["completion_window"],
+            "metadata": req.get("metadata"),
+            "status": "validating",
+            "created_at": 0,
+            "output_file_id": None,
+            "error_file_id": None,
+            "errors": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+        }
+        self.batches[bid] = b
+        f = self.files.get(req["input_file_id"])
+        problem = "no such input file" if f is None or f["purpose"] != "batch" else None
+        lines = f["data"].decode().splitlines() if problem is None else []
+        ids: set[str] = set()
+        for n, line in enumerate(lines, 1):
+            try:
+                item = json.loads(line)
+                assert set(item) == {"custom_id", "method", "url", "body"}, f"keys {sorted(item)}"
+                assert item["method"] == "POST" and item["url"] == req["endpoint"], "method or url"
+                assert item["custom_id"] not in ids, "duplicate custom_id"
+                assert item["body"]["model"] and _user(item["body"]), "body"
+                ids.add(item["custom_id"])
+            except (ValueError, AssertionError, KeyError, TypeError, StopIteration) as e:
+                problem = f"line {n}: {e}"
+                break
+        if problem is not None or self.batch_outcome == "failed":
+            msg = problem or "The model is not available for batch requests."
+            b.update(status="failed", errors={"object": "list", "data": [{"code": "invalid_request", "message": msg}]})
+        b["request_counts"]["total"] = len(lines)
+        return b
+
+    def _advance(self, b: dict) -> None:
+        """One retrieve's worth of progress: validating -> in_progress -> (unless held) the outcome."""
+        if b["status"] == "validating":
+            b["status"] = "in_progress"
+        elif b["status"] == "in_progress" and not self.batch_hold:
+            self._finish(b, self.batch_outcome)
+        elif b["status"] == "cancelling":
+            self._finish(b, "cancelled")
+
+    def _finish(self, b: dict, outcome: str) -> None:
+        lines = [json.loads(x) for x in self.files[b["input_file_id"]]["data"].decode().splitlines()]
+        done = len(lines) if outcome == "completed" else self.batch_partial
+        out, err = [], []
+        for n, item in enumerate(lines):
+            line = {"id": f"batch_req_{n}", "custom_id": item["custom_id"], "response": None, "error": None}
+            if n >= done:
+                if outcome == "expired":
+                    msg = "This request could not be executed before the completion window expired."
+                    err.append({**line, "error": {"code": "batch_expired", "message": msg}})
+                continue
+            rec = self._record(item["body"], "batch")
+            status, payload, _ = self._complete(item["body"], rec)
+            if isinstance(payload, bytes):  # a status 200 body that is not a chat completion
+                payload = {"id": "chatcmpl-x", "object": "chat.completion", "choices": []}
+            line["response"] = {"status_code": status, "request_id": f"req_{n}", "body": payload}
+            (out if status == 200 else err).append(line)
+        for key, rows in (("output_file_id", out), ("error_file_id", err)):
+            data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+            b[key] = self._new_file(data, "batch_output", f"{b['id']}_{key}.jsonl")["id"] if rows else None
+        b["request_counts"] = {"total": len(lines), "completed": len(out), "failed": len(err)}
+        b["status"] = outcome
 
     def _send(self, h, status: int, obj: dict, headers: dict | None = None) -> None:
         self._send_raw(h, status, json.dumps(obj).encode(), headers)
@@ -237,6 +403,10 @@ class FakeOpenAI:
             h.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
             pass
+
+
+def _user(body: dict) -> str:
+    return next(m["content"] for m in body["messages"] if m["role"] == "user")
 
 
 if __name__ == "__main__":  # manual use: python tests/fake_openai_server.py

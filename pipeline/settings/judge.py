@@ -50,6 +50,13 @@ class LLMJudgeParams(Strict):
     # DPO_JUDGE_CACHE, or an absolute path here, overrides it.
     cache_dir: str
     dry_run: bool  # print the number of requests and estimated tokens, send nothing
+    # The OpenAI Batch API (pipeline/judging/llm/batch.py): the requests go up as one JSONL file and come
+    # back within its 24 h window, at a lower price; false: one request at a time.
+    batch: bool
+    batch_poll_s: float = Field(gt=0)  # seconds between two status checks of a submitted batch
+    # How long one run waits for its batches; the batches keep running after it, and a rerun resumes them.
+    batch_timeout_s: float = Field(gt=0)
+    batch_price_factor: float = Field(gt=0, le=1)  # batch price as a share of `prices`
 
     @model_validator(mode="before")
     @classmethod

@@ -6,6 +6,8 @@ Selected with ``judge.backend: llm`` (:func:`pipeline.judging.registry.get_judge
 - :mod:`.templates`: the prompts (the rubric) and their version and hash, part of every cache key;
 - :mod:`.parsing`: strict parsing of the judge's answers and the JSON schemas requested;
 - :mod:`.client`: the HTTP side (requests, the ``openai`` client, retries, concurrency, usage);
+- :mod:`.batch`: the OpenAI Batch API instead (``batch: true``): submit, resume, poll, collect;
+- :mod:`.batch_format`: the Batch API's JSONL request and result lines;
 - :mod:`.judge`: :class:`~.judge.LLMJudge`, requests from groups, the answer cache, verdicts, dry run;
 - :mod:`.metrics`: rubric rates, position bias, cost.
 

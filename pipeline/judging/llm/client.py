@@ -8,7 +8,9 @@ then counted as a failure. Valid answers are written to the answer cache as soon
 failures are not. The API key is read from the environment variable named by ``judge.llm.api_key_env``
 and never logged, stored or put into an exception message (:meth:`JudgeClient.redact`).
 
-``openai`` is imported only when requests are sent.
+The Batch API mode (:mod:`.batch`) sends the same bodies (:meth:`JudgeClient.body`) and takes its
+results through the same steps (:meth:`~JudgeClient.keep`, :meth:`~JudgeClient.malformed`,
+:meth:`~JudgeClient.fail`). ``openai`` is imported only when requests are sent.
 """
 
 from __future__ import annotations
@@ -75,7 +77,23 @@ class Stats:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     cached_completion_tokens: int = 0
+    # The Batch API's share of the tokens above (priced at judge.llm.batch_price_factor)
+    batch_prompt_tokens: int = 0
+    batch_completion_tokens: int = 0
+    cached_batch_prompt_tokens: int = 0
+    cached_batch_completion_tokens: int = 0
+    batch_ids: list[str] = field(default_factory=list)  # the batches this run submitted or resumed
     failure_reasons: Counter = field(default_factory=Counter)
+
+    def count_cached(self, record: dict) -> None:
+        """Count the tokens a cached answer cost when it was asked (a Batch API answer names its batch)."""
+        u = record.get("usage") or {}
+        pt, ct = int(u.get("prompt_tokens", 0) or 0), int(u.get("completion_tokens", 0) or 0)
+        self.cached_prompt_tokens += pt
+        self.cached_completion_tokens += ct
+        if record.get("batch_id"):
+            self.cached_batch_prompt_tokens += pt
+            self.cached_batch_completion_tokens += ct
 
 
 def run_coro(coro: Coroutine[Any, Any, T]) -> T:
@@ -138,7 +156,8 @@ class JudgeClient:
         text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
         return re.sub(r"\bsk-[A-Za-z0-9_\-*]{4,}", "sk-***", text)
 
-    def _make_client(self):
+    def make_client(self):
+        """The ``openai`` async client for the endpoint (or ``client_factory``'s), with the key from the environment."""
         key = self._api_key()
         self._secret = key
         if self._client_factory is not None:
@@ -149,23 +168,26 @@ class JudgeClient:
             api_key=key, base_url=self.p.base_url, timeout=self.p.timeout_s, max_retries=self.p.max_retries
         )
 
-    async def _call(self, client, sem: asyncio.Semaphore, r: Request) -> tuple[str, Outcome]:
+    def body(self, r: Request, structured: bool) -> dict:
+        """The Chat Completions request body of ``r`` (also each line of a Batch API file)."""
+        body = {
+            "model": self.p.model,
+            "messages": list(r.messages),
+            "temperature": self.p.temperature,
+            "max_tokens": self.p.max_tokens,
+        }
+        if structured:
+            body["response_format"] = r.response_format
+        return body
+
+    async def _call(self, client, sem: asyncio.Semaphore, r: Request, bad_answers: int) -> tuple[str, Outcome]:
         import openai
 
-        bad_answers = 0
         while True:
-            kwargs = {
-                "model": self.p.model,
-                "messages": list(r.messages),
-                "temperature": self.p.temperature,
-                "max_tokens": self.p.max_tokens,
-            }
             try:
                 async with sem:
                     structured = self.structured  # read once a slot is free: a refusal may have come meanwhile
-                    if structured:
-                        kwargs["response_format"] = r.response_format
-                    resp = await client.chat.completions.create(**kwargs)
+                    resp = await client.chat.completions.create(**self.body(r, structured))
                 choices = getattr(resp, "choices", None)
                 if not choices:
                     raise ValueError("no choices in the response")
@@ -189,19 +211,19 @@ class JudgeClient:
                     continue
                 if structured and not self.structured:
                     continue  # another request switched to plain text meanwhile
-                return r.key, self._fail(f"http_{e.status_code}", api=True)
+                return r.key, self.fail(f"http_{e.status_code}", api=True)
             except openai.APITimeoutError:
-                return r.key, self._fail("timeout", api=True)
+                return r.key, self.fail("timeout", api=True)
             except openai.APIConnectionError:
-                return r.key, self._fail("connection", api=True)
+                return r.key, self.fail("connection", api=True)
             except openai.APIStatusError as e:  # 429/5xx after the client's retries, other 4xx
-                return r.key, self._fail(f"http_{e.status_code}", api=True)
+                return r.key, self.fail(f"http_{e.status_code}", api=True)
             except (openai.APIResponseValidationError, ValueError, AttributeError, TypeError, IndexError) as e:
                 # A body that is not a chat completion: as malformed as a bad answer.
                 self.stats.calls += 1
                 bad_answers += 1
-                if self._malformed("response", type(e).__name__, r, bad_answers):
-                    return r.key, self._fail("malformed_response")
+                if self.malformed("response", type(e).__name__, r, bad_answers):
+                    return r.key, self.fail("malformed_response")
                 continue
             self.stats.calls += 1
             usage = self._usage(resp)
@@ -209,46 +231,44 @@ class JudgeClient:
                 answer = r.parse(content)
             except ParseError as e:
                 bad_answers += 1
-                if self._malformed("answer", e, r, bad_answers):
-                    return r.key, self._fail("malformed_answer")
+                if self.malformed("answer", e, r, bad_answers):
+                    return r.key, self.fail("malformed_answer")
                 continue
-            self._keep(r, answer, content, usage)
+            self.keep(r, answer, content, usage)
             return r.key, Outcome(answer)
 
-    def _malformed(self, what: str, detail: object, r: Request, attempt: int) -> bool:
+    def malformed(self, what: str, detail: object, r: Request, attempt: int) -> bool:
         """Count a malformed response or answer (the request's ``attempt``-th); True once no retry is left."""
         self.stats.parse_failures += 1
         log.warning(
             "malformed %s (%s) for %s; attempt %d of %d",
             what,
             detail,
-            self._where(r),
+            self.where(r),
             attempt,
             self.p.max_parse_retries + 1,
         )
         return attempt > self.p.max_parse_retries
 
-    def _keep(self, r: Request, answer: dict, content: str | None, usage: dict) -> None:
-        """Cache a valid answer with what produced it."""
-        self.cache.put(
-            r.key,
-            {
-                "answer": answer,
-                "content": content,
-                "usage": usage,
-                "model": self.p.model,
-                "mode": r.kind,
-                "template_version": TEMPLATE_VERSION,
-                "meta": r.meta,
-            },
-        )
+    def keep(self, r: Request, answer: dict, content: str | None, usage: dict, batch_id: str | None = None) -> None:
+        """Cache a valid answer with what produced it (``batch_id``: the Batch API's batch that answered it)."""
+        record = {
+            "answer": answer,
+            "content": content,
+            "usage": usage,
+            "model": self.p.model,
+            "mode": r.kind,
+            "template_version": TEMPLATE_VERSION,
+            "meta": r.meta,
+        }
+        self.cache.put(r.key, {**record, "batch_id": batch_id} if batch_id else record)
 
     @staticmethod
-    def _where(r: Request) -> str:
+    def where(r: Request) -> str:
         m = r.meta
         return f"prompt {m.get('prompt_id')}" + (f" candidate {m['candidate_idx']}" if "candidate_idx" in m else "")
 
-    def _fail(self, reason: str, api: bool = False) -> Outcome:
+    def fail(self, reason: str, api: bool = False) -> Outcome:
         if api:
             self.stats.calls += 1
             self.stats.api_failures += 1
@@ -263,10 +283,10 @@ class JudgeClient:
         self.stats.completion_tokens += ct
         return {"prompt_tokens": pt, "completion_tokens": ct}
 
-    async def _send_async(self, todo: Sequence[Request], results: dict[str, Outcome]) -> None:
-        client = self._make_client()
+    async def _send_async(self, todo: Sequence[Request], results: dict[str, Outcome], bad_answers: int) -> None:
+        client = self.make_client()
         sem = asyncio.Semaphore(self.p.max_in_flight)
-        tasks = [asyncio.ensure_future(self._call(client, sem, r)) for r in todo]
+        tasks = [asyncio.ensure_future(self._call(client, sem, r, bad_answers)) for r in todo]
         step = max(1, len(tasks) // 10)
         try:
             for i, fut in enumerate(asyncio.as_completed(tasks), 1):
@@ -284,7 +304,8 @@ class JudgeClient:
             if close is not None:
                 await close()
 
-    def send(self, todo: Sequence[Request], results: dict[str, Outcome]) -> None:
+    def send(self, todo: Sequence[Request], results: dict[str, Outcome], bad_answers: int = 0) -> None:
         """Ask the endpoint for every request of ``todo`` (distinct keys), concurrently; each outcome goes
-        into ``results`` under its key as it arrives."""
-        run_coro(self._send_async(todo, results))
+        into ``results`` under its key as it arrives. ``bad_answers``: malformed answers each request has
+        had already (the Batch API's), counted against ``max_parse_retries``."""
+        run_coro(self._send_async(todo, results, bad_answers))

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.judging.answers import is_correct
 from pipeline.judging.cache import CACHE_ENV, JudgeCache, cache_key
+from pipeline.judging.llm.batch import BatchSender
 from pipeline.judging.llm.client import JudgeClient, LLMJudgeError, Outcome, Request, Stats
-from pipeline.judging.llm.metrics import TYPICAL_OUTPUT_TOKENS, cost_usd, position_bias, run_metrics
+from pipeline.judging.llm.metrics import TYPICAL_OUTPUT_TOKENS, position_bias, run_metrics, send_cost_usd
 from pipeline.judging.llm.parsing import listwise_format, rubric_format
 from pipeline.judging.llm.templates import (
     SYSTEM_LISTWISE,
@@ -66,6 +67,7 @@ class LLMJudge:
         self.cache = JudgeCache(resolve_cache_dir(params.cache_dir, env_var=CACHE_ENV))
         self.stats = Stats()
         self.client = JudgeClient(params, self.cache, self.stats, client_factory)
+        self.sender = BatchSender(self.client) if params.batch else self.client  # judge.llm.batch: the Batch API
         self._bias: dict | None = None
 
     # --------------------------------------------------------------- building requests
@@ -146,8 +148,8 @@ class LLMJudge:
             "est_input_tokens": est_in,
             "est_output_tokens": typical,
             "max_output_tokens": bound,
-            "est_cost_usd": cost_usd(self.p.prices, self.p.model, est_in, typical),
-            "max_cost_usd": cost_usd(self.p.prices, self.p.model, est_in, bound),
+            "est_cost_usd": send_cost_usd(self.p, est_in, typical),
+            "max_cost_usd": send_cost_usd(self.p, est_in, bound),
             "cache_dir": str(self.cache.dir),
         }
 
@@ -163,9 +165,7 @@ class LLMJudge:
                 todo.append(r)
                 continue
             results[key] = Outcome(rec["answer"], cached=True)
-            u = rec.get("usage") or {}
-            self.stats.cached_prompt_tokens += int(u.get("prompt_tokens", 0) or 0)
-            self.stats.cached_completion_tokens += int(u.get("completion_tokens", 0) or 0)
+            self.stats.count_cached(rec)
         self.stats.requests_planned += len(unique)
         self.stats.cache_hits += len(unique) - len(todo)
         plan = self.dry_run(requests=list(unique.values()))
@@ -180,7 +180,7 @@ class LLMJudge:
             self.cache.dir,
         )
         if todo:
-            self.client.send(todo, results)
+            self.sender.send(todo, results)
         return results
 
     # --------------------------------------------------------------- verdicts

@@ -73,6 +73,20 @@ def cost_usd(prices: Mapping[str, Any], model: str, prompt_tokens: int, completi
     return round(prompt_tokens / 1000 * price.input_per_1k + completion_tokens / 1000 * price.output_per_1k, 6)
 
 
+def spend_usd(p: LLMJudgeParams, tokens: tuple[int, int], batch_tokens: tuple[int, int]) -> float | None:
+    """US dollars for ``tokens`` (prompt, completion), of which ``batch_tokens`` went through the Batch
+    API at ``judge.llm.batch_price_factor`` of the price; None when the model has no price."""
+    sync = cost_usd(p.prices, p.model, tokens[0] - batch_tokens[0], tokens[1] - batch_tokens[1])
+    batch = cost_usd(p.prices, p.model, *batch_tokens)
+    return None if sync is None or batch is None else round(sync + p.batch_price_factor * batch, 6)
+
+
+def send_cost_usd(p: LLMJudgeParams, prompt_tokens: int, completion_tokens: int) -> float | None:
+    """What sending these tokens costs in the mode ``judge.llm`` selects (the batch price when ``batch``)."""
+    tokens = (prompt_tokens, completion_tokens)
+    return spend_usd(p, tokens, tokens if p.batch else (0, 0))
+
+
 def run_metrics(p: LLMJudgeParams, s: Stats, structured_output: bool, bias: dict | None) -> dict:
     """The ``llm`` section of the judge stage's metrics: requests, failures, tokens, cost, position bias."""
     if p.model not in p.prices:
@@ -90,11 +104,25 @@ def run_metrics(p: LLMJudgeParams, s: Stats, structured_output: bool, bias: dict
         "structured_output": structured_output,
         "prompt_tokens": s.prompt_tokens,
         "completion_tokens": s.completion_tokens,
-        # this run's spend (malformed answers included)
-        "cost_usd": cost_usd(p.prices, p.model, s.prompt_tokens, s.completion_tokens),
+        # this run's spend (malformed answers included), the Batch API's tokens at the batch price
+        "cost_usd": spend_usd(
+            p, (s.prompt_tokens, s.completion_tokens), (s.batch_prompt_tokens, s.batch_completion_tokens)
+        ),
         # what the answers taken from the cache cost when they were first asked
-        "cost_usd_saved_by_cache": cost_usd(p.prices, p.model, s.cached_prompt_tokens, s.cached_completion_tokens),
+        "cost_usd_saved_by_cache": spend_usd(
+            p,
+            (s.cached_prompt_tokens, s.cached_completion_tokens),
+            (s.cached_batch_prompt_tokens, s.cached_batch_completion_tokens),
+        ),
         "position_bias": bias,
+        "batch": {
+            "batch_ids": s.batch_ids,
+            "prompt_tokens": s.batch_prompt_tokens,
+            "completion_tokens": s.batch_completion_tokens,
+            "price_factor": p.batch_price_factor,
+        }
+        if p.batch
+        else None,
     }
 
 
