@@ -53,6 +53,10 @@ class TrainSettings(Strict):
     eval_train_pairs: int = Field(ge=0)
     probe_every: int = Field(ge=0)
     probe_prompts: int = Field(ge=1)
+    # Activation checkpointing of every decoder layer: the forward keeps only each layer's input and the
+    # backward runs each layer's forward again to rebuild the rest. The same loss and gradients either way;
+    # a variant may change it.
+    gradient_checkpointing: bool
 
 
 TRAIN_SETTINGS = tuple(TrainSettings.model_fields)

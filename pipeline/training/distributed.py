@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from pipeline.training import activation_checkpointing
+
 if TYPE_CHECKING:
-    from pipeline.settings.train import RuntimeParams
+    from pipeline.settings.train import RuntimeParams, TrainSettings
 
 
 @dataclass(frozen=True)
@@ -94,17 +96,19 @@ def wrap(model, ctx: Context):
     return DDP(model, device_ids=ids)
 
 
-def wrap_policy(model, ctx: Context) -> tuple[Callable, torch.nn.Module]:
+def wrap_policy(model, ctx: Context, settings: TrainSettings) -> tuple[Callable, torch.nn.Module]:
     """The policy's ``(*ScoreBatch.args()) -> (log-prob sums, counts)``, ready
     for data parallelism, and the module whose gradient sync :class:`no_grad_sync` switches.
 
-    DDP wraps a :class:`~pipeline.model.logprobs.ResponseLogprobs` module, so that its gradient
+    With ``settings.gradient_checkpointing`` the decoder layers are checkpointed first, before FSDP2 shards
+    them. DDP wraps a :class:`~pipeline.model.logprobs.ResponseLogprobs` module, so that its gradient
     hooks see the whole computation. FSDP2 shards ``model`` in place (generation and saving go
     through the same module) and scores through the model's own forward, since its all-gathers
     hang on the root module's forward.
     """
     from pipeline.model.logprobs import ResponseLogprobs, score_batch_via_forward
 
+    activation_checkpointing.apply(model, settings, ctx.device)
     if ctx.distributed and ctx.strategy == "fsdp":
         wrap(model, ctx)
 
