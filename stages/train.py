@@ -16,11 +16,10 @@ from pipeline.cli import run_stage, stage_parser
 from pipeline.data import tagging
 from pipeline.io import read_table
 from pipeline.model import card as model_card
-from pipeline.model import loading
 from pipeline.settings.evaluate import BeforeAndAfter
 from pipeline.settings.pairs import PairsParams
 from pipeline.settings.train import ReferenceAndTraining
-from pipeline.training import distributed, outputs
+from pipeline.training import distributed, outputs, sharded_loading
 from pipeline.training.checkpoints import Checkpointing
 from pipeline.training.evaluation import Evaluation, fixed_sets_of, probe_of
 from pipeline.training.examples import join_reference, pair_examples
@@ -53,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     reference = read_table(paths.REFERENCE, "reference")
     prompts = read_table(paths.PROMPTS, "prompts")
     train = join_reference(pairs.filter(pl.col("split") == "train"), reference)
-    model, tokenizer = loading.load_policy(paths.POLICY_DIR, cfg.policy.dtype, ctx.device)
+    # Under FSDP2 sharded as it loads: no GPU holds the whole model
+    model, tokenizer = sharded_loading.load_for_training(paths.POLICY_DIR, cfg.policy.dtype, ctx, s)
     # What the model card records the model was trained on
     fingerprint = model_card.data_fingerprint(
         paths.PAIRS,

@@ -128,6 +128,19 @@ def test_reference_and_training_must_truncate_and_round_alike():
     assert Params.parse(both).train.variants["dpo"].settings.max_length == 96
 
 
+def test_a_variant_may_turn_on_checkpointing_and_offload_needs_fsdp():
+    raw = _with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "gradient_checkpointing": True})
+    train = Params.parse(raw).train
+    assert train.variants["dpo"].settings.gradient_checkpointing is True
+    assert train.variants["dpop"].settings.gradient_checkpointing is train.gradient_checkpointing is False
+    raw = _with("train.runtime.offload", True)
+    raw["train"]["runtime"]["strategy"] = "ddp"
+    with pytest.raises(ConfigError, match=r"train\.runtime\.offload: true needs train\.runtime\.strategy: fsdp"):
+        Params.parse(raw)
+    raw["train"]["runtime"]["strategy"] = "fsdp"
+    assert Params.parse(raw).train.runtime.offload is True
+
+
 def test_reference_check_tolerance_is_a_setting():
     assert Params.parse(BASE).train.ref_check_tol == BASE["train"]["ref_check_tol"] > 0
     raw = copy.deepcopy(BASE)
@@ -312,6 +325,7 @@ def _params_keys(node, out=None):
 # (file, function or class, parameter): a default named like a params.yaml key that is not that setting.
 SAME_NAME_ALLOWED = {
     ("pipeline/training/distributed.py", "Context", "strategy"),  # "none": one process, not a runtime.strategy
+    ("pipeline/training/distributed.py", "Context", "offload"),  # False: one process, nothing sharded to offload
     ("pipeline/model/loading.py", "make_tiny_model", "seed"),  # a tiny random model for tests
     ("pipeline/model/loading.py", "make_tiny_model", "hidden"),
 }

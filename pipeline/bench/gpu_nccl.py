@@ -95,6 +95,7 @@ def dist_worker(spec_path: str, out_path: str) -> None:
             nproc=int(os.environ["WORLD_SIZE"]),
             backend=spec["backend"],
             strategy="ddp",
+            offload=False,
             checkpoint_every=0,
             checkpoint_dir=".",
         )

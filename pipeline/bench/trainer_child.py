@@ -144,7 +144,8 @@ def _trl_config(spec: dict, config: str, workdir: Path, n_steps: int):
         max_length=settings.max_length,
         bf16=uses_bf16_autocast("cpu", settings.bf16),
         fp16=False,
-        gradient_checkpointing=False,
+        gradient_checkpointing=settings.gradient_checkpointing,  # train.gradient_checkpointing, as ours
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         use_cpu=True,
         seed=settings.seed,
         data_seed=settings.seed,

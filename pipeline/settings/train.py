@@ -53,6 +53,10 @@ class TrainSettings(Strict):
     eval_train_pairs: int = Field(ge=0)
     probe_every: int = Field(ge=0)
     probe_prompts: int = Field(ge=1)
+    # Activation checkpointing of every decoder layer: the forward keeps only each layer's input and the
+    # backward runs each layer's forward again to rebuild the rest. The same loss and gradients either way;
+    # a variant may change it.
+    gradient_checkpointing: bool
 
 
 TRAIN_SETTINGS = tuple(TrainSettings.model_fields)
@@ -66,8 +70,19 @@ class RuntimeParams(Strict):
     nproc: int = Field(ge=1)  # processes; > 1 relaunches the stage under torchrun
     backend: Literal["auto", "nccl", "gloo"]  # auto: nccl on GPUs, gloo on CPU
     strategy: Literal["ddp", "fsdp"]  # fsdp: FSDP2 fully_shard, for models that do not fit one GPU
+    # FSDP2 keeps the sharded parameters, gradients and optimiser state in CPU memory (strategy fsdp only)
+    offload: bool
     checkpoint_every: int = Field(ge=0)  # steps between checkpoints (0: none); a rerun resumes
     checkpoint_dir: str
+
+    @model_validator(mode="after")
+    def _offload_needs_fsdp(self) -> Self:
+        if self.offload and self.strategy != "fsdp":
+            raise ConfigError(
+                f"train.runtime.offload: true needs train.runtime.strategy: fsdp (got {self.strategy}); only "
+                "FSDP2 shards the model and can keep its shards in CPU memory"
+            )
+        return self
 
 
 class Variant(Strict):

@@ -4,6 +4,10 @@ The train stage is launched the same way everywhere (``python -m stages.train``)
 ``train.runtime.nproc > 1`` it re-executes itself under ``torch.distributed.run``; each worker then
 calls :func:`init` which reads the ``RANK``/``WORLD_SIZE`` environment torchrun sets. NCCL is used
 on GPUs and gloo on CPU unless ``train.runtime.backend`` says otherwise.
+
+:func:`wrap_policy` readies the policy for training: activation checkpointing of its decoder layers
+(``train.gradient_checkpointing``), then DDP, or FSDP2 with its mixed-precision and CPU-offload policies
+(:func:`fsdp_policies`).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from pipeline.training import activation_checkpointing
+
 if TYPE_CHECKING:
-    from pipeline.settings.train import RuntimeParams
+    from pipeline.settings.train import RuntimeParams, TrainSettings
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,7 @@ class Context:
     local_rank: int = 0
     device: str = "cpu"
     strategy: str = "none"  # none | ddp | fsdp
+    offload: bool = False  # FSDP2 keeps the shards, their gradients and optimiser state in CPU memory
 
     @property
     def is_main(self) -> bool:
@@ -66,53 +73,84 @@ def init(runtime: RuntimeParams) -> Context:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available()
-    backend, strategy = runtime.backend, runtime.strategy
+    backend: str = runtime.backend
+    strategy = runtime.strategy
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
+    if use_cuda and runtime.offload and backend == "nccl":
+        # Offloaded shards and gradients live in CPU memory: the gradient norm's all-reduce over them and the
+        # broadcasts that load them run on CPU tensors, which NCCL does not take.
+        backend = "cuda:nccl,cpu:gloo"
     if use_cuda:
         torch.cuda.set_device(local)
     device = f"cuda:{local}" if use_cuda else "cpu"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    return Context(rank=rank, world=world, local_rank=local, device=device, strategy=strategy)
+    return Context(rank=rank, world=world, local_rank=local, device=device, strategy=strategy, offload=runtime.offload)
 
 
-def wrap(model, ctx: Context):
-    """Wrap for data parallelism: DDP, or FSDP2 (``fully_shard`` per decoder layer, then the root)."""
+def wrap(model, ctx: Context, *, bf16: bool):
+    """Wrap for data parallelism: DDP, or FSDP2 (:func:`shard`; ``bf16``: ``train.bf16``)."""
     if not ctx.distributed:
         return model
     if ctx.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in getattr(model.get_decoder(), "layers", []):
-            fully_shard(layer)
-        fully_shard(model)
-        return model
+        return shard(model, ctx, bf16=bf16)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [ctx.local_rank] if ctx.device.startswith("cuda") else None
     return DDP(model, device_ids=ids)
 
 
-def wrap_policy(model, ctx: Context) -> tuple[Callable, torch.nn.Module]:
+def fsdp_policies(ctx: Context, *, bf16: bool) -> dict:
+    """``fully_shard``'s keyword arguments: with ``train.bf16`` on a GPU, bf16 parameters and compute with the
+    gradients reduced in fp32 (the sharded weights and AdamW stay in ``policy.dtype``); with
+    ``train.runtime.offload``, the shards in CPU memory (pinned on a GPU machine, for fast copies)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    on_gpu = ctx.device.startswith("cuda")
+    policies: dict = {}
+    if bf16 and on_gpu:
+        policies["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if ctx.offload:
+        policies["offload_policy"] = CPUOffloadPolicy(pin_memory=on_gpu)
+    return policies
+
+
+def shard(model, ctx: Context, *, bf16: bool):
+    """FSDP2: ``fully_shard`` each decoder layer, then the root, with :func:`fsdp_policies`. A model already
+    sharded (loaded so by :mod:`pipeline.training.sharded_loading`) is returned as it is."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return model
+    policies = fsdp_policies(ctx, bf16=bf16)
+    for layer in getattr(model.get_decoder(), "layers", []):
+        fully_shard(layer, **policies)
+    fully_shard(model, **policies)
+    return model
+
+
+def wrap_policy(model, ctx: Context, settings: TrainSettings) -> tuple[Callable, torch.nn.Module]:
     """The policy's ``(*ScoreBatch.args()) -> (log-prob sums, counts)``, ready
     for data parallelism, and the module whose gradient sync :class:`no_grad_sync` switches.
 
-    DDP wraps a :class:`~pipeline.model.logprobs.ResponseLogprobs` module, so that its gradient
+    With ``settings.gradient_checkpointing`` the decoder layers are checkpointed first, before FSDP2 shards
+    them. DDP wraps a :class:`~pipeline.model.logprobs.ResponseLogprobs` module, so that its gradient
     hooks see the whole computation. FSDP2 shards ``model`` in place (generation and saving go
     through the same module) and scores through the model's own forward, since its all-gathers
     hang on the root module's forward.
     """
     from pipeline.model.logprobs import ResponseLogprobs, score_batch_via_forward
 
+    activation_checkpointing.apply(model, settings, ctx.device)
     if ctx.distributed and ctx.strategy == "fsdp":
-        wrap(model, ctx)
+        wrap(model, ctx, bf16=settings.bf16)
 
         def forward(*args):
             return score_batch_via_forward(model, *args)
 
         return forward, model
-    module = wrap(ResponseLogprobs(model), ctx)
+    module = wrap(ResponseLogprobs(model), ctx, bf16=settings.bf16)
     return module, module
 
 

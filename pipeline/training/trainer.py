@@ -146,7 +146,7 @@ class PreferenceTrainer:
         self.device = torch.device(ctx.device)
         self.beta = implicit_beta(terms)  # (β_w, β_l) of the logged implicit rewards; None: the loss has none
         model.train()
-        self.forward, self.sync_module = distributed.wrap_policy(model, ctx)
+        self.forward, self.sync_module = distributed.wrap_policy(model, ctx, settings)
         # After wrapping: FSDP2 replaces the parameters with sharded ones.
         self.opt, self.sched = build_optimizer(model, settings, fused=not (ctx.distributed and ctx.strategy == "fsdp"))
 

@@ -100,7 +100,7 @@ def workspace(tmp_path_factory, tiny_model_dir) -> Path:
     return root
 
 
-def make_run(workspace: Path, dest: Path, **runtime) -> Path:
+def make_run(workspace: Path, dest: Path, train: dict | None = None, **runtime) -> Path:
     shutil.copytree(workspace, dest)
     params = repo_params()
     params["policy"]["model"] = str(dest / "models/policy")
@@ -118,6 +118,7 @@ def make_run(workspace: Path, dest: Path, **runtime) -> Path:
     # fp32: the test compares loss curves to 1e-4; under bf16 (the default on CPUs with native bf16) each
     # rank's gradient sum over its own rows is rounded to bf16 before the all-reduce (6e-4 to 8e-4 apart)
     params["train"]["bf16"] = False
+    params["train"].update(train or {})
     params["train"]["runtime"].update(runtime)
     (dest / "params.yaml").write_text(yaml.safe_dump(params))
     return dest
@@ -154,10 +155,29 @@ def single_process_run(workspace, tmp_path_factory) -> Path:
 
 # Slow (2-3 min on 2 cores together): `make test-all` runs them.
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_gloo_processes_match_one_process(workspace, single_process_run, tmp_path, strategy):
+@pytest.mark.parametrize(
+    "strategy,offload,checkpointing",
+    [
+        ("ddp", False, False),
+        ("fsdp", False, False),
+        # the large-model path: loaded on the meta device and sharded as it loads, shards in CPU memory,
+        # decoder layers checkpointed
+        ("fsdp", True, True),
+    ],
+)
+def test_two_gloo_processes_match_one_process(
+    workspace, single_process_run, tmp_path, strategy, offload, checkpointing
+):
     one = single_process_run
-    two = make_run(workspace, tmp_path / "two", nproc=2, backend="gloo", strategy=strategy)
+    two = make_run(
+        workspace,
+        tmp_path / "two",
+        {"gradient_checkpointing": checkpointing},
+        nproc=2,
+        backend="gloo",
+        strategy=strategy,
+        offload=offload,
+    )
     log = run_stage(two)
     assert "on 2 process(es)" in log
     steps = N_PAIRS * 4 // 4

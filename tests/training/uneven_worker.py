@@ -41,7 +41,9 @@ def worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None:
     )
     torch.set_num_threads(1)
     ctx = distributed.init(
-        RuntimeParams(nproc=world, backend="gloo", strategy="ddp", checkpoint_every=0, checkpoint_dir=".")
+        RuntimeParams(
+            nproc=world, backend="gloo", strategy="ddp", offload=False, checkpoint_every=0, checkpoint_dir="."
+        )
     )
     results: dict[str, list[dict]] = {}
     for strategy in spec["strategies"]:  # one process group serves both: only the wrapping differs
