@@ -195,7 +195,8 @@ def gather_tensor(t: torch.Tensor, ctx: Context) -> torch.Tensor:
 
 
 def full_state_dict(model, ctx: Context) -> dict:
-    """The full (unsharded) model state dict on CPU, identical on every rank."""
+    """The full (unsharded) model state dict on CPU. Every rank must call it (FSDP2 gathers the shards); under
+    FSDP2 only rank 0 receives the tensors, the other ranks an empty dict."""
     if ctx.strategy == "fsdp" and ctx.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
