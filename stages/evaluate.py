@@ -83,10 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarise_pair_eval(table, tagging.bucket_labels(cfg.pairs.distance_buckets))
     rubric = None
     if params.llm_rubric:
+        from pipeline.judging.llm.server import JudgeServer
         from pipeline.judging.registry import get_judge
 
-        judge = get_judge("llm", min_gap=cfg.judge.min_gap, llm=cfg.judge.llm)
-        rubric = {**rubric_eval(judge, gens, prompts), "judge": judge.name}
+        server = JudgeServer(cfg.judge, "llm")  # judge.llm.serve: the judge's own vLLM server, else inert
+        judge = get_judge("llm", min_gap=cfg.judge.min_gap, llm=server.llm, **server.judge_kwargs)
+        with server:
+            rubric = {**rubric_eval(judge, gens, prompts), "judge": judge.name}
 
     # Outputs
     write_table(gens, paths.eval_generations(args.variant), "generations")

@@ -13,6 +13,7 @@ import polars as pl
 from pipeline import paths
 from pipeline.cli import run_stage, stage_parser
 from pipeline.io import read_table, write_json, write_table, write_text
+from pipeline.judging.llm.server import JudgeServer
 from pipeline.judging.registry import get_judge
 from pipeline.judging.types import CandidateView, Group, Judge, Score, Verdict
 from pipeline.schema import schema_of
@@ -40,11 +41,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # Work
     groups, group_key = candidate_groups(prompts, candidates)
-    judge = get_judge(params.backend, min_gap=params.min_gap, llm=params.llm)
+    server = JudgeServer(params, params.backend)  # judge.llm.serve: the judge's own vLLM server, else inert
+    judge = get_judge(params.backend, min_gap=params.min_gap, llm=server.llm, **server.judge_kwargs)
     if args.dry_run or (params.backend == "llm" and params.llm.dry_run):
         print_dry_run(judge, groups)
         return
-    verdicts = judge.judge(groups)
+    with server:  # started on the first request to send, stopped here whatever happens
+        verdicts = judge.judge(groups)
 
     # Outputs
     score_rows, sel_rows = table_rows(verdicts, group_key, judge.name)

@@ -3,7 +3,8 @@
 It answers ``POST /v1/chat/completions`` like an OpenAI-compatible endpoint, judging by markers the
 tests put into the texts: a candidate containing ``q=<1-5>`` deserves that rubric score; a candidate's
 ``cid=<id>`` and a question's ``qid=<id>`` name the request (``content_id``: the candidate for a
-rubric request, the question for a listwise one), so that requests can be counted per content.
+rubric request, the question for a listwise one), so that requests can be counted per content. It also
+answers vLLM's readiness probe, ``GET /health``, and listens on ``port`` (0: a free one).
 
 Faults are scripted per content id, consumed one per request in order: ``429`` (with ``Retry-After``),
 ``500``, ``hang`` (no answer before the client's timeout), ``badbody`` (a truncated JSON body),
@@ -54,6 +55,7 @@ class FakeOpenAI:
         reject_structured: bool = False,
         hang_s: float = 3.0,
         retry_after: str = "1",
+        port: int = 0,
     ):
         self.api_key = api_key
         self.delay = delay
@@ -62,6 +64,7 @@ class FakeOpenAI:
         self.reject_structured = reject_structured
         self.hang_s = hang_s
         self.retry_after = retry_after
+        self.port = port
         self.log: list[dict] = []
         # The Batch API's script, set by the tests as attributes (see the module docstring)
         self.batch_outcome = "completed"
@@ -88,9 +91,13 @@ class FakeOpenAI:
                 fake._handle(self)
 
             def do_GET(self):  # noqa: N802 - http.server API
-                fake._batch_api(self, b"")
+                # vLLM's readiness probe, for a stand-in of its server (tests/standin_vllm_server.py)
+                if self.path == "/health":
+                    fake._send_raw(self, 200, b"")
+                else:
+                    fake._batch_api(self, b"")
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
@@ -183,6 +190,7 @@ class FakeOpenAI:
             "t": time.monotonic(),
             "via": via,
             "content_id": content_id,
+            "model": body.get("model"),
             "kind": kind,
             "structured": "response_format" in body,
             "temperature": body.get("temperature"),

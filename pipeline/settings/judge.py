@@ -18,6 +18,30 @@ class JudgePrice(Strict):
     output_per_1k: float = Field(ge=0)
 
 
+class JudgeServeParams(Strict):
+    """A model the judge serves itself with vLLM's OpenAI-compatible server (``judge.llm.serve``); what
+    it computes with: part of the judge's DVC params."""
+
+    # A local model folder (e.g. models/policy), a builtin name, or hf:<org>/<name> (its safetensors
+    # from the Hugging Face cache, downloaded if missing and the network allows). Checked when served.
+    model: str
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]  # auto: the dtype in the model's config
+
+
+class JudgeServerParams(Strict):
+    """How the judge's own vLLM server runs (``judge.server``, used when ``judge.llm.serve`` is set). Not
+    a DVC param: changing it reruns nothing."""
+
+    tensor_parallel_size: int = Field(ge=1)  # GPUs of the server
+    gpu_memory_utilization: float = Field(gt=0, le=1)  # GPUs only
+    max_model_len: int = Field(ge=16)  # judge prompt + answer, tokens; a longer request fails
+    max_num_seqs: int = Field(ge=1)  # sequences per engine step
+    enforce_eager: bool  # false: torch.compile (faster on GPUs, slow to start on small CPUs)
+    cpu_kvcache_space_gb: float = Field(gt=0)  # CPU build only (VLLM_CPU_KVCACHE_SPACE)
+    block_size: int | None = Field(ge=1)  # KV-cache block, tokens (null: vLLM's own); a multiple of 32 on CPU
+    startup_timeout_s: float = Field(gt=0)  # model load (and download); not healthy by then: the stage fails
+
+
 class LLMJudgeParams(Strict):
     """An LLM judge behind any OpenAI-compatible Chat Completions endpoint (see pipeline/judging/llm/)."""
 
@@ -25,7 +49,10 @@ class LLMJudgeParams(Strict):
     # seeded shuffled order), the judge names the best and the worst.
     mode: Literal["rubric", "listwise"]
     model: str
-    base_url: str | None  # None: OpenAI; e.g. http://localhost:8000/v1 for a vLLM server
+    base_url: str | None  # None: OpenAI (or the server of ``serve``); e.g. http://localhost:8000/v1
+    # None: the endpoint of base_url. Else the stage that judges serves this model itself (started on
+    # its first request to send, stopped when it is done) as "<model>@<fingerprint of its weights>".
+    serve: JudgeServeParams | None
     # The NAME of the environment variable that holds the key, never the key; null: no key (a local
     # server without auth).
     api_key_env: str | None
@@ -71,12 +98,22 @@ class LLMJudgeParams(Strict):
             )
         return data
 
+    @model_validator(mode="after")
+    def _one_endpoint(self) -> Self:
+        if self.serve is not None and self.base_url is not None:
+            raise ConfigError(
+                "judge.llm.serve: the judge serves its model itself, so judge.llm.base_url must be null "
+                f"(got {self.base_url!r}); or set judge.llm.serve to null to use the server at base_url"
+            )
+        return self
+
 
 class JudgeParams(Strict):
     backend: Literal["rule", "llm"]
     # Minimum score gap between best and worst; groups below it count as ties and are dropped.
     min_gap: float = Field(gt=0)
     llm: LLMJudgeParams
+    server: JudgeServerParams
 
 
 class JudgedPairs(StageParams):
