@@ -154,3 +154,20 @@ def test_a_full_fine_tune_attaches_nothing(tiny_model_dir):
     model = loading.load_model(tiny_model_dir, "float32")
     assert lora.attach(model, lora_params(r=0), seed=0) is model and lora.record(model, lora_params(r=0)) is None
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_lora_under_activation_checkpointing_trains_alike(tiny_model_dir):
+    """train.gradient_checkpointing composes with an adapter: the layers (with their adapters) run again in the
+    backward, and the losses and the trained adapter are those of the run without it."""
+    tok = loading.load_tokenizer(tiny_model_dir)
+    runs = {}
+    for checkpointed in (False, True):
+        base = loading.load_model(tiny_model_dir, "float32")
+        ex = examples(base, tok)
+        s = settings(lora_params(r=4), lr=3e-3, epochs=2, batch_size=3, gradient_checkpointing=checkpointed)
+        model = lora.attach(base, s.lora, seed=s.seed)
+        hist = train_preference(model, ex, DPO, s, pad_id=tok.pad_token_id)
+        assert model.is_gradient_checkpointing is checkpointed
+        runs[checkpointed] = [h["loss"] for h in hist], [p.detach() for p in model.parameters() if p.requires_grad]
+    assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(runs[True][1], runs[False][1]))
