@@ -142,7 +142,7 @@ def test_param_changes_rerun_only_what_they_must(repo):
     assert {"sample", "judge", "pairs"} <= again <= ALL - {"prepare", "policy", "toy", "sample_other"}
 
 
-@pytest.mark.slow  # about 90 s on 2 cores beyond the repro it starts from
+@pytest.mark.slow  # 30 to 90 s on 2 cores (by their load) beyond the repro it starts from
 def test_lora_is_one_experiment_away(repo):
     """`dvc exp run -S train.lora.r=16` turns LoRA on: every variant retrains as an adapter (the reference
     stays: a disabled adapter is the base), and evaluation and export take the merged models as they are."""

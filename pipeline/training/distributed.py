@@ -200,29 +200,29 @@ def gather_tensor(t: torch.Tensor, ctx: Context) -> torch.Tensor:
 def full_state_dict(model, ctx: Context, *, trainable_only: bool = False) -> dict:
     """The full (unsharded) model state dict on CPU. Every rank must call it (FSDP2 gathers the shards); under
     FSDP2 only rank 0 receives the tensors, the other ranks an empty dict. ``trainable_only`` leaves the
-    frozen parameters out (a LoRA run's base), so that they are never gathered."""
+    frozen parameters out (a LoRA run's base), so that they are never gathered: the parameters that train
+    alone (under FSDP2 with the buffers, which nothing trains)."""
     if ctx.strategy == "fsdp" and ctx.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
         return get_model_state_dict(model, options=opts)
     plain = unwrap(model)
-    state = plain.state_dict()
-    keep = _trained(plain) if trainable_only else state.keys()
-    return {k: v.detach().cpu() for k, v in state.items() if k in keep}
+    if trainable_only:
+        # From the parameters, not state_dict(): bitsandbytes' 4-bit layers repack their weights in place there
+        return {n: p.detach().cpu() for n, p in plain.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v.detach().cpu() for k, v in plain.state_dict().items()}
 
 
-def _trained(module) -> set[str]:
-    """The state-dict keys of the parameters that train, and of the buffers."""
-    params = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
-    return params | {n for n, _ in module.named_buffers(remove_duplicate=False)}
+def _trainable(module) -> set[str]:
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
 
 
 def load_model_state(module, state: dict) -> None:
     """``module.load_state_dict(state)``, where ``state`` may leave out what does not train (frozen
-    parameters, a 4-bit base's quantisation state) and nothing else."""
+    parameters, buffers, a 4-bit base's quantisation state) and nothing else."""
     missing, unexpected = module.load_state_dict(state, strict=False)
-    if unexpected or set(missing) & _trained(module):
+    if unexpected or set(missing) & _trainable(module):
         raise RuntimeError(f"state does not fit the model: missing {missing}, unexpected {unexpected}")
 
 

@@ -171,3 +171,25 @@ def test_lora_under_activation_checkpointing_trains_alike(tiny_model_dir):
         runs[checkpointed] = [h["loss"] for h in hist], [p.detach() for p in model.parameters() if p.requires_grad]
     assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(runs[True][1], runs[False][1]))
+
+
+def test_a_qlora_run_resumes_to_the_uninterrupted_adapter(tiny_model_dir, tmp_path):
+    """Where bitsandbytes is installed (the `qlora` extra; its CPU backend here): saving a checkpoint leaves
+    the 4-bit base as it is, and the resumed run ends with the uninterrupted run's history and adapter."""
+    pytest.importorskip("bitsandbytes")
+    from pipeline.model import quantised
+
+    tok = loading.load_tokenizer(tiny_model_dir)
+    s = settings(lora_params(r=4, dropout=0.2, load_in_4bit=True), lr=3e-3, epochs=2, batch_size=3)  # 4 steps
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ck = Checkpointing(str(tmp_path / "run.pt"), every=3, key="k")
+    runs = []
+    for checkpoint in (None, ck, ck):  # uninterrupted; writing a checkpoint after step 3; resuming from it
+        base = quantised.load_base(tiny_model_dir, "float32", device, s.lora)
+        ex = examples(base, tok)
+        model = lora.attach(base, s.lora, seed=s.seed)
+        hist = train_preference(model, ex, DPO, s, pad_id=tok.pad_token_id, run=RunOptions(checkpoint=checkpoint))
+        runs.append((hist, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (h0, a0), (h1, a1), (h2, a2) = runs  # uninterrupted; writing a checkpoint; resumed from it
+    assert h0[0]["ref_gap_max"] == 0.0 and h0 == h1 == h2
+    assert all(torch.equal(a0[n], a1[n]) and torch.equal(a0[n], a2[n]) for n in a0)
