@@ -1,6 +1,7 @@
 """Stage `reference`: log-probs of chosen and rejected under the reference model, computed once, at
 training's precision (`train.bf16`), layout (`train.shared_prompt`) and truncation (`reference.max_length` =
-`train.max_length`)."""
+`train.max_length`). The reference is the starting policy, quantised to 4 bits as training's base where
+`train.lora.load_in_4bit` says so."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import polars as pl
 from pipeline import paths
 from pipeline.cli import run_stage, stage_parser
 from pipeline.io import read_table, write_json, write_table
-from pipeline.model import loading
+from pipeline.model import loading, quantised
 from pipeline.model.logprobs import pair_logprobs
 from pipeline.model.precision import uses_bf16_autocast
 from pipeline.settings.policy import PolicyParams
@@ -33,8 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     params = cfg.reference
     pairs = read_table(paths.PAIRS, "pairs")
     device = loading.device_for()
-    model, tokenizer = loading.load_policy(paths.POLICY_DIR, cfg.policy.dtype, device)
-    model.eval()
+    quantised.check_support(cfg.train.lora, device, cfg.source)  # before any model loads
+    # The base training's adapter starts from (QLoRA: the same 4-bit model)
+    model = quantised.load_base(paths.POLICY_DIR, cfg.policy.dtype, device, cfg.train.lora).eval()
+    tokenizer = loading.load_tokenizer(paths.POLICY_DIR)
 
     # Work
     lw, ll, nw, nl = pair_logprobs(

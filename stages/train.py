@@ -16,6 +16,7 @@ from pipeline.cli import run_stage, stage_parser
 from pipeline.data import tagging
 from pipeline.io import read_table
 from pipeline.model import card as model_card
+from pipeline.model import quantised
 from pipeline.settings.evaluate import BeforeAndAfter
 from pipeline.settings.pairs import PairsParams
 from pipeline.settings.train import ReferenceAndTraining
@@ -46,8 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     if rt.nproc > 1 and not distributed.under_torchrun():
         sys.exit(distributed.relaunch_with_torchrun(rt.nproc, "stages.train", argv))
     ctx = distributed.init(rt)
+    quantised.check_support(s.lora, ctx.device, cfg.source)  # before any model loads
 
-    # Inputs
+    # Inputs: the starting policy, with a fresh LoRA adapter when train.lora.r > 0
     pairs = read_table(paths.PAIRS, "pairs")
     reference = read_table(paths.REFERENCE, "reference")
     prompts = read_table(paths.PROMPTS, "prompts")
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     # Outputs: the trained policy with its card, the curves, the first-step check (rank 0 writes)
-    policy = outputs.gathered_policy(model, ctx, paths.POLICY_DIR, cfg.policy.dtype)
+    policy = outputs.gathered_policy(model, ctx, paths.POLICY_DIR, cfg.policy.dtype, s.lora)
     if ctx.is_main:
         check = first_step_check(history, s.ref_check_tol)
         live.end({"ref_check": check})

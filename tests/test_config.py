@@ -141,6 +141,32 @@ def test_a_variant_may_turn_on_checkpointing_and_offload_needs_fsdp():
     assert Params.parse(raw).train.runtime.offload is True
 
 
+def test_lora_is_on_by_its_rank_and_a_variant_overrides_its_keys():
+    """train.lora.r = 16 (as `dvc exp run -S train.lora.r=16` writes it) turns LoRA on for every variant; a
+    variant's lora keys merge over the shared ones; load_in_4bit is the reference's and needs an adapter."""
+    assert Params.parse(BASE).train.variants["dpo"].settings.lora.r == 0  # the default: a full fine-tune
+    on = Params.parse(_with("train.lora.r", 16)).train
+    assert {v.settings.lora.r for v in on.variants.values()} == {16}
+    raw = _with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "lora": {"r": 4, "target_modules": ["q_proj"]}})
+    lora = Params.parse(raw).train.variants["dpo"].settings.lora
+    assert (lora.r, lora.target_modules, lora.alpha) == (4, ["q_proj"], BASE["train"]["lora"]["alpha"])
+    assert Params.parse(raw).train.variants["dpop"].settings.lora.r == 0
+    with pytest.raises(ConfigError, match=r"train\.variants\.dpo\.lora\.r: Input should be greater than"):
+        Params.parse(_with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "lora": {"r": -1}}))
+    for bad in ("all-of-them", []):
+        with pytest.raises(ConfigError, match=r"train\.lora\.target_modules: all-linear or a non-empty list"):
+            Params.parse(_with("train.lora.target_modules", bad))
+    with pytest.raises(ConfigError, match=r"train\.lora: .*load_in_4bit needs r > 0"):
+        Params.parse(_with("train.lora.load_in_4bit", True))
+    with pytest.raises(ConfigError, match=r"train\.variants\.dpo\.lora\.load_in_4bit: True differs from train"):
+        Params.parse(_with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "lora": {"r": 8, "load_in_4bit": True}}))
+    qlora = _with("train.lora", {**BASE["train"]["lora"], "r": 8, "load_in_4bit": True})
+    assert Params.parse(qlora).train.variants["dpo"].settings.lora.load_in_4bit
+    qlora["train"]["runtime"].update(nproc=2, strategy="fsdp")
+    with pytest.raises(ConfigError, match=r"train\.lora\.load_in_4bit: a 4-bit base is not sharded with FSDP2"):
+        Params.parse(qlora)
+
+
 def test_reference_check_tolerance_is_a_setting():
     assert Params.parse(BASE).train.ref_check_tol == BASE["train"]["ref_check_tol"] > 0
     raw = copy.deepcopy(BASE)

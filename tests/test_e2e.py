@@ -140,3 +140,24 @@ def test_param_changes_rerun_only_what_they_must(repo):
     set_param(repo, "sample.temperature", 1.2)
     again = ran(run(["dvc", "repro"], repo))
     assert {"sample", "judge", "pairs"} <= again <= ALL - {"prepare", "policy", "toy", "sample_other"}
+
+
+@pytest.mark.slow  # 30 to 90 s on 2 cores (by their load) beyond the repro it starts from
+def test_lora_is_one_experiment_away(repo):
+    """`dvc exp run -S train.lora.r=16` turns LoRA on: every variant retrains as an adapter (the reference
+    stays: a disabled adapter is the base), and evaluation and export take the merged models as they are."""
+    from pipeline.io import read_json
+    from pipeline.model import card as model_card
+
+    out = run(["dvc", "exp", "run", "-S", "train.lora.r=16"], repo)
+    variants = ("dpo", "dpop")
+    assert ran(out) == {f"{s}@{v}" for s in ("train", "evaluate", "export") for v in variants} | {"report"}, out[-3000:]
+    for v in variants:
+        adapter = repo / f"models/{v}/adapter"
+        assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+        card = ModelCard.load(repo / f"export/models/{v}/README.md").data.to_dict()[model_card.KEY]
+        assert card["adapter"]["r"] == 16 and card["training"]["ref_check"]["passed"]
+        assert card["evaluation"] == read_json(repo / f"metrics/eval/{v}.json")
+        assert (repo / f"export/models/{v}/adapter/adapter_model.safetensors").is_file()
+        AutoModelForCausalLM.from_pretrained(repo / f"export/models/{v}")  # loads without peft
+    assert "lora" in run(["dvc", "exp", "show", "--json"], repo)

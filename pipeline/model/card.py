@@ -100,9 +100,11 @@ def training_card(
     hyperparameters: Mapping[str, Any],
     data: Mapping[str, Any],
     training: Mapping[str, Any],
+    adapter: Mapping[str, Any] | None,
 ) -> ModelCard:
     """The card of ``models/<variant>``: ``losses`` from :func:`loss_record`, ``hyperparameters`` the
-    variant's resolved settings, ``data`` from :func:`data_fingerprint`, ``training`` its summary figures."""
+    variant's resolved settings, ``data`` from :func:`data_fingerprint`, ``training`` its summary figures,
+    ``adapter`` the LoRA adapter's settings and sizes (None: every weight trained)."""
     record = {
         "variant": variant,
         "base_model": base_model,
@@ -111,6 +113,7 @@ def training_card(
         "hyperparameters": dict(hyperparameters),
         "data": dict(data),
         "training": dict(training),
+        "adapter": None if adapter is None else dict(adapter),
         "evaluation": None,
         "evaluation_source": None,
     }
@@ -150,7 +153,7 @@ def render(record: Mapping[str, Any]) -> ModelCard:
         base_model=base,
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=list(dict.fromkeys(["dpo", *names, "dpo-pipeline"])),
+        tags=list(dict.fromkeys(["dpo", *names, *(["lora", "peft"] if record.get("adapter") else []), "dpo-pipeline"])),
         model_name=record["variant"],
         eval_results=_eval_results(record) or None,
         **record_field,
@@ -222,6 +225,18 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
 {% for k, v in r.hyperparameters.items() -%}
 | {{ k }} | {{ v }} |
 {% endfor %}
+{% if r.adapter -%}
+## Adapter
+
+Trained as a {{ "QLoRA" if r.adapter.load_in_4bit else "LoRA" }} adapter (peft) of rank {{ r.adapter.r }} (alpha {{ r.adapter.alpha }}, dropout {{ r.adapter.dropout }}) on `{{ r.adapter.target_modules if r.adapter.target_modules is string else r.adapter.target_modules | join(", ") }}`{% if r.adapter.load_in_4bit %} of the base quantised to 4-bit NF4{% endif %}: {{ r.adapter.trainable_parameters }} of {{ r.adapter.total_parameters }} parameters trained. This folder's weights have the adapter merged in{% if r.adapter.load_in_4bit %} (into the dequantised 4-bit base's weights, those training computed with){% endif %}; the adapter alone is in `{{ r.adapter.path }}/`:
+
+```python
+from peft import PeftModel
+
+adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("path/to/the/base"), "path/to/this/folder/{{ r.adapter.path }}")
+```
+
+{% endif -%}
 ## Training data
 
 | input | value |

@@ -122,9 +122,14 @@ def load_policy(path: str | os.PathLike, dtype: str | torch.dtype, device: str =
 def save_model(model, tokenizer, path: str | os.PathLike, extra: dict | None = None) -> None:
     """Save a model folder atomically, with a ``pipeline.json`` recording where it came from."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "pipeline.json").write_text(json.dumps(extra or {}, indent=2, sort_keys=True) + "\n")
+        write_model(model, tokenizer, tmp, extra)
+
+
+def write_model(model, tokenizer, folder: Path, extra: dict | None = None) -> None:
+    """:func:`save_model`'s files in ``folder`` as it is (the caller makes it appear atomically)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "pipeline.json").write_text(json.dumps(extra or {}, indent=2, sort_keys=True) + "\n")
 
 
 def fingerprint(path: str | os.PathLike) -> str:

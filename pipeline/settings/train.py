@@ -3,12 +3,13 @@ with their loss terms, and the reference log-probs that every variant's training
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from typing_extensions import Self
 
-from pipeline.settings.base import ConfigError, StageParams, Strict, error_text
+from pipeline.settings.base import ConfigError, StageParams, Strict, error_text, merged
 from pipeline.training.loss_hparams import LossConfigError, validate_loss_hparams
 
 
@@ -21,6 +22,33 @@ class LossTerm(Strict):
     name: str
     weight: float
     hp: dict[str, float]
+
+
+class LoraParams(Strict):
+    """LoRA through peft: the base weights stay frozen and an adapter ``B A`` of rank ``r`` trains beside
+    each targeted linear layer; ``r`` 0 trains every weight instead (a full fine-tune)."""
+
+    r: int = Field(ge=0)
+    alpha: int = Field(gt=0)  # the adapter's product is scaled by alpha / r (an integer, as peft takes it)
+    dropout: float = Field(ge=0, lt=1)  # on the adapter's input only
+    # The layers that get an adapter, by peft's names (q_proj, ...); all-linear: every linear layer but the head
+    target_modules: Literal["all-linear"] | list[str]
+    # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only), the adapter in policy.dtype. The
+    # reference stage scores the same 4-bit base, so a variant may not change it.
+    load_in_4bit: bool
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _module_names(cls, value: Any) -> Any:
+        if value == "all-linear" or (isinstance(value, list) and value and all(isinstance(m, str) for m in value)):
+            return value
+        raise ValueError(f"all-linear or a non-empty list of module names (q_proj, ...), got {value!r}")
+
+    @model_validator(mode="after")
+    def _quantised_base_needs_an_adapter(self) -> Self:
+        if self.load_in_4bit and not self.r:
+            raise ValueError("load_in_4bit needs r > 0: 4-bit weights do not train, only an adapter beside them")
+        return self
 
 
 class TrainSettings(Strict):
@@ -57,11 +85,12 @@ class TrainSettings(Strict):
     # backward runs each layer's forward again to rebuild the rest. The same loss and gradients either way;
     # a variant may change it.
     gradient_checkpointing: bool
+    lora: LoraParams  # r > 0: a LoRA adapter trains and is merged into the saved model; 0: every weight trains
 
 
 TRAIN_SETTINGS = tuple(TrainSettings.model_fields)
 # The reference log-probs are computed once for all variants, so these must be the same in each.
-SHARED_WITH_REFERENCE = ("max_length", "bf16", "shared_prompt")
+SHARED_WITH_REFERENCE = ("max_length", "bf16", "shared_prompt", "lora.load_in_4bit")
 
 
 class RuntimeParams(Strict):
@@ -89,6 +118,11 @@ class Variant(Strict):
     name: str
     losses: tuple[LossTerm, ...]
     settings: TrainSettings
+
+
+def _plain(value: Any) -> Any:
+    """A validated section (``lora``) as the mapping it came from, for a variant's keys to merge into."""
+    return value.model_dump() if isinstance(value, Strict) else value
 
 
 def _loss_specs(key: str, loss: Any, rest: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -132,7 +166,7 @@ def parse_variant(name: str, raw: Any, common: dict[str, Any]) -> Variant:
     rest = {k: v for k, v in raw.items() if k != "loss" and k not in TRAIN_SETTINGS}
     overrides = {k: v for k, v in raw.items() if k in TRAIN_SETTINGS}
     try:
-        settings = TrainSettings(**{**common, **overrides})
+        settings = TrainSettings(**merged(common, overrides))  # lora: the variant's keys over the shared ones
     except ValidationError as e:
         raise ConfigError(error_text(e.errors()[0], key)) from None
     terms = tuple(_loss_term(where, spec) for where, spec in _loss_specs(key, raw["loss"], rest))
@@ -149,7 +183,7 @@ class TrainParams(TrainSettings):
     @field_validator("variants", mode="before")
     @classmethod
     def _parse_variants(cls, raw: Any, info: ValidationInfo) -> Any:
-        common = {k: info.data[k] for k in TRAIN_SETTINGS if k in info.data}
+        common = {k: _plain(info.data[k]) for k in TRAIN_SETTINGS if k in info.data}
         if len(common) < len(TRAIN_SETTINGS) or not isinstance(raw, dict):
             return raw  # a shared setting failed (reported first), or not a mapping (pydantic says so)
         return {name: parse_variant(name, spec, common) for name, spec in raw.items()}
@@ -158,12 +192,21 @@ class TrainParams(TrainSettings):
     def _variants_share_the_reference(self) -> Self:
         for name, variant in self.variants.items():
             for key in SHARED_WITH_REFERENCE:
-                mine, shared = getattr(variant.settings, key), getattr(self, key)
+                mine, shared = attrgetter(key)(variant.settings), attrgetter(key)(self)
                 if mine != shared:
                     raise ConfigError(
                         f"train.variants.{name}.{key}: {mine} differs from train.{key} {shared}: the "
                         "reference log-probs are computed once for all variants at the shared setting"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _quantised_base_is_not_sharded(self) -> Self:
+        if self.lora.load_in_4bit and self.runtime.nproc > 1 and self.runtime.strategy == "fsdp":
+            raise ConfigError(
+                "train.lora.load_in_4bit: a 4-bit base is not sharded with FSDP2 here; use "
+                "train.runtime.strategy: ddp (each process holds the 4-bit base) or load_in_4bit: false"
+            )
         return self
 
     def variant(self, name: str) -> Variant:

@@ -1,7 +1,9 @@
 """Checkpoints of a training run: where and how often, and saving and resuming the trainer's state.
 
-A checkpoint holds the model, the optimiser and its schedule, the history and the curves after some
-steps; a rerun of the same run (same settings and inputs) resumes from it, another run ignores it.
+A checkpoint holds the weights that train (all of them, or a LoRA run's adapter alone), the optimiser and
+its schedule, each process's random state (a LoRA adapter's dropout draws from it), the history and the
+curves after some steps; a rerun of the same run (same settings and inputs) resumes from it, another run
+ignores it.
 """
 
 from __future__ import annotations
@@ -82,9 +84,10 @@ def save(
     state = {
         "key": ck.key,
         "step": done,
-        "model": distributed.full_state_dict(trainer.model, ctx),
+        "model": distributed.full_state_dict(trainer.model, ctx, trainable_only=True),
         "optim": distributed.optimizer_state(trainer.model, trainer.opt, ctx),
         "sched": trainer.sched.state_dict(),
+        "rng": _random_states(trainer),
         "history": history,
         "curves": {"fixed": curves.fixed, "probe": curves.probe},
     }
@@ -101,5 +104,29 @@ def resume(ck: Checkpointing | None, trainer: PreferenceTrainer, curves: Curves)
         return [], 0
     distributed.load_states(trainer.model, trainer.opt, state["model"], state["optim"], trainer.ctx)
     trainer.sched.load_state_dict(state["sched"])
+    _restore_random_state(trainer, state["rng"])
     curves.fixed[:], curves.probe[:] = state["curves"]["fixed"], state["curves"]["probe"]
     return list(state["history"]), state["step"]
+
+
+def _random_states(trainer: PreferenceTrainer) -> list[dict]:
+    """Every rank's random state (CPU, and its GPU's), in rank order."""
+    on_gpu = trainer.device.type == "cuda"
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(trainer.device) if on_gpu else None}
+    if not trainer.ctx.distributed:
+        return [mine]
+    states: list = [None] * trainer.ctx.world
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def _restore_random_state(trainer: PreferenceTrainer, states: list[dict]) -> None:
+    """This rank's random state from the checkpoint; on another number of processes random draws (dropout)
+    go on from a fresh seed instead."""
+    ctx = trainer.ctx
+    if len(states) != ctx.world:
+        log.warning("checkpoint written by %d process(es), resumed on %d: random draws differ", len(states), ctx.world)
+        return
+    torch.set_rng_state(states[ctx.rank]["cpu"])
+    if states[ctx.rank]["cuda"] is not None and trainer.device.type == "cuda":
+        torch.cuda.set_rng_state(states[ctx.rank]["cuda"], trainer.device)

@@ -121,12 +121,15 @@ def shard(model, ctx: Context, *, bf16: bool):
     sharded (loaded so by :mod:`pipeline.training.sharded_loading`) is returned as it is."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    if isinstance(model, FSDPModule):
+    # A LoRA model (peft's wrapper) shards the transformers model inside it as the root: generation calls
+    # that model's forward, not the wrapper's, and the root's all-gathers hang on its forward.
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if isinstance(root, FSDPModule):
         return model
     policies = fsdp_policies(ctx, bf16=bf16)
     for layer in getattr(model.get_decoder(), "layers", []):
         fully_shard(layer, **policies)
-    fully_shard(model, **policies)
+    fully_shard(root, **policies)
     return model
 
 
@@ -194,14 +197,33 @@ def gather_tensor(t: torch.Tensor, ctx: Context) -> torch.Tensor:
     return torch.cat(parts).to(t.device)
 
 
-def full_state_dict(model, ctx: Context) -> dict:
+def full_state_dict(model, ctx: Context, *, trainable_only: bool = False) -> dict:
     """The full (unsharded) model state dict on CPU. Every rank must call it (FSDP2 gathers the shards); under
-    FSDP2 only rank 0 receives the tensors, the other ranks an empty dict."""
+    FSDP2 only rank 0 receives the tensors, the other ranks an empty dict. ``trainable_only`` leaves the
+    frozen parameters out (a LoRA run's base), so that they are never gathered: the parameters that train
+    alone (under FSDP2 with the buffers, which nothing trains)."""
     if ctx.strategy == "fsdp" and ctx.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        return get_model_state_dict(model, options=opts)
+    plain = unwrap(model)
+    if trainable_only:
+        # From the parameters, not state_dict(): bitsandbytes' 4-bit layers repack their weights in place there
+        return {n: p.detach().cpu() for n, p in plain.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v.detach().cpu() for k, v in plain.state_dict().items()}
+
+
+def _trainable(module) -> set[str]:
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
+def load_model_state(module, state: dict) -> None:
+    """``module.load_state_dict(state)``, where ``state`` may leave out what does not train (frozen
+    parameters, buffers, a 4-bit base's quantisation state) and nothing else."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if unexpected or set(missing) & _trainable(module):
+        raise RuntimeError(f"state does not fit the model: missing {missing}, unexpected {unexpected}")
 
 
 def optimizer_state(model, opt, ctx: Context) -> dict:
@@ -220,11 +242,12 @@ def load_states(model, opt, model_sd: dict, opt_sd: dict, ctx: Context) -> None:
             set_optimizer_state_dict,
         )
 
+        # A full state dict may leave out frozen parameters: each rank keeps its own shards of those.
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, model_sd, options=opts)
         set_optimizer_state_dict(model, opt, opt_sd, options=opts)
         return
-    unwrap(model).load_state_dict(model_sd)
+    load_model_state(unwrap(model), model_sd)
     opt.load_state_dict(opt_sd)
 
 

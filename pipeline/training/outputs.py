@@ -19,10 +19,11 @@ from pipeline.model import card as model_card
 from pipeline.model import loading
 from pipeline.schema import schema_of
 from pipeline.training import distributed
+from pipeline.training import lora as lora_adapter
 from pipeline.training.curves import Curves
 
 if TYPE_CHECKING:
-    from pipeline.settings.train import Variant
+    from pipeline.settings.train import LoraParams, Variant
     from pipeline.training.trainer import LogFn
 
 
@@ -67,18 +68,19 @@ class LiveLog:
             self.live.end()
 
 
-def gathered_policy(model, ctx: distributed.Context, base_dir: str, dtype: str):
-    """The trained weights in a plain model on the CPU on rank 0, None on the other ranks.
+def gathered_policy(model, ctx: distributed.Context, base_dir: str, dtype: str, lora: LoraParams):
+    """The trained weights in a plain model on the CPU on rank 0 (with its adapter when ``lora.r``), None on
+    the other ranks.
 
-    Every rank takes part in gathering the full state dict. FSDP2's sharded model cannot load it, so
-    under FSDP2 a fresh copy of the base model in ``base_dir`` takes the weights."""
-    state = distributed.full_state_dict(model, ctx)
+    Every rank takes part in gathering the weights that trained (a LoRA run: the adapter alone). FSDP2's
+    sharded model cannot load them, nor can a 4-bit base be saved as it is, so there a fresh copy of the
+    base model in ``base_dir`` takes them (:func:`pipeline.training.lora.fresh_policy`)."""
+    state = distributed.full_state_dict(model, ctx, trainable_only=True)
     if not ctx.is_main:
         return None
-    plain = (
-        loading.load_model(base_dir, dtype) if ctx.strategy == "fsdp" and ctx.distributed else distributed.unwrap(model)
-    )
-    plain.load_state_dict(state)
+    fresh = (ctx.strategy == "fsdp" and ctx.distributed) or lora.load_in_4bit
+    plain = lora_adapter.fresh_policy(base_dir, dtype, ctx.device, lora) if fresh else distributed.unwrap(model)
+    distributed.load_model_state(plain, state)
     return plain.to("cpu")
 
 
@@ -97,22 +99,23 @@ class TrainedRun:
 
 def save_policy(policy, tokenizer, run: TrainedRun, out_dir: str) -> None:
     """The policy's folder, with ``pipeline.json`` and the Hub's model card (README.md): what a reader of
-    the folder needs to know it was trained on. The export stage completes the card with the evaluation."""
+    the folder needs to know it was trained on. The export stage completes the card with the evaluation.
+    A LoRA run's folder holds the adapter (``adapter/``) and the model with it merged, in one rename."""
     v = run.variant
     base_fingerprint = loading.fingerprint(run.base_dir)
-    loading.save_model(
-        policy,
-        tokenizer,
-        out_dir,
-        {
-            "variant": v.name,
-            "losses": [t.model_dump() for t in v.losses],
-            "settings": v.settings.model_dump(),
-            "steps": len(run.history),
-            "world_size": run.world_size,
-            "base_fingerprint": base_fingerprint,
-        },
-    )
+    adapter = lora_adapter.record(policy, v.settings.lora)
+    extra = {
+        "variant": v.name,
+        "losses": [t.model_dump() for t in v.losses],
+        "settings": v.settings.model_dump(),
+        "steps": len(run.history),
+        "world_size": run.world_size,
+        "base_fingerprint": base_fingerprint,
+    }
+    with atomic_dir(out_dir) as tmp:
+        if lora_adapter.is_adapter(policy):
+            policy = lora_adapter.save_and_merge(policy, tmp)
+        loading.write_model(policy, tokenizer, tmp, extra)
     card = model_card.training_card(
         variant=v.name,
         base_model=run.base_model,
@@ -126,6 +129,7 @@ def save_policy(policy, tokenizer, run: TrainedRun, out_dir: str) -> None:
             "last_step": run.history[-1],
             "ref_check": run.ref_check,
         },
+        adapter=adapter,
     )
     model_card.save(card, Path(out_dir) / model_card.CARD_FILE)
 

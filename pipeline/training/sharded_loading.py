@@ -18,19 +18,22 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from pipeline.model import loading
-from pipeline.training import activation_checkpointing, distributed
+from pipeline.model import loading, quantised
+from pipeline.training import activation_checkpointing, distributed, lora
 
 if TYPE_CHECKING:
     from pipeline.settings.train import TrainSettings
 
 
 def load_for_training(path: str | os.PathLike, dtype: str, ctx: distributed.Context, settings: TrainSettings):
-    """(model, tokenizer) of the model folder ``path`` for training: sharded by :func:`load_sharded` under
-    FSDP2 on several processes, else the whole model in ``dtype`` on ``ctx.device``."""
+    """(model, tokenizer) of the model folder ``path`` for training, with a fresh LoRA adapter when
+    ``settings.lora.r`` (:func:`pipeline.training.lora.attach`): sharded by :func:`load_sharded` under FSDP2 on
+    several processes, else the whole model in ``dtype`` (or 4 bits: ``lora.load_in_4bit``) on ``ctx.device``."""
+    tokenizer = loading.load_tokenizer(path)
     if not (ctx.distributed and ctx.strategy == "fsdp"):
-        return loading.load_policy(path, dtype, ctx.device)
-    return load_sharded(path, dtype, ctx, settings), loading.load_tokenizer(path)
+        base = quantised.load_base(path, dtype, ctx.device, settings.lora)
+        return lora.attach(base, settings.lora, settings.seed), tokenizer
+    return load_sharded(path, dtype, ctx, settings), tokenizer
 
 
 def load_sharded(path: str | os.PathLike, dtype: str, ctx: distributed.Context, settings: TrainSettings):
@@ -40,20 +43,23 @@ def load_sharded(path: str | os.PathLike, dtype: str, ctx: distributed.Context, 
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype))
+        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype))
+    if (Path(path) / "generation_config.json").is_file():  # from_config derives one from the config alone
+        base.generation_config = GenerationConfig.from_pretrained(path)
+    # A LoRA adapter goes in before sharding, so FSDP2 shards and reduces its weights with the layers' own;
+    # rank 0's copy, with the same seeded adapter, fills them.
+    model = lora.attach(base, settings.lora, settings.seed)
     activation_checkpointing.apply(model, settings, ctx.device)
     distributed.shard(model, ctx, bf16=settings.bf16)
     # Offloaded shards live in CPU memory; FSDP2 copies each to the GPU when its layer runs.
     model.to_empty(device="cpu" if ctx.offload else ctx.device)
-    full = loading.load_model(path, dtype) if ctx.is_main else None
+    full = lora.attach(loading.load_model(path, dtype), settings.lora, settings.seed) if ctx.is_main else None
     set_model_state_dict(
         model,
         full.state_dict() if full is not None else {},
         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
     )
     _buffers_from_rank0(model, full, ctx)
-    if (Path(path) / "generation_config.json").is_file():  # from_config derives one from the config alone
-        model.generation_config = GenerationConfig.from_pretrained(path)
     return model
 
 

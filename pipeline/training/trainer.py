@@ -123,8 +123,10 @@ def build_optimizer(model, settings: TrainSettings, *, fused: bool = True):
     """AdamW and its schedule: the learning rate rises linearly over ``warmup_steps``, then stays.
 
     ``fused``: torch's single-kernel AdamW (CPU and CUDA; TRL's default too), one pass over the weights
-    instead of several; off for FSDP2's sharded parameters."""
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=fused)
+    instead of several; off for FSDP2's sharded parameters. Only the parameters that train (a LoRA run: the
+    adapter's) get optimiser state."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused)
     warmup = settings.warmup_steps
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
 

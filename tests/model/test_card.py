@@ -81,6 +81,7 @@ def trained(tmp_path, variant):
         hyperparameters=variant.settings.model_dump(),
         data=data,
         training=TRAINING,
+        adapter=None,
     )
     model_card.save(card, tmp_path / "README.md")
     return tmp_path / "README.md"
@@ -105,10 +106,45 @@ def test_training_card_parses_with_the_loss_and_resolved_hyperparameters(trained
     # and the body shows them to a reader
     assert "## Loss" in card.text and "Smaug" in card.text and "| lr | 0.0003 |" in card.text
     assert "Not evaluated in this folder" in card.text
+    assert rec["adapter"] is None and "## Adapter" not in card.text and "lora" not in d.tags
     # the first-step check is stated on the figure that decides it: the mean gap, against its tolerance
     assert "mean |lp − ref| 4e-06 nats per sequence (tolerance 0.1, passed; largest 1.5e-05)" in " ".join(
         card.text.split()
     )
+
+
+def test_a_lora_card_records_the_adapter(tmp_path, variant):
+    adapter = {
+        "method": "lora",
+        "r": 16,
+        "alpha": 32,
+        "dropout": 0.05,
+        "target_modules": ["q_proj", "v_proj"],
+        "load_in_4bit": False,
+        "trainable_parameters": 1234,
+        "total_parameters": 99999,
+        "path": "adapter",
+    }
+    card = model_card.training_card(
+        variant="mix",
+        base_model="smollm2-135m-instruct",
+        base_fingerprint="0123abcd",
+        losses=[model_card.loss_record(t.name, t.weight, t.hp) for t in variant.losses],
+        hyperparameters=variant.settings.model_dump(),
+        data=model_card.data_fingerprint(_pairs(tmp_path, 0.5), _pairs(tmp_path, 0.9), n_train=7, n_heldout=2,
+                                         scenarios=[2]),
+        training=TRAINING,
+        adapter=adapter,
+    )  # fmt: skip
+    model_card.save(card, tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    assert loaded.data.to_dict()[model_card.KEY]["adapter"] == adapter and {"lora", "peft"} <= set(loaded.data.tags)
+    text = " ".join(loaded.text.split())
+    assert "Trained as a LoRA adapter (peft) of rank 16 (alpha 32, dropout 0.05) on `q_proj, v_proj`" in text
+    assert "1234 of 99999 parameters trained" in text and "PeftModel.from_pretrained(" in text
+    # the adapter survives the evaluation's completion of the card
+    done = model_card.with_evaluation(loaded, METRICS, source="metrics/eval/mix.json")
+    assert done.data.to_dict()[model_card.KEY]["adapter"] == adapter and "## Adapter" in done.text
 
 
 def test_data_fingerprint_hashes_the_files_and_changes_with_the_pairs(tmp_path):

@@ -193,6 +193,40 @@ def test_two_gloo_processes_match_one_process(
     assert json.loads((two / "models/dpo/pipeline.json").read_text())["world_size"] == 2
 
 
+LORA = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj"]}
+
+
+def lora_train() -> dict:
+    """``train`` overrides for :func:`make_run`: the repository's ``train.lora`` with :data:`LORA`."""
+    return {"lora": {**repo_params()["train"]["lora"], **LORA}}
+
+
+@pytest.fixture(scope="module")
+def single_process_lora_run(workspace, tmp_path_factory) -> Path:
+    one = make_run(workspace, tmp_path_factory.mktemp("one_lora") / "run", train=lora_train(), nproc=1)
+    run_stage(one)
+    return one
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_on_two_gloo_processes_matches_one_process(workspace, single_process_lora_run, tmp_path, strategy):
+    """Only the adapter trains, gathered from 2 processes (FSDP2: from its shards into a fresh base) to the
+    adapter and merged model of 1 process."""
+    one = single_process_lora_run
+    two = make_run(workspace, tmp_path / "two", train=lora_train(), nproc=2, backend="gloo", strategy=strategy)
+    assert "on 2 process(es)" in run_stage(two)
+    l1, l2 = curve(one, "loss"), curve(two, "loss")
+    assert len(l1) == len(l2) == N_PAIRS and max(abs(a - b) for a, b in zip(l1, l2)) < 1e-4
+    a1, a2 = (load_file(r / "models/dpo/adapter/adapter_model.safetensors") for r in (one, two))
+    assert a1.keys() == a2.keys() and max((a1[k] - a2[k]).abs().max().item() for k in a1) < 1e-4
+    assert max(a1[k].abs().max().item() for k in a1 if "lora_B" in k) > 1e-3  # it did train
+    start, w1, w2 = load_file(one / "models/policy/model.safetensors"), weights(one), weights(two)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+    untouched = [k for k in start if not any(m in k for m in LORA["target_modules"])]
+    assert untouched and all(torch.equal(start[k], w1[k]) and torch.equal(start[k], w2[k]) for k in untouched)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(workspace, tmp_path):
     full = make_run(workspace, tmp_path / "full", checkpoint_every=3)
