@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.analysis.findings import StatSettings, json_safe
 from pipeline.analysis.report import VariantInputs, compute_report, findings_record
-from pipeline.pages import bench, build, results
+from pipeline.pages import bench, build, results, scale
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = StatSettings(alpha=0.05, level=0.95, n_resamples=200, seed=0, drastic_drop_orders=1.0)
@@ -27,6 +27,8 @@ def _copy_sources(dest: Path) -> Path:
         *build.PAGES,
         results.STUDY_JSON,
         results.REPORT_JSON,
+        scale.ASSUMPTIONS,
+        scale.PARAMS,
         *(p.relative_to(ROOT).as_posix() for p in (ROOT / bench.BENCH_DIR).glob("*.json")),
     ]:
         if (ROOT / rel).is_file():

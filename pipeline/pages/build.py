@@ -11,11 +11,15 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.pages import bench, results
+from pipeline.pages import bench, results, scale
 
 ROOT = Path(__file__).resolve().parents[2]
 
-PAGES: dict[str, Callable[[Path], str]] = {bench.PAGE: bench.bench_page, results.PAGE: results.results_page}
+PAGES: dict[str, Callable[[Path], str]] = {
+    bench.PAGE: bench.bench_page,
+    results.PAGE: results.results_page,
+    scale.PAGE: scale.scale_page,
+}
 
 
 def render(root: Path) -> dict[str, str]:

@@ -25,6 +25,11 @@ class SampleParams(Strict):
     # Finished chunks, outside every DVC output (a relative path is taken from the repository root,
     # also from a `dvc exp` temp workspace); not a DVC param, changing it reruns nothing.
     cache_dir: str
+    # Seconds a claim on a chunk lasts unrenewed: its holder renews it every quarter of this, and a claim left
+    # this long (its process killed, its machine gone) is taken over by the next process; waiting processes
+    # look again every quarter of it. Must exceed the clock difference between machines sharing cache_dir.
+    # How to run, not what: not a DVC param.
+    lease_s: float = Field(gt=0)
 
 
 class OtherSampleParams(SampleParams):

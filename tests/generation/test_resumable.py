@@ -1,5 +1,6 @@
 """Resumable sampling: finished chunks are kept, a rerun samples only the rest and gives the result
-an uninterrupted run gives; the sample stage killed half-way resumes."""
+an uninterrupted run gives; the sample stage killed half-way resumes. (Several processes sharing the chunk
+folder: tests/generation/test_chunk_store.py and tests/stages/test_sample_workers.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import polars as pl
 import pytest
 import yaml
 
-from pipeline.generation.resumable import sample_resumable
+from pipeline.generation.chunk_store import ChunkFolder
+from pipeline.generation.resumable import plan_chunks, sample_chunks
 from pipeline.generation.types import Candidate, GenerationSettings
 
 S = GenerationSettings(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0)
@@ -35,10 +37,14 @@ class CountingSampler:
         self.prompts_seen += list(prompts)
         return [[Candidate(f"{p}/{k}", (len(p), k, 2), -1.5 * k, "stop") for k in range(settings.n)] for p in prompts]
 
+    def close(self):
+        pass
+
 
 def run(sampler, prompts, cache, identity=None, chunk=3):
     ids = [f"id{i}" for i in range(len(prompts))]
-    return sample_resumable(sampler, ids, prompts, S, chunk, cache, identity or {"model": "m"}, progress=None)
+    plan = plan_chunks(ids, prompts, S, chunk, identity or {"model": "m"})
+    return sample_chunks(lambda: sampler, plan, ChunkFolder(cache, lease_s=60), collect=True, progress=None)
 
 
 def test_a_crash_keeps_finished_chunks_and_the_rerun_samples_only_the_rest(tmp_path):
@@ -51,6 +57,7 @@ def test_a_crash_keeps_finished_chunks_and_the_rerun_samples_only_the_rest(tmp_p
         run(crashing, prompts, tmp_path / "b")
     assert len(list((tmp_path / "b").glob("chunk-*.parquet"))) == 2
     assert not list((tmp_path / "b").glob("*.tmp*"))  # nothing half-written left behind
+    assert not list((tmp_path / "b").glob("*.lease-*"))  # the failed chunk's claim is released
 
     resumed = CountingSampler()
     out, stats = run(resumed, prompts, tmp_path / "b")
@@ -78,6 +85,18 @@ def test_a_damaged_chunk_is_resampled(tmp_path):
     s = CountingSampler()
     out, stats = run(s, prompts, tmp_path)
     assert s.prompts_seen == prompts and stats["chunks_reused"] == 0 and out[0][1].text == "q0/1"
+
+
+def test_a_run_that_finds_every_chunk_finished_loads_no_model(tmp_path):
+    prompts = [f"q{i}" for i in range(7)]
+    whole, _ = run(CountingSampler(), prompts, tmp_path)
+
+    def no_model():
+        raise AssertionError("a model was loaded although every chunk is finished")
+
+    plan = plan_chunks([f"id{i}" for i in range(7)], prompts, S, 3, {"model": "m"})
+    out, stats = sample_chunks(no_model, plan, ChunkFolder(tmp_path, lease_s=60), collect=True, progress=None)
+    assert out == whole and stats == {"chunks": 3, "chunks_reused": 3, "prompts_reused": 7}
 
 
 def test_sample_stage_killed_half_way_resumes(tmp_path, tiny_model_dir):
