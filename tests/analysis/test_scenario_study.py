@@ -10,46 +10,14 @@ import pytest
 from scipy import stats as st
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
-from study_runs import generations, pair_eval, pair_table
+from study_runs import N_HELD, scenario_runs
 
 from pipeline.analysis import scenario_study, study_report
 from pipeline.analysis.findings import StatSettings
 from pipeline.analysis.study import StudyRun
 
 SETTINGS = StatSettings(alpha=0.05, level=0.95, n_resamples=2000, seed=0, drastic_drop_orders=1.0)
-N_HELD, N_TEST, HELD_OUT_PROMPTS = 40, 60, 50  # 10 held-out prompts got a pair in no scenario
 ROLES = {"dpo": "dpo"}
-
-
-def scenario_runs(means: dict[int, float], draw: int = 3, covered: dict[int, int] | None = None) -> list[StudyRun]:
-    """DPO in each scenario k over seeds 0-2: held-out pairs of the first ``covered[k]`` held-out prompts (all 40
-    by default) whose Δlp_w is ``means[k]`` plus a per-prompt effect the scenarios share plus noise."""
-    rng = np.random.default_rng(draw)
-    held = [f"h{i:03d}" for i in range(N_HELD)]
-    prompt_effect = rng.normal(0, 1, N_HELD)
-    before = generations(rng.random(N_TEST) < 0.5, "policy")
-    runs = []
-    for k, mean in means.items():
-        n = (covered or {}).get(k, N_HELD)
-        table = pair_table(held[:n], k, rng.normal(-2.0 * k, 1.0, n), rng.normal(-4.0 * k, 1.0, n))
-        ids = [f"{p}-s{k}" for p in held[:n]]
-        for seed in (0, 1, 2):
-            d_w = mean + prompt_effect[:n] + rng.normal(0, 1, n)
-            runs.append(
-                StudyRun(
-                    f"x-s{k}-seed{seed}",
-                    f"scenario {k}",
-                    seed,
-                    "dpo",
-                    pair_eval("dpo", ids, d_w, rng.normal(-5, 1, n)),
-                    before,
-                    generations(rng.random(N_TEST) < 0.2, "dpo"),
-                    None,
-                    table,
-                    HELD_OUT_PROMPTS,
-                )
-            )
-    return runs
 
 
 def _per_prompt(runs: list[StudyRun], k: int) -> dict[str, float]:

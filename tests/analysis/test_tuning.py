@@ -11,7 +11,7 @@ from scipy import stats as st
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
-from study_runs import generations, pair_eval
+from study_runs import generations, variant_runs
 
 from pipeline.analysis import tuning
 from pipeline.analysis.findings import StatSettings
@@ -49,30 +49,8 @@ def test_each_variant_keeps_its_best_validation_accuracy_and_a_tie_goes_to_the_f
     assert tuning.setting_text(points[1].setting) == "lr 5e-06, beta 0.1"
 
 
-def _runs(seeds=(0, 1, 2), n_pairs=30, n_prompts=80, draw=5) -> list[StudyRun]:
-    """dpo falls on the pairs and loses accuracy; dpop keeps both."""
-    rng = np.random.default_rng(draw)
-    ids = [f"p{i:02d}" for i in range(n_pairs)]
-    before = generations(rng.random(n_prompts) < 0.5, "policy")
-    runs = []
-    for seed in seeds:
-        for variant, d_w, right in (("dpo", -3.0, 0.15), ("dpop", 0.2, 0.5)):
-            runs.append(
-                StudyRun(
-                    f"t-d-seed{seed}",
-                    "default",
-                    seed,
-                    variant,
-                    pair_eval(variant, ids, d_w + rng.normal(0, 1, n_pairs), rng.normal(-6, 1, n_pairs)),
-                    before,
-                    generations(rng.random(n_prompts) < right, variant),
-                )
-            )
-    return runs
-
-
 def test_the_kept_settings_compared_match_an_independent_computation():
-    runs = _runs()
+    runs = variant_runs()
     (c,) = tuning.comparisons(runs, ["dpo", "dpop"], SETTINGS)
     assert (c["a"], c["b"], c["seeds"], c["prompts"], c["pairs"]) == ("dpo", "dpop", [0, 1, 2], 80, 30)
 
@@ -109,7 +87,7 @@ def test_the_kept_settings_compared_match_an_independent_computation():
 def test_no_difference_is_seldom_called_one():
     rejected = 0
     for draw in range(20):
-        runs = [r for r in _runs(draw=draw) if r.variant == "dpop"]
+        runs = [r for r in variant_runs(draw=draw) if r.variant == "dpop"]
         twin = [
             StudyRun(
                 r.experiment,
@@ -131,7 +109,7 @@ def test_tuning_sections_and_record():
     points = [point("g-dpo-0", "dpo", 5, lr=1e-5, beta=0.1), point("g-dpop-0", "dpop", 9, lr=1e-5, dpop_lambda=50.0)]
     kept = tuning.select(points)
     rows = tuning.grid_rows(points, kept, SETTINGS)
-    compared = tuning.comparisons(_runs(), ["dpo", "dpop"], SETTINGS)
+    compared = tuning.comparisons(variant_runs(), ["dpo", "dpop"], SETTINGS)
     grid = {"dpo": {"lr": [1e-5], "beta": [0.1]}, "dpop": {"lr": [1e-5], "dpop_lambda": [50.0]}}
     lines = tuning.tuning_lines(grid, 0, rows, 0.45, compared, SETTINGS)
     md = "\n".join(lines)
