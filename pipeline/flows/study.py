@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import shlex
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,26 @@ def run_or_find(
     return run_experiments(root, fp, points, targets, schedule)
 
 
+def run_record(out: Path, seconds: dict[str, float] | None) -> tuple[dict[str, Any] | None, str]:
+    """How long the experiments took (``seconds``: phase -> wall-clock seconds, measured by the flow that ran
+    them) and on how many CPUs, for ``summary.json``, and its line for the report. A report rebuilt without
+    running (``seconds`` None) keeps what its folder's last ``summary.json`` recorded."""
+    import json
+    import os
+
+    if seconds is None:
+        try:
+            record = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("run")
+        except (OSError, ValueError, AttributeError):
+            record = None
+    else:
+        record = {"seconds": {k: round(v) for k, v in seconds.items()}, "cpus": os.cpu_count()}
+    if not isinstance(record, dict) or not isinstance(record.get("seconds"), dict):
+        return None, ""
+    took = ", ".join(f"{k} {v / 60:.0f} min" for k, v in record["seconds"].items())
+    return record, f"\nWall-clock time of the experiments ({record.get('cpus')} CPUs): {took}.\n"
+
+
 def write_study(out: Path, runs: list, markdown: str, summary: dict[str, Any]) -> None:
     """``per_pair.parquet``, ``summary.json`` and, last, ``report.md``: a reader finds a report only with its
     figures beside it."""
@@ -262,7 +283,10 @@ def study_flow(
         st.overrides,
         st.max_parallel,
     )
+    start = time.monotonic()
     failed = run_or_find(root, fp, {n: p for n, (_, _, p) in points.items()}, targets, Schedule.of(st), report_only)
+    out = root / st.report
+    timing, took = run_record(out, None if report_only else {"experiments": time.monotonic() - start})
     runs = read_runs(root, points, failed, st.variants, all_commits=report_only)
     if not runs:
         raise RuntimeError(f"study {prefix}: all {len(names)} experiments failed: {', '.join(failed)}")
@@ -271,17 +295,15 @@ def study_flow(
     markdown, record = study_report(
         runs, loss_roles(cfg, st.variants), StatSettings.from_params(cfg.report), f"Study `{prefix}`", command
     )
+    markdown += took
     if failed:
         markdown += (
             f"\n**{len(failed)} of {len(names)} experiments failed or are missing** and are left out: "
             f"{', '.join(failed)}.\n"
         )
-    out = root / st.report
+    ran = {n: p for n, (_, _, p) in points.items()}
     write_study(
-        out,
-        runs,
-        markdown,
-        {**record, "experiments": {n: p for n, (_, _, p) in points.items()}, "failed": failed, "command": command},
+        out, runs, markdown, {**record, "experiments": ran, "failed": failed, "command": command, "run": timing}
     )
     create_markdown_artifact(markdown=markdown, key="dpo-study", description=f"study {prefix} ({st.report})")
     logger.info("study report: %s\n%s", out / "report.md", markdown)

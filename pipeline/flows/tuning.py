@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from pipeline.flows.study import (
     read_experiment_table,
     read_runs,
     run_or_find,
+    run_record,
     study_command,
     study_settings,
     write_study,
@@ -133,6 +135,7 @@ def tuning_flow(
     grid = tune_points(prefix, st)
     check_points(root, {n: p for n, (_, _, p) in grid.items()})
     logger.info("tuning %s: %d grid experiments on seed %d, then seeds %s", prefix, len(grid), st.tune.seed, st.seeds)
+    start = time.monotonic()
     failed = [
         n
         for v in variants
@@ -140,6 +143,7 @@ def tuning_flow(
             root, fp, {n: p for n, (w, _, p) in grid.items() if w == v}, [f"evaluate@{v}"], Schedule.of(st), report_only
         )
     ]
+    grid_s = time.monotonic() - start
     points, policy_val = read_grid(root, grid, failed, all_commits=report_only)
     selected = tuning.select(points)
     if set(selected) != set(variants):
@@ -149,6 +153,9 @@ def tuning_flow(
     flat = {n: p for n, (_, _, p) in final_points.items()}
     check_points(root, flat)
     failed += run_or_find(root, fp, flat, targets, Schedule.of(st), report_only)
+    seconds = {"grid": grid_s, "kept settings": time.monotonic() - start - grid_s}
+    out = root / st.tune.report
+    timing, took = run_record(out, None if report_only else seconds)
     runs = read_runs(root, final_points, failed, variants, all_commits=report_only)
     if not runs:
         raise RuntimeError(f"tuning {prefix}: every experiment of the kept settings failed: {', '.join(failed)}")
@@ -161,17 +168,13 @@ def tuning_flow(
     markdown, record = study_report(
         runs, loss_roles(cfg, variants), s, f"Tuned comparison `{prefix}`", command, sections
     )
+    markdown += took
     if failed:
         markdown += f"\n**{len(failed)} experiments failed or are missing** and are left out: {', '.join(failed)}.\n"
     tuned = tuning.tuning_record(st.tune.grid, st.tune.seed, rows, policy_val, selected, compared)
     ran = {n: p for n, (_, _, p) in grid.items()} | flat
-    out = root / st.tune.report
-    write_study(
-        out,
-        runs,
-        markdown,
-        {**record, "tuning": tuned, "experiments": ran, "failed": failed, "command": command},
-    )
+    summary = {**record, "tuning": tuned, "experiments": ran, "failed": failed, "command": command, "run": timing}
+    write_study(out, runs, markdown, summary)
     create_markdown_artifact(markdown=markdown, key="dpo-study-tune", description=f"tuning {prefix} ({out})")
     logger.info("tuning report: %s\n%s", out / "report.md", markdown)
     if failed:

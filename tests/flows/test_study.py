@@ -57,6 +57,17 @@ def test_study_command_runs_the_same_study_again():
     assert (a.tune, a.report, a.set_param[0]) == (True, "reports/tuning", "prepare.n_test=512")
 
 
+def test_run_record_keeps_the_times_of_the_run_when_the_report_is_rebuilt(tmp_path):
+    from pipeline.flows.study import run_record
+
+    record, line = run_record(tmp_path, {"grid": 790.4, "kept settings": 1500.0})
+    assert record is not None and record["seconds"] == {"grid": 790, "kept settings": 1500}
+    assert line.strip().endswith("grid 13 min, kept settings 25 min.") and record["cpus"] >= 1
+    assert run_record(tmp_path, None) == (None, "")  # rebuilt, and no earlier summary: nothing to say
+    (tmp_path / "summary.json").write_text(json.dumps({"run": record}))
+    assert run_record(tmp_path, None) == (record, line)
+
+
 def test_study_settings_are_validated_with_the_key_named():
     from pipeline.flows.settings import FlowParamsError, parse_flow_params
     from pipeline.settings.base import merged
@@ -106,6 +117,7 @@ def test_study_flow_reads_every_seeds_tables_and_judges_the_claims(
     assert (repo / "params.yaml").read_text() == yaml.safe_dump(params, sort_keys=False)  # temp experiments only
     # the report rebuilt from the same experiments, running none, after a new commit (the experiments are based
     # on the previous one); a seed never run is reported missing
+    assert summary["run"]["seconds"]["experiments"] > 0 and "Wall-clock time of the experiments" in md
     (out / "report.md").unlink()
     (repo / "notes.md").write_text("later work\n")
     for cmd in (
@@ -121,6 +133,7 @@ def test_study_flow_reads_every_seeds_tables_and_judges_the_claims(
         return text.split("## Claims (docs/losses.md)")[1].split("## Per variant")[0]
 
     assert claims(again) == claims(md) and "--seeds 0 1 2 3 " in again
+    assert json.loads((out / "summary.json").read_text())["run"] == summary["run"]  # the run's times, kept
     assert "failed or are missing** and are left out: st-d-seed3" in again
     # a typo in a variant fails before any experiment runs
     with pytest.raises(ValueError, match=r"no stage evaluate@dpx: not in train.variants \(known: dpo, dpop\)"):

@@ -131,3 +131,4 @@ def test_tuning_flow_selects_on_validation_and_compares_the_kept_settings(
     (out / "report.md").unlink()
     again = tuning_flow(seeds=[0, 1], overrides={"prepare.n_test": 40}, name="tn", repo=str(repo), report_only=True)
     assert again["selected"] == res["selected"] and (out / "report.md").read_text() == md
+    assert set(summary["run"]["seconds"]) == {"grid", "kept settings"}
