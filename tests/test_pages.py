@@ -203,7 +203,12 @@ def test_results_page_prints_the_scenario_study_and_the_tuned_comparison(tmp_pat
         kept,
         tuning.comparisons(runs, ["dpo", "dpop"], SETTINGS),
     )
-    tune = _write(tmp_path, studies.TUNING_JSON, {**record, "tuning": tuned, "command": "tuning command", "failed": []})
+    run = {"seconds": {"grid": 1500, "kept settings": 1260}, "cpus": 2}
+    tune = _write(
+        tmp_path,
+        studies.TUNING_JSON,
+        {**record, "tuning": tuned, "command": "tuning command", "failed": [], "run": run},
+    )
     md = results.results_page(tmp_path)
     scenarios = md.split("## The data scenarios")[1].split("## The tuned comparison")[0]
     assert "`reports/scenarios/summary.json`, written by `scenario command`" in scenarios
@@ -222,6 +227,7 @@ def test_results_page_prints_the_scenario_study_and_the_tuned_comparison(tmp_pat
     (c,) = tune["tuning"]["comparisons"]
     acc = c["accuracy_difference"]
     assert f"| `dpop` − `dpo` | 0, 1, 2 | {acc['estimate'] * 100:+.1f} [" in tuned_md and "3 of 3 |" in tuned_md
+    assert "Its experiments took grid 25 min, kept settings 21 min (2 CPUs)." in tuned_md
     assert "answers 25.0 % of them" in tuned_md and "`dpo`: lr ∈ {1e-05}, beta ∈ {0.1}" in tuned_md
 
 

@@ -19,10 +19,18 @@ HOW = "diagnostics-and-report.md#the-scenario-study-and-the-tuning-mode"
 
 
 def _intro(path: str, summary: Mapping, s: StatSettings | None) -> list[str]:
+    run: Mapping = summary.get("run") or {}
+    seconds: Mapping = run.get("seconds") or {} if isinstance(run, Mapping) else {}
+    took = (
+        f" Its experiments took {', '.join(f'{k} {fixed(v, 0, 1 / 60)} min' for k, v in seconds.items())} "
+        f"({count(run.get('cpus'))} CPUs)."
+        if seconds
+        else ""
+    )
     lines = [
-        f"`{path}`, written by `{summary.get('command', NA)}`. {rule(s)} A claim is *reproduced* where its test "
-        "rejects and the interval excludes zero the claimed way, *contradicted* where both hold the other way, "
-        "else *not significant*.",
+        f"`{path}`, written by `{summary.get('command', NA)}`.{took} {rule(s)} A claim is *reproduced* where its "
+        "test rejects and the interval excludes zero the claimed way, *contradicted* where both hold the other "
+        "way, else *not significant*.",
         "",
     ]
     failed = summary.get("failed") or []
