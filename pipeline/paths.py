@@ -63,6 +63,11 @@ def eval_generations(variant: str) -> str:
     return f"data/eval/{variant}/generations.parquet"
 
 
+def eval_val_generations(variant: str) -> str:
+    """Greedy answers on the validation prompts (``prepare.n_val`` > 0 only)."""
+    return f"data/eval/{variant}/val_generations.parquet"
+
+
 def metrics_file(stage: str) -> str:
     return f"{METRICS}/{stage}.json"
 

@@ -28,7 +28,7 @@ TABLES: dict[str, dict[str, Column]] = {
     # prepare -> everything downstream. One row per problem.
     "prompts": {
         "prompt_id": C(pl.String),
-        "split": C(pl.String),  # train | test | warmup
+        "split": C(pl.String),  # train | test | warmup | val
         "question": C(pl.String),
         "prompt": C(pl.String),  # question plus the answer-format instruction; what the model sees
         "answer": C(pl.String),  # gold final answer

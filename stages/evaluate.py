@@ -1,5 +1,7 @@
 """Stage `evaluate@<variant>`: greedy test accuracy and held-out pair log-probs after training, against
-the starting policy (its accuracy comes from the policy stage, its log-probs from the reference). The
+the starting policy (its accuracy comes from the policy stage, its log-probs from the reference), and the
+greedy accuracy on the validation prompts where there are any (``val_accuracy``, per prompt in
+``data/eval/<variant>/val_generations.parquet``: what the study's tuning mode selects on). The
 held-out log-probs are the training stage's last scoring of its fixed held-out set when it has one
 (the same pairs, by the model it saved), else computed here."""
 
@@ -11,7 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from pipeline import paths
-from pipeline.analysis.accuracy import greedy_eval
+from pipeline.analysis.accuracy import greedy_eval, validation_eval
 from pipeline.analysis.heldout import bucketise, last_fixed_scores, summarise_pair_eval
 from pipeline.cli import run_stage, stage_parser
 from pipeline.data import tagging
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = Settings.load(args.params)
     cfg.variant(args.variant)  # an unknown name fails here, naming the key
     params = cfg.evaluate
-    prompts = read_table(paths.PROMPTS, "prompts").filter(pl.col("split") == "test")
+    all_prompts = read_table(paths.PROMPTS, "prompts")
+    prompts = all_prompts.filter(pl.col("split") == "test")
     pairs = read_table(paths.PAIRS, "pairs").filter(pl.col("split") == "heldout")
     ref = read_table(paths.REFERENCE, "reference")
     fixed = (
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         gens, accuracy = greedy_eval(
             sampler, prompts, gen.max_new_tokens, args.variant, progress=f"eval {args.variant}"
         )
+        val = validation_eval(sampler, all_prompts, gen.max_new_tokens, args.variant, progress=f"val {args.variant}")
     finally:
         sampler.close()
     after, scored_by = heldout_scores(cfg, args.variant, pairs, fixed, model, tokenizer)
@@ -102,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         "heldout_scored_by": scored_by,
         "llm_rubric": rubric,
     }
+    if val is not None:  # only with validation prompts, so that a run without them writes what it always did
+        write_table(val[0], paths.eval_val_generations(args.variant), "generations")
+        metrics.update(val_accuracy=val[1], n_val=val[0].height)
     write_json(metrics, paths.eval_metrics(args.variant))
     log.info(
         "%s: test accuracy %.1f%% (before %.1f%%); held-out lp_w %s -> %s",

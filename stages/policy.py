@@ -1,5 +1,6 @@
 """Stage `policy`: the starting policy as a local model folder, optionally warmed up by SFT on gold
-solutions, and its greedy accuracy on the test prompts."""
+solutions, and its greedy accuracy on the test prompts (and on the validation prompts, where there are any:
+``val_accuracy`` in its metrics)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import polars as pl
 
 from pipeline import paths
-from pipeline.analysis.accuracy import greedy_eval
+from pipeline.analysis.accuracy import greedy_eval, validation_eval
 from pipeline.cli import run_stage, stage_parser
 from pipeline.generation.registry import sampler_for
 from pipeline.generation.transformers_backend import TransformersSampler
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     test = prompts.filter(pl.col("split") == "test")
     try:
         gens, accuracy = greedy_eval(sampler, test, params.eval.max_new_tokens, "policy")
+        val = validation_eval(sampler, prompts, params.eval.max_new_tokens, "policy")
     finally:
         sampler.close()
     write_table(gens, paths.POLICY_GENERATIONS, "generations")
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         "warmup_final_loss": sft_losses[-1] if sft_losses else None,
         "warmup_first_loss": sft_losses[0] if sft_losses else None,
     }
+    if val is not None:  # only with validation prompts, so that a run without them writes what it always did
+        metrics.update(val_accuracy=val[1], n_val=val[0].height)
     write_json(metrics, paths.metrics_file("policy"))
     log.info("starting policy %s: greedy test accuracy %.1f%% on %d prompts", model_id, 100 * accuracy, len(test))
     if not 0.2 <= accuracy <= 0.7:

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Work
     rows, quarantine, counts = prompts.collect_prompts(prep)
-    split_rows = prompts.split_prompts(rows, prep.n_train, prep.n_test, prep.n_warmup, prep.split_seed)
+    split_rows = prompts.split_prompts(rows, prep.n_train, prep.n_test, prep.n_warmup, prep.n_val, prep.split_seed)
     df = prompts.build_prompts_frame(split_rows, prep.instruction)
     metrics = prompts.prepare_metrics(counts, quarantine, split_rows, len(rows))
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
     s = metrics["splits"]
     log.info(
-        "prepare: source=%s read=%d quarantined=%d duplicates_removed=%d -> train=%d test=%d warmup=%d (%s)",
+        "prepare: source=%s read=%d quarantined=%d duplicates_removed=%d -> train=%d test=%d warmup=%d val=%d (%s)",
         prep.source,
         metrics["rows_read"],
         metrics["quarantined"]["total"],
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         s["train"],
         s["test"],
         s["warmup"],
+        s["val"],
         paths.PROMPTS,
     )
     if quarantine:

@@ -4,6 +4,7 @@ record that the report's own code computed."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -15,7 +16,7 @@ import pytest
 
 from pipeline.analysis.findings import StatSettings, json_safe
 from pipeline.analysis.report import VariantInputs, compute_report, findings_record
-from pipeline.pages import bench, build, results, scale
+from pipeline.pages import bench, build, results, scale, studies
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = StatSettings(alpha=0.05, level=0.95, n_resamples=200, seed=0, drastic_drop_orders=1.0)
@@ -29,6 +30,8 @@ def _copy_sources(dest: Path) -> Path:
         results.REPORT_JSON,
         scale.ASSUMPTIONS,
         scale.PARAMS,
+        studies.SCENARIOS_JSON,
+        studies.TUNING_JSON,
         *(p.relative_to(ROOT).as_posix() for p in (ROOT / bench.BENCH_DIR).glob("*.json")),
     ]:
         if (ROOT / rel).is_file():
@@ -171,10 +174,69 @@ def test_results_page_says_not_yet_run_without_its_json(tmp_path: Path):
     md = results.results_page(tmp_path)
     assert "Not yet run: `reports/findings.json` is absent" in md
     assert "Not yet run: `reports/study/summary.json` is absent" in md
+    assert "Not yet run: `reports/scenarios/summary.json` is absent" in md
+    assert "Not yet run: `reports/tuning/summary.json` is absent" in md
+
+
+def _write(root: Path, rel: str, record: dict) -> dict:
+    """``record`` through JSON into ``root/rel``, as the flows write it and the page reads it."""
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text(json.dumps(record, allow_nan=False))
+    return json.loads((root / rel).read_text())
+
+
+def test_results_page_prints_the_scenario_study_and_the_tuned_comparison(tmp_path: Path):
+    from study_runs import scenario_runs, variant_runs
+
+    from pipeline.analysis import study_report, tuning
+
+    _, record = study_report.study_report(
+        scenario_runs({1: -0.5, 2: -3.0, 3: -3.0, 4: -3.0}), {"dpo": "dpo"}, SETTINGS, "t", "scenario command"
+    )
+    scen = _write(tmp_path, studies.SCENARIOS_JSON, {**record, "command": "scenario command", "failed": []})
+    runs = variant_runs()
+    _, record = study_report.study_report(runs, {"dpo": "dpo", "dpop": "dpop"}, SETTINGS, "t", "tuning command")
+    answers = tuning.GridPoint("g-dpo-0", "dpo", {"lr": 1e-5, "beta": 0.1}, runs[0].after)
+    kept = {"dpo": answers}
+    tuned = tuning.tuning_record(
+        {"dpo": {"lr": [1e-5], "beta": [0.1]}},
+        0,
+        tuning.grid_rows([answers], kept, SETTINGS),
+        0.25,
+        kept,
+        tuning.comparisons(runs, ["dpo", "dpop"], SETTINGS),
+    )
+    run = {"seconds": {"grid": 1500, "kept settings": 1260}, "cpus": 2}
+    tune = _write(
+        tmp_path,
+        studies.TUNING_JSON,
+        {**record, "tuning": tuned, "command": "tuning command", "failed": [], "run": run},
+    )
+    md = results.results_page(tmp_path)
+    scenarios = md.split("## The data scenarios")[1].split("## The tuned comparison")[0]
+    assert "`reports/scenarios/summary.json`, written by `scenario command`" in scenarios
+    for c in scen["claims"]:  # every claim row with its verdict, claim 3's among them
+        assert f"| {c['claim']} | [{c['source']}](losses.md#claims) | {c['scenario']} |" in scenarios
+    ordering = [c for c in scen["claims"] if c["source"] == "claim 3"]
+    assert len(ordering) == 4 and all(c["verdict"] == "reproduced" for c in ordering)
+    chosen = scen["scenarios"]["pair_sets"][2]["chosen_per_token"]
+    assert (
+        f"| scenario 3 | policy/other | 3 | 40 of 50 | 40 | 40 | {chosen['estimate']:+.3f} "
+        f"[{chosen['low']:+.3f}, {chosen['high']:+.3f}] |" in scenarios
+    )
+    assert len(_rows(scenarios, "scenario 2")) == 1 + 1 + 3  # pairs table, per variant, three seeds of McNemar
+    tuned_md = md.split("## The tuned comparison")[1]
+    assert "| `dpo` | lr 1e-05, beta 0.1 | `g-dpo-0` | " in tuned_md and "**kept**" in tuned_md
+    (c,) = tune["tuning"]["comparisons"]
+    acc = c["accuracy_difference"]
+    assert f"| `dpop` − `dpo` | 0, 1, 2 | {acc['estimate'] * 100:+.1f} [" in tuned_md and "3 of 3 |" in tuned_md
+    assert "Its experiments took grid 25 min, kept settings 21 min (2 CPUs)." in tuned_md
+    assert "answers 25.0 % of them" in tuned_md and "`dpo`: lr ∈ {1e-05}, beta ∈ {0.1}" in tuned_md
 
 
 def test_results_page_reads_nulls_as_not_available(tmp_path: Path, findings: dict):
     """JSON holds null for a figure with no value (a variant without held-out pairs): the page says n/a."""
+    findings = copy.deepcopy(findings)  # the fixture is shared by the module's tests
     findings["variants"]["dpo"]["heldout"]["delta_w"] = {"estimate": None, "low": None, "high": None, "level": 0.95}
     (tmp_path / results.REPORT_JSON).parent.mkdir(parents=True)
     (tmp_path / results.REPORT_JSON).write_text(json.dumps(findings))

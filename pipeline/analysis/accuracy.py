@@ -1,4 +1,5 @@
-"""Test accuracy: greedy answers of a policy on the test prompts, checked against the gold answers."""
+"""Test accuracy: greedy answers of a policy on the test prompts (and on the validation prompts, where there are
+any), checked against the gold answers."""
 
 from __future__ import annotations
 
@@ -31,3 +32,15 @@ def greedy_eval(
     df = pl.DataFrame(rows)
     # polars types mean() for any column; a non-empty Boolean column's is a float
     return df, cast(float, df["correct"].mean()) if len(df) else 0.0
+
+
+def validation_eval(
+    sampler, prompts: pl.DataFrame, max_new_tokens: int, label: str, progress: str | None = "validation eval"
+) -> tuple[pl.DataFrame, float] | None:
+    """:func:`greedy_eval` on the validation prompts (``split`` val) of the ``prompts`` table; None when it has
+    none. A call of its own, after the test prompts', so that the test answers do not depend on the
+    validation prompts (batches of other prompts can change greedy answers through their padding)."""
+    val = prompts.filter(pl.col("split") == "val")
+    if val.is_empty():
+        return None
+    return greedy_eval(sampler, val, max_new_tokens, label, progress=progress)

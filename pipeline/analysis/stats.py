@@ -15,7 +15,8 @@ are tested as pairs: a change per pair ``lp − ref`` is one sample, so its boot
   prompts (``statsmodels.stats.contingency_tables.mcnemar``);
 - :func:`slope`: least-squares slope with its t interval (``scipy.stats.linregress``);
 - :func:`spearman`: rank correlation, its test and a paired bootstrap interval;
-- :func:`spearman_gap`: which of two predictors ranks an outcome better (paired bootstrap).
+- :func:`spearman_gap`: which of two predictors ranks an outcome better (paired bootstrap);
+- :func:`holm`: p-values of several tests adjusted for their number (Holm, ``statsmodels`` ``multipletests``).
 
 :func:`fmt_p` and :func:`fmt_number` print p-values and plain numbers as the reports do.
 """
@@ -246,3 +247,14 @@ def spearman_gap(a: Floats, b: Floats, y: Floats, *, level: float, n_resamples: 
         rng=np.random.default_rng(seed),
     )
     return Interval(float(est), float(boot.confidence_interval.low), float(boot.confidence_interval.high), level)
+
+
+def holm(p_values: Sequence[float], alpha: float) -> list[float]:
+    """Holm-adjusted p-values of a family of tests (``statsmodels.stats.multitest.multipletests``); a test that
+    could not run (NaN) counts as p = 1."""
+    from statsmodels.stats.multitest import multipletests
+
+    if not len(p_values):
+        return []
+    ps = [p if math.isfinite(p) else 1.0 for p in p_values]
+    return [float(p) for p in multipletests(ps, alpha=alpha, method="holm")[1]]

@@ -45,6 +45,12 @@ class StudyRun:
     # the fixed training subset after the last scoring: pair_id, d (= lp_w − ref_w), edit_distance_norm
     # (findings.trained_pair_changes); None when training scored no fixed sets
     trained: pl.DataFrame | None = None
+    # the experiment's pairs (pair_id, prompt_id, split, chosen_policy_logprob, rejected_policy_logprob, len_w,
+    # len_l): what the scenario section reads (pipeline.analysis.scenario_study); None where not read
+    pair_table: pl.DataFrame | None = None
+    # train prompts that the pairs' seeded split holds out (pairs.heldout_fraction, pairs.seed), whether a pair
+    # was made of them or not: the same prompts in every pair set of a study; None where not known
+    heldout_prompts: int | None = None
 
 
 def _deltas(t: pl.DataFrame) -> pl.DataFrame:
@@ -127,6 +133,8 @@ class Claim:
     test: stats.Test
     direction: int
     seeds_agree: str
+    # a verdict decided by several tests together (the scenario ordering), instead of this row's own
+    verdict: str | None = None
 
     def row(self, s: StatSettings) -> dict[str, Any]:
         return {
@@ -134,7 +142,7 @@ class Claim:
             "source": self.source,
             "scenario": self.scenario,
             "measure": self.measure,
-            "verdict": judge_claim(self.interval, self.test, self.direction, s),
+            "verdict": self.verdict or judge_claim(self.interval, self.test, self.direction, s),
             "estimate": self.interval.estimate,
             "low": self.interval.low,
             "high": self.interval.high,

@@ -1,6 +1,7 @@
 """A multi-seed study's report (``python -m pipeline.flows study``): per variant mean ± sd across seeds and
-the pooled intervals and tests, the claims it judges (:func:`pipeline.analysis.study.study_claims`) and the
-per-seed figures, as markdown and as ``summary.json``."""
+the pooled intervals and tests, the claims it judges (:func:`pipeline.analysis.study.study_claims`, and the
+scenario ordering of :mod:`pipeline.analysis.scenario_study` where it ran scenarios), the scenarios' pairs and
+accuracy per seed, and the per-seed figures, as markdown and as ``summary.json``."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any, cast
 
 import numpy as np
 
-from pipeline.analysis import stats
+from pipeline.analysis import scenario_study, stats
 from pipeline.analysis.findings import StatSettings, json_safe, verdict
+from pipeline.analysis.scenarios import SCENARIO_LABELS
 from pipeline.analysis.study import StudyRun, per_seed_rows, pooled_accuracy, pooled_pairs, study_claims
 
 
@@ -67,13 +69,94 @@ def study_summary(runs: list[StudyRun], s: StatSettings) -> list[dict[str, Any]]
     return rows
 
 
+def plain(obj: Any) -> Any:
+    """``obj`` with its intervals and tests (dataclass instances, at any depth) as dicts, for JSON
+    (is_dataclass is also true of a class)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return asdict(obj)
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def scenario_section(runs: list[StudyRun], s: StatSettings) -> tuple[list[str], dict[str, Any]]:
+    """The scenarios' pairs (counts, on-policy measures) and test accuracy per seed (McNemar) as markdown, and
+    their figures for ``summary.json`` (``scenarios``); nothing for a study without scenarios."""
+    pair_sets = scenario_study.pair_set_rows(runs, s)
+    if not pair_sets:
+        return [], {}
+    mcnemar = scenario_study.mcnemar_rows(runs, s)
+    held = {r["heldout_prompts"] for r in pair_sets}
+    shared = f"{held.pop()} held-out prompts" if len(held) == 1 and None not in held else "held-out prompts"
+    lines = [
+        "## Scenarios",
+        "",
+        f"The scenarios share the {shared} (held out by a seeded hash of the prompt id, `pairs.seed`) and the "
+        "test prompts; a scenario has a held-out pair only where it made one of that prompt. How on-policy each "
+        "side is: its mean per-token log-prob under the starting policy over the scenario's pairs, with a "
+        f"{100 * s.level:.0f} % bootstrap interval. The ordering of claim 3 is judged in the claims above: per "
+        "other scenario, the per-prompt difference of pooled Δlp_w on the prompts with a pair in both, a "
+        "Bonferroni-level paired bootstrap interval and the Wilcoxon signed-rank test, Holm-adjusted.",
+        "",
+        "| pairs | chosen / rejected | experiments | held-out prompts with a pair | held-out pairs | training pairs "
+        "| chosen: log-prob per token | rejected: log-prob per token |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in pair_sets:
+        with_pair = r.get("heldout_prompts_with_pair")
+        of = f" of {r['heldout_prompts']}" if r["heldout_prompts"] is not None else ""
+        lines.append(
+            f"| {r['scenario']} | {SCENARIO_LABELS.get(scenario_study.scenario_number(r['scenario']) or 0, '?')} | "
+            f"{len(r['experiments'])} | {'n/a' if with_pair is None else f'{with_pair}{of}'} | "
+            f"{r.get('heldout_pairs', 'n/a')} | {r.get('train_pairs', 'n/a')} | "
+            f"{r['chosen_per_token'].fmt(3) if 'chosen_per_token' in r else 'n/a'} | "
+            f"{r['rejected_per_token'].fmt(3) if 'rejected_per_token' in r else 'n/a'} |"
+        )
+    lines += [
+        "",
+        "Test accuracy per seed against the starting policy on the same prompts: the exact McNemar test, its "
+        "p-value Holm-adjusted over the seeds of a scenario and variant (the pooled test over seeds is the "
+        "per-variant table's Wilcoxon). A seed rejects where the adjusted p is below α and the interval of the "
+        "change excludes zero.",
+        "",
+        "| pairs | variant | seed | accuracy change (pts) | right only before / after | McNemar | Holm-adjusted p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in mcnemar:
+        lines.append(
+            f"| {r['scenario']} | {r['variant']} | {r['seed']} | {r['change'].fmt(1, 100)} | "
+            f"{r['only_before']} / {r['only_after']} | {verdict(r['test'], s)} | {stats.fmt_p(r['p_holm'])}"
+            f"{' (rejects)' if r['rejects'] else ''} |"
+        )
+    lines += [""]
+    for sc in scenario_study.scenario_sets(runs):
+        for variant in sorted({r["variant"] for r in mcnemar}):
+            mine = [r for r in mcnemar if r["scenario"] == sc and r["variant"] == variant]
+            if mine:
+                lines.append(
+                    f"- {sc}, {variant}: McNemar rejects after Holm in {sum(r['rejects'] for r in mine)} of "
+                    f"{len(mine)} seeds."
+                )
+    lines += [""]
+    return lines, {"scenarios": {"pair_sets": plain(pair_sets), "mcnemar": plain(mcnemar)}}
+
+
 def study_report(
-    runs: list[StudyRun], roles: dict[str, str], s: StatSettings, title: str, command: str
+    runs: list[StudyRun],
+    roles: dict[str, str],
+    s: StatSettings,
+    title: str,
+    command: str,
+    sections: list[str] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Markdown and every figure behind it (``summary.json``) of a study's runs."""
+    """Markdown and every figure behind it (``summary.json``) of a study's runs; ``sections``: markdown lines
+    put before the claims (the tuning mode's grid and comparison)."""
     seeds = per_seed_rows(runs)
     summary = study_summary(runs, s)
-    claim_objs = study_claims(runs, roles, s)
+    ordering = scenario_study.ordering_claims(runs, roles["dpo"], s) if "dpo" in roles else []
+    claim_objs = study_claims(runs, roles, s) + ordering
     claims = [c.row(s) for c in claim_objs]
     lines = [
         f"# {title}",
@@ -87,6 +170,7 @@ def study_report(
         f"A claim is *reproduced* where its test rejects at α = {s.alpha:g} and the interval excludes zero the "
         f"claimed way, *contradicted* where both hold the other way, else *not significant*.",
         "",
+        *(sections or []),
         "## Claims (docs/losses.md)",
         "",
         "| claim | source | pairs | measure | estimate and interval | test | seeds agreeing | verdict |",
@@ -102,9 +186,14 @@ def study_report(
     lines += [
         "",
         "Not judged here (one training run per seed cannot show them; see each run's `reports/main`): "
-        "the 3D-properties' drastic drop, degradation and dispersion (claim 2), the scenario ordering "
-        "(claim 3, needs several pair sets), regularisers (claim 4), squeezing (claim 5), γ (claim 6).",
+        "the 3D-properties' drastic drop, degradation and dispersion (claim 2), "
+        + ("" if ordering else "the scenario ordering (claim 3, needs scenario 1 and another scenario), ")
+        + "regularisers (claim 4), squeezing (claim 5), γ (claim 6).",
         "",
+    ]
+    scenario_lines, scenario_record = scenario_section(runs, s)
+    lines += [
+        *scenario_lines,
         "## Per variant",
         "",
         "| pairs | variant | seeds | held-out pairs | Δlp_w across seeds | Δlp_w pooled | below ref (sign test) "
@@ -132,9 +221,5 @@ def study_report(
             f"| {r['scenario']} | {r['variant']} | {r['seed']} | {r['experiment']} | {r['pairs']} | "
             f"{r['delta_w']:+.2f} | {r['delta_l']:+.2f} | {100 * r['accuracy']:.1f} |"
         )
-    # the tests' and intervals' dataclass instances as dicts (is_dataclass is also true of a class)
-    plain = [
-        {k: asdict(v) if is_dataclass(v) and not isinstance(v, type) else v for k, v in r.items()} for r in summary
-    ]
-    record = {"settings": asdict(s), "per_seed": seeds, "summary": plain, "claims": claims}
+    record = {"settings": asdict(s), "per_seed": seeds, "summary": plain(summary), "claims": claims, **scenario_record}
     return "\n".join(lines) + "\n", json_safe(record)

@@ -1,7 +1,8 @@
 """The prompt sets of the prepare stage: rows from the configured source (:func:`collect_prompts`: a
 reasoning-gym task, :mod:`pipeline.data.reasoning_gym_prompts`, or a prompt file,
-:mod:`pipeline.data.prompt_file`), deduplicated, split into test / train / warmup (:func:`split_prompts`), and
-the ``prompts`` table (:func:`build_prompts_frame`) and its metrics (:func:`prepare_metrics`).
+:mod:`pipeline.data.prompt_file`), deduplicated, split into test / train / warmup and validation
+(:func:`split_prompts`), and the ``prompts`` table (:func:`build_prompts_frame`) and its metrics
+(:func:`prepare_metrics`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pipeline.data.prompt_file import R_DUP, load_prompt_file
 from pipeline.data.prompt_text import make_prompt, normalize_question, prompt_id
 from pipeline.data.reasoning_gym_prompts import generate_reasoning_gym
 
-SPLITS = ("test", "train", "warmup")  # assignment order
+SPLITS = ("test", "train", "warmup")  # assignment order of the shuffled rows before the validation prompts
+VAL = "val"
 
 
 def dedup_prompts(rows: list[dict]) -> tuple[list[dict], int]:
@@ -38,7 +40,7 @@ def collect_prompts(prep: Any) -> tuple[list[dict], list[dict], dict]:
     Returns (unique rows, quarantine records, counts) with counts ``rows_read`` and
     ``duplicates_removed``.
     """
-    need = prep.n_train + prep.n_test + prep.n_warmup
+    need = prep.n_train + prep.n_test + prep.n_warmup + prep.n_val
     if prep.source == "reasoning_gym":
         rg = prep.reasoning_gym
         stats: dict = {}
@@ -58,19 +60,24 @@ def collect_prompts(prep: Any) -> tuple[list[dict], list[dict], dict]:
     return rows, quarantine, {"rows_read": read, "duplicates_removed": dups + more}
 
 
-def split_prompts(rows: list[dict], n_train: int, n_test: int, n_warmup: int, seed: int) -> list[dict]:
-    """Shuffle with ``random.Random(seed)`` and assign ``test``, then ``train``, then ``warmup``.
+def split_prompts(rows: list[dict], n_train: int, n_test: int, n_warmup: int, n_val: int, seed: int) -> list[dict]:
+    """The last ``n_val`` rows are the validation prompts (``val``); the rows before them are shuffled with
+    ``random.Random(seed)`` and assigned ``test``, then ``train``, then ``warmup``.
 
-    Returns copies of the assigned rows with a ``split`` key; rows beyond the total are unused.
-    """
-    need = n_train + n_test + n_warmup
+    With ``n_val`` 0 the splits are those of a pipeline without validation prompts. The validation prompts
+    come from the end so that, for a reasoning-gym task (which generates the same rows first whatever the
+    count), the other splits do not depend on ``n_val``: the rows before the last ``n_val`` are the rows of a
+    run without them, shuffled alike. For a prompt file they are the file's last unique rows. Returns copies
+    of the assigned rows with a ``split`` key; rows beyond the total are unused."""
+    need = n_train + n_test + n_warmup + n_val
     if len(rows) < need:
         raise ValueError(
-            f"prepare.n_train + prepare.n_test + prepare.n_warmup = {n_train} + {n_test} + "
-            f"{n_warmup} = {need} prompts requested, but only {len(rows)} unique prompt(s) are "
+            f"prepare.n_train + prepare.n_test + prepare.n_warmup + prepare.n_val = {n_train} + {n_test} + "
+            f"{n_warmup} + {n_val} = {need} prompts requested, but only {len(rows)} unique prompt(s) are "
             "available; lower these or supply more prompts"
         )
-    order = list(range(len(rows)))
+    pool = len(rows) - n_val
+    order = list(range(pool))
     random.Random(seed).shuffle(order)
     out: list[dict] = []
     pos = 0
@@ -78,6 +85,7 @@ def split_prompts(rows: list[dict], n_train: int, n_test: int, n_warmup: int, se
         for i in order[pos : pos + k]:
             out.append({**rows[i], "split": split})
         pos += k
+    out += [{**r, "split": VAL} for r in rows[pool:]]
     return out
 
 
@@ -117,6 +125,6 @@ def prepare_metrics(counts: dict, quarantine: list[dict], split_rows: list[dict]
         "duplicates_removed": counts["duplicates_removed"],
         "unique_prompts": n_unique,
         "unused": n_unique - len(split_rows),
-        "splits": {s: per_split.get(s, 0) for s in ("train", "test", "warmup")},
+        "splits": {s: per_split.get(s, 0) for s in ("train", "test", "warmup", VAL)},
         "rows_written": len(split_rows),
     }

@@ -12,10 +12,13 @@ per-stage retries and timeouts, the stage logs in the run log, and artifacts.
   point, at most ``max_parallel`` at once; ends with a comparison table artifact.
 - :func:`scenarios_flow` (:mod:`.scenarios`): the data scenarios of the 3D-properties paper
   (arXiv:2406.07327; ``pairs.scenario`` 1-4) for one loss, one experiment each (the sweep
-  machinery), compared side by side in ``reports/scenarios.md``.
+  machinery), compared side by side in ``reports/scenarios_side_by_side.md`` (one seed; the study with
+  ``scenarios`` gives the same experiments over seeds with their tests).
 - :func:`study_flow` (:mod:`.study`): training seeds × variants × pair sets, one experiment per seed
   and pair set (the sweep machinery), reported in ``reports/study/`` with mean ± sd across seeds,
   pooled per-pair intervals and tests, and one row per claim it can judge (docs/losses.md).
+- :func:`tuning_flow` (:mod:`.tuning`): the study's tuning mode: each loss over a grid, selected on
+  validation prompts, the selected settings over seeds, reported in ``reports/tuning/``.
 - :func:`rounds_flow` (:mod:`.rounds`): iterative (on-policy) DPO: round r > 1 starts from round
   r-1's trained model.
 - :func:`cluster_flow` (:mod:`.cluster`): the pipeline split into CPU and GPU segments, each run by
@@ -52,6 +55,7 @@ _EXPORTS = {
     "sweep_flow": "sweep",
     "scenarios_flow": "scenarios",
     "study_flow": "study",
+    "tuning_flow": "tuning",
     "rounds_flow": "rounds",
     "cluster_flow": "cluster",
     "kubernetes_job_template": "cluster",

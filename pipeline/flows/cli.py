@@ -26,37 +26,8 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.flows",
-        description="Prefect flows over the DVC stages: scheduled runs, sweeps, "
-        "on-policy rounds, GPU-cluster deployment.",
-    )
-    p.add_argument("--repo", default=".", help="the DVC repository (default: .)")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="the pipeline flow (one task per DVC stage)")
-    r.add_argument("-S", "--set-param", action="append", metavar="KEY=VALUE", help="param override (repeatable)")
-    r.add_argument("targets", nargs="*", help="stages to reproduce with their upstream (default: all)")
-    r.add_argument("-n", "--name", help="DVC experiment name")
-    s = sub.add_parser("sweep", help="a grid of DVC experiments")
-    s.add_argument(
-        "-G", "--grid", action="append", metavar="KEY=[V1,V2]", help="a grid axis (default: flows.sweep.grid)"
-    )
-    s.add_argument("-j", "--max-parallel", type=int)
-    s.add_argument("-n", "--name")
-    s.add_argument("targets", nargs="*")
-    c = sub.add_parser("scenarios", help="one DVC experiment per pairs.scenario for one loss, side by side")
-    c.add_argument("--variant", help="the train variant (loss) compared (default: flows.scenarios.variant)")
-    c.add_argument(
-        "--list",
-        dest="scenarios",
-        type=int,
-        nargs="+",
-        choices=(1, 2, 3, 4),
-        metavar="K",
-        help="scenarios to run, e.g. --list 1 3 (default: flows.scenarios.list)",
-    )
-    c.add_argument("-n", "--name", help="experiment name prefix (experiments <name>-s<k>)")
+def _study_parser(sub) -> None:
+    """``study``: seeds x variants x pair sets, or with ``--tune`` the tuning mode."""
     t = sub.add_parser(
         "study",
         help="training seeds x variants x pair sets, one DVC experiment per seed and pair set, "
@@ -91,7 +62,53 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run nothing: rebuild the report from the experiments of the study named -n",
     )
+    t.add_argument(
+        "--tune",
+        action="store_true",
+        help="the tuning mode (flows.study.tune): each variant of its grid on one seed, the setting of highest "
+        "validation accuracy kept, then the kept settings over the seeds (experiments <name>-tune-<variant>-<i>, "
+        "then <name>-d-seed<s>)",
+    )
+    t.add_argument(
+        "--report",
+        metavar="DIR",
+        help="the report folder (default: flows.study.report, with --tune flows.study.tune.report)",
+    )
     t.add_argument("-n", "--name", help="experiment name prefix (experiments <name>-d-seed<s> or <name>-s<k>-seed<s>)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.flows",
+        description="Prefect flows over the DVC stages: scheduled runs, sweeps, "
+        "on-policy rounds, GPU-cluster deployment.",
+    )
+    p.add_argument("--repo", default=".", help="the DVC repository (default: .)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="the pipeline flow (one task per DVC stage)")
+    r.add_argument("-S", "--set-param", action="append", metavar="KEY=VALUE", help="param override (repeatable)")
+    r.add_argument("targets", nargs="*", help="stages to reproduce with their upstream (default: all)")
+    r.add_argument("-n", "--name", help="DVC experiment name")
+    s = sub.add_parser("sweep", help="a grid of DVC experiments")
+    s.add_argument(
+        "-G", "--grid", action="append", metavar="KEY=[V1,V2]", help="a grid axis (default: flows.sweep.grid)"
+    )
+    s.add_argument("-j", "--max-parallel", type=int)
+    s.add_argument("-n", "--name")
+    s.add_argument("targets", nargs="*")
+    c = sub.add_parser("scenarios", help="one DVC experiment per pairs.scenario for one loss, side by side")
+    c.add_argument("--variant", help="the train variant (loss) compared (default: flows.scenarios.variant)")
+    c.add_argument(
+        "--list",
+        dest="scenarios",
+        type=int,
+        nargs="+",
+        choices=(1, 2, 3, 4),
+        metavar="K",
+        help="scenarios to run, e.g. --list 1 3 (default: flows.scenarios.list)",
+    )
+    c.add_argument("-n", "--name", help="experiment name prefix (experiments <name>-s<k>)")
+    _study_parser(sub)
     o = sub.add_parser("rounds", help="on-policy rounds (iterative DPO)")
     o.add_argument("-R", "--rounds", type=int)
     o.add_argument("--variant")
@@ -145,16 +162,25 @@ def main(argv: list[str] | None = None) -> Any:
         overrides = {} if a.default_size else _parse_sets(a.set_param) if a.set_param else None
         if a.report_only and not a.name:
             raise SystemExit("--report-only needs the study's name (-n NAME)")
-        kw = {"report_only": True} if a.report_only else {}
-        res = study.study_flow(
-            seeds=a.seeds,
-            variants=a.variants,
-            scenarios=a.scenarios,
-            overrides=overrides,
-            name=a.name,
-            repo=a.repo,
-            **kw,
-        )
+        kw: dict[str, Any] = {"report_only": True} if a.report_only else {}
+        if a.report:
+            kw["report"] = a.report
+        if a.tune:
+            if a.variants or a.scenarios:
+                raise SystemExit("--tune takes its variants from flows.study.tune.grid and runs no scenarios")
+            from pipeline.flows import tuning
+
+            res = tuning.tuning_flow(seeds=a.seeds, overrides=overrides, name=a.name, repo=a.repo, **kw)
+        else:
+            res = study.study_flow(
+                seeds=a.seeds,
+                variants=a.variants,
+                scenarios=a.scenarios,
+                overrides=overrides,
+                name=a.name,
+                repo=a.repo,
+                **kw,
+            )
         print(res["markdown"])
         return res
     elif a.cmd == "rounds":

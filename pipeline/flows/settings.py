@@ -87,6 +87,31 @@ class ScenariosParams(Strict):
         return v
 
 
+class TuneParams(Strict):
+    """``python -m pipeline.flows study --tune``: each variant over its grid on one seed, the setting of each with
+    the highest greedy accuracy on the validation prompts, then those settings over the study's seeds."""
+
+    # variant -> its setting (train.variants.<variant>.<key>: lr, beta, dpop_lambda, ...) -> values; one
+    # experiment per combination of a variant's values
+    grid: dict[str, dict[str, list[Any]]] = Field(min_length=1)
+    seed: int  # train.seed of the grid's experiments
+    n_val: int = Field(ge=1)  # prepare.n_val of every experiment of the tuning: the prompts it selects on
+    report: str  # folder of report.md, summary.json and per_pair.parquet
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty(cls, v: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        for variant, axes in v.items():
+            if not axes:
+                raise ValueError(f"{variant}: needs at least one setting to tune")
+            for key, values in axes.items():
+                if not values:
+                    raise ValueError(f"{variant}.{key}: needs at least one value")
+                if len(set(map(repr, values))) < len(values):
+                    raise ValueError(f"{variant}.{key}: a value listed more than once")
+        return v
+
+
 class StudyParams(Strict):
     """``python -m pipeline.flows study``: training seeds x variants x pair sets, one DVC experiment per seed
     and pair set, then ``report`` (a folder) with mean ± sd across seeds, pooled per-pair statistics and
@@ -101,6 +126,7 @@ class StudyParams(Strict):
     report: str
     timeout_s: float = Field(ge=0)
     retries: int = Field(ge=0)
+    tune: TuneParams
 
 
 class FlowParams(Strict):

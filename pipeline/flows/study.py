@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import shlex
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,14 @@ def study_points(
     return out
 
 
-def study_command(st: StudyParams) -> str:
-    """The command line that runs the same study again."""
+def study_command(st: StudyParams, tune: bool) -> str:
+    """The command line that runs the same study (``tune``: the same tuning) again."""
     return "python -m pipeline.flows study " + " ".join(
-        [f"--seeds {' '.join(map(str, st.seeds))}", f"--variants {' '.join(st.variants)}"]
+        [f"--seeds {' '.join(map(str, st.seeds))}"]
+        + ([] if tune else [f"--variants {' '.join(st.variants)}"])
         + ([f"--scenarios {' '.join(map(str, st.scenarios))}"] if st.scenarios else [])
         + ([f"-S {shlex.quote(f'{k}={v}')}" for k, v in st.overrides.items()] or ["--default-size"])
+        + (["--tune", f"--report {shlex.quote(st.tune.report)}"] if tune else [f"--report {shlex.quote(st.report)}"])
     )
 
 
@@ -106,6 +109,37 @@ def named_points(prefix: str, st: StudyParams) -> dict[str, tuple[str, int, dict
     }
 
 
+# what the study reads of each experiment's pairs: the edit distances, and for the scenario section the
+# prompt of each pair and how on-policy its sides are
+PAIR_COLUMNS = [
+    "pair_id",
+    "prompt_id",
+    "split",
+    "chosen_policy_logprob",
+    "rejected_policy_logprob",
+    "len_w",
+    "len_l",
+    "edit_distance_norm",
+]
+
+
+def heldout_prompts(root: Path, rev: str, params: dict[str, Any]) -> int | None:
+    """How many train prompts the experiment's pairs hold out (``pairs.heldout_fraction``, ``pairs.seed`` of its
+    params), whether a pair was made of them or not; None where its params or prompts do not say."""
+    from dvc.exceptions import FileMissingError, PathMissingError
+
+    from pipeline.data.pairs import is_heldout
+
+    fraction, seed = params.get("pairs.heldout_fraction"), params.get("pairs.seed")
+    if not isinstance(fraction, (int, float)) or not isinstance(seed, int):
+        return None
+    try:
+        prompts = read_experiment_table(root, rev, paths.PROMPTS, None, ["prompt_id", "split"])
+    except (FileMissingError, PathMissingError, FileNotFoundError):
+        return None
+    return sum(is_heldout(p, fraction, seed) for p in prompts.filter(pl.col("split") == "train")["prompt_id"])
+
+
 def read_runs(
     root: Path,
     points: dict[str, tuple[str, int, dict[str, Any]]],
@@ -116,14 +150,16 @@ def read_runs(
     """Every variant's held-out pairs and answers of each recorded experiment, read back from DVC's cache."""
     from pipeline.analysis.study import StudyRun
 
-    revs = {e["name"]: e["rev"] for e in experiments(root, all_commits=all_commits)}
+    recorded = {e["name"]: e for e in experiments(root, all_commits=all_commits)}
     runs: list[StudyRun] = []
     for exp, (pair_set, seed, _) in points.items():
-        if exp in skip or exp not in revs:
+        if exp in skip or exp not in recorded:
             continue
-        rev = revs[exp]
+        rev = recorded[exp]["rev"]
         before = read_experiment_table(root, rev, paths.POLICY_GENERATIONS, "generations")
-        distances = read_experiment_table(root, rev, paths.PAIRS, None, ["pair_id", "edit_distance_norm"])
+        pairs = read_experiment_table(root, rev, paths.PAIRS, None, PAIR_COLUMNS)
+        distances = pairs.select("pair_id", "edit_distance_norm")
+        held = heldout_prompts(root, rev, recorded[exp]["params"])
         for v in variants:
             runs.append(
                 StudyRun(
@@ -135,9 +171,47 @@ def read_runs(
                     before,
                     read_experiment_table(root, rev, paths.eval_generations(v), "generations"),
                     trained_changes(root, rev, v, distances),
+                    pairs.drop("edit_distance_norm"),
+                    held,
                 )
             )
     return runs
+
+
+def run_or_find(
+    root: Path,
+    fp: FlowParams,
+    points: dict[str, dict[str, Any]],
+    targets: list[str],
+    schedule: Schedule,
+    report_only: bool,
+) -> list[str]:
+    """The experiments that failed: of running ``points`` (:func:`run_experiments`), or with ``report_only``
+    those not recorded (on any commit: the study may have run on an earlier one)."""
+    if report_only:
+        have = {e["name"] for e in experiments(root, all_commits=True)}
+        return [n for n in points if n not in have]
+    return run_experiments(root, fp, points, targets, schedule)
+
+
+def run_record(out: Path, seconds: dict[str, float] | None) -> tuple[dict[str, Any] | None, str]:
+    """How long the experiments took (``seconds``: phase -> wall-clock seconds, measured by the flow that ran
+    them) and on how many CPUs, for ``summary.json``, and its line for the report. A report rebuilt without
+    running (``seconds`` None) keeps what its folder's last ``summary.json`` recorded."""
+    import json
+    import os
+
+    if seconds is None:
+        try:
+            record = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("run")
+        except (OSError, ValueError, AttributeError):
+            record = None
+    else:
+        record = {"seconds": {k: round(v) for k, v in seconds.items()}, "cpus": os.cpu_count()}
+    if not isinstance(record, dict) or not isinstance(record.get("seconds"), dict):
+        return None, ""
+    took = ", ".join(f"{k} {v / 60:.0f} min" for k, v in record["seconds"].items())
+    return record, f"\nWall-clock time of the experiments ({record.get('cpus')} CPUs): {took}.\n"
 
 
 def write_study(out: Path, runs: list, markdown: str, summary: dict[str, Any]) -> None:
@@ -173,6 +247,7 @@ def study_flow(
     name: str | None = None,
     repo: str = ".",
     report_only: bool = False,
+    report: str | None = None,
 ) -> dict[str, Any]:
     """One ``dvc exp run --temp`` per training seed and pair set (default ``flows.study``), each reproducing
     ``evaluate@<v>`` of every study variant with ``flows.study.overrides`` set (``overrides=`` replaces them),
@@ -181,15 +256,18 @@ def study_flow(
     ``dpo-study``), ``summary.json`` with every figure, and ``per_pair.parquet`` (each run's held-out
     pairs, with its seed and variant) from which every pooled number can be recomputed. ``report_only``:
     no experiment runs; the report is rebuilt from the experiments a study of that ``name`` left (those
-    missing are reported as such)."""
+    missing are reported as such). ``report``: the report folder instead of ``flows.study.report`` (the
+    scenario study's ``reports/scenarios``)."""
     from pipeline.analysis.findings import StatSettings
     from pipeline.analysis.study_report import study_report
 
     logger = get_run_logger()
     root = Path(repo).resolve()
-    changes = {
+    changes: dict[str, Any] = {
         k: list(v) for k, v in (("seeds", seeds), ("variants", variants), ("scenarios", scenarios)) if v is not None
     }
+    if report is not None:
+        changes["report"] = report
     fp, st = study_settings(root, changes, overrides)
     targets = check_evaluate_targets(root, st.variants, "study_flow")
     prefix = name or f"study-{flow_run_name()}"
@@ -205,30 +283,27 @@ def study_flow(
         st.overrides,
         st.max_parallel,
     )
-    if report_only:  # the study may have run on an earlier commit
-        have = {e["name"] for e in experiments(root, all_commits=True)}
-        failed = [n for n in names if n not in have]
-    else:
-        failed = run_experiments(root, fp, {n: p for n, (_, _, p) in points.items()}, targets, Schedule.of(st))
+    start = time.monotonic()
+    failed = run_or_find(root, fp, {n: p for n, (_, _, p) in points.items()}, targets, Schedule.of(st), report_only)
+    out = root / st.report
+    timing, took = run_record(out, None if report_only else {"experiments": time.monotonic() - start})
     runs = read_runs(root, points, failed, st.variants, all_commits=report_only)
     if not runs:
         raise RuntimeError(f"study {prefix}: all {len(names)} experiments failed: {', '.join(failed)}")
     cfg = Params.load(root / "params.yaml")
-    command = study_command(st)
+    command = study_command(st, tune=False)
     markdown, record = study_report(
         runs, loss_roles(cfg, st.variants), StatSettings.from_params(cfg.report), f"Study `{prefix}`", command
     )
+    markdown += took
     if failed:
         markdown += (
             f"\n**{len(failed)} of {len(names)} experiments failed or are missing** and are left out: "
             f"{', '.join(failed)}.\n"
         )
-    out = root / st.report
+    ran = {n: p for n, (_, _, p) in points.items()}
     write_study(
-        out,
-        runs,
-        markdown,
-        {**record, "experiments": {n: p for n, (_, _, p) in points.items()}, "failed": failed, "command": command},
+        out, runs, markdown, {**record, "experiments": ran, "failed": failed, "command": command, "run": timing}
     )
     create_markdown_artifact(markdown=markdown, key="dpo-study", description=f"study {prefix} ({st.report})")
     logger.info("study report: %s\n%s", out / "report.md", markdown)

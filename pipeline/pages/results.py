@@ -1,42 +1,28 @@
-"""``docs/results.md``: the default run's findings and the multi-seed study's, read from their JSON.
+"""``docs/results.md``: the default run's findings, the multi-seed study's, the scenario study's and the tuned
+comparison's, read from their JSON.
 
 The default run is read from ``reports/findings.json``, the report stage's findings
 (:func:`pipeline.analysis.report.findings_record`), which git tracks so that the page can be checked on a
 fresh clone where DVC's other outputs are absent. The study is read from
-``reports/study/summary.json`` (:func:`pipeline.analysis.study_report.study_report`). Every figure carries its
+``reports/study/summary.json`` (:func:`pipeline.analysis.study_report.study_report`), the scenario study and the
+tuned comparison from theirs (:mod:`pipeline.pages.studies`). Every figure carries its
 interval and its test, printed as the report prints them; a missing file makes its section say that it
 has not been run yet.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from pipeline.analysis.findings import StatSettings
-from pipeline.pages.markdown import NA, count, fixed, interval, settings, table, tested
+from pipeline.pages.markdown import NA, count, interval, settings, table, tested
+from pipeline.pages.studies import SCENARIOS_JSON, TUNING_JSON, scenarios_section, tuning_section
+from pipeline.pages.study_tables import claims_table, load, per_seed_table, rule, study_variants_table
 
 PAGE = "docs/results.md"
 REPORT_JSON = "reports/findings.json"
 STUDY_JSON = "reports/study/summary.json"
-
-
-def _load(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else None
-
-
-def _rule(s: StatSettings | None) -> str:
-    if s is None:
-        return "The file records no statistical settings."
-    return (
-        f"{100 * s.level:.0f} % intervals (paired bootstrap over pairs or prompts, {s.n_resamples} resamples, "
-        f"seed {s.seed}; Wilson for accuracies), α = {s.alpha:g}."
-    )
 
 
 def _findings_of(variant: Mapping, kind: str) -> Mapping:
@@ -200,99 +186,13 @@ def default_run_section(record: dict | None) -> list[str]:
         ]
     s = settings(record.get("settings"))
     variants = {k: v for k, v in sorted((record.get("variants") or {}).items()) if isinstance(v, Mapping)}
-    lines += [f"`{REPORT_JSON}` (the report stage's findings; `reports/main/report.md` has the plots). {_rule(s)}", ""]
+    lines += [f"`{REPORT_JSON}` (the report stage's findings; `reports/main/report.md` has the plots). {rule(s)}", ""]
     lines += accuracy_section(variants, s) + heldout_section(variants, s) + between_section(record, s)
     lines += distance_section(record, s) + predictor_section(record, s) + findings_section(variants)
     return lines
 
 
 # --------------------------------------------------------------------------------------------- study
-def _spread(x: Any, nd: int = 2, scale: float = 1.0, signed: bool = True) -> str:
-    """``mean ± sd`` across seeds."""
-    x = x if isinstance(x, Mapping) else {}
-    mean, sd = fixed(x.get("mean"), nd, scale, signed), fixed(x.get("sd"), nd, scale)
-    return mean if sd == NA else f"{mean} ± {sd}"
-
-
-def claims_table(summary: Mapping, s: StatSettings | None) -> list[str]:
-    rows = []
-    for c in summary.get("claims") or []:
-        iv = interval({"estimate": c.get("estimate"), "low": c.get("low"), "high": c.get("high")})
-        test = {"name": c.get("test"), "p_value": c.get("p_value"), "n": c.get("n")}
-        rows.append(
-            [
-                str(c.get("claim", NA)),
-                f"[{c.get('source', NA)}](losses.md#claims)",
-                str(c.get("scenario", NA)),
-                str(c.get("measure", NA)),
-                iv.fmt(),
-                tested(test, s),
-                str(c.get("seeds", NA)),
-                f"**{c.get('verdict', NA)}**",
-            ]
-        )
-    return table(
-        ["claim", "source", "pairs", "measure", "estimate and interval", "test", "seeds agreeing", "verdict"], rows
-    )
-
-
-def study_variants_table(summary: Mapping, s: StatSettings | None) -> list[str]:
-    rows = []
-    for r in summary.get("summary") or []:
-        rows.append(
-            [
-                str(r.get("scenario", NA)),
-                f"`{r.get('variant', NA)}`",
-                ", ".join(map(str, r.get("seeds") or [])),
-                count(r.get("pairs")),
-                _spread(r.get("delta_w_seeds")),
-                interval(r.get("delta_w")).fmt(),
-                f"{interval(r.get('below')).fmt_share()}, {tested(r.get('below_test'), s)}",
-                _spread(r.get("delta_l_seeds")),
-                interval(r.get("delta_l")).fmt(),
-                fixed(r.get("accuracy_before"), 1, 100),
-                _spread(r.get("accuracy_seeds"), 1, 100, signed=False),
-                f"{interval(r.get('accuracy_change')).fmt(1, 100)}, {tested(r.get('accuracy_test'), s)}",
-            ]
-        )
-    return table(
-        [
-            "pairs",
-            "variant",
-            "seeds",
-            "held-out pairs",
-            "Δlp_w across seeds",
-            "Δlp_w pooled",
-            "below ref (sign test)",
-            "Δlp_l across seeds",
-            "Δlp_l pooled",
-            "accuracy before (%)",
-            "accuracy across seeds (%)",
-            "accuracy change pooled (pts)",
-        ],
-        rows,
-    )
-
-
-def per_seed_table(summary: Mapping) -> list[str]:
-    rows = [
-        [
-            str(r.get("scenario", NA)),
-            f"`{r.get('variant', NA)}`",
-            count(r.get("seed")),
-            f"`{r.get('experiment', NA)}`",
-            count(r.get("pairs")),
-            fixed(r.get("delta_w"), 2, signed=True),
-            fixed(r.get("delta_l"), 2, signed=True),
-            fixed(r.get("accuracy"), 1, 100),
-        ]
-        for r in summary.get("per_seed") or []
-    ]
-    return table(
-        ["pairs", "variant", "seed", "experiment", "held-out pairs", "mean Δlp_w", "mean Δlp_l", "accuracy (%)"], rows
-    )
-
-
 def study_section(summary: dict | None) -> list[str]:
     lines = ["## The multi-seed study", ""]
     if summary is None:
@@ -305,7 +205,7 @@ def study_section(summary: dict | None) -> list[str]:
     lines += [
         f"`{STUDY_JSON}`, written by `{summary.get('command', 'python -m pipeline.flows study')}`. Across "
         "seeds: mean ± sd of the per-seed figures. Pooled: each held-out pair's change averaged over the "
-        f"seeds. {_rule(s)} A claim is *reproduced* where its test rejects and the interval excludes zero "
+        f"seeds. {rule(s)} A claim is *reproduced* where its test rejects and the interval excludes zero "
         "the claimed way, *contradicted* where both hold the other way, else *not significant*.",
         "",
     ]
@@ -333,11 +233,13 @@ def results_page(root: Path) -> str:
     lines = [
         "# Results",
         "",
-        f"Generated by `python -m pipeline.pages` from `{REPORT_JSON}` and `{STUDY_JSON}`; do not edit it "
-        "by hand (`python -m pipeline.pages --check` fails when it differs from them). What each figure "
-        "measures: [diagnostics and report](diagnostics-and-report.md).",
+        f"Generated by `python -m pipeline.pages` from `{REPORT_JSON}`, `{STUDY_JSON}`, `{SCENARIOS_JSON}` and "
+        f"`{TUNING_JSON}`; do not edit it by hand (`python -m pipeline.pages --check` fails when it differs from "
+        "them). What each figure measures: [diagnostics and report](diagnostics-and-report.md).",
         "",
     ]
-    lines += default_run_section(_load(root / REPORT_JSON))
-    lines += study_section(_load(root / STUDY_JSON))
+    lines += default_run_section(load(root / REPORT_JSON))
+    lines += study_section(load(root / STUDY_JSON))
+    lines += scenarios_section(load(root / SCENARIOS_JSON))
+    lines += tuning_section(load(root / TUNING_JSON))
     return "\n".join(lines)

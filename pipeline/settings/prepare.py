@@ -31,5 +31,6 @@ class PrepareParams(Strict):
     n_train: int = Field(ge=1)
     n_test: int = Field(ge=1)
     n_warmup: int = Field(ge=0)
+    n_val: int = Field(ge=0)  # validation prompts: neither trained on nor tested (the study's tuning mode)
     split_seed: int
     on_bad_rows: Literal["error", "quarantine"]

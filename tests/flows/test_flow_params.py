@@ -31,7 +31,7 @@ SCENARIOS_PARAMS_BLOCK = textwrap.dedent("""\
       list: [1, 2, 3, 4]
       variant: dpo           # the loss compared across scenarios
       max_parallel: 1
-      report: reports/scenarios.md
+      report: reports/scenarios_side_by_side.md
       timeout_s: 0
       retries: 0
     """)
@@ -45,7 +45,7 @@ def test_scenarios_settings(flows_section):
         [1, 2, 3, 4],
         "dpo",
         1,
-        "reports/scenarios.md",
+        "reports/scenarios_side_by_side.md",
         0,
         0,
     )

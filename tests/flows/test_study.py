@@ -1,16 +1,17 @@
 """pipeline/flows/study.py: the experiments' params, and (slow) study_flow over a pipeline of small Python
-stages whose tables depend on train.seed, read back from each experiment through DVC."""
+stages whose tables depend on train.seed and pairs.scenario (tests/flows/study_pipeline.py), read back from each
+experiment through DVC: the default pair set, and the four scenarios with their section and claim 3."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import textwrap
 from pathlib import Path
 
 import polars as pl
 import pytest
 import yaml
+from flows.study_pipeline import study_repo
 from repo_utils import repo_params, run
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -37,12 +38,34 @@ def test_study_command_runs_the_same_study_again():
     from pipeline.flows.study import study_command
 
     st = parse_flow_params(repo_params()["flows"]).study
-    sized = study_command(st)
+    sized = study_command(st, tune=False)
     assert sized.startswith("python -m pipeline.flows study --seeds 0 1 2 --variants dpo dpop -S prepare.n_test=512")
-    plain = study_command(st.model_copy(update={"overrides": {}, "scenarios": [1, 4]}))
-    assert plain.endswith("--scenarios 1 4 --default-size")
+    plain = study_command(st.model_copy(update={"overrides": {}, "scenarios": [1, 4]}), tune=False)
+    assert plain.endswith("--scenarios 1 4 --default-size --report reports/study")
     a = parser().parse_args(plain.split()[3:])
-    assert (a.seeds, a.variants, a.scenarios, a.default_size) == ([0, 1, 2], ["dpo", "dpop"], [1, 4], True)
+    assert (a.seeds, a.variants, a.scenarios, a.default_size, a.report, a.tune) == (
+        [0, 1, 2],
+        ["dpo", "dpop"],
+        [1, 4],
+        True,
+        "reports/study",
+        False,
+    )
+    tune = study_command(st, tune=True)
+    assert "--variants" not in tune and tune.endswith("--tune --report reports/tuning")
+    a = parser().parse_args(tune.split()[3:])
+    assert (a.tune, a.report, a.set_param[0]) == (True, "reports/tuning", "prepare.n_test=512")
+
+
+def test_run_record_keeps_the_times_of_the_run_when_the_report_is_rebuilt(tmp_path):
+    from pipeline.flows.study import run_record
+
+    record, line = run_record(tmp_path, {"grid": 790.4, "kept settings": 1500.0})
+    assert record is not None and record["seconds"] == {"grid": 790, "kept settings": 1500}
+    assert line.strip().endswith("grid 13 min, kept settings 25 min.") and record["cpus"] >= 1
+    assert run_record(tmp_path, None) == (None, "")  # rebuilt, and no earlier summary: nothing to say
+    (tmp_path / "summary.json").write_text(json.dumps({"run": record}))
+    assert run_record(tmp_path, None) == (record, line)
 
 
 def test_study_settings_are_validated_with_the_key_named():
@@ -59,94 +82,13 @@ def test_study_settings_are_validated_with_the_key_named():
         parse_flow_params(merged(flows, {"study": {"variants": []}}))
 
 
-TABLES_PY = textwrap.dedent('''\
-    """Writes the tables the study reads; its numbers depend on train.seed (DPO's fall and DPOP's rise)."""
-    import sys
-    from pathlib import Path
-
-    import numpy as np
-    import polars as pl
-    import yaml
-
-    from pipeline.io import write_table
-
-    p = yaml.safe_load(open("params.yaml"))
-    n_test, seed = p["prepare"]["n_test"], p["train"]["seed"]
-    prompts = [f"q{i:03d}" for i in range(n_test)]
-    if sys.argv[1] == "policy":
-        write_table(pl.DataFrame({"prompt_id": prompts, "model": "policy", "text": "", "extracted_answer": None,
-                                  "correct": [i % 2 == 0 for i in range(n_test)]}), "data/policy/generations.parquet",
-                    "generations")
-        # the pairs' edit distances: the study reads pair_id and edit_distance_norm of the training pairs
-        pl.DataFrame({"pair_id": [f"t{i:02d}" for i in range(20)],
-                      "edit_distance_norm": np.linspace(0.05, 0.6, 20)}).write_parquet("data/pairs.parquet")
-        sys.exit(0)
-    variant = sys.argv[2]
-    rng = np.random.default_rng(10 * seed + (variant == "dpop"))
-    n = 30
-    d_w = (-2.0 - 0.1 * seed if variant == "dpo" else 0.5) + 0.3 * rng.normal(size=n)
-    out = Path("data/eval") / variant
-    out.mkdir(parents=True, exist_ok=True)
-    write_table(pl.DataFrame({"pair_id": [f"p{i:02d}" for i in range(n)], "variant": variant, "ref_w": -20.0,
-                              "ref_l": -25.0, "lp_w": -20.0 + d_w, "lp_l": -30.0 + rng.normal(size=n),
-                              "len_w": 17, "len_l": 17, "edit_distance_norm": np.linspace(0.05, 0.6, n),
-                              "distance_bucket": "x", "ches": 0.0, "ches_norm": 0.0}),
-                out / "pairs.parquet", "pair_eval")
-    write_table(pl.DataFrame({"prompt_id": prompts, "model": variant, "text": "", "extracted_answer": None,
-                              "correct": [bool(x) for x in rng.random(n_test) < (0.1 if variant == "dpo" else 0.5)]}),
-                out / "generations.parquet", "generations")
-    train = Path("data/train") / variant
-    train.mkdir(parents=True, exist_ok=True)
-    (train / "notes.txt").write_text(variant)
-    if variant == "dpo":  # fixed-set curves of the training subset (dpop's training scored none)
-        dist = np.linspace(0.05, 0.6, 20)
-        rows = [{"step": step, "set": "train", "pair_id": f"t{i:02d}", "lp_w": -20.0 + d, "lp_l": -30.0,
-                 "ref_w": -20.0, "ref_l": -25.0, "len_w": 17, "len_l": 17, "log10_grad_ratio": None}
-                for step, ds in ((0, np.zeros(20)), (9, -4.0 + 6.0 * dist + 0.2 * rng.normal(size=20)))
-                for i, d in enumerate(ds)]
-        write_table(pl.DataFrame(rows), train / "fixed_curves.parquet", "fixed_curves")
-    ''')
-
-STUDY_DVC_YAML = textwrap.dedent("""\
-    stages:
-      policy:
-        cmd: python tables.py policy
-        deps: [tables.py]
-        params: [prepare.n_test]
-        outs: [data/policy/generations.parquet, data/pairs.parquet]
-      evaluate:
-        foreach: [dpo, dpop]
-        do:
-          cmd: python tables.py eval ${item}
-          deps: [tables.py, data/policy/generations.parquet]
-          params: [prepare.n_test, train.seed]
-          outs:
-            - data/eval/${item}
-            - data/train/${item}
-    """)
-
-
 @pytest.mark.slow
 def test_study_flow_reads_every_seeds_tables_and_judges_the_claims(
     tmp_path_factory, prefect_harness, exp_names, latest_artifact
 ):
     from pipeline.flows.study import study_flow
 
-    repo = tmp_path_factory.mktemp("studyflow") / "repo"
-    repo.mkdir()
-    (repo / "dvc.yaml").write_text(STUDY_DVC_YAML)
-    (repo / "tables.py").write_text(TABLES_PY)
-    params = repo_params()
-    params["flows"]["study"].update({"report": "out/study", "max_parallel": 2})
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (
-        ["git", "init", "-q"],
-        ["dvc", "init", "-q"],
-        ["dvc", "config", "core.analytics", "false"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-    ):
-        run(cmd, repo)
+    repo, params = study_repo(tmp_path_factory.mktemp("studyflow"), {"report": "out/study", "max_parallel": 2})
     res = study_flow(seeds=[0, 1, 2], overrides={"prepare.n_test": 40}, name="st", repo=str(repo))
     assert {"st-d-seed0", "st-d-seed1", "st-d-seed2"} <= exp_names(repo)
     out = repo / "out" / "study"
@@ -167,10 +109,15 @@ def test_study_flow_reads_every_seeds_tables_and_judges_the_claims(
     assert slope["estimate"] == pytest.approx(6.0, abs=0.5)
     md = (out / "report.md").read_text()
     assert res["markdown"] == md and latest_artifact("dpo-study").data == md
-    assert "`python -m pipeline.flows study --seeds 0 1 2 --variants dpo dpop -S prepare.n_test=40`" in md
+    assert (
+        "`python -m pipeline.flows study --seeds 0 1 2 --variants dpo dpop -S prepare.n_test=40 --report out/study`"
+        in md
+    )
+    assert "## Scenarios" not in md and "scenarios" not in summary  # no scenario: no scenario section
     assert (repo / "params.yaml").read_text() == yaml.safe_dump(params, sort_keys=False)  # temp experiments only
     # the report rebuilt from the same experiments, running none, after a new commit (the experiments are based
     # on the previous one); a seed never run is reported missing
+    assert summary["run"]["seconds"]["experiments"] > 0 and "Wall-clock time of the experiments" in md
     (out / "report.md").unlink()
     (repo / "notes.md").write_text("later work\n")
     for cmd in (
@@ -186,8 +133,49 @@ def test_study_flow_reads_every_seeds_tables_and_judges_the_claims(
         return text.split("## Claims (docs/losses.md)")[1].split("## Per variant")[0]
 
     assert claims(again) == claims(md) and "--seeds 0 1 2 3 " in again
+    assert json.loads((out / "summary.json").read_text())["run"] == summary["run"]  # the run's times, kept
     assert "failed or are missing** and are left out: st-d-seed3" in again
     # a typo in a variant fails before any experiment runs
     with pytest.raises(ValueError, match=r"no stage evaluate@dpx: not in train.variants \(known: dpo, dpop\)"):
         study_flow(variants=["dpx"], name="typo", repo=str(repo))
     shutil.rmtree(out)
+
+
+@pytest.mark.slow
+def test_the_scenario_study_reports_each_scenario_and_judges_the_ordering(tmp_path_factory, prefect_harness):
+    """Scenarios 1-4 over two seeds into their own report folder: the counts of the shared held-out prompts, the
+    on-policy measures, McNemar per seed and claim 3 (scenario 1's Δlp_w is -0.5, the others' -3)."""
+    from pipeline.data.pairs import is_heldout
+    from pipeline.flows.study import study_flow
+
+    repo, params = study_repo(tmp_path_factory.mktemp("scenariostudy"), {"max_parallel": 2})
+    res = study_flow(
+        seeds=[0, 1],
+        variants=["dpo"],
+        scenarios=[1, 2, 3, 4],
+        overrides={"prepare.n_test": 40},
+        name="sc",
+        repo=str(repo),
+        report="out/scenarios",
+    )
+    out = repo / "out" / "scenarios"
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["experiments"]) == [f"sc-s{k}-seed{s}" for k in (1, 2, 3, 4) for s in (0, 1)]
+    assert summary["command"].endswith("--scenarios 1 2 3 4 -S prepare.n_test=40 --report out/scenarios")
+    assert not (repo / "reports").exists()  # flows.study.report untouched
+    held = sum(
+        is_heldout(f"{k}{i:02d}", params["pairs"]["heldout_fraction"], params["pairs"]["seed"])
+        for k, n in (("h", 30), ("t", 20))
+        for i in range(n)
+    )
+    sets = {r["scenario"]: r for r in summary["scenarios"]["pair_sets"]}
+    assert sets["scenario 3"]["heldout_prompts_with_pair"] == 20 and sets["scenario 1"]["heldout_prompts"] == held
+    assert sets["scenario 2"]["chosen_per_token"]["estimate"] == pytest.approx(-1.0)  # -5 * 2 over 10 tokens
+    assert len(summary["scenarios"]["mcnemar"]) == 8  # 4 scenarios x 2 seeds, one variant
+    ordering = {c["scenario"]: c for c in summary["claims"] if c["source"] == "claim 3"}
+    assert ordering["1, 2, 3, 4"]["verdict"] == "reproduced"
+    assert ordering["scenario 1 vs 3"]["n"] == 20 and ordering["scenario 1 vs 2"]["estimate"] == pytest.approx(
+        2.5, abs=0.3
+    )
+    md = (out / "report.md").read_text()
+    assert res["markdown"] == md and "## Scenarios" in md and "| scenario 3 | policy/other | 2 | 20 of " in md

@@ -53,10 +53,30 @@ def test_stage_reasoning_gym(stage, tmp_path, caplog):
     assert df["prompt"][0].endswith("'Answer: <number>'.")
     assert (tmp_path / "data/quarantine.jsonl").read_text() == ""
     m = json.loads((tmp_path / "metrics/prepare.json").read_text())
-    assert m["splits"] == {"train": 12, "test": 6, "warmup": 4}
+    assert m["splits"] == {"train": 12, "test": 6, "warmup": 4, "val": 0}
     assert m["quarantined"] == {"total": 0, "by_reason": {}}
-    assert any("train=12 test=6 warmup=4" in r.getMessage() for r in caplog.records)
+    assert any("train=12 test=6 warmup=4 val=0" in r.getMessage() for r in caplog.records)
     assert not any(r.levelno >= logging.WARNING for r in caplog.records)
+
+    # validation prompts: 5 more problems of the task, every other prompt in the split it had
+    write_params(
+        tmp_path / "params.yaml",
+        {
+            "prepare": {
+                "source": "reasoning_gym",
+                "reasoning_gym": {"task": "chain_sum", "config": {}, "seed": 5},
+                "n_train": 12,
+                "n_test": 6,
+                "n_warmup": 4,
+                "n_val": 5,
+            }
+        },
+    )
+    stage.main(["--params", "params.yaml"])
+    with_val = pl.read_parquet(tmp_path / "data/prompts.parquet")
+    assert with_val.filter(pl.col("split") != "val").equals(df)
+    assert with_val.filter(pl.col("split") == "val").height == 5
+    assert json.loads((tmp_path / "metrics/prepare.json").read_text())["splits"]["val"] == 5
 
 
 def test_stage_file_quarantine(stage, tmp_path, caplog):
@@ -88,7 +108,7 @@ def test_stage_file_quarantine(stage, tmp_path, caplog):
     assert m["quarantined"]["total"] == 3
     assert m["quarantined"]["by_reason"] == {R_DUP: 1, R_MISSING: 1, R_JSON: 1}
     assert m["duplicates_removed"] == 1
-    assert m["splits"] == {"train": 5, "test": 3, "warmup": 0}
+    assert m["splits"] == {"train": 5, "test": 3, "warmup": 0, "val": 0}
     assert m["unused"] == 2
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "3 bad input row" in warnings[0].getMessage()
