@@ -116,9 +116,14 @@ class Node:
     ranks: tuple[int, ...]
 
     def __str__(self) -> str:
-        return f"{self.role} node {self.group_rank} on {self.host} (rank{'s' * (len(self.ranks) > 1)} " + (
-            ", ".join(map(str, self.ranks)) + ")"
-        )
+        first, last = self.ranks[0], self.ranks[-1]
+        if len(self.ranks) == 1:
+            ranks = f"rank {first}"
+        elif list(self.ranks) == list(range(first, last + 1)):
+            ranks = f"ranks {first}-{last}"
+        else:
+            ranks = "ranks " + ", ".join(map(str, self.ranks))
+        return f"{self.role} node {self.group_rank} on {self.host} ({ranks})"
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,12 @@ def test_leader_first_order():
         multinode.leader_first([{"role": "leader", "group_rank": 0}, {"role": "leader", "group_rank": 1}])
 
 
+def test_a_node_is_named_by_role_host_and_ranks():
+    assert str(Node("follower", "gpu-b", 0, tuple(range(8, 16)))) == "follower node 0 on gpu-b (ranks 8-15)"
+    assert str(Node("leader", "gpu-a", 1, (0,))) == "leader node 1 on gpu-a (rank 0)"
+    assert str(Node("follower", "gpu-c", 2, (3, 5))) == "follower node 2 on gpu-c (ranks 3, 5)"
+
+
 def test_two_processes_as_two_machines_put_the_leader_first_and_compare_fingerprints(tmp_path):
     """torchrun numbers the follower's process 0; the process group makes the leader's rank 0. A follower
     whose params differ is refused on both, naming it."""
