@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # Params (and, for several processes or machines, the torchrun relaunch: this machine leads)
     cfg = Settings.load(args.params)
+    cfg.variant(args.variant)  # an unknown variant fails here, before any relaunch
     rt = multinode.node_runtime(cfg.train.runtime)
     if multinode.needs_torchrun(rt) and not distributed.under_torchrun():
         sys.exit(multinode.relaunch(rt, multinode.LEADER, "stages.train", argv))

@@ -97,6 +97,20 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--variant")
     o.add_argument("-S", "--set-param", action="append", metavar="KEY=VALUE")
     o.add_argument("-n", "--name")
+    sub.add_parser("order", help="print the stages in dvc dag order")
+    _add_kubernetes(sub)
+    return p
+
+
+def _add_kubernetes(sub) -> None:
+    """The Kubernetes commands: the work pool's job template, and train stages across machines as JobSets."""
+    k = sub.add_parser(
+        "k8s-template",
+        help="print the Kubernetes work pool's base job template (variable gpu_count: the pod's nvidia.com/gpu limit)",
+    )
+    k.add_argument(
+        "--gpus", type=int, default=0, help="GPUs of pods whose deployment sets no gpu_count (default 0: no GPU limit)"
+    )
     m = sub.add_parser(
         "multinode",
         help="train@<variant> stages across machines, a Kubernetes JobSet each (with your kubeconfig)",
@@ -109,15 +123,6 @@ def parser() -> argparse.ArgumentParser:
         "--print", action="store_true", help="print the JobSets as YAML (kubectl apply -f -); create nothing"
     )
     m.add_argument("targets", nargs="*", help="train stages or the group train (default: every variant)")
-    sub.add_parser("order", help="print the stages in dvc dag order")
-    k = sub.add_parser(
-        "k8s-template",
-        help="print the Kubernetes work pool's base job template (variable gpu_count: the pod's nvidia.com/gpu limit)",
-    )
-    k.add_argument(
-        "--gpus", type=int, default=0, help="GPUs of pods whose deployment sets no gpu_count (default 0: no GPU limit)"
-    )
-    return p
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -8,9 +8,10 @@ The leader is the machine that runs the stage (``dvc repro train@dpo`` with ``tr
 This starts the same stage under torchrun as a follower (:func:`pipeline.training.multinode.torchrun_command`)
 with this machine's ``train.runtime`` (``nproc`` and the rendezvous, each overridable per machine:
 :data:`pipeline.training.multinode.ENV`). The stage reads its inputs here, so they must be the leader's:
-``--pull`` restores them as the cluster's pods do, from the DVC remote's run-cache (``dvc pull --run-cache``,
-then ``dvc repro --single-item --pull`` of each stage upstream of ``train@<variant>``, which restores each one
-the remote holds). Before the first step the leader compares every machine's commit, params and inputs with
+``--pull`` restores them as the cluster's pods do: ``dvc pull --run-cache``, then ``dvc repro --single-item
+--pull`` of each stage upstream of ``train@<variant>``, which pulls the outputs of a stage whose ``dvc.lock``
+entry this checkout holds, restores one the remote's run-cache holds, and computes any other. Before the first
+step the leader compares every machine's commit, params and inputs with
 its own and refuses to train with one that differs (:mod:`pipeline.training.node_check`).
 """
 
