@@ -1,7 +1,9 @@
 """Stage `train@<variant>`: preference training of the starting policy with one variant's loss.
 
 Launched the same way on a laptop and on a GPU node: with `train.runtime.nproc > 1` the stage
-re-executes itself under torchrun (DDP, or FSDP2 by `train.runtime.strategy`)."""
+re-executes itself under torchrun (DDP, or FSDP2 by `train.runtime.strategy`). With `train.runtime.nnodes > 1`
+this machine leads a run across machines: the others join with `python -m pipeline.training.follow`, each
+takes its share of every step, and only this one writes."""
 
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from pipeline.model import card as model_card
 from pipeline.model import quantised
 from pipeline.settings.evaluate import BeforeAndAfter
 from pipeline.settings.pairs import PairsParams
-from pipeline.settings.train import ReferenceAndTraining
-from pipeline.training import distributed, outputs, sharded_loading
+from pipeline.settings.train import ReferenceAndTraining, RuntimeParams
+from pipeline.training import distributed, multinode, node_check, node_watch, outputs, sharded_loading
 from pipeline.training.checkpoints import Checkpointing
 from pipeline.training.evaluation import Evaluation, fixed_sets_of, probe_of
 from pipeline.training.examples import join_reference, pair_examples
@@ -40,13 +42,29 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--variant", required=True, help="a key of train.variants in params.yaml")
     args = parser.parse_args(argv)
-    # Params (and, for several processes, the torchrun relaunch)
+    # Params (and, for several processes or machines, the torchrun relaunch: this machine leads)
     cfg = Settings.load(args.params)
-    variant, rt = cfg.variant(args.variant), cfg.train.runtime
-    s = variant.settings
-    if rt.nproc > 1 and not distributed.under_torchrun():
-        sys.exit(distributed.relaunch_with_torchrun(rt.nproc, "stages.train", argv))
+    cfg.variant(args.variant)  # an unknown variant fails here, before any relaunch
+    rt = multinode.node_runtime(cfg.train.runtime)
+    if multinode.needs_torchrun(rt) and not distributed.under_torchrun():
+        sys.exit(multinode.relaunch(rt, multinode.LEADER, "stages.train", argv))
     ctx = distributed.init(rt)
+    # Across machines: all run the leader's code, params and inputs, and a lost one is named
+    try:
+        with node_watch.watching(ctx):
+            if ctx.nodes is not None:
+                shared = rt.model_dump(include=set(node_check.SHARED_RUNTIME))
+                settings = {**cfg.model_dump(exclude={"train": {"runtime"}}), "runtime": shared}
+                node_check.verify(ctx, "train", settings)
+            train_variant(cfg, args.variant, rt, ctx)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def train_variant(cfg: Settings, name: str, rt: RuntimeParams, ctx: distributed.Context) -> None:
+    """Train variant ``name`` on this process's share and, on rank 0, write the stage's outputs."""
+    variant = cfg.variant(name)
+    s = variant.settings
     quantised.check_support(s.lora, ctx.device, cfg.source)  # before any model loads
 
     # Inputs: the starting policy, with a fresh LoRA adapter when train.lora.r > 0
@@ -78,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     run = RunOptions(
         log_fn=live.log_fn,
-        progress=f"train {args.variant}",
+        progress=f"train {name}",
         buckets=buckets,
         evaluation=evaluation,
         checkpoint=checkpoint,
@@ -95,14 +113,14 @@ def main(argv: list[str] | None = None) -> None:
         trained = outputs.TrainedRun(
             variant, cfg.policy.model, paths.POLICY_DIR, fingerprint, history, ctx.world, check
         )
-        outputs.save_policy(policy, tokenizer, trained, paths.model_dir(args.variant))
-        outputs.write_curves(evaluation.curves, args.variant)
+        outputs.save_policy(policy, tokenizer, trained, paths.model_dir(name))
+        outputs.write_curves(evaluation.curves, name)
         if checkpoint is not None:
             Path(checkpoint.path).unlink(missing_ok=True)
         last = history[-1]
         log.info(
             "%s: %d steps on %d process(es), final loss %.4f, lp_w %.2f, lp_l %.2f, accuracy %.2f",
-            args.variant,
+            name,
             len(history),
             ctx.world,
             last["loss"],
@@ -110,7 +128,6 @@ def main(argv: list[str] | None = None) -> None:
             last["lp_l"],
             last["accuracy"],
         )
-    distributed.shutdown(ctx)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,10 @@ def dist_worker(spec_path: str, out_path: str) -> None:
             offload=False,
             checkpoint_every=0,
             checkpoint_dir=".",
+            nnodes=1,  # one machine: torchrun's --standalone rendezvous, the fields below unused
+            rdzv_endpoint="localhost:29400",
+            rdzv_id="gpu-check",
+            rdzv_timeout=600,
         )
     )
     losses = {}

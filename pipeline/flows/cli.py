@@ -115,6 +115,12 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("-S", "--set-param", action="append", metavar="KEY=VALUE")
     o.add_argument("-n", "--name")
     sub.add_parser("order", help="print the stages in dvc dag order")
+    _add_kubernetes(sub)
+    return p
+
+
+def _add_kubernetes(sub) -> None:
+    """The Kubernetes commands: the work pool's job template, and train stages across machines as JobSets."""
     k = sub.add_parser(
         "k8s-template",
         help="print the Kubernetes work pool's base job template (variable gpu_count: the pod's nvidia.com/gpu limit)",
@@ -122,7 +128,18 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--gpus", type=int, default=0, help="GPUs of pods whose deployment sets no gpu_count (default 0: no GPU limit)"
     )
-    return p
+    m = sub.add_parser(
+        "multinode",
+        help="train@<variant> stages across machines, a Kubernetes JobSet each (with your kubeconfig)",
+    )
+    m.add_argument(
+        "--jobset", required=True, type=Path, help="YAML of the JobSet's settings (prefect.yaml's k8s-multinode)"
+    )
+    m.add_argument("-S", "--set-param", action="append", metavar="KEY=VALUE", help="param override (repeatable)")
+    m.add_argument(
+        "--print", action="store_true", help="print the JobSets as YAML (kubectl apply -f -); create nothing"
+    )
+    m.add_argument("targets", nargs="*", help="train stages or the group train (default: every variant)")
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -191,6 +208,8 @@ def main(argv: list[str] | None = None) -> Any:
         )
         print(Path(res["report"]).read_text())
         return res
+    elif a.cmd == "multinode":
+        return _multinode(a)
     elif a.cmd == "order":
         from pipeline.flows.dag import stage_order
 
@@ -201,5 +220,38 @@ def main(argv: list[str] | None = None) -> Any:
 
         print(json.dumps(kubernetes_job_template(a.gpus), indent=2))
         return None
+    print(json.dumps(res, indent=2, default=str))
+    return res
+
+
+def _multinode(a: argparse.Namespace) -> Any:
+    """``multinode``: the flow, or with ``--print`` the JobSets it would create (no Prefect, no cluster)."""
+    from pipeline.flows.jobset import JobSetSettings
+
+    settings = JobSetSettings(**yaml.safe_load(a.jobset.read_text(encoding="utf-8")))
+    overrides = _parse_sets(a.set_param) or None
+    if a.print:
+        from pipeline.flows.jobset import jobset_manifest, jobset_name
+        from pipeline.flows.multinode import git_commit, params_text, train_stages
+
+        root = Path(a.repo).resolve()
+        params, commit = params_text(root, overrides), git_commit(root)
+        for stage in train_stages(root, a.targets or None):
+            variant = stage.split("@", 1)[1]
+            manifest = jobset_manifest(
+                settings,
+                name=jobset_name(variant, "manual"),
+                variant=variant,
+                commit=commit,
+                params_text=params,
+                labels={"app.kubernetes.io/part-of": "dpo-pipeline"},
+            )
+            print("---\n" + yaml.safe_dump(manifest, sort_keys=False), end="")
+        return None
+    from pipeline.flows import multinode
+    from pipeline.flows.server import start_temporary_server
+
+    start_temporary_server()
+    res = multinode.multinode_flow(jobset=settings, overrides=overrides, targets=a.targets or None, repo=a.repo)
     print(json.dumps(res, indent=2, default=str))
     return res

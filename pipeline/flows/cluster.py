@@ -28,7 +28,8 @@ def cluster_flow(
 ) -> dict[str, Any]:
     """The pipeline across machines: consecutive stages of one resource class (``flows.resources``) run
     as one flow run of that class's deployment (``flows.deployments``: CPU pods for prepare, judge,
-    pairs, export, report; GPU pods for policy, sample, reference, train, evaluate). The pods share
+    pairs, export, report; GPU pods for policy, sample, reference, train, evaluate; with
+    ``flows.resources.train: multinode``, a JobSet across machines per train stage). The pods share
     ``remote`` (default ``flows.remote``; deployment ``k8s-cluster``: the pods' ``shared``): each segment
     restores upstream stages from the pushed run-cache, and the last segment records the experiment when
     ``record`` (default: when there are overrides or a name; ``k8s-cluster``: always, pods are thrown away)."""

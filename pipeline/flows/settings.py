@@ -65,7 +65,8 @@ class RoundsParams(Strict):
 
 
 Scenario = Literal[1, 2, 3, 4]
-ResourceClass = Literal["cpu", "gpu"]  # the kind of machine a stage runs on (cluster_flow)
+# the kind of machine a stage runs on (cluster_flow); multinode: train stages across machines, one JobSet each
+ResourceClass = Literal["cpu", "gpu", "multinode"]
 
 
 class ScenariosParams(Strict):

@@ -103,6 +103,14 @@ class RuntimeParams(Strict):
     offload: bool
     checkpoint_every: int = Field(ge=0)  # steps between checkpoints (0: none); a rerun resumes
     checkpoint_dir: str
+    # Machines of one run; > 1: torchrun's c10d rendezvous at rdzv_endpoint (host:port of the machine that runs
+    # the stage, the leader) under rdzv_id, which the others join (pipeline.training.follow) within
+    # rdzv_timeout seconds. nproc, nnodes, rdzv_endpoint and rdzv_id may be set per machine by environment
+    # variables (pipeline.training.multinode.ENV).
+    nnodes: int = Field(ge=1)
+    rdzv_endpoint: str = Field(pattern=r"^[^\s:]+:\d+$")
+    rdzv_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    rdzv_timeout: int = Field(ge=1)
 
     @model_validator(mode="after")
     def _offload_needs_fsdp(self) -> Self:

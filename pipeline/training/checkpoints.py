@@ -98,8 +98,9 @@ def save(
 
 
 def resume(ck: Checkpointing | None, trainer: PreferenceTrainer, curves: Curves) -> tuple[list[dict[str, float]], int]:
-    """Restore model, optimiser, schedule and ``curves`` from a matching checkpoint: (its history, steps done)."""
-    state = ck.load() if ck is not None else None
+    """Restore model, optimiser, schedule and ``curves`` from a matching checkpoint: (its history, steps done).
+    Rank 0 reads it and sends it to the others: on a run across machines only the leader has it."""
+    state = distributed.from_rank0(ck.load() if ck is not None and trainer.ctx.is_main else None, trainer.ctx)
     if state is None:
         return [], 0
     distributed.load_states(trainer.model, trainer.opt, state["model"], state["optim"], trainer.ctx)

@@ -1,9 +1,10 @@
 """Process-group plumbing for training under ``torchrun``: DDP by default, FSDP2 by a param.
 
 The train stage is launched the same way everywhere (``python -m stages.train``). With
-``train.runtime.nproc > 1`` it re-executes itself under ``torch.distributed.run``; each worker then
-calls :func:`init` which reads the ``RANK``/``WORLD_SIZE`` environment torchrun sets. NCCL is used
-on GPUs and gloo on CPU unless ``train.runtime.backend`` says otherwise.
+``train.runtime.nproc > 1`` (or ``nnodes > 1``) it re-executes itself under ``torch.distributed.run``
+(:mod:`pipeline.training.multinode`); each worker then calls :func:`init` which reads the
+``RANK``/``WORLD_SIZE`` environment torchrun sets. NCCL is used on GPUs and gloo on CPU unless
+``train.runtime.backend`` says otherwise.
 
 :func:`wrap_policy` readies the policy for training: activation checkpointing of its decoder layers
 (``train.gradient_checkpointing``), then DDP, or FSDP2 with its mixed-precision and CPU-offload policies
@@ -13,8 +14,6 @@ on GPUs and gloo on CPU unless ``train.runtime.backend`` says otherwise.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from pipeline.training import activation_checkpointing
+from pipeline.training import activation_checkpointing, multinode
 
 if TYPE_CHECKING:
     from pipeline.settings.train import RuntimeParams, TrainSettings
@@ -36,6 +35,7 @@ class Context:
     device: str = "cpu"
     strategy: str = "none"  # none | ddp | fsdp
     offload: bool = False  # FSDP2 keeps the shards, their gradients and optimiser state in CPU memory
+    nodes: multinode.Nodes | None = None  # the machines of a run across several (None: one machine)
 
     @property
     def is_main(self) -> bool:
@@ -48,21 +48,6 @@ class Context:
 
 def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
-
-
-def relaunch_with_torchrun(nproc: int, module: str, argv: list[str]) -> int:
-    """Run ``python -m module argv`` under torchrun with ``nproc`` local workers; return its exit code."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        module,
-        *argv,
-    ]
-    return subprocess.call(cmd)
 
 
 def init(runtime: RuntimeParams) -> Context:
@@ -84,9 +69,15 @@ def init(runtime: RuntimeParams) -> Context:
     if use_cuda:
         torch.cuda.set_device(local)
     device = f"cuda:{local}" if use_cuda else "cpu"
-    if not dist.is_initialized():
+    nodes = None
+    if multinode.across_machines() and not dist.is_initialized():
+        # the leader's processes first, so that rank 0 (which writes) is on the machine that runs the stage
+        rank, nodes = multinode.init_process_group(backend, rank, world)
+    elif not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    return Context(rank=rank, world=world, local_rank=local, device=device, strategy=strategy, offload=runtime.offload)
+    return Context(
+        rank=rank, world=world, local_rank=local, device=device, strategy=strategy, offload=runtime.offload, nodes=nodes
+    )
 
 
 def wrap(model, ctx: Context, *, bf16: bool):
@@ -249,6 +240,15 @@ def load_states(model, opt, model_sd: dict, opt_sd: dict, ctx: Context) -> None:
         return
     load_model_state(unwrap(model), model_sd)
     opt.load_state_dict(opt_sd)
+
+
+def from_rank0(obj, ctx: Context):
+    """Rank 0's ``obj`` on every rank (pickled; the other ranks' ``obj`` is ignored)."""
+    if not ctx.distributed:
+        return obj
+    box = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(ctx: Context) -> None:

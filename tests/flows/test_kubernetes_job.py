@@ -38,6 +38,7 @@ EXPECTED_GPUS = {
     "k8s-rounds": 1,
     "k8s-cpu-stages": None,
     "k8s-cluster": None,
+    "k8s-multinode": None,  # the pod that starts the JobSet; its GPUs are the JobSet's (test_jobset.py)
 }
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 # what `prefect deploy` reads from the shell (prefect.yaml's header)

@@ -42,7 +42,16 @@ def worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None:
     torch.set_num_threads(1)
     ctx = distributed.init(
         RuntimeParams(
-            nproc=world, backend="gloo", strategy="ddp", offload=False, checkpoint_every=0, checkpoint_dir="."
+            nproc=world,
+            backend="gloo",
+            strategy="ddp",
+            offload=False,
+            checkpoint_every=0,
+            checkpoint_dir=".",
+            nnodes=1,
+            rdzv_endpoint="localhost:29400",
+            rdzv_id="test",
+            rdzv_timeout=60,
         )
     )
     results: dict[str, list[dict]] = {}
