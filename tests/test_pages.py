@@ -295,6 +295,55 @@ def test_bench_page_has_a_table_per_kind_and_a_row_for_an_unknown_file(tmp_path:
     assert "Trainer" not in md  # no trainer bench, no trainer table
 
 
+def test_bench_page_has_a_row_per_setting_of_the_memory_bench(tmp_path: Path):
+    """Ours against TRL per architecture and setting, an out-of-memory side written as such, and the GPU
+    checks' per-setting parts as rows of their own."""
+    folder = tmp_path / bench.BENCH_DIR
+    folder.mkdir(parents=True)
+    ran = {"tokens_per_s": 300.0, "tokens_per_cpu_s": 150.0, "abs_peak_mb": 2048.0}
+    memory = {
+        "bench": "memory",
+        "settings": {"batch_size": 8, "prompt_tokens": 256, "response_tokens": 128, "steps": 2, "dtype": "float32"},
+        "environment": {"device": "cpu", "cpu_count": 2, "trl": "1.16.0"},
+        "architectures": {
+            "smollm2-1.7b": {
+                "n_params": 1_711_376_384,
+                "results": {
+                    "ours_full": {"config": "ours_full", "out_of_memory": "estimated: ..."},
+                    "trl_full": {"config": "trl_full", "out_of_memory": "estimated: ..."},
+                    "ours_lora_ckpt": {**ran, "abs_peak_mb": 7 * 1024},
+                    "trl_lora_ckpt": {**ran, "tokens_per_s": 100.0, "abs_peak_mb": 14 * 1024},
+                },
+                "comparison": {
+                    "full": {"goal": "n/a", "why": "neither ran to the end"},
+                    "lora_ckpt": {
+                        "tokens_per_s": 3.0,
+                        "tokens_per_cpu_s": 2.5,
+                        "abs_peak_mb": 0.5,
+                        "goal": "met",
+                        "fits": {"peak_mb": 8192, "met": True},
+                    },
+                },
+            }
+        },
+    }
+    (folder / "m.json").write_text(json.dumps(memory))
+    gpu = {"gpus": ["H100"], "quick": False, "large_mfu": {"full": {"mfu": 0.41}, "ckpt": {"failed": "OOM"}}}
+    (folder / "g.json").write_text(json.dumps(gpu))
+    md = bench.bench_page(tmp_path)
+    rows = {r[4]: r for r in _rows(md, "`m.json`")}
+    assert list(rows) == ["full", "lora_ckpt"]
+    assert rows["full"][3] == "smollm2-1.7b (1711M)"
+    assert rows["full"][5:8] == ["out of memory", "out of memory", "n/a"]
+    assert rows["full"][12] == "n/a (neither ran to the end)"
+    assert rows["lora_ckpt"][5:12] == ["300.0", "100.0", "3.00", "2.50", "7.00", "14.00", "0.50"]
+    assert rows["lora_ckpt"][12] == "met; fits 8 GiB: yes"
+    assert [r[2:] for r in _rows(md, "`g.json`")] == [
+        ["large_mfu.full", "ran", "mfu 0.41"],
+        ["large_mfu.ckpt", "failed", "n/a"],
+    ]
+
+
 DOC_PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 
 

@@ -13,16 +13,23 @@ Each check runs on its own; one that fails or cannot run records why and the oth
    recorded beside it: what a reference computed at another precision than training's looks like.
 3. ``mfu``: :func:`train_preference` at params' precision and layout (``train.bf16``,
    ``train.shared_prompt``), timed steps after one warm-up: tokens/s (prompt + chosen + rejected) and
-   MFU = 6 · N_params · tokens/s / peak (also with the non-embedding parameter count).
-4. ``nccl``: DDP and FSDP2 through ``torchrun`` with NCCL on every visible GPU (needs at least 2), the
+   MFU = 6 · N_params · tokens/s / peak (also with the non-embedding parameter count), and the peak GPU
+   memory (:mod:`pipeline.bench.gpu_train`).
+4. ``large_reference``: ``bf16_reference`` on SmolLM2-1.7B's architecture (random weights): the GPU's
+   attention kernels at that size, with the reference batched as the reference stage batches it.
+5. ``large_mfu``: ``mfu`` on SmolLM2-1.7B's architecture at ``--large-batch`` pairs, for a full fine-tune,
+   with activation checkpointing, with a LoRA adapter of rank ``--lora-r`` and with both: tokens/s, MFU
+   (goal: 40 % for the full fine-tune) and peak GPU memory each; one that runs out of memory records it.
+6. ``nccl``: DDP and FSDP2 through ``torchrun`` with NCCL on every visible GPU (needs at least 2), the
    same steps as one process: the largest difference of the loss curves (:mod:`pipeline.bench.gpu_nccl`).
-5. ``vllm``: the sampling benchmark (:mod:`pipeline.bench.sampling`: transformers vs vLLM, compiled,
+7. ``vllm``: the sampling benchmark (:mod:`pipeline.bench.sampling`: transformers vs vLLM, compiled,
    bf16) when vLLM is installed.
-6. ``repro``: ``dvc repro`` of a fresh clone of this repository with ``profiles/gpu.yaml`` applied to its
+8. ``repro``: ``dvc repro`` of a fresh clone of this repository with ``profiles/gpu.yaml`` applied to its
    params.yaml, timed, when DVC is installed (``--repro``; it takes the longest).
 
 Every training check runs the loss and train settings of a params.yaml variant (``--variant``) on
-``policy.model`` (:mod:`pipeline.bench.gpu_policy`; ``model_source`` in the JSON says what was loaded).
+``policy.model`` (:mod:`pipeline.bench.gpu_policy`; ``model_source`` in the JSON says what was loaded); the
+``large_*`` checks on SmolLM2-1.7B's architecture in ``policy.dtype`` under ``train.bf16``.
 
 On a GPU machine without a package index but with PyTorch and transformers (a stock image), carry the
 wheels of ``scripts/gpu_wheels.sh`` (polars, pydantic: about 55 MB) and run, from the checkout:
@@ -48,24 +55,13 @@ from pathlib import Path
 import torch
 
 from pipeline.bench.gpu_nccl import dist_worker, nccl_check
-from pipeline.bench.gpu_policy import (
-    PolicySpec,
-    check_settings,
-    examples_with_reference,
-    load_policy,
-    policy_spec,
-    synth_pairs,
-)
+from pipeline.bench.gpu_policy import PolicySpec, policy_spec
+from pipeline.bench.gpu_train import StepSizes, large_train, reference_check, sync, timed_train
 from pipeline.bench.process import PROJECT_ROOT, child_env
 from pipeline.settings.params import Params
 from pipeline.settings.train import Variant
 
-CHECKS = ("peak", "bf16_reference", "mfu", "nccl", "vllm", "repro")
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+CHECKS = ("peak", "bf16_reference", "mfu", "large_reference", "large_mfu", "nccl", "vllm", "repro")
 
 
 class Checks:
@@ -82,118 +78,48 @@ class Checks:
         left, right = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         for _ in range(3):
             left @ right
-        _sync()
+        sync()
         start = time.perf_counter()
         for _ in range(10):
             left @ right
-        _sync()
+        sync()
         seconds = (time.perf_counter() - start) / 10
         return {"n": n, "tflops": 2 * n**3 / seconds / 1e12, "gpu": torch.cuda.get_device_name(0)}
 
     def bf16_reference(self) -> dict:
-        from pipeline.training.trainer import RunOptions, train_preference
-
-        model, pad_id, source = load_policy(self.policy)
-        settings = check_settings(self.variant.settings, batch_size=8, epochs=1, lr=1e-12)
-        pairs = synth_pairs(8, 94, 17, model.config.vocab_size, seed=1)  # the default pairs' lengths
-        out = {
-            "model_source": source,
-            "ref_check_tol": settings.ref_check_tol,
-            "bf16": settings.bf16,
-            "device": str(next(model.parameters()).device),
-        }
-        # both references from the starting policy, each computed once
-        refs = {
-            bf16: examples_with_reference(model.eval(), pairs, pad_id, settings, bf16)
-            for bf16 in {settings.bf16, False}
-        }
-        for i, (name, bf16) in enumerate((("same_precision", settings.bf16), ("fp32_reference", False))):
-            if i:
-                model, pad_id, _ = load_policy(self.policy)  # a fresh policy: the first run stepped this one
-            seen: dict[int, dict[str, float]] = {}
-            try:
-                train_preference(
-                    model,
-                    refs[bf16],
-                    self.variant.losses,
-                    settings,
-                    pad_id=pad_id,
-                    run=RunOptions(log_fn=seen.setdefault),
-                )
-                out[name] = {
-                    "ref_gap_max": seen[0]["ref_gap_max"],
-                    "ref_gap_mean": seen[0]["ref_gap_mean"],
-                    "failed": None,
-                }
-            except ValueError as e:  # the trainer's first-step check refused it
-                out[name] = {"failed": str(e)[:400]}
-        out["reference_bf16_vs_fp32_max_abs"] = max(
-            max(abs(x.ref_w - y.ref_w), abs(x.ref_l - y.ref_l)) for x, y in zip(refs[settings.bf16], refs[False])
-        )
-        same = out["same_precision"]
-        out["passed"] = same.get("failed") is None and same["ref_gap_mean"] <= settings.ref_check_tol
-        return out
+        return reference_check(self.policy, self.variant)
 
     def mfu(self) -> dict:
-        from pipeline.training.batching import step_batches
-        from pipeline.training.trainer import RunOptions, train_preference
-
         args = self.args
-        model, pad_id, source = load_policy(self.policy)
-        batch, steps, prompt_len, response_len, max_length = (
-            (8, 3, 64, 16, 160)
+        sizes = (
+            StepSizes(8, 3, 64, 16, 160)
             if args.quick
-            else (args.mfu_batch, args.mfu_steps, args.mfu_prompt_len, args.mfu_response_len, args.mfu_max_length)
+            else StepSizes(
+                args.mfu_batch, args.mfu_steps, args.mfu_prompt_len, args.mfu_response_len, args.mfu_max_length
+            )
         )
-        # random pairs: their reference is meaningless, so the first-step check is set out of the way
-        settings = check_settings(
-            self.variant.settings, batch_size=batch, epochs=1, max_length=max_length, ref_check_tol=1e9
-        )
-        pairs = synth_pairs(batch * (steps + 1), prompt_len, response_len, model.config.vocab_size, seed=2)
-        stamps: list[float] = []
+        return timed_train(self.policy, self.variant, sizes, self.results.get("peak", {}).get("tflops"))
 
-        def log_fn(step, metrics):
-            _sync()
-            stamps.append(time.perf_counter())
+    def large_policy(self) -> PolicySpec:
+        """SmolLM2-1.7B's architecture with random weights (a quick run: the tiny one), in policy.dtype."""
+        if self.args.quick:
+            return PolicySpec(self.cfg.policy.model, self.cfg.policy.dtype, "tiny", "a quick run")
+        return PolicySpec(self.cfg.policy.model, self.cfg.policy.dtype, "smollm2-1.7b", "the larger policy's check")
 
-        train_preference(
-            model,
-            examples_with_reference(model, pairs, pad_id, settings, None),
-            self.variant.losses,
-            settings,
-            pad_id=pad_id,
-            run=RunOptions(log_fn=log_fn),
+    def large_reference(self) -> dict:
+        return reference_check(self.large_policy(), self.variant)
+
+    def large_mfu(self) -> dict:
+        args = self.args
+        sizes = (
+            StepSizes(8, 3, 64, 16, 160)
+            if args.quick
+            else StepSizes(
+                args.large_batch, args.mfu_steps, args.mfu_prompt_len, args.mfu_response_len, args.mfu_max_length
+            )
         )
-        order = [i for b in step_batches(len(pairs), batch, 1, settings.seed) for i in b]
-        tokens = 0
-        for i in order[batch:]:  # the timed steps: every step after the first
-            lengths = [len(pairs[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
-            if lengths[0] + max(lengths[1:]) > max_length:  # truncated: the count would overstate the work
-                raise ValueError(
-                    f"a pair of {lengths[0]} + {max(lengths[1:])} tokens exceeds --mfu-max-length {max_length}"
-                )
-            tokens += sum(lengths)
-        seconds = stamps[steps] - stamps[0]
-        n_params = sum(p.numel() for p in model.parameters())
-        n_embed = model.get_input_embeddings().weight.numel()
-        tokens_per_s = tokens / seconds
-        out = {
-            "model_source": source,
-            "batch_pairs": batch,
-            "timed_steps": steps,
-            "tokens": tokens,
-            "seconds": seconds,
-            "tokens_per_s": tokens_per_s,
-            "n_params": n_params,
-            "n_params_non_embedding": n_params - n_embed,
-            "bf16": settings.bf16,
-            "device": str(next(model.parameters()).device),
-        }
         peak = self.results.get("peak", {}).get("tflops")
-        if peak:
-            out["mfu"] = 6 * n_params * tokens_per_s / (peak * 1e12)
-            out["mfu_non_embedding"] = 6 * (n_params - n_embed) * tokens_per_s / (peak * 1e12)
-        return out
+        return large_train(self.large_policy(), self.variant, sizes, peak, lora_r=args.lora_r)
 
     def nccl(self) -> dict:
         return nccl_check(self.variant, self.policy, quick=self.args.quick, loss_tol=self.args.loss_tol)
@@ -269,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant", help="the train.variants entry whose loss and settings train (default: the first one)"
     )
     parser.add_argument(
-        "--checks", default="peak,bf16_reference,mfu,nccl,vllm", help=f"comma-separated subset of {','.join(CHECKS)}"
+        "--checks",
+        default="peak,bf16_reference,mfu,large_reference,large_mfu,nccl,vllm",
+        help=f"comma-separated subset of {','.join(CHECKS)}",
     )
     parser.add_argument("--repro", action="store_true", help="also run the GPU profile's dvc repro")
     parser.add_argument("--gpu-profile", default="profiles/gpu.yaml", help="the profile --repro applies")
@@ -289,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mfu-prompt-len", type=int, default=256)
     parser.add_argument("--mfu-response-len", type=int, default=192)
     parser.add_argument("--mfu-max-length", type=int, default=1024)
+    parser.add_argument("--large-batch", type=int, default=8, help="large_mfu: pairs per step of SmolLM2-1.7B")
+    parser.add_argument("--lora-r", type=int, default=16, help="large_mfu: the adapter's rank in the LoRA settings")
     parser.add_argument("--loss-tol", type=float, default=2e-2, help="NCCL check: bf16 losses vs one process")
     parser.add_argument("--out", help="write the figures as JSON here (reports/bench/ keeps recorded runs)")
     parser.add_argument("--dist-worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)

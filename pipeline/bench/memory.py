@@ -1,13 +1,13 @@
-"""This process's resident memory (Linux ``/proc/self``), for the benchmarks' peak-memory figures."""
+"""Resident memory of this process or a child (Linux ``/proc``), for the benchmarks' peak-memory figures."""
 
 from __future__ import annotations
 
 import resource
 
 
-def _status_kb(field: str) -> int | None:
+def _status_kb(field: str, pid: int | str = "self") -> int | None:
     try:
-        with open("/proc/self/status") as fh:
+        with open(f"/proc/{pid}/status") as fh:
             for line in fh:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
@@ -20,6 +20,12 @@ def rss_mb() -> float:
     """Resident memory now (where /proc is missing: the peak so far, the closest figure there is)."""
     kb = _status_kb("VmRSS")
     return (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+def process_rss_mb(pid: int) -> float | None:
+    """Resident memory of process ``pid`` now; None when it cannot be read (the process is gone, or no /proc)."""
+    kb = _status_kb("VmRSS", pid)
+    return None if kb is None else kb / 1024
 
 
 def hwm_mb() -> float:

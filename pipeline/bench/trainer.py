@@ -37,16 +37,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.bench import trainer_data
 from pipeline.bench.models import bench_model
-from pipeline.bench.process import child_env, loadavg
+from pipeline.bench.process import MemoryLimits, loadavg, run_child, trainer_child_env
 from pipeline.settings.params import Params
 from pipeline.settings.train import TrainSettings, Variant
 
@@ -177,14 +175,7 @@ def build_spec(args: argparse.Namespace, cfg: Params, variant: Variant, workdir:
                         f"({'shared-prompt' if layout else 'padded'} layout, untimed)"
                     )
     examples, order = trainer_data.step_layout(pair_set.pairs.height, base.batch_size, args.steps + 1, base.seed)
-    pairs = [
-        {
-            **{key: list(row[key]) for key in trainer_data.IDS},
-            # TRL's text inputs: the chat-templated prompt and the responses (with their EOS)
-            **{text: tokenizer.decode(row[f"{text}_ids"]) for text in ("prompt", "chosen", "rejected")},
-        }
-        for row in pair_set.pairs.iter_rows(named=True)
-    ]
+    pairs = trainer_data.child_pairs(pair_set.pairs, tokenizer)
     spec = {
         "model_path": model_path,
         "dtype": cfg.policy.dtype,
@@ -196,7 +187,9 @@ def build_spec(args: argparse.Namespace, cfg: Params, variant: Variant, workdir:
         "trl_beta": trl_beta(variant) if any(not c.startswith("ours") for c in configs) else None,
         "train": base.model_dump(),
         "settings": {c: s.model_dump() for c, s in settings.items()},
+        "architecture": None,
         "reference": {c: references[settings[c].shared_prompt] for c in configs if c.startswith("ours")},
+        "precompute": {c: c == "trl_precompute" for c in configs if not c.startswith("ours")},
         "pairs": pairs,
         "examples": examples,
         "order": order,
@@ -208,34 +201,22 @@ def run_children(spec: dict, configs: list[str], workdir: Path, verbose: bool) -
     """Each configuration in a fresh process; its figures with its wall time and the load around it."""
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    threads = str(spec["threads"])
-    env = child_env(
-        OMP_NUM_THREADS=threads,
-        MKL_NUM_THREADS=threads,
-        HF_DATASETS_CACHE=str(workdir / "hf-datasets"),
-        TRANSFORMERS_VERBOSITY="error",
-        DATASETS_VERBOSITY="error",
-        HF_DATASETS_DISABLE_PROGRESS_BARS="1",
-    )
     results: dict[str, dict] = {}
     for config in configs:
         result_path = workdir / f"{config}.json"
         print(f"running {config} ...", flush=True)
-        start, load_before = time.perf_counter(), loadavg()
-        cmd = [sys.executable, "-m", "pipeline.bench.trainer_child", str(spec_path), config, str(result_path)]
-        proc = subprocess.run(
-            cmd,
-            env=env,
-            text=True,
-            stdout=None if verbose else subprocess.PIPE,
-            stderr=None if verbose else subprocess.STDOUT,
+        load_before = loadavg()
+        run = run_child(
+            ["pipeline.bench.trainer_child", str(spec_path), config, str(result_path)],
+            trainer_child_env(spec["threads"], workdir / "hf-datasets"),
+            verbose=verbose,
+            limits=MemoryLimits(max_rss_mb=None, min_available_mb=None),
         )
-        if proc.returncode != 0 or not result_path.is_file():
-            if proc.stdout:
-                print(proc.stdout[-8000:])
-            raise SystemExit(f"{config} failed (exit {proc.returncode})")
+        if run.returncode != 0 or not result_path.is_file():
+            print(run.output[-8000:])
+            raise SystemExit(f"{config} failed (exit {run.returncode})")
         results[config] = json.loads(result_path.read_text())
-        results[config]["wall_s"] = time.perf_counter() - start
+        results[config]["wall_s"] = run.seconds
         results[config]["loadavg_1m_before_after"] = [load_before, loadavg()]
     return results
 

@@ -3,11 +3,14 @@ that the memory it reports is that configuration's alone:
 
     python -m pipeline.bench.trainer_child SPEC CONFIG RESULT
 
-``SPEC`` (JSON, written by the benchmark) holds the model, each configuration's train settings and
-reference log-probs, the pairs and the order of the examples; ``RESULT`` receives the figures.
-``ours`` / ``ours_padded`` run :func:`train_preference` on the examples (it shuffles them into the
-benchmark's step order itself); ``trl_default`` / ``trl_precompute`` run TRL's ``DPOTrainer`` on the
-same examples already in that order. Every step is stamped; the first is a warm-up outside the timing.
+``SPEC`` (JSON, written by the benchmark) holds the model (a folder, or an ``architecture`` built with
+random weights and the folder's tokenizer), each configuration's train settings and reference log-probs,
+which TRL configurations precompute theirs, the pairs and the order of the examples; ``RESULT`` receives
+the figures. A configuration whose name starts with ``ours`` runs :func:`train_preference` on the
+examples (it shuffles them into the benchmark's step order itself), with a LoRA adapter attached as the
+train stage attaches it when its ``train.lora.r`` > 0; any other runs TRL's ``DPOTrainer`` on the same
+examples already in that order, with the same adapter as TRL's ``peft_config``. Every step is stamped;
+the first is a warm-up outside the timing.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from typing import cast
 
 import torch
 
+from pipeline.bench.architectures import random_model
 from pipeline.bench.memory import hwm_mb, reset_hwm, rss_mb
+from pipeline.settings.train import TrainSettings
+from pipeline.training import lora
 
 IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -68,12 +74,43 @@ class Run:
     extra: dict = field(default_factory=dict)
 
 
+def trained(model) -> dict:
+    """What the run trained: the parameters that took gradients (a LoRA run: the adapter's), of all, and
+    whether the decoder layers were checkpointed."""
+    return {
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+    }
+
+
 def step_rows(spec: dict) -> list[dict]:
     return [spec["pairs"][spec["examples"][i]] for i in spec["order"]]
 
 
+def pairs_reference(pairs: list[dict], model, pad_id: int, settings) -> list[tuple[float, float]]:
+    """(ref_w, ref_l) of every pair under ``model`` (the base, before any adapter), by the reference stage's
+    code path at training's precision, layout and truncation: for pairs that come without the reference
+    stage's log-probs (a random-weight model). Untimed, before training."""
+    import polars as pl
+
+    from pipeline.model.logprobs import pair_logprobs
+
+    table = pl.DataFrame({key: [p[key] for p in pairs] for key in IDS})
+    ref_w, ref_l, _, _ = pair_logprobs(
+        model.eval(),
+        table,
+        pad_id,
+        settings.batch_size,
+        settings.max_length,
+        bf16=settings.bf16,
+        shared_prompt=settings.shared_prompt,
+    )
+    return list(zip(ref_w, ref_l))
+
+
 def run_ours(spec: dict, config: str, model, tokenizer, clock: StepClock) -> Run:
-    from pipeline.settings.train import LossTerm, TrainSettings
+    from pipeline.settings.train import LossTerm
     from pipeline.training.batching import step_batches
     from pipeline.training.examples import PairExample
     from pipeline.training.trainer import RunOptions
@@ -81,8 +118,11 @@ def run_ours(spec: dict, config: str, model, tokenizer, clock: StepClock) -> Run
     module, name = spec["ours_fn"].split(":")
     train_preference = getattr(importlib.import_module(module), name)
     settings = TrainSettings(**spec["settings"][config])
-    reference = spec["reference"][config]
     pairs = spec["pairs"]
+    start = time.perf_counter()
+    reference = spec["reference"][config] or pairs_reference(pairs, model, tokenizer.pad_token_id, settings)
+    init_s = time.perf_counter() - start
+    model = lora.attach(model, settings.lora, settings.seed)  # as the train stage loads its policy
     examples = [
         PairExample(
             tuple(pairs[p]["prompt_ids"]), tuple(pairs[p]["chosen_ids"]), tuple(pairs[p]["rejected_ids"]), *reference[p]
@@ -113,10 +153,15 @@ def run_ours(spec: dict, config: str, model, tokenizer, clock: StepClock) -> Run
     rows = step_rows(spec)
     return Run(
         rows,
-        0.0,
+        init_s,
         init_peak,
         can_reset,
-        {"ids_identical_to_ours": len(rows), "ref_check_tol": settings.ref_check_tol, **first_step},
+        {
+            "ids_identical_to_ours": len(rows),
+            "ref_check_tol": settings.ref_check_tol,
+            **first_step,
+            **trained(model),
+        },
     )
 
 
@@ -126,7 +171,6 @@ def _trl_config(spec: dict, config: str, workdir: Path, n_steps: int):
     from trl import DPOConfig
 
     from pipeline.model.precision import uses_bf16_autocast
-    from pipeline.settings.train import TrainSettings
 
     settings = TrainSettings(**spec["settings"][config])
     return DPOConfig(
@@ -157,7 +201,7 @@ def _trl_config(spec: dict, config: str, workdir: Path, n_steps: int):
         save_strategy="no",
         eval_strategy="no",
         disable_tqdm=True,
-        precompute_ref_log_probs=config == "trl_precompute",
+        precompute_ref_log_probs=spec["precompute"][config],
     )
 
 
@@ -175,8 +219,15 @@ def run_trl(spec: dict, config: str, model, tokenizer, clock: StepClock, workdir
     trl_config = _trl_config(spec, config, workdir, spec["steps"] + 1)
     can_reset = reset_hwm()
     start = time.perf_counter()
+    settings = TrainSettings(**spec["settings"][config])
     trainer = DPOTrainer(
-        model=model, args=trl_config, train_dataset=data, processing_class=tokenizer, callbacks=[Stamp()]
+        model=model,
+        args=trl_config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[Stamp()],
+        # train.lora as TRL takes it: TRL attaches the adapter itself and disables it for the reference
+        peft_config=lora.peft_config(settings.lora) if settings.lora.r else None,
     )
     init_s = time.perf_counter() - start  # tokenization, the reference model's load or the precompute pass
     init_peak = hwm_mb()
@@ -186,8 +237,8 @@ def run_trl(spec: dict, config: str, model, tokenizer, clock: StepClock, workdir
     identical = sum(all(s[key] == r[key] for key in IDS) for s, r in zip(seen, rows))
     can_reset = reset_hwm() and can_reset
     trainer.train()
-    extra = {"ids_identical_to_ours": identical, "trl_optimizer": str(trl_config.optim)}
-    if config == "trl_precompute":
+    extra = {"ids_identical_to_ours": identical, "trl_optimizer": str(trl_config.optim), **trained(trainer.model)}
+    if trl_config.precompute_ref_log_probs:
         extra["precompute_s"] = init_s
     return Run(seen, init_s, init_peak, can_reset, extra)
 
@@ -252,7 +303,10 @@ def run_configuration(spec: dict, config: str, workdir: Path) -> dict:
     from pipeline.model.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(spec["model_path"])
-    model = load_model(spec["model_path"], spec["dtype"])
+    if spec["architecture"]:  # random weights: the model folder gives the tokenizer alone
+        model = random_model(spec["architecture"], spec["dtype"])
+    else:
+        model = load_model(spec["model_path"], spec["dtype"])
     memory = {"loaded": rss_mb(), "load_peak": hwm_mb()}
     clock = StepClock(spec["profile"])
     run = (

@@ -63,6 +63,38 @@ def synth_pairs(tokenizer, prepare: PrepareParams, n: int) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+def word_pairs(tokenizer, n: int, prompt_tokens: int, response_tokens: int, seed: int) -> pl.DataFrame:
+    """``n`` pairs of about ``prompt_tokens`` (the chat template's included) + 2 x ``response_tokens``
+    tokens, for sizes the pipeline's pairs do not reach: texts of random whole words of the tokenizer's
+    vocabulary, one token each, which TRL's own tokenization of the decoded text gives back unchanged.
+    Lengths vary by up to a quarter (prompts) and a third (responses), encoded as the pipeline encodes."""
+    import re
+
+    from pipeline.model.encoding import encode_prompt, encode_response
+
+    space = "\u0120"  # byte-level BPE's mark of a leading space
+    words = sorted(t for t in tokenizer.get_vocab() if re.fullmatch(f"{space}[a-z]{{3,}}", t))
+    if not words:
+        raise SystemExit("the tokenizer has no whole-word tokens (byte-level BPE) to build pairs from")
+    rng = random.Random(seed)
+
+    def text(n_words: int, spread: int) -> str:
+        n_words = max(1, n_words + rng.randrange(-spread, spread + 1))
+        return "".join(rng.choice(words) for _ in range(n_words)).replace(space, " ").strip()
+
+    overhead = len(encode_prompt(tokenizer, ""))  # the chat template around an empty user turn
+    rows = [
+        {
+            "pair_id": f"words-{i}",
+            "prompt_ids": encode_prompt(tokenizer, text(prompt_tokens - overhead, prompt_tokens // 4)),
+            "chosen_ids": encode_response(tokenizer, text(response_tokens - 1, response_tokens // 3)),
+            "rejected_ids": encode_response(tokenizer, text(response_tokens - 1, response_tokens // 3)),
+        }
+        for i in range(n)
+    ]
+    return pl.DataFrame(rows)
+
+
 def load_pair_set(
     spec: str, reference: str | None, *, model_path: str, tokenizer, cfg: Params, n_synth: int
 ) -> PairSet:
@@ -126,6 +158,18 @@ def reference_logprobs(pair_set: PairSet, model_path: str, cfg: Params, shared_p
         )
         known.update(zip(todo["pair_id"], zip(ref_w, ref_l)))
     return [known[pair_id] for pair_id in pairs["pair_id"]], todo.height
+
+
+def child_pairs(pairs: pl.DataFrame, tokenizer) -> list[dict]:
+    """The pairs as a benchmark child takes them: token ids for ours, and for TRL, which tokenizes text
+    itself, the chat-templated prompt and the responses (with their EOS) as text."""
+    return [
+        {
+            **{key: list(row[key]) for key in IDS},
+            **{text: tokenizer.decode(row[f"{text}_ids"]) for text in ("prompt", "chosen", "rejected")},
+        }
+        for row in pairs.iter_rows(named=True)
+    ]
 
 
 def step_layout(n_pairs: int, batch_size: int, steps: int, seed: int) -> tuple[list[int], list[int]]:

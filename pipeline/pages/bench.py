@@ -3,7 +3,8 @@
 Each benchmark writes one JSON file and says nothing else; this page is the only place its figures are
 written out. A file is recognised by its shape, not its name: a sampling bench (``args`` and per-backend
 ``results`` with tokens per second), the trainer bench (``settings``, per-configuration ``results`` and
-``ratios``) or the GPU checks (``gpus`` and one entry per check). Sampling results that re-scored their
+``ratios``), the memory bench (``bench: memory`` and per-architecture ``results`` and ``comparison``) or the
+GPU checks (``gpus`` and one entry per check). Sampling results that re-scored their
 candidates with the training code also fill the log-prob table. A file of any other shape, or one that
 is not JSON, gets a row saying so, so that adding a new kind of benchmark never breaks the page.
 """
@@ -22,9 +23,11 @@ PAGE = f"{BENCH_DIR}/README.md"
 
 
 def kind_of(data: Any) -> str | None:
-    """``sampling``, ``trainer``, ``gpu_check`` or None for a shape this page does not know."""
+    """``sampling``, ``trainer``, ``memory``, ``gpu_check`` or None for a shape this page does not know."""
     if not isinstance(data, Mapping):
         return None
+    if data.get("bench") == "memory" and isinstance(data.get("architectures"), Mapping):
+        return "memory"
     results = data.get("results")
     if isinstance(data.get("settings"), Mapping) and isinstance(results, Mapping) and "ratios" in data:
         return "trainer"
@@ -152,35 +155,97 @@ def trainer_ratio_rows(name: str, data: Mapping) -> list[list[str]]:
     ]
 
 
+def _memory_side(result: Any) -> tuple[str, str]:
+    """(tokens/s, peak GiB) of one configuration of the memory bench, or why it has none."""
+    if not isinstance(result, Mapping):
+        return NA, NA
+    if "out_of_memory" in result:
+        return "out of memory", "out of memory"
+    if "failed" in result:
+        return "failed", "failed"
+    return fixed(result.get("tokens_per_s")), fixed(result.get("abs_peak_mb"), 2, 1 / 1024)
+
+
+def _memory_goal(comparison: Mapping) -> str:
+    goal = str(comparison.get("goal", NA))
+    if comparison.get("why"):
+        goal += f" ({comparison['why']})"
+    fits = comparison.get("fits")
+    if isinstance(fits, Mapping):
+        limit = fixed(fits.get("peak_mb"), 0, 1 / 1024)
+        goal += f"; fits {limit} GiB: {'yes' if fits.get('met') else '**no**'}"
+    return goal
+
+
+def memory_rows(name: str, data: Mapping) -> list[list[str]]:
+    env, s = data.get("environment") or {}, data.get("settings") or {}
+    where = f"{env.get('device', NA)}, {count(env.get('cpu_count'))} CPUs, TRL {env.get('trl', NA)}"
+    shape = (
+        f"{count(s.get('batch_size'))} pairs × ~{count(s.get('prompt_tokens'))} + 2 × "
+        f"{count(s.get('response_tokens'))} tokens, {count(s.get('steps'))} steps, {s.get('dtype', NA)}"
+    )
+    rows = []
+    for arch, entry in data["architectures"].items():
+        if not isinstance(entry, Mapping):
+            continue
+        results, comparisons = entry.get("results") or {}, entry.get("comparison") or {}
+        size = f"{arch} ({fixed(entry.get('n_params'), 0, 1e-6)}M)"
+        settings = dict.fromkeys(key.split("_", 1)[1] for key in results if "_" in key)
+        for setting in settings:
+            found = comparisons.get(setting)
+            comparison: Mapping = found if isinstance(found, Mapping) else {}
+            ours, trl = (_memory_side(results.get(f"{side}_{setting}")) for side in ("ours", "trl"))
+            rows.append(
+                [
+                    f"`{name}`",
+                    where,
+                    shape,
+                    size,
+                    setting,
+                    ours[0],
+                    trl[0],
+                    fixed(comparison.get("tokens_per_s"), 2),
+                    fixed(comparison.get("tokens_per_cpu_s"), 2),
+                    ours[1],
+                    trl[1],
+                    fixed(comparison.get("abs_peak_mb"), 2),
+                    _memory_goal(comparison),
+                ]
+            )
+    return rows
+
+
 def _outcome(result: Mapping) -> str:
     if "skipped" in result:
         return f"skipped: {result['skipped']}"
-    if "failed" in result:
+    if result.get("failed"):
         return "failed"
     if "passed" in result:
         return "passed" if result["passed"] else "**failed its check**"
     return "ran"
 
 
+def _figures(result: Mapping) -> str:
+    figures = [
+        f"{key} {number(v):.4g}"
+        for key, v in result.items()
+        if key != "check_s" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    return "; ".join(figures) or NA
+
+
 def gpu_check_rows(name: str, data: Mapping) -> list[list[str]]:
+    """A row per check, and one per part of a check that holds its own figures (``large_mfu``'s settings,
+    ``bf16_reference``'s two references), named ``check.part``."""
+    gpus = ", ".join(data.get("gpus") or []) or "no GPU"
     rows = []
     for check, result in data.items():
         if not isinstance(result, Mapping):
             continue
-        figures = [
-            f"{key} {number(v):.4g}"
-            for key, v in result.items()
-            if key != "check_s" and isinstance(v, (int, float)) and not isinstance(v, bool)
-        ]
-        rows.append(
-            [
-                f"`{name}`",
-                ", ".join(data.get("gpus") or []) or "no GPU",
-                check,
-                _outcome(result),
-                "; ".join(figures) or NA,
-            ]
-        )
+        parts = {key: part for key, part in result.items() if isinstance(part, Mapping)}
+        if len(parts) < len(result) - ("check_s" in result):  # figures of its own beside any parts
+            rows.append([f"`{name}`", gpus, check, _outcome(result), _figures(result)])
+        rows += [[f"`{name}`", gpus, f"{check}.{key}", _outcome(part), _figures(part)] for key, part in parts.items()]
     return rows
 
 
@@ -250,6 +315,28 @@ SECTIONS = {
         "Ours over the other configuration, within one run of the bench.",
         ["file", "ratio", "tokens/s", "tokens per CPU s", "training peak", "process peak"],
     ),
+    "memory": (
+        "Memory: full fine-tune, checkpointing and LoRA against TRL's DPOTrainer",
+        "Random-weight SmolLM2 architectures trained by each trainer at each setting (full: every weight; "
+        "ckpt: activation checkpointing; lora: a LoRA adapter; lora_ckpt: both), each in a fresh process. Peak: "
+        "the process's peak resident memory; ratios are ours over TRL within one run. Goal: ours at no more "
+        "peak and at least 1.5× the tokens/s; out of memory: above the run's memory ceiling.",
+        [
+            "file",
+            "machine",
+            "run",
+            "architecture",
+            "setting",
+            "ours tokens/s",
+            "TRL tokens/s",
+            "tokens/s ratio",
+            "tokens per CPU s ratio",
+            "ours peak GiB",
+            "TRL peak GiB",
+            "peak ratio",
+            "goal",
+        ],
+    ),
     "gpu_check": (
         "GPU checks",
         "One row per check of the GPU check script; its numeric figures as recorded.",
@@ -271,6 +358,8 @@ def bench_page(root: Path) -> str:
         elif kind == "trainer":
             rows["trainer"] += trainer_rows(path.name, data)
             rows["trainer_ratio"] += trainer_ratio_rows(path.name, data)
+        elif kind == "memory":
+            rows["memory"] += memory_rows(path.name, data)
         elif kind == "gpu_check":
             rows["gpu_check"] += gpu_check_rows(path.name, data)
         else:

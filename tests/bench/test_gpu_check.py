@@ -1,5 +1,6 @@
 """`python -m pipeline.bench.gpu_check --quick` on a CPU: the checks that need no second process, on a tiny
-random model with params.yaml's variant (the distributed check runs in tests/test_gpu_profile.py's slow test)."""
+random model with params.yaml's variant (the distributed check runs in tests/test_gpu_profile.py's slow test);
+the larger policy's checks run on the same tiny stand-in."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ def test_quick_checks_record_the_reference_check_and_the_throughput(tmp_path):
     write_params(tmp_path / "params.yaml")
     proc = run_module(
         "pipeline.bench.gpu_check",
-        ["--quick", "--threads", "1", "--checks", "peak,bf16_reference,mfu", "--out", "gpu.json"],
+        [
+            "--quick",
+            "--threads",
+            "1",
+            "--checks",
+            "peak,bf16_reference,mfu,large_reference,large_mfu",
+            "--out",
+            "gpu.json",
+        ],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -32,3 +41,13 @@ def test_quick_checks_record_the_reference_check_and_the_throughput(tmp_path):
     assert mfu["timed_steps"] == 3 and mfu["batch_pairs"] == 8 and mfu["tokens"] > 0
     assert mfu["tokens_per_s"] > 0 and mfu["seconds"] > 0
     assert mfu["n_params"] > mfu["n_params_non_embedding"] > 0 and mfu["bf16"] == cfg.train.bf16
+    assert "peak_gpu_mb" not in mfu and "mfu" not in mfu  # no GPU: no GPU memory, no peak to divide by
+    # the larger policy's checks, on the quick run's tiny stand-in: the reference check and each setting
+    assert out["large_reference"]["passed"] is True
+    large = out["large_mfu"]
+    assert set(large) == {"full", "ckpt", "lora", "lora_ckpt", "check_s"}
+    for name in ("full", "ckpt", "lora", "lora_ckpt"):
+        assert large[name]["tokens"] == mfu["tokens"] and large[name]["tokens_per_s"] > 0
+        assert large[name]["gradient_checkpointing"] == name.endswith("ckpt")
+    assert large["full"]["trainable_params"] == large["ckpt"]["trainable_params"] == large["full"]["n_params"]
+    assert 0 < large["lora"]["trainable_params"] == large["lora_ckpt"]["trainable_params"] < mfu["n_params"] // 10
