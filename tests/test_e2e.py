@@ -161,3 +161,33 @@ def test_lora_is_one_experiment_away(repo):
         assert (repo / f"export/models/{v}/adapter/adapter_model.safetensors").is_file()
         AutoModelForCausalLM.from_pretrained(repo / f"export/models/{v}")  # loads without peft
     assert "lora" in run(["dvc", "exp", "show", "--json"], repo)
+
+
+@pytest.mark.slow  # about as long as the LoRA experiment: both variants retrain
+def test_activation_checkpointing_is_one_experiment_away(repo):
+    """`dvc exp run -S train.gradient_checkpointing=true` retrains every variant with checkpointed decoder
+    layers and reruns only what follows training; the loss curves are the default's and the report reads the
+    same (each finding fires as it did)."""
+    from pipeline.io import read_json
+
+    variants = ("dpo", "dpop")
+
+    def curves() -> dict[str, list[float]]:
+        return {
+            v: pl.read_csv(repo / f"dvclive/train/{v}/plots/metrics/loss.tsv", separator="\t")["loss"].to_list()
+            for v in variants
+        }
+
+    def verdicts() -> list[tuple[str, str, bool]]:
+        findings = read_json(repo / "reports/findings.json")["variants"]
+        return [(v, f["kind"], f["fired"]) for v in variants for f in findings[v]["findings"]]
+
+    loss, said = curves(), verdicts()
+    out = run(["dvc", "exp", "run", "-S", "train.gradient_checkpointing=true"], repo)
+    assert ran(out) == {f"{s}@{v}" for s in ("train", "evaluate", "export") for v in variants} | {"report"}, out[-3000:]
+    after = curves()
+    for v in variants:
+        assert len(after[v]) == len(loss[v]) and after[v] == pytest.approx(loss[v], rel=1e-4, abs=1e-5), v
+        card = ModelCard.load(repo / f"export/models/{v}/README.md").data.to_dict()["dpo_pipeline"]
+        assert card["hyperparameters"]["gradient_checkpointing"] is True
+    assert verdicts() == said
