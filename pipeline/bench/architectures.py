@@ -68,7 +68,7 @@ def _config(architecture: dict):
     return config
 
 
-def random_model(architecture: dict, dtype: str, seed: int = 0):
+def random_model(architecture: dict, dtype: str, *, seed: int):
     """A Llama of ``architecture`` with random weights drawn from ``seed``, in ``dtype``, on the CPU."""
     from transformers import LlamaForCausalLM
 

@@ -39,7 +39,8 @@ def policy_spec(cfg: Params, *, quick: bool, random_weights: bool) -> PolicySpec
 
 def _random_policy(name: str, dtype: str, why: str):
     architecture = ARCHITECTURES[name]
-    return random_model(architecture, dtype), architecture["pad_token_id"], f"{name}, random weights ({why})"
+    # a fixed seed: every check of one run, and every run, sees the same stand-in weights
+    return random_model(architecture, dtype, seed=0), architecture["pad_token_id"], f"{name}, random weights ({why})"
 
 
 def load_policy(spec: PolicySpec):

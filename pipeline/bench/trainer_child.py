@@ -296,7 +296,8 @@ def run_configuration(spec: dict, config: str, workdir: Path) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(spec["threads"])
-    torch.manual_seed(spec["settings"][config]["seed"])
+    seed = spec["settings"][config]["seed"]
+    torch.manual_seed(seed)
     ours = config.startswith("ours")
     if not ours:  # TRL's imports (datasets, pandas) count in the loaded baseline, as torch's do for ours
         import trl  # noqa: F401
@@ -304,7 +305,7 @@ def run_configuration(spec: dict, config: str, workdir: Path) -> dict:
 
     tokenizer = load_tokenizer(spec["model_path"])
     if spec["architecture"]:  # random weights: the model folder gives the tokenizer alone
-        model = random_model(spec["architecture"], spec["dtype"])
+        model = random_model(spec["architecture"], spec["dtype"], seed=seed)  # the same weights in every configuration
     else:
         model = load_model(spec["model_path"], spec["dtype"])
     memory = {"loaded": rss_mb(), "load_peak": hwm_mb()}
