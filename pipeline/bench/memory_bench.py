@@ -52,8 +52,7 @@ import torch
 from pipeline.bench import trainer_data
 from pipeline.bench.architectures import ARCHITECTURES, n_params
 from pipeline.bench.process import MemoryLimits, available_mb, loadavg, run_child, trainer_child_env
-from pipeline.bench.trainer import environment, trl_beta
-from pipeline.settings.params import Params
+from pipeline.bench.trainer import environment, offline_variant, trl_beta
 from pipeline.settings.train import TrainSettings, Variant
 
 # (gradient checkpointing, LoRA) of each setting
@@ -270,12 +269,9 @@ def environment_of(args: argparse.Namespace, spec: dict, limits: MemoryLimits) -
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = resolve_args(parser.parse_args(argv), parser)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg, variant = offline_variant(args)
     from pipeline.model import loading
 
-    cfg = Params.load(args.params)
-    variant = cfg.variant(args.variant or next(iter(cfg.train.variants)))
     args.variant, args.dtype = variant.name, args.dtype or cfg.policy.dtype
     tokenizer_path = loading.resolve(cfg.policy.model)
     tokenizer = loading.load_tokenizer(tokenizer_path)

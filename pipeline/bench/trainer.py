@@ -323,13 +323,19 @@ def environment(settings: TrainSettings) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = resolve_args(parser.parse_args(argv), parser)
+def offline_variant(args: argparse.Namespace) -> tuple[Params, Variant]:
+    """This process offline (no hub calls), the params of ``--params`` and the variant ``--variant`` names
+    (default: the first of ``train.variants``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = Params.load(args.params)
-    variant = cfg.variant(args.variant or next(iter(cfg.train.variants)))
+    return cfg, cfg.variant(args.variant or next(iter(cfg.train.variants)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = resolve_args(parser.parse_args(argv), parser)
+    cfg, variant = offline_variant(args)
     args.variant, args.batch_size = variant.name, args.batch_size or variant.settings.batch_size
     args.pairs = args.pairs or trainer_data.default_pairs()
     configs = args.configs.split(",")
