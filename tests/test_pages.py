@@ -315,7 +315,7 @@ def test_bench_page_has_a_row_per_setting_of_the_memory_bench(tmp_path: Path):
                     "trl_lora_ckpt": {**ran, "tokens_per_s": 100.0, "abs_peak_mb": 14 * 1024},
                 },
                 "comparison": {
-                    "full": {"goal": "n/a", "why": "neither ran to the end"},
+                    "full": {"goal": "n/a", "why": "ours and TRL did not run to the end"},
                     "lora_ckpt": {
                         "tokens_per_s": 3.0,
                         "tokens_per_cpu_s": 2.5,
@@ -335,7 +335,7 @@ def test_bench_page_has_a_row_per_setting_of_the_memory_bench(tmp_path: Path):
     assert list(rows) == ["full", "lora_ckpt"]
     assert rows["full"][3] == "smollm2-1.7b (1711M)"
     assert rows["full"][5:8] == ["out of memory", "out of memory", "n/a"]
-    assert rows["full"][12] == "n/a (neither ran to the end)"
+    assert rows["full"][12] == "n/a (ours and TRL did not run to the end)"
     assert rows["lora_ckpt"][5:12] == ["300.0", "100.0", "3.00", "2.50", "7.00", "14.00", "0.50"]
     assert rows["lora_ckpt"][12] == "met; fits 8 GiB: yes"
     assert [r[2:] for r in _rows(md, "`g.json`")] == [

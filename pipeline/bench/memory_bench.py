@@ -231,7 +231,8 @@ def compare(architecture: str, results: dict[str, dict]) -> dict[str, dict]:
         elif ran(trl) and "out_of_memory" in ours:
             out[setting] = {"goal": "not met", "why": "ours runs out of memory where TRL fits"}
         else:
-            out[setting] = {"goal": "n/a", "why": "neither ran to the end"}
+            stopped = [side for side, r in (("ours", ours), ("TRL", trl)) if not ran(r)]
+            out[setting] = {"goal": "n/a", "why": f"{' and '.join(stopped)} did not run to the end"}
     fit = results.get(f"ours_{FITS_SETTING}")
     if architecture == FITS_ARCHITECTURE and fit is not None and ran(fit):
         out.setdefault(FITS_SETTING, {})["fits"] = {"peak_mb": FITS_PEAK_MB, "met": fit["abs_peak_mb"] <= FITS_PEAK_MB}
