@@ -89,15 +89,15 @@ class Checks:
     def bf16_reference(self) -> dict:
         return reference_check(self.policy, self.variant)
 
+    def step_sizes(self, batch: int) -> StepSizes:
+        """The timed train steps' sizes at ``batch`` pairs per step (a quick run: small fixed ones)."""
+        a = self.args
+        if a.quick:
+            return StepSizes(8, 3, 64, 16, 160)
+        return StepSizes(batch, a.mfu_steps, a.mfu_prompt_len, a.mfu_response_len, a.mfu_max_length)
+
     def mfu(self) -> dict:
-        args = self.args
-        sizes = (
-            StepSizes(8, 3, 64, 16, 160)
-            if args.quick
-            else StepSizes(
-                args.mfu_batch, args.mfu_steps, args.mfu_prompt_len, args.mfu_response_len, args.mfu_max_length
-            )
-        )
+        sizes = self.step_sizes(self.args.mfu_batch)
         return timed_train(self.policy, self.variant, sizes, self.results.get("peak", {}).get("tflops"))
 
     def large_policy(self) -> PolicySpec:
@@ -110,16 +110,9 @@ class Checks:
         return reference_check(self.large_policy(), self.variant)
 
     def large_mfu(self) -> dict:
-        args = self.args
-        sizes = (
-            StepSizes(8, 3, 64, 16, 160)
-            if args.quick
-            else StepSizes(
-                args.large_batch, args.mfu_steps, args.mfu_prompt_len, args.mfu_response_len, args.mfu_max_length
-            )
-        )
         peak = self.results.get("peak", {}).get("tflops")
-        return large_train(self.large_policy(), self.variant, sizes, peak, lora_r=args.lora_r)
+        sizes = self.step_sizes(self.args.large_batch)
+        return large_train(self.large_policy(), self.variant, sizes, peak, lora_r=self.args.lora_r)
 
     def nccl(self) -> dict:
         return nccl_check(self.variant, self.policy, quick=self.args.quick, loss_tol=self.args.loss_tol)
