@@ -129,6 +129,12 @@ def make_repo(root: Path, params: dict) -> Path:
     for pkg in ("pipeline", "stages"):
         shutil.copytree(PROJECT / pkg, repo / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit_git_dvc_repo(repo)
+    return repo
+
+
+def commit_git_dvc_repo(repo: Path) -> None:
+    """``repo`` as a git repository with DVC (analytics off) and everything in it committed."""
     for cmd in (
         ["git", "init", "-q"],
         ["dvc", "init", "-q"],
@@ -137,7 +143,6 @@ def make_repo(root: Path, params: dict) -> Path:
         ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
     ):
         run(cmd, repo)
-    return repo
 
 
 def copy_repo(src: Path, dst: Path) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from repo_utils import repo_params, run
+from repo_utils import commit_git_dvc_repo, repo_params
 
 from pipeline.settings.base import merged
 
@@ -147,14 +147,7 @@ def new_shell_repo(root: Path) -> Path:
     repo.mkdir()
     (repo / "dvc.yaml").write_text(SHELL_DVC_YAML)
     (repo / "params.yaml").write_text(shell_params_text(root))
-    for cmd in (
-        ["git", "init", "-q"],
-        ["dvc", "init", "-q"],
-        ["dvc", "config", "core.analytics", "false"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-    ):
-        run(cmd, repo)
+    commit_git_dvc_repo(repo)
     return repo
 
 

@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 import yaml
-from repo_utils import repo_params, run
+from repo_utils import commit_git_dvc_repo, repo_params
 
 TABLES_PY = textwrap.dedent("""\
     import json
@@ -133,12 +133,5 @@ def study_repo(root: Path, study: dict) -> tuple[Path, dict]:
     if "grid" in study.get("tune", {}):  # a grid replaces params.yaml's, not merged into it
         params["flows"]["study"]["tune"]["grid"] = study["tune"]["grid"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (
-        ["git", "init", "-q"],
-        ["dvc", "init", "-q"],
-        ["dvc", "config", "core.analytics", "false"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-    ):
-        run(cmd, repo)
+    commit_git_dvc_repo(repo)
     return repo, params

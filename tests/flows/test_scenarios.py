@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import yaml
-from repo_utils import run
+from repo_utils import commit_git_dvc_repo
 
 
 def test_scenario_rows():
@@ -85,14 +85,7 @@ def test_scenarios_flow_on_shell_pipeline(tmp_path_factory, prefect_harness, flo
         ),
     }
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (
-        ["git", "init", "-q"],
-        ["dvc", "init", "-q"],
-        ["dvc", "config", "core.analytics", "false"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-    ):
-        run(cmd, repo)
+    commit_git_dvc_repo(repo)
     with pytest.raises(RuntimeError, match=r"1 of 3 experiments failed: cmp-s3"):
         scenarios_flow(scenarios=[1, 3, 4], name="cmp", repo=str(repo))
     assert {"cmp-s1", "cmp-s4"} <= exp_names(repo) and "cmp-s3" not in exp_names(repo)

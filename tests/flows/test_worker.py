@@ -23,7 +23,7 @@ import psutil
 import pytest
 import yaml
 from flows.prefect_stack import PrefectStack, kill_tree
-from repo_utils import PROJECT, make_repo, repo_params, run, tiny_params
+from repo_utils import PROJECT, commit_git_dvc_repo, make_repo, repo_params, run, tiny_params
 
 from pipeline.settings.base import merged
 
@@ -63,14 +63,7 @@ def shell_repo(root: Path, dvc_yaml: str, params: dict, stages: dict | None = No
     (repo / "params.yaml").write_text(yaml.safe_dump({**params, "flows": flows}, sort_keys=False))
     shutil.copytree(PROJECT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     (repo / ".gitignore").write_text("*.count\n*.started\n")
-    for cmd in (
-        ["git", "init", "-q"],
-        ["dvc", "init", "-q"],
-        ["dvc", "config", "core.analytics", "false"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-    ):
-        run(cmd, repo)
+    commit_git_dvc_repo(repo)
     return commit_prefect_yaml(repo)
 
 
