@@ -13,7 +13,11 @@ from pipeline.schema import conform
 N_HELD, N_TEST, HELD_OUT_PROMPTS = 40, 60, 50  # scenario_runs: 10 held-out prompts got a pair in no scenario
 
 
-def pair_eval(variant: str, pair_ids: list[str], d_w: np.ndarray, d_l: np.ndarray) -> pl.DataFrame:
+def pair_eval(
+    variant: str, pair_ids: list[str], d_w: np.ndarray, d_l: np.ndarray, dist: np.ndarray | None = None
+) -> pl.DataFrame:
+    """The evaluate stage's held-out pairs table; ``dist``: their normalised edit distances (default spread
+    evenly over [0.05, 0.6])."""
     n = len(pair_ids)
     ref_w, ref_l = np.full(n, -20.0), np.full(n, -25.0)
     return conform(
@@ -27,7 +31,7 @@ def pair_eval(variant: str, pair_ids: list[str], d_w: np.ndarray, d_l: np.ndarra
                 "lp_l": ref_l + d_l,
                 "len_w": 17,
                 "len_l": 17,
-                "edit_distance_norm": np.linspace(0.05, 0.6, n),
+                "edit_distance_norm": np.linspace(0.05, 0.6, n) if dist is None else dist,
                 "distance_bucket": "[0, 1]",
                 "ches": 0.0,
                 "ches_norm": 0.0,

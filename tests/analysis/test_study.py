@@ -10,52 +10,20 @@ import numpy as np
 import polars as pl
 import pytest
 from scipy import stats as st
+from study_runs import generations, pair_eval
 
 from pipeline.analysis import study, study_report
 from pipeline.analysis.findings import StatSettings
-from pipeline.schema import conform
 
 SETTINGS = StatSettings(alpha=0.05, level=0.95, n_resamples=2000, seed=0, drastic_drop_orders=1.0)
 N_PAIRS, N_PROMPTS = 40, 60
 
 
 def _pairs(variant: str, d_w: np.ndarray, d_l: np.ndarray, dist: np.ndarray) -> pl.DataFrame:
-    n = len(d_w)
-    ref_w, ref_l = np.full(n, -20.0), np.full(n, -25.0)
-    return conform(
-        pl.DataFrame(
-            {
-                "pair_id": [f"p{i:03d}" for i in range(n)],
-                "variant": variant,
-                "ref_w": ref_w,
-                "ref_l": ref_l,
-                "lp_w": ref_w + d_w,
-                "lp_l": ref_l + d_l,
-                "len_w": 17,
-                "len_l": 17,
-                "edit_distance_norm": dist,
-                "distance_bucket": "[0, 1]",
-                "ches": 0.0,
-                "ches_norm": 0.0,
-            }
-        ),
-        "pair_eval",
-    )
+    return pair_eval(variant, [f"p{i:03d}" for i in range(len(d_w))], d_w, d_l, dist)
 
 
-def _gens(correct: np.ndarray, model: str) -> pl.DataFrame:
-    return conform(
-        pl.DataFrame(
-            {
-                "prompt_id": [f"q{i:03d}" for i in range(len(correct))],
-                "model": model,
-                "text": "",
-                "extracted_answer": None,
-                "correct": correct.astype(bool),
-            }
-        ),
-        "generations",
-    )
+_gens = generations
 
 
 def _runs(effect: bool, seeds=(0, 1, 2), draw: int = 7) -> list[study.StudyRun]:
