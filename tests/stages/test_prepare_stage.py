@@ -32,18 +32,14 @@ def stage(monkeypatch, tmp_path):
 
 
 def test_stage_reasoning_gym(stage, tmp_path, caplog):
-    write_params(
-        tmp_path / "params.yaml",
-        {
-            "prepare": {
-                "source": "reasoning_gym",
-                "reasoning_gym": {"task": "chain_sum", "config": {}, "seed": 5},
-                "n_train": 12,
-                "n_test": 6,
-                "n_warmup": 4,
-            }
-        },
-    )
+    prepare = {
+        "source": "reasoning_gym",
+        "reasoning_gym": {"task": "chain_sum", "config": {}, "seed": 5},
+        "n_train": 12,
+        "n_test": 6,
+        "n_warmup": 4,
+    }
+    write_params(tmp_path / "params.yaml", {"prepare": prepare})
     with caplog.at_level(logging.INFO, logger="pipeline.prepare"):
         stage.main(["--params", "params.yaml"])
     df = pl.read_parquet(tmp_path / "data/prompts.parquet")
@@ -59,19 +55,7 @@ def test_stage_reasoning_gym(stage, tmp_path, caplog):
     assert not any(r.levelno >= logging.WARNING for r in caplog.records)
 
     # validation prompts: 5 more problems of the task, every other prompt in the split it had
-    write_params(
-        tmp_path / "params.yaml",
-        {
-            "prepare": {
-                "source": "reasoning_gym",
-                "reasoning_gym": {"task": "chain_sum", "config": {}, "seed": 5},
-                "n_train": 12,
-                "n_test": 6,
-                "n_warmup": 4,
-                "n_val": 5,
-            }
-        },
-    )
+    write_params(tmp_path / "params.yaml", {"prepare": {**prepare, "n_val": 5}})
     stage.main(["--params", "params.yaml"])
     with_val = pl.read_parquet(tmp_path / "data/prompts.parquet")
     assert with_val.filter(pl.col("split") != "val").equals(df)
