@@ -19,7 +19,7 @@ import pytest
 import yaml
 from flows.test_kubernetes_job import DEPLOY_ENV, SECRETS, build_job, container, k8s_deployments
 from prefect.utilities.schema_tools import validate
-from repo_utils import PROJECT, run
+from repo_utils import PROJECT, commit_git_dvc_repo, run
 
 from pipeline.flows.cluster import kubernetes_job_template
 from pipeline.flows.jobset import (
@@ -373,13 +373,7 @@ def train_repo(tmp_path):
     repo.mkdir()
     (repo / "dvc.yaml").write_text(TRAIN_DVC_YAML)
     (repo / "params.yaml").write_text((PROJECT / "params.yaml").read_text())
-    for cmd in (
-        ["git", "init", "-q"],
-        ["dvc", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "i"],
-    ):
-        run(cmd, repo)
+    commit_git_dvc_repo(repo)
     return repo
 
 
