@@ -9,7 +9,7 @@ Each check runs on its own; one that fails or cannot run records why and the oth
    denominator of the MFU.
 2. ``bf16_reference``: the reference stage's log-probs (``pair_logprobs`` at ``train.bf16``) against the
    trainer's first-step log-probs of the same pairs, where the policy is the reference: the first-step
-   check's ``ref_gap_mean`` must be within ``train.ref_check_tol``. The gaps of an fp32 reference are
+   check's ``ref_gap_per_token`` must be within ``train.ref_check_tol``. The gaps of an fp32 reference are
    recorded beside it: what a reference computed at another precision than training's looks like.
 3. ``mfu``: :func:`train_preference` at params' precision and layout (``train.bf16``,
    ``train.shared_prompt``), timed steps after one warm-up: tokens/s (prompt + chosen + rejected) and

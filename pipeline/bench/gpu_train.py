@@ -40,7 +40,7 @@ class StepSizes:
 
 def reference_check(policy: PolicySpec, variant: Variant) -> dict:
     """The reference stage's log-probs (``pair_logprobs`` at ``train.bf16``) against the trainer's first-step
-    log-probs of the same pairs, where the policy is the reference: the first-step check's ``ref_gap_mean``
+    log-probs of the same pairs, where the policy is the reference: the first-step check's ``ref_gap_per_token``
     must be within ``train.ref_check_tol``. The gaps of an fp32 reference are recorded beside it."""
     from pipeline.training.trainer import RunOptions, train_preference
 
@@ -66,14 +66,15 @@ def reference_check(policy: PolicySpec, variant: Variant) -> dict:
             train_preference(
                 model, refs[bf16], variant.losses, settings, pad_id=pad_id, run=RunOptions(log_fn=seen.setdefault)
             )
-            out[name] = {"ref_gap_max": seen[0]["ref_gap_max"], "ref_gap_mean": seen[0]["ref_gap_mean"], "failed": None}
+            gaps = ("ref_gap_per_token", "ref_gap_max", "ref_gap_mean")
+            out[name] = {**{k: seen[0][k] for k in gaps}, "failed": None}
         except ValueError as e:  # the trainer's first-step check refused it
             out[name] = {"failed": str(e)[:400]}
     out["reference_bf16_vs_fp32_max_abs"] = max(
         max(abs(x.ref_w - y.ref_w), abs(x.ref_l - y.ref_l)) for x, y in zip(refs[settings.bf16], refs[False])
     )
     same = out["same_precision"]
-    out["passed"] = same.get("failed") is None and same["ref_gap_mean"] <= settings.ref_check_tol
+    out["passed"] = same.get("failed") is None and same["ref_gap_per_token"] <= settings.ref_check_tol
     return out
 
 

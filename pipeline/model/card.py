@@ -256,9 +256,9 @@ adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("path/t
 {% for k, v in r.training.last_step.items() -%}
 | {{ k }} | {{ g(v) }} |
 {% endfor %}
-First-step check against the reference: mean |lp − ref| {{ g(r.training.ref_check.gap_mean) }} nats per
-sequence (tolerance {{ r.training.ref_check.tol }}, {{ "passed" if r.training.ref_check.passed else "failed" }};
-largest {{ g(r.training.ref_check.gap_max) }}).
+First-step check against the reference: |lp − ref| {{ g(r.training.ref_check.gap_per_token) }} nats per
+token (tolerance {{ r.training.ref_check.tol }}, {{ "passed" if r.training.ref_check.passed else "failed" }});
+per sequence mean {{ g(r.training.ref_check.gap_mean) }}, largest {{ g(r.training.ref_check.gap_max) }}.
 
 ## Evaluation
 

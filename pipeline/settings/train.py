@@ -70,8 +70,9 @@ class TrainSettings(Strict):
     # once); false: each response after its own copy of the prompt. Training, the reference and evaluation
     # alike; a variant may not change it (the reference is computed once for all variants).
     shared_prompt: bool
-    # Mean |lp − ref| (nats per sequence) allowed over the first step of a fresh run, where the policy is
-    # the reference; above it training fails (the reference was computed differently).
+    # |lp − ref| per response token (nats, summed over the first step's sequences) allowed on the first step
+    # of a fresh run, where the policy is the reference; above it training fails (the reference was computed
+    # differently).
     ref_check_tol: float = Field(gt=0)
     # drop: each epoch's short last batch is dropped, so every step sees batch_size pairs; keep: trained
     tail: Literal["drop", "keep"]

@@ -19,12 +19,14 @@ def preference_metrics(lp_w, lp_l, ref_w, ref_l, len_w, len_l, beta: tuple[float
     """Batch means of the per-pair diagnostics. ``delta_margin`` is the unscaled ``Δw − Δl`` whatever the
     loss; ``reward_w``/``reward_l``/``reward_margin`` are the implicit rewards ``β_w·Δw``, ``β_l·Δl`` and
     their difference, logged only when ``beta`` = (β_w, β_l) of the loss (:func:`implicit_beta`).
-    ``ref_gap_max``/``ref_gap_mean``: max/mean ``|lp − ref|`` over both sides (0 up to rounding at the
-    first step, where the policy is the reference); ``ref_gap_lp``/``ref_gap_ref``: the sequence with
-    the largest gap (for the first-step check's message, not logged)."""
+    ``ref_gap_max``/``ref_gap_mean``: max/mean ``|lp − ref|`` per sequence over both sides (0 up to rounding
+    at the first step, where the policy is the reference); ``ref_gap_per_token``: their sum over the
+    sequences' response tokens, the first-step check's measure (:func:`~pipeline.training.trainer.check_step`);
+    ``ref_gap_lp``/``ref_gap_ref``: the sequence with the largest gap (for the check's message, not logged)."""
     d_w, d_l = lp_w - ref_w, lp_l - ref_l
     lp, ref = torch.cat([lp_w, lp_l]), torch.cat([ref_w, ref_l])
     gap = (lp - ref).abs()
+    tokens = torch.cat([len_w, len_l]).to(gap.dtype)
     worst = int(gap.argmax())
     out = {
         "lp_w": lp_w.mean().item(),
@@ -39,6 +41,7 @@ def preference_metrics(lp_w, lp_l, ref_w, ref_l, len_w, len_l, beta: tuple[float
         "displaced_share": (lp_w < ref_w).float().mean().item(),
         "ref_gap_max": gap.max().item(),
         "ref_gap_mean": gap.mean().item(),
+        "ref_gap_per_token": (gap.sum() / tokens.sum().clamp_min(1)).item(),
         "ref_gap_lp": lp[worst].item(),
         "ref_gap_ref": ref[worst].item(),
     }

@@ -237,19 +237,21 @@ class PreferenceTrainer:
 # --------------------------------------------------------------------------------------------- the recipe
 def check_step(metrics: dict[str, float], step: int, tol: float) -> None:
     """Raise when the step went wrong: a loss that is not finite, or on the first step a policy whose
-    log-probs are not the reference's (``ref_gap_mean`` above ``tol``, ``train.ref_check_tol``). Takes
+    log-probs are not the reference's (``ref_gap_per_token`` above ``tol``, ``train.ref_check_tol``). Takes
     the worst sequence's numbers (``ref_gap_lp``, ``ref_gap_ref``) out of ``metrics``: they are for the message."""
     worst_lp, worst_ref = metrics.pop("ref_gap_lp"), metrics.pop("ref_gap_ref")
     # The step's log-probs come from the forward before the optimiser step, where the policy is the
-    # reference. The mean, not the max: another precision, truncation or model moves every sequence,
-    # while kernels that round by batch shape move a few.
-    if step == 0 and metrics["ref_gap_mean"] > tol:
+    # reference. Per token, summed over the batch: under bf16 a batch's shape moves every token's
+    # log-prob by rounding, so a sequence's gap grows with its length while another model, truncation
+    # or prompt layout moves every token by far more.
+    if step == 0 and metrics["ref_gap_per_token"] > tol:
         raise ValueError(
             f"first step: the policy's log-probs differ from the reference's by "
-            f"{metrics['ref_gap_mean']:.4g} nats per sequence on average (max {metrics['ref_gap_max']:.4g}), "
-            f"above train.ref_check_tol = {tol:g} (worst sequence: lp {worst_lp:.4f}, ref "
-            f"{worst_ref:.4f}). Before any update they must agree: the reference was computed with another "
-            "precision (train.bf16), max_length or model; rerun the reference stage"
+            f"{metrics['ref_gap_per_token']:.4g} nats per token, above train.ref_check_tol = {tol:g} "
+            f"({metrics['ref_gap_mean']:.4g} nats per sequence on average, max {metrics['ref_gap_max']:.4g}; "
+            f"worst sequence: lp {worst_lp:.4f}, ref {worst_ref:.4f}). Before any update they must agree: "
+            "the reference was computed with another model, max_length, prompt layout or precision "
+            "(train.bf16); rerun the reference stage"
         )
     if not math.isfinite(metrics["loss"]):
         raise FloatingPointError(f"loss became {metrics['loss']} at step {step}; lower train.lr")
@@ -260,10 +262,11 @@ def first_step_check(history: list[dict[str, float]], tol: float) -> dict:
     fails), for the stage's metrics. ``history[0]`` is the first step also after a resume."""
     first = history[0]
     return {
+        "gap_per_token": first["ref_gap_per_token"],
         "gap_max": first["ref_gap_max"],
         "gap_mean": first["ref_gap_mean"],
         "tol": tol,
-        "passed": first["ref_gap_mean"] <= tol,
+        "passed": first["ref_gap_per_token"] <= tol,
     }
 
 

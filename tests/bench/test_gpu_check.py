@@ -35,7 +35,8 @@ def test_quick_checks_record_the_reference_check_and_the_throughput(tmp_path):
     reference = out["bf16_reference"]
     assert reference["passed"] is True and reference["ref_check_tol"] == cfg.train.ref_check_tol
     assert reference["bf16"] == cfg.train.bf16 and "tiny, random weights" in reference["model_source"]
-    assert 0 <= reference["same_precision"]["ref_gap_mean"] <= reference["same_precision"]["ref_gap_max"] <= 1e-4
+    same = reference["same_precision"]
+    assert 0 <= same["ref_gap_per_token"] <= same["ref_gap_mean"] <= same["ref_gap_max"] <= 1e-4
     assert reference["fp32_reference"]["failed"] is None or "first step" in reference["fp32_reference"]["failed"]
     mfu = out["mfu"]
     assert mfu["timed_steps"] == 3 and mfu["batch_pairs"] == 8 and mfu["tokens"] > 0

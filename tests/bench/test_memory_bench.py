@@ -30,7 +30,8 @@ def test_quick_run_trains_each_setting_and_records_its_memory(tmp_path):
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["truncated_tokens"] == 0
         assert r["abs_peak_mb"] >= r["rss_loaded_mb"] > 0
         # the reference computed in the child, as the reference stage computes it: the first step finds it
-        assert 0 <= r["ref_gap_mean"] <= r["ref_gap_max"] <= 1e-3 and r["ref_check_tol"] == cfg.train.ref_check_tol
+        assert 0 <= r["ref_gap_per_token"] <= r["ref_gap_mean"] <= r["ref_gap_max"] <= 1e-3
+        assert r["ref_check_tol"] == cfg.train.ref_check_tol
     assert full["trainable_parameters"] == full["parameters"] == tiny["n_params"]
     assert not full["gradient_checkpointing"] and lora["gradient_checkpointing"]
     assert 0 < lora["trainable_parameters"] < lora["parameters"] // 10  # the adapter alone trains

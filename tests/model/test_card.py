@@ -19,7 +19,7 @@ TRAINING = {
     "steps": 3,
     "world_size": 1,
     "last_step": {"loss": 0.6931471805599453, "lp_w": -12.25, "accuracy": 0.5},
-    "ref_check": {"gap_max": 1.5e-5, "gap_mean": 4e-6, "tol": 0.1, "passed": True},
+    "ref_check": {"gap_per_token": 3e-7, "gap_max": 1.5e-5, "gap_mean": 4e-6, "tol": 0.1, "passed": True},
 }
 METRICS = {
     "variant": "mix",
@@ -107,9 +107,10 @@ def test_training_card_parses_with_the_loss_and_resolved_hyperparameters(trained
     assert "## Loss" in card.text and "Smaug" in card.text and "| lr | 0.0003 |" in card.text
     assert "Not evaluated in this folder" in card.text
     assert rec["adapter"] is None and "## Adapter" not in card.text and "lora" not in d.tags
-    # the first-step check is stated on the figure that decides it: the mean gap, against its tolerance
-    assert "mean |lp − ref| 4e-06 nats per sequence (tolerance 0.1, passed; largest 1.5e-05)" in " ".join(
-        card.text.split()
+    # the first-step check is stated on the figure that decides it: the gap per token, against its tolerance
+    assert (
+        "|lp − ref| 3e-07 nats per token (tolerance 0.1, passed); per sequence mean 4e-06, largest 1.5e-05"
+        in " ".join(card.text.split())
     )
 
 

@@ -61,7 +61,7 @@ def test_train_stage_records_the_first_step_check(workspace):
     metrics = json.loads((workspace / "dvclive/train/dpo/metrics.json").read_text())
     check, tol = metrics["ref_check"], Params.load("params.yaml").train.ref_check_tol
     assert check["tol"] == tol and check["passed"] is True
-    assert 0 <= check["gap_mean"] <= check["gap_max"] <= TINY_TOL
+    assert 0 <= check["gap_per_token"] <= check["gap_mean"] <= check["gap_max"] <= TINY_TOL
 
 
 def test_train_stage_without_held_out_pairs_scores_the_training_set_only(workspace):

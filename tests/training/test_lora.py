@@ -96,9 +96,9 @@ def test_the_first_step_scores_exactly_as_the_base(tiny_model_dir, monkeypatch):
         ex = examples(base, tok, bf16=True)
         s = settings(lora_params(r=r, dropout=0.1), bf16=True, lr=1e-3, epochs=1, batch_size=6)
         first[r] = train_preference(lora.attach(base, s.lora, seed=0), ex, DPO, s, pad_id=tok.pad_token_id)[0]
-    for key in ("lp_w", "lp_l", "ref_gap_mean", "ref_gap_max", "loss"):
+    for key in ("lp_w", "lp_l", "ref_gap_per_token", "ref_gap_mean", "ref_gap_max", "loss"):
         assert first[8][key] == first[0][key], key
-    assert first[8]["ref_gap_mean"] <= repo_params()["train"]["ref_check_tol"]
+    assert first[8]["ref_gap_per_token"] <= repo_params()["train"]["ref_check_tol"]
 
 
 def test_the_merged_model_scores_as_base_plus_adapter(tiny_model_dir, tmp_path):

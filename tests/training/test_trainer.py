@@ -16,10 +16,11 @@ from pipeline.settings.train import TrainSettings
 from pipeline.training import distributed, losses
 from pipeline.training.batching import step_batches
 from pipeline.training.checkpoints import Checkpointing
+from pipeline.training.diagnostics import preference_metrics
 from pipeline.training.evaluation import Evaluation, FixedSets, Probe, due
 from pipeline.training.examples import PairExample, pair_examples
 from pipeline.training.sft import train_sft
-from pipeline.training.trainer import RunOptions, micro_batches, train_preference
+from pipeline.training.trainer import RunOptions, check_step, micro_batches, train_preference
 
 REF_CHECK_TOL = repo_params()["train"]["ref_check_tol"]
 
@@ -283,27 +284,57 @@ def bf16_on_cpu(monkeypatch):
     monkeypatch.setattr(precision, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
 
 
-# The tiny random model's logits are small, and so is its bf16 rounding: two bf16 computations agree to
-# about 3e-5 nats, bf16 and fp32 differ by about 9e-4 on average over this batch. The check reads the
-# mean; this tolerance lies between the two.
-TINY_TOL = 2e-4
+# The tiny random model's logits are small, and so is its bf16 rounding: two bf16 computations of this
+# batch agree, bf16 and fp32 differ by about 1.3e-4 nats per token (9e-4 per sequence). The check reads
+# the gap per token; this tolerance lies between the two.
+TINY_TOL = 2e-5
 
 
 @pytest.mark.parametrize("tol", [REF_CHECK_TOL, TINY_TOL])
 def test_first_step_passes_when_reference_and_training_share_the_precision(tiny_model_dir, bf16_on_cpu, tol):
     hist = _first_step_check(tiny_model_dir, ref_bf16=True, train_bf16=True, tol=tol)
-    assert hist[0]["ref_gap_mean"] <= hist[0]["ref_gap_max"] <= tol
+    assert hist[0]["ref_gap_per_token"] <= tol and hist[0]["ref_gap_mean"] <= hist[0]["ref_gap_max"]
     assert "ref_gap_lp" not in hist[0]  # the worst sequence's numbers are for the error message only
 
 
 def test_first_step_fails_on_an_fp32_reference_with_bf16_training(tiny_model_dir, bf16_on_cpu):
-    with pytest.raises(ValueError, match=r"train\.ref_check_tol = 0\.0002") as err:
+    with pytest.raises(ValueError, match=r"above train\.ref_check_tol = 2e-05") as err:
         _first_step_check(tiny_model_dir, ref_bf16=False, train_bf16=True, tol=TINY_TOL)
     msg = str(err.value)
-    mean, gap = (float(x) for x in re.search(r"by (\S+) nats per sequence on average \(max (\S+)\)", msg).groups())
+    per_token = float(re.search(r"by (\S+) nats per token", msg).group(1))
+    mean, gap = (float(x) for x in re.search(r"\((\S+) nats per sequence on average, max (\S+);", msg).groups())
     lp, ref = (float(x) for x in re.search(r"worst sequence: lp (\S+), ref (\S+)\)", msg).groups())
-    assert TINY_TOL < mean <= gap
+    assert TINY_TOL < per_token < mean <= gap
     assert abs(lp - ref) == pytest.approx(gap, abs=2e-4)  # the message's pair is the worst one
+
+
+def test_first_step_at_the_default_tolerance_refuses_another_models_reference(tiny_model_dir, other_tiny_model_dir):
+    """Even two tiny random models, whose near-uniform logits make every sequence score about alike, lie
+    further apart per token than params' tolerance."""
+    model = loading.load_model(tiny_model_dir, "float32")
+    other = loading.load_model(other_tiny_model_dir, "float32").eval()
+    tok = loading.load_tokenizer(tiny_model_dir)
+    pairs = _pairs(tok, 8)
+    rw, rl, _, _ = pair_logprobs(other, pairs, tok.pad_token_id, 4, 256, bf16=False, shared_prompt=True)
+    ex = pair_examples(pairs.with_columns(ref_w=pl.Series(rw), ref_l=pl.Series(rl)))
+    s = train_settings(lr=1e-3, epochs=1, batch_size=4)
+    with pytest.raises(ValueError, match=r"nats per token, above train\.ref_check_tol = 0\.01 "):
+        train_preference(model, ex, [("dpo", 1.0, {"beta": 0.1})], s, pad_id=tok.pad_token_id)
+
+
+@pytest.mark.parametrize(("tokens", "fails"), [(500, False), (10, True)])
+def test_the_first_step_gap_is_read_per_token(tokens, fails):
+    """A gap of 0.1 nats on every sequence is rounding spread over 500 tokens, but 0.01 nats a token on 10."""
+    lp = torch.full((4,), -2.0 * tokens, dtype=torch.float64)
+    n = torch.full((4,), float(tokens), dtype=torch.float64)
+    metrics = {"loss": 0.7, **preference_metrics(lp + 0.1, lp - 0.1, lp, lp, n, n, None)}
+    assert metrics["ref_gap_mean"] == pytest.approx(0.1) and metrics["ref_gap_per_token"] == pytest.approx(0.1 / tokens)
+    if fails:
+        with pytest.raises(ValueError, match="first step"):
+            check_step(metrics, 0, tol=0.005)
+    else:
+        check_step(metrics, 0, tol=0.005)
+    check_step({**metrics, "ref_gap_lp": 0.0, "ref_gap_ref": 0.0}, 1, tol=0.005)  # later steps are not checked
 
 
 def test_grad_accumulation_matches_one_big_batch(tiny_model_dir):
