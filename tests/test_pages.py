@@ -328,7 +328,12 @@ def test_bench_page_has_a_row_per_setting_of_the_memory_bench(tmp_path: Path):
         },
     }
     (folder / "m.json").write_text(json.dumps(memory))
-    gpu = {"gpus": ["H100"], "quick": False, "large_mfu": {"full": {"mfu": 0.41}, "ckpt": {"failed": "OOM"}}}
+    gpu = {
+        "gpus": ["H100"],
+        "quick": False,
+        "args": {"large_batch": 8, "quick": False},  # the command line: no row of its own
+        "large_mfu": {"full": {"mfu": 0.41}, "ckpt": {"failed": "OOM"}},
+    }
     (folder / "g.json").write_text(json.dumps(gpu))
     md = bench.bench_page(tmp_path)
     rows = {r[4]: r for r in _rows(md, "`m.json`")}

