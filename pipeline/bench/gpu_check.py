@@ -20,11 +20,14 @@ Each check runs on its own; one that fails or cannot run records why and the oth
 5. ``large_mfu``: ``mfu`` on SmolLM2-1.7B's architecture at ``--large-batch`` pairs, for a full fine-tune,
    with activation checkpointing, with a LoRA adapter of rank ``--lora-r`` and with both: tokens/s, MFU
    (goal: 40 % for the full fine-tune) and peak GPU memory each; one that runs out of memory records it.
-6. ``nccl``: DDP and FSDP2 through ``torchrun`` with NCCL on every visible GPU (needs at least 2), the
+6. ``profile``: where the time of ``large_mfu``'s full fine-tune step goes: two steps under
+   ``torch.profiler`` after a warm-up, the share of their wall time the GPU was busy and the operators of
+   most GPU time (:mod:`pipeline.bench.gpu_profile`).
+7. ``nccl``: DDP and FSDP2 through ``torchrun`` with NCCL on every visible GPU (needs at least 2), the
    same steps as one process: the largest difference of the loss curves (:mod:`pipeline.bench.gpu_nccl`).
-7. ``vllm``: the sampling benchmark (:mod:`pipeline.bench.sampling`: transformers vs vLLM, compiled,
+8. ``vllm``: the sampling benchmark (:mod:`pipeline.bench.sampling`: transformers vs vLLM, compiled,
    bf16) when vLLM is installed.
-8. ``repro``: ``dvc repro`` of a fresh clone of this repository with ``profiles/gpu.yaml`` applied to its
+9. ``repro``: ``dvc repro`` of a fresh clone of this repository with ``profiles/gpu.yaml`` applied to its
    params.yaml, timed, when DVC is installed (``--repro``; it takes the longest).
 
 Every training check runs the loss and train settings of a params.yaml variant (``--variant``) on
@@ -56,12 +59,13 @@ import torch
 
 from pipeline.bench.gpu_nccl import dist_worker, nccl_check
 from pipeline.bench.gpu_policy import PolicySpec, policy_spec
+from pipeline.bench.gpu_profile import profile_step
 from pipeline.bench.gpu_train import StepSizes, large_train, reference_check, sync, timed_train
 from pipeline.bench.process import PROJECT_ROOT, child_env
 from pipeline.settings.params import Params
 from pipeline.settings.train import Variant
 
-CHECKS = ("peak", "bf16_reference", "mfu", "large_reference", "large_mfu", "nccl", "vllm", "repro")
+CHECKS = ("peak", "bf16_reference", "mfu", "large_reference", "large_mfu", "profile", "nccl", "vllm", "repro")
 
 
 class Checks:
@@ -113,6 +117,11 @@ class Checks:
         peak = self.results.get("peak", {}).get("tflops")
         sizes = self.step_sizes(self.args.large_batch)
         return large_train(self.large_policy(), self.variant, sizes, peak, lora_r=self.args.lora_r)
+
+    def profile(self) -> dict:
+        s = self.step_sizes(self.args.large_batch)
+        lengths = (s.prompt_len, s.response_len, s.max_length)
+        return profile_step(self.large_policy(), self.variant, batch=s.batch, steps=2, lengths=lengths)
 
     def nccl(self) -> dict:
         return nccl_check(self.variant, self.policy, quick=self.args.quick, loss_tol=self.args.loss_tol)
@@ -189,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--checks",
-        default="peak,bf16_reference,mfu,large_reference,large_mfu,nccl,vllm",
+        default="peak,bf16_reference,mfu,large_reference,large_mfu,profile,nccl,vllm",
         help=f"comma-separated subset of {','.join(CHECKS)}",
     )
     parser.add_argument("--repro", action="store_true", help="also run the GPU profile's dvc repro")

@@ -20,7 +20,7 @@ def test_quick_checks_record_the_reference_check_and_the_throughput(tmp_path):
             "--threads",
             "1",
             "--checks",
-            "peak,bf16_reference,mfu,large_reference,large_mfu",
+            "peak,bf16_reference,mfu,large_reference,large_mfu,profile",
             "--out",
             "gpu.json",
         ],
@@ -52,3 +52,11 @@ def test_quick_checks_record_the_reference_check_and_the_throughput(tmp_path):
         assert large[name]["gradient_checkpointing"] == name.endswith("ckpt")
     assert large["full"]["trainable_params"] == large["ckpt"]["trainable_params"] == large["full"]["n_params"]
     assert 0 < large["lora"]["trainable_params"] == large["lora_ckpt"]["trainable_params"] < mfu["n_params"] // 10
+    # where the full step's time goes: on a CPU, the operators by self CPU time, matrix products among them
+    prof = out["profile"]
+    assert prof["profiled_steps"] == 2 and prof["batch_pairs"] == 8 and 0 < prof["busy_s"]
+    assert 0 < prof["wall_s"] and "top_kernels" not in prof and prof["ops_by"] == "self CPU time"
+    shares = [op["share"] for op in prof["top_ops"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert "aten::mm" in {op["name"] for op in prof["top_ops"]}
+    assert out["args"]["checks"].endswith(",profile") and out["policy_dtype"] == cfg.policy.dtype
