@@ -332,7 +332,11 @@ def test_bench_page_has_a_row_per_setting_of_the_memory_bench(tmp_path: Path):
         "gpus": ["H100"],
         "quick": False,
         "args": {"large_batch": 8, "quick": False},  # the command line: no row of its own
-        "large_mfu": {"full": {"mfu": 0.41}, "ckpt": {"failed": "OOM"}},
+        "large_mfu": {
+            "full": {"mfu": 0.41},
+            "ckpt": {"failed": "ValueError: ..."},
+            "lora": {"failed": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 6.00 GiB"},
+        },
     }
     (folder / "g.json").write_text(json.dumps(gpu))
     md = bench.bench_page(tmp_path)
@@ -346,6 +350,7 @@ def test_bench_page_has_a_row_per_setting_of_the_memory_bench(tmp_path: Path):
     assert [r[2:] for r in _rows(md, "`g.json`")] == [
         ["large_mfu.full", "ran", "mfu 0.41"],
         ["large_mfu.ckpt", "failed", "n/a"],
+        ["large_mfu.lora", "out of GPU memory", "n/a"],
     ]
 
 

@@ -219,7 +219,8 @@ def _outcome(result: Mapping) -> str:
     if "skipped" in result:
         return f"skipped: {result['skipped']}"
     if result.get("failed"):
-        return "failed"
+        # a setting too large for the GPU is a figure (where it stops), not a fault
+        return "out of GPU memory" if "OutOfMemoryError" in str(result["failed"]) else "failed"
     if "passed" in result:
         return "passed" if result["passed"] else "**failed its check**"
     return "ran"
