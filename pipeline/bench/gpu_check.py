@@ -35,7 +35,7 @@ Every training check runs the loss and train settings of a params.yaml variant (
 ``large_*`` checks on SmolLM2-1.7B's architecture in ``policy.dtype`` under ``train.bf16``.
 
 On a GPU machine without a package index but with PyTorch and transformers (a stock image), carry the
-wheels of ``scripts/gpu_wheels.sh`` (polars, pydantic: about 55 MB) and run, from the checkout:
+wheels of ``scripts/gpu_wheels.sh`` (polars, pydantic, peft: about 58 MB) and run, from the checkout:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
       PYTHONPATH=/tmp/site:$PWD python3 -m pipeline.bench.gpu_check --out gpu-check.json
