@@ -22,7 +22,7 @@ Each check runs on its own; one that fails or cannot run records why and the oth
    (goal: 40 % for the full fine-tune) and peak GPU memory each; one that runs out of memory records it.
 6. ``profile``: where the time of ``large_mfu``'s full fine-tune step goes: two steps under
    ``torch.profiler`` after a warm-up, the share of their wall time the GPU was busy and the operators of
-   most GPU time (:mod:`pipeline.bench.gpu_profile`).
+   most GPU time (:mod:`pipeline.bench.step_profile`).
 7. ``nccl``: DDP and FSDP2 through ``torchrun`` with NCCL on every visible GPU (needs at least 2), the
    same steps as one process: the largest difference of the loss curves (:mod:`pipeline.bench.gpu_nccl`).
 8. ``vllm``: the sampling benchmark (:mod:`pipeline.bench.sampling`: transformers vs vLLM, compiled,
@@ -59,9 +59,9 @@ import torch
 
 from pipeline.bench.gpu_nccl import dist_worker, nccl_check
 from pipeline.bench.gpu_policy import PolicySpec, policy_spec
-from pipeline.bench.gpu_profile import profile_step
 from pipeline.bench.gpu_train import StepSizes, large_train, reference_check, sync, timed_train
 from pipeline.bench.process import PROJECT_ROOT, child_env
+from pipeline.bench.step_profile import profile_step
 from pipeline.settings.params import Params
 from pipeline.settings.train import Variant
 

@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop a configuration when the machine has less memory than this left (default 2)",
     )
     parser.add_argument("--verbose", action="store_true", help="show the children's output")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="record each configuration's top-N operators by self CPU time over its timed steps (torch.profiler)",
+    )
     parser.add_argument("--out", help="write the results as JSON here, after every configuration")
     return parser
 
@@ -163,7 +169,7 @@ def build_spec(args: argparse.Namespace, variant: Variant, tokenizer, tokenizer_
         "architecture": None,
         "dtype": args.dtype,
         "threads": args.threads,
-        "profile": 0,
+        "profile": args.profile,
         "ours_fn": "pipeline.training.trainer:train_preference",
         "steps": args.steps,
         "losses": [t.model_dump() for t in variant.losses],
@@ -320,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
             print(f"\n{arch} ({entry['n_params'] / 1e6:.0f}M parameters)\n{format_table(entry['results'])}")
+            for config, r in entry["results"].items():
+                if r.get("profile"):
+                    print(f"\n--- profile: {config} (timed steps) ---\n{r['profile']}")
             for setting, c in entry["comparison"].items():
                 print(f"  {setting}: {json.dumps(c)}")
     if args.out:

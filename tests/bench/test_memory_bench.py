@@ -16,7 +16,8 @@ from pipeline.settings.params import Params
 
 def test_quick_run_trains_each_setting_and_records_its_memory(tmp_path):
     write_params(tmp_path / "params.yaml")
-    proc = run_module("pipeline.bench.memory_bench", ["--quick", "--threads", "1", "--out", "memory.json"], tmp_path)
+    args = ["--quick", "--threads", "1", "--profile", "5", "--out", "memory.json"]
+    proc = run_module("pipeline.bench.memory_bench", args, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads((tmp_path / "memory.json").read_text())
     cfg = Params.load(tmp_path / "params.yaml")
@@ -27,6 +28,8 @@ def test_quick_run_trains_each_setting_and_records_its_memory(tmp_path):
     full, lora = tiny["results"]["ours_full"], tiny["results"]["ours_lora_ckpt"]
     for r in (full, lora):
         assert r["steps"] == memory_bench.QUICK.steps == len(r["step_s"])
+        # --profile 5: the timed steps' top operators, a table torch.profiler writes
+        assert "Self CPU" in r["profile"] and "aten::" in r["profile"]
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["truncated_tokens"] == 0
         assert r["abs_peak_mb"] >= r["rss_loaded_mb"] > 0
         # the reference computed in the child, as the reference stage computes it: the first step finds it
