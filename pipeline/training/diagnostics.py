@@ -20,7 +20,7 @@ def preference_metrics(lp_w, lp_l, ref_w, ref_l, len_w, len_l, beta: tuple[float
     loss; ``reward_w``/``reward_l``/``reward_margin`` are the implicit rewards ``β_w·Δw``, ``β_l·Δl`` and
     their difference, logged only when ``beta`` = (β_w, β_l) of the loss (:func:`implicit_beta`).
     ``ref_gap_max``/``ref_gap_mean``: max/mean ``|lp − ref|`` per sequence over both sides (0 up to rounding
-    at the first step, where the policy is the reference); ``ref_gap_per_token``: their sum over the
+    at the first step, where the policy is the reference); ``ref_gap_per_token``: their sum divided by the
     sequences' response tokens, the first-step check's measure (:func:`~pipeline.training.trainer.check_step`);
     ``ref_gap_lp``/``ref_gap_ref``: the sequence with the largest gap (for the check's message, not logged)."""
     d_w, d_l = lp_w - ref_w, lp_l - ref_l
