@@ -310,7 +310,7 @@ def test_first_step_fails_on_an_fp32_reference_with_bf16_training(tiny_model_dir
 
 def test_first_step_at_the_default_tolerance_refuses_another_models_reference(tiny_model_dir, other_tiny_model_dir):
     """Even two tiny random models, whose near-uniform logits make every sequence score about alike, lie
-    further apart per token than params' tolerance."""
+    further apart per token (about 0.028 nats) than params' tolerance."""
     model = loading.load_model(tiny_model_dir, "float32")
     other = loading.load_model(other_tiny_model_dir, "float32").eval()
     tok = loading.load_tokenizer(tiny_model_dir)
@@ -318,7 +318,7 @@ def test_first_step_at_the_default_tolerance_refuses_another_models_reference(ti
     rw, rl, _, _ = pair_logprobs(other, pairs, tok.pad_token_id, 4, 256, bf16=False, shared_prompt=True)
     ex = pair_examples(pairs.with_columns(ref_w=pl.Series(rw), ref_l=pl.Series(rl)))
     s = train_settings(lr=1e-3, epochs=1, batch_size=4)
-    with pytest.raises(ValueError, match=r"nats per token, above train\.ref_check_tol = 0\.01 "):
+    with pytest.raises(ValueError, match=r"nats per token, above train\.ref_check_tol = 0\.02 "):
         train_preference(model, ex, [("dpo", 1.0, {"beta": 0.1})], s, pad_id=tok.pad_token_id)
 
 
