@@ -39,7 +39,8 @@ def autocast(device, bf16: bool | None):
 
     On a CPU it also selects the math attention kernel: the CPU flash kernel splits the keys into
     blocks that depend on the batch's padded length, so bf16 log-probs would depend on which pairs
-    share a batch; the math kernel gives a sequence the same log-probs in any batch."""
+    share a batch; the math kernel keeps a sequence's log-probs the same in most batches (not all,
+    and at a cost in speed: docs/caveats.md)."""
     with contextlib.ExitStack() as stack:
         if uses_bf16_autocast(device, bf16):
             kind = torch.device(device).type
