@@ -44,6 +44,7 @@ wheels of ``scripts/gpu_wheels.sh`` (polars, pydantic, peft: about 58 MB) and ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -119,9 +120,8 @@ class Checks:
         return large_train(self.large_policy(), self.variant, sizes, peak, lora_r=self.args.lora_r)
 
     def profile(self) -> dict:
-        s = self.step_sizes(self.args.large_batch)
-        lengths = (s.prompt_len, s.response_len, s.max_length)
-        return profile_step(self.large_policy(), self.variant, batch=s.batch, steps=2, lengths=lengths)
+        sizes = dataclasses.replace(self.step_sizes(self.args.large_batch), steps=2)
+        return profile_step(self.large_policy(), self.variant, sizes)
 
     def nccl(self) -> dict:
         return nccl_check(self.variant, self.policy, quick=self.args.quick, loss_tol=self.args.loss_tol)

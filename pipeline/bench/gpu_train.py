@@ -13,12 +13,13 @@ from __future__ import annotations
 import gc
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.bench.gpu_policy import PolicySpec, check_settings, examples_with_reference, load_policy, synth_pairs
-from pipeline.settings.train import Variant
+from pipeline.settings.train import TrainSettings, Variant
 
 # The settings of the larger policy's train step: (train.gradient_checkpointing, a LoRA adapter)
 LARGE_SETTINGS = {"full": (False, False), "ckpt": (True, False), "lora": (False, True), "lora_ckpt": (True, True)}
@@ -94,19 +95,32 @@ def _timed_tokens(pairs: list[dict], sizes: StepSizes, seed: int) -> int:
     return tokens
 
 
-def timed_train(policy: PolicySpec, variant: Variant, sizes: StepSizes, peak_tflops: float | None, **overrides) -> dict:
-    """:func:`train_preference` at params' precision and layout (``overrides``: other train settings, such as
-    ``gradient_checkpointing`` or ``lora``, with a LoRA adapter attached as the train stage attaches it),
-    timed over the steps after one warm-up: tokens/s, MFU where the peak is known, and the peak GPU memory
-    (``torch.cuda.max_memory_allocated``, weights included) on a GPU."""
+@dataclass
+class TrainedSteps:
+    """What :func:`train_steps` ran: the trained model, where its weights came from, its settings, the pairs
+    and the wall-clock stamp after each step (stamp 0: the warm-up's end)."""
+
+    model: torch.nn.Module
+    source: str
+    n_params: int  # the base's, before any adapter
+    n_embed: int
+    settings: TrainSettings
+    pairs: list[dict]
+    stamps: list[float]
+
+
+def train_steps(
+    policy: PolicySpec, variant: Variant, sizes: StepSizes, on_step: Callable[[int], None] | None = None, **overrides
+) -> TrainedSteps:
+    """:func:`train_preference` of a freshly loaded ``policy`` at params' precision and layout for one warm-up
+    step and ``sizes.steps`` more, on random pairs (``overrides``: other train settings, such as
+    ``gradient_checkpointing`` or ``lora``, with a LoRA adapter attached as the train stage attaches it).
+    ``on_step(step)`` runs after each step's stamp, the device synchronised."""
     from pipeline.training import lora
     from pipeline.training.trainer import RunOptions, train_preference
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     model, pad_id, source = load_policy(policy)
-    n_params = sum(p.numel() for p in model.parameters())  # the base's, before any adapter
+    n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel()
     # random pairs: their reference is meaningless, so the first-step check is set out of the way
     settings = check_settings(
@@ -116,29 +130,43 @@ def timed_train(policy: PolicySpec, variant: Variant, sizes: StepSizes, peak_tfl
     pairs = synth_pairs(
         sizes.batch * (sizes.steps + 1), sizes.prompt_len, sizes.response_len, model.config.vocab_size, seed=2
     )
-    tokens = _timed_tokens(pairs, sizes, settings.seed)
     stamps: list[float] = []
 
     def log_fn(step, metrics):
         sync()
         stamps.append(time.perf_counter())
+        if on_step is not None:
+            on_step(step)
 
     examples = examples_with_reference(model, pairs, pad_id, settings, None)
     train_preference(model, examples, variant.losses, settings, pad_id=pad_id, run=RunOptions(log_fn=log_fn))
-    tokens_per_s = tokens / (stamps[sizes.steps] - stamps[0])
+    return TrainedSteps(model, source, n_params, n_embed, settings, pairs, stamps)
+
+
+def timed_train(policy: PolicySpec, variant: Variant, sizes: StepSizes, peak_tflops: float | None, **overrides) -> dict:
+    """:func:`train_steps` timed over the steps after the warm-up: tokens/s, MFU where the peak is known, and
+    the peak GPU memory (``torch.cuda.max_memory_allocated``, weights included) on a GPU."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    run = train_steps(policy, variant, sizes, **overrides)
+    settings, n_params, n_embed = run.settings, run.n_params, run.n_embed
+    tokens = _timed_tokens(run.pairs, sizes, settings.seed)
+    seconds = run.stamps[sizes.steps] - run.stamps[0]
+    tokens_per_s = tokens / seconds
     out = {
-        "model_source": source,
+        "model_source": run.source,
         "batch_pairs": sizes.batch,
         "timed_steps": sizes.steps,
         "tokens": tokens,
-        "seconds": stamps[sizes.steps] - stamps[0],
+        "seconds": seconds,
         "tokens_per_s": tokens_per_s,
         "n_params": n_params,
         "n_params_non_embedding": n_params - n_embed,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_params": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
         "gradient_checkpointing": settings.gradient_checkpointing,
         "bf16": settings.bf16,
-        "device": str(next(model.parameters()).device),
+        "device": str(next(run.model.parameters()).device),
     }
     if torch.cuda.is_available():
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20

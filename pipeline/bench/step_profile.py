@@ -9,11 +9,10 @@ share is time spent outside them.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from pipeline.bench.gpu_policy import PolicySpec, check_settings, examples_with_reference, load_policy, synth_pairs
+from pipeline.bench.gpu_policy import PolicySpec
+from pipeline.bench.gpu_train import StepSizes, train_steps
 from pipeline.settings.train import Variant
 
 TOP = 15  # entries listed
@@ -27,47 +26,33 @@ def _rows(events, attr: str, total_us: float) -> list[dict]:
     ]
 
 
-def profile_step(
-    policy: PolicySpec, variant: Variant, *, batch: int, steps: int, lengths: tuple[int, int, int]
-) -> dict:
-    """Profile ``steps`` train steps of ``batch`` pairs (prompt, response and max lengths ``lengths``) of
-    ``policy`` after one warm-up step: wall time, device-busy time, the top operators by their self device
-    time (the kernels they launch themselves; on a CPU, self CPU time) and, on a GPU, the top kernels."""
+def profile_step(policy: PolicySpec, variant: Variant, sizes: StepSizes) -> dict:
+    """Profile the ``sizes.steps`` train steps of ``policy`` after one warm-up step (:func:`train_steps`): wall
+    time, device-busy time, the top operators by their self device time (the kernels they launch themselves;
+    on a CPU, self CPU time) and, on a GPU, the top kernels."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from pipeline.bench.gpu_train import sync
-    from pipeline.training.trainer import RunOptions, train_preference
-
     on_gpu = torch.cuda.is_available()
-    prompt_len, response_len, max_length = lengths
-    model, pad_id, source = load_policy(policy)
-    settings = check_settings(variant.settings, batch_size=batch, epochs=1, max_length=max_length, ref_check_tol=1e9)
-    pairs = synth_pairs(batch * (steps + 1), prompt_len, response_len, model.config.vocab_size, seed=3)
-    examples = examples_with_reference(model, pairs, pad_id, settings, None)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    prof = profile(activities=activities)
-    stamps: list[float] = []
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else []))
 
-    def log_fn(step, metrics):
-        sync()
-        stamps.append(time.perf_counter())
+    def on_step(step: int) -> None:
         if step == 0:  # after the warm-up step: its allocations and first launches are not the steady state
             prof.start()
-        elif step == steps:
+        elif step == sizes.steps:
             prof.stop()
 
-    train_preference(model, examples, variant.losses, settings, pad_id=pad_id, run=RunOptions(log_fn=log_fn))
+    run = train_steps(policy, variant, sizes, on_step)
     averages = prof.key_averages()
     ops = [e for e in averages if e.device_type == DeviceType.CPU]
     attr = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
     busy_us = sum(getattr(e, attr) for e in (kernels if on_gpu else ops))
-    wall_s = stamps[steps] - stamps[0]
+    wall_s = run.stamps[sizes.steps] - run.stamps[0]
     out = {
-        "model_source": source,
-        "batch_pairs": batch,
-        "profiled_steps": steps,
+        "model_source": run.source,
+        "batch_pairs": sizes.batch,
+        "profiled_steps": sizes.steps,
         "wall_s": wall_s,
         "busy_s": busy_us / 1e6,
         "busy_share": busy_us / 1e6 / wall_s,

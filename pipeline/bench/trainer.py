@@ -269,11 +269,10 @@ def notes(results: dict[str, dict], rat: dict, n_rows: int) -> list[str]:
         )
     for name, r in results.items():
         if "ref_gap_mean" in r:
-            # some recorded files hold the per-sequence gaps alone
-            per_token = f"{r['ref_gap_per_token']:.3g} nats per token; " if "ref_gap_per_token" in r else ""
             out.append(
-                f"{name}: first step |lp - ref| {per_token}mean {r['ref_gap_mean']:.3g}, max {r['ref_gap_max']:.3g} "
-                f"nats per sequence (train.ref_check_tol {r['ref_check_tol']:g})"
+                f"{name}: first step |lp - ref| {r['ref_gap_per_token']:.3g} nats per token; mean "
+                f"{r['ref_gap_mean']:.3g}, max {r['ref_gap_max']:.3g} nats per sequence "
+                f"(train.ref_check_tol {r['ref_check_tol']:g})"
             )
         if r.get("ids_identical_to_ours") != n_rows:
             out.append(
