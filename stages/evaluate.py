@@ -133,14 +133,7 @@ def heldout_scores(
     if model is None:  # loaded only now, after the generation engine is gone, and only if needed
         model = loading.load_model(paths.model_dir(variant), cfg.policy.dtype, loading.device_for()).eval()
     lw, ll, _, _ = pair_logprobs(
-        model,
-        pairs,
-        tokenizer.pad_token_id,
-        cfg.evaluate.batch_size,
-        cfg.reference.max_length,
-        progress=f"eval {variant}",
-        bf16=cfg.train.bf16,
-        shared_prompt=cfg.train.shared_prompt,
+        model, pairs, tokenizer.pad_token_id, cfg.evaluate.batch_size, cfg.train, progress=f"eval {variant}"
     )
     after = pairs.select("pair_id", pl.Series("lp_w", lw, dtype=pl.Float64), pl.Series("lp_l", ll, dtype=pl.Float64))
     return after, f"evaluate@{variant}"

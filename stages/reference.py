@@ -1,7 +1,7 @@
 """Stage `reference`: log-probs of chosen and rejected under the reference model, computed once, at
-training's precision (`train.bf16`), layout (`train.shared_prompt`) and truncation (`reference.max_length` =
-`train.max_length`). The reference is the starting policy, quantised to 4 bits as training's base where
-`train.lora.load_in_4bit` says so."""
+training's precision (`train.bf16`), layout (`train.shared_prompt`), CPU attention kernel
+(`train.cpu_attention`) and truncation (`reference.max_length` = `train.max_length`). The reference is the
+starting policy, quantised to 4 bits as training's base where `train.lora.load_in_4bit` says so."""
 
 from __future__ import annotations
 
@@ -40,15 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = loading.load_tokenizer(paths.POLICY_DIR)
 
     # Work
+    # scored as training scores them (cfg.train: its truncation, precision, layout and kernel)
     lw, ll, nw, nl = pair_logprobs(
-        model,
-        pairs,
-        tokenizer.pad_token_id,
-        params.batch_size,
-        params.max_length,
-        progress="reference",
-        bf16=cfg.train.bf16,
-        shared_prompt=cfg.train.shared_prompt,
+        model, pairs, tokenizer.pad_token_id, params.batch_size, cfg.train, progress="reference"
     )
 
     # Outputs
@@ -64,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             "ref_l": df["ref_l"].mean(),
             "bf16_autocast": uses_bf16_autocast(device, cfg.train.bf16),
             "shared_prompt": cfg.train.shared_prompt,
+            "cpu_attention": cfg.train.cpu_attention,
             "model_fingerprint": loading.fingerprint(paths.POLICY_DIR),
         },
         paths.metrics_file("reference"),

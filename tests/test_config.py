@@ -118,6 +118,12 @@ def test_reference_and_training_must_truncate_and_round_alike():
     shared = BASE["train"]["shared_prompt"]
     with pytest.raises(ConfigError, match=r"train\.variants\.dpo\.shared_prompt: .* differs from train\.shared_prompt"):
         Params.parse(_with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "shared_prompt": not shared}))
+    other = {"math": "flash", "flash": "math"}[BASE["train"]["cpu_attention"]]
+    with pytest.raises(ConfigError, match=r"train\.variants\.dpo\.cpu_attention: .* differs from train\.cpu_attention"):
+        Params.parse(_with("train.variants.dpo", {"loss": "dpo", "beta": 0.1, "cpu_attention": other}))
+    with pytest.raises(ConfigError, match=r"train\.cpu_attention"):
+        Params.parse(_with("train.cpu_attention", "fused"))
+    assert Params.parse(_with("train.cpu_attention", other)).train.variants["dpo"].settings.cpu_attention == other
     # Restating the shared values is fine; changing both sides together too.
     same = _with(
         "train.variants.dpo", {"loss": "dpo", "beta": 0.1, "bf16": bf16, "max_length": BASE["reference"]["max_length"]}

@@ -94,9 +94,7 @@ def examples_with_reference(model, pairs: list[dict], pad_id: int, settings: Tra
     table = pl.DataFrame(pairs)
     if bf16 is None:
         return pair_examples(table.with_columns(ref_w=pl.lit(0.0), ref_l=pl.lit(0.0)))
-    ref_w, ref_l, _, _ = pair_logprobs(
-        model, table, pad_id, 16, settings.max_length, bf16=bf16, shared_prompt=settings.shared_prompt
-    )
+    ref_w, ref_l, _, _ = pair_logprobs(model, table, pad_id, 16, settings.model_copy(update={"bf16": bf16}))
     return pair_examples(
         table.with_columns(ref_w=pl.Series(ref_w, dtype=pl.Float64), ref_l=pl.Series(ref_l, dtype=pl.Float64))
     )

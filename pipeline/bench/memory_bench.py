@@ -12,9 +12,10 @@ two configurations train the same pairs in the same steps, each in a fresh proce
 (:mod:`pipeline.bench.trainer_child`, the trainer benchmark's child), so that each peak is its own:
 
 - ``ours_<setting>``: :func:`~pipeline.training.trainer.train_preference` as the train stage runs it (the
-  adapter attached as it attaches it, bf16 autocast per ``train.bf16``, one row per pair per
-  ``train.shared_prompt``), after the pairs' reference log-probs are computed by the reference stage's code
-  path (untimed), so that its first-step check runs as in the train stage;
+  adapter attached as it attaches it, bf16 autocast per ``train.bf16`` with the attention kernel of
+  ``--cpu-attention`` (default ``train.cpu_attention``), one row per pair per ``train.shared_prompt``), after
+  the pairs' reference log-probs are computed by the reference stage's code path at the same settings
+  (untimed), so that its first-step check runs as in the train stage;
 - ``trl_<setting>``: TRL's ``DPOTrainer`` at the same settings, with ``peft_config``,
   ``gradient_checkpointing`` and ``precompute_ref_log_probs`` (its precompute pass runs in its constructor,
   untimed).
@@ -53,6 +54,7 @@ from pipeline.bench import trainer_data
 from pipeline.bench.architectures import ARCHITECTURES, n_params
 from pipeline.bench.process import MemoryLimits, available_mb, loadavg, run_child, trainer_child_env
 from pipeline.bench.trainer import environment, offline_variant, trl_beta
+from pipeline.model.precision import CPU_ATTENTION
 from pipeline.settings.train import TrainSettings, Variant
 
 # (gradient checkpointing, LoRA) of each setting
@@ -100,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--lora-r", type=int, default=16, help="the adapter's rank in the LoRA settings (default 16)")
     parser.add_argument("--dtype", help="the weights' dtype (default: policy.dtype)")
+    parser.add_argument(
+        "--cpu-attention",
+        choices=CPU_ATTENTION,
+        help="ours' attention kernel under bf16 on a CPU (default: train.cpu_attention); TRL runs SDPA's own",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
         "--max-rss-gb", type=float, help="each configuration's memory ceiling (default: 90%% of the memory available)"
@@ -162,7 +169,14 @@ def build_spec(args: argparse.Namespace, variant: Variant, tokenizer, tokenizer_
     settings (the variant's, at the benchmark's batch and a max_length that cuts nothing)."""
     pairs = trainer_data.word_pairs(tokenizer, args.batch_size, args.prompt_tokens, args.response_tokens, seed=0)
     longest = max(len(p) + max(len(c), len(r)) for p, c, r in pairs.select(*trainer_data.IDS).iter_rows())
-    base = variant.settings.model_copy(update={"epochs": 1, "batch_size": args.batch_size, "max_length": longest})
+    base = variant.settings.model_copy(
+        update={
+            "epochs": 1,
+            "batch_size": args.batch_size,
+            "max_length": longest,
+            "cpu_attention": args.cpu_attention or variant.settings.cpu_attention,
+        }
+    )
     examples, order = trainer_data.step_layout(pairs.height, base.batch_size, args.steps + 1, base.seed)
     return {
         "model_path": tokenizer_path,
@@ -280,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.model import loading
 
     args.variant, args.dtype = variant.name, args.dtype or cfg.policy.dtype
+    args.cpu_attention = args.cpu_attention or variant.settings.cpu_attention
     tokenizer_path = loading.resolve(cfg.policy.model)
     tokenizer = loading.load_tokenizer(tokenizer_path)
     too_small = [a for a in args.archs if ARCHITECTURES[a]["vocab_size"] < len(tokenizer)]

@@ -97,15 +97,7 @@ def pairs_reference(pairs: list[dict], model, pad_id: int, settings) -> list[tup
     from pipeline.model.logprobs import pair_logprobs
 
     table = pl.DataFrame({key: [p[key] for p in pairs] for key in IDS})
-    ref_w, ref_l, _, _ = pair_logprobs(
-        model.eval(),
-        table,
-        pad_id,
-        settings.batch_size,
-        settings.max_length,
-        bf16=settings.bf16,
-        shared_prompt=settings.shared_prompt,
-    )
+    ref_w, ref_l, _, _ = pair_logprobs(model.eval(), table, pad_id, settings.batch_size, settings)
     return list(zip(ref_w, ref_l))
 
 

@@ -147,15 +147,8 @@ def reference_logprobs(pair_set: PairSet, model_path: str, cfg: Params, shared_p
 
         model = loading.load_model(model_path, cfg.policy.dtype).eval()
         pad_id = loading.load_tokenizer(model_path).pad_token_id
-        ref_w, ref_l, _, _ = pair_logprobs(
-            model,
-            todo,
-            pad_id,
-            cfg.reference.batch_size,
-            cfg.reference.max_length,
-            bf16=cfg.train.bf16,
-            shared_prompt=shared_prompt,
-        )
+        scoring = cfg.train.model_copy(update={"shared_prompt": shared_prompt})
+        ref_w, ref_l, _, _ = pair_logprobs(model, todo, pad_id, cfg.reference.batch_size, scoring)
         known.update(zip(todo["pair_id"], zip(ref_w, ref_l)))
     return [known[pair_id] for pair_id in pairs["pair_id"]], todo.height
 

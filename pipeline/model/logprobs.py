@@ -10,7 +10,7 @@ tensor over prompt and padding positions is never materialised. The batched help
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch.nn import functional
@@ -115,19 +115,15 @@ def batched_logprobs(
     batch_size: int,
     max_length: int | None = None,
     progress: str | None = None,
-    *,
-    bf16: bool | None = None,
 ) -> tuple[list[float], list[int]]:
-    """Summed response log-probs for many (prompt, response) pairs, batched by similar length, under
-    :func:`autocast` with ``bf16`` (``train.bf16`` where they are compared with training's; None: no
-    autocast, the model's own dtype)."""
+    """Summed response log-probs for many (prompt, response) pairs, batched by similar length, in the
+    model's own dtype (no autocast: :func:`pair_logprobs` scores as training does)."""
     sums = [0.0] * len(prompts)
     counts = [0] * len(prompts)
     device = next(model.parameters()).device
     for idx in _batches(len(prompts), lambda i: len(prompts[i]) + len(responses[i]), batch_size, progress):
         ids, att, resp = collate([prompts[i] for i in idx], [responses[i] for i in idx], pad_id, max_length)
-        with autocast(device, bf16):
-            s, c = sequence_logprobs(model, ids.to(device), att.to(device), resp.to(device))
+        s, c = sequence_logprobs(model, ids.to(device), att.to(device), resp.to(device))
         for j, i in enumerate(idx):
             sums[i] = float(s[j])
             counts[i] = int(c[j])
@@ -201,22 +197,27 @@ def score_batch_via_forward(model, *args) -> tuple[torch.Tensor, torch.Tensor]:
     return _sums(batch, lp)
 
 
+class Scoring(Protocol):
+    """Training's settings that decide how a pair is scored (a :class:`~pipeline.settings.train.TrainSettings`)."""
+
+    @property
+    def max_length(self) -> int: ...  # train.max_length (= reference.max_length, checked)
+    @property
+    def bf16(self) -> bool: ...
+    @property
+    def shared_prompt(self) -> bool: ...
+    @property
+    def cpu_attention(self) -> str: ...
+
+
 @torch.no_grad()
 def pair_logprobs(
-    model,
-    pairs: pl.DataFrame,
-    pad_id: int,
-    batch_size: int,
-    max_length: int,
-    progress: str | None = None,
-    *,
-    bf16: bool,
-    shared_prompt: bool,
+    model, pairs: pl.DataFrame, pad_id: int, batch_size: int, scoring: Scoring, progress: str | None = None
 ) -> tuple[list[float], list[float], list[int], list[int]]:
     """Summed log-probs of chosen and rejected of every pair under ``model`` (the reference stage's and
-    evaluation's one code path), and the response lengths in tokens. ``max_length``, ``bf16`` and
-    ``shared_prompt`` are training's (``train.*``), so both sides are laid out, truncated and rounded
-    as training scores them; ``batch_size`` counts pairs."""
+    evaluation's one code path), and the response lengths in tokens. ``scoring`` is training's settings
+    (``train.max_length``, ``bf16``, ``shared_prompt``, ``cpu_attention``), so both sides are laid out,
+    truncated and rounded as training scores them; ``batch_size`` counts pairs."""
     prompts, chosen, rejected = (pairs[c].to_list() for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
     device = next(model.parameters()).device
     n = len(prompts)
@@ -228,10 +229,10 @@ def pair_logprobs(
             [chosen[i] for i in idx],
             [rejected[i] for i in idx],
             pad_id,
-            max_length,
-            shared_prompt=shared_prompt,
+            scoring.max_length,
+            shared_prompt=scoring.shared_prompt,
         ).to(device)
-        with autocast(device, bf16):
+        with autocast(device, scoring.bf16, scoring.cpu_attention):
             s, c = score_batch(model, batch)
         k = len(idx)
         for j, i in enumerate(idx):

@@ -180,9 +180,14 @@ def _memory_goal(comparison: Mapping) -> str:
 def memory_rows(name: str, data: Mapping) -> list[list[str]]:
     env, s = data.get("environment") or {}, data.get("settings") or {}
     where = f"{env.get('device', NA)}, {count(env.get('cpu_count'))} CPUs, TRL {env.get('trl', NA)}"
+    found_train = s.get("train")
+    train: Mapping = found_train if isinstance(found_train, Mapping) else {}
+    # files without train.cpu_attention come from runs under the math kernel
+    kernel = train.get("cpu_attention", "math") if env.get("bf16_autocast") else None
     shape = (
         f"{count(s.get('batch_size'))} pairs × ~{count(s.get('prompt_tokens'))} + 2 × "
         f"{count(s.get('response_tokens'))} tokens, {count(s.get('steps'))} steps, {s.get('dtype', NA)}"
+        + (f", bf16 autocast, ours' attention {kernel}" if kernel else "")
     )
     rows = []
     for arch, entry in data["architectures"].items():
@@ -321,7 +326,9 @@ SECTIONS = {
         "Random-weight SmolLM2 architectures trained by each trainer at each setting (full: every weight; "
         "ckpt: activation checkpointing; lora: a LoRA adapter; lora_ckpt: both), each in a fresh process. Peak: "
         "the process's peak resident memory; ratios are ours over TRL within one run. Goal: ours at no more "
-        "peak and at least 1.5× the tokens/s; out of memory: above the run's memory ceiling.",
+        "peak and at least 1.5× the tokens/s; out of memory: above the run's memory ceiling. Under bf16 autocast "
+        "ours runs the attention kernel train.cpu_attention names (math or flash); TRL runs SDPA's own choice, "
+        "the flash kernel.",
         [
             "file",
             "machine",

@@ -70,6 +70,11 @@ class TrainSettings(Strict):
     # once); false: each response after its own copy of the prompt. Training, the reference and evaluation
     # alike; a variant may not change it (the reference is computed once for all variants).
     shared_prompt: bool
+    # The attention kernel under bf16 on a CPU (GPUs run their fused kernels either way). math: a
+    # sequence's log-probs stay the same in most batches, so the first step scores pairs as the reference
+    # stage did; flash: faster and lighter, log-probs moved by rounding with the batch. Training, the
+    # reference and evaluation alike; a variant may not change it.
+    cpu_attention: Literal["math", "flash"]
     # |lp − ref| per response token (nats, summed over the first step's sequences) allowed on the first step
     # of a fresh run, where the policy is the reference; above it training fails (the reference was computed
     # differently).
@@ -91,7 +96,7 @@ class TrainSettings(Strict):
 
 TRAIN_SETTINGS = tuple(TrainSettings.model_fields)
 # The reference log-probs are computed once for all variants, so these must be the same in each.
-SHARED_WITH_REFERENCE = ("max_length", "bf16", "shared_prompt", "lora.load_in_4bit")
+SHARED_WITH_REFERENCE = ("max_length", "bf16", "shared_prompt", "cpu_attention", "lora.load_in_4bit")
 
 
 class RuntimeParams(Strict):

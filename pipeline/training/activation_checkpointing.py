@@ -29,11 +29,11 @@ if TYPE_CHECKING:
 
 def apply(model, settings: TrainSettings, device) -> None:
     """With ``settings.gradient_checkpointing``, checkpoint every decoder layer of ``model`` on ``device``,
-    replayed at training's precision (:func:`pipeline.model.precision.autocast` with ``settings.bf16``);
-    without it, or when the model's layers are checkpointed already (sharded at load), nothing. FSDP2 must
-    shard the layers after this, as they will run."""
+    replayed at training's precision and attention kernel (:func:`pipeline.model.precision.autocast` with
+    ``settings.bf16`` and ``settings.cpu_attention``); without it, or when the model's layers are checkpointed
+    already (sharded at load), nothing. FSDP2 must shard the layers after this, as they will run."""
     if settings.gradient_checkpointing and not getattr(model, "is_gradient_checkpointing", False):
-        enable(model, lambda: precision.autocast(device, settings.bf16))
+        enable(model, lambda: precision.autocast(device, settings.bf16, settings.cpu_attention))
 
 
 def enable(model, recompute_context: Callable[[], AbstractContextManager]) -> None:
@@ -41,7 +41,7 @@ def enable(model, recompute_context: Callable[[], AbstractContextManager]) -> No
     under ``recompute_context()``.
 
     The replay must compute exactly what the forward did, and the backward runs outside the context the
-    forward ran in: :func:`pipeline.model.precision.autocast` also selects the CPU's math attention kernel,
+    forward ran in: :func:`pipeline.model.precision.autocast` also selects the CPU's attention kernel,
     which the checkpoint does not restore, so a replay without it takes another kernel and differs."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(

@@ -154,7 +154,7 @@ class PreferenceTrainer:
 
     def _autocast(self):
         # The reference stage and evaluation compute under the same choice (their ref_w/ref_l).
-        return precision.autocast(self.device, self.settings.bf16)
+        return precision.autocast(self.device, self.settings.bf16, self.settings.cpu_attention)
 
     def train_step(self, examples: Sequence[PairExample], idx: Sequence[int]) -> StepResult:
         """Forward and backward every micro-batch of this rank's share of ``idx``, then one optimiser step."""

@@ -16,20 +16,24 @@ from pipeline.settings.params import Params
 
 def test_quick_run_trains_each_setting_and_records_its_memory(tmp_path):
     write_params(tmp_path / "params.yaml")
-    args = ["--quick", "--threads", "1", "--profile", "5", "--out", "memory.json"]
+    # flash: ours in the kernel the flag names, not params' (math), the checkpoint's replay in it too
+    args = ["--quick", "--threads", "1", "--profile", "40", "--cpu-attention", "flash", "--out", "memory.json"]
     proc = run_module("pipeline.bench.memory_bench", args, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads((tmp_path / "memory.json").read_text())
     cfg = Params.load(tmp_path / "params.yaml")
     assert out["bench"] == "memory" and list(out["architectures"]) == ["tiny"]
     assert out["settings"]["dtype"] == cfg.policy.dtype and out["environment"]["max_rss_mb"] > 0
+    assert cfg.train.cpu_attention == "math" and out["settings"]["train"]["cpu_attention"] == "flash"
     tiny = out["architectures"]["tiny"]
     assert list(tiny["results"]) == list(memory_bench.QUICK.configs) == ["ours_full", "ours_lora_ckpt"]
     full, lora = tiny["results"]["ours_full"], tiny["results"]["ours_lora_ckpt"]
     for r in (full, lora):
         assert r["steps"] == memory_bench.QUICK.steps == len(r["step_s"])
-        # --profile 5: the timed steps' top operators, a table torch.profiler writes
+        # --profile 40: the timed steps' top operators, a table torch.profiler writes
         assert "Self CPU" in r["profile"] and "aten::" in r["profile"]
+        if out["environment"]["bf16_autocast"]:  # the kernel is chosen under bf16 autocast only
+            assert "flash_attention" in r["profile"]  # the math kernel is bmm and softmax, no such operator
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["truncated_tokens"] == 0
         assert r["abs_peak_mb"] >= r["rss_loaded_mb"] > 0
         # the reference computed in the child, as the reference stage computes it: the first step finds it

@@ -2,7 +2,9 @@
 
 import contextlib
 from pathlib import Path
+from types import SimpleNamespace
 
+import polars as pl
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from pipeline.model import loading, precision
 from pipeline.model.collate import collate, collate_pairs
 from pipeline.model.encoding import encode_prompt, encode_response
 from pipeline.model.logprobs import (
-    batched_logprobs,
+    pair_logprobs,
     reference_check,
     score_batch,
     score_batch_via_forward,
@@ -50,22 +52,30 @@ def test_one_precision_choice_for_training_reference_and_evaluation(tiny, monkey
     assert not precision.uses_bf16_autocast("cpu", True)
     model, tok = tiny
     prompts = [encode_prompt(tok, "What is 2 + 2?"), encode_prompt(tok, "Hi")]
-    responses = [encode_response(tok, "4, it is four"), encode_response(tok, "Hello there, friend")]
-    fp32, _ = batched_logprobs(model, prompts, responses, tok.pad_token_id, 2)
-    assert batched_logprobs(model, prompts, responses, tok.pad_token_id, 2, bf16=True)[0] == fp32
+    chosen = [encode_response(tok, "4, it is four"), encode_response(tok, "Hello there, friend")]
+    rejected = [encode_response(tok, "5"), encode_response(tok, "Go away")]
+    pairs = pl.DataFrame({"prompt_ids": prompts, "chosen_ids": chosen, "rejected_ids": rejected})
+
+    def scored(bf16: bool) -> list[float]:  # the reference stage's and evaluation's code path
+        train = SimpleNamespace(max_length=256, bf16=bf16, shared_prompt=True, cpu_attention="math")
+        lw, ll, _, _ = pair_logprobs(model, pairs, tok.pad_token_id, 2, train)
+        return lw + ll
+
+    fp32 = scored(False)
+    assert scored(True) == fp32
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert precision.uses_bf16_autocast("cpu", True) and not precision.uses_bf16_autocast("cpu", False)
-    native, _ = batched_logprobs(model, prompts, responses, tok.pad_token_id, 2, bf16=True)
+    native = scored(True)
     assert native != pytest.approx(fp32, abs=1e-4)
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
-    # Where it applies, batched_logprobs (the reference stage, evaluation) scores under bf16 autocast.
+    # Where it applies, pair_logprobs scores under bf16 autocast.
     monkeypatch.setattr(precision, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
-    bf16, _ = batched_logprobs(model, prompts, responses, tok.pad_token_id, 2, bf16=True)
+    bf16 = scored(True)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # bf16 autocast with the math attention kernel (batch-invariant; see the test below)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.MATH):
-        want, _ = sequence_logprobs(model, *collate(prompts, responses, tok.pad_token_id))
+        want, _ = score_batch(model, collate_pairs(prompts, chosen, rejected, tok.pad_token_id, shared_prompt=True))
     assert bf16 == pytest.approx(want.tolist(), abs=1e-4) and bf16 != pytest.approx(fp32, abs=1e-4)
     assert native == bf16
 
@@ -184,11 +194,22 @@ def test_bf16_log_probs_on_cpu_do_not_depend_on_the_batch(tiny, monkeypatch):
         )
         for _ in range(12)
     ]
-    ours = lambda: precision.autocast("cpu", True)  # noqa: E731
+    ours = lambda: precision.autocast("cpu", True, "math")  # noqa: E731
     alone, together = _batched_pair_scores(model, pairs, 1, ours), _batched_pair_scores(model, pairs, 12, ours)
     assert torch.equal(alone, together)
     plain = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     flash_alone, flash_together = (_batched_pair_scores(model, pairs, b, plain) for b in (1, 12))
     assert not torch.equal(flash_alone, flash_together)  # what the math kernel removes
+    # train.cpu_attention: flash gives the fused kernel's figures, a rounding away from the math kernel's
+    flash = lambda b: _batched_pair_scores(model, pairs, b, lambda: precision.autocast("cpu", True, "flash"))  # noqa: E731
+    assert torch.equal(flash(1), flash_alone) and torch.equal(flash(12), flash_together)
+    assert not torch.equal(flash(12), together)
+    assert torch.allclose(flash(12), together, rtol=0, atol=0.05)
     fp32 = _batched_pair_scores(model, pairs, 12, contextlib.nullcontext)
     assert not torch.equal(together, fp32)  # it is bf16
+
+
+def test_an_unknown_cpu_attention_kernel_is_refused():
+    with pytest.raises(ValueError, match=r"train\.cpu_attention: one of math, flash, got 'fused'"):
+        with precision.autocast("cpu", True, "fused"):
+            pass

@@ -100,15 +100,7 @@ def test_evaluate_reuses_the_training_stages_last_held_out_scoring(workspace, mo
     cfg = Params.load("params.yaml")
     pairs = read_table("data/pairs.parquet", "pairs").filter(pl.col("split") == "heldout").sort("pair_id")
     model = loading.load_model("models/dpo", "float32").eval()
-    lw, ll, _, _ = pair_logprobs(
-        model,
-        pairs,
-        loading.load_tokenizer("models/dpo").pad_token_id,
-        4,
-        cfg.reference.max_length,
-        bf16=cfg.train.bf16,
-        shared_prompt=cfg.train.shared_prompt,
-    )
+    lw, ll, _, _ = pair_logprobs(model, pairs, loading.load_tokenizer("models/dpo").pad_token_id, 4, cfg.train)
     assert max(abs(a - b) for a, b in zip(lw + ll, table["lp_w"].to_list() + table["lp_l"].to_list())) < TINY_TOL
     # no fixed curves: computed here
     (workspace / "data/train/dpo/fixed_curves.parquet").unlink()

@@ -79,20 +79,23 @@ def pairs(tiny_model_dir):
 
 
 @pytest.mark.parametrize(
-    "shared_prompt,bf16",
+    "shared_prompt,bf16,cpu_attention",
     [
-        (True, False),  # one row per pair: the 4D attention mask and position ids reach the replayed layers
-        (False, False),
-        # bf16 autocast on a CPU also selects the math attention kernel, which the backward's replay must
-        # select again: in the default kernel it would keep other tensors and the checkpoint would fail
-        (True, True),
+        (True, False, "math"),  # one row per pair: the 4D attention mask and position ids reach the replayed layers
+        (False, False, "math"),
+        # bf16 autocast on a CPU also selects the attention kernel (train.cpu_attention), which the backward's
+        # replay must select again: in another kernel it would keep other tensors and the checkpoint would fail
+        (True, True, "math"),
+        (True, True, "flash"),
     ],
 )
-def test_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, pairs, monkeypatch, shared_prompt, bf16):
+def test_checkpointing_gives_the_same_loss_and_gradients(
+    tiny_model_dir, pairs, monkeypatch, shared_prompt, bf16, cpu_attention
+):
     if bf16:
         monkeypatch.setattr(precision, "BF16_AUTOCAST_DEVICES", frozenset({"cuda", "cpu"}))
     ex, pad_id = pairs
-    base = settings(shared_prompt=shared_prompt, bf16=bf16, gradient_checkpointing=False)
+    base = settings(shared_prompt=shared_prompt, bf16=bf16, cpu_attention=cpu_attention, gradient_checkpointing=False)
     plain = one_step(tiny_model_dir, ex, base, pad_id)
     ckpt = one_step(tiny_model_dir, ex, base.model_copy(update={"gradient_checkpointing": True}), pad_id)
     # 2 micro-batches: layer 0 runs once per forward, and with checkpointing once more in each backward
@@ -122,4 +125,4 @@ def test_checkpointed_training_follows_the_same_run(tiny_model_dir, pairs):
 
 def test_a_model_without_checkpointing_is_refused():
     with pytest.raises(ValueError, match=r"train\.gradient_checkpointing: Linear does not support"):
-        activation_checkpointing.enable(torch.nn.Linear(2, 2), lambda: precision.autocast("cpu", False))
+        activation_checkpointing.enable(torch.nn.Linear(2, 2), lambda: precision.autocast("cpu", False, "math"))

@@ -46,7 +46,7 @@ def examples(model, tok, n: int = 6, bf16: bool = False) -> list[PairExample]:
             }
         )
     pairs = pl.DataFrame(rows)
-    rw, rl, _, _ = pair_logprobs(model, pairs, tok.pad_token_id, 4, 64, bf16=bf16, shared_prompt=True)
+    rw, rl, _, _ = pair_logprobs(model, pairs, tok.pad_token_id, 4, settings(lora_params(r=0), bf16=bf16))
     return [PairExample(tuple(r["prompt_ids"]), tuple(r["chosen_ids"]), tuple(r["rejected_ids"]), w, l_)
             for r, w, l_ in zip(rows, rw, rl)]  # fmt: skip
 
@@ -58,7 +58,7 @@ def scores(model, ex: list[PairExample], pad_id: int) -> torch.Tensor:
         {"prompt_ids": [e.prompt_ids for e in ex], "chosen_ids": [e.chosen_ids for e in ex],
          "rejected_ids": [e.rejected_ids for e in ex]}
     )  # fmt: skip
-    lw, ll, _, _ = pair_logprobs(model.eval(), pairs, pad_id, 4, 64, bf16=False, shared_prompt=True)
+    lw, ll, _, _ = pair_logprobs(model.eval(), pairs, pad_id, 4, settings(lora_params(r=0)))
     return torch.tensor(lw + ll, dtype=torch.float64)
 
 

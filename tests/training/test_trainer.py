@@ -264,15 +264,8 @@ def _first_step_check(tiny_model_dir, ref_bf16: bool, train_bf16: bool, tol: flo
     tok = loading.load_tokenizer(tiny_model_dir)
     pairs = _pairs(tok, 8)
     params = repo_params()
-    rw, rl, _, _ = pair_logprobs(
-        model,
-        pairs,
-        tok.pad_token_id,
-        params["reference"]["batch_size"],
-        params["reference"]["max_length"],
-        bf16=ref_bf16,
-        shared_prompt=params["train"]["shared_prompt"],
-    )
+    reference = train_settings(max_length=params["reference"]["max_length"], bf16=ref_bf16)
+    rw, rl, _, _ = pair_logprobs(model, pairs, tok.pad_token_id, params["reference"]["batch_size"], reference)
     ex = pair_examples(pairs.with_columns(ref_w=pl.Series(rw), ref_l=pl.Series(rl)))
     s = train_settings(lr=1e-3, epochs=1, batch_size=4, grad_accum=2, bf16=train_bf16, ref_check_tol=tol)
     return train_preference(model, ex, [("dpo", 1.0, {"beta": 0.1})], s, pad_id=tok.pad_token_id)
@@ -315,7 +308,7 @@ def test_first_step_at_the_default_tolerance_refuses_another_models_reference(ti
     other = loading.load_model(other_tiny_model_dir, "float32").eval()
     tok = loading.load_tokenizer(tiny_model_dir)
     pairs = _pairs(tok, 8)
-    rw, rl, _, _ = pair_logprobs(other, pairs, tok.pad_token_id, 4, 256, bf16=False, shared_prompt=True)
+    rw, rl, _, _ = pair_logprobs(other, pairs, tok.pad_token_id, 4, train_settings(max_length=256))
     ex = pair_examples(pairs.with_columns(ref_w=pl.Series(rw), ref_l=pl.Series(rl)))
     s = train_settings(lr=1e-3, epochs=1, batch_size=4)
     with pytest.raises(ValueError, match=r"nats per token, above train\.ref_check_tol = 0\.02 "):
