@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch.nn import functional
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.collate import ScoreBatch, collate, collate_pairs, padded_batch
 from pipeline.model.precision import autocast
@@ -52,33 +53,53 @@ def _model_inputs(model, batch: ScoreBatch) -> dict:
     return kw
 
 
-def score_batch(model, batch: ScoreBatch, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+# Scored positions per language-model head call: bounds the [N, V] logits alive at once
+HEAD_CHUNK = 4096
+# ... where the head is checkpointed: each chunk's logits live only while it runs, in the forward and in the
+# backward's replay, so a smaller chunk lowers the peak at the cost of more, smaller products
+CHECKPOINTED_HEAD_CHUNK = 1024
+
+
+def score_batch(model, batch: ScoreBatch, *, checkpoint_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of the scored tokens of each output of ``batch``, and their number.
 
     Differentiable (used by training); float32 tensors of shape ``[n_out]``. The language-model head
-    runs only on the hidden states that predict a scored token.
+    runs only on the hidden states that predict a scored token. ``checkpoint_head`` (training under
+    ``train.gradient_checkpointing``): the head's logits are not kept for the backward, which computes
+    them again chunk by chunk; the same log-probs and gradients.
     """
     hidden = _body(model)(**_model_inputs(model, batch)).last_hidden_state
-    return logprobs_from_hidden(model, hidden, batch, chunk)
+    return logprobs_from_hidden(model, hidden, batch, checkpoint_head=checkpoint_head)
 
 
 def sequence_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, chunk: int = 4096
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of the response tokens of each row of a :func:`~pipeline.model.collate.collate`
     batch, and their number."""
-    return score_batch(model, padded_batch(input_ids, attention_mask, response_mask), chunk)
+    return score_batch(model, padded_batch(input_ids, attention_mask, response_mask))
 
 
-def _token_logprobs(model, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+def _chunk_logprobs(head, softcap: float | None, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def _token_logprobs(model, h: torch.Tensor, targets: torch.Tensor, checkpoint_head: bool) -> torch.Tensor:
     head = _head(model)
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    replay = checkpoint_head and torch.is_grad_enabled()
+    chunk = CHECKPOINTED_HEAD_CHUNK if replay else HEAD_CHUNK
     token_lp = []
-    for s in range(0, h.shape[0], chunk):  # bound the [N, V] logits the head produces at once
-        logits = head(h[s : s + chunk]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        token_lp.append(logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - torch.logsumexp(logits, -1))
+    for s in range(0, h.shape[0], chunk):
+        args = (head, softcap, h[s : s + chunk], targets[s : s + chunk])
+        if replay:
+            # non-reentrant: the replay runs under the forward's autocast, and DDP's hooks fire once
+            token_lp.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            token_lp.append(_chunk_logprobs(*args))
     return torch.cat(token_lp) if token_lp else h.new_zeros(0, dtype=torch.float32)
 
 
@@ -90,11 +111,11 @@ def _sums(batch: ScoreBatch, token_lp: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def logprobs_from_hidden(
-    model, hidden: torch.Tensor, batch: ScoreBatch, chunk: int = 4096
+    model, hidden: torch.Tensor, batch: ScoreBatch, *, checkpoint_head: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`score_batch` from the last-layer hidden states ``[B, T, d]`` of the same batch."""
     h = hidden.reshape(-1, hidden.shape[-1])[batch.predictors]
-    return _sums(batch, _token_logprobs(model, h, batch.targets, chunk))
+    return _sums(batch, _token_logprobs(model, h, batch.targets, checkpoint_head))
 
 
 def _batches(n: int, length, batch_size: int, progress: str | None):
@@ -175,12 +196,12 @@ class ResponseLogprobs(torch.nn.Module):
     """``forward(*ScoreBatch.args()) -> (sums, counts)`` (:func:`score_batch`) as a module, so DDP can
     wrap the whole computation (its gradient hooks need the work to run inside ``forward``)."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, *, checkpoint_head: bool):
         super().__init__()
-        self.lm = lm
+        self.lm, self.checkpoint_head = lm, checkpoint_head
 
     def forward(self, *args):
-        return score_batch(self.lm, ScoreBatch(*args))
+        return score_batch(self.lm, ScoreBatch(*args), checkpoint_head=self.checkpoint_head)
 
 
 def score_batch_via_forward(model, *args) -> tuple[torch.Tensor, torch.Tensor]:

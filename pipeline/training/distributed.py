@@ -144,7 +144,8 @@ def wrap_policy(model, ctx: Context, settings: TrainSettings) -> tuple[Callable,
             return score_batch_via_forward(model, *args)
 
         return forward, model
-    module = wrap(ResponseLogprobs(model), ctx, bf16=settings.bf16)
+    # under checkpointing the LM head's logits are replayed too: at a 49k vocabulary they outweigh the layers' inputs
+    module = wrap(ResponseLogprobs(model, checkpoint_head=settings.gradient_checkpointing), ctx, bf16=settings.bf16)
     return module, module
 
 

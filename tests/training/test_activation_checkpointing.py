@@ -126,3 +126,45 @@ def test_checkpointed_training_follows_the_same_run(tiny_model_dir, pairs):
 def test_a_model_without_checkpointing_is_refused():
     with pytest.raises(ValueError, match=r"train\.gradient_checkpointing: Linear does not support"):
         activation_checkpointing.enable(torch.nn.Linear(2, 2), lambda: precision.autocast("cpu", False, "math"))
+
+
+def test_the_lm_head_is_replayed_under_checkpointing(tiny_model_dir, pairs, monkeypatch):
+    """Under checkpointing the head's [N, vocab] logits are not kept for the backward (at a 49k vocabulary
+    they outweigh every layer's input); the backward computes them again, with the same log-probs and
+    gradients. Chunked: more scored positions than a chunk take several."""
+    from pipeline.model import logprobs
+    from pipeline.model.collate import collate_pairs
+
+    monkeypatch.setattr(logprobs, "CHECKPOINTED_HEAD_CHUNK", 16)
+    ex, pad_id = pairs
+    batch = collate_pairs(
+        [e.prompt_ids for e in ex],
+        [e.chosen_ids for e in ex],
+        [e.rejected_ids for e in ex],
+        pad_id,
+        64,
+        shared_prompt=True,
+    )
+    assert len(batch.targets) > 2 * 16  # three chunks or more
+    model = loading.load_model(tiny_model_dir, "float32")
+    vocab = model.config.vocab_size
+    runs = []
+    for replay in (False, True):
+        model.zero_grad()
+        shapes: list[tuple[int, ...]] = []
+
+        def pack(t: torch.Tensor, shapes: list = shapes) -> torch.Tensor:
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lp, _ = logprobs.score_batch(model, batch, checkpoint_head=replay)
+        (lp[: len(ex)] - lp[len(ex) :]).sum().backward()
+        runs.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, shapes))
+    (lp0, g0, kept0), (lp1, g1, kept1) = runs
+    assert any(s[-1:] == (vocab,) for s in kept0)  # without: the logits are kept
+    assert not any(s[-1:] == (vocab,) for s in kept1)
+    assert torch.allclose(lp1, lp0, rtol=0, atol=1e-6)
+    # the tied embedding's gradient sums the chunks' in another order: fp32 rounding, relative to its size
+    for name, g in g0.items():
+        assert torch.allclose(g1[name], g, rtol=1e-6, atol=1e-6), name
