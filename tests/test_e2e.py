@@ -3,6 +3,9 @@ repo: all outputs appear, a second repro does nothing, and a params change rerun
 
 from __future__ import annotations
 
+import os
+import sys
+
 import polars as pl
 import pytest
 import torch
@@ -10,7 +13,7 @@ from huggingface_hub import ModelCard
 from repo_utils import PROJECT, copy_repo, make_repo, ran, run, set_param, tiny_params
 from transformers import AutoModelForCausalLM
 
-from pipeline import stage_deps
+from pipeline import preload, stage_deps
 from pipeline.settings.params import Params
 
 
@@ -58,6 +61,9 @@ def repo(built, tmp_path):
 def test_dvc_repro_end_to_end_and_reruns(built, repo):
     out = built[1]
     assert ran(out) == ALL, out[-3000:]
+    # on a CPU the train stage re-executes itself on tcmalloc (train.runtime.cpu_allocator), where installed
+    installed = os.path.isfile(os.path.join(sys.prefix, "lib", preload.TCMALLOC))
+    assert out.count("(train.runtime.cpu_allocator: tcmalloc)") == (2 if installed else 0)
 
     # Outputs of every stage, valid against their schemas
     from pipeline.io import read_json, read_table

@@ -96,6 +96,7 @@ def dist_worker(spec_path: str, out_path: str) -> None:
             backend=spec["backend"],
             strategy="ddp",
             offload=False,
+            cpu_allocator="system",  # a worker: the allocator is its launcher's
             checkpoint_every=0,
             checkpoint_dir=".",
             nnodes=1,  # one machine: torchrun's --standalone rendezvous, the fields below unused

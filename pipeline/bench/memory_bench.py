@@ -56,6 +56,7 @@ from pipeline.bench.process import MemoryLimits, available_mb, loadavg, run_chil
 from pipeline.bench.trainer import environment, offline_variant, trl_beta
 from pipeline.model.precision import CPU_ATTENTION
 from pipeline.settings.train import TrainSettings, Variant
+from pipeline.training.allocator import LIBS
 
 # (gradient checkpointing, LoRA) of each setting
 SETTINGS = {"full": (False, False), "ckpt": (True, False), "lora": (False, True), "lora_ckpt": (True, True)}
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="ours' attention kernel under bf16 on a CPU (default: train.cpu_attention); TRL runs SDPA's own",
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--allocator",
+        choices=tuple(LIBS),
+        help="both trainers' allocator on a CPU (default: train.runtime.cpu_allocator, as the train stage runs)",
+    )
     parser.add_argument(
         "--max-rss-gb", type=float, help="each configuration's memory ceiling (default: 90%% of the memory available)"
     )
@@ -183,6 +189,7 @@ def build_spec(args: argparse.Namespace, variant: Variant, tokenizer, tokenizer_
         "architecture": None,
         "dtype": args.dtype,
         "threads": args.threads,
+        "allocator": args.allocator,
         "profile": args.profile,
         "ours_fn": "pipeline.training.trainer:train_preference",
         "steps": args.steps,
@@ -214,7 +221,7 @@ def run_config(spec: dict, config: str, workdir: Path, limits: MemoryLimits, ver
     load_before = loadavg()
     run = run_child(
         ["pipeline.bench.trainer_child", str(spec_path), config, str(result_path)],
-        trainer_child_env(spec["threads"], workdir / f"hf-datasets-{config}"),
+        trainer_child_env(spec["threads"], workdir / f"hf-datasets-{config}", spec["allocator"]),
         verbose=verbose,
         limits=limits,
     )
@@ -295,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.variant, args.dtype = variant.name, args.dtype or cfg.policy.dtype
     args.cpu_attention = args.cpu_attention or variant.settings.cpu_attention
+    args.allocator = args.allocator or cfg.train.runtime.cpu_allocator
     tokenizer_path = loading.resolve(cfg.policy.model)
     tokenizer = loading.load_tokenizer(tokenizer_path)
     too_small = [a for a in args.archs if ARCHITECTURES[a]["vocab_size"] < len(tokenizer)]

@@ -25,11 +25,14 @@ def child_env(**overrides: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *([path] if path else [])]), **overrides}
 
 
-def trainer_child_env(threads: int, datasets_cache: Path) -> dict[str, str]:
-    """The environment of :mod:`pipeline.bench.trainer_child`: ``threads`` for torch's OpenMP and MKL, and
-    a datasets cache of its own (TRL caches precomputed reference log-probs there, keyed by the model: a
-    configuration sharing it would skip its precompute pass)."""
-    return child_env(
+def trainer_child_env(threads: int, datasets_cache: Path, allocator: str) -> dict[str, str]:
+    """The environment of :mod:`pipeline.bench.trainer_child`: ``threads`` for torch's OpenMP and MKL, a
+    datasets cache of its own (TRL caches precomputed reference log-probs there, keyed by the model: a
+    configuration sharing it would skip its precompute pass), and the allocator the train stage would run
+    on (``train.runtime.cpu_allocator``), for ours and TRL alike."""
+    from pipeline.training.allocator import allocator_env
+
+    env = child_env(
         OMP_NUM_THREADS=str(threads),
         MKL_NUM_THREADS=str(threads),
         HF_DATASETS_CACHE=str(datasets_cache),
@@ -37,6 +40,7 @@ def trainer_child_env(threads: int, datasets_cache: Path) -> dict[str, str]:
         DATASETS_VERBOSITY="error",
         HF_DATASETS_DISABLE_PROGRESS_BARS="1",
     )
+    return allocator_env(allocator, env) or env
 
 
 def loadavg() -> float | None:

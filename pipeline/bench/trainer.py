@@ -47,6 +47,7 @@ from pipeline.bench.models import bench_model
 from pipeline.bench.process import MemoryLimits, loadavg, run_child, trainer_child_env
 from pipeline.settings.params import Params
 from pipeline.settings.train import TrainSettings, Variant
+from pipeline.training.allocator import LIBS
 
 CONFIGS = ("ours", "ours_padded", "trl_default", "trl_precompute")
 
@@ -97,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, help="pairs per optimiser step (default: train.batch_size)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--allocator",
+        choices=tuple(LIBS),
+        help="both trainers' allocator on a CPU (default: train.runtime.cpu_allocator, as the train stage runs)",
+    )
     parser.add_argument(
         "--configs", help=f"comma-separated subset of {','.join(CONFIGS)} (default {','.join(FULL.configs)})"
     )
@@ -180,6 +186,7 @@ def build_spec(args: argparse.Namespace, cfg: Params, variant: Variant, workdir:
         "model_path": model_path,
         "dtype": cfg.policy.dtype,
         "threads": args.threads,
+        "allocator": args.allocator or cfg.train.runtime.cpu_allocator,
         "profile": args.profile,
         "ours_fn": args.ours_fn,
         "steps": args.steps,
@@ -208,7 +215,7 @@ def run_children(spec: dict, configs: list[str], workdir: Path, verbose: bool) -
         load_before = loadavg()
         run = run_child(
             ["pipeline.bench.trainer_child", str(spec_path), config, str(result_path)],
-            trainer_child_env(spec["threads"], workdir / "hf-datasets"),
+            trainer_child_env(spec["threads"], workdir / "hf-datasets", spec["allocator"]),
             verbose=verbose,
             limits=MemoryLimits(max_rss_mb=None, min_available_mb=None),
         )

@@ -29,6 +29,7 @@ import torch
 
 from pipeline.bench.architectures import random_model
 from pipeline.bench.memory import hwm_mb, reset_hwm, rss_mb
+from pipeline.preload import preloaded_libs
 from pipeline.settings.train import TrainSettings
 from pipeline.training import lora
 
@@ -277,6 +278,7 @@ def summarize(spec: dict, config: str, run: Run, clock: StepClock, memory: dict)
         "init_peak_mb": run.init_peak_mb,
         "peak_reset_supported": run.peak_reset_supported,
         "threads": torch.get_num_threads(),
+        "ld_preload": preloaded_libs(),  # the allocator it ran on (tcmalloc) or none (the system's)
     }
     table = clock.profile_table()
     if table is not None:

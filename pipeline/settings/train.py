@@ -107,6 +107,9 @@ class RuntimeParams(Strict):
     strategy: Literal["ddp", "fsdp"]  # fsdp: FSDP2 fully_shard, for models that do not fit one GPU
     # FSDP2 keeps the sharded parameters, gradients and optimiser state in CPU memory (strategy fsdp only)
     offload: bool
+    # Training on a CPU re-executes on this allocator (pipeline.training.allocator): tcmalloc returns what a
+    # step frees; system: glibc's malloc, which keeps much of it resident
+    cpu_allocator: Literal["tcmalloc", "system"]
     checkpoint_every: int = Field(ge=0)  # steps between checkpoints (0: none); a rerun resumes
     checkpoint_dir: str
     # Machines of one run; > 1: torchrun's c10d rendezvous at rdzv_endpoint (host:port of the machine that runs

@@ -97,6 +97,7 @@ def worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None:
             backend="gloo",
             strategy="fsdp",
             offload=True,
+            cpu_allocator="system",  # a worker: the allocator is its launcher's
             checkpoint_every=0,
             checkpoint_dir=".",
             nnodes=1,

