@@ -188,6 +188,8 @@ def memory_rows(name: str, data: Mapping) -> list[list[str]]:
         f"{count(s.get('batch_size'))} pairs × ~{count(s.get('prompt_tokens'))} + 2 × "
         f"{count(s.get('response_tokens'))} tokens, {count(s.get('steps'))} steps, {s.get('dtype', NA)}"
         + (f", bf16 autocast, ours' attention {kernel}" if kernel else "")
+        # files without an allocator come from runs on the system's
+        + f", {'system' if s.get('allocator', 'system') == 'system' else s['allocator']} allocator"
     )
     rows = []
     for arch, entry in data["architectures"].items():
@@ -328,7 +330,8 @@ SECTIONS = {
         "the process's peak resident memory; ratios are ours over TRL within one run. Goal: ours at no more "
         "peak and at least 1.5× the tokens/s; out of memory: above the run's memory ceiling. Under bf16 autocast "
         "ours runs the attention kernel train.cpu_attention names (math or flash); TRL runs SDPA's own choice, "
-        "the flash kernel.",
+        "the flash kernel. Both run on the allocator the run names (train.runtime.cpu_allocator: tcmalloc, or "
+        "the system's glibc malloc).",
         [
             "file",
             "machine",

@@ -1,13 +1,11 @@
 """The memory allocator the train stage runs on a CPU (``train.runtime.cpu_allocator``).
 
-glibc's malloc keeps what a training step frees: tensors below its mmap threshold (which rises to 32 MiB
-as large blocks are freed) come from heaps that return memory to the system only from their top, so a
-step's freed activations stay resident. In one LoRA + checkpointing step of SmolLM2-1.7B's architecture
-the tensors kept for the backward come to 0.46 GiB, while the process grows by 4.8 GiB above the loaded
-model under glibc and 1.4 GiB under tcmalloc, which also runs the step faster
-(``reports/bench/cpu-2core-memory-*``). So on a CPU the stage re-executes itself with tcmalloc in
-``LD_PRELOAD`` (it takes effect only from a process's start); torchrun's workers inherit it. Where tcmalloc
-is missing the stage says so and runs on the system's allocator. GPUs: nothing changes."""
+glibc's malloc keeps much of what a training step frees: blocks below its mmap threshold (which rises to
+32 MiB as larger ones are freed) come from heaps that return memory to the system only from their top, so a
+step's freed activations stay resident. tcmalloc reuses them, and runs the step faster too (the memory
+bench's figures: docs/distributed-training.md#memory-on-a-cpu). So on a CPU the stage re-executes itself with
+tcmalloc in ``LD_PRELOAD`` (it takes effect only from a process's start); torchrun's workers inherit it.
+Where tcmalloc is missing the stage says so and runs on the system's allocator. GPUs: nothing changes."""
 
 from __future__ import annotations
 
