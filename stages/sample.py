@@ -24,10 +24,11 @@ from pipeline.generation.logprob_check import logprob_check
 from pipeline.generation.registry import sampler_for
 from pipeline.generation.resumable import plan_chunks, sample_chunks
 from pipeline.generation.types import Candidate, GenerationSettings
-from pipeline.generation.vllm_backend.environment import preloaded_libs, reexec_with_cpu_preload
+from pipeline.generation.vllm_backend.environment import reexec_with_cpu_preload
 from pipeline.io import read_table, write_json, write_table
 from pipeline.model import loading
 from pipeline.paths import repo_root, resolve_cache_dir
+from pipeline.preload import preloaded_libs
 from pipeline.schema import empty
 from pipeline.settings.base import StageParams
 from pipeline.settings.pairs import PairsParams

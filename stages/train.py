@@ -40,7 +40,7 @@ class Settings(ReferenceAndTraining, BeforeAndAfter):
 
 def main(argv: list[str] | None = None, *, as_program: bool = False) -> None:
     """The stage; ``as_program`` (``python -m stages.train``): this process is the stage's own, so it may
-    re-execute itself (on another allocator, under torchrun); called in another program's process, not."""
+    re-execute itself on another allocator; called in another program's process (a test), it does not."""
     argv = sys.argv[1:] if argv is None else argv
     parser = stage_parser(__doc__)
     parser.add_argument("--variant", required=True, help="a key of train.variants in params.yaml")

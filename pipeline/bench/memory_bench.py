@@ -180,7 +180,7 @@ def build_spec(args: argparse.Namespace, variant: Variant, tokenizer, tokenizer_
             "epochs": 1,
             "batch_size": args.batch_size,
             "max_length": longest,
-            "cpu_attention": args.cpu_attention or variant.settings.cpu_attention,
+            "cpu_attention": args.cpu_attention,  # resolved by main: the flag, else train.cpu_attention
         }
     )
     examples, order = trainer_data.step_layout(pairs.height, base.batch_size, args.steps + 1, base.seed)

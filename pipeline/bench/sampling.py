@@ -165,7 +165,7 @@ def run_backend(spec: dict, backend: str) -> dict:
     """One backend's figures, in this process: start-up, an untimed warm-up call, the timed call."""
     from pipeline.generation.registry import sampler_for
     from pipeline.generation.types import GenerationSettings
-    from pipeline.generation.vllm_backend.environment import preloaded_libs
+    from pipeline.preload import preloaded_libs
     from pipeline.settings.sampling import VLLMParams
 
     torch_threads = None

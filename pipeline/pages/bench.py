@@ -188,8 +188,7 @@ def memory_rows(name: str, data: Mapping) -> list[list[str]]:
         f"{count(s.get('batch_size'))} pairs × ~{count(s.get('prompt_tokens'))} + 2 × "
         f"{count(s.get('response_tokens'))} tokens, {count(s.get('steps'))} steps, {s.get('dtype', NA)}"
         + (f", bf16 autocast, ours' attention {kernel}" if kernel else "")
-        # files without an allocator come from runs on the system's
-        + f", {'system' if s.get('allocator', 'system') == 'system' else s['allocator']} allocator"
+        + f", {s.get('allocator', 'system')} allocator"  # files without one come from runs on the system's
     )
     rows = []
     for arch, entry in data["architectures"].items():

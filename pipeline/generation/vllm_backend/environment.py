@@ -4,14 +4,11 @@ start). Imports neither vLLM nor torch until asked which GPUs are visible."""
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 
 from pipeline import preload
 from pipeline.preload import visible_gpus
-
-log = logging.getLogger("pipeline.vllm")
 
 # vLLM's CPU build asks for these in LD_PRELOAD ("set LD_PRELOAD" in its CPU installation guide), and
 # samples faster with them: tcmalloc (scripts/setup.sh unpacks Debian's libtcmalloc-minimal4 into
@@ -53,8 +50,3 @@ def reexec_with_cpu_preload(module: str, argv: Sequence[str]) -> None:
     env = cpu_preload_env()
     if env is not None:
         preload.reexec(module, argv, env, "vLLM's CPU build runs faster with them")
-
-
-def preloaded_libs() -> list[str]:
-    """File names of this process's LD_PRELOAD libraries (for the metrics; no paths)."""
-    return preload.preloaded_libs()
